@@ -1,0 +1,39 @@
+# GeoChange: `make demo` and `make test` each set up what is missing first.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := qgis python3-qgis qgis-providers python3-rasterio gdal-bin
+# torch/torchvision come from this machine's local wheels; numpy<2 keeps Debian's rasterio/GDAL importable.
+TORCH := torch==2.14.1 torchvision==0.29.1
+PY_DEPS := "numpy<2" "timm>=1.0,<2" "shapely>=2" scikit-image safetensors tqdm pyyaml pytest
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup system-packages demo test bench clean
+
+setup: system-packages $(VENV)/.deps-installed
+
+# Debian's QGIS, its Python bindings and rasterio built on the same GDAL; installed only if missing.
+system-packages:
+	@missing=$$(for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages: $$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+
+# The venv sees Debian's site-packages (qgis, osgeo, rasterio); re-run only when the dependencies change.
+$(VENV)/.deps-installed: pyproject.toml Makefile
+	@[ -x $(PY) ] || /usr/bin/python3 -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q $(PY_DEPS)
+	$(PY) -m pip install -q --no-deps -e .
+	@touch $@
+
+demo: setup
+	$(PY) -m geochange.engine.demo --out demo_out
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf demo_out dist build *.egg-info .pytest_cache

@@ -1,0 +1,137 @@
+"""The ``geochange`` command line: detect, evaluate, import-weights, info, models."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from geochange.engine.errors import GeoChangeError
+
+OUTPUT_NAMES = {"probability": "change_probability.tif", "mask": "change_mask.tif",
+                "polygons": "change_polygons.gpkg"}
+
+
+def _cmd_detect(args) -> int:
+    from geochange.engine.inference import detect
+    from geochange.engine.progress import TqdmProgress
+
+    out = Path(args.out)
+    result = detect(args.pre, args.post, args.model, **{k: out / v for k, v in OUTPUT_NAMES.items()},
+                    tile=args.tile, overlap=args.overlap, batch=args.batch, device=args.device,
+                    threshold=args.threshold, min_area=args.min_area, simplify=args.simplify,
+                    progress=TqdmProgress())
+    print(f"{result.polygon_count} change polygons, {result.changed_area_m2:,.0f} m2 changed")
+    for path in (result.probability, result.mask, result.polygons):
+        print(path)
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from geochange.engine.atomic import atomic_path
+    from geochange.engine.evaluate import evaluate_folder
+    from geochange.engine.metrics import format_summary
+    from geochange.engine.package import load_package
+    from geochange.engine.progress import TqdmProgress
+
+    summary = evaluate_folder(load_package(args.model), args.data, device=args.device, tile=args.tile,
+                              overlap=args.overlap, batch=args.batch, threshold=args.threshold,
+                              progress=TqdmProgress("evaluate"))
+    print(format_summary(summary))
+    if args.json:
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(json.dumps({"model": str(args.model), "data": str(args.data), **summary}, indent=2))
+    return 0
+
+
+def _cmd_import(args) -> int:
+    from geochange.engine.importers import import_weights
+
+    print(import_weights(args.format, args.source, args.destination))
+    return 0
+
+
+def _cmd_info(args) -> int:
+    from geochange.engine.package import format_manifest, read_manifest
+
+    manifest = read_manifest(args.model)
+    print(json.dumps(manifest, indent=2) if args.json else format_manifest(manifest))
+    return 0
+
+
+def _cmd_models(args) -> int:
+    from geochange.engine.models import create, list_models, spec
+    from geochange.engine.models.stats import count_gflops, count_params
+
+    print(f"{'name':<20}{'params M':>10}{'paper':>9}{'GFLOPs@256':>12}{'paper':>9}  description")
+    for name in list_models():
+        s = spec(name)
+        model = create(name).eval()
+        paper = s.paper
+        gflops = count_gflops(model, size=256) if args.flops else float("nan")
+        paper_gflops = paper.get("gflops") if paper.get("gflops_input", 256) == 256 else None
+        print(f"{name:<20}{count_params(model) / 1e6:>10.3f}{paper.get('params_m', float('nan')):>9.3f}"
+              f"{gflops:>12.3f}{paper_gflops or float('nan'):>9.3f}  {s.description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="geochange", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def run_options(p):
+        p.add_argument("--tile", type=int, default=512, help="window size in pixels (default 512)")
+        p.add_argument("--overlap", type=int, default=64, help="overlap of neighbouring windows (default 64)")
+        p.add_argument("--batch", type=int, default=4, help="windows per model call (default 4)")
+        p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+        p.add_argument("--threshold", type=float, default=None,
+                       help="change if probability > this (default: the package's, usually 0.5)")
+
+    p = sub.add_parser("detect", help="change probability, mask and polygons for a raster pair")
+    p.add_argument("pre", help="pre-event raster")
+    p.add_argument("post", help="post-event raster")
+    p.add_argument("--model", required=True, help="model package (.safetensors)")
+    p.add_argument("--out", required=True, help="output folder")
+    run_options(p)
+    p.add_argument("--min-area", type=float, default=0.0, help="drop polygons smaller than this (m2)")
+    p.add_argument("--simplify", type=float, default=0.0, help="simplification tolerance (map units)")
+    p.set_defaults(run=_cmd_detect)
+
+    p = sub.add_parser("evaluate", help="metrics of a model on a folder dataset A/ B/ label/")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, help="folder with A/, B/, label/")
+    p.add_argument("--json", help="also write the metrics as JSON here")
+    run_options(p)
+    p.set_defaults(run=_cmd_evaluate)
+
+    p = sub.add_parser("import-weights", help="convert a foreign checkpoint into a model package")
+    p.add_argument("--format", required=True, help="checkpoint format (tinycd)")
+    p.add_argument("source")
+    p.add_argument("destination")
+    p.set_defaults(run=_cmd_import)
+
+    p = sub.add_parser("info", help="print a model package's manifest")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true", help="the raw JSON manifest")
+    p.set_defaults(run=_cmd_info)
+
+    p = sub.add_parser("models", help="list the registered architectures with their size")
+    p.add_argument("--flops", action="store_true", help="also count FLOPs at 256x256 (slow)")
+    p.set_defaults(run=_cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except GeoChangeError as e:
+        print(f"geochange: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("geochange: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

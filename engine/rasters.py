@@ -1,0 +1,82 @@
+"""Raster input: opening, checking and reading pairs of georeferenced rasters with rasterio."""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+
+from geochange.engine.errors import RasterError
+
+
+def open_raster(path: str | os.PathLike):
+    """Open a raster for reading; a missing or unreadable file raises ``RasterError`` naming it."""
+    path = Path(path)
+    if not path.exists():
+        raise RasterError(f"{path}: no such file")
+    try:
+        return rasterio.open(path)
+    except RasterioIOError as e:
+        raise RasterError(f"{path}: not a readable raster ({e})") from None
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """A whole (small, possibly non-georeferenced) image as ``(bands, H, W)``, e.g. a dataset PNG."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with open_raster(path) as src:
+            try:
+                return src.read()
+            except RasterioIOError as e:
+                raise RasterError(f"{path}: cannot read pixels, the file is corrupt ({e})") from None
+
+
+def _describe(src) -> str:
+    b = src.bounds
+    res = src.res
+    return (f"{Path(src.name).name}: CRS {src.crs.to_string() if src.crs else 'none'}, "
+            f"{src.width}x{src.height} px of {res[0]:.6g} x {res[1]:.6g}, "
+            f"extent ({b.left:.6f}, {b.bottom:.6f}, {b.right:.6f}, {b.top:.6f})")
+
+
+def check_same_grid(pre, post) -> None:
+    """Both dates must share CRS, pixel grid and size (alignment onto a common grid is not done here)."""
+    same = (pre.crs == post.crs and pre.width == post.width and pre.height == post.height
+            and pre.transform.almost_equals(post.transform))
+    if not same:
+        raise RasterError("the two rasters are not on one grid; resample the post image onto the pre "
+                          f"image's grid first.\n  pre  {_describe(pre)}\n  post {_describe(post)}")
+
+
+def check_bands(src, spec: dict, date: str) -> None:
+    if src.count != spec["bands"]:
+        raise RasterError(f"{Path(src.name).name}: the {date} image has {src.count} band(s), the model "
+                          f"expects {spec['bands']} ({spec['modality']})")
+
+
+def valid_mask(src, window, data: np.ndarray) -> np.ndarray:
+    """Pixels valid in every band: GDAL's mask (nodata value, alpha, mask band) and not NaN."""
+    valid = src.read_masks(window=window).all(axis=0)
+    if np.issubdtype(data.dtype, np.floating):
+        valid &= np.isfinite(data).all(axis=0)
+    return valid
+
+
+PROBABILITY_NODATA = -1.0
+MASK_NODATA = 127  # the mask holds 0 (no change) and 255 (change)
+
+
+def write_geotiff(path, array: np.ndarray, like, nodata) -> None:
+    """A single-band tiled, DEFLATE-compressed GeoTIFF georeferenced like the dataset ``like``."""
+    float_data = np.issubdtype(array.dtype, np.floating)
+    profile = {
+        "driver": "GTiff", "width": array.shape[1], "height": array.shape[0], "count": 1,
+        "dtype": array.dtype.name, "crs": like.crs, "transform": like.transform, "nodata": nodata,
+        "tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "deflate",
+        "predictor": 3 if float_data else 2, "BIGTIFF": "IF_SAFER",
+    }
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(array, 1)

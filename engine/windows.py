@@ -1,0 +1,81 @@
+"""The window plan (which tiles cover a raster) and the weights that blend overlapping tiles."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from rasterio.windows import Window
+
+
+def _starts(size: int, tile: int, stride: int) -> list[int]:
+    """Tile offsets along one axis: regular steps, the last tile flush with the far edge."""
+    if size <= tile:
+        return [0]
+    count = math.ceil((size - tile) / stride) + 1
+    return sorted({min(i * stride, size - tile) for i in range(count)})
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """Tiles of ``tile`` px overlapping by ``overlap`` px over a ``height`` x ``width`` raster.
+
+    A raster smaller than a tile along an axis gets one window of its own size along it.
+    Windows are ordered row by row (top to bottom, left to right).
+    """
+
+    height: int
+    width: int
+    tile: int = 512
+    overlap: int = 64
+
+    def __post_init__(self):
+        if self.tile <= 0:
+            raise ValueError(f"tile size must be positive, not {self.tile}")
+        if not 0 <= self.overlap < self.tile:
+            raise ValueError(f"overlap must be in [0, tile) = [0, {self.tile}), not {self.overlap}")
+
+    @property
+    def rows(self) -> list[int]:
+        return _starts(self.height, self.tile, self.tile - self.overlap)
+
+    @property
+    def cols(self) -> list[int]:
+        return _starts(self.width, self.tile, self.tile - self.overlap)
+
+    def windows(self) -> list[Window]:
+        h, w = min(self.tile, self.height), min(self.tile, self.width)
+        return [Window(c, r, w, h) for r in self.rows for c in self.cols]
+
+    def __len__(self) -> int:
+        return len(self.rows) * len(self.cols)
+
+
+def _ramp(length: int, overlap: int, ramp_start: bool, ramp_end: bool) -> np.ndarray:
+    """1-D weights: 1 inside, a raised-cosine ramp on each end that faces another tile.
+
+    The outer ``overlap // 4`` pixels of a ramped end get weight 0 (they see the tile's zero
+    padding), the next ``overlap - 2 * (overlap // 4)`` rise as sin^2. Two facing ramps of a regular
+    overlap sum to exactly 1, and every pixel keeps a positive total weight.
+    """
+    weights = np.ones(length, dtype=np.float64)
+    if overlap <= 0:
+        return weights
+    margin = overlap // 4
+    rise = overlap - 2 * margin
+    d = np.arange(length, dtype=np.float64)
+    ramp = np.sin(0.5 * np.pi * np.clip((d - margin + 0.5) / rise, 0.0, 1.0)) ** 2
+    if ramp_start:
+        weights = np.minimum(weights, ramp)
+    if ramp_end:
+        weights = np.minimum(weights, ramp[::-1])
+    return weights
+
+
+def blend_weights(window: Window, plan: WindowPlan) -> np.ndarray:
+    """2-D float32 weights of ``window``: ramps only on sides that face a neighbouring tile."""
+    top, left = int(window.row_off), int(window.col_off)
+    h, w = int(window.height), int(window.width)
+    along_rows = _ramp(h, plan.overlap, top > 0, top + h < plan.height)
+    along_cols = _ramp(w, plan.overlap, left > 0, left + w < plan.width)
+    return np.outer(along_rows, along_cols).astype(np.float32)

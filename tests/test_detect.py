@@ -1,0 +1,163 @@
+"""Engine v1 end to end: the CLI on the real LEVIR tile, and clear errors on bad pairs."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import rasterio
+from osgeo import ogr
+from rasterio.transform import from_origin
+
+from geochange.engine.errors import Cancelled, GeoChangeError, RasterError
+from geochange.engine.inference import detect
+from geochange.engine.metrics import confusion, scores
+from geochange.engine.models import create
+from geochange.engine.package import make_manifest, save_package
+from geochange.engine.progress import Progress
+from geochange.engine.rasters import MASK_NODATA, PROBABILITY_NODATA
+
+GEOCHANGE = [sys.executable, "-m", "geochange.engine"]
+
+
+@pytest.fixture(scope="module")
+def levir_run(tinycd_package, shared_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("detect")
+    tile = shared_data / "levir_tile_georef"
+    run = subprocess.run([*GEOCHANGE, "detect", str(tile / "pre.tif"), str(tile / "post.tif"),
+                          "--model", str(tinycd_package), "--out", str(out), "--tile", "512",
+                          "--overlap", "64", "--batch", "2", "--device", "cpu"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    return out, run.stdout, tile
+
+
+def test_cli_detect_on_levir_tile_matches_label(levir_run):
+    out, stdout, tile = levir_run
+    assert sorted(p.name for p in out.iterdir()) == ["change_mask.tif", "change_polygons.gpkg",
+                                                     "change_probability.tif"]
+    with rasterio.open(out / "change_mask.tif") as m, rasterio.open(tile / "label.tif") as lab, \
+            rasterio.open(tile / "pre.tif") as pre:
+        mask = m.read(1)
+        assert m.crs == pre.crs and m.transform == pre.transform and m.nodata == MASK_NODATA
+        assert set(np.unique(mask)) <= {0, 255}
+        assert m.profile["tiled"] and m.profile["compress"] == "deflate"
+        f1 = scores(confusion(mask == 255, lab.read(1) > 0))["f1"]
+    assert f1 >= 0.92
+    with rasterio.open(out / "change_probability.tif") as p:
+        prob = p.read(1)
+        assert p.dtypes[0] == "float32" and p.nodata == PROBABILITY_NODATA
+        assert 0.0 <= prob.min() and prob.max() <= 1.0
+    np.testing.assert_array_equal(mask == 255, prob > 0.5)
+
+
+def test_polygons_read_back_and_summary_agrees(levir_run):
+    out, stdout, _ = levir_run
+    source = ogr.Open(str(out / "change_polygons.gpkg"))
+    layer = source.GetLayer()
+    count = layer.GetFeatureCount()
+    assert count > 50
+    total = 0.0
+    for feature in layer:
+        assert 0.5 <= feature.GetField("max_prob") <= 1.0
+        assert feature.GetField("mean_prob") <= feature.GetField("max_prob")
+        total += feature.GetField("area_m2")
+    assert f"{count} change polygons, {total:,.0f} m2 changed" in stdout
+
+
+@pytest.fixture(scope="module")
+def random_package(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pkg") / "random_tinycd.safetensors"
+    return save_package(create("tinycd").eval(), make_manifest("tinycd"), path)
+
+
+def write_raster(path, data, crs="EPSG:32614", transform=from_origin(630000, 3340000, 0.5, 0.5), nodata=None):
+    with rasterio.open(path, "w", driver="GTiff", width=data.shape[2], height=data.shape[1], count=data.shape[0],
+                       dtype=data.dtype.name, crs=crs, transform=transform, nodata=nodata) as dst:
+        dst.write(data)
+    return path
+
+
+def outputs(folder):
+    return {"probability": folder / "p.tif", "mask": folder / "m.tif", "polygons": folder / "c.gpkg"}
+
+
+def test_pair_on_different_grids_names_both(tmp_path, random_package):
+    data = np.random.default_rng(0).integers(0, 255, (3, 64, 64), dtype=np.uint8)
+    pre = write_raster(tmp_path / "a.tif", data)
+    post = write_raster(tmp_path / "b.tif", data, crs="EPSG:4326", transform=from_origin(-97.9, 30.2, 1e-5, 1e-5))
+    with pytest.raises(RasterError) as err:
+        detect(pre, post, random_package, **outputs(tmp_path / "out"))
+    message = str(err.value)
+    assert "EPSG:32614" in message and "EPSG:4326" in message and "a.tif" in message and "b.tif" in message
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_wrong_band_count_and_corrupt_file(tmp_path, random_package):
+    rgb = np.zeros((3, 32, 32), np.uint8)
+    pre = write_raster(tmp_path / "a.tif", rgb)
+    two_bands = write_raster(tmp_path / "b.tif", rgb[:2])
+    with pytest.raises(RasterError, match="b.tif: the post image has 2 band"):
+        detect(pre, two_bands, random_package, **outputs(tmp_path))
+    corrupt = tmp_path / "corrupt.tif"
+    corrupt.write_bytes(pre.read_bytes()[:300])
+    with pytest.raises(RasterError, match="corrupt.tif"):
+        detect(pre, corrupt, random_package, **outputs(tmp_path))
+
+
+def test_nodata_everywhere_is_an_error_and_nodata_edges_stay_nodata(tmp_path, random_package):
+    data = np.random.default_rng(0).integers(1, 255, (3, 96, 96), dtype=np.uint8)
+    pre = write_raster(tmp_path / "a.tif", data, nodata=0)
+    empty = write_raster(tmp_path / "e.tif", np.zeros_like(data), nodata=0)
+    with pytest.raises(RasterError, match="nodata everywhere"):
+        detect(pre, empty, random_package, **outputs(tmp_path / "o1"))
+    holed = data.copy()
+    holed[:, :, :20] = 0
+    post = write_raster(tmp_path / "b.tif", holed, nodata=0)
+    result = detect(pre, post, random_package, **outputs(tmp_path / "o2"), tile=64, overlap=16, threshold=0.0)
+    with rasterio.open(result.mask) as m, rasterio.open(result.probability) as p:
+        assert (m.read(1)[:, :20] == MASK_NODATA).all() and (m.read(1)[:, 20:] == 255).all()
+        assert (p.read(1)[:, :20] == PROBABILITY_NODATA).all()
+
+
+def test_cancel_leaves_no_output(tmp_path, random_package):
+    data = np.random.default_rng(0).integers(0, 255, (3, 200, 200), dtype=np.uint8)
+    pre, post = write_raster(tmp_path / "a.tif", data), write_raster(tmp_path / "b.tif", data[::-1].copy())
+
+    class CancelAfterFirstBatch(Progress):
+        calls = 0
+
+        def update(self, done, total):
+            self.calls += 1
+
+        def cancelled(self):
+            return self.calls > 1
+
+    out = tmp_path / "out"
+    with pytest.raises(Cancelled):
+        detect(pre, post, random_package, **outputs(out), tile=64, overlap=16, batch=2,
+               progress=CancelAfterFirstBatch())
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_cli_reports_errors_plainly(tmp_path, shared_data):
+    run = subprocess.run([*GEOCHANGE, "info", str(shared_data / "weights" / "tinycd_levir_official.pth")],
+                         capture_output=True, text=True)
+    assert run.returncode == 2
+    assert "pickle checkpoint" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_cli_evaluate_writes_table_and_json(tinycd_package, shared_data, tmp_path):
+    run = subprocess.run([*GEOCHANGE, "evaluate", "--model", str(tinycd_package), "--data",
+                          str(shared_data / "levir_cd"), "--device", "cpu", "--json", str(tmp_path / "m.json")],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert "per_image" in run.stdout and "global" in run.stdout
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["global"]["f1"] == pytest.approx(0.9277, abs=0.002)
+    assert set(metrics["per_image"]) == set(metrics["global"])
+
+
+def test_unknown_device_is_a_clear_error(tmp_path, random_package):
+    with pytest.raises(GeoChangeError, match="device"):
+        detect(tmp_path / "a.tif", tmp_path / "b.tif", random_package, **outputs(tmp_path), device="tpu")

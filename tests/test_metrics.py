@@ -1,0 +1,42 @@
+"""Metrics on hand-counted examples, global and per image."""
+import math
+
+import numpy as np
+import pytest
+
+from geochange.engine.metrics import ConfusionMeter, confusion, scores
+
+
+def test_confusion_and_scores_by_hand():
+    truth = np.array([[1, 1, 0, 0], [1, 0, 0, 0]])
+    pred = np.array([[1, 0, 1, 0], [1, 0, 0, 0]])
+    cm = confusion(pred, truth)
+    assert cm.tolist() == [[4, 1], [1, 2]]  # TN FP / FN TP
+    s = scores(cm)
+    assert s["precision"] == pytest.approx(2 / 3)
+    assert s["recall"] == pytest.approx(2 / 3)
+    assert s["f1"] == pytest.approx(2 / 3)
+    assert s["iou"] == pytest.approx(2 / 4)
+    assert s["oa"] == pytest.approx(6 / 8)
+    assert s["mIoU"] == pytest.approx((2 / 4 + 4 / 6) / 2)
+    assert s["mF1"] == pytest.approx((2 / 3 + 8 / 10) / 2)
+    assert s["mAcc"] == pytest.approx((2 / 3 + 4 / 5) / 2)
+
+
+def test_valid_mask_excludes_pixels():
+    truth = np.array([1, 0, 1])
+    pred = np.array([1, 1, 0])
+    assert confusion(pred, truth, valid=np.array([True, False, False])).tolist() == [[0, 0], [0, 1]]
+
+
+def test_global_and_per_image_differ_and_nan_is_skipped():
+    meter = ConfusionMeter()
+    meter.add(np.array([1, 1, 0, 0]), np.array([1, 0, 0, 0]))  # P 0.5, R 1
+    meter.add(np.array([0, 0, 0, 0]), np.array([0, 0, 0, 0]))  # no change anywhere: P, R undefined
+    out = meter.summary()
+    assert out["confusion"] == {"tn": 6, "fp": 1, "fn": 0, "tp": 1}
+    assert out["global"]["precision"] == pytest.approx(0.5)
+    assert out["per_image"]["precision"] == pytest.approx(0.5)  # the NaN image is left out
+    assert out["per_image"]["oa"] == pytest.approx((0.75 + 1.0) / 2)
+    assert out["global"]["oa"] == pytest.approx(7 / 8)
+    assert math.isnan(scores(np.array([[4, 0], [0, 0]]))["precision"])

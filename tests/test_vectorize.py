@@ -1,0 +1,79 @@
+"""Polygons from a hand-made mask: areas in m2 in projected and geographic CRSs, attributes, GPKG."""
+import numpy as np
+import pytest
+from osgeo import ogr
+from pyproj import CRS, Transformer
+from rasterio.transform import from_origin
+import shapely
+
+from geochange.engine.vectorize import change_polygons, write_polygons
+
+
+def hand_mask():
+    mask = np.zeros((60, 80), bool)
+    mask[10:30, 10:40] = True          # 600 px block ...
+    mask[15:25, 20:30] = False         # ... with a 100 px hole: 500 px
+    mask[40:45, 60:70] = True          # 50 px block
+    prob = np.where(mask, 0.7, 0.1).astype(np.float32)
+    prob[40, 60] = 0.95
+    return mask, prob
+
+
+def laea_area(geometry, crs) -> float:
+    """An independent check: planar area in a Lambert equal-area projection centred on the shape."""
+    to_lonlat = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
+    lonlat = shapely.transform(geometry, to_lonlat.transform, interleaved=False)
+    c = lonlat.centroid
+    laea = CRS.from_proj4(f"+proj=laea +lat_0={c.y} +lon_0={c.x} +datum=WGS84 +units=m")
+    to_laea = Transformer.from_crs(crs, laea, always_xy=True)
+    return shapely.transform(geometry, to_laea.transform, interleaved=False).area
+
+
+@pytest.mark.parametrize("crs,transform,pixel_m2", [
+    ("EPSG:32614", from_origin(630000, 3340000, 0.5, 0.5), 0.25),        # UTM 14N near the meridian
+    ("EPSG:4326", from_origin(-97.98, 30.21, 5e-6, 5e-6), None),          # degrees, LEVIR's location
+])
+def test_area_in_square_metres_whatever_the_crs(crs, transform, pixel_m2):
+    mask, prob = hand_mask()
+    polygons = sorted(change_polygons(mask, prob, transform, crs), key=lambda p: -p.area_m2)
+    assert len(polygons) == 2
+    big, small = polygons
+    assert len(big.geometry.interiors) == 1  # the hole is kept
+    for polygon, pixels in ((big, 500), (small, 50)):
+        assert polygon.area_m2 == pytest.approx(laea_area(polygon.geometry, crs), rel=1e-3)
+        if pixel_m2:  # UTM: within the point scale factor (0.9996) of the planar pixel area
+            assert polygon.area_m2 == pytest.approx(pixels * pixel_m2, rel=2e-3)
+    assert big.mean_prob == pytest.approx(0.7) and big.max_prob == pytest.approx(0.7)
+    assert small.max_prob == pytest.approx(0.95)
+    assert small.mean_prob == pytest.approx((0.95 + 49 * 0.7) / 50)
+
+
+def test_min_area_and_simplify():
+    mask, prob = hand_mask()
+    transform = from_origin(630000, 3340000, 0.5, 0.5)
+    kept = change_polygons(mask, prob, transform, "EPSG:32614", min_area_m2=20)
+    assert len(kept) == 1 and kept[0].area_m2 > 100
+    diagonal = np.tri(40, 40, dtype=bool)  # a staircase edge that simplification straightens
+    rough = change_polygons(diagonal, diagonal.astype(np.float32), transform, "EPSG:32614")[0]
+    smooth = change_polygons(diagonal, diagonal.astype(np.float32), transform, "EPSG:32614", simplify=1.0)[0]
+    assert len(smooth.geometry.exterior.coords) < len(rough.geometry.exterior.coords) / 5
+    assert smooth.geometry.is_valid
+
+
+def test_empty_mask_gives_no_polygon():
+    assert change_polygons(np.zeros((5, 5), bool), np.zeros((5, 5)), from_origin(0, 0, 1, 1), "EPSG:32614") == []
+
+
+def test_geopackage_read_back_by_ogr(tmp_path):
+    mask, prob = hand_mask()
+    polygons = change_polygons(mask, prob, from_origin(630000, 3340000, 0.5, 0.5), "EPSG:32614")
+    path = write_polygons(polygons, tmp_path / "out.gpkg", "EPSG:32614")
+    source = ogr.Open(str(path))
+    layer = source.GetLayer()
+    assert layer.GetFeatureCount() == 2
+    assert layer.GetSpatialRef().GetAuthorityCode(None) == "32614"
+    names = [layer.GetLayerDefn().GetFieldDefn(i).GetName() for i in range(layer.GetLayerDefn().GetFieldCount())]
+    assert names == ["id", "area_m2", "mean_prob", "max_prob"]
+    areas = sorted(f.GetField("area_m2") for f in layer)
+    assert areas == pytest.approx(sorted(p.area_m2 for p in polygons))
+    assert [p.name for p in tmp_path.iterdir()] == ["out.gpkg"]  # no temporaries left
