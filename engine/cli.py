@@ -20,7 +20,7 @@ def _cmd_detect(args) -> int:
     result = detect(args.pre, args.post, args.model, **{k: out / v for k, v in OUTPUT_NAMES.items()},
                     tile=args.tile, overlap=args.overlap, batch=args.batch, device=args.device,
                     threshold=args.threshold, min_area=args.min_area, simplify=args.simplify,
-                    progress=TqdmProgress())
+                    pre_bands=args.pre_bands, post_bands=args.post_bands, progress=TqdmProgress())
     print(f"{result.polygon_count} change polygons, {result.changed_area_m2:,.0f} m2 changed")
     for path in (result.probability, result.mask, result.polygons):
         print(path)
@@ -75,6 +75,13 @@ def _cmd_models(args) -> int:
     return 0
 
 
+def _band_list(text: str) -> list[int]:
+    try:
+        return [int(b) for b in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bands must be comma-separated numbers like 3,2,1, not {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="geochange", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -95,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     run_options(p)
     p.add_argument("--min-area", type=float, default=0.0, help="drop polygons smaller than this (m2)")
     p.add_argument("--simplify", type=float, default=0.0, help="simplification tolerance (map units)")
+    p.add_argument("--pre-bands", type=_band_list, help="1-based pre bands in model order, e.g. 3,2,1")
+    p.add_argument("--post-bands", type=_band_list, help="1-based post bands in model order, e.g. 1")
     p.set_defaults(run=_cmd_detect)
 
     p = sub.add_parser("evaluate", help="metrics of a model on a folder dataset A/ B/ label/")

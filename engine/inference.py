@@ -13,8 +13,8 @@ from geochange.engine.errors import RasterError
 from geochange.engine.package import ModelPackage, load_package
 from geochange.engine.predict import Predictor
 from geochange.engine.progress import Progress
-from geochange.engine.rasters import (MASK_NODATA, PROBABILITY_NODATA, check_bands, check_same_grid,
-                                      open_raster, valid_mask, write_geotiff)
+from geochange.engine.rasters import (MASK_NODATA, PROBABILITY_NODATA, check_same_grid, open_raster,
+                                      select_bands, valid_mask, write_geotiff)
 from geochange.engine.vectorize import change_polygons, write_polygons
 from geochange.engine.windows import WindowPlan, blend_weights
 
@@ -62,10 +62,12 @@ def detect(pre_path: str | os.PathLike, post_path: str | os.PathLike, model: str
            probability: str | os.PathLike, mask: str | os.PathLike, polygons: str | os.PathLike,
            tile: int = 512, overlap: int = 64, batch: int = 4, device: str = "auto",
            threshold: float | None = None, min_area: float = 0.0, simplify: float = 0.0,
+           pre_bands: list[int] | None = None, post_bands: list[int] | None = None,
            progress: Progress | None = None) -> DetectResult:
     """Change probability, mask and polygons for a pre/post pair on one grid.
 
-    ``threshold`` defaults to the package's; ``min_area`` is in m2, ``simplify`` in map units.
+    ``threshold`` defaults to the package's; ``min_area`` is in m2, ``simplify`` in map units;
+    ``pre_bands``/``post_bands`` are 1-based band indexes in the order the model wants them.
     Every output is written under a temporary name and renamed only when all succeeded.
     """
     progress = progress or Progress()
@@ -75,13 +77,13 @@ def detect(pre_path: str | os.PathLike, post_path: str | os.PathLike, model: str
     inputs = package.manifest["inputs"]
     with open_raster(pre_path) as pre, open_raster(post_path) as post:
         check_same_grid(pre, post)
-        check_bands(pre, inputs["pre"], "pre")
-        check_bands(post, inputs["post"], "post")
+        bands_a = select_bands(pre, inputs["pre"], "pre", pre_bands)
+        bands_b = select_bands(post, inputs["post"], "post", post_bands)
         valid = np.zeros((pre.height, pre.width), dtype=bool)
 
         def read(window):
-            a, b = pre.read(window=window), post.read(window=window)
-            ok = valid_mask(pre, window, a) & valid_mask(post, window, b)
+            a, b = pre.read(bands_a, window=window), post.read(bands_b, window=window)
+            ok = valid_mask(pre, window, a, bands_a) & valid_mask(post, window, b, bands_b)
             valid[window.toslices()] = ok
             # Invalid pixels are zeroed so NaN cannot leak into the model through convolutions.
             return np.where(ok, a, 0), np.where(ok, b, 0), ok

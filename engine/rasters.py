@@ -51,15 +51,29 @@ def check_same_grid(pre, post) -> None:
                           f"image's grid first.\n  pre  {_describe(pre)}\n  post {_describe(post)}")
 
 
-def check_bands(src, spec: dict, date: str) -> None:
-    if src.count != spec["bands"]:
-        raise RasterError(f"{Path(src.name).name}: the {date} image has {src.count} band(s), the model "
-                          f"expects {spec['bands']} ({spec['modality']})")
+def select_bands(src, spec: dict, date: str, bands: list[int] | None = None) -> list[int]:
+    """The 1-based band indexes to read for a date: ``bands`` as given, else all of the raster's.
+
+    Their count must be what the model expects for that date.
+    """
+    name = Path(src.name).name
+    if bands is None:
+        if src.count != spec["bands"]:
+            raise RasterError(f"{name}: the {date} image has {src.count} band(s), the model expects "
+                              f"{spec['bands']} ({spec['modality']}); choose them with --{date}-bands")
+        return list(range(1, src.count + 1))
+    outside = [b for b in bands if not 1 <= b <= src.count]
+    if outside:
+        raise RasterError(f"{name}: band(s) {outside} do not exist; the {date} image has {src.count} band(s)")
+    if len(bands) != spec["bands"]:
+        raise RasterError(f"{name}: {len(bands)} {date} band(s) chosen ({bands}), the model expects "
+                          f"{spec['bands']} ({spec['modality']})")
+    return list(bands)
 
 
-def valid_mask(src, window, data: np.ndarray) -> np.ndarray:
-    """Pixels valid in every band: GDAL's mask (nodata value, alpha, mask band) and not NaN."""
-    valid = src.read_masks(window=window).all(axis=0)
+def valid_mask(src, window, data: np.ndarray, bands: list[int]) -> np.ndarray:
+    """Pixels valid in every used band: GDAL's mask (nodata value, alpha, mask band) and not NaN."""
+    valid = src.read_masks(bands, window=window).all(axis=0)
     if np.issubdtype(data.dtype, np.floating):
         valid &= np.isfinite(data).all(axis=0)
     return valid

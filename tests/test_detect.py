@@ -99,6 +99,14 @@ def test_wrong_band_count_and_corrupt_file(tmp_path, random_package):
     two_bands = write_raster(tmp_path / "b.tif", rgb[:2])
     with pytest.raises(RasterError, match="b.tif: the post image has 2 band"):
         detect(pre, two_bands, random_package, **outputs(tmp_path))
+    opaque = np.full((1, 32, 32), 255, np.uint8)  # GDAL takes a 4th uint8 band as alpha
+    four_bands = write_raster(tmp_path / "c.tif", np.concatenate([rgb, opaque]))
+    with pytest.raises(RasterError, match=r"band\(s\) \[5\] do not exist"):
+        detect(pre, four_bands, random_package, **outputs(tmp_path), post_bands=[1, 2, 5])
+    with pytest.raises(RasterError, match="2 post band"):
+        detect(pre, four_bands, random_package, **outputs(tmp_path), post_bands=[1, 2])
+    result = detect(pre, four_bands, random_package, **outputs(tmp_path / "ok"), post_bands=[3, 2, 1])
+    assert result.mask.exists()
     corrupt = tmp_path / "corrupt.tif"
     corrupt.write_bytes(pre.read_bytes()[:300])
     with pytest.raises(RasterError, match="corrupt.tif"):

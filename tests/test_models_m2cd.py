@@ -1,0 +1,396 @@
+"""M2CD: published sizes, the MoE gate and its balancing loss, O2SP, forward contracts, backbone weights."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+from geochange.engine.models import create, spec
+from geochange.engine.models.m2cd import (ConvNeXtMoEBlock, MixtureOfExperts, load_balancing_loss,
+                                          o2sp_self_distillation_loss, simulate_sar_speckle)
+from geochange.engine.models.stats import count_gflops, count_params
+
+MIT = ("m2cd_mit_b0", "m2cd_mit_b1")
+CONVNEXT = ("m2cd_convnext_t", "m2cd_convnext_s", "m2cd_convnext_b")
+# Table I of the paper: params (M) with the SegFormer head, GFLOPs at 256 x 256 (multiply-adds).
+TABLE_I = {"m2cd_mit_b0": (6.989, 6.372), "m2cd_mit_b1": (26.481, 11.638),
+           "m2cd_convnext_t": (157.224, 22.182), "m2cd_convnext_s": (158.281, 39.020),
+           "m2cd_convnext_b": (280.240, 65.531)}
+
+# Large models at 256 x 256 and batch 1: run by default, selectable with -m "not heavy".
+heavy = pytest.mark.heavy
+
+
+@pytest.fixture(scope="module")
+def mit_models():
+    torch.manual_seed(0)
+    return {name: create(name) for name in MIT}
+
+
+def _pair(size: int = 256, batch: int = 1, channels: int = 3):
+    return torch.randn(batch, channels, size, size), torch.randn(batch, channels, size, size)
+
+
+def _check_forward(model, size: int, batch: int = 1, train: bool = True):
+    pre, post = _pair(size, batch)
+    model.eval()
+    with torch.no_grad():
+        logits = model(pre, post)
+    assert logits.shape == (batch, 2, size, size)
+    assert torch.isfinite(logits).all()
+    if not train:
+        return
+    model.train()
+    with torch.no_grad():
+        out = model(pre, post)
+    assert set(out) == {"logits", "gate_loss"}
+    assert out["logits"].shape == (batch, 2, size, size)
+    assert out["gate_loss"].dim() == 0 and out["gate_loss"] > 0
+    model.eval()
+
+
+# --- Published sizes ------------------------------------------------------------------------------
+
+def _authors_unused_mlp_params(model) -> int:
+    """The dense MLP (Linear C->4C, Linear 4C->C) the authors' ConvNeXt MoE block builds but never calls."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, ConvNeXtMoEBlock):
+            c = module.gamma.numel()
+            total += 2 * c * 4 * c + 4 * c + c
+    return total
+
+
+@pytest.mark.parametrize("name", MIT + CONVNEXT)
+def test_parameter_counts_match_table_i(name):
+    with torch.device("meta"):  # counted without allocating ConvNeXt-B's 233 M parameters
+        model = create(name)
+    params = count_params(model)
+    published = TABLE_I[name][0] * 1e6
+    assert spec(name).paper["params_m"] == TABLE_I[name][0]
+    if name in MIT:
+        assert abs(params / published - 1) < 0.02, params
+    else:
+        # Table I counts the dense MLP the authors' MoE blocks keep unused; this model leaves it out.
+        unused = _authors_unused_mlp_params(model)
+        assert unused > 0.09 * published
+        assert abs((params + unused) / published - 1) < 0.02, (params, unused)
+
+
+@pytest.mark.parametrize("name", MIT)
+def test_gflops_match_table_i(mit_models, name):
+    gflops = count_gflops(mit_models[name], size=256)
+    assert abs(gflops / TABLE_I[name][1] - 1) < 0.10, gflops
+    assert spec(name).paper["gflops"] == TABLE_I[name][1]
+    assert spec(name).paper["gflops_input"] == 256
+
+
+def test_registry_entries():
+    for name in MIT + CONVNEXT:
+        s = spec(name)
+        assert s.activation == "softmax"
+        assert s.inputs[0]["modality"] == "optical" and s.inputs[1]["modality"] == "sar"
+        assert s.inputs[1]["replicate"] == 3
+
+
+# --- Mixture of experts ---------------------------------------------------------------------------
+
+def test_gate_selects_exactly_k_experts_with_gates_summing_to_one():
+    torch.manual_seed(0)
+    moe = MixtureOfExperts(16, num_experts=4, top_k=2)
+    x = torch.randn(500, 16)
+    for training in (True, False):
+        moe.train(training)
+        routing = moe.route(x)
+        assert ((routing.gates > 0).sum(dim=1) == 2).all()
+        torch.testing.assert_close(routing.gates.sum(dim=1), torch.ones(500))
+        assert torch.equal(routing.gates.gather(1, routing.indices), routing.weights)
+
+
+def test_eval_routing_is_clean_and_training_routing_is_noisy():
+    torch.manual_seed(0)
+    moe = MixtureOfExperts(16, num_experts=4, top_k=2)
+    with torch.no_grad():
+        moe.noise.fill_(1.0)  # a visible noise level (it starts at the 0.01 floor)
+    x = torch.randn(500, 16)
+    moe.eval()
+    first, second = moe.route(x), moe.route(x)
+    assert torch.equal(first.gates, second.gates)
+    clean = moe.gate(x)
+    expected = torch.zeros_like(clean).scatter(1, clean.topk(2, dim=1).indices,
+                                               clean.topk(2, dim=1).values.softmax(dim=1))
+    torch.testing.assert_close(first.gates, expected)
+    moe.train()
+    assert not torch.equal(moe.route(x).gates, moe.route(x).gates)
+
+
+def test_balancing_loss_is_zero_for_uniform_routing_and_positive_otherwise():
+    uniform = torch.full((4,), 10.0)
+    assert load_balancing_loss(uniform, uniform) == 0
+    skewed = torch.tensor([20.0, 10.0, 5.0, 5.0])
+    assert load_balancing_loss(skewed, uniform) > 0
+    assert load_balancing_loss(uniform, skewed) > 0
+    # Per branch, summed: one unbalanced branch is enough.
+    assert load_balancing_loss(torch.stack([uniform, skewed]), torch.stack([uniform, uniform])) > 0
+
+    # Through the module: expert e looks along axis e; a token between two axes goes to those two
+    # experts with gates 1/2 each. Every pair equally often: every expert gets the same share.
+    moe = MixtureOfExperts(8, num_experts=4, top_k=2).eval()
+    with torch.no_grad():
+        moe.gate.projection.weight.copy_(torch.eye(4, 8))
+        moe.gate.projection.bias.zero_()
+        moe.gate.embeddings.copy_(torch.eye(4))
+    pairs = [(a, b) for a in range(4) for b in range(a + 1, 4)]
+    tokens = torch.zeros(len(pairs), 8)
+    for t, (a, b) in enumerate(pairs):
+        tokens[t, a] = tokens[t, b] = 1.0
+    _, balanced = moe(tokens)
+    assert balanced.abs() < 1e-6
+    _, unbalanced = moe(tokens[:1].repeat(6, 1))  # all tokens to experts 0 and 1
+    assert unbalanced > 0.01
+
+
+def test_mixture_output_is_the_gated_sum_of_the_chosen_experts():
+    torch.manual_seed(0)
+    moe = MixtureOfExperts(16, num_experts=4, top_k=2).eval()
+    x = torch.randn(2, 5, 7, 16)
+    y, _ = moe(x)
+    tokens = x.reshape(-1, 16)
+    routing = moe.route(tokens)
+    dense = torch.stack([expert(tokens) for expert in moe.experts], dim=1)  # (T, E, C)
+    expected = (routing.gates.unsqueeze(-1) * dense).sum(dim=1)
+    torch.testing.assert_close(y.reshape(-1, 16), expected)
+
+
+def test_gradients_reach_every_expert_the_gate_and_the_temperature():
+    torch.manual_seed(0)
+    moe = MixtureOfExperts(16, num_experts=4, top_k=2).train()
+    y, balance = moe(torch.randn(4, 8, 8, 16), branches=2)
+    (y.square().mean() + balance).backward()
+    for name, p in moe.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert moe.gate.log_scale.grad.abs() > 0
+    assert moe.gate.embeddings.grad.abs().sum() > 0
+
+
+# --- O2SP -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variance", [1, 20])
+def test_speckle_has_mean_one_and_the_requested_variance(variance):
+    ones = torch.ones(4, 1, 1000, 1000)
+    speckle = simulate_sar_speckle(ones, torch.Generator().manual_seed(variance), variance=variance)
+    assert abs(speckle.mean().item() - 1) < 0.01
+    assert abs(speckle.var().item() / variance - 1) < 0.05
+    assert (speckle >= 0).all()
+
+
+def test_speckle_variance_is_drawn_once_per_call_from_1_to_20():
+    x = torch.full((1, 3, 300, 300), 2.0)
+    a = simulate_sar_speckle(x, torch.Generator().manual_seed(1))
+    b = simulate_sar_speckle(x, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    variances = set()
+    for seed in range(12):
+        noise = simulate_sar_speckle(torch.ones(1, 2, 500, 500), torch.Generator().manual_seed(seed))
+        variances.add(round(noise.var().item()))
+    assert len(variances) > 3 and min(variances) >= 1 and max(variances) <= 21
+
+
+def test_o2sp_training_forward_returns_the_three_paths_features(mit_models):
+    model = mit_models["m2cd_mit_b0"].train()
+    pre, post = _pair(64, batch=2)
+    sim = simulate_sar_speckle(pre, torch.Generator().manual_seed(0))
+    out = model(pre, post, o2sp=sim)
+    features = out["features"]
+    assert set(features) == {"pre", "post", "o2sp"}
+    for path in features.values():
+        assert [f.shape for f in path] == [(2, 32, 16, 16), (2, 64, 8, 8), (2, 160, 4, 4), (2, 256, 2, 2)]
+    assert out["logits"].shape == (2, 2, 64, 64)
+    loss = o2sp_self_distillation_loss(features)
+    expected = 1e-4 * sum((a - s).abs().mean() + (b - s).abs().mean()
+                          for a, b, s in zip(features["pre"], features["post"], features["o2sp"]))
+    torch.testing.assert_close(loss, expected)
+    # No detach: the loss pulls on all three paths.
+    grads = torch.autograd.grad(loss, [features["pre"][0], features["post"][0], features["o2sp"][0]])
+    assert all(g.abs().sum() > 0 for g in grads)
+    same = {k: [features["o2sp"][i] for i in range(4)] for k in ("pre", "post", "o2sp")}
+    assert o2sp_self_distillation_loss(same) == 0
+    model.eval()
+    with pytest.raises(ValueError, match="training"):
+        model(pre, post, o2sp=sim)
+
+
+# --- Forward contracts ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", MIT)
+def test_mit_forward(mit_models, name):
+    _check_forward(mit_models[name], 256)
+    _check_forward(mit_models[name], 512, train=False)
+
+
+def test_eval_is_deterministic(mit_models):
+    model = mit_models["m2cd_mit_b0"].eval()
+    pre, post = _pair(64)
+    with torch.no_grad():
+        assert torch.equal(model(pre, post), model(pre, post))
+
+
+@heavy
+@pytest.mark.parametrize("name", CONVNEXT)
+def test_convnext_forward(name):
+    torch.manual_seed(0)
+    model = create(name)
+    _check_forward(model, 256)
+    blocks = [m for m in model.modules() if isinstance(m, ConvNeXtMoEBlock)]
+    assert len(blocks) == (9 if name == "m2cd_convnext_t" else 18)
+    assert blocks[0].moe.num_experts == (8 if name == "m2cd_convnext_t" else 4)
+
+
+@pytest.mark.parametrize("head", ["upernet", "fcn"])
+def test_other_heads(mit_models, head):
+    torch.manual_seed(0)
+    model = create("m2cd_mit_b0", head=head)
+    _check_forward(model, 128, batch=2)  # pyramid pooling to 1x1 needs 2 samples for BatchNorm
+    assert count_params(model) != count_params(mit_models["m2cd_mit_b0"])
+
+
+def test_unknown_head_is_refused():
+    with pytest.raises(ValueError, match="unknown head"):
+        create("m2cd_mit_b0", head="deeplab")
+
+
+def test_in_chans():
+    model = create("m2cd_mit_b0", in_chans=4).eval()
+    with torch.no_grad():
+        assert model(*_pair(64, channels=4)).shape == (1, 2, 64, 64)
+
+
+# --- Backbone weights -----------------------------------------------------------------------------
+
+def _timm_mit_b0(seed: int, **kwargs):
+    torch.manual_seed(seed)
+    return timm.create_model("pvt_v2_b0", pretrained=False, mlp_ratios=4, **kwargs)
+
+
+def _to_segformer(timm_state: dict) -> dict:
+    """timm PVT-v2 names -> SegFormer's MiT release names, written out independently of the loader."""
+    out = {}
+    for k, v in timm_state.items():
+        k = k.replace("patch_embed.", "patch_embed1.")
+        for i in range(1, 4):
+            k = k.replace(f"stages.{i}.downsample.", f"patch_embed{i + 1}.")
+        for i in range(4):
+            k = k.replace(f"stages.{i}.blocks.", f"block{i + 1}.")
+            k = k.replace(f"stages.{i}.norm.", f"norm{i + 1}.")
+        out[k.replace("mlp.dwconv.", "mlp.dwconv.dwconv.")] = v
+    return out
+
+
+def _to_mmseg(segformer_state: dict) -> dict:
+    """SegFormer names -> mmseg names, as mmseg's mit2mmseg converter does it."""
+    out = {}
+    for original, v in segformer_state.items():
+        k = original
+        if k.startswith("head") or ".attn.kv." in k:
+            continue
+        if k.startswith("patch_embed"):
+            i = int(k[len("patch_embed")])
+            k = k.replace(f"patch_embed{i}", f"layers.{i - 1}.0").replace("proj.", "projection.")
+        elif k.startswith("block"):
+            i = int(k[len("block")])
+            k = k.replace(f"block{i}", f"layers.{i - 1}.1")
+            if ".attn.q." in k:
+                v = torch.cat([v, segformer_state[original.replace(".attn.q.", ".attn.kv.")]])
+                k = k.replace("attn.q.", "attn.attn.in_proj_")
+            elif ".attn.proj." in k:
+                k = k.replace("attn.proj.", "attn.attn.out_proj.")
+            elif ".mlp." in k:
+                if "fc1.weight" in k or "fc2.weight" in k:
+                    v = v.reshape(*v.shape, 1, 1)
+                k = (k.replace("mlp.fc1.", "ffn.layers.0.").replace("mlp.dwconv.dwconv.", "ffn.layers.1.")
+                     .replace("mlp.fc2.", "ffn.layers.4."))
+        elif k.startswith("norm"):
+            i = int(k[len("norm")])
+            k = k.replace(f"norm{i}", f"layers.{i - 1}.2")
+        out[k] = v
+    return out
+
+
+def _assert_backbone_equals(model, source_state: dict):
+    own = model.encoder.backbone.state_dict()
+    for key, value in own.items():
+        assert torch.equal(value, source_state[key]), key
+
+
+@pytest.mark.parametrize("fmt", ["timm", "segformer", "mmseg"])
+def test_load_mit_backbone_weights(tmp_path, fmt):
+    source = _timm_mit_b0(seed=1).state_dict()  # with its ImageNet classifier (head.*)
+    state = {"timm": source, "segformer": _to_segformer(source),
+             "mmseg": _to_mmseg(_to_segformer(source))}[fmt]
+    path = tmp_path / f"{fmt}.pth"
+    torch.save({"state_dict": state} if fmt == "mmseg" else state, path)
+    model = create("m2cd_mit_b0")
+    moe_before = {k: v.clone() for k, v in model.encoder.moe.state_dict().items()}
+    report = model.load_backbone_weights(path)
+    assert report["format"] == fmt
+    _assert_backbone_equals(model, source)
+    for key, value in model.encoder.moe.state_dict().items():
+        assert torch.equal(value, moe_before[key]), key
+    if fmt != "mmseg":
+        assert report["dropped"] == ["head.bias", "head.weight"]
+
+
+def test_bad_keys_and_shapes_are_refused_by_name(tmp_path):
+    model = create("m2cd_mit_b0")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    mmseg = _to_mmseg(_to_segformer(_timm_mit_b0(seed=1).state_dict()))
+
+    bogus = dict(mmseg, **{"layers.0.1.0.attn.bogus.weight": torch.zeros(3)})
+    torch.save(bogus, tmp_path / "bogus.pth")
+    with pytest.raises(ValueError, match=r"unknown keys \(1\): layers\.0\.1\.0\.attn\.bogus\.weight"):
+        model.load_backbone_weights(tmp_path / "bogus.pth")
+
+    incomplete = {k: v for k, v in mmseg.items() if k != "layers.2.2.weight"}
+    torch.save(incomplete, tmp_path / "incomplete.pth")
+    with pytest.raises(ValueError, match=r"missing keys \(1\): stages\.2\.norm\.weight"):
+        model.load_backbone_weights(tmp_path / "incomplete.pth")
+
+    # timm's own pvt_v2_b0 has MLP ratio 8 in its first two stages: not MiT-b0.
+    torch.manual_seed(0)
+    torch.save(timm.create_model("pvt_v2_b0", pretrained=False).state_dict(), tmp_path / "pvt.pth")
+    with pytest.raises(ValueError, match=r"shape mismatches .*stages\.0\.blocks\.0\.mlp\.fc1\.weight"):
+        model.load_backbone_weights(tmp_path / "pvt.pth")
+
+    for key, value in model.state_dict().items():  # nothing was loaded
+        assert torch.equal(value, before[key]), key
+
+
+def test_load_adapts_the_stem_to_other_band_counts(tmp_path):
+    source = _timm_mit_b0(seed=1).state_dict()
+    torch.save(source, tmp_path / "rgb.pth")
+    model = create("m2cd_mit_b0", in_chans=4)
+    report = model.load_backbone_weights(tmp_path / "rgb.pth")
+    assert report["adapted"] == ["patch_embed.proj.weight"]
+    assert model.encoder.backbone.patch_embed.proj.weight.shape[1] == 4
+
+
+@heavy
+def test_load_convnext_backbone_weights(tmp_path):
+    torch.manual_seed(1)
+    source = timm.create_model("convnext_tiny", pretrained=False).state_dict()
+    torch.save(source, tmp_path / "convnext_tiny.pth")
+    del source
+    model = create("m2cd_convnext_t")
+    moe_before = {k: v.clone() for k, v in model.encoder.backbone.state_dict().items() if ".moe." in k}
+    report = model.load_backbone_weights(tmp_path / "convnext_tiny.pth")
+    source = torch.load(tmp_path / "convnext_tiny.pth", weights_only=True)
+    own = model.encoder.backbone.state_dict()
+    for key in report["loaded"]:
+        assert torch.equal(own[key], source[key]), key
+    # The dense MLPs of the 9 MoE blocks are the file's only unused weights besides the classifier.
+    mlp = [k for k in report["dropped"] if ".mlp." in k]
+    assert len(mlp) == 9 * 4 and all(k.startswith("stages.") for k in mlp)
+    assert {k for k in report["dropped"] if ".mlp." not in k} == {k for k in source if k.startswith("head.")}
+    assert set(report["kept_initial"]) == set(moe_before)
+    for key, value in moe_before.items():
+        assert torch.equal(own[key], value), key
