@@ -17,10 +17,14 @@ def _cmd_detect(args) -> int:
     from geochange.engine.progress import TqdmProgress
 
     out = Path(args.out)
-    result = detect(args.pre, args.post, args.model, **{k: out / v for k, v in OUTPUT_NAMES.items()},
+    names = dict(OUTPUT_NAMES, polygons=f"change_polygons.{args.vector_format}")
+    result = detect(args.pre, args.post, args.model, **{k: out / v for k, v in names.items()},
                     tile=args.tile, overlap=args.overlap, batch=args.batch, device=args.device,
+                    precision=args.precision, threads=args.threads, tta=args.tta,
                     threshold=args.threshold, min_area=args.min_area, simplify=args.simplify,
-                    pre_bands=args.pre_bands, post_bands=args.post_bands, progress=TqdmProgress())
+                    pre_bands=args.pre_bands, post_bands=args.post_bands, grid=args.grid, crs=args.crs,
+                    resolution=args.resolution, sar_db=args.sar_db, pre_scale=args.pre_scale,
+                    post_scale=args.post_scale, progress=TqdmProgress())
     print(f"{result.polygon_count} change polygons, {result.changed_area_m2:,.0f} m2 changed")
     for path in (result.probability, result.mask, result.polygons):
         print(path)
@@ -104,6 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--simplify", type=float, default=0.0, help="simplification tolerance (map units)")
     p.add_argument("--pre-bands", type=_band_list, help="1-based pre bands in model order, e.g. 3,2,1")
     p.add_argument("--post-bands", type=_band_list, help="1-based post bands in model order, e.g. 1")
+    p.add_argument("--grid", choices=["pre", "post"], default="pre",
+                   help="read both dates on this date's CRS and resolution (default pre)")
+    p.add_argument("--crs", help="read both dates in this CRS instead (e.g. EPSG:32614)")
+    p.add_argument("--resolution", type=float, help="pixel size of the common grid, in its CRS units")
+    p.add_argument("--sar-db", action="store_true", help="float SAR input is in dB (default: linear power)")
+    p.add_argument("--pre-scale", type=float, help="raw pre value meaning 1.0 (default by data type)")
+    p.add_argument("--post-scale", type=float, help="raw post value meaning 1.0 (default by data type)")
+    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16", help="CUDA autocast type")
+    p.add_argument("--threads", type=int, help="CPU threads for the model (default: torch's)")
+    p.add_argument("--tta", action="store_true", help="average over flips (4x slower)")
+    p.add_argument("--vector-format", choices=["gpkg", "geojson", "shp"], default="gpkg")
     p.set_defaults(run=_cmd_detect)
 
     p = sub.add_parser("evaluate", help="metrics of a model on a folder dataset A/ B/ label/")

@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
+
 from geochange.engine.errors import GeoChangeError
 from geochange.engine.inference import predict_plan
 from geochange.engine.metrics import ConfusionMeter
@@ -46,9 +48,10 @@ def evaluate_folder(package: ModelPackage, root: str | os.PathLike, *, device: s
         progress.check()
         pre, post, label = read_image(path_a), read_image(path_b), read_image(path_label)[0]
         plan = WindowPlan(pre.shape[1], pre.shape[2], tile, overlap)
+        everywhere = np.ones(pre.shape[1:], bool)
         prob = predict_plan(predictor, plan, lambda w: (pre[(slice(None), *w.toslices())],
-                                                         post[(slice(None), *w.toslices())], True),
-                            batch=batch)
+                                                         post[(slice(None), *w.toslices())],
+                                                         everywhere[w.toslices()]), batch=batch, readers=0)
         meter.add(prob > threshold, label > 0)
         progress.update(i + 1, len(pairs))
     return meter.summary()

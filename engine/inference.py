@@ -1,52 +1,144 @@
-"""Detection over a georeferenced raster pair: window plan, batched model runs, blending, outputs."""
+"""Detection over a raster pair of any size, streamed: constant memory along the raster's height.
+
+Reader threads (GDAL releases the GIL) fill a bounded queue of window batches; the model runs on
+them in the main thread; blended rows collect in a rolling buffer one tile high; each band of rows
+that no later window can touch is handed to a writer thread, which writes it and vectorises it.
+"""
 from __future__ import annotations
 
 import os
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
+import torch
 
-from geochange.engine.atomic import atomic_path
 from geochange.engine.errors import RasterError
+from geochange.engine.grid import Grid, GridReader, common_grid
+from geochange.engine.outputs import ChangeWriter
 from geochange.engine.package import ModelPackage, load_package
 from geochange.engine.predict import Predictor
 from geochange.engine.progress import Progress
-from geochange.engine.rasters import (MASK_NODATA, PROBABILITY_NODATA, check_same_grid, open_raster,
-                                      select_bands, valid_mask, write_geotiff)
-from geochange.engine.vectorize import change_polygons, write_polygons
+from geochange.engine.rasters import open_raster, select_bands, valid_mask
 from geochange.engine.windows import WindowPlan, blend_weights
 
-# read(window) -> (pre raw, post raw, valid) arrays of one window.
+# read(window) -> (pre raw, post raw, valid) arrays of one window; must be thread-safe.
 WindowReader = Callable[[object], tuple]
 
 
-def predict_plan(predictor: Predictor, plan: WindowPlan, read: WindowReader, *, batch: int = 4,
-                 progress: Progress | None = None) -> np.ndarray:
-    """Blended change probability over the plan's raster; NaN where no window had a valid pixel."""
+class RowBlender:
+    """Weighted sums of overlapping window predictions for the rows not yet released."""
+
+    def __init__(self, plan: WindowPlan):
+        self.plan, self.top = plan, 0
+        shape = (min(plan.tile, plan.height), plan.width)
+        self.weighted = np.zeros(shape, np.float32)
+        self.weight = np.zeros(shape, np.float32)
+        self.valid = np.zeros(shape, bool)
+
+    def add(self, window, probability: np.ndarray | None, valid: np.ndarray) -> None:
+        rows = slice(int(window.row_off) - self.top, int(window.row_off + window.height) - self.top)
+        cols = slice(int(window.col_off), int(window.col_off + window.width))
+        self.valid[rows, cols] |= valid
+        if probability is not None:
+            w = blend_weights(window, self.plan)
+            self.weighted[rows, cols] += probability * w
+            self.weight[rows, cols] += w
+
+    def release(self, upto: int) -> tuple[int, np.ndarray, np.ndarray]:
+        """Rows ``top .. upto``: (first row, probability with NaN where nothing ran, valid)."""
+        n, start = upto - self.top, self.top
+        with np.errstate(invalid="ignore", divide="ignore"):
+            prob = np.where(self.weight[:n] > 0, self.weighted[:n] / self.weight[:n], np.nan).astype(np.float32)
+        valid = self.valid[:n].copy()
+        for buffer in (self.weighted, self.weight, self.valid):
+            keep = len(buffer) - n
+            buffer[:keep] = buffer[n:].copy()
+            buffer[keep:] = 0
+        self.top = upto
+        return start, prob, valid
+
+
+def stream_rows(predictor: Callable, plan: WindowPlan, read: WindowReader, *, batch: int = 4,
+                progress: Progress | None = None, readers: int = 2, prefetch: int = 2
+                ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Yield ``(first row, probability, valid)`` for consecutive bands of finished rows, top to bottom.
+
+    Windows without a valid pixel are not run. At most ``readers + prefetch`` batches are read ahead.
+    """
     progress = progress or Progress()
-    weighted = np.zeros((plan.height, plan.width), dtype=np.float32)
-    weight = np.zeros((plan.height, plan.width), dtype=np.float32)
     windows = plan.windows()
+    batches = [windows[i:i + batch] for i in range(0, len(windows), batch)]
+    row_starts, per_row = plan.rows, len(plan.cols)
+    blender, done, released = RowBlender(plan), 0, 0
     progress.update(0, len(windows))
-    for start in range(0, len(windows), batch):
-        progress.check()
-        chunk = []
-        for window in windows[start:start + batch]:
-            pre, post, valid = read(window)
-            if np.any(valid):  # windows with no valid pixel are not run
-                chunk.append((window, pre, post))
-        if chunk:
-            probs = predictor(np.stack([c[1] for c in chunk]), np.stack([c[2] for c in chunk]))
-            for (window, _, _), prob in zip(chunk, probs):
-                rows, cols = window.toslices()
-                w = blend_weights(window, plan)
-                weighted[rows, cols] += prob * w
-                weight[rows, cols] += w
-        progress.update(min(start + batch, len(windows)), len(windows))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(weight > 0, weighted / weight, np.nan).astype(np.float32)
+
+    def load(chunk):
+        return [(window, *read(window)) for window in chunk]
+
+    with ThreadPoolExecutor(max(readers, 1), thread_name_prefix="geochange-read") as pool:
+        pending = deque(pool.submit(load, chunk) for chunk in batches[:readers + prefetch])
+        queued = len(pending)
+        try:
+            while pending:
+                progress.check()
+                items = pending.popleft().result()
+                if queued < len(batches):
+                    pending.append(pool.submit(load, batches[queued]))
+                    queued += 1
+                run = [item for item in items if np.any(item[3])]
+                probs = iter(predictor(np.stack([i[1] for i in run]), np.stack([i[2] for i in run]))) if run else None
+                for window, _, _, valid in items:
+                    blender.add(window, next(probs) if np.any(valid) else None, valid)
+                    done += 1
+                    if done % per_row == 0:  # a tile row is complete: rows above the next one are final
+                        released += 1
+                        yield blender.release(row_starts[released] if released < len(row_starts) else plan.height)
+                progress.update(done, len(windows))
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+def predict_plan(predictor: Callable, plan: WindowPlan, read: WindowReader, **options) -> np.ndarray:
+    """The whole blended probability of a plan in memory (small rasters, dataset images)."""
+    return np.concatenate([prob for _, prob, _ in stream_rows(predictor, plan, read, **options)])
+
+
+class PairReader:
+    """Thread-safe window reader of both dates on a common grid: each thread opens its own datasets."""
+
+    def __init__(self, pre_path, post_path, grid: Grid, pre_bands: list[int], post_bands: list[int]):
+        self.paths, self.grid, self.bands = (pre_path, post_path), grid, (pre_bands, post_bands)
+        self._local = threading.local()
+        self._opened: list = []
+        self._lock = threading.Lock()
+
+    def _readers(self):
+        if not hasattr(self._local, "readers"):
+            datasets = [open_raster(p) for p in self.paths]
+            readers = [GridReader(d, self.grid) for d in datasets]
+            with self._lock:
+                self._opened += readers + datasets
+            self._local.readers = readers
+        return self._local.readers
+
+    def __call__(self, window):
+        out, ok = [], np.ones((int(window.height), int(window.width)), bool)
+        for reader, bands in zip(self._readers(), self.bands):
+            data = reader.read(bands, window)
+            ok &= valid_mask(reader, window, data, bands)
+            out.append(data)
+        # Invalid pixels are zeroed so that NaN cannot leak into the model through convolutions.
+        return np.where(ok, out[0], 0), np.where(ok, out[1], 0), ok
+
+    def close(self) -> None:
+        for item in self._opened:
+            item.close()
 
 
 @dataclass
@@ -56,56 +148,65 @@ class DetectResult:
     polygons: Path
     polygon_count: int
     changed_area_m2: float
+    grid: Grid
 
 
 def detect(pre_path: str | os.PathLike, post_path: str | os.PathLike, model: str | os.PathLike | ModelPackage, *,
            probability: str | os.PathLike, mask: str | os.PathLike, polygons: str | os.PathLike,
-           tile: int = 512, overlap: int = 64, batch: int = 4, device: str = "auto",
-           threshold: float | None = None, min_area: float = 0.0, simplify: float = 0.0,
-           pre_bands: list[int] | None = None, post_bands: list[int] | None = None,
-           progress: Progress | None = None) -> DetectResult:
-    """Change probability, mask and polygons for a pre/post pair on one grid.
+           tile: int = 512, overlap: int = 64, batch: int = 4, device: str = "auto", precision: str = "bf16",
+           threads: int | None = None, tta: bool = False, threshold: float | None = None,
+           min_area: float = 0.0, simplify: float = 0.0, pre_bands: list[int] | None = None,
+           post_bands: list[int] | None = None, grid: str = "pre", crs: str | None = None,
+           resolution: float | None = None, sar_db: bool = False, pre_scale: float | None = None,
+           post_scale: float | None = None, readers: int = 2, progress: Progress | None = None) -> DetectResult:
+    """Change probability, mask and polygons for a pre/post pair.
 
-    ``threshold`` defaults to the package's; ``min_area`` is in m2, ``simplify`` in map units;
-    ``pre_bands``/``post_bands`` are 1-based band indexes in the order the model wants them.
+    Both dates are read on a common grid (``grid`` = ``pre`` or ``post``, or a given ``crs`` and
+    ``resolution``) over the intersection of their footprints. ``threshold`` defaults to the
+    package's; ``min_area`` is in m2, ``simplify`` in map units; ``pre_bands``/``post_bands`` are
+    1-based band indexes in the order the model wants; ``pre_scale``/``post_scale`` the raw value
+    meaning 1.0 (default: by data type); ``sar_db`` says float SAR input is in dB.
     Every output is written under a temporary name and renamed only when all succeeded.
     """
     progress = progress or Progress()
     package = model if isinstance(model, ModelPackage) else load_package(model)
     threshold = package.threshold if threshold is None else float(threshold)
-    predictor = Predictor(package, device)
+    if threads:
+        torch.set_num_threads(threads)
+    predictor = Predictor(package, device, precision=precision, tta=tta, sar_db=sar_db,
+                          scales={"pre": pre_scale, "post": post_scale}, log=progress.log)
     inputs = package.manifest["inputs"]
     with open_raster(pre_path) as pre, open_raster(post_path) as post:
-        check_same_grid(pre, post)
-        bands_a = select_bands(pre, inputs["pre"], "pre", pre_bands)
-        bands_b = select_bands(post, inputs["post"], "post", post_bands)
-        valid = np.zeros((pre.height, pre.width), dtype=bool)
-
-        def read(window):
-            a, b = pre.read(bands_a, window=window), post.read(bands_b, window=window)
-            ok = valid_mask(pre, window, a, bands_a) & valid_mask(post, window, b, bands_b)
-            valid[window.toslices()] = ok
-            # Invalid pixels are zeroed so NaN cannot leak into the model through convolutions.
-            return np.where(ok, a, 0), np.where(ok, b, 0), ok
-
-        plan = WindowPlan(pre.height, pre.width, tile, overlap)
-        progress.log(f"{len(plan)} windows of {min(tile, pre.height)}x{min(tile, pre.width)} px "
-                     f"on {predictor.device}")
-        prob = predict_plan(predictor, plan, read, batch=batch, progress=progress)
-        if not valid.any():
+        common = common_grid(pre, post, on=grid, crs=crs, resolution=resolution, warn=progress.log)
+        bands = (select_bands(pre, inputs["pre"], "pre", pre_bands),
+                 select_bands(post, inputs["post"], "post", post_bands))
+    plan = WindowPlan(common.height, common.width, tile, overlap)
+    progress.log(f"{common.width}x{common.height} px in {common.crs}: {len(plan)} windows of "
+                 f"{min(tile, common.height)}x{min(tile, common.width)} px on {predictor.device}")
+    read = PairReader(pre_path, post_path, common, *bands)
+    writer = ChangeWriter(common, probability=probability, mask=mask, polygons=polygons, threshold=threshold,
+                          min_area=min_area, simplify=simplify,
+                          attributes={"pre": Path(pre_path).name, "post": Path(post_path).name})
+    try:
+        any_valid, in_flight = False, None
+        with ThreadPoolExecutor(1, thread_name_prefix="geochange-write") as sink:
+            for start, prob, valid in stream_rows(predictor, plan, read, batch=batch, progress=progress,
+                                                  readers=readers):
+                any_valid |= bool(valid.any())
+                if in_flight is not None:
+                    in_flight.result()  # one band in flight keeps memory bounded
+                in_flight = sink.submit(writer.write_rows, start, prob, valid)
+            if in_flight is not None:
+                in_flight.result()
+        if not any_valid:
             raise RasterError(f"no pixel is valid in both {Path(pre_path).name} and {Path(post_path).name} "
                               "(nodata everywhere)")
-        valid &= np.isfinite(prob)
-        changed = valid & (prob > threshold)  # strict, as argmax and the authors do
         progress.check()
-        found = change_polygons(changed, prob, pre.transform, pre.crs, min_area_m2=min_area, simplify=simplify)
-        with atomic_path(probability) as tmp_prob, atomic_path(mask) as tmp_mask, \
-                atomic_path(polygons) as tmp_poly:
-            write_geotiff(tmp_prob, np.where(valid, prob, PROBABILITY_NODATA).astype(np.float32), pre,
-                          PROBABILITY_NODATA)
-            write_geotiff(tmp_mask, np.where(valid, changed.astype(np.uint8) * 255, MASK_NODATA)
-                          .astype(np.uint8), pre, MASK_NODATA)
-            write_polygons(found, tmp_poly, pre.crs)
-            progress.check()
-    return DetectResult(Path(probability), Path(mask), Path(polygons), len(found),
-                        float(sum(p.area_m2 for p in found)))
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        read.close()
+    return DetectResult(Path(probability), Path(mask), Path(polygons), writer.polygon_count,
+                        writer.changed_area_m2, common)

@@ -1,4 +1,9 @@
-"""Run a package's model on batches of raw pixel windows and return change probabilities."""
+"""Run a package's model on batches of raw pixel windows and return change probabilities.
+
+On CUDA the model runs in bf16/fp16 autocast, channels_last, from pinned host memory with
+non-blocking copies; a CUDA out-of-memory halves the batch and retries. Optional test-time
+augmentation averages the probabilities of the identity and the horizontal, vertical and both flips.
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -11,6 +16,8 @@ from geochange.engine.package import ModelPackage
 
 # Every registered backbone reduces by at most 32; inputs are padded to a multiple of it.
 SIZE_MULTIPLE = 32
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FLIPS = ((), (-1,), (-2,), (-2, -1))
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -49,20 +56,60 @@ def to_probability(output: torch.Tensor, activation: str) -> torch.Tensor:
 
 
 class Predictor:
-    """Normalises raw windows as the package's manifest says and returns probabilities."""
+    """Normalises raw windows as the package's manifest says and returns probabilities.
 
-    def __init__(self, package: ModelPackage, device: str | torch.device = "auto"):
+    ``scales``/``sar_db`` per date (``{"pre": ..., "post": ...}``) override how raw values are read
+    (see ``engine.inputs.normalise``); ``precision`` applies on CUDA only (CPU runs fp32).
+    """
+
+    def __init__(self, package: ModelPackage, device: str | torch.device = "auto", *, precision: str = "bf16",
+                 tta: bool = False, scales: dict | None = None, sar_db: bool = False, log=lambda m: None):
         self.device = resolve_device(device) if isinstance(device, str) else device
-        self.package = package
+        if precision not in PRECISIONS:
+            raise GeoChangeError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+        self.dtype = PRECISIONS[precision] if self.device.type == "cuda" else torch.float32
+        self.package, self.tta, self.log = package, tta, log
+        self.scales = dict(scales or {})
+        self.sar_db = sar_db
         self.model = package.model.to(self.device).eval()
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.inputs = package.manifest["inputs"]
+        self.max_batch: int | None = None  # lowered after a CUDA out-of-memory, kept for later batches
 
-    @torch.inference_mode()
+    def _to_device(self, raw: np.ndarray, date: str) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(raw))
+        if self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        x = normalise(x, self.inputs[date], scale=self.scales.get(date), sar_db=self.sar_db)
+        x = _pad_to_multiple(x, SIZE_MULTIPLE)
+        return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
+
+    def _forward(self, pre: torch.Tensor, post: torch.Tensor) -> torch.Tensor:
+        probs = []
+        for dims in FLIPS if self.tta else FLIPS[:1]:
+            a, b = (pre.flip(dims), post.flip(dims)) if dims else (pre, post)
+            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+                prob = to_probability(self.model(a, b).float(), self.package.activation)
+            probs.append(prob.flip(dims) if dims else prob)  # (N, H, W): the same trailing dims
+        return torch.stack(probs).mean(0)
+
     def __call__(self, pre: np.ndarray, post: np.ndarray) -> np.ndarray:
         """``(N, bands, H, W)`` raw windows of each date -> ``(N, H, W)`` float32 probabilities."""
+        step = self.max_batch or len(pre)
+        return np.concatenate([self._run(pre[i:i + step], post[i:i + step]) for i in range(0, len(pre), step)])
+
+    @torch.inference_mode()
+    def _run(self, pre: np.ndarray, post: np.ndarray) -> np.ndarray:
         h, w = pre.shape[-2:]
-        x_pre = _pad_to_multiple(normalise(pre, self.inputs["pre"]).to(self.device), SIZE_MULTIPLE)
-        x_post = _pad_to_multiple(normalise(post, self.inputs["post"]).to(self.device), SIZE_MULTIPLE)
-        output = self.model(x_pre, x_post)
-        prob = to_probability(output.float(), self.package.activation)[:, :h, :w]
-        return prob.cpu().numpy()
+        try:
+            prob = self._forward(self._to_device(pre, "pre"), self._to_device(post, "post"))
+        except torch.cuda.OutOfMemoryError:
+            if len(pre) == 1:
+                raise GeoChangeError("CUDA out of memory with a batch of one window: lower the tile size") from None
+            self.max_batch = len(pre) // 2
+            self.log(f"CUDA out of memory with a batch of {len(pre)} windows: batch lowered to {self.max_batch}")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return self(pre, post)
+        return prob[:, :h, :w].float().cpu().numpy()

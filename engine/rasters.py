@@ -34,23 +34,6 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
                 raise RasterError(f"{path}: cannot read pixels, the file is corrupt ({e})") from None
 
 
-def _describe(src) -> str:
-    b = src.bounds
-    res = src.res
-    return (f"{Path(src.name).name}: CRS {src.crs.to_string() if src.crs else 'none'}, "
-            f"{src.width}x{src.height} px of {res[0]:.6g} x {res[1]:.6g}, "
-            f"extent ({b.left:.6f}, {b.bottom:.6f}, {b.right:.6f}, {b.top:.6f})")
-
-
-def check_same_grid(pre, post) -> None:
-    """Both dates must share CRS, pixel grid and size (alignment onto a common grid is not done here)."""
-    same = (pre.crs == post.crs and pre.width == post.width and pre.height == post.height
-            and pre.transform.almost_equals(post.transform))
-    if not same:
-        raise RasterError("the two rasters are not on one grid; resample the post image onto the pre "
-                          f"image's grid first.\n  pre  {_describe(pre)}\n  post {_describe(post)}")
-
-
 def select_bands(src, spec: dict, date: str, bands: list[int] | None = None) -> list[int]:
     """The 1-based band indexes to read for a date: ``bands`` as given, else all of the raster's.
 
@@ -71,26 +54,9 @@ def select_bands(src, spec: dict, date: str, bands: list[int] | None = None) -> 
     return list(bands)
 
 
-def valid_mask(src, window, data: np.ndarray, bands: list[int]) -> np.ndarray:
+def valid_mask(reader, window, data: np.ndarray, bands: list[int]) -> np.ndarray:
     """Pixels valid in every used band: GDAL's mask (nodata value, alpha, mask band) and not NaN."""
-    valid = src.read_masks(bands, window=window).all(axis=0)
+    valid = reader.read_masks(bands, window=window).all(axis=0)
     if np.issubdtype(data.dtype, np.floating):
         valid &= np.isfinite(data).all(axis=0)
     return valid
-
-
-PROBABILITY_NODATA = -1.0
-MASK_NODATA = 127  # the mask holds 0 (no change) and 255 (change)
-
-
-def write_geotiff(path, array: np.ndarray, like, nodata) -> None:
-    """A single-band tiled, DEFLATE-compressed GeoTIFF georeferenced like the dataset ``like``."""
-    float_data = np.issubdtype(array.dtype, np.floating)
-    profile = {
-        "driver": "GTiff", "width": array.shape[1], "height": array.shape[0], "count": 1,
-        "dtype": array.dtype.name, "crs": like.crs, "transform": like.transform, "nodata": nodata,
-        "tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "deflate",
-        "predictor": 3 if float_data else 2, "BIGTIFF": "IF_SAFER",
-    }
-    with rasterio.open(path, "w", **profile) as dst:
-        dst.write(array, 1)

@@ -35,7 +35,7 @@ def test_tiled_equals_whole_image(height, width, tile, overlap):
 
     def read(window):
         rows, cols = window.toslices()
-        return pre[:, rows, cols], post[:, rows, cols], np.ones((1,), bool)
+        return pre[:, rows, cols], post[:, rows, cols], np.ones((rows.stop - rows.start, cols.stop - cols.start), bool)
 
     tiled = predict_plan(toy_model, plan, read, batch=3)
     assert tiled.shape == (height, width)

@@ -15,7 +15,7 @@ from geochange.engine.metrics import confusion, scores
 from geochange.engine.models import create
 from geochange.engine.package import make_manifest, save_package
 from geochange.engine.progress import Progress
-from geochange.engine.rasters import MASK_NODATA, PROBABILITY_NODATA
+from geochange.engine.outputs import MASK_NODATA, PROBABILITY_NODATA
 
 GEOCHANGE = [sys.executable, "-m", "geochange.engine"]
 
@@ -82,14 +82,16 @@ def outputs(folder):
     return {"probability": folder / "p.tif", "mask": folder / "m.tif", "polygons": folder / "c.gpkg"}
 
 
-def test_pair_on_different_grids_names_both(tmp_path, random_package):
+def test_pair_without_overlap_names_both_footprints(tmp_path, random_package):
     data = np.random.default_rng(0).integers(0, 255, (3, 64, 64), dtype=np.uint8)
     pre = write_raster(tmp_path / "a.tif", data)
-    post = write_raster(tmp_path / "b.tif", data, crs="EPSG:4326", transform=from_origin(-97.9, 30.2, 1e-5, 1e-5))
+    post = write_raster(tmp_path / "b.tif", data, crs="EPSG:4326", transform=from_origin(-90.0, 30.2, 1e-5, 1e-5))
     with pytest.raises(RasterError) as err:
         detect(pre, post, random_package, **outputs(tmp_path / "out"))
     message = str(err.value)
+    assert "do not overlap" in message
     assert "EPSG:32614" in message and "EPSG:4326" in message and "a.tif" in message and "b.tif" in message
+    assert "630000.0" in message and "-90.0" in message
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 

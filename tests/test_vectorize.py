@@ -6,7 +6,7 @@ from pyproj import CRS, Transformer
 from rasterio.transform import from_origin
 import shapely
 
-from geochange.engine.vectorize import change_polygons, write_polygons
+from geochange.engine.vectorize import PolygonAssembler, change_polygons, write_polygons
 
 
 def hand_mask():
@@ -77,3 +77,40 @@ def test_geopackage_read_back_by_ogr(tmp_path):
     areas = sorted(f.GetField("area_m2") for f in layer)
     assert areas == pytest.approx(sorted(p.area_m2 for p in polygons))
     assert [p.name for p in tmp_path.iterdir()] == ["out.gpkg"]  # no temporaries left
+
+
+def test_regions_crossing_band_seams_come_out_whole():
+    rng = np.random.default_rng(3)
+    mask = np.zeros((90, 70), bool)
+    mask[5:80, 10:20] = True            # a tall bar crossing every seam
+    mask[30:60, 30:60] = True           # a block with a hole ...
+    mask[40:50, 40:50] = False
+    mask[58:62, 20:30] = True           # ... joined to the bar across a seam at row 60
+    mask[85:90, 65:70] = True           # touches the last row
+    mask |= rng.random(mask.shape) > 0.97  # specks everywhere
+    prob = np.where(mask, rng.uniform(0.5, 1, mask.shape), 0.1)
+    transform, crs = from_origin(630000, 3340000, 0.5, 0.5), "EPSG:32614"
+    whole = change_polygons(mask, prob, transform, crs)
+    for band in (7, 10, 30):
+        assembler = PolygonAssembler(transform, crs)
+        banded = []
+        for start in range(0, 90, band):
+            banded += assembler.add_band(start, mask[start:start + band], prob[start:start + band])
+        banded += assembler.finish()
+        assert len(banded) == len(whole)
+        key = lambda p: (round(p.area_m2, 6), round(p.max_prob, 9))  # noqa: E731
+        for a, b in zip(sorted(whole, key=key), sorted(banded, key=key)):
+            assert a.geometry.equals(b.geometry)
+            assert a.area_m2 == pytest.approx(b.area_m2) and a.mean_prob == pytest.approx(b.mean_prob)
+            assert a.max_prob == b.max_prob
+
+
+def test_holes_and_specks_below_min_area_are_dropped():
+    mask = np.zeros((40, 40), bool)
+    mask[5:35, 5:35] = True
+    mask[10:12, 10:12] = False          # 1 m2 hole: filled
+    mask[20:30, 20:30] = False          # 25 m2 hole: kept
+    mask[38, 38] = True                 # 0.25 m2 speck: dropped
+    polygons = change_polygons(mask, mask.astype(float), from_origin(630000, 3340000, 0.5, 0.5), "EPSG:32614",
+                               min_area_m2=2.0)
+    assert len(polygons) == 1 and len(polygons[0].geometry.interiors) == 1

@@ -1,0 +1,179 @@
+"""The engine on real pairs that differ: grids, band counts, SAR in dB with NaN, tiny rasters."""
+import numpy as np
+import pytest
+import rasterio
+import torch
+from osgeo import ogr
+from rasterio.features import rasterize
+from rasterio.windows import from_bounds
+from shapely import wkb
+
+from geochange.engine.errors import GeoChangeError
+from geochange.engine.inference import detect
+from geochange.engine.inputs import optical_input, sar_input
+from geochange.engine.metrics import confusion, scores
+from geochange.engine.models import create
+from geochange.engine.outputs import MASK_NODATA
+from geochange.engine.package import load_package, make_manifest, save_package
+from geochange.engine.predict import Predictor
+
+
+def outputs(folder, vector="gpkg"):
+    return {"probability": folder / "p.tif", "mask": folder / "m.tif", "polygons": folder / f"c.{vector}"}
+
+
+def package(path, architecture="tinycd", inputs=None, **kwargs):
+    torch.manual_seed(0)
+    model = create(architecture, **kwargs).eval()
+    return save_package(model, make_manifest(architecture, kwargs, inputs=inputs), path)
+
+
+def polygons_of(path):
+    source = ogr.Open(str(path))
+    return [wkb.loads(bytes(f.GetGeometryRef().ExportToWkb())) for f in source.GetLayer()]
+
+
+def test_reprojected_shifted_pair_is_aligned_on_the_pre_grid(tinycd_package, shared_data, tmp_path):
+    tile = shared_data / "levir_tile_georef"
+    messages = []
+
+    class Log:
+        def __getattr__(self, name):
+            from geochange.engine.progress import Progress
+            return getattr(Progress(), name)
+
+        def log(self, message):
+            messages.append(message)
+
+    result = detect(tile / "pre.tif", tile / "post_utm14n_0.6m_shifted.tif", tinycd_package,
+                    **outputs(tmp_path, "geojson"), device="cpu", progress=Log())
+    with rasterio.open(result.mask) as m, rasterio.open(tile / "label.tif") as label, \
+            rasterio.open(tile / "pre.tif") as pre:
+        assert m.crs == pre.crs and m.res == pre.res
+        window = from_bounds(*m.bounds, transform=label.transform).round_offsets().round_lengths()
+        assert (window.col_off, window.row_off) == (0, 53)  # on the pre image's lattice, no resampling
+        truth = label.read(1, window=window) > 0
+        mask = m.read(1)
+    valid = mask != MASK_NODATA
+    assert 0.95 < valid.mean() < 1.0  # the rotated UTM footprint leaves invalid corners
+    assert scores(confusion(mask == 255, truth, valid))["f1"] >= 0.90
+    assert any("windows" in line for line in messages)
+
+
+def test_post_grid_option_and_small_overlap_warning(tinycd_package, shared_data, tmp_path):
+    tile = shared_data / "levir_tile_georef"
+    result = detect(tile / "pre.tif", tile / "post_utm14n_0.6m_shifted.tif", tinycd_package,
+                    **outputs(tmp_path), device="cpu", grid="post", tile=256, overlap=32)
+    with rasterio.open(result.probability) as p:
+        assert p.crs.to_epsg() == 32614 and p.res == pytest.approx((0.6, 0.6))
+        assert p.is_tiled and p.overviews(1)  # a COG with overviews
+
+
+def test_sar_in_db_with_nan_and_13_band_optical(shared_data, tmp_path):
+    floods = shared_data / "sen1floods11"
+    m2cd = package(tmp_path / "m2cd.safetensors", "m2cd_mit_b0",
+                   inputs={"pre": optical_input(3, scale=10000.0, dtype="int16"), "post": sar_input(3)})
+    # This chip has no NaN: a copy gets a NaN swath (as at a SAR scene's edge) in every band.
+    with rasterio.open(floods / "S1_vv_vh_db.tif") as src:
+        profile, data = src.profile, src.read()
+    assert profile["nodata"] != profile["nodata"]  # the file declares NaN as nodata
+    cols = np.arange(data.shape[2])
+    nan = cols[None, :] < 140 + 0.3 * np.arange(data.shape[1])[:, None]
+    data[:, nan] = np.nan
+    with rasterio.open(tmp_path / "s1_edge.tif", "w", **profile) as dst:
+        dst.write(data)
+    result = detect(floods / "S2_l1c_13band.tif", tmp_path / "s1_edge.tif", m2cd, **outputs(tmp_path),
+                    pre_bands=[4, 3, 2], post_bands=[1], sar_db=True, tile=256, overlap=32, device="cpu",
+                    threshold=0.0)  # every valid pixel is change: polygons run right up to the nodata
+    with rasterio.open(result.mask) as m:
+        mask = m.read(1)
+    assert (mask[nan] == MASK_NODATA).all() and (mask[~nan] != MASK_NODATA).all()
+    burnt = rasterize(polygons_of(result.polygons), out_shape=mask.shape, transform=result.grid.transform)
+    assert result.polygon_count == 1
+    assert not (burnt.astype(bool) & nan).any()  # no polygon reaches into nodata
+    assert burnt.astype(bool)[~nan].all()
+    with pytest.raises(GeoChangeError, match="2 post band"):
+        detect(floods / "S2_l1c_13band.tif", tmp_path / "s1_edge.tif", m2cd, **outputs(tmp_path / "x"),
+               pre_bands=[4, 3, 2], post_bands=[1, 2])
+
+
+def test_sar_db_and_linear_inputs_give_the_same_model_input():
+    spec = sar_input(3)
+    db = torch.tensor([[[[-20.0, -10.0], [0.0, -30.0]]]])
+    from geochange.engine.inputs import normalise
+    assert torch.allclose(normalise(db, spec, sar_db=True), normalise(10 ** (db / 10), spec), atol=1e-5)
+    grey = torch.tensor([[[[0, 255]]]], dtype=torch.uint8)
+    x = normalise(grey, spec)
+    assert x.shape == (1, 3, 1, 2)  # replicated to three channels
+    assert torch.allclose(x[0, :, 0, 1], (1 - torch.tensor(spec["mean"])) / torch.tensor(spec["std"]))
+
+
+def test_six_and_four_band_rasters(shared_data, tmp_path):
+    six = package(tmp_path / "six.safetensors", inputs={"pre": optical_input(6), "post": optical_input(6)},
+                  in_chans=6)
+    landsat = shared_data / "landsat_taizhou"
+    result = detect(landsat / "pre_2000.tif", landsat / "post_2003.tif", six, **outputs(tmp_path / "l"),
+                    tile=256, overlap=32, device="cpu")
+    with rasterio.open(result.mask) as m:
+        assert m.shape == (400, 400) and m.crs.to_epsg() == 32651
+    haiti = shared_data / "haiti_s2"
+    rgb = package(tmp_path / "rgb.safetensors")
+    with pytest.raises(GeoChangeError, match="4 band.*--pre-bands"):
+        detect(haiti / "pre_2018.tif", haiti / "post_2019.tif", rgb, **outputs(tmp_path / "h"))
+    detect(haiti / "pre_2018.tif", haiti / "post_2019.tif", rgb, **outputs(tmp_path / "h"), pre_bands=[1, 2, 3],
+           post_bands=[1, 2, 3], tile=256, overlap=32, device="cpu")
+
+
+def test_raster_smaller_than_a_tile(shared_data, tmp_path):
+    ndvi = shared_data / "ndvi_slovenia"
+    one_band = {"pre": optical_input(1, scale=1.0, dtype="float32"), "post": optical_input(1, scale=1.0,
+                                                                                           dtype="float32")}
+    model = package(tmp_path / "ndvi.safetensors", inputs=one_band, in_chans=1)
+    result = detect(ndvi / "ndvi_2015-08-30.tif", ndvi / "ndvi_2017-08-24.tif", model, **outputs(tmp_path),
+                    device="cpu", threshold=0.0)
+    with rasterio.open(result.probability) as p, rasterio.open(ndvi / "ndvi_2015-08-30.tif") as src:
+        assert p.shape == src.shape == (101, 100) and p.transform == src.transform
+    assert result.polygon_count == 1  # threshold 0: one region, whatever the windows
+
+
+def test_a_region_crossing_every_band_seam_is_one_polygon(shared_data, tmp_path):
+    tile = shared_data / "levir_tile_georef"
+    model = package(tmp_path / "r.safetensors")
+    result = detect(tile / "pre.tif", tile / "post.tif", model, **outputs(tmp_path), tile=128, overlap=16,
+                    batch=8, device="cpu", threshold=0.0)
+    assert result.polygon_count == 1
+    (polygon,) = polygons_of(result.polygons)
+    with rasterio.open(tile / "pre.tif") as pre:
+        assert polygon.area == pytest.approx((pre.bounds.right - pre.bounds.left) * (pre.bounds.top - pre.bounds.bottom))
+
+
+def test_cuda_out_of_memory_halves_the_batch_and_retries(tmp_path):
+    loaded = load_package(package(tmp_path / "m.safetensors"))
+    forward = loaded.model.forward
+    failures = []
+
+    def fake_out_of_memory_once(pre, post):
+        if len(pre) > 2 and not failures:
+            failures.append(len(pre))
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (raised by the test)")
+        return forward(pre, post)
+
+    loaded.model.forward = fake_out_of_memory_once
+    logged = []
+    predictor = Predictor(loaded, "cpu", log=logged.append)
+    x = np.random.default_rng(0).integers(0, 255, (4, 3, 64, 64), dtype=np.uint8)
+    probs = predictor(x, x[::-1].copy())
+    assert probs.shape == (4, 64, 64) and failures == [4] and predictor.max_batch == 2
+    assert "batch lowered to 2" in logged[0]
+    reference = Predictor(load_package(tmp_path / "m.safetensors"), "cpu")(x, x[::-1].copy())
+    np.testing.assert_allclose(probs, reference, atol=1e-6)
+
+
+def test_tta_averages_flips_and_stays_close(tinycd_package, shared_data):
+    from geochange.engine.rasters import read_image
+    a = read_image(shared_data / "levir_cd" / "A" / "test_2_0000_0000.png")[None]
+    b = read_image(shared_data / "levir_cd" / "B" / "test_2_0000_0000.png")[None]
+    plain = Predictor(load_package(tinycd_package), "cpu")(a, b)
+    tta = Predictor(load_package(tinycd_package), "cpu", tta=True)(a, b)
+    assert not np.array_equal(plain, tta)
+    assert ((plain > 0.5) == (tta > 0.5)).mean() > 0.97
