@@ -1,4 +1,5 @@
-"""The ``geochange`` command line: detect, evaluate, import-weights, info, models."""
+"""The ``geochange`` command line: detect, evaluate, import-weights, info, models; train and mtkd
+forward to the trainer (``geochange.trainer.cli``)."""
 from __future__ import annotations
 
 import argparse
@@ -13,18 +14,22 @@ OUTPUT_NAMES = {"probability": "change_probability.tif", "mask": "change_mask.ti
 
 
 def _cmd_detect(args) -> int:
+    from geochange.engine.distributed import distributed_detect, launched_by_torchrun
     from geochange.engine.inference import detect
     from geochange.engine.progress import TqdmProgress
 
     out = Path(args.out)
     names = dict(OUTPUT_NAMES, polygons=f"change_polygons.{args.vector_format}")
-    result = detect(args.pre, args.post, args.model, **{k: out / v for k, v in names.items()},
+    run = distributed_detect if launched_by_torchrun() else detect
+    result = run(args.pre, args.post, args.model, **{k: out / v for k, v in names.items()},
                     tile=args.tile, overlap=args.overlap, batch=args.batch, device=args.device,
                     precision=args.precision, threads=args.threads, tta=args.tta,
                     threshold=args.threshold, min_area=args.min_area, simplify=args.simplify,
                     pre_bands=args.pre_bands, post_bands=args.post_bands, grid=args.grid, crs=args.crs,
                     resolution=args.resolution, sar_db=args.sar_db, pre_scale=args.pre_scale,
                     post_scale=args.post_scale, progress=TqdmProgress())
+    if result is None:  # a rank other than 0 of a torchrun
+        return 0
     print(f"{result.polygon_count} change polygons, {result.changed_area_m2:,.0f} m2 changed")
     for path in (result.probability, result.mask, result.polygons):
         print(path)
@@ -142,10 +147,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the registered architectures with their size")
     p.add_argument("--flops", action="store_true", help="also count FLOPs at 256x256 (slow)")
     p.set_defaults(run=_cmd_models)
+
+    # Listed for --help only: main() hands these commands to the trainer, which parses its own arguments.
+    sub.add_parser("train", help="train a model from a config (geochange train --help)", add_help=False)
+    sub.add_parser("mtkd", help="the MTKD pipeline (geochange mtkd --help)", add_help=False)
     return parser
 
 
+TRAINER_COMMANDS = ("train", "mtkd")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in TRAINER_COMMANDS:
+        # The trainer is a layer above the engine, imported only when one of its commands runs.
+        from geochange.trainer.cli import main as trainer_main
+
+        return trainer_main(argv)
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
+from rasterio.windows import Window
 
 from geochange.engine.errors import RasterError
 from geochange.engine.grid import Grid, GridReader, common_grid
@@ -33,8 +34,8 @@ WindowReader = Callable[[object], tuple]
 class RowBlender:
     """Weighted sums of overlapping window predictions for the rows not yet released."""
 
-    def __init__(self, plan: WindowPlan):
-        self.plan, self.top = plan, 0
+    def __init__(self, plan: WindowPlan, top: int = 0):
+        self.plan, self.top = plan, top
         shape = (min(plan.tile, plan.height), plan.width)
         self.weighted = np.zeros(shape, np.float32)
         self.weight = np.zeros(shape, np.float32)
@@ -64,41 +65,47 @@ class RowBlender:
 
 
 def stream_rows(predictor: Callable, plan: WindowPlan, read: WindowReader, *, batch: int = 4,
-                progress: Progress | None = None, readers: int = 2, prefetch: int = 2
-                ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """Yield ``(first row, probability, valid)`` for consecutive bands of finished rows, top to bottom.
+                progress: Progress | None = None, readers: int = 2, prefetch: int = 2,
+                tile_rows: range | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Yield ``(first row, probability, valid)`` for each tile row's band of finished rows, in order.
 
-    Windows without a valid pixel are not run. At most ``readers + prefetch`` batches are read ahead.
+    Batches never span two tile rows, so a window's batch is the same whatever ``tile_rows`` (a
+    subset of consecutive tile rows, for one rank of a distributed run) is given. Windows without a
+    valid pixel are not run. At most ``readers + prefetch`` batches are read ahead.
     """
     progress = progress or Progress()
-    windows = plan.windows()
-    batches = [windows[i:i + batch] for i in range(0, len(windows), batch)]
-    row_starts, per_row = plan.rows, len(plan.cols)
-    blender, done, released = RowBlender(plan), 0, 0
-    progress.update(0, len(windows))
+    row_starts, cols = plan.rows, plan.cols
+    tile_rows = tile_rows if tile_rows is not None else range(len(row_starts))
+    h, w = min(plan.tile, plan.height), min(plan.tile, plan.width)
+    batches = [(i, [Window(c, row_starts[i], w, h) for c in cols[j:j + batch]])
+               for i in tile_rows for j in range(0, len(cols), batch)]
+    total, done = len(tile_rows) * len(cols), 0
+    blender = RowBlender(plan, top=row_starts[tile_rows[0]]) if len(tile_rows) else None
+    progress.update(0, total)
 
     def load(chunk):
         return [(window, *read(window)) for window in chunk]
 
     with ThreadPoolExecutor(max(readers, 1), thread_name_prefix="geochange-read") as pool:
-        pending = deque(pool.submit(load, chunk) for chunk in batches[:readers + prefetch])
+        pending = deque(pool.submit(load, chunk) for _, chunk in batches[:readers + prefetch])
         queued = len(pending)
         try:
-            while pending:
+            for index, (tile_row, _) in enumerate(batches):
                 progress.check()
                 items = pending.popleft().result()
                 if queued < len(batches):
-                    pending.append(pool.submit(load, batches[queued]))
+                    pending.append(pool.submit(load, batches[queued][1]))
                     queued += 1
                 run = [item for item in items if np.any(item[3])]
                 probs = iter(predictor(np.stack([i[1] for i in run]), np.stack([i[2] for i in run]))) if run else None
                 for window, _, _, valid in items:
                     blender.add(window, next(probs) if np.any(valid) else None, valid)
-                    done += 1
-                    if done % per_row == 0:  # a tile row is complete: rows above the next one are final
-                        released += 1
-                        yield blender.release(row_starts[released] if released < len(row_starts) else plan.height)
-                progress.update(done, len(windows))
+                done += len(items)
+                progress.update(done, total)
+                if index + 1 == len(batches) or batches[index + 1][0] != tile_row:
+                    # Tile row complete: rows above the next tile row are final.
+                    end = row_starts[tile_row + 1] if tile_row + 1 < len(row_starts) else plan.height
+                    yield blender.release(end)
         finally:
             for future in pending:
                 future.cancel()
@@ -151,26 +158,30 @@ class DetectResult:
     grid: Grid
 
 
-def detect(pre_path: str | os.PathLike, post_path: str | os.PathLike, model: str | os.PathLike | ModelPackage, *,
-           probability: str | os.PathLike, mask: str | os.PathLike, polygons: str | os.PathLike,
-           tile: int = 512, overlap: int = 64, batch: int = 4, device: str = "auto", precision: str = "bf16",
-           threads: int | None = None, tta: bool = False, threshold: float | None = None,
-           min_area: float = 0.0, simplify: float = 0.0, pre_bands: list[int] | None = None,
-           post_bands: list[int] | None = None, grid: str = "pre", crs: str | None = None,
-           resolution: float | None = None, sar_db: bool = False, pre_scale: float | None = None,
-           post_scale: float | None = None, readers: int = 2, progress: Progress | None = None) -> DetectResult:
-    """Change probability, mask and polygons for a pre/post pair.
+@dataclass
+class DetectSetup:
+    """Everything a run needs once the inputs are checked: model, common grid, bands, window plan."""
 
-    Both dates are read on a common grid (``grid`` = ``pre`` or ``post``, or a given ``crs`` and
-    ``resolution``) over the intersection of their footprints. ``threshold`` defaults to the
-    package's; ``min_area`` is in m2, ``simplify`` in map units; ``pre_bands``/``post_bands`` are
-    1-based band indexes in the order the model wants; ``pre_scale``/``post_scale`` the raw value
-    meaning 1.0 (default: by data type); ``sar_db`` says float SAR input is in dB.
-    Every output is written under a temporary name and renamed only when all succeeded.
-    """
+    predictor: Predictor
+    grid: Grid
+    bands: tuple[list[int], list[int]]
+    plan: WindowPlan
+    threshold: float
+    paths: tuple[Path, Path]
+
+    def reader(self) -> PairReader:
+        return PairReader(*self.paths, self.grid, *self.bands)
+
+
+def prepare(pre_path, post_path, model, *, tile: int = 512, overlap: int = 64, device: str = "auto",
+            precision: str = "bf16", threads: int | None = None, tta: bool = False,
+            threshold: float | None = None, pre_bands: list[int] | None = None, post_bands: list[int] | None = None,
+            grid: str = "pre", crs: str | None = None, resolution: float | None = None, sar_db: bool = False,
+            pre_scale: float | None = None, post_scale: float | None = None,
+            progress: Progress | None = None) -> DetectSetup:
+    """Load the model, check both rasters against it and find their common grid (see ``detect``)."""
     progress = progress or Progress()
     package = model if isinstance(model, ModelPackage) else load_package(model)
-    threshold = package.threshold if threshold is None else float(threshold)
     if threads:
         torch.set_num_threads(threads)
     predictor = Predictor(package, device, precision=precision, tta=tta, sar_db=sar_db,
@@ -183,30 +194,61 @@ def detect(pre_path: str | os.PathLike, post_path: str | os.PathLike, model: str
     plan = WindowPlan(common.height, common.width, tile, overlap)
     progress.log(f"{common.width}x{common.height} px in {common.crs}: {len(plan)} windows of "
                  f"{min(tile, common.height)}x{min(tile, common.width)} px on {predictor.device}")
-    read = PairReader(pre_path, post_path, common, *bands)
-    writer = ChangeWriter(common, probability=probability, mask=mask, polygons=polygons, threshold=threshold,
-                          min_area=min_area, simplify=simplify,
-                          attributes={"pre": Path(pre_path).name, "post": Path(post_path).name})
+    return DetectSetup(predictor, common, bands, plan, package.threshold if threshold is None else float(threshold),
+                       (Path(pre_path), Path(post_path)))
+
+
+def write_outputs(setup: DetectSetup, bands: Iterator[tuple[int, np.ndarray, np.ndarray]], *, probability, mask,
+                  polygons, min_area: float = 0.0, simplify: float = 0.0,
+                  progress: Progress | None = None) -> DetectResult:
+    """Write finished row bands as they come (in a writer thread, one band in flight), then move the
+    outputs to their final names; on any error or cancel nothing is left behind."""
+    progress = progress or Progress()
+    writer = ChangeWriter(setup.grid, probability=probability, mask=mask, polygons=polygons,
+                          threshold=setup.threshold, min_area=min_area, simplify=simplify,
+                          attributes={"pre": setup.paths[0].name, "post": setup.paths[1].name})
     try:
         any_valid, in_flight = False, None
         with ThreadPoolExecutor(1, thread_name_prefix="geochange-write") as sink:
-            for start, prob, valid in stream_rows(predictor, plan, read, batch=batch, progress=progress,
-                                                  readers=readers):
+            for start, prob, valid in bands:
                 any_valid |= bool(valid.any())
                 if in_flight is not None:
-                    in_flight.result()  # one band in flight keeps memory bounded
+                    in_flight.result()
                 in_flight = sink.submit(writer.write_rows, start, prob, valid)
             if in_flight is not None:
                 in_flight.result()
         if not any_valid:
-            raise RasterError(f"no pixel is valid in both {Path(pre_path).name} and {Path(post_path).name} "
+            raise RasterError(f"no pixel is valid in both {setup.paths[0].name} and {setup.paths[1].name} "
                               "(nodata everywhere)")
         progress.check()
         writer.close()
     except BaseException:
         writer.abort()
         raise
+    return DetectResult(Path(probability), Path(mask), Path(polygons), writer.polygon_count,
+                        writer.changed_area_m2, setup.grid)
+
+
+def detect(pre_path: str | os.PathLike, post_path: str | os.PathLike, model: str | os.PathLike | ModelPackage, *,
+           probability: str | os.PathLike, mask: str | os.PathLike, polygons: str | os.PathLike,
+           batch: int = 4, min_area: float = 0.0, simplify: float = 0.0, readers: int = 2,
+           progress: Progress | None = None, **options) -> DetectResult:
+    """Change probability, mask and polygons for a pre/post pair.
+
+    Both dates are read on a common grid (``grid`` = ``pre`` or ``post``, or a given ``crs`` and
+    ``resolution``) over the intersection of their footprints. Options (see ``prepare``): ``tile``,
+    ``overlap``, ``device``, ``precision``, ``threads``, ``tta``; ``threshold`` (default: the
+    package's); ``pre_bands``/``post_bands``, 1-based band indexes in the order the model wants;
+    ``pre_scale``/``post_scale``, the raw value meaning 1.0 (default: by data type); ``sar_db``, float
+    SAR input in dB. ``min_area`` is in m2, ``simplify`` in map units.
+    Every output is written under a temporary name and renamed only when all succeeded.
+    """
+    progress = progress or Progress()
+    setup = prepare(pre_path, post_path, model, progress=progress, **options)
+    read = setup.reader()
+    try:
+        rows = stream_rows(setup.predictor, setup.plan, read, batch=batch, progress=progress, readers=readers)
+        return write_outputs(setup, rows, probability=probability, mask=mask, polygons=polygons,
+                             min_area=min_area, simplify=simplify, progress=progress)
     finally:
         read.close()
-    return DetectResult(Path(probability), Path(mask), Path(polygons), writer.polygon_count,
-                        writer.changed_area_m2, common)

@@ -1,0 +1,59 @@
+"""torchrun with two CPU processes (gloo) gives exactly the outputs of one process."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import rasterio
+from osgeo import ogr
+from rasterio.windows import Window
+
+from geochange.engine.distributed import _halo_start, rank_tile_rows
+
+
+def test_tile_rows_are_split_without_gap_or_overlap():
+    for count in (1, 2, 5, 9):
+        for world in (1, 2, 3, 4):
+            rows = [list(rank_tile_rows(count, world, r)) for r in range(world)]
+            assert sum(rows, []) == list(range(count))
+    assert _halo_start([0, 96, 192, 288], 128, 2) == 1
+    assert _halo_start([0, 40, 80, 120], 128, 3) == 0  # overlap over half a tile: two rows above
+
+
+def crop(src_path, dst_path, window):
+    with rasterio.open(src_path) as src:
+        profile = dict(src.profile, width=window.width, height=window.height,
+                       transform=src.window_transform(window))
+        data = src.read(window=window)
+    with rasterio.open(dst_path, "w", **profile) as dst:
+        dst.write(data)
+    return dst_path
+
+
+def features(path):
+    source = ogr.Open(str(path))  # the layer lives only as long as its data source
+    layer = source.GetLayer()
+    return [(f.GetField("id"), round(f.GetField("area_m2"), 6), f.GetField("mean_prob"), f.GetField("max_prob"),
+             f.GetGeometryRef().ExportToWkt()) for f in layer]
+
+
+def test_two_ranks_equal_one_process(tinycd_package, shared_data, tmp_path):
+    tile = shared_data / "levir_tile_georef"
+    window = Window(256, 128, 384, 560)  # 560 rows: 5 tile rows of 128 px at stride 96 (the last shifted)
+    pre, post = crop(tile / "pre.tif", tmp_path / "pre.tif", window), crop(tile / "post.tif", tmp_path / "post.tif", window)
+    args = [str(pre), str(post), "--model", str(tinycd_package), "--tile", "128", "--overlap", "32",
+            "--batch", "2", "--device", "cpu", "--threads", "1"]
+    single = subprocess.run([sys.executable, "-m", "geochange.engine", "detect", *args, "--out", str(tmp_path / "one")],
+                            capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr
+    ranks = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                            "--master-port", "29517", "-m", "geochange.engine", "detect", *args,
+                            "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=600)
+    assert ranks.returncode == 0, ranks.stderr
+    for name in ("change_probability.tif", "change_mask.tif"):
+        with rasterio.open(tmp_path / "one" / name) as a, rasterio.open(tmp_path / "two" / name) as b:
+            assert a.profile == b.profile
+            np.testing.assert_array_equal(a.read(), b.read())
+    one, two = features(tmp_path / "one" / "change_polygons.gpkg"), features(tmp_path / "two" / "change_polygons.gpkg")
+    assert len(one) > 5 and one == two
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
