@@ -8,7 +8,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 PY_DEPS := "numpy<2" "timm>=1.0,<2" "shapely>=2" scikit-image safetensors tqdm pyyaml pytest
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup system-packages demo test bench clean
+.PHONY: setup system-packages demo test bench clean plugin
 
 setup: system-packages $(VENV)/.deps-installed
 
@@ -34,6 +34,26 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# Engine benchmark on mirrored LEVIR mosaics; appends to bench/results.md. On this 2-core CPU the
+# 16384^2 run is TinyCD only, its compute floor timed on 2 tile rows and scaled (M2CD would take hours).
+bench: setup
+	$(PY) bench/run.py --sizes 4096 --models tinycd m2cd_mit_b0
+	$(PY) bench/run.py --sizes 16384 --models tinycd --floor-sample-rows 2
+
+# The QGIS plugin zip ("Install from ZIP"): one top folder geochange/ with the runtime files only.
+VERSION := $(shell sed -n 's/^version=//p' metadata.txt)
+DIST := dist
+PLUGIN_BUILD := build/plugin
+PLUGIN_FILES := __init__.py metadata.txt icon.png engine trainer qgis_plugin
+
+plugin:
+	@rm -rf $(PLUGIN_BUILD) && mkdir -p $(PLUGIN_BUILD)/geochange $(DIST)
+	@cp -r $(PLUGIN_FILES) $(PLUGIN_BUILD)/geochange/
+	@find $(PLUGIN_BUILD) \( -name __pycache__ -o -name '*.pyc' \) -prune -exec rm -rf {} +
+	@rm -f $(DIST)/geochange-$(VERSION).zip
+	@cd $(PLUGIN_BUILD) && python3 -m zipfile -c $(abspath $(DIST))/geochange-$(VERSION).zip geochange
+	@echo $(DIST)/geochange-$(VERSION).zip
 
 clean:
 	rm -rf demo_out dist build *.egg-info .pytest_cache

@@ -1,0 +1,172 @@
+"""``make bench``: the engine on large real-looking pairs against its compute and I/O floors.
+
+Pairs are mirrored mosaics of the LEVIR-CD tile (``../shared/data/levir_tile_georef``), written once
+to ``bench/data/`` (tiled, DEFLATE GeoTIFFs). For each model and size, three runs, each in a fresh
+process so that its peak RSS is its own:
+- wall: ``detect`` end to end (read, warp-free grid, model, blend, COG + polygons);
+- compute floor: the model's forward alone over the same windows, batched the same way, from memory;
+- I/O floor: the same pipeline with a model that returns zeros (read, blend, write, vectorise).
+Results go to ``bench/results.md`` (appended per machine and device).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parent.parent / "shared" / "data"
+
+
+def mosaic(size: int, date_name: str) -> Path:
+    """A ``size`` x ``size`` mirrored mosaic of the LEVIR tile's pre or post image."""
+    import rasterio
+    out = HERE / "data" / f"levir_mosaic_{size}_{date_name}.tif"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with rasterio.open(SHARED / "levir_tile_georef" / f"{date_name}.tif") as src:
+        tile = src.read()
+        profile = src.profile
+    n = tile.shape[1]
+    profile.update(width=size, height=size, tiled=True, blockxsize=512, blockysize=512, compress="deflate",
+                   BIGTIFF="IF_SAFER")
+    tmp = out.with_suffix(".partial.tif")
+    with rasterio.open(tmp, "w", **profile) as dst:
+        for i in range(math.ceil(size / n)):
+            row = tile[:, ::-1] if i % 2 else tile
+            band = np.concatenate([row[:, :, ::-1] if j % 2 else row for j in range(math.ceil(size / n))], axis=2)
+            rows = min(n, size - i * n)
+            dst.write(band[:, :rows, :size], window=rasterio.windows.Window(0, i * n, size, rows))
+    tmp.rename(out)
+    return out
+
+
+def _child(job: dict) -> dict:
+    """One measured run, in this (fresh) process."""
+    import torch
+
+    from rasterio.windows import Window
+
+    from geochange.engine.inference import prepare, stream_rows, write_outputs
+    from geochange.engine.inputs import optical_input
+    from geochange.engine.models import create
+    from geochange.engine.package import ModelPackage, make_manifest
+
+    torch.manual_seed(0)
+    torch.set_num_threads(job["threads"])
+    # Random weights (speed does not depend on them); both dates RGB, as the mosaics are.
+    model = create(job["model"]).eval()
+    package = ModelPackage(model, make_manifest(job["model"], inputs={"pre": optical_input(3),
+                                                                     "post": optical_input(3)}))
+    out = Path(job["out"])
+    setup = prepare(job["pre"], job["post"], package, tile=job["tile"], overlap=job["overlap"], device=job["device"],
+                    precision=job["precision"], threshold=0.5)
+    plan, batch = setup.plan, job["batch"]
+    windows = len(plan)
+    if job["kind"] == "compute":
+        h, w = min(plan.tile, plan.height), min(plan.tile, plan.width)
+        read = setup.reader()
+        pre, post, _ = read(Window(0, 0, w, h))
+        read.close()
+        sizes = [min(batch, len(plan.cols) - j) for j in range(0, len(plan.cols), batch)]
+        rows = len(plan.rows) if not job.get("sample_rows") else job["sample_rows"]
+        stacks = {n: (np.stack([pre] * n), np.stack([post] * n)) for n in set(sizes)}
+        start = time.perf_counter()
+        for _ in range(rows):
+            for n in sizes:
+                setup.predictor(*stacks[n])
+        if setup.predictor.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = (time.perf_counter() - start) * len(plan.rows) / rows
+    else:
+        if job["kind"] == "io":
+            setup.predictor = lambda a, b: np.zeros((len(a), *a.shape[2:]), np.float32)  # noqa: E731
+        read = setup.reader()
+        start = time.perf_counter()
+        try:
+            write_outputs(setup, stream_rows(setup.predictor, plan, read, batch=batch),
+                          probability=out / "p.tif", mask=out / "m.tif", polygons=out / "c.gpkg")
+        finally:
+            read.close()
+        seconds = time.perf_counter() - start
+    return {"seconds": seconds, "windows": windows, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "megapixels": plan.height * plan.width / 1e6}
+
+
+def measure(job: dict) -> dict:
+    run = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True)
+    if run.returncode:
+        raise SystemExit(f"benchmark run failed: {job}\n{run.stderr}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def machine(device: str) -> str:
+    if device.startswith("cuda"):
+        import torch
+        return f"{torch.cuda.get_device_name(0)} (bf16), torch {__import__('torch').__version__}"
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384])
+    parser.add_argument("--models", nargs="+", default=["tinycd", "m2cd_mit_b0"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="bf16")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--tile", type=int, default=512)
+    parser.add_argument("--overlap", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--skip", nargs="*", default=[], help="model:size pairs not to run, e.g. m2cd_mit_b0:16384")
+    parser.add_argument("--floor-sample-rows", type=int, default=0,
+                        help="time the compute floor on this many tile rows and scale (0 = all)")
+    parser.add_argument("--results", type=Path, default=HERE / "results.md")
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(_child(json.loads(args.child))))
+        return
+    lines = [f"\n## {date.today()}: {machine(args.device)}, device {args.device}, {args.threads} threads, "
+             f"tile {args.tile}, overlap {args.overlap}, batch {args.batch}\n",
+             "| model | size | windows | wall s | Mpx/s | compute floor s | I/O floor s | wall / max(floors) | peak RSS MB |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    print(lines[0])
+    for size in args.sizes:
+        pre, post = mosaic(size, "pre"), mosaic(size, "post")
+        for model in args.models:
+            if f"{model}:{size}" in args.skip:
+                continue
+            out = HERE / "data" / "out"
+            job = {"model": model, "pre": str(pre), "post": str(post), "out": str(out), "tile": args.tile,
+                   "overlap": args.overlap, "batch": args.batch, "device": args.device,
+                   "precision": args.precision, "threads": args.threads}
+            wall = measure(dict(job, kind="wall"))
+            io = measure(dict(job, kind="io"))
+            compute = measure(dict(job, kind="compute", sample_rows=args.floor_sample_rows))
+            ratio = wall["seconds"] / max(compute["seconds"], io["seconds"])
+            sampled = "*" if args.floor_sample_rows else ""
+            lines.append(f"| {model} | {size}² | {wall['windows']} | {wall['seconds']:.1f} | "
+                         f"{wall['megapixels'] / wall['seconds']:.3f} | {compute['seconds']:.1f}{sampled} | "
+                         f"{io['seconds']:.1f} | {ratio:.3f} | {wall['peak_rss_mb']:.0f} |")
+            print(lines[-1], flush=True)
+    if args.floor_sample_rows:
+        lines.append(f"\n\\* compute floor timed on {args.floor_sample_rows} tile rows and scaled to all rows.")
+    with open(args.results, "a") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
