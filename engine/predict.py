@@ -6,6 +6,10 @@ augmentation averages the probabilities of the identity and the horizontal, vert
 """
 from __future__ import annotations
 
+import ctypes
+import functools
+import sys
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -36,6 +40,26 @@ def resolve_device(name: str = "auto") -> torch.device:
     elif device.type != "cpu":
         raise GeoChangeError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
     return device
+
+
+@functools.cache
+def keep_freed_memory() -> None:
+    """Let glibc keep large freed blocks in the process instead of returning them to the OS.
+
+    A CPU forward allocates activations of hundreds of MB; by default glibc serves each from a fresh
+    ``mmap`` and unmaps it on free, so every batch page-faults its memory in again: measured 4-5x
+    slower for TinyCD on 512 px tiles, most of it system time. Raising the mmap and trim thresholds
+    (process-wide, once) keeps that memory for reuse; peak RSS is unchanged, RSS stays at its peak.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 1 << 30)
+    libc.mallopt(m_trim_threshold, (1 << 31) - 1)  # mallopt takes an int: 2 GiB
 
 
 def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -72,6 +96,8 @@ class Predictor:
         self.scales = dict(scales or {})
         self.sar_db = sar_db
         self.model = package.model.to(self.device).eval()
+        if self.device.type == "cpu":
+            keep_freed_memory()
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.inputs = package.manifest["inputs"]
