@@ -62,9 +62,19 @@ def _cmd_import(args) -> int:
 
 def _cmd_info(args) -> int:
     from geochange.engine.package import format_manifest, read_manifest
+    from geochange.engine.router import ROUTER_FORMAT, read_metadata
 
-    manifest = read_manifest(args.model)
-    print(json.dumps(manifest, indent=2) if args.json else format_manifest(manifest))
+    header = read_metadata(Path(args.model))
+    manifest = header if header.get("format") == ROUTER_FORMAT else read_manifest(args.model)
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+    elif manifest["format"] == ROUTER_FORMAT:
+        print(f"O-P router: CAR thresholds {manifest['thresholds']} (CAR <= threshold picks the teacher)")
+        for role, entry in [("original", manifest["original"])] + [
+                (f"teacher {t['name']} (CAR <= {t['max_car']})", t) for t in manifest["teachers"]]:
+            print(f"\n[{role}]\n{format_manifest(entry['manifest'])}")
+    else:
+        print(format_manifest(manifest))
     return 0
 
 

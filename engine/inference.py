@@ -21,10 +21,11 @@ from rasterio.windows import Window
 from geochange.engine.errors import RasterError
 from geochange.engine.grid import Grid, GridReader, common_grid
 from geochange.engine.outputs import ChangeWriter
-from geochange.engine.package import ModelPackage, load_package
+from geochange.engine.package import ModelPackage
 from geochange.engine.predict import Predictor
 from geochange.engine.progress import Progress
 from geochange.engine.rasters import open_raster, select_bands, valid_mask
+from geochange.engine.router import RouterPackage, RouterPredictor, load_model
 from geochange.engine.windows import WindowPlan, blend_weights
 
 # read(window) -> (pre raw, post raw, valid) arrays of one window; must be thread-safe.
@@ -162,7 +163,7 @@ class DetectResult:
 class DetectSetup:
     """Everything a run needs once the inputs are checked: model, common grid, bands, window plan."""
 
-    predictor: Predictor
+    predictor: Predictor | RouterPredictor
     grid: Grid
     bands: tuple[list[int], list[int]]
     plan: WindowPlan
@@ -181,12 +182,21 @@ def prepare(pre_path, post_path, model, *, tile: int = 512, overlap: int = 64, d
             progress: Progress | None = None) -> DetectSetup:
     """Load the model, check both rasters against it and find their common grid (see ``detect``)."""
     progress = progress or Progress()
-    package = model if isinstance(model, ModelPackage) else load_package(model)
+    package = model if isinstance(model, (ModelPackage, RouterPackage)) else load_model(model)
     if threads:
         torch.set_num_threads(threads)
-    predictor = Predictor(package, device, precision=precision, tta=tta, sar_db=sar_db,
-                          scales={"pre": pre_scale, "post": post_scale}, log=progress.log)
-    inputs = package.manifest["inputs"]
+
+    def predictor_of(member: ModelPackage) -> Predictor:
+        return Predictor(member, device, precision=precision, tta=tta, sar_db=sar_db,
+                         scales={"pre": pre_scale, "post": post_scale}, log=progress.log)
+
+    if isinstance(package, RouterPackage):
+        predictor = RouterPredictor(package, predictor_of)
+        inputs = package.original.manifest["inputs"]
+        progress.log(f"O-P routing: original model and {len(package.teachers)} teachers, CAR thresholds "
+                     f"{package.thresholds}")
+    else:
+        predictor, inputs = predictor_of(package), package.manifest["inputs"]
     with open_raster(pre_path) as pre, open_raster(post_path) as post:
         common = common_grid(pre, post, on=grid, crs=crs, resolution=resolution, warn=progress.log)
         bands = (select_bands(pre, inputs["pre"], "pre", pre_bands),

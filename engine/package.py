@@ -71,7 +71,9 @@ def validate_manifest(manifest: dict) -> None:
             raise PackageError(f"invalid manifest: {what}")
 
     need(isinstance(manifest, dict), "not a JSON object")
-    need(manifest.get("format") == FORMAT, f"format is {manifest.get('format')!r}, expected {FORMAT!r}")
+    need(manifest.get("format") == FORMAT, f"format is {manifest.get('format')!r}, expected {FORMAT!r}"
+         + (" (a router package: use it with detect, or load it with engine.router.load_router)"
+            if manifest.get("format") == "geochange-router" else ""))
     need(manifest.get("format_version") == FORMAT_VERSION,
          f"format_version {manifest.get('format_version')!r} is not supported (expected {FORMAT_VERSION})")
     need(isinstance(manifest.get("architecture"), str), "no architecture name")
@@ -102,7 +104,7 @@ def save_package(model: torch.nn.Module, manifest: dict, path: str | os.PathLike
     return path
 
 
-def _check_header(path: Path) -> None:
+def check_header(path: Path) -> None:
     """Name the common wrong files before safetensors gives a terse error."""
     if not path.is_file():
         raise PackageError(f"{path}: no such model file")
@@ -123,7 +125,7 @@ def _check_header(path: Path) -> None:
 def read_manifest(path: str | os.PathLike) -> dict:
     """The manifest of a package, validated, without loading its tensors."""
     path = Path(path)
-    _check_header(path)
+    check_header(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -171,17 +173,16 @@ def load_package(path: str | os.PathLike, device: str | torch.device = "cpu") ->
 
 def format_manifest(manifest: dict) -> str:
     """The manifest as readable text (``geochange info``)."""
-    lines = [f"architecture   {manifest['architecture']} {json.dumps(manifest.get('arch_kwargs', {}))}"]
+    rows = [("architecture", f"{manifest['architecture']} {json.dumps(manifest.get('arch_kwargs', {}))}")]
     for date in ("pre", "post"):
         s = manifest["inputs"][date]
         rep = f", replicated to {s['replicate']}" if "replicate" in s else ""
-        lines.append(f"input {date:<5}    {s['bands']} band(s) {s['modality']}{rep}; value / {s['scale']:g}, "
-                     f"mean {s['mean']}, std {s['std']}")
+        rows.append((f"input {date}", f"{s['bands']} band(s) {s['modality']}{rep}; {s.get('dtype', 'uint8')} "
+                                      f"/ {s['scale']:g}, mean {s['mean']}, std {s['std']}"))
     out = manifest["output"]
-    lines.append(f"output         {out['classes']} channel(s), {out['activation']}, threshold {out['threshold']}")
+    rows.append(("output", f"{out['classes']} channel(s), {out['activation']}, threshold {out['threshold']}"))
     for key, value in manifest.get("training", {}).items():
-        lines.append(f"{'training.' + key:<15}{value if isinstance(value, str) else json.dumps(value)}")
-    for key in ("source", "licence"):
-        if manifest.get(key):
-            lines.append(f"{key:<15}{manifest[key]}")
-    return "\n".join(lines)
+        rows.append((f"training.{key}", value if isinstance(value, str) else json.dumps(value)))
+    rows += [(key, manifest[key]) for key in ("source", "licence") if manifest.get(key)]
+    width = max(len(label) for label, _ in rows) + 2
+    return "\n".join(f"{label:<{width}}{value}" for label, value in rows)

@@ -1,0 +1,143 @@
+"""Router packages and O-P inference (the MTKD paper's original-model partitioning).
+
+A router package is one self-contained ``.safetensors`` file: the tensors of the original model M_O
+under ``original.`` and of each teacher under ``teacher.<name>.``, and in the header metadata (key
+``geochange``) the manifest ``{"format": "geochange-router", "format_version": 1, "thresholds": [...],
+"comparison": "<=", "original": {"prefix", "manifest"}, "teachers": [{"name", "max_car", "prefix",
+"manifest"}, ...]}``, each ``manifest`` being the member's model-package manifest.
+
+O-P inference, window by window: M_O predicts; the changed share of its binary prediction is the
+window's change-area ratio (CAR); the first teacher whose ``max_car`` is >= CAR (the authors' test
+code compares with <=), else the last one, gives the window's prediction. Blending is as usual.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from geochange.engine import models
+from geochange.engine.atomic import atomic_path
+from geochange.engine.package import (METADATA_KEY, ModelPackage, PackageError, check_header, load_package,
+                                      validate_manifest)
+
+ROUTER_FORMAT = "geochange-router"
+
+
+@dataclass
+class RouterPackage:
+    original: ModelPackage
+    teachers: list[tuple[str, ModelPackage]]
+    thresholds: list[float]
+    manifest: dict
+    path: Path | None = None
+
+    @property
+    def threshold(self) -> float:
+        return self.original.threshold
+
+
+def route(car: torch.Tensor, thresholds, inclusive: bool = False) -> torch.Tensor:
+    """Partition index of each CAR: the first threshold above it (training: CAR < t), or at or above
+    it with ``inclusive`` (O-P inference: CAR <= t); past the last threshold, the last partition."""
+    # Thresholds in the CAR's own precision: a float32 CAR of exactly 0.05 equals float32 0.05.
+    bounds = torch.tensor(list(thresholds), dtype=car.dtype, device=car.device)
+    return torch.bucketize(car, bounds, right=not inclusive)
+
+
+def save_router(path: str | os.PathLike, original: str | os.PathLike, teachers: list[tuple[str, str | os.PathLike]],
+                thresholds) -> Path:
+    """Write a router package from member model packages (M_O, then one teacher per partition)."""
+    if len(teachers) != len(thresholds) + 1:
+        raise ValueError(f"{len(thresholds)} threshold(s) need {len(thresholds) + 1} teachers, got {len(teachers)}")
+    tensors, entries = {}, []
+    for i, (name, member) in enumerate([("original", original), *teachers]):
+        package = load_package(member)
+        prefix = "original." if i == 0 else f"teacher.{name}."
+        tensors.update({prefix + k: v.detach().cpu().contiguous().clone()
+                        for k, v in package.model.state_dict().items()})
+        entry = {"prefix": prefix, "manifest": package.manifest}
+        if i:
+            entry = {"name": name, "max_car": thresholds[i - 1] if i <= len(thresholds) else None, **entry}
+        entries.append(entry)
+    manifest = {"format": ROUTER_FORMAT, "format_version": 1, "thresholds": list(thresholds),
+                "comparison": "<=", "original": entries[0], "teachers": entries[1:]}
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(manifest, sort_keys=True)})
+    return path
+
+
+def read_metadata(path: Path) -> dict:
+    """The JSON manifest in a safetensors header, whatever its format (checked by the caller)."""
+    check_header(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get(METADATA_KEY, "{}"))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise PackageError(f"{path}: not a valid safetensors file; it is corrupt or truncated ({e})") from None
+
+
+def load_router(path: str | os.PathLike, device: str | torch.device = "cpu") -> RouterPackage:
+    """M_O, the teachers and the thresholds of a router package, every model in eval mode."""
+    path = Path(path)
+    manifest = read_metadata(path)
+    if manifest.get("format") != ROUTER_FORMAT:
+        raise PackageError(f"{path}: not a router package (format {manifest.get('format')!r})")
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+
+    def member(entry) -> ModelPackage:
+        validate_manifest(entry["manifest"])
+        model = models.create(entry["manifest"]["architecture"], **entry["manifest"].get("arch_kwargs", {}))
+        prefix = entry["prefix"]
+        try:
+            model.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        except RuntimeError as e:
+            raise PackageError(f"{path}: member {prefix.rstrip('.')} does not fit its architecture: {e}") from None
+        return ModelPackage(model=model.eval().to(device), manifest=entry["manifest"], path=path)
+
+    original = member(manifest["original"])
+    teachers = [(t["name"], member(t)) for t in manifest["teachers"]]
+    for name, teacher in teachers:
+        if [s["bands"] for s in teacher.manifest["inputs"].values()] != \
+                [s["bands"] for s in original.manifest["inputs"].values()]:
+            raise PackageError(f"{path}: teacher {name} reads other bands than the original model")
+    return RouterPackage(original, teachers, list(manifest["thresholds"]), manifest, path)
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> ModelPackage | RouterPackage:
+    """A model package or a router package, told apart by the manifest's format."""
+    path = Path(path)
+    if read_metadata(path).get("format") == ROUTER_FORMAT:
+        return load_router(path, device)
+    return load_package(path, device)
+
+
+class RouterPredictor:
+    """O-P inference over a batch of windows, with the interface of ``Predictor``."""
+
+    def __init__(self, router: RouterPackage, make_predictor):
+        self.router = router
+        self.original = make_predictor(router.original)
+        self.teachers = [make_predictor(package) for _, package in router.teachers]
+        self.device = self.original.device
+        self.routed = np.zeros(len(self.teachers), np.int64)  # windows per teacher, for the report
+
+    def __call__(self, pre: np.ndarray, post: np.ndarray) -> np.ndarray:
+        first = self.original(pre, post)
+        car = torch.from_numpy((first > self.router.threshold).reshape(len(first), -1).mean(axis=1))
+        which = route(car, self.router.thresholds, inclusive=True).numpy()
+        out = np.empty_like(first)
+        for i, teacher in enumerate(self.teachers):
+            index = np.flatnonzero(which == i)
+            if len(index):
+                out[index] = teacher(pre[index], post[index])
+                self.routed[i] += len(index)
+        return out
