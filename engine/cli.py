@@ -82,15 +82,17 @@ def _cmd_models(args) -> int:
     from geochange.engine.models import create, list_models, spec
     from geochange.engine.models.stats import count_gflops, count_params
 
-    print(f"{'name':<20}{'params M':>10}{'paper':>9}{'GFLOPs@256':>12}{'paper':>9}  description")
+    print(f"{'name':<18}{'params M':>10}{'paper':>9}{'GFLOPs@256':>12}{'paper':>9}  description")
     for name in list_models():
         s = spec(name)
         model = create(name).eval()
         paper = s.paper
         gflops = count_gflops(model, size=256) if args.flops else float("nan")
-        paper_gflops = paper.get("gflops") if paper.get("gflops_input", 256) == 256 else None
-        print(f"{name:<20}{count_params(model) / 1e6:>10.3f}{paper.get('params_m', float('nan')):>9.3f}"
-              f"{gflops:>12.3f}{paper_gflops or float('nan'):>9.3f}  {s.description}")
+        paper_gflops = paper.get("gflops", float("nan")) if paper.get("gflops_input", 256) == 256 else float("nan")
+        print(f"{name:<18}{count_params(model, s.training_only) / 1e6:>10.3f}{paper.get('params_m', float('nan')):>9.3f}"
+              f"{gflops:>12.3f}{paper_gflops:>9.3f}  {s.description}")
+    print("params: the inference model (training-only heads left out); GFLOPs: multiply-adds, "
+          "torch.utils.flop_counter / 2")
     return 0
 
 

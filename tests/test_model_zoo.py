@@ -60,3 +60,13 @@ def test_cli_detect_runs_every_variant(name, crop, tmp_path):
     with rasterio.open(tmp_path / "out" / "change_probability.tif") as p:
         prob = p.read(1)
     assert prob.shape == (128, 128) and np.isfinite(prob).all() and 0 <= prob.min() <= prob.max() <= 1
+
+
+def test_models_command_lists_every_variant_with_its_size():
+    run = subprocess.run([sys.executable, "-m", "geochange.engine", "models"], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr
+    rows = {line.split()[0]: line.split() for line in run.stdout.splitlines()[1:] if line.split()[0] in VARIANTS}
+    assert set(rows) == set(VARIANTS)
+    assert float(rows["tinycd"][1]) == pytest.approx(0.285, abs=0.0005)
+    assert float(rows["sscfnet_r50"][1]) == pytest.approx(28.690, abs=0.001)  # auxiliary heads left out

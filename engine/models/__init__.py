@@ -28,6 +28,7 @@ class ModelSpec:
     inputs: tuple  # default input spec per date, see engine.package.default_inputs
     paper: dict = field(default_factory=dict)  # published params (M), GFLOPs, accuracy
     description: str = ""
+    training_only: tuple = ()  # parameter-name prefixes used in training only (auxiliary heads)
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -35,7 +36,7 @@ _loaded = False
 
 
 def register(name: str, *, activation: str, inputs: tuple, paper: dict | None = None,
-             description: str = ""):
+             description: str = "", training_only: tuple = ()):
     """Decorator: register ``factory(**kwargs) -> nn.Module`` under ``name``."""
     if activation not in ("sigmoid", "softmax"):
         raise ValueError(f"activation must be sigmoid or softmax, not {activation!r}")
@@ -44,7 +45,7 @@ def register(name: str, *, activation: str, inputs: tuple, paper: dict | None = 
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is registered twice")
         _REGISTRY[name] = ModelSpec(name, factory, activation, tuple(inputs), dict(paper or {}),
-                                    description)
+                                    description, tuple(training_only))
         return factory
 
     return wrap
