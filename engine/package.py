@@ -110,8 +110,10 @@ def check_header(path: Path) -> None:
         raise PackageError(f"{path}: no such model file")
     size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(8)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
+        head, json_start = f.read(8), f.read(1)
+    # torch.save writes a zip ("PK") or a bare pickle (0x80, protocol); a safetensors header length may
+    # also start with byte 0x80, but its JSON header follows at byte 8.
+    if head[:2] == b"PK" or head[:1] == b"\x80" and json_start != b"{":
         raise PackageError(f"{path}: this is a PyTorch pickle checkpoint, not a GeoChange package; "
                            "it is never unpickled. Convert it with `geochange import-weights`.")
     if len(head) < 8:

@@ -24,8 +24,8 @@ from safetensors.torch import save_file
 
 from geochange.engine import models
 from geochange.engine.atomic import atomic_path
-from geochange.engine.package import (METADATA_KEY, ModelPackage, PackageError, check_header, load_package,
-                                      validate_manifest)
+from geochange.engine.package import (METADATA_KEY, ModelPackage, PackageError, check_header, format_manifest,
+                                      load_package, read_manifest, validate_manifest)
 
 ROUTER_FORMAT = "geochange-router"
 
@@ -118,6 +118,30 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> M
     if read_metadata(path).get("format") == ROUTER_FORMAT:
         return load_router(path, device)
     return load_package(path, device)
+
+
+def describe_model(path) -> dict:
+    """What a model package or an O-P router package holds, without loading its tensors: the manifest,
+    a readable text, the architecture (with the registry's description and published figures) and the
+    default threshold. A router is described by its original model (M_O) and lists its teachers."""
+    header = read_metadata(Path(path))
+    if header.get("format") == ROUTER_FORMAT:
+        manifest, lead = header, header["original"]["manifest"]
+        members = [("original", header["original"])] + [
+            (f"teacher {t['name']} (CAR <= {t['max_car']})", t) for t in header["teachers"]]
+        text = f"O-P router: CAR thresholds {header['thresholds']} (CAR <= threshold picks the teacher)" + "".join(
+            f"\n[{role}]\n{format_manifest(entry['manifest'])}" for role, entry in members)
+        architecture = f"O-P router of {lead['architecture']} with {len(header['teachers'])} teachers"
+    else:
+        manifest = lead = read_manifest(path)
+        text, architecture = format_manifest(manifest), manifest["architecture"]
+    try:
+        spec = models.spec(lead["architecture"])
+        registry = {"description": spec.description, "paper": spec.paper}
+    except KeyError:  # an architecture this engine does not know
+        registry = {}
+    return {"manifest": manifest, "text": text, "architecture": architecture, "registry": registry,
+            "threshold": float(lead["output"].get("threshold", 0.5))}
 
 
 class RouterPredictor:

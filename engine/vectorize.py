@@ -6,16 +6,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pyproj import CRS, Geod, Transformer
-from rasterio.features import shapes
 import shapely
 import shapely.affinity
 from affine import Affine
+from pyproj import CRS, Geod, Transformer
+from rasterio.features import shapes
 from shapely.geometry import Polygon, shape
 from shapely.geometry.polygon import orient
 from skimage.measure import label as label_components
 
 from geochange.engine.atomic import atomic_path
+from geochange.engine.errors import RasterError
+from geochange.engine.rasters import open_raster
 
 _GEOD = Geod(ellps="WGS84")
 # Output driver by file extension.
@@ -209,3 +211,33 @@ def write_polygons(polygons: list[ChangePolygon], path: str | os.PathLike, crs, 
         writer.abort()
         raise
     return writer.close()
+
+
+def vectorize_probability(probability: str, polygons: str, *, threshold: float = 0.5, band: int = 1,
+                          min_area: float = 0.0, simplify: float = 0.0, progress=None) -> dict:
+    """Polygons of ``probability > threshold`` in one band of an existing probability raster.
+
+    Pixels that GDAL masks (nodata, e.g. the -1 of ``detect``'s output) or that are NaN are never
+    changed; polygons and their statistics are those ``detect`` would have written.
+    """
+    with open_raster(probability) as src:
+        if not 1 <= band <= src.count:
+            raise RasterError(f"{Path(probability).name}: band {band} does not exist "
+                              f"(the raster has {src.count})")
+        if src.crs is None:
+            raise RasterError(f"{Path(probability).name}: the raster has no CRS; polygon areas "
+                              "cannot be computed")
+        prob = src.read(band).astype(np.float32)
+        valid = src.read_masks(band) > 0
+        transform, crs = src.transform, src.crs
+    valid &= np.isfinite(prob)
+    changed = valid & (prob > threshold)  # strict, as detect's mask is
+    if progress is not None:
+        progress.log(f"{np.count_nonzero(changed)} of {np.count_nonzero(valid)} valid pixels above "
+                     f"{threshold:g}")
+        progress.check()
+    found = change_polygons(changed, np.where(valid, prob, 0), transform, crs, min_area_m2=min_area,
+                            simplify=simplify)
+    write_polygons(found, polygons, crs)
+    return {"polygons": str(polygons), "polygon_count": len(found),
+            "changed_area_m2": float(sum(p.area_m2 for p in found))}

@@ -1,199 +1,229 @@
-"""Processing algorithm ``geochange:detectchanges``: run a model package on a raster pair.
-
-Only QGIS is imported at module level; torch and the engine are imported when the algorithm runs,
-so that loading the plugin (at every QGIS start) stays cheap and works without torch installed.
-"""
+"""Processing algorithm ``geochange:detectchanges``: run a model package on a raster pair."""
 from __future__ import annotations
-
-from pathlib import Path
 
 from qgis.core import (
     QgsProcessing,
-    QgsProcessingAlgorithm,
-    QgsProcessingException,
-    QgsProcessingFeedback,
     QgsProcessingOutputNumber,
+    QgsProcessingParameterBand,
+    QgsProcessingParameterBoolean,
+    QgsProcessingParameterCrs,
+    QgsProcessingParameterDefinition,
+    QgsProcessingParameterEnum,
     QgsProcessingParameterFile,
     QgsProcessingParameterNumber,
     QgsProcessingParameterRasterDestination,
     QgsProcessingParameterRasterLayer,
     QgsProcessingParameterString,
     QgsProcessingParameterVectorDestination,
-    QgsProviderRegistry,
 )
-from qgis.PyQt.QtCore import QCoreApplication
 
-HELP = """<p>Compares a raster taken before and a raster taken after an event with a change-detection
-network and writes where the scene changed.</p>
-<p>Both rasters must lie on one grid (same CRS, pixel size, extent and size): resample the post
-raster onto the pre raster first when they differ (e.g. with GDAL's Warp). The network runs on
-overlapping tiles whose seams are blended, so rasters of any size can be processed.</p>
-<h3>Parameters</h3>
-<dl>
-<dt>Pre-change raster</dt><dd>The earlier image; the outputs take its grid and CRS. Its bands must
-be those the model expects (they are listed in the model package). Nodata pixels are skipped.</dd>
-<dt>Post-change raster</dt><dd>The later image, on the pre raster's grid.</dd>
-<dt>Model package</dt><dd>A GeoChange model file (<code>.safetensors</code>). It holds the weights,
-the architecture and how inputs are scaled. Pickled PyTorch checkpoints (<code>.pth</code>) are
-refused: convert them with <code>geochange import-weights</code>.</dd>
-<dt>Device</dt><dd><code>auto</code> (a GPU when one is usable, else the CPU), <code>cpu</code>,
-<code>cuda</code> or a given GPU such as <code>cuda:0</code>.</dd>
-<dt>Tile size</dt><dd>Side in pixels of the square windows given to the network.</dd>
-<dt>Tile overlap</dt><dd>Pixels shared by neighbouring windows; their predictions are blended so
-that no seams appear.</dd>
-<dt>Batch size</dt><dd>Windows run together; lower it if memory runs out.</dd>
-<dt>Change threshold</dt><dd>Probability from which a pixel counts as changed. Leave it empty to use the
-threshold stored in the model package (usually 0.5).</dd>
-<dt>Minimum polygon area</dt><dd>Change polygons smaller than this (square metres) are dropped.</dd>
-<dt>Simplify tolerance</dt><dd>Polygon outlines are simplified with this tolerance, in the units of
-the pre raster's CRS; 0 keeps the pixel outlines.</dd>
-</dl>
-<h3>Outputs</h3>
-<dl>
-<dt>Change probability</dt><dd>GeoTIFF, float 0..1 per pixel; -1 (nodata) where an input has
-no data.</dd>
-<dt>Change mask</dt><dd>GeoTIFF, 255 = changed, 0 = unchanged, 127 = nodata.</dd>
-<dt>Change polygons</dt><dd>GeoPackage of the changed areas with their area in square metres
-(<code>area_m2</code>) and the mean and maximum change probability inside them
-(<code>mean_prob</code>, <code>max_prob</code>).</dd>
-</dl>
-<p>Nothing is written under the output names if the run fails or is cancelled.</p>
-"""
+from geochange.qgis_plugin import styles
+from geochange.qgis_plugin.engine_algorithm import EngineAlgorithm, tr
+
+# The engine's choices, in the order the enum parameters list them (the first is the engine's default).
+GRIDS = ["pre", "post"]
+PRECISIONS = ["bf16", "fp16", "fp32"]
+MODEL_FILTER = "GeoChange model package (*.safetensors);;All files (*)"
 
 
-def _tr(text: str) -> str:
-    return QCoreApplication.translate("GeoChange", text)
+def model_parameter(name="MODEL"):
+    # "All files" keeps other names acceptable, so that a wrong file (a .pth checkpoint...) gets the
+    # engine's explanation instead of QGIS's bare "Incorrect parameter value".
+    return QgsProcessingParameterFile(name, tr("Model package"), behavior=QgsProcessingParameterFile.File,
+                                      fileFilter=tr(MODEL_FILTER))
 
 
-class DetectChangesAlgorithm(QgsProcessingAlgorithm):
-    PRE = "PRE"
-    POST = "POST"
-    MODEL = "MODEL"
-    DEVICE = "DEVICE"
-    TILE_SIZE = "TILE_SIZE"
-    OVERLAP = "OVERLAP"
-    BATCH_SIZE = "BATCH_SIZE"
-    THRESHOLD = "THRESHOLD"
-    MIN_AREA = "MIN_AREA"
-    SIMPLIFY = "SIMPLIFY"
-    OUTPUT_PROBABILITY = "OUTPUT_PROBABILITY"
-    OUTPUT_MASK = "OUTPUT_MASK"
-    OUTPUT_POLYGONS = "OUTPUT_POLYGONS"
-    POLYGON_COUNT = "POLYGON_COUNT"
-    CHANGED_AREA_M2 = "CHANGED_AREA_M2"
+def device_parameter(name="DEVICE"):
+    # A free string rather than an enum: the GPU index (cuda:1, ...) depends on the machine.
+    return QgsProcessingParameterString(name, tr("Device (auto, cpu, cuda, cuda:N)"), defaultValue="auto")
 
-    def name(self):
-        return "detectchanges"
 
-    def displayName(self):  # noqa: N802 (QGIS's name)
-        return _tr("Detect changes")
+def integer_parameter(name, description, default, minimum):
+    return QgsProcessingParameterNumber(name, description, QgsProcessingParameterNumber.Integer,
+                                        defaultValue=default, minValue=minimum)
+
+
+def tiling_parameters():
+    return [integer_parameter("TILE_SIZE", tr("Tile size (pixels)"), 512, 32),
+            integer_parameter("OVERLAP", tr("Tile overlap (pixels)"), 64, 0),
+            integer_parameter("BATCH_SIZE", tr("Batch size (tiles)"), 4, 1)]
+
+
+def threshold_parameter(name="THRESHOLD", default=None):
+    description = tr("Change threshold (empty = the model's)") if default is None else tr("Change threshold")
+    return QgsProcessingParameterNumber(name, description, QgsProcessingParameterNumber.Double,
+                                        defaultValue=default, optional=default is None, minValue=0.0,
+                                        maxValue=1.0)
+
+
+def polygon_parameters():
+    return [QgsProcessingParameterNumber("MIN_AREA", tr("Minimum polygon area (m²)"),
+                                         QgsProcessingParameterNumber.Double, defaultValue=0.0, minValue=0.0),
+            QgsProcessingParameterNumber("SIMPLIFY", tr("Simplify tolerance (map units)"),
+                                         QgsProcessingParameterNumber.Double, defaultValue=0.0, minValue=0.0)]
+
+
+COMMON_HELP = {
+    "MODEL": "A GeoChange model file (<code>.safetensors</code>) holding the weights, the architecture and "
+             "how inputs are scaled; its manifest is printed in the log when the algorithm runs (and by "
+             "<i>Model information</i>). Pickled PyTorch checkpoints (<code>.pth</code>) are refused: "
+             "convert them with <code>geochange import-weights</code>.",
+    "DEVICE": "<code>auto</code> (a GPU when one is usable, else the CPU), <code>cpu</code>, <code>cuda</code> "
+              "or a given GPU such as <code>cuda:0</code>.",
+    "TILE_SIZE": "Side in pixels of the square windows given to the network.",
+    "OVERLAP": "Pixels shared by neighbouring windows; their predictions are blended so that no seams appear.",
+    "BATCH_SIZE": "Windows run together; lower it if memory runs out.",
+    "MIN_AREA": "Change polygons smaller than this (square metres, geodesic) are dropped.",
+    "SIMPLIFY": "Polygon outlines are simplified with this tolerance, in the units of the raster's CRS; "
+                "0 keeps the pixel outlines.",
+    "POLYGON_COUNT": "How many change polygons were written.",
+    "CHANGED_AREA_M2": "Their total area in square metres.",
+}
+
+ENGINE_NOTES = ("<p>The model runs in a separate Python process (see <i>Settings &gt; Options &gt; "
+                "Processing &gt; Providers &gt; GeoChange</i>), so a crash of PyTorch or the GPU driver cannot "
+                "take QGIS down; Cancel stops it. Nothing is written under the output names if the run "
+                "fails or is cancelled.</p>")
+
+
+class DetectChangesAlgorithm(EngineAlgorithm):
+    NAME = "detectchanges"
+    DISPLAY_NAME = "Detect changes"
+    GROUP = "detection"
+    SUMMARY = ("<p>Compares a raster taken before and a raster taken after an event with a change-detection "
+               "network and writes where the scene changed: a change-probability raster, a change mask and "
+               "change polygons.</p><p>The two rasters may differ in CRS, resolution and extent: both are read "
+               "on one grid (the pre or the post raster's, or a CRS and resolution of your choice) over the "
+               "area they share. The network runs on overlapping tiles whose seams are blended, so rasters "
+               "of any size can be processed.</p>")
+    PARAMETER_HELP = {
+        **COMMON_HELP,
+        "MODEL": COMMON_HELP["MODEL"] + " An O-P router package (made by the MTKD pipeline) is run as such: its "
+                 "original model predicts each tile, and the share of changed pixels it finds picks the teacher "
+                 "whose prediction is kept.",
+        "PRE": "The earlier image. Nodata pixels are skipped.",
+        "POST": "The later image of the same area.",
+        "GRID": "Whose grid (CRS, pixel size, pixel lattice) the outputs take; the other date is resampled "
+                "onto it (bilinear). The outputs cover the intersection of both footprints.",
+        "CRS": "Write the outputs in this CRS instead of the chosen raster's.",
+        "RESOLUTION": "Pixel size of the outputs, in the units of their CRS. Empty: the chosen raster's.",
+        "SAR_DB": "Float SAR rasters hold backscatter in dB (otherwise linear power is assumed). Only for "
+                  "models whose manifest marks a date as SAR.",
+        "PRE_SCALE": "The raw pre value that means 1.0 to the model. Empty: the model's when the data types "
+                     "agree, else by data type (255 for 8-bit, 10000 for 16-bit reflectance, 1 for float).",
+        "POST_SCALE": "The same for the post raster.",
+        "PRECISION": "Arithmetic on a GPU: <code>bf16</code> and <code>fp16</code> are faster and use less "
+                     "memory; the CPU always runs <code>fp32</code>.",
+        "TTA": "Test-time augmentation: average the change probabilities of every tile as it is and flipped "
+               "left-right, up-down and both (four times slower, often slightly more accurate).",
+        "THREADS": "CPU threads PyTorch may use. Empty: PyTorch's default (all cores).",
+        "PRE_BANDS": "Bands of the pre raster to give the model, in the model's order (e.g. 3, 2, 1 for a "
+                     "BGR file and an RGB model). Empty: all bands, which must then be as many as the model "
+                     "expects (the manifest lists them).",
+        "POST_BANDS": "Bands of the post raster, as for the pre raster.",
+        "THRESHOLD": "Probability above which a pixel counts as changed. Empty: the threshold stored in the "
+                     "model package (usually 0.5). Re-threshold later without running the model with "
+                     "<i>Vectorise change probability</i>.",
+        "OUTPUT_PROBABILITY": "Cloud-Optimised GeoTIFF on the output grid, float 0..1 per pixel; -1 (nodata) "
+                              "where an input has no data. Loaded with a pseudo-colour ramp.",
+        "OUTPUT_MASK": "Cloud-Optimised GeoTIFF, 255 = changed, 0 = unchanged, 127 = nodata. Loaded with changes "
+                       "in red and the rest transparent.",
+        "OUTPUT_POLYGONS": "GeoPackage of the changed areas with their area in square metres "
+                           "(<code>area_m2</code>) and the mean and maximum change probability inside them "
+                           "(<code>mean_prob</code>, <code>max_prob</code>), and the names of the two rasters. "
+                           "Loaded as outlines labelled with their area.",
+    }
+    NOTES = ENGINE_NOTES
+
+    # Parameters passed to the engine's ``detect`` as keyword arguments: name -> (keyword, reader).
+    # An engine option reaches QGIS by adding its parameter in initAlgorithm and a line here.
+    ENGINE_OPTIONS = {
+        "PRE_BANDS": ("pre_bands", lambda a, p, c: a.parameterAsInts(p, "PRE_BANDS", c) or None),
+        "POST_BANDS": ("post_bands", lambda a, p, c: a.parameterAsInts(p, "POST_BANDS", c) or None),
+        "DEVICE": ("device", lambda a, p, c: a.parameterAsString(p, "DEVICE", c).strip() or "auto"),
+        "TILE_SIZE": ("tile", lambda a, p, c: a.parameterAsInt(p, "TILE_SIZE", c)),
+        "OVERLAP": ("overlap", lambda a, p, c: a.parameterAsInt(p, "OVERLAP", c)),
+        "BATCH_SIZE": ("batch", lambda a, p, c: a.parameterAsInt(p, "BATCH_SIZE", c)),
+        "THRESHOLD": ("threshold", lambda a, p, c: a.optional_double(p, "THRESHOLD", c)),
+        "MIN_AREA": ("min_area", lambda a, p, c: a.parameterAsDouble(p, "MIN_AREA", c)),
+        "SIMPLIFY": ("simplify", lambda a, p, c: a.parameterAsDouble(p, "SIMPLIFY", c)),
+        "GRID": ("grid", lambda a, p, c: GRIDS[a.parameterAsEnum(p, "GRID", c)]),
+        "CRS": ("crs", lambda a, p, c: a.optional_crs(p, "CRS", c)),
+        "RESOLUTION": ("resolution", lambda a, p, c: a.optional_double(p, "RESOLUTION", c) or None),
+        "SAR_DB": ("sar_db", lambda a, p, c: a.parameterAsBool(p, "SAR_DB", c)),
+        "PRE_SCALE": ("pre_scale", lambda a, p, c: a.optional_double(p, "PRE_SCALE", c) or None),
+        "POST_SCALE": ("post_scale", lambda a, p, c: a.optional_double(p, "POST_SCALE", c) or None),
+        "PRECISION": ("precision", lambda a, p, c: PRECISIONS[a.parameterAsEnum(p, "PRECISION", c)]),
+        "TTA": ("tta", lambda a, p, c: a.parameterAsBool(p, "TTA", c)),
+        "THREADS": ("threads", lambda a, p, c: a.parameterAsInt(p, "THREADS", c) or None),
+    }
 
     def tags(self):
-        return _tr("change,detection,deep learning,difference,bitemporal,pytorch").split(",")
-
-    def shortHelpString(self):  # noqa: N802 (QGIS's name)
-        return _tr(HELP)
-
-    def createInstance(self):  # noqa: N802 (QGIS's name)
-        return DetectChangesAlgorithm()
+        return tr("change,detection,deep learning,difference,bitemporal,pytorch").split(",")
 
     def initAlgorithm(self, config=None):  # noqa: N802 (QGIS's name)
-        self.addParameter(QgsProcessingParameterRasterLayer(self.PRE, _tr("Pre-change raster")))
-        self.addParameter(QgsProcessingParameterRasterLayer(self.POST, _tr("Post-change raster")))
-        # "All files" keeps other names acceptable, so that a wrong file (a .pth checkpoint...) gets
-        # the engine's explanation instead of QGIS's bare "Incorrect parameter value".
-        self.addParameter(QgsProcessingParameterFile(
-            self.MODEL, _tr("Model package"), behavior=QgsProcessingParameterFile.File,
-            fileFilter=_tr("GeoChange model package (*.safetensors);;All files (*)")))
-        # A free string rather than an enum: the GPU index (cuda:1, ...) depends on the machine.
-        self.addParameter(QgsProcessingParameterString(self.DEVICE, _tr("Device (auto, cpu, cuda, cuda:N)"),
-                                                       defaultValue="auto"))
-        self.addParameter(self._integer(self.TILE_SIZE, _tr("Tile size (pixels)"), 512, minimum=32))
-        self.addParameter(self._integer(self.OVERLAP, _tr("Tile overlap (pixels)"), 64, minimum=0))
-        self.addParameter(self._integer(self.BATCH_SIZE, _tr("Batch size (tiles)"), 4, minimum=1))
-        self.addParameter(QgsProcessingParameterNumber(
-            self.THRESHOLD, _tr("Change threshold (empty = the model's)"),
-            QgsProcessingParameterNumber.Double, optional=True, minValue=0.0, maxValue=1.0))
-        self.addParameter(QgsProcessingParameterNumber(
-            self.MIN_AREA, _tr("Minimum polygon area (m²)"), QgsProcessingParameterNumber.Double,
-            defaultValue=0.0, minValue=0.0))
-        self.addParameter(QgsProcessingParameterNumber(
-            self.SIMPLIFY, _tr("Simplify tolerance (map units)"), QgsProcessingParameterNumber.Double,
-            defaultValue=0.0, minValue=0.0))
-        self.addParameter(QgsProcessingParameterRasterDestination(
-            self.OUTPUT_PROBABILITY, _tr("Change probability")))
-        self.addParameter(QgsProcessingParameterRasterDestination(self.OUTPUT_MASK, _tr("Change mask")))
+        self.addParameter(QgsProcessingParameterRasterLayer("PRE", tr("Pre-change raster")))
+        self.addParameter(QgsProcessingParameterRasterLayer("POST", tr("Post-change raster")))
+        self.addParameter(model_parameter())
+        for date, description in (("PRE", tr("Pre-change bands, in the model's order")),
+                                  ("POST", tr("Post-change bands, in the model's order"))):
+            self.addParameter(QgsProcessingParameterBand(f"{date}_BANDS", description, parentLayerParameterName=date,
+                                                         optional=True, allowMultiple=True))
+        self.addParameter(QgsProcessingParameterEnum("GRID", tr("Output grid"), options=[
+            tr("the pre-change raster's"), tr("the post-change raster's")], defaultValue=0))
+        self.addParameter(device_parameter())
+        for parameter in tiling_parameters():
+            self.addParameter(parameter)
+        self.addParameter(threshold_parameter())
+        for parameter in polygon_parameters():
+            self.addParameter(parameter)
+        self.addParameter(QgsProcessingParameterBoolean("SAR_DB", tr("SAR rasters are in dB"), defaultValue=False))
+        self.addParameter(QgsProcessingParameterBoolean("TTA", tr("Test-time augmentation (flips)"),
+                                                        defaultValue=False))
+        advanced = [
+            QgsProcessingParameterCrs("CRS", tr("Output CRS (empty = the grid raster's)"), optional=True),
+            QgsProcessingParameterNumber("RESOLUTION", tr("Output pixel size (empty = the grid raster's)"),
+                                         QgsProcessingParameterNumber.Double, optional=True, minValue=0.0),
+            QgsProcessingParameterNumber("PRE_SCALE", tr("Pre raw value meaning 1.0 (empty = by data type)"),
+                                         QgsProcessingParameterNumber.Double, optional=True, minValue=0.0),
+            QgsProcessingParameterNumber("POST_SCALE", tr("Post raw value meaning 1.0 (empty = by data type)"),
+                                         QgsProcessingParameterNumber.Double, optional=True, minValue=0.0),
+            QgsProcessingParameterEnum("PRECISION", tr("GPU precision"), options=PRECISIONS, defaultValue=0),
+            QgsProcessingParameterNumber("THREADS", tr("CPU threads (empty = all)"),
+                                         QgsProcessingParameterNumber.Integer, optional=True, minValue=1),
+        ]
+        for parameter in advanced:
+            parameter.setFlags(parameter.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+            self.addParameter(parameter)
+        self.addParameter(QgsProcessingParameterRasterDestination("OUTPUT_PROBABILITY", tr("Change probability")))
+        self.addParameter(QgsProcessingParameterRasterDestination("OUTPUT_MASK", tr("Change mask")))
         self.addParameter(QgsProcessingParameterVectorDestination(
-            self.OUTPUT_POLYGONS, _tr("Change polygons"), QgsProcessing.TypeVectorPolygon))
-        self.addOutput(QgsProcessingOutputNumber(self.POLYGON_COUNT, _tr("Number of change polygons")))
-        self.addOutput(QgsProcessingOutputNumber(self.CHANGED_AREA_M2, _tr("Changed area (m²)")))
-
-    @staticmethod
-    def _integer(name, description, default, minimum):
-        return QgsProcessingParameterNumber(name, description, QgsProcessingParameterNumber.Integer,
-                                            defaultValue=default, minValue=minimum)
+            "OUTPUT_POLYGONS", tr("Change polygons"), QgsProcessing.TypeVectorPolygon))
+        self.addOutput(QgsProcessingOutputNumber("POLYGON_COUNT", tr("Number of change polygons")))
+        self.addOutput(QgsProcessingOutputNumber("CHANGED_AREA_M2", tr("Changed area (m²)")))
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 (QGIS's name)
-        feedback = feedback or QgsProcessingFeedback()
-        pre = self._raster_path(parameters, self.PRE, context)
-        post = self._raster_path(parameters, self.POST, context)
-        probability = self._output_path(parameters, self.OUTPUT_PROBABILITY, context, (".tif", ".tiff"))
-        mask = self._output_path(parameters, self.OUTPUT_MASK, context, (".tif", ".tiff"))
-        polygons = self._output_path(parameters, self.OUTPUT_POLYGONS, context, (".gpkg",))
-        threshold = (None if parameters.get(self.THRESHOLD) in (None, "")
-                     else self.parameterAsDouble(parameters, self.THRESHOLD, context))
-
-        from geochange.qgis_plugin.host_libraries import import_shapely_with_its_own_geos
-
-        try:
-            import_shapely_with_its_own_geos()
-            from geochange.engine.errors import GeoChangeError
-            from geochange.engine.inference import detect
-            from geochange.qgis_plugin.feedback_progress import FeedbackProgress
-        except ImportError as e:
-            raise QgsProcessingException(
-                _tr("GeoChange cannot run: a Python dependency is missing from QGIS's Python "
-                    "({}). Install PyTorch and GeoChange's requirements for the Python QGIS uses.")
-                .format(e)) from e
-
-        try:
-            result = detect(
-                pre, post, self.parameterAsFile(parameters, self.MODEL, context),
-                probability=probability, mask=mask, polygons=polygons,
-                tile=self.parameterAsInt(parameters, self.TILE_SIZE, context),
-                overlap=self.parameterAsInt(parameters, self.OVERLAP, context),
-                batch=self.parameterAsInt(parameters, self.BATCH_SIZE, context),
-                device=self.parameterAsString(parameters, self.DEVICE, context).strip() or "auto",
-                threshold=threshold,
-                min_area=self.parameterAsDouble(parameters, self.MIN_AREA, context),
-                simplify=self.parameterAsDouble(parameters, self.SIMPLIFY, context),
-                progress=FeedbackProgress(feedback))
-        except GeoChangeError as e:
-            raise QgsProcessingException(str(e)) from e
-
-        feedback.pushInfo(_tr("{} change polygons, {:.1f} m² changed").format(
-            result.polygon_count, result.changed_area_m2))
-        return {
-            self.OUTPUT_PROBABILITY: str(result.probability),
-            self.OUTPUT_MASK: str(result.mask),
-            self.OUTPUT_POLYGONS: str(result.polygons),
-            self.POLYGON_COUNT: result.polygon_count,
-            self.CHANGED_AREA_M2: result.changed_area_m2,
+        outputs = {
+            "probability": self.output_path(parameters, "OUTPUT_PROBABILITY", context, (".tif", ".tiff")),
+            "mask": self.output_path(parameters, "OUTPUT_MASK", context, (".tif", ".tiff")),
+            "polygons": self.output_path(parameters, "OUTPUT_POLYGONS", context, (".gpkg",)),
         }
+        args = {"pre": self.raster_path(parameters, "PRE", context),
+                "post": self.raster_path(parameters, "POST", context),
+                "model": self.parameterAsFile(parameters, "MODEL", context), **outputs}
+        for keyword, read in self.ENGINE_OPTIONS.values():
+            args[keyword] = read(self, parameters, context)
+        result = self.run_engine("detect", args, feedback, outputs.values())
 
-    def _raster_path(self, parameters, name, context) -> str:
-        """The file behind a raster layer parameter; the engine reads files through GDAL itself."""
-        layer = self.parameterAsRasterLayer(parameters, name, context)
-        if layer is None:
-            raise QgsProcessingException(self.invalidRasterError(parameters, name))
-        if layer.providerType() != "gdal":
-            raise QgsProcessingException(_tr("{}: '{}' is a {} layer; GeoChange reads raster files only")
-                                         .format(name, layer.name(), layer.providerType()))
-        return QgsProviderRegistry.instance().decodeUri("gdal", layer.source())["path"]
-
-    def _output_path(self, parameters, name, context, suffixes) -> str:
-        path = self.parameterAsOutputLayer(parameters, name, context)
-        if Path(path).suffix.lower() not in suffixes:
-            raise QgsProcessingException(_tr("{}: '{}' must end in {} (the format GeoChange writes)")
-                                         .format(name, path, " or ".join(suffixes)))
-        return path
+        feedback.pushInfo(tr("{} change polygons, {:.1f} m² changed").format(
+            result["polygon_count"], result["changed_area_m2"]))
+        pair = tr("{} vs {}").format(self.layer_name(parameters, "PRE", context),
+                                     self.layer_name(parameters, "POST", context))
+        styles.load_styled(context, outputs["probability"], tr("{}: change probability").format(pair),
+                           styles.style_probability)
+        styles.load_styled(context, outputs["mask"], tr("{}: change mask").format(pair), styles.style_mask)
+        styles.load_styled(context, outputs["polygons"], tr("{}: change polygons").format(pair),
+                           styles.style_polygons)
+        return {"OUTPUT_PROBABILITY": result["probability"], "OUTPUT_MASK": result["mask"],
+                "OUTPUT_POLYGONS": result["polygons"], "POLYGON_COUNT": result["polygon_count"],
+                "CHANGED_AREA_M2": result["changed_area_m2"]}

@@ -2,8 +2,27 @@
 from __future__ import annotations
 
 from qgis.core import QgsProcessingProvider
+from qgis.PyQt.QtGui import QIcon
 
 from geochange.qgis_plugin.detect_algorithm import DetectChangesAlgorithm
+from geochange.qgis_plugin.evaluate_algorithm import EvaluateModelAlgorithm
+from geochange.qgis_plugin.info_algorithm import ModelInfoAlgorithm
+from geochange.qgis_plugin.train_algorithm import TrainModelAlgorithm
+from geochange.qgis_plugin.vectorize_algorithm import VectorizeChangesAlgorithm
+from geochange.qgis_plugin.worker_client import PLUGIN_ROOT, PYTHON_ENV, PYTHON_SETTING
+
+ALGORITHMS = (DetectChangesAlgorithm, VectorizeChangesAlgorithm, TrainModelAlgorithm, EvaluateModelAlgorithm,
+              ModelInfoAlgorithm)
+
+
+def _processing_config():
+    """Processing's settings registry (the Options dialog page), absent where Processing's Python
+    plugin is not loaded; the interpreter setting is then read from QgsSettings alone."""
+    try:
+        from processing.core.ProcessingConfig import ProcessingConfig, Setting
+    except ImportError:
+        return None, None
+    return ProcessingConfig, Setting
 
 
 class GeoChangeProvider(QgsProcessingProvider):
@@ -16,8 +35,29 @@ class GeoChangeProvider(QgsProcessingProvider):
     def longName(self):  # noqa: N802 (QGIS's name)
         return "GeoChange change detection"
 
+    def icon(self):
+        return QIcon(str(PLUGIN_ROOT / "icon.png"))
+
+    def load(self):
+        config, setting = _processing_config()
+        if config is not None:
+            config.settingIcons[self.name()] = self.icon()
+            config.addSetting(setting(
+                self.name(), PYTHON_SETTING,
+                self.tr("Python interpreter for the engine (empty: ${}, else the .venv beside the plugin, "
+                        "else QGIS's Python)").format(PYTHON_ENV), "", valuetype=setting.FILE))
+            config.readSettings()
+        self.refreshAlgorithms()
+        return True
+
+    def unload(self):
+        config, _ = _processing_config()
+        if config is not None and PYTHON_SETTING in config.settings:
+            config.removeSetting(PYTHON_SETTING)
+
     def loadAlgorithms(self):  # noqa: N802 (QGIS's name)
-        self.addAlgorithm(DetectChangesAlgorithm())
+        for algorithm in ALGORITHMS:
+            self.addAlgorithm(algorithm())
 
     # The engine writes GeoTIFF rasters and GeoPackage vectors only; offering other formats in
     # the output widgets would produce files with the wrong content for their extension.

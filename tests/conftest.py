@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
@@ -69,11 +68,12 @@ def qgis_app(tmp_path_factory):
 
 
 def qgis_process_environment(home: Path, plugins_dir: Path) -> dict:
-    """What ``qgis_process`` needs to run the plugin: no display, a private profile, the plugins
-    folder, and this interpreter's packages (torch...) since it embeds the system Python."""
+    """What ``qgis_process`` needs to run the plugin: no display, a private profile and the plugins
+    folder. No PYTHONPATH: QGIS's Python never imports torch, the engine runs in the .venv beside the
+    plugin (see qgis_plugin/worker_client.py)."""
     runtime = home / "runtime"
     runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "GEOCHANGE_PYTHON")}
     env.update({
         "QT_QPA_PLATFORM": "offscreen",
         "HOME": str(home),
@@ -83,23 +83,88 @@ def qgis_process_environment(home: Path, plugins_dir: Path) -> dict:
         "XDG_RUNTIME_DIR": str(runtime),
         "QGIS_PLUGINPATH": str(plugins_dir),
         "GDAL_PAM_ENABLED": "NO",  # no .aux.xml statistics beside the input rasters
-        "PYTHONPATH": os.pathsep.join(
-            p for p in (sysconfig.get_paths()["purelib"], os.environ.get("PYTHONPATH")) if p),
     })
     return env
 
 
 @pytest.fixture(scope="session")
 def qgis_process(qgis_plugins_dir, tmp_path_factory):
-    """Run ``qgis_process`` with the plugin enabled: ``qgis_process("run", alg, "--", "A=1")``."""
+    """Run ``qgis_process`` with the plugin enabled: ``qgis_process("run", alg, "--", "A=1")``;
+    ``environment`` adds variables for one call."""
     if not os.access(QGIS_PROCESS, os.X_OK):
         pytest.skip(f"{QGIS_PROCESS} not found (set GEOCHANGE_QGIS_PROCESS)")
     env = qgis_process_environment(tmp_path_factory.mktemp("qgis_home"), qgis_plugins_dir)
 
-    def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        return subprocess.run([QGIS_PROCESS, *args], env=env, capture_output=True, text=True,
-                              timeout=timeout)
+    def run(*args: str, timeout: float = 300, environment: dict | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([QGIS_PROCESS, *args], env={**env, **(environment or {})}, capture_output=True,
+                              text=True, timeout=timeout)
 
     enabled = run("plugins", "enable", "geochange", timeout=120)
     assert enabled.returncode == 0, enabled.stdout + enabled.stderr
     return run
+
+
+@pytest.fixture(scope="session")
+def geochange_provider(qgis_app):
+    """The plugin started the way QGIS starts it: ``classFactory`` then ``initProcessing``."""
+    import geochange
+    from qgis.core import QgsApplication
+
+    plugin = geochange.classFactory(None)
+    plugin.initProcessing()
+    yield QgsApplication.processingRegistry().providerById("geochange")
+    plugin.unload()
+
+
+# A 256x256 window of the LEVIR-CD tile with 27 % changed pixels (rows 512-767, columns 256-511).
+CROP = {"col_off": 256, "row_off": 512, "width": 256, "height": 256}
+
+
+@pytest.fixture(scope="session")
+def levir_crop(shared_data, tmp_path_factory) -> dict:
+    """``pre``, ``post``, ``label``: GeoTIFF crops of the georeferenced LEVIR-CD tile (EPSG:4326)."""
+    import rasterio
+    from rasterio.windows import Window
+
+    folder = tmp_path_factory.mktemp("levir_crop")
+    window = Window(**CROP)
+    paths = {}
+    for name in ("pre", "post", "label"):
+        with rasterio.open(shared_data / "levir_tile_georef" / f"{name}.tif") as src:
+            profile = dict(src.profile, width=window.width, height=window.height,
+                           transform=src.window_transform(window))
+            paths[name] = folder / f"{name}.tif"
+            with rasterio.open(paths[name], "w", **profile) as dst:
+                dst.write(src.read(window=window))
+    return paths
+
+
+def run_algorithm(algorithm: str, parameters: dict, feedback=None, load: bool = False) -> dict:
+    """``processing.run`` (or ``runAndLoadResults`` when ``load``, as the toolbox does) with its own
+    context; raises QgsProcessingException as QGIS does."""
+    import processing
+    from qgis.core import QgsProcessingContext, QgsProcessingFeedback, QgsProject
+
+    feedback = feedback or QgsProcessingFeedback()
+    context = QgsProcessingContext()
+    context.setProject(QgsProject.instance())
+    context.setFeedback(feedback)
+    run = processing.runAndLoadResults if load else processing.run
+    return run(algorithm, dict(parameters), feedback=feedback, context=context)
+
+
+@pytest.fixture(scope="session")
+def crop_detection(geochange_provider, levir_crop, tinycd_package, tmp_path_factory) -> dict:
+    """``geochange:detectchanges`` on the crop, run as the toolbox runs it (outputs loaded into the
+    project); its parameters, results and the names of the layers it added."""
+    from qgis.core import QgsProject
+
+    folder = tmp_path_factory.mktemp("crop_detection")
+    parameters = {"PRE": str(levir_crop["pre"]), "POST": str(levir_crop["post"]), "MODEL": str(tinycd_package),
+                  "DEVICE": "cpu", "TILE_SIZE": 128, "OVERLAP": 32, "BATCH_SIZE": 4,
+                  "OUTPUT_PROBABILITY": str(folder / "probability.tif"), "OUTPUT_MASK": str(folder / "mask.tif"),
+                  "OUTPUT_POLYGONS": str(folder / "changes.gpkg")}
+    before = set(QgsProject.instance().mapLayers())
+    results = run_algorithm("geochange:detectchanges", parameters, load=True)
+    added = [QgsProject.instance().mapLayer(i) for i in set(QgsProject.instance().mapLayers()) - before]
+    return {"parameters": parameters, "results": results, "layers": {layer.name(): layer for layer in added}}

@@ -1,0 +1,138 @@
+"""What every GeoChange algorithm shares: a help text built from its own parameters, the engine
+process, and the file paths behind layer and destination parameters."""
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+from qgis.core import (
+    QgsProcessingAlgorithm,
+    QgsProcessingException,
+    QgsProcessingFeedback,
+    QgsProcessingParameterDefinition,
+    QgsProcessingParameterEnum,
+    QgsProcessingParameterNumber,
+    QgsProviderRegistry,
+)
+from qgis.PyQt.QtCore import QCoreApplication
+
+from geochange.qgis_plugin import worker_client
+
+
+def tr(text: str) -> str:
+    return QCoreApplication.translate("GeoChange", text)
+
+
+class EngineAlgorithm(QgsProcessingAlgorithm):
+    """Subclasses set the texts below; the help lists every parameter and output from its definition,
+    so a parameter cannot be added without being explained (``help_text`` raises on a missing one)."""
+
+    NAME = ""
+    DISPLAY_NAME = ""
+    GROUP = ""
+    SUMMARY = ""  # HTML: what the algorithm does
+    PARAMETER_HELP: dict = {}  # parameter or output name -> HTML explanation
+    NOTES = ""  # HTML after the lists
+
+    GROUPS = {"detection": "Change detection", "models": "Models"}
+
+    def name(self):
+        return self.NAME
+
+    def displayName(self):  # noqa: N802 (QGIS's name)
+        return tr(self.DISPLAY_NAME)
+
+    def groupId(self):  # noqa: N802 (QGIS's name)
+        return self.GROUP
+
+    def group(self):
+        return tr(self.GROUPS[self.GROUP])
+
+    def createInstance(self):  # noqa: N802 (QGIS's name)
+        return type(self)()
+
+    def shortHelpString(self):  # noqa: N802 (QGIS's name)
+        return help_text(self)
+
+    def notes(self) -> str:
+        """HTML after the parameter lists."""
+        return self.NOTES
+
+    def run_engine(self, task: str, args: dict, feedback, outputs=()) -> dict:
+        return worker_client.run_task(task, args, feedback or QgsProcessingFeedback(), outputs)
+
+    def raster_path(self, parameters, name, context) -> str:
+        """The file behind a raster layer parameter; the engine reads files through GDAL itself."""
+        layer = self.parameterAsRasterLayer(parameters, name, context)
+        if layer is None:
+            raise QgsProcessingException(self.invalidRasterError(parameters, name))
+        if layer.providerType() != "gdal":
+            raise QgsProcessingException(tr("{}: '{}' is a {} layer; GeoChange reads raster files only")
+                                         .format(name, layer.name(), layer.providerType()))
+        return QgsProviderRegistry.instance().decodeUri("gdal", layer.source())["path"]
+
+    def layer_name(self, parameters, name, context) -> str:
+        layer = self.parameterAsRasterLayer(parameters, name, context)
+        return layer.name() if layer is not None else name.lower()
+
+    def output_path(self, parameters, name, context, suffixes) -> str:
+        definition = self.parameterDefinition(name)
+        if definition.type() in ("rasterDestination", "vectorDestination"):
+            path = self.parameterAsOutputLayer(parameters, name, context)
+        else:
+            path = self.parameterAsFileOutput(parameters, name, context)
+        if Path(path).suffix.lower() not in suffixes:
+            raise QgsProcessingException(tr("{}: '{}' must end in {} (the format GeoChange writes)")
+                                         .format(name, path, " or ".join(suffixes)))
+        return path
+
+    def optional_crs(self, parameters, name, context) -> str | None:
+        crs = self.parameterAsCrs(parameters, name, context)
+        return (crs.authid() or crs.toWkt()) if crs.isValid() else None
+
+    def optional_double(self, parameters, name, context) -> float | None:
+        value = parameters.get(name)
+        return None if value is None or value == "" else self.parameterAsDouble(parameters, name, context)
+
+
+def _default_text(parameter) -> str:
+    default = parameter.defaultValue()
+    if isinstance(parameter, QgsProcessingParameterEnum):
+        options = parameter.options()
+        text = tr("One of: {}.").format(", ".join(f"<i>{html.escape(o)}</i>" for o in options))
+        if default is not None:
+            text += " " + tr("Default: <i>{}</i>.").format(html.escape(options[int(default)]))
+        return text
+    if default in (None, "") or parameter.isDestination():
+        return ""
+    if isinstance(parameter, QgsProcessingParameterNumber):
+        default = f"{default:g}"
+    return tr("Default: <code>{}</code>.").format(html.escape(str(default)))
+
+
+def help_text(algorithm: EngineAlgorithm) -> str:
+    """The algorithm's summary, then each input parameter and each output with its explanation."""
+    explain = algorithm.PARAMETER_HELP
+
+    def entry(name, description, extra=""):
+        if name not in explain:
+            raise KeyError(f"{algorithm.NAME}: no help for {name}")
+        return (f"<dt><b>{html.escape(description, quote=False)}</b> <code>{name}</code>{extra}</dt>"
+                f"<dd>{tr(explain[name])} {_default_text_for(algorithm, name)}</dd>")
+
+    inputs = [p for p in algorithm.parameterDefinitions() if not p.isDestination()]
+    parts = [tr(algorithm.SUMMARY), "<h3>" + tr("Parameters") + "</h3>", "<dl>"]
+    for p in inputs:
+        optional = bool(p.flags() & QgsProcessingParameterDefinition.FlagOptional)
+        parts.append(entry(p.name(), p.description(), tr(" (optional)") if optional else ""))
+    parts += ["</dl>", "<h3>" + tr("Outputs") + "</h3>", "<dl>"]
+    parts += [entry(o.name(), o.description()) for o in algorithm.outputDefinitions()]
+    parts.append("</dl>")
+    if algorithm.notes():
+        parts.append(tr(algorithm.notes()))
+    return "\n".join(parts)
+
+
+def _default_text_for(algorithm, name) -> str:
+    parameter = algorithm.parameterDefinition(name)
+    return _default_text(parameter) if parameter is not None else ""

@@ -1,0 +1,66 @@
+"""Processing algorithm ``geochange:vectorizechanges``: polygons from an existing probability raster."""
+from __future__ import annotations
+
+from qgis.core import (
+    QgsProcessing,
+    QgsProcessingOutputNumber,
+    QgsProcessingParameterBand,
+    QgsProcessingParameterRasterLayer,
+    QgsProcessingParameterVectorDestination,
+)
+
+from geochange.qgis_plugin import styles
+from geochange.qgis_plugin.detect_algorithm import COMMON_HELP, ENGINE_NOTES, polygon_parameters, threshold_parameter
+from geochange.qgis_plugin.engine_algorithm import EngineAlgorithm, tr
+
+
+class VectorizeChangesAlgorithm(EngineAlgorithm):
+    NAME = "vectorizechanges"
+    DISPLAY_NAME = "Vectorise change probability"
+    GROUP = "detection"
+    SUMMARY = ("<p>Turns a change-probability raster (the <i>Change probability</i> output of <i>Detect "
+               "changes</i>, or any raster of probabilities in 0..1) into change polygons with a new threshold, "
+               "minimum area and simplification, without running the model again.</p><p>A pixel is changed "
+               "when its probability is strictly above the threshold; nodata and NaN pixels never are. Each "
+               "4-connected changed region becomes one polygon (holes kept), as <i>Detect changes</i> writes "
+               "them.</p>")
+    PARAMETER_HELP = {
+        **COMMON_HELP,
+        "INPUT": "The change-probability raster; it must have a CRS (areas are computed on the ellipsoid).",
+        "BAND": "The band holding the probabilities (empty: band 1).",
+        "THRESHOLD": "Probability above which a pixel counts as changed.",
+        "OUTPUT": "GeoPackage of the changed areas with <code>area_m2</code>, <code>mean_prob</code> and "
+                  "<code>max_prob</code>. Loaded as outlines labelled with their area.",
+    }
+    NOTES = ENGINE_NOTES
+
+    def tags(self):
+        return tr("change,threshold,polygonize,vectorize,probability").split(",")
+
+    def initAlgorithm(self, config=None):  # noqa: N802 (QGIS's name)
+        self.addParameter(QgsProcessingParameterRasterLayer("INPUT", tr("Change probability raster")))
+        # Optional: QGIS 3.22 refuses a missing non-optional band parameter even when it has a default.
+        self.addParameter(QgsProcessingParameterBand("BAND", tr("Probability band"), defaultValue=1,
+                                                     parentLayerParameterName="INPUT", optional=True))
+        self.addParameter(threshold_parameter(default=0.5))
+        for parameter in polygon_parameters():
+            self.addParameter(parameter)
+        self.addParameter(QgsProcessingParameterVectorDestination("OUTPUT", tr("Change polygons"),
+                                                                  QgsProcessing.TypeVectorPolygon))
+        self.addOutput(QgsProcessingOutputNumber("POLYGON_COUNT", tr("Number of change polygons")))
+        self.addOutput(QgsProcessingOutputNumber("CHANGED_AREA_M2", tr("Changed area (m²)")))
+
+    def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 (QGIS's name)
+        polygons = self.output_path(parameters, "OUTPUT", context, (".gpkg",))
+        threshold = self.parameterAsDouble(parameters, "THRESHOLD", context)
+        args = {"probability": self.raster_path(parameters, "INPUT", context), "polygons": polygons,
+                "band": self.parameterAsInt(parameters, "BAND", context) or 1, "threshold": threshold,
+                "min_area": self.parameterAsDouble(parameters, "MIN_AREA", context),
+                "simplify": self.parameterAsDouble(parameters, "SIMPLIFY", context)}
+        result = self.run_engine("vectorize", args, feedback, [polygons])
+        feedback.pushInfo(tr("{} change polygons, {:.1f} m² changed").format(
+            result["polygon_count"], result["changed_area_m2"]))
+        name = tr("{}: change polygons (p > {:g})").format(self.layer_name(parameters, "INPUT", context), threshold)
+        styles.load_styled(context, polygons, name, styles.style_polygons)
+        return {"OUTPUT": result["polygons"], "POLYGON_COUNT": result["polygon_count"],
+                "CHANGED_AREA_M2": result["changed_area_m2"]}

@@ -1,0 +1,257 @@
+"""The other GeoChange algorithms (vectorise, train, evaluate, model information) in a real headless QGIS
+and through qgis_process, and Detect changes inside a Processing model run by qgis_process."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("qgis.core", reason="QGIS Python bindings are not installed")
+from osgeo import ogr  # noqa: E402
+from qgis.core import (  # noqa: E402
+    QgsProcessingFeedback,
+    QgsProcessingModelAlgorithm,
+    QgsProcessingModelChildAlgorithm,
+    QgsProcessingModelChildParameterSource,
+    QgsProcessingModelOutput,
+    QgsProcessingModelParameter,
+    QgsProcessingParameterFile,
+    QgsProcessingParameterNumber,
+    QgsProcessingParameterRasterLayer,
+)
+
+from conftest import run_algorithm  # noqa: E402
+
+ogr.UseExceptions()
+
+
+def polygon_areas(path) -> list[float]:
+    source = ogr.Open(str(path))
+    return sorted(f.GetField("area_m2") for f in source.GetLayer(0))
+
+
+def read_csv(path) -> dict:
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    return {row[0]: row[1:] for row in rows[1:]}
+
+
+@pytest.fixture(scope="module")
+def small_dataset(shared_data, tmp_path_factory) -> Path:
+    """Two pairs of the LEVIR-CD samples as a folder dataset (links to the shared files)."""
+    root = tmp_path_factory.mktemp("levir_two")
+    names = sorted(p.name for p in (shared_data / "levir_cd" / "label").iterdir())[:2]
+    for folder in ("A", "B", "label"):
+        (root / folder).mkdir()
+        for name in names:
+            (root / folder / name).symlink_to(shared_data / "levir_cd" / folder / name)
+    return root
+
+
+def test_every_algorithm_is_registered_with_a_complete_help(geochange_provider):
+    ids = {a.id() for a in geochange_provider.algorithms()}
+    assert ids == {"geochange:detectchanges", "geochange:vectorizechanges", "geochange:trainmodel",
+                   "geochange:evaluatemodel", "geochange:modelinfo"}
+    for algorithm in geochange_provider.algorithms():
+        text = algorithm.shortHelpString()
+        assert len(text) > 300
+        for definition in [*algorithm.parameterDefinitions(), *algorithm.outputDefinitions()]:
+            assert f"<code>{definition.name()}</code>" in text, (algorithm.id(), definition.name())
+        assert algorithm.group() and not algorithm.icon().isNull()
+
+
+# --- Vectorise change probability ------------------------------------------------------------------
+
+def test_vectorize_at_the_model_threshold_gives_detect_s_polygons(crop_detection, tmp_path):
+    detected = crop_detection["results"]
+    results = run_algorithm("geochange:vectorizechanges", {
+        "INPUT": detected["OUTPUT_PROBABILITY"], "THRESHOLD": 0.5, "OUTPUT": str(tmp_path / "same.gpkg")})
+    assert results["POLYGON_COUNT"] == detected["POLYGON_COUNT"]
+    assert polygon_areas(results["OUTPUT"]) == pytest.approx(polygon_areas(detected["OUTPUT_POLYGONS"]), rel=1e-9)
+
+    stricter = run_algorithm("geochange:vectorizechanges", {
+        "INPUT": detected["OUTPUT_PROBABILITY"], "THRESHOLD": 0.9, "MIN_AREA": 20.0,
+        "OUTPUT": str(tmp_path / "strict.gpkg")})
+    assert 0 < stricter["CHANGED_AREA_M2"] < detected["CHANGED_AREA_M2"]
+    assert min(polygon_areas(stricter["OUTPUT"])) >= 20.0
+
+
+def test_vectorize_through_qgis_process(qgis_process, crop_detection, tmp_path):
+    probability = crop_detection["results"]["OUTPUT_PROBABILITY"]
+    in_qgis = run_algorithm("geochange:vectorizechanges", {
+        "INPUT": probability, "THRESHOLD": 0.7, "SIMPLIFY": 1e-5, "OUTPUT": str(tmp_path / "a.gpkg")})
+    done = qgis_process("--json", "run", "geochange:vectorizechanges", "--", f"INPUT={probability}",
+                        "THRESHOLD=0.7", "SIMPLIFY=1e-5", f"OUTPUT={tmp_path / 'b.gpkg'}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads(done.stdout)["results"]
+    assert results["POLYGON_COUNT"] == in_qgis["POLYGON_COUNT"] > 0
+    assert polygon_areas(tmp_path / "b.gpkg") == pytest.approx(polygon_areas(tmp_path / "a.gpkg"))
+
+
+# --- Model information -----------------------------------------------------------------------------
+
+def test_model_information_in_qgis_and_qgis_process(geochange_provider, qgis_process, tinycd_package, tmp_path):
+    results = run_algorithm("geochange:modelinfo", {"MODEL": str(tinycd_package), "OUTPUT": str(tmp_path / "i.html")})
+    assert (results["ARCHITECTURE"], results["THRESHOLD"]) == ("tinycd", 0.5)
+    page = (tmp_path / "i.html").read_text(encoding="utf-8")
+    assert "<td>architecture</td><td>tinycd</td>" in page
+    assert "<td>inputs.pre.bands</td><td>3</td>" in page and "<td>output.activation</td><td>sigmoid</td>" in page
+    assert "architecture_info.description" in page  # the registry's description of the architecture
+
+    done = qgis_process("--json", "run", "geochange:modelinfo", "--", f"MODEL={tinycd_package}",
+                        f"OUTPUT={tmp_path / 'i.csv'}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    table = read_csv(tmp_path / "i.csv")
+    assert table["architecture"] == ["tinycd"] and table["inputs.post.modality"] == ["optical"]
+    assert table["output.threshold"] == ["0.5"] and table["training.dataset"] == ["LEVIR-CD"]
+
+
+# --- Evaluate a model ------------------------------------------------------------------------------
+
+def test_evaluate_in_qgis_and_qgis_process(geochange_provider, qgis_process, tinycd_package, small_dataset,
+                                           tmp_path):
+    results = run_algorithm("geochange:evaluatemodel", {
+        "MODEL": str(tinycd_package), "DATA": str(small_dataset), "DEVICE": "cpu", "OUTPUT": str(tmp_path / "m.html")})
+    assert results["IMAGES"] == 2 and results["F1"] > 0.8
+    assert results["IOU"] == pytest.approx(results["F1"] / (2 - results["F1"]))  # IoU = F1 / (2 - F1)
+    page = (tmp_path / "m.html").read_text(encoding="utf-8")
+    assert f"<td>f1</td><td>change-class F1</td><td>{results['F1']:.6g}</td>" in page
+
+    done = qgis_process("--json", "run", "geochange:evaluatemodel", "--", f"MODEL={tinycd_package}",
+                        f"DATA={small_dataset}", "DEVICE=cpu", f"OUTPUT={tmp_path / 'm.csv'}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    table = read_csv(tmp_path / "m.csv")
+    assert float(table["f1"][1]) == pytest.approx(results["F1"], abs=1e-5)
+    counts = {k: int(table[k][1]) for k in ("tp", "fp", "fn", "tn")}
+    assert sum(counts.values()) == 2 * 256 * 256
+    precision = counts["tp"] / (counts["tp"] + counts["fp"])
+    assert float(table["precision"][1]) == pytest.approx(precision, abs=1e-5)
+
+
+# --- Train a model ---------------------------------------------------------------------------------
+
+SMOKE_CONFIG = """\
+# TinyCD on the LEVIR-CD samples for a few iterations on 128 px crops: a smoke run.
+name: tinycd_smoke
+device: cpu
+model: {{architecture: tinycd}}
+data:
+  datasets:
+    - root: {root}
+      split: {{val: 0.2, test: 0.2, seed: 0}}
+  batch: 2
+  workers: 0
+augment: {{crop: {{size: 128}}}}
+loss: {{ohem: null}}
+schedule: {{iterations: 100, warmup: 0}}
+train: {{val_interval: 50, log_interval: 1, tensorboard: false, amp: "off"}}
+test: {{tta: false}}
+"""
+
+
+def manifest_of(package: Path) -> dict:
+    from geochange.engine.package import read_manifest
+
+    return read_manifest(package)
+
+
+class Recorder(QgsProcessingFeedback):
+    def __init__(self):
+        super().__init__()
+        self.infos, self.progress = [], []
+        self.progressChanged.connect(self.progress.append)
+
+    def pushInfo(self, text):  # noqa: N802 (QGIS's name)
+        self.infos.append(text)
+
+
+def test_train_in_qgis_then_resume_through_qgis_process(geochange_provider, qgis_process, shared_data, tmp_path):
+    config = tmp_path / "configs" / "smoke.yaml"
+    config.parent.mkdir()
+    config.write_text(SMOKE_CONFIG.format(root=shared_data / "levir_cd"))
+    feedback = Recorder()
+    results = run_algorithm("geochange:trainmodel", {
+        "CONFIG": str(config), "OVERRIDES": "schedule.iterations=2\n# validate at the end only\ntrain.val_interval=2",
+        "OUTPUT": str(tmp_path / "smoke.safetensors")}, feedback)
+    # The run's folder defaults to runs/<name> beside the config; the package is its best one.
+    work = config.parent / "runs" / "tinycd_smoke"
+    assert Path(results["WORK_FOLDER"]) == work
+    assert results["BEST_ITERATION"] == 2 and 0 <= results["VAL_MIOU"] <= 1 and 0 <= results["TEST_F1"] <= 1
+    manifest = manifest_of(tmp_path / "smoke.safetensors")
+    assert manifest["architecture"] == "tinycd"
+    assert manifest["training"]["config"]["schedule"]["iterations"] == 2  # the override reached the trainer
+    # Progress and lines come from the run's logs.
+    assert feedback.progress and feedback.progress[-1] == 100
+    assert any(line.startswith("iteration 2/2: lr") and "loss" in line for line in feedback.infos), feedback.infos
+    assert any(line.startswith("validation 2/2: mIoU") for line in feedback.infos), feedback.infos
+
+    # One more iteration from the checkpoint, through qgis_process (overrides separated by ";").
+    done = qgis_process("--json", "run", "geochange:trainmodel", "--", f"CONFIG={config}", "RESUME=true",
+                        "OVERRIDES=schedule.iterations=3;train.val_interval=3", f"WORK_DIR={work}",
+                        f"OUTPUT={tmp_path / 'smoke3.safetensors'}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads(done.stdout)["results"]
+    assert results["BEST_ITERATION"] in (2, 3) and Path(results["WORK_FOLDER"]) == work  # best validation mIoU
+    assert manifest_of(tmp_path / "smoke3.safetensors")["training"]["iteration"] == results["BEST_ITERATION"]
+    with open(work / "train_log.csv", newline="") as f:
+        assert [row["iteration"] for row in csv.DictReader(f)] == ["1", "2", "3"]  # resumed, not restarted
+
+
+# --- Inside a Processing model ---------------------------------------------------------------------
+
+def set_sources(child: QgsProcessingModelChildAlgorithm, sources: dict) -> None:
+    # One parameter at a time: setParameterSources() with a whole dict segfaults in PyQGIS 3.22.
+    for name, value in sources.items():
+        child.addParameterSources(name, [value])
+
+
+def detect_then_vectorize_model(path: Path) -> Path:
+    """A model: Detect changes on two raster inputs, then Vectorise its probability at a threshold
+    given as a model input; the polygons of the second step are the model's output."""
+    source = QgsProcessingModelChildParameterSource
+    model = QgsProcessingModelAlgorithm("Detect then re-threshold", "GeoChange tests")
+    for parameter in (QgsProcessingParameterRasterLayer("pre", "Pre"), QgsProcessingParameterRasterLayer("post", "Post"),
+                      QgsProcessingParameterFile("model", "Model"),
+                      QgsProcessingParameterNumber("threshold", "Threshold", QgsProcessingParameterNumber.Double, 0.8)):
+        model.addModelParameter(parameter, QgsProcessingModelParameter(parameter.name()))
+
+    detect = QgsProcessingModelChildAlgorithm("geochange:detectchanges")
+    detect.setChildId("detect")
+    set_sources(detect, {
+        "PRE": source.fromModelParameter("pre"), "POST": source.fromModelParameter("post"),
+        "MODEL": source.fromModelParameter("model"), "DEVICE": source.fromStaticValue("cpu"),
+        # The tiling of ``crop_detection``, so that both runs give the same probabilities.
+        "TILE_SIZE": source.fromStaticValue(128), "OVERLAP": source.fromStaticValue(32)})
+    model.addChildAlgorithm(detect)
+
+    vectorize = QgsProcessingModelChildAlgorithm("geochange:vectorizechanges")
+    vectorize.setChildId("vectorize")
+    set_sources(vectorize, {"INPUT": source.fromChildOutput("detect", "OUTPUT_PROBABILITY"),
+                            "THRESHOLD": source.fromModelParameter("threshold")})
+    output = QgsProcessingModelOutput("polygons")
+    output.setChildOutputName("OUTPUT")
+    vectorize.setModelOutputs({"polygons": output})
+    model.addChildAlgorithm(vectorize)
+    assert model.toFile(str(path))
+    return path
+
+
+def test_algorithms_inside_a_model_run_by_qgis_process(geochange_provider, qgis_process, levir_crop, tinycd_package,
+                                                       crop_detection, tmp_path):
+    model = detect_then_vectorize_model(tmp_path / "detect_then_vectorize.model3")
+    loaded = QgsProcessingModelAlgorithm()
+    assert loaded.fromFile(str(model)) and loaded.childAlgorithm("detect").algorithm() is not None
+    assert "vectorize:polygons" in {p.name() for p in loaded.parameterDefinitions()}
+
+    polygons = tmp_path / "model_polygons.gpkg"
+    done = qgis_process("--json", "run", str(model), "--", f"pre={levir_crop['pre']}", f"post={levir_crop['post']}",
+                        f"model={tinycd_package}", "threshold=0.8", f"vectorize:polygons={polygons}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert polygons.exists()
+    # The model's polygons are what vectorising the same probability at 0.8 gives.
+    expected = run_algorithm("geochange:vectorizechanges", {
+        "INPUT": crop_detection["results"]["OUTPUT_PROBABILITY"], "THRESHOLD": 0.8,
+        "OUTPUT": str(tmp_path / "expected.gpkg")})
+    assert polygon_areas(polygons) == pytest.approx(polygon_areas(expected["OUTPUT"]), rel=1e-6)
