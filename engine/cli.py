@@ -1,5 +1,5 @@
 """The ``geochange`` command line: detect, evaluate, import-weights, info, models; train and mtkd
-forward to the trainer (``geochange.trainer.cli``)."""
+come from the trainer through the ``geochange.commands`` entry points."""
 from __future__ import annotations
 
 import argparse
@@ -61,20 +61,10 @@ def _cmd_import(args) -> int:
 
 
 def _cmd_info(args) -> int:
-    from geochange.engine.package import format_manifest, read_manifest
-    from geochange.engine.router import ROUTER_FORMAT, read_metadata
+    from geochange.engine.router import describe_model
 
-    header = read_metadata(Path(args.model))
-    manifest = header if header.get("format") == ROUTER_FORMAT else read_manifest(args.model)
-    if args.json:
-        print(json.dumps(manifest, indent=2))
-    elif manifest["format"] == ROUTER_FORMAT:
-        print(f"O-P router: CAR thresholds {manifest['thresholds']} (CAR <= threshold picks the teacher)")
-        for role, entry in [("original", manifest["original"])] + [
-                (f"teacher {t['name']} (CAR <= {t['max_car']})", t) for t in manifest["teachers"]]:
-            print(f"\n[{role}]\n{format_manifest(entry['manifest'])}")
-    else:
-        print(format_manifest(manifest))
+    described = describe_model(args.model)
+    print(json.dumps(described["manifest"], indent=2) if args.json else described["text"])
     return 0
 
 
@@ -160,22 +150,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flops", action="store_true", help="also count FLOPs at 256x256 (slow)")
     p.set_defaults(run=_cmd_models)
 
-    # Listed for --help only: main() hands these commands to the trainer, which parses its own arguments.
-    sub.add_parser("train", help="train a model from a config (geochange train --help)", add_help=False)
-    sub.add_parser("mtkd", help="the MTKD pipeline (geochange mtkd --help)", add_help=False)
+    # Listed for --help only: main() hands these commands to the package that provides them.
+    for name in layer_commands():
+        sub.add_parser(name, help=f"(from a layer above the engine: geochange {name} --help)", add_help=False)
     return parser
 
 
-TRAINER_COMMANDS = ("train", "mtkd")
+def layer_commands() -> dict:
+    """Commands that layers above the engine (the trainer) add through the entry-point group
+    ``geochange.commands``: the engine never imports them by name."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group="geochange.commands")}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in TRAINER_COMMANDS:
-        # The trainer is a layer above the engine, imported only when one of its commands runs.
-        from geochange.trainer.cli import main as trainer_main
-
-        return trainer_main(argv)
+    commands = layer_commands() if argv and not argv[0].startswith("-") else {}
+    if argv and argv[0] in commands:
+        return commands[argv[0]].load()(argv)
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

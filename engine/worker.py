@@ -36,7 +36,6 @@ NEEDS = {
     "vectorize": ("numpy", "rasterio", "shapely", "skimage", "pyproj", "osgeo"),
     "evaluate": ENGINE,
     "info": ("torch", "timm", "safetensors"),
-    "train": (*ENGINE, "yaml", "tqdm"),
 }
 PIP_NAMES = {"skimage": "scikit-image", "osgeo": "GDAL", "yaml": "pyyaml", "numpy": "numpy<2"}
 
@@ -60,14 +59,14 @@ class _Emitter:
             self._out.flush()
 
 
-def missing_modules(task: str) -> dict[str, str]:
+def missing_modules(task: str, needs: dict = NEEDS) -> dict[str, str]:
     """{module: why} for the engine's dependencies that are absent here (all of them, so that one
     message lists everything to install) or, for the task's own, that fail to import."""
     missing = {}
-    for name in dict.fromkeys(m for needs in NEEDS.values() for m in needs):
+    for name in dict.fromkeys(m for modules in needs.values() for m in modules):
         if importlib.util.find_spec(name) is None:
             missing[name] = "not installed"
-    for name in NEEDS[task]:
+    for name in needs[task]:
         if name not in missing:
             try:
                 importlib.import_module(name)
@@ -76,7 +75,7 @@ def missing_modules(task: str) -> dict[str, str]:
     return missing
 
 
-def _progress(emit):
+def json_progress(emit):
     from geochange.engine.progress import Progress
 
     class JsonProgress(Progress):
@@ -96,7 +95,7 @@ def run_detect(args: dict, emit) -> dict:
 
     args = dict(args)
     emit(log=f"model {Path(args['model']).name}:\n{describe_model(args['model'])['text']}")
-    result = detect(args.pop("pre"), args.pop("post"), args.pop("model"), progress=_progress(emit), **args)
+    result = detect(args.pop("pre"), args.pop("post"), args.pop("model"), progress=json_progress(emit), **args)
     return {"probability": str(result.probability), "mask": str(result.mask),
             "polygons": str(result.polygons), "polygon_count": result.polygon_count,
             "changed_area_m2": result.changed_area_m2}
@@ -106,7 +105,7 @@ def run_vectorize(args: dict, emit) -> dict:
     from geochange.engine.vectorize import vectorize_probability
 
     args = dict(args)
-    return vectorize_probability(args.pop("probability"), args.pop("polygons"), progress=_progress(emit),
+    return vectorize_probability(args.pop("probability"), args.pop("polygons"), progress=json_progress(emit),
                                  **args)
 
 
@@ -118,7 +117,7 @@ def run_evaluate(args: dict, emit) -> dict:
     args = dict(args)
     model = args.pop("model")
     emit(log=f"model {Path(model).name}:\n{describe_model(model)['text']}")
-    summary = evaluate_folder(load_package(model), args.pop("data"), progress=_progress(emit), **args)
+    summary = evaluate_folder(load_package(model), args.pop("data"), progress=json_progress(emit), **args)
     return summary
 
 
@@ -128,89 +127,7 @@ def run_info(args: dict, emit) -> dict:
     return describe_model(args["model"])
 
 
-class TrainingFollower:
-    """Relays a training run's progress from another thread: the iteration counter as progress, and the
-    newest rows of its logs (``train_log.csv``, ``val_log.csv`` in the work folder) as log lines."""
-
-    def __init__(self, trainer, emit, interval_s: float = 1.0):
-        import threading
-
-        self.trainer, self.emit, self.interval_s = trainer, emit, interval_s
-        self.total = trainer.cfg["schedule"]["iterations"]
-        self.shown = {"train": 0, "val": 0}  # last iteration logged from each file
-        self.reported = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._follow, name="geochange-train-log", daemon=True)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self._report()
-
-    def _last_row(self, name: str) -> dict | None:
-        import csv
-
-        path = self.trainer.work_dir / f"{name}_log.csv"
-        try:
-            with open(path, newline="") as f:
-                rows = list(csv.DictReader(f))
-        except (FileNotFoundError, csv.Error):
-            return None
-        return rows[-1] if rows else None
-
-    def _report(self) -> None:
-        done = self.trainer.iteration
-        if done == 0:
-            return  # before the first iteration the logs may still be an earlier run's
-        if done != self.reported:
-            self.reported = done
-            self.emit(progress=round(100.0 * done / self.total, 3))
-        for name in ("train", "val"):
-            row = self._last_row(name)
-            if row and self.shown[name] < int(row["iteration"]) <= done:
-                self.shown[name] = int(row["iteration"])
-                values = ", ".join(f"{k} {float(v):.4g}" for k, v in row.items() if k != "iteration" and v)
-                self.emit(log=f"{'validation' if name == 'val' else 'iteration'} {row['iteration']}/{self.total}: "
-                              f"{values}")
-
-    def _follow(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self._report()
-
-
-def run_train(args: dict, emit) -> dict:
-    """Train a config (with ``--set`` style overrides) and copy the best package to ``package``."""
-    import shutil
-
-    from geochange.engine.atomic import atomic_path
-    from geochange.trainer.config import load
-    from geochange.trainer.loop import Trainer
-
-    overrides = list(args.get("overrides", []))
-    if args.get("work_dir"):
-        overrides.append(f"work_dir={json.dumps(str(args['work_dir']))}")
-    config = Path(args["config"]).resolve()
-    # Relative paths in the config (datasets, weights, work_dir) are taken from the config's folder.
-    os.chdir(config.parent)
-    cfg = load(config, overrides)
-    trainer = Trainer(cfg)
-    emit(log=f"training {cfg['name']} ({cfg['model']['architecture']}) for {cfg['schedule']['iterations']} "
-             f"iterations on {trainer.device}; work folder {trainer.work_dir.resolve()}")
-    with TrainingFollower(trainer, emit):
-        results = trainer.fit(resume=bool(args.get("resume")))
-    with atomic_path(args["package"]) as tmp:
-        shutil.copyfile(trainer.package_path, tmp)
-    return {"package": str(args["package"]), "work_dir": str(trainer.work_dir.resolve()),
-            "best_iteration": results["best_iteration"],
-            "val": results["val"] and results["val"]["global"], "test": results["test"] and results["test"]["global"]}
-
-
-TASKS = {"detect": run_detect, "vectorize": run_vectorize, "evaluate": run_evaluate, "info": run_info,
-         "train": run_train}
+TASKS = {"detect": run_detect, "vectorize": run_vectorize, "evaluate": run_evaluate, "info": run_info}
 
 
 def _engine_origin() -> str:
@@ -230,17 +147,18 @@ def _cancel_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, raise_cancelled)
 
 
-def main() -> int:
+def main(tasks: dict = TASKS, needs: dict = NEEDS) -> int:
+    """Serve one job; layers above the engine (the trainer) call this with their own tasks added."""
     emit = _Emitter()
     faulthandler.enable()  # a segfault prints the Python stack on stderr before the process dies
     _cancel_on_sigterm()
     try:
         job = json.loads(sys.stdin.read())
         task, args = job["task"], job.get("args", {})
-        if task not in TASKS:
-            emit(error=f"unknown task {task!r}; known: {', '.join(TASKS)}", kind="ValueError")
+        if task not in tasks:
+            emit(error=f"unknown task {task!r}; known: {', '.join(tasks)}", kind="ValueError")
             return 2
-        missing = missing_modules(task)
+        missing = missing_modules(task, needs)
         if missing:
             emit(error=f"missing Python packages: {', '.join(missing)}", kind="MissingDependency",
                  missing={m: {"pip": PIP_NAMES.get(m, m), "reason": why} for m, why in missing.items()},
@@ -248,7 +166,7 @@ def main() -> int:
                  venv=sys.prefix != sys.base_prefix)
             return 2
         emit(log=f"GeoChange engine {_engine_origin()} on Python {sys.version.split()[0]} ({sys.executable})")
-        emit(result=TASKS[task](args, emit))
+        emit(result=tasks[task](args, emit))
         return 0
     except Exception as e:
         from geochange.engine.errors import Cancelled, GeoChangeError

@@ -33,13 +33,13 @@ CANCEL_GRACE_S = 20.0
 # the interpreter has installed, so the engine that runs is always the plugin's own copy.
 BOOTSTRAP = """\
 import importlib.util, runpy, sys
-root = sys.argv.pop(1)
+root, module = sys.argv.pop(1), sys.argv.pop(1)
 spec = importlib.util.spec_from_file_location("geochange", root + "/__init__.py",
                                               submodule_search_locations=[root])
 package = importlib.util.module_from_spec(spec)
 sys.modules["geochange"] = package
 spec.loader.exec_module(package)
-runpy.run_module("geochange.engine.worker", run_name="__main__", alter_sys=True)
+runpy.run_module(module, run_name="__main__", alter_sys=True)
 """
 STDERR_QUOTED = 30  # lines of the engine's stderr quoted in a crash report
 SIGNAL_MEANINGS = {"SIGSEGV": "segmentation fault", "SIGABRT": "aborted", "SIGKILL": "killed, e.g. out of memory",
@@ -158,7 +158,9 @@ def run_task(task: str, args: dict, feedback, outputs=()) -> dict:
         raise QgsProcessingException(f"The Python interpreter for the GeoChange engine, {python} (chosen by "
                                      f"{origin}), does not exist.")
     try:
-        process = subprocess.Popen([str(python), "-c", BOOTSTRAP, str(PLUGIN_ROOT)], stdin=subprocess.PIPE,
+        # Training is a layer above the engine: its worker adds the train task to the engine's.
+        module = "geochange.trainer.worker" if task == "train" else "geochange.engine.worker"
+        process = subprocess.Popen([str(python), "-c", BOOTSTRAP, str(PLUGIN_ROOT), module], stdin=subprocess.PIPE,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8",
                                    errors="replace", env=_worker_environment(python))
     except OSError as e:
