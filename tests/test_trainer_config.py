@@ -1,0 +1,129 @@
+"""Trainer configs: every shipped experiment parses with the papers' settings; errors name the key;
+overrides; Open-CD's per-parameter multipliers and the learning-rate schedule."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch.nn as nn
+
+from geochange.trainer.config import ConfigError, load, validate
+from geochange.trainer.optim import lr_factor, param_groups
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "trainer" / "configs"
+CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
+MINIMAL = {"name": "x", "model": {"architecture": "tinycd"}, "data": {"datasets": [{"root": "d", "layout": 1}]}}
+
+
+def test_the_issue_s_experiments_are_shipped():
+    names = {p.stem for p in CONFIGS}
+    assert {"m2cd_mit_b0_cau", "m2cd_mit_b0_o2sp_cau", "sscfnet_r50_levir", "changer_mit_b0_jl1",
+            "tinycd_levir", "mtkd_changer_mit_b0_jl1"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_config_parses(path):
+    cfg = load(path)
+    assert cfg["name"] == path.stem
+    assert cfg["schedule"]["iterations"] >= 89000  # full paper schedules, not smoke settings
+    if cfg["data"]["optical_sar"]:
+        assert cfg["augment"]["exchange"] == 0
+
+
+def test_papers_settings():
+    moe, o2sp = load(CONFIG_DIR / "m2cd_mit_b0_cau.yaml"), load(CONFIG_DIR / "m2cd_mit_b0_o2sp_cau.yaml")
+    assert moe["loss"]["o2sp"] == 0 and o2sp["loss"]["o2sp"] == 1e-4
+    assert o2sp["model"]["init"].endswith("m2cd_mit_b0_cau/best.safetensors")
+    for cfg in (moe, o2sp):
+        assert (cfg["optim"]["lr"], cfg["optim"]["weight_decay"], cfg["data"]["batch"]) == (1e-4, 0.01, 8)
+        assert cfg["optim"]["lr_mult"] == {"head": 10.0}
+        assert cfg["optim"]["decay_mult"] == {"norm": 0.0, "pos_block": 0.0}
+        assert (cfg["schedule"]["warmup"], cfg["schedule"]["warmup_start"], cfg["schedule"]["decay"]) == \
+            (1000, 1e-6, "poly")
+        assert cfg["loss"]["ohem"] == {"thresh": 0.7, "min_kept": 100000}
+        assert cfg["augment"]["rotate"]["degrees"] == 20 and cfg["augment"]["crop"]["cat_max_ratio"] == 0.75
+    sscf = load(CONFIG_DIR / "sscfnet_r50_levir.yaml")
+    assert (sscf["optim"]["name"], sscf["optim"]["lr"], sscf["optim"]["momentum"],
+            sscf["optim"]["weight_decay"], sscf["schedule"]["decay"]) == ("sgd", 0.01, 0.9, 5e-4, "cosine")
+    assert sscf["loss"]["aux_weight"] == 0.5 and sscf["loss"]["ohem"] is None
+    mtkd = load(CONFIG_DIR / "mtkd_changer_mit_b0_jl1.yaml")
+    assert mtkd["mtkd"]["thresholds"] == [0.05, 0.2] and mtkd["mtkd"]["lambda"] == 1e-4
+    assert mtkd["mtkd"]["distill"]["schedule"]["iterations"] == 100000
+    assert mtkd["augment"]["crop"]["size"] == 512 and mtkd["augment"]["exchange"] == 0.5
+
+
+def test_errors_name_every_bad_key():
+    raw = {"name": "x", "model": {"architecture": "tinycd"},
+           "data": {"datasets": [{"root": "d"}], "batch": "two"},
+           "optim": {"lrr": 1e-3}, "augment": {"exchange": 2}}
+    with pytest.raises(ConfigError) as e:
+        validate(raw)
+    text = str(e.value)
+    assert "data.batch: expected int, got 'two'" in text
+    assert "optim.lrr: unknown key (did you mean 'lr'?)" in text
+    assert "augment.exchange: must be between 0 and 1" in text
+    with pytest.raises(ConfigError, match="model.architecture: unknown architecture"):
+        validate({**MINIMAL, "model": {"architecture": "nope"}, "data": {"datasets": [{"root": "d"}]}})
+    with pytest.raises(ConfigError, match="data.datasets.0.layout: unknown key"):
+        validate(MINIMAL)
+    with pytest.raises(ConfigError, match="exchanged in an optical-SAR pair"):
+        validate({**MINIMAL, "data": {"datasets": [{"root": "d"}], "optical_sar": True},
+                  "augment": {"exchange": 0.5}})
+    with pytest.raises(ConfigError, match="mtkd.distill makes schedule.iterations: must be positive"):
+        validate({**MINIMAL, "data": {"datasets": [{"root": "d"}]},
+                  "mtkd": {"distill": {"schedule": {"iterations": 0}}}})
+
+
+def test_overrides_and_yaml_numbers(tmp_path):
+    path = tmp_path / "c.yaml"
+    # PyYAML reads 1e-4 without a dot as a string; the config accepts it as the number it means.
+    path.write_text("name: c\nmodel: {architecture: tinycd}\noptim: {lr: 1e-4}\n"
+                    "data: {datasets: [{root: a}, {root: b}]}\n")
+    cfg = load(path, ["data.datasets.1.root=/elsewhere", "schedule.iterations=2e3", "optim.betas=[0.9, 0.99]"])
+    assert cfg["optim"]["lr"] == 1e-4
+    assert cfg["data"]["datasets"][1]["root"] == "/elsewhere"
+    assert cfg["schedule"]["iterations"] == 2000 and isinstance(cfg["schedule"]["iterations"], int)
+    assert cfg["optim"]["betas"] == [0.9, 0.99]
+    assert cfg["work_dir"] == "runs/c" and cfg["train"]["checkpoint_interval"] == cfg["train"]["val_interval"]
+    with pytest.raises(ConfigError, match="not an index"):
+        load(path, ["data.datasets.5.root=x"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load(path, ["data.batch"])
+
+
+class _Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 4, 1), nn.LayerNorm(4))
+        self.backbone.pos_block = nn.Conv2d(4, 4, 1)
+        self.head = nn.Module()
+        self.head.conv = nn.Conv2d(4, 2, 1)
+        self.head.norm = nn.BatchNorm2d(2)
+
+
+def test_param_groups_follow_mmengine_custom_keys():
+    model = _Toy()
+    groups = param_groups(model, lr=1e-4, weight_decay=0.01, lr_mult={"head": 10.0},
+                          decay_mult={"norm": 0.0, "pos_block": 0.0})
+    setting = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert setting[id(named["backbone.0.weight"])] == (1e-4, 0.01)
+    assert setting[id(named["backbone.pos_block.weight"])] == (1e-4, 0.0)
+    # "head" (4 letters) sorts before "norm": a head norm keeps its decay, as in the authors' runs.
+    assert setting[id(named["head.norm.weight"])] == pytest.approx((1e-3, 0.01))
+    assert setting[id(named["head.conv.bias"])] == pytest.approx((1e-3, 0.01))
+    # backbone.1 is a LayerNorm whose name holds no "norm": mmengine matches names, not types.
+    assert setting[id(named["backbone.1.weight"])] == (1e-4, 0.01)
+    assert sum(len(g["params"]) for g in groups) == len(named)
+
+
+def test_learning_rate_schedule():
+    poly = {"iterations": 200000, "warmup": 1000, "warmup_start": 1e-6, "decay": "poly", "power": 1.0}
+    assert lr_factor(0, poly) == 1e-6
+    assert lr_factor(500, poly) == pytest.approx(1e-6 + (1 - 1e-6) * 0.5)
+    assert lr_factor(1000, poly) == 1.0
+    assert lr_factor(100500, poly) == pytest.approx(0.5)
+    assert lr_factor(200000, poly) == 0.0
+    cosine = {**poly, "warmup": 0, "decay": "cosine", "iterations": 100}
+    assert lr_factor(0, cosine) == 1.0 and lr_factor(50, cosine) == pytest.approx(0.5)
+    assert lr_factor(100, cosine) == pytest.approx(0.0)

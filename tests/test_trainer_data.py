@@ -1,0 +1,211 @@
+"""Trainer data on the shared real data: folder datasets and their splits, raster pairs cut into chips
+(label raster or polygons), the seeded stream, and the augmentations of methods.md."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from geochange.trainer.augment import Augment
+from geochange.trainer.config import SCHEMA, validate
+from geochange.trainer.data import (IGNORE, DataError, RasterSource, StreamSampler, TrainStream, build_splits,
+                                    change_area_ratio)
+from geochange.engine.inputs import optical_input, sar_input
+
+OPTICAL = {"pre": optical_input(3), "post": optical_input(3)}
+
+
+def augment_config(**sections) -> dict:
+    raw = {"name": "a", "model": {"architecture": "tinycd"}, "data": {"datasets": [{"root": "x"}]},
+           "augment": sections}
+    return validate(raw)["augment"]
+
+
+def ids(items):
+    return [i.id for i in items]
+
+
+def test_ratio_split_is_seeded_disjoint_and_complete(shared_data):
+    spec = {"root": str(shared_data / "levir_cd"), "split": {"val": 0.2, "test": 0.2, "seed": 3}}
+    first, again = build_splits([spec]), build_splits([spec])
+    assert {s: ids(v) for s, v in first.items()} == {s: ids(v) for s, v in again.items()}
+    assert [len(first[s]) for s in ("train", "val", "test")] == [7, 2, 2]
+    every = ids(first["train"]) + ids(first["val"]) + ids(first["test"])
+    assert len(set(every)) == 11
+    other = build_splits([{**spec, "split": {"val": 0.2, "test": 0.2, "seed": 4}}])
+    assert ids(other["val"]) != ids(first["val"]) or ids(other["test"]) != ids(first["test"])
+
+
+def test_named_split_list_files_and_split_folders(shared_data, tmp_path):
+    levir = shared_data / "levir_cd"
+    names = sorted(p.name for p in (levir / "A").iterdir())
+    named = build_splits([{"root": str(levir), "name": "levir", "split": {"train": names[:3], "val": [names[3]]}}])
+    assert ids(named["train"]) == [f"levir/{n}" for n in names[:3]] and not named["test"]
+    with pytest.raises(DataError, match="not in the dataset"):
+        build_splits([{"root": str(levir), "split": {"train": ["missing.png"]}}])
+    # List files beside a copy of the dataset (symlinked images).
+    root = tmp_path / "listed"
+    for folder in ("A", "B", "label"):
+        (root / folder).mkdir(parents=True)
+        for n in names[:4]:
+            (root / folder / n).symlink_to(levir / folder / n)
+    (root / "train.txt").write_text("\n".join(f"A/{n}" for n in names[:3]) + "\n\n")
+    (root / "test.txt").write_text(names[3])
+    listed = build_splits([{"root": str(root), "lists": {"train": "train.txt", "test": "test.txt"}}])
+    assert [len(listed[s]) for s in ("train", "val", "test")] == [3, 0, 1]
+    # {train,val}/{A,B,label} subfolders are found without a split spec.
+    for split, chosen in (("train", names[:2]), ("val", names[2:3])):
+        for folder in ("A", "B", "label"):
+            (tmp_path / "splits" / split / folder).mkdir(parents=True)
+            for n in chosen:
+                (tmp_path / "splits" / split / folder / n).symlink_to(levir / folder / n)
+    layout = build_splits([{"root": str(tmp_path / "splits")}])
+    assert [len(layout[s]) for s in ("train", "val", "test")] == [2, 1, 0]
+    with pytest.raises(DataError, match="give split or lists"):
+        build_splits([{"root": str(levir)}])
+
+
+def test_folder_pairs_load_as_raw_dates_and_binary_labels(shared_data):
+    split = build_splits([{"root": str(shared_data / "ombria"), "split": {"val": 0.5}}])
+    pre, post, label = split["train"][0].load()
+    assert pre.shape == (3, 256, 256) and post.shape == (1, 256, 256)  # optical before, SAR grey after
+    assert label.dtype == np.uint8 and set(np.unique(label)) <= {0, 1}
+    assert 0 < change_area_ratio(label) < 1
+
+
+def _polygon_file(path, source: RasterSource, rows, cols):
+    """A GeoPackage with one rectangle covering pixel ``rows`` x ``cols`` of the raster."""
+    from osgeo import ogr, osr
+
+    t = source.transform
+    (x0, y0), (x1, y1) = t * (cols[0], rows[0]), t * (cols[1], rows[1])
+    ring = ogr.Geometry(ogr.wkbLinearRing)
+    for x, y in ((x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0)):
+        ring.AddPoint_2D(x, y)
+    polygon = ogr.Geometry(ogr.wkbPolygon)
+    polygon.AddGeometry(ring)
+    srs = osr.SpatialReference()
+    srs.ImportFromWkt(source.crs.to_wkt())
+    ds = ogr.GetDriverByName("GPKG").CreateDataSource(str(path))
+    layer = ds.CreateLayer("changes", srs, ogr.wkbPolygon)
+    feature = ogr.Feature(layer.GetLayerDefn())
+    feature.SetGeometry(polygon)
+    layer.CreateFeature(feature)
+    ds = None
+
+
+def test_raster_pair_chips_with_label_raster_or_polygons(shared_data, tmp_path):
+    tile = shared_data / "levir_tile_georef"
+    spec = {"pre": str(tile / "pre.tif"), "post": str(tile / "post.tif"), "label": str(tile / "label.tif"),
+            "chip": 256, "split": {"val": 0.25, "test": 0.25, "seed": 0}}
+    split = build_splits([spec])
+    assert [len(split[s]) for s in ("train", "val", "test")] == [8, 4, 4]
+    item = split["val"][0]
+    pre, post, label = item.load()
+    assert pre.shape == post.shape == (3, 256, 256) and label.shape == (256, 256)
+    source = item.source
+    polygons = tmp_path / "labels.gpkg"
+    _polygon_file(polygons, source, rows=(10, 50), cols=(20, 80))
+    burnt = build_splits([{**spec, "label": str(polygons)}])
+    first = next(i for i in burnt["train"] + burnt["val"] + burnt["test"] if i.key.startswith("r0_c0_"))
+    label = first.load()[2]
+    assert label[10:50, 20:80].all() and label.sum() == 40 * 60
+    # Random training chips never overlap a held-out chip.
+    randomly = build_splits([{**spec, "sampler": "random", "samples": 12}])
+    assert len(randomly["train"]) == 12
+    held = [RasterSource.window(i.key) for i in randomly["val"] + randomly["test"]]
+    for item in randomly["train"]:
+        w = RasterSource.window(item.key)
+        assert not any(w.row_off < h.row_off + h.height and h.row_off < w.row_off + w.height and
+                       w.col_off < h.col_off + h.width and h.col_off < w.col_off + w.width for h in held)
+
+
+def test_augmentation_moves_dates_and_label_together_and_pads_with_ignore():
+    rng = np.random.default_rng(0)
+    label = (rng.random((96, 96)) < 0.3).astype(np.uint8)
+    pre = np.repeat(label[None] * 200, 3, 0).astype(np.uint8)
+    geometry_only = augment_config(photometric={"prob": 0.0}, rot_flip=1.0, crop={"size": 64, "cat_max_ratio": 1.0})
+    for seed in range(8):
+        a, b, lab = Augment(geometry_only)(pre, pre.copy(), label, OPTICAL, np.random.default_rng(seed))
+        assert a.shape == (3, 64, 64) and lab.shape == (64, 64)
+        np.testing.assert_array_equal(a, b)
+        valid = lab != IGNORE
+        if (lab == IGNORE).any():  # rotated: padding is 0 in the images (bilinear at its edge), ignored
+            assert (a[:, ~valid] == 0).mean() > 0.8
+        inner = valid.copy()
+        inner[[0, -1], :] = inner[:, [0, -1]] = False  # bilinear edges of a rotation
+        sharp = inner & ((a[0] < 5) | (a[0] > 195))
+        np.testing.assert_array_equal(a[0][sharp] > 100, lab[sharp] == 1)
+    rotated = Augment(augment_config(rotate={"prob": 1.0, "degrees": 30}, photometric={"prob": 0.0},
+                                     crop={"size": 96}))(pre, pre, label, OPTICAL, np.random.default_rng(1))[2]
+    assert (rotated == IGNORE).any()
+
+
+def test_crop_avoids_single_class_crops_and_pads_small_images():
+    label = np.zeros((256, 256), np.uint8)
+    label[:40, :40] = 1
+    image = np.zeros((3, 256, 256), np.uint8)
+    cfg = augment_config(rotate={"prob": 0.0}, flip={"horizontal": 0.0, "vertical": 0.0}, photometric={"prob": 0.0},
+                         crop={"size": 64, "cat_max_ratio": 0.75})
+    mixed = sum(len(np.unique(Augment(cfg)(image, image, label, OPTICAL, np.random.default_rng(s))[2])) > 1
+                for s in range(20))
+    plain = augment_config(**{**cfg, "crop": {"size": 64, "cat_max_ratio": 1.0}})
+    mixed_plain = sum(len(np.unique(Augment(plain)(image, image, label, OPTICAL, np.random.default_rng(s))[2])) > 1
+                      for s in range(20))
+    assert mixed > mixed_plain
+    small = Augment(augment_config(**{**cfg, "crop": {"size": 64}}))(image[:, :40, :50], image[:, :40, :50], label[:40, :50],
+                                                          OPTICAL, np.random.default_rng(0))
+    assert small[0].shape == (3, 64, 64) and (small[2][40:] == IGNORE).all() and (small[2][:, 50:] == IGNORE).all()
+
+
+def test_photometric_distortion_is_per_date_and_exchange_swaps():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (3, 32, 32)).astype(np.uint8)
+    label = np.zeros((32, 32), np.uint8)
+    photo = augment_config(rotate={"prob": 0.0}, flip={"horizontal": 0.0, "vertical": 0.0}, crop={"size": 32},
+                           photometric={"prob": 1.0})
+    a, b, _ = Augment(photo)(image, image, label, OPTICAL, np.random.default_rng(0))
+    assert not np.allclose(a, b) and not np.allclose(a, image)
+    assert a.min() >= 0 and a.max() <= 255
+    # A one-band SAR date gets brightness and contrast only; it stays one band.
+    sar = {"pre": optical_input(3), "post": sar_input(3)}
+    _, grey, _ = Augment(photo)(image, image[:1], label, sar, np.random.default_rng(0))
+    assert grey.shape == (1, 32, 32)
+    swap = augment_config(rotate={"prob": 0.0}, flip={"horizontal": 0.0, "vertical": 0.0}, crop={"size": 32},
+                          photometric={"prob": 0.0}, exchange=1.0)
+    a, b, _ = Augment(swap)(image, image[::-1], label, OPTICAL, np.random.default_rng(0))
+    np.testing.assert_array_equal(a, image[::-1])
+
+
+def test_stream_is_seeded_by_position_and_split_over_processes(shared_data):
+    split = build_splits([{"root": str(shared_data / "dsifn"), "split": {"val": 0.2}}])
+    cfg = augment_config(crop={"size": 64})
+    stream = TrainStream(split["train"], Augment(cfg), OPTICAL, seed=5)
+    first, again = stream[11], stream[11]
+    for key in ("pre", "post", "label"):
+        assert torch.equal(first[key], again[key])
+    assert not torch.equal(stream[11]["pre"], stream[12]["pre"])
+    # Each epoch visits every item once, in a seeded order.
+    n = len(split["train"])
+    assert sorted(stream.item_at(k).id for k in range(n, 2 * n)) == sorted(ids(split["train"]))
+    assert TrainStream(split["train"], Augment(cfg), OPTICAL, seed=5).item_at(3) == stream.item_at(3)
+    # Two processes take the two halves of every global batch of one process.
+    def take(sampler, count):
+        out, it = [], iter(sampler)
+        for _ in range(count):
+            out.append(next(it))
+        return out
+    single = take(StreamSampler(7, 4), 8)
+    halves = [take(StreamSampler(7, 4, rank, 2), 4) for rank in (0, 1)]
+    assert single == [*halves[0][:2], *halves[1][:2], *halves[0][2:], *halves[1][2:]] == list(range(28, 36))
+    with pytest.raises(DataError, match="not divisible"):
+        StreamSampler(0, 3, 0, 2)
+
+
+def test_change_area_ratio_leaves_ignored_pixels_out():
+    label = np.zeros((2, 10, 10), np.uint8)
+    label[0, :5] = 1
+    label[1, :2] = 1
+    label[1, 5:] = IGNORE
+    assert change_area_ratio(label).tolist() == [0.5, 0.4]
+    assert "datasets" in SCHEMA["data"]

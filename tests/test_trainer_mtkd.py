@@ -1,0 +1,148 @@
+"""MTKD: CAR routing at the boundaries as methods.md says, the distillation term's effect on the student's
+gradients, frozen teachers, the student's start from M_O, the router package, and the pipeline end to end
+on real pairs (TinyCD, LEVIR-CD + DSIFN, 2 iterations a step)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+from geochange.engine.models import create
+from geochange.engine.package import load_package, read_manifest
+from geochange.engine.router import load_router, route
+from geochange.trainer.data import change_area_ratio
+from geochange.trainer.evaluation import predictor_for, whole_image
+from geochange.trainer.loop import Trainer
+from geochange.trainer.mtkd import Pipeline, TeacherRouter
+from trainer_setup import first_batch, gradients, small_config
+
+
+def test_training_routes_by_strict_thresholds_inference_by_inclusive_ones():
+    car = torch.tensor([0.0, 0.0499, 0.05, 0.1999, 0.2, 0.7], dtype=torch.float64)
+    assert route(car, [0.05, 0.2]).tolist() == [0, 0, 1, 1, 2, 2]  # training: CAR < t
+    assert route(car, [0.05, 0.2], inclusive=True).tolist() == [0, 0, 0, 1, 1, 2]  # O-P test code: CAR <= t
+    two = torch.tensor([0.1, 0.1001], dtype=torch.float64)
+    assert route(two, [0.10]).tolist() == [1, 1]
+    assert route(two, [0.10], inclusive=True).tolist() == [0, 1]
+
+
+class _Constant(nn.Module):
+    """A teacher whose logits say which teacher it is."""
+
+    def __init__(self, value: float):
+        super().__init__()
+        self.value = nn.Parameter(torch.tensor(value))
+
+    def forward(self, pre, post):
+        return self.value.expand(pre.shape[0], 1, *pre.shape[-2:])
+
+
+def test_each_sample_gets_the_teacher_of_its_ground_truth_car():
+    labels = torch.zeros(4, 20, 20, dtype=torch.uint8)
+    labels[0].view(-1)[:20] = 1  # CAR exactly 0.05 -> medium
+    labels[1].view(-1)[:80] = 1  # CAR exactly 0.2 -> large
+    labels[2].view(-1)[:19] = 1  # just under 0.05 -> small
+    labels[3].view(-1)[:79] = 1  # just under 0.2 -> medium
+    assert change_area_ratio(labels)[:2].tolist() == [0.05, 0.2]
+    router = TeacherRouter([_Constant(0.0), _Constant(1.0), _Constant(2.0)], [0.05, 0.2])
+    images = torch.zeros(4, 3, 20, 20)
+    chosen = router(images, images, labels)[:, 0, 0, 0]
+    assert chosen.tolist() == [1.0, 2.0, 0.0, 1.0]
+    assert all(not t.training and not t.value.requires_grad for t in router.teachers)
+
+
+def test_distillation_term_changes_the_student_gradients(shared_data, tmp_path):
+    cfg = small_config(tmp_path, shared_data / "levir_cd", "changer_mit_b0")
+    teachers = []
+    for seed in range(3):
+        torch.manual_seed(seed + 10)
+        teachers.append(create("changer_mit_b0"))
+    plain = Trainer(cfg)
+    batch = first_batch(plain)
+    reference = gradients(plain, batch)
+    distilled = gradients(Trainer(cfg, teacher=TeacherRouter(teachers, [0.05, 0.2]), distill_weight=1e-4), batch)
+    silent = gradients(Trainer(cfg, teacher=TeacherRouter(teachers, [0.05, 0.2]), distill_weight=0.0), batch)
+    assert any(not torch.equal(distilled[n], reference[n]) for n in reference)
+    assert all(torch.equal(silent[n], reference[n]) for n in reference)
+
+
+@pytest.fixture(scope="module")
+def pipeline(shared_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("mtkd")
+    cfg = small_config(root, shared_data / "levir_cd", "tinycd",
+                       data={"datasets": [{"root": str(shared_data / d), "split": {"val": 0.2, "test": 0.2}}
+                                          for d in ("levir_cd", "dsifn")]},
+                       mtkd={"thresholds": [0.05, 0.2], "distill": {"schedule": {"iterations": 2}}})
+    pipe = Pipeline(cfg)
+    for step in ("partition", "original", "teachers"):
+        getattr(pipe, step)()
+    return pipe
+
+
+def test_partitions_by_ground_truth_car(pipeline):
+    parts = json.loads((pipeline.root / "partitions.json").read_text())
+    assert parts["thresholds"] == [0.05, 0.2]
+    train = {i.id: i for i in pipeline.splits["train"]}
+    assert sorted(sum(parts["train"].values(), [])) == sorted(train)
+    for name, bounds in (("small", (0, 0.05)), ("medium", (0.05, 0.2)), ("large", (0.2, 1.01))):
+        assert parts["train"][name], name
+        for item_id in parts["train"][name]:
+            assert bounds[0] <= float(change_area_ratio(train[item_id].load()[2])) < bounds[1]
+    for name in ("small", "medium", "large"):
+        manifest = read_manifest(pipeline.step_dir("teacher", name) / "best.safetensors")
+        assert manifest["training"]["method"] == f"mtkd-teacher-{name}"
+        assert manifest["training"]["data"]["train"] == len(parts["train"][name])
+
+
+def test_student_starts_from_m_o_and_teachers_stay_frozen(pipeline):
+    original = load_package(pipeline.step_dir("original") / "best.safetensors").model.state_dict()
+    trainer = pipeline.distill_trainer()
+    assert trainer.distill_weight == 5e-3  # the authors' TinyCD value
+    assert all(torch.equal(v, original[k]) for k, v in trainer.module.state_dict().items())
+    before = [{k: v.clone() for k, v in t.state_dict().items()} for t in trainer.teacher.teachers]
+    results = trainer.fit()
+    assert results["test"] is not None
+    for teacher, state in zip(trainer.teacher.teachers, before):
+        assert all(torch.equal(v, state[k]) for k, v in teacher.state_dict().items())
+    rows = (pipeline.step_dir("distill") / "train_log.csv").read_text().splitlines()
+    assert rows[0].split(",")[:5] == ["iteration", "lr", "loss", "seg", "distill"]
+    assert all(float(r.split(",")[4]) > 0 for r in rows[1:])
+    assert read_manifest(pipeline.step_dir("distill") / "best.safetensors")["training"]["method"] == "mtkd"
+
+
+def test_router_package_and_o_p_metrics(pipeline):
+    results = pipeline.router()
+    router = load_router(pipeline.root / "router.safetensors")
+    assert router.thresholds == [0.05, 0.2] and [n for n, _ in router.teachers] == ["small", "medium", "large"]
+    for name, package in [("original", router.original), *router.teachers]:
+        step = pipeline.step_dir("original") if name == "original" else pipeline.step_dir("teacher", name)
+        reference = load_package(step / "best.safetensors").model.state_dict()
+        assert all(torch.equal(v, reference[k]) for k, v in package.model.state_dict().items())
+    test = pipeline.splits["test"]
+    assert results["test"]["images"] == len(test) and sum(results["test"]["routed"].values()) == len(test)
+    # O-P by hand: M_O's predicted CAR picks the teacher (CAR <= threshold), whose prediction is scored.
+    meter = []
+    for item in test:
+        pre, post, label = item.load()
+        car = float((whole_image(predictor_for(router.original.model, router.original.manifest, "cpu"))(pre, post)
+                     > 0.5).mean())
+        teacher = router.teachers[0 if car <= 0.05 else 1 if car <= 0.2 else 2][1]
+        prob = whole_image(predictor_for(teacher.model, teacher.manifest, "cpu"))(pre, post)
+        meter.append(((prob > 0.5) & (label == 1)).sum())
+    assert results["test"]["confusion"]["tp"] == sum(meter)
+
+
+def test_run_skips_finished_steps(pipeline, monkeypatch):
+    pipeline.distill()
+    pipeline.router()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished step was run again")
+
+    monkeypatch.setattr(Trainer, "fit", refuse)
+    monkeypatch.setattr(Pipeline, "partition", refuse)
+    summary = pipeline.run()
+    assert set(summary) == {"original", "student", "o-p"}
+    assert all(s["global"]["mIoU"] >= 0 for s in summary.values())

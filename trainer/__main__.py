@@ -1,0 +1,5 @@
+import sys
+
+from geochange.trainer.cli import main
+
+sys.exit(main())

@@ -1,0 +1,102 @@
+"""The trainer's command line: ``python -m geochange.trainer`` (also ``geochange train`` / ``geochange mtkd``).
+
+    train CONFIG.yaml [--set key=value ...] [--resume [CHECKPOINT]] [--until N]
+    mtkd {partition,original,teachers,distill,router,run} CONFIG.yaml [--set key=value ...] [--restart]
+
+Under ``torchrun --nproc-per-node N -m geochange.trainer ...`` the same commands run data-parallel.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from geochange.engine.errors import GeoChangeError
+
+
+def _cmd_train(args) -> int:
+    from geochange.trainer.config import load
+    from geochange.trainer.loop import Trainer
+
+    trainer = Trainer(load(args.config, args.set))
+    resume = True if args.resume == "" else args.resume or False  # "" = the flag without a path
+    results = trainer.fit(resume=resume, until=args.until)
+    if trainer.main:
+        if results is None:
+            print(f"stopped at iteration {trainer.iteration}; continue with --resume ({trainer.checkpoint_path})")
+        else:
+            _report(results, trainer.package_path)
+    return 0
+
+
+def _report(results: dict, package) -> None:
+    from geochange.engine.metrics import format_summary
+    from geochange.trainer.evaluation import format_car_table
+
+    for split in ("val", "test"):
+        if results.get(split):
+            print(f"{split} (best iteration {results['best_iteration']}):")
+            print(format_summary(results[split]))
+            print(format_car_table(results[split]))
+    print(package)
+
+
+def _cmd_mtkd(args) -> int:
+    from geochange.trainer.config import load
+    from geochange.trainer.mtkd import Pipeline
+
+    pipeline = Pipeline(load(args.config, args.set))
+    resume = not args.restart
+    if args.step == "run":
+        print(json.dumps({k: v and v["global"] for k, v in pipeline.run(resume).items()}, indent=2))
+    elif args.step in ("partition", "router"):
+        result = getattr(pipeline, args.step)()
+        if args.step == "partition":
+            print(json.dumps({s: {k: len(v) for k, v in result[s].items()} for s in ("train", "val")}))
+        else:
+            print(result["router"])
+    else:
+        getattr(pipeline, args.step)(resume)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="geochange", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def config_options(p):
+        p.add_argument("config", help="experiment YAML (see trainer/configs/)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set data.batch=4 (repeatable)")
+
+    p = sub.add_parser("train", help="train one config into a model package")
+    config_options(p)
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
+                   help="continue from work_dir/last.pt (or the given checkpoint)")
+    p.add_argument("--until", type=int, help="stop after this iteration (a checkpoint is written)")
+    p.set_defaults(run=_cmd_train)
+
+    p = sub.add_parser("mtkd", help="the MTKD pipeline: partition, original, teachers, distill, router, run")
+    p.add_argument("step", choices=("partition", "original", "teachers", "distill", "router", "run"))
+    config_options(p)
+    p.add_argument("--restart", action="store_true", help="start training steps afresh instead of resuming")
+    p.set_defaults(run=_cmd_mtkd)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except GeoChangeError as e:
+        print(f"geochange: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("geochange: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,396 @@
+"""Datasets for training: where image pairs come from, how they are split, and the seeded sample stream.
+
+A config's ``data.datasets`` lists one or more sources; their splits are concatenated. A source is
+
+* a **folder dataset**: ``root`` with ``A/``, ``B/``, ``label/`` (same file names; labels 0/1 or 0/255).
+  Splits come from ``root/{train,val,test}/{A,B,label}`` when ``root/train`` exists, else from
+  ``lists: {train: train.txt, ...}`` (one file name per line, paths relative to ``root``) or from
+  ``split``: either names ``{train: [...], val: [...], test: [...]}`` or ratios
+  ``{val: 0.2, test: 0.2, seed: 0}`` (a seeded shuffle; the rest is training data);
+* a **raster pair**: ``pre``, ``post`` (georeferenced, one grid) and ``label`` (a raster on that grid,
+  or vector polygons, burnt in as change), cut into ``chip`` x ``chip`` windows (``stride`` apart) split
+  by ``split`` as above; with ``sampler: random`` the training windows are ``samples`` windows at random
+  positions that overlap no validation or test chip. ``bands: {pre: [...], post: [...]}`` picks bands.
+
+Optical-SAR pairs are either kind with a one-band post date; the architecture's input spec (or
+``data.inputs``) replicates the grey band to the model's channels, as the authors do.
+``ignore_value`` marks unlabelled pixels (e.g. 255 in a sparse label) that no loss or metric sees.
+
+Training reads an endless **stream**: position ``k`` is item ``perm_e[k mod n]`` of epoch
+``e = k div n`` (a seeded permutation per epoch), augmented with a generator seeded by ``(seed, k)``.
+Iteration ``i`` of a run with global batch ``B`` takes positions ``i*B .. i*B+B-1``, each process its
+own slice of them, so a resumed or a distributed run sees exactly the samples and augmentations of an
+unbroken single-process run.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rasterio.windows import Window
+
+from geochange.engine.errors import GeoChangeError
+from geochange.engine.evaluate import dataset_pairs
+from geochange.engine.inputs import normalise
+from geochange.engine.rasters import open_raster, read_image
+from geochange.engine.windows import WindowPlan
+
+IGNORE = 255  # label value of pixels that no loss or metric sees (unlabelled, rotation padding)
+SPLITS = ("train", "val", "test")
+
+_FOLDER_KEYS = {"root", "name", "split", "lists", "ignore_value"}
+_RASTER_KEYS = {"pre", "post", "label", "name", "chip", "stride", "split", "sampler", "samples", "bands",
+                "ignore_value"}
+
+
+class DataError(GeoChangeError, ValueError):
+    """A dataset that cannot be read or split as configured."""
+
+
+def _split_spec_errors(split) -> list[str]:
+    if not isinstance(split, dict):
+        return ["split: must be a mapping"]
+    if set(split) <= {"val", "test", "seed"}:
+        ratios = [split.get("val", 0), split.get("test", 0)]
+        if not all(isinstance(r, (int, float)) and 0 <= r < 1 for r in ratios) or sum(ratios) >= 1:
+            return ["split: val and test ratios must be in [0, 1) and sum below 1"]
+        return [] if isinstance(split.get("seed", 0), int) else ["split.seed: must be an integer"]
+    if set(split) <= set(SPLITS):
+        bad = [k for k, v in split.items() if not (isinstance(v, list) and all(isinstance(n, str) for n in v))]
+        return [f"split.{k}: must be a list of names" for k in bad]
+    return [f"split: either ratios {{val, test, seed}} or names {{train, val, test}}, got keys {sorted(split)}"]
+
+
+def dataset_spec_errors(spec) -> list[str]:
+    """Problems of one ``data.datasets`` entry (structure only; files are checked when it is built)."""
+    if not isinstance(spec, dict):
+        return ["must be a mapping"]
+    if "root" in spec:
+        errors = [f"{k}: unknown key for a folder dataset" for k in set(spec) - _FOLDER_KEYS]
+        if "split" in spec and "lists" in spec:
+            errors.append("split: give either split or lists, not both")
+        if "lists" in spec and not (isinstance(spec["lists"], dict) and set(spec["lists"]) <= set(SPLITS)):
+            errors.append("lists: must map train/val/test to list files")
+    elif {"pre", "post", "label"} <= set(spec):
+        errors = [f"{k}: unknown key for a raster dataset" for k in set(spec) - _RASTER_KEYS]
+        for key in ("chip", "stride", "samples"):
+            if key in spec and not (isinstance(spec[key], int) and spec[key] > 0):
+                errors.append(f"{key}: must be a positive integer")
+        if spec.get("sampler", "grid") not in ("grid", "random"):
+            errors.append("sampler: must be grid or random")
+        if "split" not in spec:
+            errors.append("split: a raster dataset needs a split (ratios or chip names)")
+    else:
+        return ["a dataset needs root (folder dataset) or pre, post and label (raster pair)"]
+    if "split" in spec:
+        errors += _split_spec_errors(spec["split"])
+    if spec.get("ignore_value") is not None and not isinstance(spec["ignore_value"], (int, float)):
+        errors.append("ignore_value: must be a number")
+    return errors
+
+
+def binary_label(raw: np.ndarray, ignore_value=None) -> np.ndarray:
+    """A label band (0/1, 0/255, any positive = change) -> uint8 0/1 with :data:`IGNORE` for unlabelled."""
+    label = (raw > 0).astype(np.uint8)
+    if ignore_value is not None:
+        label[raw == ignore_value] = IGNORE
+    return label
+
+
+def change_area_ratio(label: np.ndarray | torch.Tensor):
+    """CAR: changed pixels over labelled pixels (:data:`IGNORE` left out), per sample over the last two axes.
+
+    The authors' training code divides by all pixels, counting rotation padding as change; the
+    labelled pixels are the denominator here, so padding moves no sample to another teacher.
+    """
+    if isinstance(label, np.ndarray):
+        label = torch.from_numpy(label)
+    valid = (label != IGNORE).flatten(-2).sum(-1)
+    changed = (label == 1).flatten(-2).sum(-1)
+    return changed.double() / valid.clamp(min=1).double()
+
+
+# --- Sources -------------------------------------------------------------------------------------
+
+class FolderSource:
+    """Pairs of a folder dataset ``A/ B/ label/``, addressed by file name."""
+
+    def __init__(self, name: str, root: Path, ignore_value=None):
+        self.name = name
+        self.ignore_value = ignore_value
+        self.paths = {a.name: (a, b, label) for a, b, label in dataset_pairs(root)}
+
+    def load(self, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Raw ``(bands, H, W)`` pre and post images and the 0/1/IGNORE label ``(H, W)``."""
+        a, b, label = self.paths[key]
+        return read_image(a), read_image(b), binary_label(read_image(label)[0], self.ignore_value)
+
+
+class RasterSource:
+    """Windows of a georeferenced pair with a label raster or label polygons, addressed as
+    ``r<row>_c<col>_h<height>_w<width>``."""
+
+    def __init__(self, name: str, pre: Path, post: Path, label: Path, bands: dict | None = None,
+                 ignore_value=None):
+        self.name = name
+        self.pre, self.post, self.label = pre, post, label
+        self.ignore_value = ignore_value
+        bands = bands or {}
+        with open_raster(pre) as a, open_raster(post) as b:
+            _check_same_grid(a, b)
+            self.height, self.width = a.height, a.width
+            self.transform, self.crs = a.transform, a.crs
+            self.bands = {"pre": bands.get("pre") or list(range(1, a.count + 1)),
+                          "post": bands.get("post") or list(range(1, b.count + 1))}
+        self.polygons = None if _is_raster(label) else _read_polygons(label, self.crs)
+        if self.polygons is None:
+            with open_raster(label) as lab, open_raster(pre) as a:
+                _check_same_grid(a, lab)
+
+    @staticmethod
+    def key(window: Window) -> str:
+        return f"r{int(window.row_off)}_c{int(window.col_off)}_h{int(window.height)}_w{int(window.width)}"
+
+    @staticmethod
+    def window(key: str) -> Window:
+        r, c, h, w = (int(part[1:]) for part in key.split("_"))
+        return Window(c, r, w, h)
+
+    def load(self, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        window = self.window(key)
+        with open_raster(self.pre) as a, open_raster(self.post) as b:
+            pre = a.read(self.bands["pre"], window=window)
+            post = b.read(self.bands["post"], window=window)
+        if self.polygons is None:
+            with open_raster(self.label) as lab:
+                raw = lab.read(1, window=window)
+        else:
+            from rasterio.features import rasterize
+            from rasterio.windows import transform as window_transform
+
+            raw = rasterize(self.polygons, out_shape=(int(window.height), int(window.width)),
+                            transform=window_transform(window, self.transform), fill=0, default_value=1,
+                            dtype="uint8")
+        return pre, post, binary_label(raw, self.ignore_value)
+
+
+def _check_same_grid(a, b) -> None:
+    """Training chips are cut on one grid: the dates and a label raster must share it (no resampling)."""
+    if (a.crs, a.width, a.height) != (b.crs, b.width, b.height) or not a.transform.almost_equals(b.transform):
+        raise DataError(f"{b.name} is not on the grid of {a.name} (CRS, size or transform differ); "
+                        "resample it onto that grid first")
+
+
+def _is_raster(path: Path) -> bool:
+    return path.suffix.lower() in (".tif", ".tiff", ".png", ".jpg", ".img", ".vrt", ".jp2")
+
+
+def _read_polygons(path: Path, crs) -> list:
+    """Every polygon of a vector file (all layers), reprojected to ``crs``, as shapely geometries."""
+    import shapely
+    from osgeo import ogr, osr
+
+    ds = ogr.Open(str(path))
+    if ds is None:
+        raise DataError(f"{path}: not a readable raster or vector file")
+    target = osr.SpatialReference()
+    target.ImportFromWkt(crs.to_wkt())
+    target.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+    geometries = []
+    for layer in ds:
+        source = layer.GetSpatialRef()
+        transform = None
+        if source is not None:
+            source.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+            transform = osr.CoordinateTransformation(source, target)
+        for feature in layer:
+            geometry = feature.GetGeometryRef()
+            if geometry is None:
+                continue
+            geometry = geometry.Clone()
+            if transform is not None:
+                geometry.Transform(transform)
+            geometries.append(shapely.from_wkb(bytes(geometry.ExportToWkb())))
+    return geometries
+
+
+# --- Splits --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Item:
+    """One pair of a split: its source and its key there."""
+
+    source: object
+    key: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.source.name}/{self.key}"
+
+    def load(self):
+        return self.source.load(self.key)
+
+
+def _split_names(names: list[str], split: dict, where: str) -> dict[str, list[str]]:
+    if set(split) <= {"val", "test", "seed"}:
+        order = np.random.default_rng(split.get("seed", 0)).permutation(len(names))
+        shuffled = [names[i] for i in order]
+        n_val = round(split.get("val", 0) * len(names))
+        n_test = round(split.get("test", 0) * len(names))
+        return {"val": sorted(shuffled[:n_val]), "test": sorted(shuffled[n_val:n_val + n_test]),
+                "train": sorted(shuffled[n_val + n_test:])}
+    known = set(names)
+    unknown = [n for part in split.values() for n in part if n not in known]
+    if unknown:
+        raise DataError(f"{where}: split names not in the dataset: {', '.join(unknown[:10])}")
+    return {s: list(split.get(s, [])) for s in SPLITS}
+
+
+def _folder_splits(spec: dict) -> dict[str, list[Item]]:
+    root = Path(spec["root"])
+    if not root.is_dir():
+        raise DataError(f"{root}: no such dataset folder")
+    name = spec.get("name", root.name)
+    ignore = spec.get("ignore_value")
+    if (root / "train").is_dir():
+        out = {}
+        for s in SPLITS:
+            if (root / s).is_dir():
+                source = FolderSource(f"{name}/{s}", root / s, ignore)
+                out[s] = [Item(source, k) for k in source.paths]
+            else:
+                out[s] = []
+        return out
+    source = FolderSource(name, root, ignore)
+    if "lists" in spec:
+        names = {}
+        for s, file in spec["lists"].items():
+            path = root / file
+            if not path.is_file():
+                raise DataError(f"{path}: no such list file")
+            names[s] = [Path(line.strip()).name for line in path.read_text().splitlines() if line.strip()]
+        parts = _split_names(list(source.paths), names, str(root))
+    elif "split" in spec:
+        parts = _split_names(list(source.paths), spec["split"], str(root))
+    else:
+        raise DataError(f"{root}: has no train/ val/ test/ subfolders; give split or lists")
+    return {s: [Item(source, k) for k in parts.get(s, [])] for s in SPLITS}
+
+
+def _random_windows(source: RasterSource, chip: int, count: int, exclude: list[Window],
+                    rng: np.random.Generator) -> list[str]:
+    """``count`` chips at random positions overlapping none of ``exclude`` (the held-out chips)."""
+    h, w = min(chip, source.height), min(chip, source.width)
+    held = np.array([[x.row_off, x.col_off, x.row_off + x.height, x.col_off + x.width] for x in exclude]
+                    ).reshape(-1, 4)
+    keys = []
+    for _ in range(count * 100):
+        if len(keys) == count:
+            break
+        r, c = int(rng.integers(0, source.height - h + 1)), int(rng.integers(0, source.width - w + 1))
+        overlaps = (r < held[:, 2]) & (held[:, 0] < r + h) & (c < held[:, 3]) & (held[:, 1] < c + w)
+        if not overlaps.any():
+            keys.append(RasterSource.key(Window(c, r, w, h)))
+    if len(keys) < count:
+        raise DataError(f"{source.name}: only {len(keys)} of {count} random chips avoid the held-out chips")
+    return keys
+
+
+def _raster_splits(spec: dict) -> dict[str, list[Item]]:
+    pre, post, label = (Path(spec[k]) for k in ("pre", "post", "label"))
+    source = RasterSource(spec.get("name", pre.stem), pre, post, label, spec.get("bands"),
+                          spec.get("ignore_value"))
+    chip = spec.get("chip", 256)
+    stride = spec.get("stride", chip)
+    if stride > chip:
+        raise DataError(f"{source.name}: stride {stride} leaves gaps between chips of {chip}")
+    plan = WindowPlan(source.height, source.width, tile=chip, overlap=chip - stride)
+    keys = [RasterSource.key(w) for w in plan.windows()]
+    parts = _split_names(keys, spec["split"], source.name)
+    if spec.get("sampler", "grid") == "random":
+        held = [RasterSource.window(k) for s in ("val", "test") for k in parts[s]]
+        parts["train"] = _random_windows(source, chip, spec.get("samples", len(parts["train"])), held,
+                                         np.random.default_rng([spec["split"].get("seed", 0), 1]))
+    return {s: [Item(source, k) for k in parts.get(s, [])] for s in SPLITS}
+
+
+def build_splits(datasets: list[dict]) -> dict[str, list[Item]]:
+    """The train / val / test items of all configured datasets, concatenated in config order."""
+    out = {s: [] for s in SPLITS}
+    for spec in datasets:
+        parts = _folder_splits(spec) if "root" in spec else _raster_splits(spec)
+        for s in SPLITS:
+            out[s] += parts[s]
+    return out
+
+
+# --- Training stream -----------------------------------------------------------------------------
+
+def check_bands(pre: np.ndarray, post: np.ndarray, inputs: dict, where: str) -> None:
+    for date, image in (("pre", pre), ("post", post)):
+        if image.shape[0] != inputs[date]["bands"]:
+            raise DataError(f"{where}: the {date} image has {image.shape[0]} band(s), the model expects "
+                            f"{inputs[date]['bands']} ({inputs[date]['modality']}); set data.inputs or bands")
+
+
+class TrainStream(torch.utils.data.Dataset):
+    """Position ``k`` of the endless seeded stream over ``items`` (see the module docstring)."""
+
+    def __init__(self, items: list[Item], augment, inputs: dict, seed: int):
+        if not items:
+            raise DataError("the training split is empty")
+        self.items, self.augment, self.inputs, self.seed = items, augment, inputs, seed
+
+    @functools.lru_cache(maxsize=2)
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch, 1]).permutation(len(self.items))
+
+    def item_at(self, k: int) -> Item:
+        epoch, position = divmod(k, len(self.items))
+        return self.items[self._permutation(epoch)[position]]
+
+    def __len__(self) -> int:  # the stream is endless; this is one epoch
+        return len(self.items)
+
+    def __getitem__(self, k: int) -> dict:
+        item = self.item_at(k)
+        pre, post, label = item.load()
+        check_bands(pre, post, self.inputs, item.id)
+        rng = np.random.default_rng([self.seed, k, 0])
+        pre, post, label = self.augment(pre, post, label, self.inputs, rng)
+        # Augmented dates are float but still in the training data's units: its scale applies.
+        return {"pre": normalise(pre[None], self.inputs["pre"], scale=self.inputs["pre"]["scale"])[0],
+                "post": normalise(post[None], self.inputs["post"], scale=self.inputs["post"]["scale"])[0],
+                "label": torch.from_numpy(np.ascontiguousarray(label)), "position": k}
+
+
+class StreamSampler(torch.utils.data.Sampler):
+    """Stream positions of this process for iterations ``start, start + 1, ...``: its slice of each
+    global batch."""
+
+    def __init__(self, start_iteration: int, global_batch: int, rank: int = 0, world_size: int = 1):
+        if global_batch % world_size:
+            raise DataError(f"data.batch {global_batch} is not divisible by the {world_size} processes")
+        self.start, self.batch, self.per_rank, self.rank = start_iteration, global_batch, \
+            global_batch // world_size, rank
+
+    def __iter__(self):
+        iteration = self.start
+        while True:
+            first = iteration * self.batch + self.rank * self.per_rank
+            yield from range(first, first + self.per_rank)
+            iteration += 1
+
+
+def train_loader(stream: TrainStream, start_iteration: int, global_batch: int, workers: int,
+                 rank: int = 0, world_size: int = 1) -> torch.utils.data.DataLoader:
+    sampler = StreamSampler(start_iteration, global_batch, rank, world_size)
+    # A loader draws its workers' base seed from its generator: a private one leaves the global RNG (dropout,
+    # drop-path, gate noise) untouched, so a resumed run continues the global RNG exactly.
+    return torch.utils.data.DataLoader(stream, batch_size=sampler.per_rank, sampler=sampler,
+                                       num_workers=workers, pin_memory=torch.cuda.is_available(),
+                                       persistent_workers=workers > 0,
+                                       generator=torch.Generator().manual_seed(stream.seed))

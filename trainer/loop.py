@@ -1,0 +1,382 @@
+"""The iteration-based training loop: one run of one config, from weights to a model package.
+
+A run writes into ``work_dir``: ``config.yaml`` (the resolved config), ``train_log.csv`` (loss terms and
+learning rate every ``log_interval`` iterations), ``val_log.csv`` (validation metrics), ``last.pt`` (the
+checkpoint ``--resume`` continues from: model, optimiser, AMP scaler, every process's RNG states,
+iteration and best score; written atomically), ``best.safetensors`` (the best-mIoU weights as a model
+package whose manifest records the config, the data, the method and the metrics) and, when the run is
+complete, ``results.json`` (best validation and test metrics; test with TTA as configured).
+
+Launched by ``torchrun`` (``WORLD_SIZE`` > 1) the run is data-parallel (DDP; NCCL on CUDA, gloo on CPU):
+each process takes its slice of every global batch of the stream (see :mod:`geochange.trainer.data`), so
+the loss curve is that of one process with the same global batch, up to floating-point order, where
+the loss is a mean over equally many pixels per process (BatchNorm in training mode sees per-process
+batches unless ``sync_bn``, which needs CUDA; OHEM ranks pixels per process). Validation, checkpoints
+and packages are written by process 0.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from torch.nn.modules.batchnorm import _BatchNorm
+from tqdm import tqdm
+
+from geochange.engine import models
+from geochange.engine.atomic import atomic_path
+from geochange.engine.models.m2cd import simulate_sar_speckle
+from geochange.engine.package import load_package, make_manifest, save_package
+from geochange.engine.predict import resolve_device
+from geochange.trainer.augment import Augment
+from geochange.trainer.config import ConfigError
+from geochange.trainer.data import SPLITS, TrainStream, build_splits, train_loader
+from geochange.trainer.evaluation import evaluate_items, predictor_for, whole_image, with_tta
+from geochange.trainer.losses import distillation_logits, distillation_loss, training_losses
+from geochange.trainer.optim import build_optimizer, set_learning_rate
+
+
+# --- Processes -----------------------------------------------------------------------------------
+
+def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); joins the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, resolve_device(device_name)
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_name != "cpu" and torch.cuda.is_available()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        torch.cuda.set_device(local)
+        return dist.get_rank(), world, torch.device("cuda", local)
+    return dist.get_rank(), world, torch.device("cpu")
+
+
+def _mean_over_processes(values: dict[str, torch.Tensor], world: int) -> dict[str, float]:
+    stacked = torch.stack([v.detach().float() for v in values.values()])
+    if world > 1:
+        dist.all_reduce(stacked)
+        stacked /= world
+    return dict(zip(values, stacked.tolist()))
+
+
+# --- Model ---------------------------------------------------------------------------------------
+
+def build_model(cfg: dict) -> torch.nn.Module:
+    """The configured architecture, seeded, with its initial weights (a package or backbone weights)."""
+    m = cfg["model"]
+    torch.manual_seed(cfg["seed"])
+    model = models.create(m["architecture"], **m["kwargs"])
+    if m["init"]:
+        package = load_package(m["init"])
+        if package.manifest["architecture"] != m["architecture"]:
+            raise ConfigError(f"model.init: {m['init']} holds {package.manifest['architecture']}, "
+                              f"not {m['architecture']}")
+        model.load_state_dict(package.model.state_dict())
+    elif m["backbone_weights"]:
+        if not hasattr(model, "load_backbone_weights"):
+            raise ConfigError(f"model.backbone_weights: {m['architecture']} takes no backbone weights")
+        model.load_backbone_weights(m["backbone_weights"])
+    return model
+
+
+def model_inputs(cfg: dict) -> dict:
+    if cfg["data"]["inputs"]:
+        return cfg["data"]["inputs"]
+    pre, post = models.spec(cfg["model"]["architecture"]).inputs
+    return {"pre": pre, "post": post}
+
+
+# --- Logs ----------------------------------------------------------------------------------------
+
+VAL_COLUMNS = ("mIoU", "mF1", "f1", "iou", "precision", "recall", "oa")
+
+
+class MetricLog:
+    """CSV logs (and TensorBoard when the package is importable) of one run; process 0 only."""
+
+    def __init__(self, work_dir: Path, enabled: bool, resume_iteration: int | None, tensorboard: bool):
+        self.enabled = enabled
+        self.paths = {"train": work_dir / "train_log.csv", "val": work_dir / "val_log.csv"}
+        self.writer = None
+        if not enabled:
+            return
+        for path in self.paths.values():
+            if resume_iteration is None:
+                path.unlink(missing_ok=True)
+            elif path.exists():  # rows past the checkpoint are redone by the resumed run
+                with open(path, newline="") as f:
+                    rows = list(csv.reader(f))
+                keep = rows[:1] + [r for r in rows[1:] if int(r[0]) <= resume_iteration]
+                with open(path, "w", newline="") as f:
+                    csv.writer(f).writerows(keep)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                pass
+            else:
+                self.writer = SummaryWriter(str(work_dir / "tensorboard"))
+
+    def _append(self, which: str, row: dict) -> None:
+        path = self.paths[which]
+        new = not path.exists() or path.stat().st_size == 0
+        with open(path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+    def train(self, iteration: int, values: dict) -> None:
+        if self.enabled:
+            self._append("train", {"iteration": iteration, **values})
+            if self.writer:
+                for key, value in values.items():
+                    self.writer.add_scalar(f"train/{key}", value, iteration)
+
+    def validation(self, iteration: int, summary: dict) -> None:
+        if self.enabled:
+            row = {"iteration": iteration, **{k: summary["global"][k] for k in VAL_COLUMNS},
+                   **{f"{k}_per_image": summary["per_image"][k] for k in ("mIoU", "mF1", "f1")}}
+            self._append("val", row)
+            if self.writer:
+                for key, value in row.items():
+                    if key != "iteration":
+                        self.writer.add_scalar(f"val/{key}", value, iteration)
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+
+
+# --- Trainer -------------------------------------------------------------------------------------
+
+class Trainer:
+    """One run of ``cfg``. ``splits`` replaces the configured data (MTKD partitions); ``teacher``, a
+    callable ``(pre, post, label) -> teacher logits``, adds MTKD's distillation term with
+    ``distill_weight``; ``method`` is recorded in the package (default plain or o2sp from the config)."""
+
+    def __init__(self, cfg: dict, *, splits: dict | None = None, teacher=None, distill_weight: float = 0.0,
+                 method: str | None = None):
+        self.cfg = cfg
+        self.rank, self.world, self.device = init_distributed(cfg["device"])
+        self.main = self.rank == 0
+        if cfg["deterministic"]:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+        self.work_dir = Path(cfg["work_dir"])
+        self.splits = splits if splits is not None else build_splits(cfg["data"]["datasets"])
+        self.inputs = model_inputs(cfg)
+        self.module = build_model(cfg).to(self.device)
+        self.model = self.module
+        if self.world > 1:
+            if cfg["model"]["sync_bn"]:
+                if self.device.type != "cuda":
+                    raise ConfigError("model.sync_bn: synchronised BatchNorm needs CUDA; on CPU use "
+                                      "model.freeze_bn or a batch large enough per process")
+                self.module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.module)
+            # Top-k routing leaves unchosen experts without gradient in some iterations.
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True)
+        self.optimizer = build_optimizer(self.module, cfg["optim"])
+        self.amp_dtype = self._amp_dtype(cfg["train"]["amp"])
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.teacher, self.distill_weight = teacher, distill_weight
+        self.method = method or ("o2sp" if cfg["loss"]["o2sp"] > 0 else "plain")
+        self.stream = TrainStream(self.splits["train"], Augment(cfg["augment"]), self.inputs, cfg["seed"])
+        self.iteration = 0
+        self.best = {"mIoU": -math.inf, "iteration": None, "val": None}
+        # Dropout and drop-path draw from the global generator: one stream per process.
+        torch.manual_seed(cfg["seed"] + self.rank)
+
+    def _amp_dtype(self, amp: str):
+        if amp == "auto":
+            return torch.bfloat16 if self.device.type == "cuda" else None
+        if amp == "fp16" and self.device.type != "cuda":
+            raise ConfigError("train.amp: fp16 needs CUDA (use bf16 or off on CPU)")
+        return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+    # -- paths and packages --
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.work_dir / "last.pt"
+
+    @property
+    def package_path(self) -> Path:
+        return self.work_dir / "best.safetensors"
+
+    def manifest(self, metrics: dict) -> dict:
+        data = {"datasets": [d.get("name") or Path(d.get("root") or d["pre"]).name
+                             for d in self.cfg["data"]["datasets"]],
+                **{s: len(self.splits[s]) for s in SPLITS}}
+        training = {"method": self.method, "iteration": self.iteration, "data": data,
+                    "metrics": metrics, "config": self.cfg}
+        if self.teacher is not None:
+            training["distill_weight"] = self.distill_weight
+        return make_manifest(self.cfg["model"]["architecture"], self.cfg["model"]["kwargs"],
+                             inputs=self.inputs, training=training,
+                             source=f"geochange trainer, run {self.cfg['name']}")
+
+    # -- one step --
+
+    def train_mode(self) -> None:
+        self.module.train()
+        if self.cfg["model"]["freeze_bn"]:
+            for layer in self.module.modules():
+                if isinstance(layer, _BatchNorm):
+                    layer.eval()
+
+    def losses(self, pre: torch.Tensor, post: torch.Tensor, label: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The weighted loss terms of one batch (model in training mode)."""
+        if self.cfg["loss"]["o2sp"] > 0:
+            seed = np.random.SeedSequence([self.cfg["seed"], self.iteration, self.rank, 2]).generate_state(1)[0]
+            generator = torch.Generator(device=pre.device).manual_seed(int(seed))
+            output = self.model(pre, post, o2sp=simulate_sar_speckle(pre, generator=generator))
+        else:
+            output = self.model(pre, post)
+        terms = training_losses(output, label, self.cfg["loss"])
+        if self.teacher is not None:
+            terms["distill"] = distillation_loss(distillation_logits(output), self.teacher(pre, post, label),
+                                                 self.distill_weight)
+        return terms
+
+    def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        self.train_mode()
+        pre, post, label = (batch[k].to(self.device, non_blocking=True) for k in ("pre", "post", "label"))
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            terms = self.losses(pre, post, label)
+        loss = sum(terms.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg["optim"]["clip_grad"]:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg["optim"]["clip_grad"])
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}}
+
+    # -- validation, checkpoints --
+
+    def validate(self, log: MetricLog) -> dict | None:
+        summary = None
+        if self.main and self.splits["val"]:
+            predict = whole_image(predictor_for(self.module, self.manifest({}), self.device))
+            summary = evaluate_items(predict, self.splits["val"], self.cfg["train"]["car_thresholds"])
+            log.validation(self.iteration, summary)
+            score = summary["global"]["mIoU"]
+            if not math.isnan(score) and score > self.best["mIoU"]:
+                self.best = {"mIoU": score, "iteration": self.iteration, "val": summary}
+                save_package(self.module, self.manifest({"val": summary}), self.package_path)
+            self.train_mode()
+        if self.world > 1:
+            dist.barrier()
+        return summary
+
+    def save_checkpoint(self) -> None:
+        rng = (torch.get_rng_state(), torch.cuda.get_rng_state() if self.device.type == "cuda" else None)
+        states = [rng]
+        if self.world > 1:
+            states = [None] * self.world
+            dist.all_gather_object(states, rng)
+        if self.main:
+            state = {"iteration": self.iteration, "model": self.module.state_dict(),
+                     "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                     "rng": [s[0] for s in states], "cuda_rng": [s[1] for s in states],
+                     "best": {k: self.best[k] for k in ("mIoU", "iteration")}}
+            with atomic_path(self.checkpoint_path) as tmp:
+                torch.save(state, tmp)
+        if self.world > 1:
+            dist.barrier()
+
+    def load_checkpoint(self, path: Path) -> None:
+        if not path.is_file():
+            raise ConfigError(f"--resume: no checkpoint at {path}")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.iteration = state["iteration"]
+        self.best.update(state["best"])
+        if len(state["rng"]) == self.world:
+            torch.set_rng_state(state["rng"][self.rank])
+            if state["cuda_rng"][self.rank] is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(state["cuda_rng"][self.rank])
+
+    # -- the run --
+
+    def fit(self, resume: bool | str | Path = False, until: int | None = None) -> dict | None:
+        """Train until ``schedule.iterations`` (or stop after iteration ``until``, with a checkpoint).
+        Returns the results of a complete run, None when stopped early."""
+        cfg, total = self.cfg, self.cfg["schedule"]["iterations"]
+        if resume:
+            self.load_checkpoint(self.checkpoint_path if resume is True else Path(resume))
+        if self.main:
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+            if not resume:  # a fresh run leaves nothing of an earlier one behind
+                for stale in (self.checkpoint_path, self.package_path, self.work_dir / "results.json"):
+                    stale.unlink(missing_ok=True)
+            with atomic_path(self.work_dir / "config.yaml") as tmp:
+                tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        log = MetricLog(self.work_dir, self.main, self.iteration if resume else None,
+                        cfg["train"]["tensorboard"])
+        stop = min(until or total, total)
+        batches = iter(train_loader(self.stream, self.iteration, cfg["data"]["batch"], cfg["data"]["workers"],
+                                    self.rank, self.world))
+        bar = tqdm(total=total, initial=self.iteration, desc=cfg["name"], disable=None if self.main else True)
+        started, done_at_start = time.perf_counter(), self.iteration
+        try:
+            while self.iteration < stop:
+                factor = set_learning_rate(self.optimizer, self.iteration, cfg["schedule"])
+                values = self.train_step(next(batches))
+                self.iteration += 1
+                bar.update(1)
+                it = self.iteration
+                if it % cfg["train"]["log_interval"] == 0 or it == stop:
+                    row = _mean_over_processes(values, self.world)
+                    seconds = (time.perf_counter() - started) / (it - done_at_start)
+                    log.train(it, {"lr": cfg["optim"]["lr"] * factor, **row, "seconds_per_iter": seconds})
+                    bar.set_postfix(loss=f"{row['loss']:.4f}")
+                if it % cfg["train"]["val_interval"] == 0 or it == total:
+                    self.validate(log)
+                if it % cfg["train"]["checkpoint_interval"] == 0 or it == stop:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            log.close()
+            del batches
+        return self.finish() if self.iteration == total else None
+
+    def finish(self) -> dict:
+        """Export (when nothing was validated), test the best weights, write ``results.json``."""
+        results = None
+        if self.main:
+            if self.best["val"] is None and not self.package_path.exists():
+                save_package(self.module, self.manifest({}), self.package_path)
+            package = load_package(self.package_path, self.device)
+            results = {"best_iteration": self.best["iteration"],
+                       "val": package.manifest["training"]["metrics"].get("val"), "test": None}
+            if self.splits["test"]:
+                t = self.cfg["test"]
+                predictor = predictor_for(package.model, package.manifest, self.device)
+                predict = with_tta(predictor, t["scales"], t["flip"]) if t["tta"] else whole_image(predictor)
+                results["test"] = evaluate_items(predict, self.splits["test"], self.cfg["train"]["car_thresholds"])
+                results["test"]["tta"] = {"scales": t["scales"], "flip": t["flip"]} if t["tta"] else None
+                manifest = package.manifest
+                manifest["training"]["metrics"]["test"] = results["test"]
+                save_package(package.model, manifest, self.package_path)
+            with atomic_path(self.work_dir / "results.json") as tmp:
+                tmp.write_text(json.dumps(results, indent=2))
+        if self.world > 1:
+            dist.barrier()
+        return results
