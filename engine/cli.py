@@ -169,7 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     commands = layer_commands() if argv and not argv[0].startswith("-") else {}
     if argv and argv[0] in commands:
         return commands[argv[0]].load()(argv)
-    args = build_parser().parse_args(argv)
+    return run_command(build_parser().parse_args(argv))
+
+
+def run_command(args) -> int:
+    """Run a parsed command; user errors print as one line (exit 2), never as a traceback."""
     try:
         return args.run(args)
     except GeoChangeError as e:

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from geochange.engine.errors import GeoChangeError
+from geochange.engine.cli import run_command
 
 
 def _cmd_train(args) -> int:
@@ -86,15 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
-    except GeoChangeError as e:
-        print(f"geochange: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("geochange: interrupted", file=sys.stderr)
-        return 130
+        return run_command(build_parser().parse_args(argv))
     finally:
         import torch.distributed as dist
 
