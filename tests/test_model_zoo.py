@@ -70,3 +70,17 @@ def test_models_command_lists_every_variant_with_its_size():
     assert set(rows) == set(VARIANTS)
     assert float(rows["tinycd"][1]) == pytest.approx(0.285, abs=0.0005)
     assert float(rows["sscfnet_r50"][1]) == pytest.approx(28.690, abs=0.001)  # auxiliary heads left out
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_processing_algorithm_runs_every_variant(name, crop, geochange_provider, tmp_path):
+    from conftest import run_algorithm
+
+    path = save_package(create_seeded(name), make_manifest(name), tmp_path / f"{name}.safetensors")
+    result = run_algorithm("geochange:detectchanges", {
+        "PRE": str(crop["pre"]), "POST": str(post_of(name, crop)), "MODEL": str(path), "DEVICE": "cpu",
+        "TILE_SIZE": 128, "OUTPUT_PROBABILITY": str(tmp_path / "p.tif"), "OUTPUT_MASK": str(tmp_path / "m.tif"),
+        "OUTPUT_POLYGONS": str(tmp_path / "c.gpkg")})
+    with rasterio.open(result["OUTPUT_PROBABILITY"]) as p:
+        prob = p.read(1)
+    assert prob.shape == (128, 128) and np.isfinite(prob).all() and 0 <= prob.min() <= prob.max() <= 1

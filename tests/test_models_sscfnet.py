@@ -189,3 +189,21 @@ def test_multi_loss_trains_every_head(models):
     for head in (model.head, *model.aux_heads):
         assert head[0].weight.grad is not None and head[0].weight.grad.abs().sum() > 0
     assert model.encoder.conv1.weight.grad.abs().sum() > 0
+
+
+def test_backbone_weights_from_a_timm_checkpoint(tmp_path):
+    import timm
+
+    from geochange.engine.models import create
+
+    torch.manual_seed(1)
+    resnet = timm.create_model("resnet50", pretrained=False)
+    torch.save(resnet.state_dict(), tmp_path / "resnet50.pth")
+    model = create("sscfnet_r50")
+    report = model.load_backbone_weights(tmp_path / "resnet50.pth")
+    assert report["loaded"]
+    for key, value in model.encoder.state_dict().items():
+        assert torch.equal(value, resnet.state_dict()[key])
+    torch.save({**resnet.state_dict(), "extra.weight": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(Exception, match="extra.weight"):
+        create("sscfnet_r50").load_backbone_weights(tmp_path / "bad.pth")

@@ -17,7 +17,10 @@ def _cmd_train(args) -> int:
     from geochange.trainer.config import load
     from geochange.trainer.loop import Trainer
 
-    trainer = Trainer(load(args.config, args.set))
+    overrides = list(args.set)
+    if args.backbone_weights:  # a shortcut for --set model.backbone_weights=PATH
+        overrides.append(f"model.backbone_weights={json.dumps(args.backbone_weights)}")
+    trainer = Trainer(load(args.config, overrides))
     resume = True if args.resume == "" else args.resume or False  # "" = the flag without a path
     results = trainer.fit(resume=resume, until=args.until)
     if trainer.main:
@@ -74,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
                    help="continue from work_dir/last.pt (or the given checkpoint)")
     p.add_argument("--until", type=int, help="stop after this iteration (a checkpoint is written)")
+    p.add_argument("--backbone-weights", metavar="PATH",
+                   help="local ImageNet weights for the backbone (timm checkpoint; MiT also SegFormer/mmseg keys)")
     p.set_defaults(run=_cmd_train)
 
     p = sub.add_parser("mtkd", help="the MTKD pipeline: partition, original, teachers, distill, router, run")

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from . import register
 from ..inputs import optical_input
+from .backbone_weights import load_backbone_weights
 
 BACKBONES = {"r50": "resnet50", "rx50": "resnext50_32x4d", "r101": "resnet101"}
 BRANCH_KERNELS = (3, 5, 7, 9)
@@ -165,6 +166,11 @@ class SSCFNet(nn.Module):
         aux = [F.interpolate(head(x), size=size, mode="bilinear", align_corners=False)
                for head, x in zip(self.aux_heads, branch_outputs)]
         return {"logits": logits, "aux": aux}
+
+    def load_backbone_weights(self, path) -> dict:
+        """ImageNet weights for the encoder from a local timm ResNet/ResNeXt checkpoint; its classifier
+        ``fc`` has no place here and is dropped. The fusion and heads keep their initialisation."""
+        return load_backbone_weights(self.encoder, path, unused_prefixes=["fc."])
 
 
 def sscf_multi_loss(output: dict | torch.Tensor, target: torch.Tensor,
