@@ -24,7 +24,7 @@ from geochange.engine.outputs import ChangeWriter
 from geochange.engine.package import ModelPackage
 from geochange.engine.predict import Predictor
 from geochange.engine.progress import Progress
-from geochange.engine.rasters import open_raster, select_bands, valid_mask
+from geochange.engine.rasters import bound_gdal_cache, open_raster, select_bands, valid_mask
 from geochange.engine.router import RouterPackage, RouterPredictor, load_model
 from geochange.engine.windows import WindowPlan, blend_weights
 
@@ -182,6 +182,7 @@ def prepare(pre_path, post_path, model, *, tile: int = 512, overlap: int = 64, d
             progress: Progress | None = None) -> DetectSetup:
     """Load the model, check both rasters against it and find their common grid (see ``detect``)."""
     progress = progress or Progress()
+    bound_gdal_cache()
     package = model if isinstance(model, (ModelPackage, RouterPackage)) else load_model(model)
     if threads:
         torch.set_num_threads(threads)

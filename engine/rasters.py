@@ -12,6 +12,17 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from geochange.engine.errors import RasterError
 
 
+# GDAL's block cache defaults to 5 % of the machine's memory and fills with the blocks of wide rasters
+# (read and written), so peak memory would grow with the raster; a fixed cache keeps it bounded.
+GDAL_CACHE_BYTES = 256 * 2**20
+
+
+def bound_gdal_cache() -> None:
+    from osgeo import gdal
+
+    gdal.SetCacheMax(GDAL_CACHE_BYTES)
+
+
 def open_raster(path: str | os.PathLike):
     """Open a raster for reading; a missing or unreadable file raises ``RasterError`` naming it."""
     path = Path(path)
