@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from geochange.engine.atomic import atomic_path
+
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared" / "data"
 
@@ -41,14 +43,12 @@ def mosaic(size: int, date_name: str) -> Path:
     n = tile.shape[1]
     profile.update(width=size, height=size, tiled=True, blockxsize=512, blockysize=512, compress="deflate",
                    BIGTIFF="IF_SAFER")
-    tmp = out.with_suffix(".partial.tif")
-    with rasterio.open(tmp, "w", **profile) as dst:
+    with atomic_path(out) as tmp, rasterio.open(tmp, "w", **profile) as dst:
         for i in range(math.ceil(size / n)):
             row = tile[:, ::-1] if i % 2 else tile
             band = np.concatenate([row[:, :, ::-1] if j % 2 else row for j in range(math.ceil(size / n))], axis=2)
             rows = min(n, size - i * n)
             dst.write(band[:, :rows, :size], window=rasterio.windows.Window(0, i * n, size, rows))
-    tmp.rename(out)
     return out
 
 
