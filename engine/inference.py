@@ -16,7 +16,6 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-from rasterio.windows import Window
 
 from geochange.engine.errors import RasterError
 from geochange.engine.grid import Grid, GridReader, common_grid
@@ -77,9 +76,8 @@ def stream_rows(predictor: Callable, plan: WindowPlan, read: WindowReader, *, ba
     progress = progress or Progress()
     row_starts, cols = plan.rows, plan.cols
     tile_rows = tile_rows if tile_rows is not None else range(len(row_starts))
-    h, w = min(plan.tile, plan.height), min(plan.tile, plan.width)
-    batches = [(i, [Window(c, row_starts[i], w, h) for c in cols[j:j + batch]])
-               for i in tile_rows for j in range(0, len(cols), batch)]
+    batches = [(i, windows[j:j + batch]) for i in tile_rows
+               for windows in [plan.row_windows(i)] for j in range(0, len(windows), batch)]
     total, done = len(tile_rows) * len(cols), 0
     blender = RowBlender(plan, top=row_starts[tile_rows[0]]) if len(tile_rows) else None
     progress.update(0, total)

@@ -43,9 +43,13 @@ class WindowPlan:
     def cols(self) -> list[int]:
         return _starts(self.width, self.tile, self.tile - self.overlap)
 
-    def windows(self) -> list[Window]:
+    def row_windows(self, index: int) -> list[Window]:
+        """The windows of tile row ``index``, left to right."""
         h, w = min(self.tile, self.height), min(self.tile, self.width)
-        return [Window(c, r, w, h) for r in self.rows for c in self.cols]
+        return [Window(c, self.rows[index], w, h) for c in self.cols]
+
+    def windows(self) -> list[Window]:
+        return [window for i in range(len(self.rows)) for window in self.row_windows(i)]
 
     def __len__(self) -> int:
         return len(self.rows) * len(self.cols)

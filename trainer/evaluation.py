@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from geochange.engine.metrics import ConfusionMeter
 from geochange.engine.package import ModelPackage
 from geochange.engine.predict import Predictor
+from geochange.engine.router import route
 from geochange.trainer.data import IGNORE, Item, change_area_ratio
 
 PredictFn = Callable[[np.ndarray, np.ndarray], np.ndarray]  # raw (bands, H, W) x 2 -> probability (H, W)
@@ -66,7 +67,6 @@ def evaluate_items(predict: PredictFn, items: list[Item], car_thresholds=(0.05, 
     meter = ConfusionMeter()
     names = car_bins(car_thresholds)
     per_bin = {name: ConfusionMeter() for name in names}
-    bounds = torch.tensor(list(car_thresholds), dtype=torch.float64)
     for item in items:
         pre, post, label = item.load()
         prob = predict(pre, post)
@@ -74,7 +74,7 @@ def evaluate_items(predict: PredictFn, items: list[Item], car_thresholds=(0.05, 
         cm_args = (prob > threshold, label == 1, valid)
         meter.add(*cm_args)
         car = change_area_ratio(label)
-        per_bin[names[int(torch.bucketize(car, bounds, right=True))]].add(*cm_args)
+        per_bin[names[int(route(car, car_thresholds))]].add(*cm_args)
     summary = meter.summary()
     summary["car_bins"] = {name: m.summary() for name, m in per_bin.items() if m.matrices}
     summary["definition"] = METRIC_DEFINITION
