@@ -5,7 +5,10 @@ to ``bench/data/`` (tiled, DEFLATE GeoTIFFs). For each model and size, three run
 process so that its peak RSS is its own:
 - wall: ``detect`` end to end (read, warp-free grid, model, blend, COG + polygons);
 - compute floor: the model's forward alone over the same windows, batched the same way, from memory;
-- I/O floor: the same pipeline with a model that returns zeros (read, blend, write, vectorise).
+- I/O floor: the same pipeline with the model replaced by the label mosaic, the reference change map
+  (read, blend, write the rasters, vectorise as many polygons as a real run).
+TinyCD runs with its authors' LEVIR weights when they are beside the project, so that its mask and
+polygons are those of a real run; other models run with random weights (speed does not depend on them).
 Results go to ``bench/results.md`` (appended per machine and device).
 """
 from __future__ import annotations
@@ -27,17 +30,18 @@ import numpy as np
 from geochange.engine.atomic import atomic_path
 
 HERE = Path(__file__).resolve().parent
-SHARED = HERE.parent.parent / "shared" / "data"
+SHARED = Path(os.environ.get("GEOCHANGE_SHARED_DATA", HERE.parent.parent / "shared" / "data"))
+TINYCD_WEIGHTS = SHARED / "weights" / "tinycd_levir_official.pth"
 
 
-def mosaic(size: int, date_name: str) -> Path:
-    """A ``size`` x ``size`` mirrored mosaic of the LEVIR tile's pre or post image."""
+def mosaic(size: int, name: str) -> Path:
+    """A ``size`` x ``size`` mirrored mosaic of the LEVIR tile's pre or post image, or its label."""
     import rasterio
-    out = HERE / "data" / f"levir_mosaic_{size}_{date_name}.tif"
+    out = HERE / "data" / f"levir_mosaic_{size}_{name}.tif"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    with rasterio.open(SHARED / "levir_tile_georef" / f"{date_name}.tif") as src:
+    with rasterio.open(SHARED / "levir_tile_georef" / f"{name}.tif") as src:
         tile = src.read()
         profile = src.profile
     n = tile.shape[1]
@@ -52,34 +56,54 @@ def mosaic(size: int, date_name: str) -> Path:
     return out
 
 
+def label_replay(label_path: str, plan):
+    """A stand-in for the model that returns the reference change map (the label mosaic) of each
+    window in the order the pipeline runs them (every window of a mosaic is valid): the I/O floor
+    then writes and vectorises as much change as a real run does."""
+    import rasterio
+
+    label = rasterio.open(label_path)
+    windows = iter(plan.windows())
+
+    def predict(pre, post):
+        return np.stack([label.read(1, window=next(windows)) > 0 for _ in range(len(pre))]).astype(np.float32)
+
+    return predict
+
+
 def _child(job: dict) -> dict:
     """One measured run, in this (fresh) process."""
     import torch
 
     from rasterio.windows import Window
 
-    from geochange.engine.inference import prepare, stream_rows, write_outputs
+    from geochange.engine.inference import default_readers, prepare, stream_rows, write_outputs
     from geochange.engine.inputs import optical_input
     from geochange.engine.models import create
-    from geochange.engine.package import ModelPackage, make_manifest
+    from geochange.engine.package import ModelPackage, load_package, make_manifest
 
     torch.manual_seed(0)
     torch.set_num_threads(job["threads"])
-    # Random weights (speed does not depend on them); both dates RGB, as the mosaics are.
-    model = create(job["model"]).eval()
-    package = ModelPackage(model, make_manifest(job["model"], inputs={"pre": optical_input(3),
-                                                                     "post": optical_input(3)}))
+    if job["package"]:
+        package = load_package(job["package"])
+    else:  # both dates RGB, as the mosaics are
+        package = ModelPackage(create(job["model"]).eval(),
+                               make_manifest(job["model"], inputs={"pre": optical_input(3), "post": optical_input(3)}))
     out = Path(job["out"])
     setup = prepare(job["pre"], job["post"], package, tile=job["tile"], overlap=job["overlap"], device=job["device"],
                     precision=job["precision"], threshold=0.5)
     plan, batch = setup.plan, job["batch"]
     windows = len(plan)
+    h, w = min(plan.tile, plan.height), min(plan.tile, plan.width)
+    read = setup.reader()
+    pre, post, _ = read(Window(0, 0, w, h))
+    read.close()
+    # A warm-up batch of each size a tile row is cut into, before any timing: one-time set-up (CUDA's,
+    # cuDNN's tuning and the graph capture per input shape, a few seconds) is no part of the figures.
+    sizes = [min(batch, len(plan.cols) - j) for j in range(0, len(plan.cols), batch)]
+    for n in set(sizes):
+        setup.predictor(np.stack([pre] * n), np.stack([post] * n))
     if job["kind"] == "compute":
-        h, w = min(plan.tile, plan.height), min(plan.tile, plan.width)
-        read = setup.reader()
-        pre, post, _ = read(Window(0, 0, w, h))
-        read.close()
-        sizes = [min(batch, len(plan.cols) - j) for j in range(0, len(plan.cols), batch)]
         rows = len(plan.rows) if not job.get("sample_rows") else job["sample_rows"]
         stacks = {n: (np.stack([pre] * n), np.stack([post] * n)) for n in set(sizes)}
         start = time.perf_counter()
@@ -90,18 +114,30 @@ def _child(job: dict) -> dict:
             torch.cuda.synchronize()
         seconds = (time.perf_counter() - start) * len(plan.rows) / rows
     else:
+        readers = default_readers(setup.predictor.device)  # the model's, also when it is replaced
         if job["kind"] == "io":
-            setup.predictor = lambda a, b: np.zeros((len(a), *a.shape[2:]), np.float32)  # noqa: E731
+            setup.predictor = label_replay(job["label"], plan)
         read = setup.reader()
         start = time.perf_counter()
         try:
-            write_outputs(setup, stream_rows(setup.predictor, plan, read, batch=batch),
+            write_outputs(setup, stream_rows(setup.predictor, plan, read, batch=batch, readers=readers),
                           probability=out / "p.tif", mask=out / "m.tif", polygons=out / "c.gpkg")
         finally:
             read.close()
         seconds = time.perf_counter() - start
     return {"seconds": seconds, "windows": windows, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "megapixels": plan.height * plan.width / 1e6}
+
+
+def authors_package(model: str) -> Path | None:
+    """The TinyCD authors' weights as a package (made once in bench/data/), or None."""
+    if model != "tinycd" or not TINYCD_WEIGHTS.is_file():
+        return None
+    from geochange.engine.importers import import_weights
+    out = HERE / "data" / "tinycd_levir.safetensors"
+    if not out.exists():
+        import_weights("tinycd", TINYCD_WEIGHTS, out)
+    return out
 
 
 def measure(job: dict) -> dict:
@@ -145,20 +181,23 @@ def main() -> None:
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     print(lines[0])
     for size in args.sizes:
-        pre, post = mosaic(size, "pre"), mosaic(size, "post")
+        pre, post, label = mosaic(size, "pre"), mosaic(size, "post"), mosaic(size, "label")
         for model in args.models:
             if f"{model}:{size}" in args.skip:
                 continue
             out = HERE / "data" / "out"
-            job = {"model": model, "pre": str(pre), "post": str(post), "out": str(out), "tile": args.tile,
-                   "overlap": args.overlap, "batch": args.batch, "device": args.device,
-                   "precision": args.precision, "threads": args.threads}
+            package = authors_package(model)
+            job = {"model": model, "package": package and str(package), "pre": str(pre), "post": str(post),
+                   "label": str(label),
+                   "out": str(out), "tile": args.tile, "overlap": args.overlap, "batch": args.batch,
+                   "device": args.device, "precision": args.precision, "threads": args.threads}
             wall = measure(dict(job, kind="wall"))
             io = measure(dict(job, kind="io"))
             compute = measure(dict(job, kind="compute", sample_rows=args.floor_sample_rows))
             ratio = wall["seconds"] / max(compute["seconds"], io["seconds"])
             sampled = "*" if args.floor_sample_rows else ""
-            lines.append(f"| {model} | {size}² | {wall['windows']} | {wall['seconds']:.1f} | "
+            weights = "authors' weights" if package else "random weights"
+            lines.append(f"| {model} ({weights}) | {size}² | {wall['windows']} | {wall['seconds']:.1f} | "
                          f"{wall['megapixels'] / wall['seconds']:.3f} | {compute['seconds']:.1f}{sampled} | "
                          f"{io['seconds']:.1f} | {ratio:.3f} | {wall['peak_rss_mb']:.0f} |")
             print(lines[-1], flush=True)

@@ -43,8 +43,8 @@ def _part_path(parts: Path, rank: int) -> Path:
 
 
 def distributed_detect(pre_path, post_path, model, *, probability, mask, polygons, batch: int = 4,
-                       min_area: float = 0.0, simplify: float = 0.0, readers: int = 2, device: str = "auto",
-                       progress: Progress | None = None, **options) -> DetectResult | None:
+                       min_area: float = 0.0, simplify: float = 0.0, readers: int | None = None,
+                       device: str = "auto", progress: Progress | None = None, **options) -> DetectResult | None:
     """``detect`` over all ranks; returns the result on rank 0, None on the others."""
     import torch
     import torch.distributed as dist

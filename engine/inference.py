@@ -64,16 +64,26 @@ class RowBlender:
         return start, prob, valid
 
 
+def default_readers(device: torch.device) -> int:
+    """Reader threads for a model on ``device``: one beside a CPU model, whose threads already take
+    every core (a second reader would also decode again, through datasets of its own, the blocks
+    that neighbouring windows share); up to four beside a GPU, to keep it fed."""
+    return 1 if device.type == "cpu" else min(4, os.cpu_count() or 1)
+
+
 def stream_rows(predictor: Callable, plan: WindowPlan, read: WindowReader, *, batch: int = 4,
-                progress: Progress | None = None, readers: int = 2, prefetch: int = 2,
+                progress: Progress | None = None, readers: int | None = None, prefetch: int = 2,
                 tile_rows: range | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Yield ``(first row, probability, valid)`` for each tile row's band of finished rows, in order.
 
     Batches never span two tile rows, so a window's batch is the same whatever ``tile_rows`` (a
     subset of consecutive tile rows, for one rank of a distributed run) is given. Windows without a
-    valid pixel are not run. At most ``readers + prefetch`` batches are read ahead.
+    valid pixel are not run. At most ``readers + prefetch`` batches are read ahead (``readers``
+    threads: ``default_readers`` of the predictor's device when None).
     """
     progress = progress or Progress()
+    if readers is None:
+        readers = default_readers(getattr(predictor, "device", torch.device("cpu")))
     row_starts, cols = plan.rows, plan.cols
     tile_rows = tile_rows if tile_rows is not None else range(len(row_starts))
     batches = [(i, windows[j:j + batch]) for i in tile_rows
@@ -240,7 +250,7 @@ def write_outputs(setup: DetectSetup, bands: Iterator[tuple[int, np.ndarray, np.
 
 def detect(pre_path: str | os.PathLike, post_path: str | os.PathLike, model: str | os.PathLike | ModelPackage, *,
            probability: str | os.PathLike, mask: str | os.PathLike, polygons: str | os.PathLike,
-           batch: int = 4, min_area: float = 0.0, simplify: float = 0.0, readers: int = 2,
+           batch: int = 4, min_area: float = 0.0, simplify: float = 0.0, readers: int | None = None,
            progress: Progress | None = None, **options) -> DetectResult:
     """Change probability, mask and polygons for a pre/post pair.
 

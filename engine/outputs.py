@@ -1,7 +1,8 @@
 """The outputs of a detection, written band of rows by band of rows as the rows are finished.
 
 Probability and mask are staged as tiled GeoTIFFs and turned into Cloud-Optimised GeoTIFFs when the
-last row is in; polygons are assembled across band seams and appended to the vector file. Nothing
+last row is in (the stage uses ZSTD level 1, about 10x cheaper to write than the final DEFLATE, and
+the conversion compresses on every core); polygons are assembled across band seams and appended to the vector file. Nothing
 appears under a final name before ``close()``; ``abort()`` (error, cancel) removes every temporary.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ MASK_NODATA = 127  # the mask holds 0 (no change) and 255 (change)
 def _stage_profile(grid: Grid, dtype: str, nodata) -> dict:
     return {"driver": "GTiff", "width": grid.width, "height": grid.height, "count": 1, "dtype": dtype,
             "crs": grid.crs, "transform": grid.transform, "nodata": nodata, "tiled": True,
-            "blockxsize": 512, "blockysize": 512, "compress": "deflate", "BIGTIFF": "IF_SAFER"}
+            "blockxsize": 512, "blockysize": 512, "compress": "zstd", "zstd_level": 1, "BIGTIFF": "IF_SAFER"}
 
 
 class ChangeWriter:
@@ -75,7 +76,7 @@ class ChangeWriter:
             self._mask.close()
             for stage, final, options in self._finals:
                 rasterio.shutil.copy(stage, final, driver="COG", COMPRESS="DEFLATE", BLOCKSIZE=512,
-                                     OVERVIEWS="AUTO", BIGTIFF="IF_SAFER", **options)
+                                     OVERVIEWS="AUTO", BIGTIFF="IF_SAFER", NUM_THREADS="ALL_CPUS", **options)
         except BaseException:
             self.abort()
             raise

@@ -1,6 +1,7 @@
 """Change polygons from a mask and a probability raster, with areas in square metres."""
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,11 +33,18 @@ class ChangePolygon:
     max_prob: float
 
 
+@functools.lru_cache(maxsize=16)
+def _to_lonlat(crs_text: str) -> Transformer | None:
+    """The transformer to longitude/latitude of a CRS (None for EPSG:4326), built once per CRS:
+    building it costs about a millisecond, as much as the area of a polygon."""
+    crs = CRS.from_user_input(crs_text)
+    return None if crs.to_epsg() == 4326 else Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
+
+
 def geodesic_area(geometry, crs) -> float:
     """Area on the WGS84 ellipsoid in m2, whatever the CRS (projected areas are distorted)."""
-    crs = CRS.from_user_input(crs)
-    if crs.to_epsg() != 4326:
-        to_lonlat = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
+    to_lonlat = _to_lonlat(crs if isinstance(crs, str) else crs.to_wkt())
+    if to_lonlat is not None:
         geometry = shapely.transform(geometry, to_lonlat.transform, interleaved=False)
     # Geod signs each ring by its orientation: exterior counter-clockwise, holes clockwise.
     return abs(_GEOD.geometry_area_perimeter(orient(geometry, sign=1.0))[0])
@@ -54,7 +62,7 @@ class PolygonAssembler:
     """
 
     def __init__(self, transform, crs, *, min_area_m2: float = 0.0, simplify: float = 0.0):
-        self.transform, self.crs = transform, crs
+        self.transform, self.crs = transform, crs if isinstance(crs, str) else crs.to_wkt()
         self.min_area_m2, self.simplify = min_area_m2, simplify
         self._parent: dict[int, int] = {}
         self._pending: dict[int, tuple] = {}  # id -> (pixel polygon, pixels, sum of prob, max prob)
@@ -111,7 +119,7 @@ class PolygonAssembler:
             parts = [self._pending.pop(i) for i in groups[root]]
             for i in groups[root]:
                 del self._parent[i]
-            polygon = self._finish_geometry(shapely.union_all([p[0] for p in parts]))
+            polygon = self._finish_geometry(parts[0][0] if len(parts) == 1 else shapely.union_all([p[0] for p in parts]))
             if polygon is None:
                 continue
             area = geodesic_area(polygon, self.crs)
