@@ -71,6 +71,20 @@ def default_readers(device: torch.device) -> int:
     return 1 if device.type == "cpu" else min(4, os.cpu_count() or 1)
 
 
+def yield_to_cpu_model() -> None:
+    """Initializer of the reader and writer threads beside a CPU model: run them at a lower priority
+    (Linux: nice 10 for this thread only). Their work is a tenth of the model's, but while one of
+    them holds a core, every parallel region of the model waits for the thread it pushed aside."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):  # not Linux: leave the default
+        pass
+
+
+def _on_cpu(predictor) -> bool:
+    return getattr(predictor, "device", torch.device("cpu")).type == "cpu"
+
+
 def stream_rows(predictor: Callable, plan: WindowPlan, read: WindowReader, *, batch: int = 4,
                 progress: Progress | None = None, readers: int | None = None, prefetch: int = 2,
                 tile_rows: range | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
@@ -84,6 +98,7 @@ def stream_rows(predictor: Callable, plan: WindowPlan, read: WindowReader, *, ba
     progress = progress or Progress()
     if readers is None:
         readers = default_readers(getattr(predictor, "device", torch.device("cpu")))
+    initializer = yield_to_cpu_model if _on_cpu(predictor) else None
     row_starts, cols = plan.rows, plan.cols
     tile_rows = tile_rows if tile_rows is not None else range(len(row_starts))
     batches = [(i, windows[j:j + batch]) for i in tile_rows
@@ -95,7 +110,7 @@ def stream_rows(predictor: Callable, plan: WindowPlan, read: WindowReader, *, ba
     def load(chunk):
         return [(window, *read(window)) for window in chunk]
 
-    with ThreadPoolExecutor(max(readers, 1), thread_name_prefix="geochange-read") as pool:
+    with ThreadPoolExecutor(max(readers, 1), thread_name_prefix="geochange-read", initializer=initializer) as pool:
         pending = deque(pool.submit(load, chunk) for _, chunk in batches[:readers + prefetch])
         queued = len(pending)
         try:
@@ -228,7 +243,8 @@ def write_outputs(setup: DetectSetup, bands: Iterator[tuple[int, np.ndarray, np.
                           attributes={"pre": setup.paths[0].name, "post": setup.paths[1].name})
     try:
         any_valid, in_flight = False, None
-        with ThreadPoolExecutor(1, thread_name_prefix="geochange-write") as sink:
+        with ThreadPoolExecutor(1, thread_name_prefix="geochange-write",
+                                initializer=yield_to_cpu_model if _on_cpu(setup.predictor) else None) as sink:
             for start, prob, valid in bands:
                 any_valid |= bool(valid.any())
                 if in_flight is not None:
