@@ -119,7 +119,8 @@ class PolygonAssembler:
             parts = [self._pending.pop(i) for i in groups[root]]
             for i in groups[root]:
                 del self._parent[i]
-            polygon = self._finish_geometry(parts[0][0] if len(parts) == 1 else shapely.union_all([p[0] for p in parts]))
+            merged = parts[0][0] if len(parts) == 1 else shapely.union_all([p[0] for p in parts])
+            polygon = self._finish_geometry(merged)
             if polygon is None:
                 continue
             area = geodesic_area(polygon, self.crs)
