@@ -58,10 +58,10 @@ def mosaic(size: int, name: str) -> Path:
     return out
 
 
-def label_replay(label_path: str, plan):
-    """A stand-in for the model that returns the reference change map (the label mosaic) of each
-    window in the order the pipeline runs them (every window of a mosaic is valid): the I/O floor
-    then writes and vectorises as much change as a real run does."""
+def label_replay(label_path: str, plan, device):
+    """A stand-in for the model on ``device`` that returns the reference change map (the label
+    mosaic) of each window in the order the pipeline runs them (every window of a mosaic is valid):
+    the I/O floor then reads, writes and vectorises as a real run on that device does."""
     import rasterio
 
     label = rasterio.open(label_path)
@@ -70,6 +70,7 @@ def label_replay(label_path: str, plan):
     def predict(pre, post):
         return np.stack([label.read(1, window=next(windows)) > 0 for _ in range(len(pre))]).astype(np.float32)
 
+    predict.device = device  # the pipeline sizes its reader threads by the model's device
     return predict
 
 
@@ -79,7 +80,7 @@ def _child(job: dict) -> dict:
 
     from rasterio.windows import Window
 
-    from geochange.engine.inference import default_readers, prepare, stream_rows, write_outputs
+    from geochange.engine.inference import prepare, stream_rows, write_outputs
     from geochange.engine.inputs import optical_input
     from geochange.engine.models import create
     from geochange.engine.package import ModelPackage, load_package, make_manifest
@@ -122,13 +123,12 @@ def _child(job: dict) -> dict:
             torch.cuda.synchronize()
         seconds = (time.perf_counter() - start) * len(plan.rows) / rows
     else:
-        readers = default_readers(setup.predictor.device)  # the model's, also when it is replaced
         if job["kind"] == "io":
-            setup.predictor = label_replay(job["label"], plan)
+            setup.predictor = label_replay(job["label"], plan, setup.predictor.device)
         read = setup.reader()
         start = time.perf_counter()
         try:
-            write_outputs(setup, stream_rows(setup.predictor, plan, read, batch=batch, readers=readers),
+            write_outputs(setup, stream_rows(setup.predictor, plan, read, batch=batch),
                           probability=out / "p.tif", mask=out / "m.tif", polygons=out / "c.gpkg")
         finally:
             read.close()

@@ -64,13 +64,6 @@ class RowBlender:
         return start, prob, valid
 
 
-def default_readers(device: torch.device) -> int:
-    """Reader threads for a model on ``device``: one beside a CPU model, whose threads already take
-    every core (a second reader would also decode again, through datasets of its own, the blocks
-    that neighbouring windows share); up to four beside a GPU, to keep it fed."""
-    return 1 if device.type == "cpu" else min(4, os.cpu_count() or 1)
-
-
 def yield_to_cpu_model() -> None:
     """Initializer of the reader and writer threads beside a CPU model: run them at a lower priority
     (Linux: nice 10 for this thread only). Their work is a tenth of the model's, but while one of
@@ -92,13 +85,16 @@ def stream_rows(predictor: Callable, plan: WindowPlan, read: WindowReader, *, ba
 
     Batches never span two tile rows, so a window's batch is the same whatever ``tile_rows`` (a
     subset of consecutive tile rows, for one rank of a distributed run) is given. Windows without a
-    valid pixel are not run. At most ``readers + prefetch`` batches are read ahead (``readers``
-    threads: ``default_readers`` of the predictor's device when None).
+    valid pixel are not run. At most ``readers + prefetch`` batches are read ahead.
     """
     progress = progress or Progress()
+    on_cpu = _on_cpu(predictor)
     if readers is None:
-        readers = default_readers(getattr(predictor, "device", torch.device("cpu")))
-    initializer = yield_to_cpu_model if _on_cpu(predictor) else None
+        # One reader beside a CPU model, whose threads already take every core (a second would also
+        # decode again, through datasets of its own, the blocks neighbouring windows share); up to
+        # four beside a GPU, to keep it fed.
+        readers = 1 if on_cpu else min(4, os.cpu_count() or 1)
+    initializer = yield_to_cpu_model if on_cpu else None
     row_starts, cols = plan.rows, plan.cols
     tile_rows = tile_rows if tile_rows is not None else range(len(row_starts))
     batches = [(i, windows[j:j + batch]) for i in tile_rows
