@@ -29,6 +29,22 @@ def tinycd_package(shared_data, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture
+def one_and_two_ranks(tmp_path):
+    """``run(args, port)``: ``geochange detect ARGS`` in one process, then under torchrun with two
+    ranks; returns the two output folders (``one``, ``two``) once both succeeded."""
+    def run(args: list[str], port: int) -> tuple[Path, Path]:
+        single = subprocess.run([sys.executable, "-m", "geochange.engine", "detect", *args, "--out",
+                                 str(tmp_path / "one")], capture_output=True, text=True, timeout=600)
+        assert single.returncode == 0, single.stderr
+        ranks = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                                "--master-port", str(port), "-m", "geochange.engine", "detect", *args,
+                                "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=600)
+        assert ranks.returncode == 0, ranks.stderr
+        return tmp_path / "one", tmp_path / "two"
+    return run
+
+
 # --- QGIS ------------------------------------------------------------------------------------------
 # QGIS loads a plugin by its folder name, so the tests expose the repository as ``geochange`` in a
 # plugins folder of their own, and run QGIS with a throw-away profile so the user's is never read.

@@ -1,9 +1,6 @@
 """torchrun with two CPU processes (gloo) gives exactly the outputs of one process."""
-import subprocess
-import sys
 
 import numpy as np
-import pytest
 import rasterio
 from osgeo import ogr
 from rasterio.windows import Window
@@ -37,23 +34,17 @@ def features(path):
              f.GetGeometryRef().ExportToWkt()) for f in layer]
 
 
-def test_two_ranks_equal_one_process(tinycd_package, shared_data, tmp_path):
+def test_two_ranks_equal_one_process(tinycd_package, shared_data, tmp_path, one_and_two_ranks):
     tile = shared_data / "levir_tile_georef"
     window = Window(256, 128, 384, 560)  # 560 rows: 5 tile rows of 128 px at stride 96 (the last shifted)
     pre, post = crop(tile / "pre.tif", tmp_path / "pre.tif", window), crop(tile / "post.tif", tmp_path / "post.tif", window)
     args = [str(pre), str(post), "--model", str(tinycd_package), "--tile", "128", "--overlap", "32",
             "--batch", "2", "--device", "cpu", "--threads", "1"]
-    single = subprocess.run([sys.executable, "-m", "geochange.engine", "detect", *args, "--out", str(tmp_path / "one")],
-                            capture_output=True, text=True, timeout=600)
-    assert single.returncode == 0, single.stderr
-    ranks = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                            "--master-port", "29517", "-m", "geochange.engine", "detect", *args,
-                            "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=600)
-    assert ranks.returncode == 0, ranks.stderr
+    one_dir, two_dir = one_and_two_ranks(args, 29517)
     for name in ("change_probability.tif", "change_mask.tif"):
-        with rasterio.open(tmp_path / "one" / name) as a, rasterio.open(tmp_path / "two" / name) as b:
+        with rasterio.open(one_dir / name) as a, rasterio.open(two_dir / name) as b:
             assert a.profile == b.profile
             np.testing.assert_array_equal(a.read(), b.read())
-    one, two = features(tmp_path / "one" / "change_polygons.gpkg"), features(tmp_path / "two" / "change_polygons.gpkg")
+    one, two = features(one_dir / "change_polygons.gpkg"), features(two_dir / "change_polygons.gpkg")
     assert len(one) > 5 and one == two
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert sorted(p.name for p in two_dir.iterdir()) == sorted(p.name for p in one_dir.iterdir())

@@ -4,8 +4,6 @@ model runs in autocast with channels_last, the trainer trains with AMP, and torc
 GPU give the one-process outputs. SyncBN over NCCL needs two GPUs and is not covered here."""
 from __future__ import annotations
 
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -105,22 +103,16 @@ def test_trainer_with_amp_on_cuda(architecture, amp, shared_data, tmp_path):
     assert (tmp_path / "run" / "best.safetensors").is_file()
 
 
-def test_two_ranks_on_one_gpu_equal_one_process(tinycd_package, shared_data, tmp_path):
+def test_two_ranks_on_one_gpu_equal_one_process(tinycd_package, shared_data, one_and_two_ranks):
     tile = shared_data / "levir_tile_georef"
     args = [str(tile / "pre.tif"), str(tile / "post.tif"), "--model", str(tinycd_package), "--tile", "256",
             "--overlap", "32", "--batch", "4", "--device", "auto", "--precision", "fp32"]
-    single = subprocess.run([sys.executable, "-m", "geochange.engine", "detect", *args, "--out", str(tmp_path / "one")],
-                            capture_output=True, text=True, timeout=600)
-    assert single.returncode == 0, single.stderr
-    ranks = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                            "--master-port", "29531", "-m", "geochange.engine", "detect", *args,
-                            "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=600)
-    assert ranks.returncode == 0, ranks.stderr
+    one_dir, two_dir = one_and_two_ranks(args, 29531)
     # Each process tunes its own convolution algorithms (TF32 on the GPU): equal within their rounding.
-    two, one = read(tmp_path / "two" / "change_probability.tif"), read(tmp_path / "one" / "change_probability.tif")
+    two, one = read(two_dir / "change_probability.tif"), read(one_dir / "change_probability.tif")
     np.testing.assert_allclose(two, one, atol=1e-2)
     assert ((two > 0.5) == (one > 0.5)).mean() > 0.999
-    np.testing.assert_array_equal(read(tmp_path / "two" / "change_mask.tif") == 255, two > 0.5)
+    np.testing.assert_array_equal(read(two_dir / "change_mask.tif") == 255, two > 0.5)
 
 
 @pytest.mark.parametrize("name", ["tinycd", "sscfnet_r50", "m2cd_mit_b0"])
