@@ -1,9 +1,9 @@
 """On a CUDA GPU (skipped without one; run on a lent GPU, figures in the README): the engine in bf16 and
 fp16 autocast gives the authors' TinyCD predictions, a real CUDA out-of-memory halves the batch, every
-model runs in autocast with channels_last, the trainer trains with AMP, and torchrun ranks sharing the
-GPU give the one-process outputs. SyncBN over NCCL needs two GPUs and is not covered here."""
+model runs in autocast with channels_last, CUDA-graph replay equals eager, the trainer trains with AMP,
+and torchrun ranks sharing the GPU give the one-process outputs. SyncBN over NCCL needs two GPUs and is
+not covered here."""
 from __future__ import annotations
-
 
 import numpy as np
 import pytest
