@@ -104,7 +104,7 @@ class Predictor:
             self.model = self.model.to(memory_format=torch.channels_last)
             torch.backends.cudnn.benchmark = True  # windows share one size: tune each convolution once
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
-        self._graphs: dict = {}  # input shapes -> (static inputs, graph, static output), or None
+        self._graphs: dict = {}  # input shapes -> (static inputs, graph, static output)
         self.inputs = package.manifest["inputs"]
         self.max_batch: int | None = None  # lowered after a CUDA out-of-memory, kept for later batches
 
@@ -133,9 +133,10 @@ class Predictor:
         """
         key = (pre.shape, post.shape)
         if key not in self._graphs:
-            self._graphs[key] = self._capture(pre, post)
-        if self._graphs[key] is None:
-            return self._probability(pre, post)
+            captured = self._capture(pre, post)
+            if captured is None:
+                return self._probability(pre, post)
+            self._graphs[key] = captured
         static_pre, static_post, graph, out = self._graphs[key]
         static_pre.copy_(pre)
         static_post.copy_(post)
@@ -160,7 +161,7 @@ class Predictor:
             torch.cuda.synchronize(self.device)
             self.log(f"{self.package.manifest['architecture']} runs eagerly: it cannot be captured as a CUDA "
                      f"graph ({str(error).splitlines()[0]})")
-            self._graphs = {k: None for k in self._graphs}  # no later shape will capture either
+            self._graphs.clear()  # no other shape would capture either: free their memory, run eagerly
             self.cuda_graphs = False
             return None
         return static_pre, static_post, graph, out
