@@ -6,11 +6,14 @@ process so that its peak RSS is its own:
 - wall: ``detect`` end to end (read, warp-free grid, model, blend, COG + polygons);
 - compute floor: the model's forward alone over as many windows (the first tile row's, from memory),
   batched the same way;
-- I/O floor: the same pipeline with the model replaced by the label mosaic, the reference change map
-  (read, blend, write the rasters, vectorise as many polygons as a real run).
+- I/O floor: the same pipeline with the model replaced by a replay of the wall run's own probability
+  raster (read, blend, write the same rasters, vectorise the same polygons: a model with random
+  weights outlines noise, whose polygons cost more than those of a trained model).
 TinyCD runs with its authors' LEVIR weights when they are beside the project, so that its mask and
 polygons are those of a real run; other models run with random weights.
-With ``--repeats N`` each kind runs N times and the fastest run is reported (peak RSS: the largest).
+With ``--repeats N`` the three kinds run in turn N times; the fastest run of each kind is reported
+(peak RSS: the largest) and the ratio is the median of the N runs' own ratios, each wall run against
+the floors measured next to it (this shared machine's speed drifts by up to 20 % within minutes).
 Results go to ``bench/results.md`` (appended per machine and device).
 """
 from __future__ import annotations
@@ -37,7 +40,7 @@ TINYCD_WEIGHTS = SHARED / "weights" / "tinycd_levir_official.pth"
 
 
 def mosaic(size: int, name: str) -> Path:
-    """A ``size`` x ``size`` mirrored mosaic of the LEVIR tile's pre or post image, or its label."""
+    """A ``size`` x ``size`` mirrored mosaic of the LEVIR tile's pre or post image."""
     import rasterio
     out = HERE / "data" / f"levir_mosaic_{size}_{name}.tif"
     if out.exists():
@@ -58,17 +61,23 @@ def mosaic(size: int, name: str) -> Path:
     return out
 
 
-def label_replay(label_path: str, plan, device):
-    """A stand-in for the model on ``device`` that returns the reference change map (the label
-    mosaic) of each window in the order the pipeline runs them (every window of a mosaic is valid):
-    the I/O floor then reads, writes and vectorises as a real run on that device does."""
+def prediction_replay(probability_path: str, plan, device):
+    """A stand-in for the model on ``device`` that returns, window by window in the order the pipeline
+    runs them, the probability a wall run wrote (every window of a mosaic is valid; blending a
+    blended probability again gives it back): the I/O floor then reads, writes and vectorises what
+    that run did, on that device. ``predict.seconds``: its own reading time, no part of the floor."""
     import rasterio
 
-    label = rasterio.open(label_path)
+    probability = rasterio.open(probability_path)
     windows = iter(plan.windows())
 
     def predict(pre, post):
-        return np.stack([label.read(1, window=next(windows)) > 0 for _ in range(len(pre))]).astype(np.float32)
+        start = time.perf_counter()
+        out = np.stack([probability.read(1, window=next(windows)) for _ in range(len(pre))])
+        predict.seconds += time.perf_counter() - start
+        return out
+
+    predict.seconds = 0.0
 
     predict.device = device  # the pipeline sizes its reader threads by the model's device
     return predict
@@ -124,7 +133,7 @@ def _child(job: dict) -> dict:
         seconds = (time.perf_counter() - start) * len(plan.rows) / rows
     else:
         if job["kind"] == "io":
-            setup.predictor = label_replay(job["label"], plan, setup.predictor.device)
+            setup.predictor = prediction_replay(job["replay"], plan, setup.predictor.device)
         read = setup.reader()
         start = time.perf_counter()
         try:
@@ -132,7 +141,7 @@ def _child(job: dict) -> dict:
                           probability=out / "p.tif", mask=out / "m.tif", polygons=out / "c.gpkg")
         finally:
             read.close()
-        seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start - getattr(setup.predictor, "seconds", 0.0)
     return {"seconds": seconds, "windows": windows, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "megapixels": plan.height * plan.width / 1e6}
 
@@ -186,28 +195,29 @@ def main() -> None:
         return
     precision = f" {args.precision}" if args.device.startswith("cuda") else ""
     lines = [f"\n## {date.today()}: {machine(args.device)}, device {args.device}{precision}, {args.threads} threads, "
-             f"tile {args.tile}, overlap {args.overlap}, batch {args.batch}, fastest of {args.repeats} run(s) each\n",
+             f"tile {args.tile}, overlap {args.overlap}, batch {args.batch}, "
+             f"fastest of {args.repeats} run(s) each, median ratio\n",
              "| model | size | windows | wall s | Mpx/s | compute floor s | I/O floor s | wall / max(floors) | peak RSS MB |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     print(lines[0])
     for size in args.sizes:
-        pre, post, label = mosaic(size, "pre"), mosaic(size, "post"), mosaic(size, "label")
+        pre, post = mosaic(size, "pre"), mosaic(size, "post")
         for model in args.models:
             if f"{model}:{size}" in args.skip:
                 continue
             out = HERE / "data" / "out"
             package = authors_package(model)
             job = {"model": model, "package": package and str(package), "pre": str(pre), "post": str(post),
-                   "label": str(label),
-                   "out": str(out), "tile": args.tile, "overlap": args.overlap, "batch": args.batch,
-                   "device": args.device, "precision": args.precision, "threads": args.threads}
-            # Runs alternate wall, I/O, compute, so that a slow spell of a shared machine touches all three.
-            runs = [(measure(dict(job, kind="wall")), measure(dict(job, kind="io")),
-                     measure(dict(job, kind="compute", sample_rows=args.floor_sample_rows)))
+                   "replay": str(out / "wall" / "p.tif"), "tile": args.tile, "overlap": args.overlap,
+                   "batch": args.batch, "device": args.device, "precision": args.precision, "threads": args.threads}
+            # Runs alternate wall, I/O (replaying that wall run), compute, so that a slow spell of a
+            # shared machine touches all three.
+            runs = [tuple(measure(dict(job, kind=kind, out=str(out / kind), sample_rows=args.floor_sample_rows))
+                          for kind in ("wall", "io", "compute"))
                     for _ in range(args.repeats)]
             wall, io, compute = (min((r[k] for r in runs), key=lambda m: m["seconds"]) for k in range(3))
             wall["peak_rss_mb"] = max(r[0]["peak_rss_mb"] for r in runs)
-            ratio = wall["seconds"] / max(compute["seconds"], io["seconds"])
+            ratio = float(np.median([w["seconds"] / max(i["seconds"], c["seconds"]) for w, i, c in runs]))
             sampled = "*" if args.floor_sample_rows else ""
             weights = "authors' weights" if package else "random weights"
             lines.append(f"| {model} ({weights}) | {size}² | {wall['windows']} | {wall['seconds']:.1f} | "

@@ -3,13 +3,15 @@
 Reader threads (GDAL releases the GIL) fill a bounded queue of window batches; the model runs on
 them in the main thread; blended rows collect in a rolling buffer one tile high; each band of rows
 that no later window can touch is handed to a writer thread, which writes it and vectorises it.
+Beside a CPU model, whose threads take every core, reading and writing run in the main thread
+between batches instead (see ``default_readers``).
 """
 from __future__ import annotations
 
 import os
 import threading
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -64,18 +66,34 @@ class RowBlender:
         return start, prob, valid
 
 
-def yield_to_cpu_model() -> None:
-    """Initializer of the reader and writer threads beside a CPU model: run them at a lower priority
-    (Linux: nice 10 for this thread only). Their work is a tenth of the model's, but while one of
-    them holds a core, every parallel region of the model waits for the thread it pushed aside."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-    except (AttributeError, OSError):  # not Linux: leave the default
-        pass
+class InlineExecutor(Executor):
+    """Runs each task when it is submitted, in the submitting thread."""
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except Exception as error:  # delivered by result(), as a thread pool would
+            future.set_exception(error)
+        return future
 
 
 def _on_cpu(predictor) -> bool:
     return getattr(predictor, "device", torch.device("cpu")).type == "cpu"
+
+
+def default_readers(predictor) -> int:
+    """Reader threads beside this model (0: read, and write, in the model's thread)."""
+    # Up to four reader threads keep a GPU fed. Beside a CPU model none: its threads take every
+    # core, and a reader holding one stalls each parallel region of the model until it lets go,
+    # so the reading costs the model more than it would cost done between batches (measured at
+    # 4096² on 2 cores, reading and writing in threads at nice 10 against in the main thread,
+    # fastest of 3: model time +2.4 s for TinyCD, +4.0 s for M2CD-MiT-b0; wall +4 % and +7 %).
+    return 0 if _on_cpu(predictor) else min(4, os.cpu_count() or 1)
+
+
+def io_executor(threads: int, name: str) -> Executor:
+    return ThreadPoolExecutor(threads, thread_name_prefix=name) if threads else InlineExecutor()
 
 
 def stream_rows(predictor: Callable, plan: WindowPlan, read: WindowReader, *, batch: int = 4,
@@ -85,16 +103,11 @@ def stream_rows(predictor: Callable, plan: WindowPlan, read: WindowReader, *, ba
 
     Batches never span two tile rows, so a window's batch is the same whatever ``tile_rows`` (a
     subset of consecutive tile rows, for one rank of a distributed run) is given. Windows without a
-    valid pixel are not run. At most ``readers + prefetch`` batches are read ahead.
+    valid pixel are not run. At most ``readers + prefetch`` batches are read ahead; ``readers=0``
+    reads in this thread.
     """
     progress = progress or Progress()
-    on_cpu = _on_cpu(predictor)
-    if readers is None:
-        # One reader beside a CPU model, whose threads already take every core (a second would also
-        # decode again, through datasets of its own, the blocks neighbouring windows share); up to
-        # four beside a GPU, to keep it fed.
-        readers = 1 if on_cpu else min(4, os.cpu_count() or 1)
-    initializer = yield_to_cpu_model if on_cpu else None
+    readers = default_readers(predictor) if readers is None else readers
     row_starts, cols = plan.rows, plan.cols
     tile_rows = tile_rows if tile_rows is not None else range(len(row_starts))
     batches = [(i, windows[j:j + batch]) for i in tile_rows
@@ -106,7 +119,7 @@ def stream_rows(predictor: Callable, plan: WindowPlan, read: WindowReader, *, ba
     def load(chunk):
         return [(window, *read(window)) for window in chunk]
 
-    with ThreadPoolExecutor(max(readers, 1), thread_name_prefix="geochange-read", initializer=initializer) as pool:
+    with io_executor(readers, "geochange-read") as pool:
         pending = deque(pool.submit(load, chunk) for _, chunk in batches[:readers + prefetch])
         queued = len(pending)
         try:
@@ -229,18 +242,20 @@ def prepare(pre_path, post_path, model, *, tile: int = 512, overlap: int = 64, d
 
 
 def write_outputs(setup: DetectSetup, bands: Iterator[tuple[int, np.ndarray, np.ndarray]], *, probability, mask,
-                  polygons, min_area: float = 0.0, simplify: float = 0.0,
+                  polygons, min_area: float = 0.0, simplify: float = 0.0, writer_thread: bool | None = None,
                   progress: Progress | None = None) -> DetectResult:
-    """Write finished row bands as they come (in a writer thread, one band in flight), then move the
-    outputs to their final names; on any error or cancel nothing is left behind."""
+    """Write finished row bands as they come (one band in flight in a writer thread, or in this thread;
+    by default as ``default_readers`` has it), then move the outputs to their final names; on any
+    error or cancel nothing is left behind."""
     progress = progress or Progress()
     writer = ChangeWriter(setup.grid, probability=probability, mask=mask, polygons=polygons,
                           threshold=setup.threshold, min_area=min_area, simplify=simplify,
                           attributes={"pre": setup.paths[0].name, "post": setup.paths[1].name})
     try:
         any_valid, in_flight = False, None
-        with ThreadPoolExecutor(1, thread_name_prefix="geochange-write",
-                                initializer=yield_to_cpu_model if _on_cpu(setup.predictor) else None) as sink:
+        if writer_thread is None:
+            writer_thread = default_readers(setup.predictor) > 0
+        with io_executor(int(writer_thread), "geochange-write") as sink:
             for start, prob, valid in bands:
                 any_valid |= bool(valid.any())
                 if in_flight is not None:
@@ -271,15 +286,17 @@ def detect(pre_path: str | os.PathLike, post_path: str | os.PathLike, model: str
     ``overlap``, ``device``, ``precision``, ``threads``, ``tta``; ``threshold`` (default: the
     package's); ``pre_bands``/``post_bands``, 1-based band indexes in the order the model wants;
     ``pre_scale``/``post_scale``, the raw value meaning 1.0 (default: by data type); ``sar_db``, float
-    SAR input in dB. ``min_area`` is in m2, ``simplify`` in map units.
+    SAR input in dB. ``min_area`` is in m2, ``simplify`` in map units. ``readers``: reader threads, and
+    a writer thread unless 0 (default: ``default_readers``).
     Every output is written under a temporary name and renamed only when all succeeded.
     """
     progress = progress or Progress()
     setup = prepare(pre_path, post_path, model, progress=progress, **options)
+    readers = default_readers(setup.predictor) if readers is None else readers
     read = setup.reader()
     try:
         rows = stream_rows(setup.predictor, setup.plan, read, batch=batch, progress=progress, readers=readers)
         return write_outputs(setup, rows, probability=probability, mask=mask, polygons=polygons,
-                             min_area=min_area, simplify=simplify, progress=progress)
+                             min_area=min_area, simplify=simplify, writer_thread=readers > 0, progress=progress)
     finally:
         read.close()

@@ -45,6 +45,7 @@ def test_cli_detect_on_levir_tile_matches_label(levir_run):
         f1 = scores(confusion(mask == 255, lab.read(1) > 0))["f1"]
     assert f1 >= 0.92
     with rasterio.open(out / "change_probability.tif") as p:
+        assert p.profile["tiled"] and p.profile["compress"] == "zstd" and p.overviews(1)
         prob = p.read(1)
         assert p.dtypes[0] == "float32" and p.nodata == PROBABILITY_NODATA
         assert 0.0 <= prob.min() and prob.max() <= 1.0
@@ -130,7 +131,22 @@ def test_nodata_everywhere_is_an_error_and_nodata_edges_stay_nodata(tmp_path, ra
         assert (p.read(1)[:, :20] == PROBABILITY_NODATA).all()
 
 
-def test_cancel_leaves_no_output(tmp_path, random_package):
+def test_reader_and_writer_threads_give_what_the_main_thread_gives(shared_data, tmp_path, random_package):
+    """A CPU model reads and writes in the main thread by default; threads (the GPU's way) must not
+    change a pixel or a polygon."""
+    tile = shared_data / "levir_tile_georef"
+    runs = [detect(tile / "pre.tif", tile / "post.tif", random_package, **outputs(tmp_path / str(readers)),
+                   tile=256, overlap=32, batch=3, readers=readers, threshold=0.45) for readers in (0, 3)]
+    with rasterio.open(runs[0].probability) as a, rasterio.open(runs[1].probability) as b:
+        assert np.array_equal(a.read(1), b.read(1))
+    with rasterio.open(runs[0].mask) as a, rasterio.open(runs[1].mask) as b:
+        assert np.array_equal(a.read(1), b.read(1)) and (a.read(1) == 255).any()
+    assert runs[0].polygon_count == runs[1].polygon_count > 0
+    assert runs[0].changed_area_m2 == pytest.approx(runs[1].changed_area_m2)
+
+
+@pytest.mark.parametrize("readers", [0, 2])
+def test_cancel_leaves_no_output(tmp_path, random_package, readers):
     data = np.random.default_rng(0).integers(0, 255, (3, 200, 200), dtype=np.uint8)
     pre, post = write_raster(tmp_path / "a.tif", data), write_raster(tmp_path / "b.tif", data[::-1].copy())
 
@@ -145,7 +161,7 @@ def test_cancel_leaves_no_output(tmp_path, random_package):
 
     out = tmp_path / "out"
     with pytest.raises(Cancelled):
-        detect(pre, post, random_package, **outputs(out), tile=64, overlap=16, batch=2,
+        detect(pre, post, random_package, **outputs(out), tile=64, overlap=16, batch=2, readers=readers,
                progress=CancelAfterFirstBatch())
     assert not out.exists() or list(out.iterdir()) == []
 
