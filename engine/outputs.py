@@ -2,9 +2,9 @@
 
 Probability and mask are staged as tiled GeoTIFFs and turned into Cloud-Optimised GeoTIFFs when the
 last row is in (the stage uses ZSTD level 1, about 10x cheaper to write than DEFLATE, and the
-conversion compresses on every core: the probability with ZSTD, the mask with DEFLATE); polygons are assembled across band seams and appended to
-the vector file. Nothing appears under a final name before ``close()``; ``abort()`` (error, cancel)
-removes every temporary.
+conversion compresses on every core: the probability with ZSTD, the mask with DEFLATE); polygons are
+assembled across band seams and appended to the vector file. Nothing appears under a final name
+before ``close()``; ``abort()`` (error, cancel) removes every temporary.
 """
 from __future__ import annotations
 
