@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := qgis python3-qgis qgis-providers python3-rasterio gdal-bin
 # torch/torchvision come from this machine's local wheels; numpy<2 keeps Debian's rasterio/GDAL importable.
 TORCH := torch==2.14.1 torchvision==0.29.1
-PY_DEPS := "numpy<2" "timm>=1.0,<2" "shapely>=2" scikit-image safetensors tqdm pyyaml pytest
+PY_DEPS := "numpy<2" "timm>=1.0,<2" "shapely>=2" scikit-image scipy safetensors tqdm pyyaml pytest
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup system-packages demo test bench clean plugin

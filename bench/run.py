@@ -1,19 +1,23 @@
 """``make bench``: the engine on large real-looking pairs against its compute and I/O floors.
 
 Pairs are mirrored mosaics of the LEVIR-CD tile (``../shared/data/levir_tile_georef``), written once
-to ``bench/data/`` (tiled, DEFLATE GeoTIFFs). For each model and size, three runs, each in a fresh
-process so that its peak RSS is its own:
-- wall: ``detect`` end to end (read, warp-free grid, model, blend, COG + polygons);
-- compute floor: the model's forward alone over as many windows (the first tile row's, from memory),
-  batched the same way;
+to ``bench/data/`` (tiled, DEFLATE GeoTIFFs). For each model and size, each repeat is one fresh process
+that measures, one after the other:
+- wall: ``detect`` end to end (read, warp-free grid, model, blend, COG + polygons); the peak RSS
+  reported is the process's when this run ends, so its own;
+- compute floor: the model's forward alone over the same windows, read beforehand into memory,
+  batched the same way (at 16384² over tile rows spread across the raster, scaled to all rows);
 - I/O floor: the same pipeline with the model replaced by a replay of the wall run's own probability
   raster (read, blend, write the same rasters, vectorise the same polygons: a model with random
   weights outlines noise, whose polygons cost more than those of a trained model).
+The three share a process so that the ratio compares runs a minute apart on the same memory: this
+shared machine's speed drifts by up to 20 % between processes, and the floors of separate processes
+made the ratio swing by as much (timed in one process, the model's time inside the pipeline came within
+-5 % to +8 % of its floors timed just before and after, mean 0 %).
 TinyCD runs with its authors' LEVIR weights when they are beside the project, so that its mask and
 polygons are those of a real run; other models run with random weights.
-With ``--repeats N`` the three kinds run in turn N times; the fastest run of each kind is reported
-(peak RSS: the largest) and the ratio is the median of the N runs' own ratios, each wall run against
-the floors measured next to it (this shared machine's speed drifts by up to 20 % within minutes).
+With ``--repeats N`` the fastest run of each kind is reported (peak RSS: the largest) and the ratio
+is the median of the N processes' own ratios.
 Results go to ``bench/results.md`` (appended per machine and device).
 """
 from __future__ import annotations
@@ -84,10 +88,8 @@ def prediction_replay(probability_path: str, plan, device):
 
 
 def _child(job: dict) -> dict:
-    """One measured run, in this (fresh) process."""
+    """The wall run, then the compute and I/O floors, in this (fresh) process."""
     import torch
-
-    from rasterio.windows import Window
 
     from geochange.engine.inference import prepare, stream_rows, write_outputs
     from geochange.engine.inputs import optical_input
@@ -101,48 +103,54 @@ def _child(job: dict) -> dict:
     else:  # both dates RGB, as the mosaics are
         package = ModelPackage(create(job["model"]).eval(),
                                make_manifest(job["model"], inputs={"pre": optical_input(3), "post": optical_input(3)}))
-    out = Path(job["out"])
     setup = prepare(job["pre"], job["post"], package, tile=job["tile"], overlap=job["overlap"], device=job["device"],
                     precision=job["precision"], threshold=0.5)
     plan, batch = setup.plan, job["batch"]
     windows = len(plan)
-    h, w = min(plan.tile, plan.height), min(plan.tile, plan.width)
+
+    # The first tile row through the pipeline (its rows not written) before any timing: one-time set-up
+    # (CUDA's, cuDNN's tuning and the graph capture of each batch size, a few seconds) is no part of the
+    # figures. (M2CD's first full run on a CPU still grows its heap: ~0.6 s of first page faults at
+    # 1024², counted in its wall time.)
     read = setup.reader()
-    pre, post, _ = read(Window(0, 0, w, h))
+    for _ in stream_rows(setup.predictor, plan, read, batch=batch, tile_rows=range(1)):
+        pass
     read.close()
-    # A warm-up batch of each size a tile row is cut into, before any timing: one-time set-up (CUDA's,
-    # cuDNN's tuning and the graph capture per input shape, a few seconds) is no part of the figures.
-    sizes = [min(batch, len(plan.cols) - j) for j in range(0, len(plan.cols), batch)]
-    for n in set(sizes):
-        setup.predictor(np.stack([pre] * n), np.stack([post] * n))
-    if job["kind"] == "compute":
-        # The first tile row's windows, from memory, for every row: real pixels, as M2CD's expert
-        # routing (and so its speed) depends on them; batched as the pipeline batches them.
-        read = setup.reader()
-        row = [read(window) for window in plan.row_windows(0)]
-        read.close()
-        stacks = [tuple(np.stack([item[k] for item in row[j:j + batch]]) for k in (0, 1))
-                  for j in range(0, len(row), batch)]
-        rows = len(plan.rows) if not job.get("sample_rows") else job["sample_rows"]
-        start = time.perf_counter()
-        for _ in range(rows):
-            for stack in stacks:
-                setup.predictor(*stack)
-        if setup.predictor.device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = (time.perf_counter() - start) * len(plan.rows) / rows
-    else:
-        if job["kind"] == "io":
-            setup.predictor = prediction_replay(job["replay"], plan, setup.predictor.device)
+    out = Path(job["out"])
+
+    def pipeline(predictor, folder: str) -> float:
+        setup.predictor = predictor
         read = setup.reader()
         start = time.perf_counter()
         try:
-            write_outputs(setup, stream_rows(setup.predictor, plan, read, batch=batch),
-                          probability=out / "p.tif", mask=out / "m.tif", polygons=out / "c.gpkg")
+            write_outputs(setup, stream_rows(predictor, plan, read, batch=batch), probability=out / folder / "p.tif",
+                          mask=out / folder / "m.tif", polygons=out / folder / "c.gpkg")
         finally:
             read.close()
-        seconds = time.perf_counter() - start - getattr(setup.predictor, "seconds", 0.0)
-    return {"seconds": seconds, "windows": windows, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        return time.perf_counter() - start - getattr(predictor, "seconds", 0.0)
+
+    model = setup.predictor
+    seconds = {"wall": pipeline(model, "wall")}
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # The compute floor: the windows of the wall run (or of --floor-sample-rows tile rows spread over the
+    # raster), from memory; real pixels, as M2CD's expert routing, and so its speed, depends on them.
+    count = job.get("sample_rows") or len(plan.rows)
+    rows = sorted(set(np.linspace(0, len(plan.rows) - 1, count).round().astype(int).tolist()))
+    read, stacks = setup.reader(), []
+    for i in rows:  # batched as the pipeline batches them
+        row = plan.row_windows(i)
+        for j in range(0, len(row), batch):
+            items = [read(window) for window in row[j:j + batch]]
+            stacks.append(tuple(np.stack([item[k] for item in items]) for k in (0, 1)))
+    read.close()
+    start = time.perf_counter()
+    for stack in stacks:
+        model(*stack)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds["compute"] = (time.perf_counter() - start) * len(plan.rows) / len(rows)
+    seconds["io"] = pipeline(prediction_replay(out / "wall" / "p.tif", plan, model.device), "io")
+    return {"seconds": seconds, "windows": windows, "peak_rss_mb": peak_rss_mb,
             "megapixels": plan.height * plan.width / 1e6}
 
 
@@ -185,7 +193,8 @@ def main() -> None:
     parser.add_argument("--overlap", type=int, default=64)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--skip", nargs="*", default=[], help="model:size pairs not to run, e.g. m2cd_mit_b0:16384")
-    parser.add_argument("--repeats", type=int, default=1, help="runs of each kind; the fastest is reported")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="measuring processes; the fastest of each kind is reported")
     parser.add_argument("--floor-sample-rows", type=int, default=0,
                         help="time the compute floor on this many tile rows and scale (0 = all)")
     parser.add_argument("--results", type=Path, default=HERE / "results.md")
@@ -200,32 +209,34 @@ def main() -> None:
              "| model | size | windows | wall s | Mpx/s | compute floor s | I/O floor s | wall / max(floors) | peak RSS MB |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     print(lines[0])
+    notes = []
     for size in args.sizes:
         pre, post = mosaic(size, "pre"), mosaic(size, "post")
         for model in args.models:
             if f"{model}:{size}" in args.skip:
                 continue
-            out = HERE / "data" / "out"
             package = authors_package(model)
             job = {"model": model, "package": package and str(package), "pre": str(pre), "post": str(post),
-                   "replay": str(out / "wall" / "p.tif"), "tile": args.tile, "overlap": args.overlap,
-                   "batch": args.batch, "device": args.device, "precision": args.precision, "threads": args.threads}
-            # Runs alternate wall, I/O (replaying that wall run), compute, so that a slow spell of a
-            # shared machine touches all three.
-            runs = [tuple(measure(dict(job, kind=kind, out=str(out / kind), sample_rows=args.floor_sample_rows))
-                          for kind in ("wall", "io", "compute"))
-                    for _ in range(args.repeats)]
-            wall, io, compute = (min((r[k] for r in runs), key=lambda m: m["seconds"]) for k in range(3))
-            wall["peak_rss_mb"] = max(r[0]["peak_rss_mb"] for r in runs)
-            ratio = float(np.median([w["seconds"] / max(i["seconds"], c["seconds"]) for w, i, c in runs]))
+                   "out": str(HERE / "data" / "out"), "tile": args.tile, "overlap": args.overlap,
+                   "batch": args.batch, "device": args.device, "precision": args.precision, "threads": args.threads,
+                   "sample_rows": args.floor_sample_rows}
+            runs = [measure(job) for _ in range(args.repeats)]
+            wall, io, compute = (min(r["seconds"][kind] for r in runs) for kind in ("wall", "io", "compute"))
+            ratios = [r["seconds"]["wall"] / max(r["seconds"]["io"], r["seconds"]["compute"]) for r in runs]
+            ratio = float(np.median(ratios))
+            peak_rss_mb, first = max(r["peak_rss_mb"] for r in runs), runs[0]
             sampled = "*" if args.floor_sample_rows else ""
             weights = "authors' weights" if package else "random weights"
-            lines.append(f"| {model} ({weights}) | {size}² | {wall['windows']} | {wall['seconds']:.1f} | "
-                         f"{wall['megapixels'] / wall['seconds']:.3f} | {compute['seconds']:.1f}{sampled} | "
-                         f"{io['seconds']:.1f} | {ratio:.3f} | {wall['peak_rss_mb']:.0f} |")
+            lines.append(f"| {model} ({weights}) | {size}² | {first['windows']} | {wall:.1f} | "
+                         f"{first['megapixels'] / wall:.3f} | {compute:.1f}{sampled} | "
+                         f"{io:.1f} | {ratio:.3f} | {peak_rss_mb:.0f} |")
             print(lines[-1], flush=True)
+            notes.append(f"{model} {size}², per process (wall / compute floor / I/O floor s: ratio): " + ", ".join(
+                "{wall:.1f} / {compute:.1f} / {io:.1f}: ".format(**r["seconds"]) + f"{q:.3f}" for r, q in zip(runs, ratios)))
+    lines += [""] + [f"- {note}" for note in notes]
     if args.floor_sample_rows:
-        lines.append(f"\n\\* compute floor timed on {args.floor_sample_rows} tile rows and scaled to all rows.")
+        lines.append(f"\n\\* compute floor timed on {args.floor_sample_rows} tile rows spread over the raster, "
+                     "scaled to all rows.")
     with open(args.results, "a") as f:
         f.write("\n".join(lines) + "\n")
 

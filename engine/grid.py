@@ -98,6 +98,8 @@ class GridReader:
         col, row = (g.c - t.c) / t.a, (g.f - t.f) / t.e
         on_lattice = (src.crs == grid.crs and math.isclose(t.a, g.a) and math.isclose(t.e, g.e)
                       and abs(col - round(col)) < 1e-6 and abs(row - round(row)) < 1e-6)
+        # Whether GDAL masks any pixel: a warped read marks what lies outside the source.
+        self.masked = not on_lattice or _has_mask(src)
         if on_lattice:
             self.dataset, self.offset = src, (int(round(row)), int(round(col)))
         else:

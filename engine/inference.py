@@ -173,6 +173,8 @@ class PairReader:
             data = reader.read(bands, window)
             ok &= valid_mask(reader, window, data, bands)
             out.append(data)
+        if ok.all():
+            return out[0], out[1], ok
         # Invalid pixels are zeroed so that NaN cannot leak into the model through convolutions.
         return np.where(ok, out[0], 0), np.where(ok, out[1], 0), ok
 

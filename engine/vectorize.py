@@ -8,13 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import shapely
-import shapely.affinity
-from affine import Affine
 from pyproj import CRS, Geod, Transformer
-from rasterio.features import shapes
-from shapely.geometry import Polygon, shape
-from shapely.geometry.polygon import orient
-from skimage.measure import label as label_components
+from scipy import ndimage
 
 from geochange.engine.atomic import atomic_path
 from geochange.engine.errors import RasterError
@@ -41,13 +36,61 @@ def _to_lonlat(crs_text: str) -> Transformer | None:
     return None if crs.to_epsg() == 4326 else Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
 
 
-def geodesic_area(geometry, crs) -> float:
-    """Area on the WGS84 ellipsoid in m2, whatever the CRS (projected areas are distorted)."""
-    to_lonlat = _to_lonlat(crs if isinstance(crs, str) else crs.to_wkt())
+def ring_areas(rings, crs) -> np.ndarray:
+    """Area enclosed by each ring on the WGS84 ellipsoid in m2, whatever the CRS (projected areas are
+    distorted); one transform of all the coordinates, one geodesic sum per ring."""
+    crs_text = crs if isinstance(crs, str) else crs.to_wkt()
+    coords, ring = shapely.get_coordinates(rings, return_index=True)
+    x, y = coords[:, 0], coords[:, 1]
+    to_lonlat = _to_lonlat(crs_text)
     if to_lonlat is not None:
-        geometry = shapely.transform(geometry, to_lonlat.transform, interleaved=False)
-    # Geod signs each ring by its orientation: exterior counter-clockwise, holes clockwise.
-    return abs(_GEOD.geometry_area_perimeter(orient(geometry, sign=1.0))[0])
+        x, y = to_lonlat.transform(x, y)
+    bounds = np.searchsorted(ring, np.arange(len(rings) + 1))
+    return np.array([abs(_GEOD.polygon_area_perimeter(x[a:b], y[a:b])[0]) for a, b in zip(bounds[:-1], bounds[1:])])
+
+
+def polygon_areas(polygons, crs) -> np.ndarray:
+    """Geodesic area of each polygon in m2: its exterior's less its holes'."""
+    rings, owner = shapely.get_rings(polygons, return_index=True)
+    areas = ring_areas(rings, crs)
+    exterior = np.diff(owner, prepend=-1) != 0  # each polygon's rings come exterior first
+    return np.bincount(owner, weights=np.where(exterior, areas, -areas), minlength=len(polygons))
+
+
+def _pixel_polygons(labels: np.ndarray, mask: np.ndarray, row_start: int) -> tuple[np.ndarray, np.ndarray]:
+    """The polygons of the 4-connected regions of ``labels`` under ``mask`` in pixel coordinates (rows
+    from ``row_start``) and their labels: GDAL's polygonizer into a memory layer, read back as one
+    Arrow batch of WKB (a third faster than rasterio's ``shapes``, which builds a GeoJSON mapping of
+    every polygon for shapely to rebuild)."""
+    from osgeo import gdal, gdal_array, ogr
+
+    regions, valid = gdal_array.OpenArray(labels), gdal_array.OpenArray(mask.view(np.uint8))
+    regions.SetGeoTransform((0, 1, 0, row_start, 0, 1))
+    source = ogr.GetDriverByName("Memory").CreateDataSource("")  # a layer dies with its source: keep it
+    layer = source.CreateLayer("", geom_type=ogr.wkbPolygon)
+    layer.CreateField(ogr.FieldDefn("label", ogr.OFTInteger))
+    if gdal.Polygonize(regions.GetRasterBand(1), valid.GetRasterBand(1), layer, 0) != 0:
+        raise RuntimeError(f"GDAL could not polygonise the rows from {row_start}: {gdal.GetLastErrorMsg()}")
+    batches = list(layer.GetArrowStreamAsNumPy())
+    return (np.concatenate([shapely.from_wkb(b["wkb_geometry"]) for b in batches]),
+            np.concatenate([b["label"] for b in batches]))
+
+
+def _noded_at_seams(polygons: list, seams: np.ndarray) -> np.ndarray:
+    """Pixel polygons with a vertex at every pixel corner of their horizontal edges on the rows
+    ``seams``. The parts of one region cut at band seams share edges only there, so once noded they
+    form a coverage, which GEOS unions in one pass (a 364k-vertex region cut 43 times: 0.86 s against
+    2.1 s for an overlay union, whose cascade goes over every vertex once per level)."""
+    rings, owner = shapely.get_rings(polygons, return_index=True)
+    coords, ring = shapely.get_coordinates(rings, return_index=True)
+    x, y = coords[:, 0], coords[:, 1]
+    next_x, next_y = np.r_[x[1:], 0], np.r_[y[1:], np.nan]
+    on_seam = np.r_[ring[1:] == ring[:-1], False] & (next_y == y) & np.isin(y, seams)
+    count = 1 + np.where(on_seam, np.abs(next_x - x) - 1, 0).astype(np.int64)  # this corner and those after it
+    source = np.repeat(np.arange(len(x)), count)
+    step = np.arange(len(source)) - np.repeat(np.cumsum(count) - count, count)
+    noded = np.column_stack([x[source] + step * np.sign(next_x - x)[source], y[source]])
+    return shapely.polygons(shapely.linearrings(noded, indices=ring[source]), indices=owner)
 
 
 class PolygonAssembler:
@@ -67,6 +110,7 @@ class PolygonAssembler:
         self._parent: dict[int, int] = {}
         self._pending: dict[int, tuple] = {}  # id -> (pixel polygon, pixels, sum of prob, max prob)
         self._last_row = None  # global ids along the previous band's last row
+        self._seams: list[int] = []  # first rows of the bands after the first
         self._next_id = 1
 
     def _root(self, i: int) -> int:
@@ -77,31 +121,35 @@ class PolygonAssembler:
 
     def add_band(self, row_start: int, mask: np.ndarray, probability: np.ndarray) -> list[ChangePolygon]:
         """Add the rows ``row_start ...`` of the final mask; returns the polygons now complete."""
-        local = label_components(mask.astype(bool), connectivity=1).astype(np.int32)
-        count = int(local.max())
-        ids = np.where(local > 0, local + (self._next_id - 1), 0)
+        mask = np.ascontiguousarray(mask, dtype=bool)
+        local, count = ndimage.label(mask)  # 4-connected regions, numbered 1..count
+        local = local.astype(np.int32, copy=False)
+        offset = self._next_id - 1  # local region i is region i + offset of the whole raster
         if count:
+            # Statistics over the region pixels only (a few percent of a band, usually).
             flat = local.ravel()
-            probs = np.nan_to_num(probability.ravel().astype(np.float64))
-            pixels = np.bincount(flat, minlength=count + 1)
-            sums = np.bincount(flat, weights=probs, minlength=count + 1)
+            at = np.flatnonzero(flat)
+            labels = flat[at]
+            probs = np.nan_to_num(probability.ravel()[at].astype(np.float64))
+            pixels = np.bincount(labels, minlength=count + 1)
+            sums = np.bincount(labels, weights=probs, minlength=count + 1)
             maxima = np.zeros(count + 1)
-            np.maximum.at(maxima, flat, probs)
-            pixel_grid = Affine.translation(0, row_start)
-            for geom, value in shapes(local, mask=local > 0, connectivity=4, transform=pixel_grid):
-                i = int(value)
-                gid = i + self._next_id - 1
-                self._parent[gid] = gid
-                self._pending[gid] = (shape(geom), int(pixels[i]), float(sums[i]), float(maxima[i]))
+            np.maximum.at(maxima, labels, probs)
+            polygons, values = _pixel_polygons(local, mask, row_start)
+            for polygon, i in zip(polygons, values.tolist()):
+                self._parent[i + offset] = i + offset
+                self._pending[i + offset] = (polygon, int(pixels[i]), float(sums[i]), float(maxima[i]))
             self._next_id += count
+        first, last = (np.where(row > 0, row + offset, 0) for row in (local[0], local[-1]))
         if self._last_row is not None:  # link regions that touch across the seam
-            touching = (self._last_row > 0) & (ids[0] > 0)
-            for above, below in set(zip(self._last_row[touching].tolist(), ids[0][touching].tolist())):
+            self._seams.append(row_start)
+            touching = (self._last_row > 0) & (first > 0)
+            for above, below in set(zip(self._last_row[touching].tolist(), first[touching].tolist())):
                 a, b = self._root(above), self._root(below)
                 if a != b:
                     self._parent[max(a, b)] = min(a, b)
-        self._last_row = ids[-1].copy()
-        still_open = {self._root(i) for i in np.unique(self._last_row[self._last_row > 0]).tolist()}
+        self._last_row = last
+        still_open = {self._root(i) for i in np.unique(last[last > 0]).tolist()}
         return self._emit(lambda root: root not in still_open)
 
     def finish(self) -> list[ChangePolygon]:
@@ -112,34 +160,39 @@ class PolygonAssembler:
         groups: dict[int, list[int]] = {}
         for i in self._pending:
             groups.setdefault(self._root(i), []).append(i)
-        done = []
+        merged, probabilities = [], []
         for root in sorted(groups):
             if not complete(root):
                 continue
             parts = [self._pending.pop(i) for i in groups[root]]
             for i in groups[root]:
                 del self._parent[i]
-            merged = parts[0][0] if len(parts) == 1 else shapely.union_all([p[0] for p in parts])
-            polygon = self._finish_geometry(merged)
-            if polygon is None:
-                continue
-            area = geodesic_area(polygon, self.crs)
-            if area >= self.min_area_m2:
-                pixels = sum(p[1] for p in parts)
-                done.append(ChangePolygon(polygon, area, sum(p[2] for p in parts) / pixels,
-                                          max(p[3] for p in parts)))
+            merged.append(parts[0][0] if len(parts) == 1 else
+                          shapely.coverage_union_all(_noded_at_seams([p[0] for p in parts], self._seams)))
+            probabilities.append((sum(p[2] for p in parts) / sum(p[1] for p in parts), max(p[3] for p in parts)))
         # Ids of complete groups no longer appear in the open last row: parents of the rest stay.
-        return done
+        if not merged:
+            return []
+        polygons = self._finish_geometries(np.array(merged, dtype=object))
+        areas = polygon_areas(polygons, self.crs)
+        return [ChangePolygon(polygon, float(area), mean, top)
+                for polygon, area, (mean, top) in zip(polygons, areas, probabilities) if area >= self.min_area_m2]
 
-    def _finish_geometry(self, pixel_polygon):
+    def _finish_geometries(self, pixel_polygons: np.ndarray) -> np.ndarray:
+        """Pixel polygons to the raster's CRS, holes below the minimum area filled, simplified."""
         t = self.transform
-        polygon = shapely.affinity.affine_transform(pixel_polygon, [t.a, t.b, t.d, t.e, t.c, t.f])
-        if self.min_area_m2 > 0:  # holes smaller than the minimum area are filled
-            polygon = Polygon(polygon.exterior, [ring for ring in polygon.interiors
-                                                 if geodesic_area(Polygon(ring), self.crs) >= self.min_area_m2])
-        if self.simplify > 0:
-            polygon = polygon.simplify(self.simplify, preserve_topology=True)
-        return None if polygon.is_empty else polygon
+        polygons = shapely.transform(pixel_polygons, lambda xy: xy @ np.array([[t.a, t.d], [t.b, t.e]]) + [t.c, t.f])
+        if self.min_area_m2 > 0:
+            rings, owner = shapely.get_rings(polygons, return_index=True)
+            hole = np.diff(owner, prepend=-1) == 0  # each polygon's rings come exterior first
+            if hole.any():
+                areas = np.zeros(len(rings))
+                areas[hole] = ring_areas(rings[hole], self.crs)
+                kept = ~hole | (areas >= self.min_area_m2)
+                polygons = shapely.polygons(rings[kept], indices=owner[kept])
+        if self.simplify > 0:  # topology preserved: a polygon never collapses
+            polygons = shapely.simplify(polygons, self.simplify, preserve_topology=True)
+        return polygons
 
 
 def change_polygons(mask: np.ndarray, probability: np.ndarray, transform, crs, *, min_area_m2: float = 0.0,

@@ -30,10 +30,10 @@ import traceback
 from pathlib import Path
 
 # Modules each task imports (directly or through the engine), and the pip name of those named otherwise.
-ENGINE = ("numpy", "torch", "timm", "safetensors", "rasterio", "shapely", "skimage", "pyproj", "osgeo")
+ENGINE = ("numpy", "torch", "timm", "safetensors", "rasterio", "shapely", "scipy", "pyproj", "osgeo")
 NEEDS = {
     "detect": ENGINE,
-    "vectorize": ("numpy", "rasterio", "shapely", "skimage", "pyproj", "osgeo"),
+    "vectorize": ("numpy", "rasterio", "shapely", "scipy", "pyproj", "osgeo"),
     "evaluate": ENGINE,
     "info": ("torch", "timm", "safetensors"),
 }

@@ -108,9 +108,9 @@ def test_qgis_process_loads_without_torch_and_says_what_to_install(qgis_process,
     assert done.returncode != 0
     text = done.stdout + done.stderr
     # Every package the engine needs, in one message, with the command that installs them there.
-    assert "lacks: numpy, torch, timm, safetensors, rasterio, shapely, skimage, pyproj, osgeo" in text, text
+    assert "lacks: numpy, torch, timm, safetensors, rasterio, shapely, scipy, pyproj, osgeo" in text, text
     assert (f'{python_without_torch} -m pip install "numpy<2" torch timm safetensors rasterio shapely '
-            "scikit-image pyproj") in text
+            "scipy pyproj") in text
     assert "python3-gdal" in text  # GDAL's bindings come from the system
     assert "chosen by the environment variable GEOCHANGE_PYTHON" in text
     assert "Processing > Providers > GeoChange" in text

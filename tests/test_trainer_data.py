@@ -177,6 +177,42 @@ def test_photometric_distortion_is_per_date_and_exchange_swaps():
     np.testing.assert_array_equal(a, image[::-1])
 
 
+def test_tinycd_augmentation_as_albumentations_does_it():
+    """TinyCD's authors' pipeline: Flip, Rotate with reflected edges, brightness-contrast and blur per date."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (3, 32, 32)).astype(np.uint8)
+    label = (rng.random((32, 32)) < 0.3).astype(np.uint8)
+    still = {"rotate": {"prob": 0.0}, "flip": {"horizontal": 0.0, "vertical": 0.0}, "crop": {"size": 32},
+             "photometric": {"prob": 0.0}}
+    flips = augment_config(**{**still, "flip": {"horizontal": 0.0, "vertical": 0.0, "any": 1.0}})
+    seen = set()
+    for seed in range(30):
+        a, b, lab = Augment(flips)(image, image, label, OPTICAL, np.random.default_rng(seed))
+        axes = next(axes for axes in ((-2,), (-1,), (-2, -1)) if np.array_equal(lab, np.flip(label, axes)))
+        np.testing.assert_array_equal(a, np.flip(image, axes))
+        seen.add(axes)
+    assert len(seen) == 3
+    reflected = augment_config(**{**still, "rotate": {"prob": 1.0, "degrees": 30, "padding": "reflect"}})
+    a, _, lab = Augment(reflected)(image, image, label, OPTICAL, np.random.default_rng(1))
+    assert not (lab == IGNORE).any() and set(np.unique(lab)) == {0, 1} and (a[:, :3, :3] > 0).any()
+    # Brightness and contrast: one affine map of each date, not clipped (TinyCD's images are floats).
+    changed = augment_config(**still, brightness_contrast={"prob": 1.0, "brightness": 0.2, "contrast": 0.2})
+    a, b, _ = Augment(changed)(image, image, label, OPTICAL, np.random.default_rng(2))
+    for out in (a, b):
+        alpha, beta = np.polyfit(image.ravel().astype(float), out.ravel(), 1)
+        assert 0.8 <= alpha <= 1.2 and -0.2 * 255 <= beta <= 0.2 * 255
+        np.testing.assert_allclose(out, alpha * image + beta, atol=1e-3)
+    assert not np.allclose(a, b)
+    # Blur: OpenCV's 1-2-1 kernel for sigma 0, its edges reflected without repeating the edge pixel.
+    impulse = np.zeros((3, 32, 32), np.uint8)
+    impulse[:, 0, 0] = impulse[:, 10, 10] = 160
+    blurred = augment_config(**still, blur={"prob": 1.0, "kernels": [3]})
+    a, _, _ = Augment(blurred)(impulse, impulse, label, OPTICAL, np.random.default_rng(0))
+    np.testing.assert_allclose(a[0, 9:12, 9:12], 160 * np.outer([1, 2, 1], [1, 2, 1]) / 16)
+    np.testing.assert_allclose(a[0, :2, :2], 160 * np.array([[0.25, 0.125], [0.125, 0.0625]]))
+    assert a.sum() == pytest.approx(3 * (160 + 160 * 0.5625))
+
+
 def test_stream_is_seeded_by_position_and_split_over_processes(shared_data):
     split = build_splits([{"root": str(shared_data / "dsifn"), "split": {"val": 0.2}}])
     cfg = augment_config(crop={"size": 64})

@@ -4,26 +4,38 @@ In this order, every random draw from the sample's own generator (so a sample's 
 the seed and its stream position only):
 
 1. rotation (probability ``rotate.prob``, angle uniform in +-``degrees``; image padding 0, label padding
-   :data:`~geochange.trainer.data.IGNORE`), else, with probability ``rot_flip``, rot90 x k plus a flip
-   (Open-CD's RandomRotFlip); the same geometry for A, B and the label;
+   :data:`~geochange.trainer.data.IGNORE`, or with ``padding: reflect`` all three reflected about their
+   edges, OpenCV's BORDER_REFLECT_101, as albumentations' Rotate), else, with probability ``rot_flip``,
+   rot90 x k plus a flip (Open-CD's RandomRotFlip); the same geometry for A, B and the label;
 2. random crop to ``crop.size`` (up to 10 draws until no class covers more than ``cat_max_ratio`` of the
    labelled pixels); smaller images are padded (image 0, label ignored);
-3. horizontal and vertical flips;
+3. horizontal and vertical flips, each with its own probability; then, with probability ``flip.any``, a
+   vertical, horizontal or double flip, equally likely (albumentations' Flip);
 4. exchange of the dates (never for optical-SAR pairs);
 5. photometric distortion of each date on its own (mmseg's PhotoMetricDistortion: brightness, contrast
    before or after, saturation, hue, each with probability ``prob``), in 0-255 units of the date's
    scaling. Saturation and hue need three bands and leave other dates alone (for a grey SAR band
-   replicated to RGB, as the authors feed it, they change nothing either).
+   replicated to RGB, as the authors feed it, they change nothing either);
+6. TinyCD's changes of each date, as albumentations does them on its float images: with probability
+   ``brightness_contrast.prob``, x * (1 + c) + b * (the raw value of 1.0), c and b uniform in
+   +-``contrast`` and +-``brightness``, not clipped; then with probability ``blur.prob``, a Gaussian blur
+   whose size is drawn from ``blur.kernels`` (OpenCV's kernels for sigma 0, which albumentations'
+   GaussianBlur asks for: 1-2-1 and 1-4-6-4-1 binomials, edges reflected as BORDER_REFLECT_101).
+An option whose probability is 0 draws nothing, so configurations without it keep their random streams.
 
 Differences from mmseg: values stay float (mmseg rounds to uint8 after each photometric step).
 """
 from __future__ import annotations
 
 import numpy as np
+from scipy.ndimage import convolve1d
 from skimage.color import hsv2rgb, rgb2hsv
 from skimage.transform import rotate
 
 from geochange.trainer.data import IGNORE
+
+# OpenCV's fixed Gaussian kernels for sigma 0 at the sizes TinyCD draws (its GaussianBlur's blur_limit 3-5).
+BLUR_KERNELS = {3: np.array([1, 2, 1], np.float32) / 4, 5: np.array([1, 4, 6, 4, 1], np.float32) / 16}
 
 
 class Augment:
@@ -38,8 +50,9 @@ class Augment:
         rotated = rng.random() < cfg["rotate"]["prob"]
         if rotated:
             angle = rng.uniform(-cfg["rotate"]["degrees"], cfg["rotate"]["degrees"])
-            pre, post = (_rotate(x, angle, order=1, fill=0) for x in (pre, post))
-            label = _rotate(label[None], angle, order=0, fill=IGNORE)[0].astype(np.uint8)
+            mode = cfg["rotate"]["padding"]
+            pre, post = (_rotate(x, angle, order=1, fill=0, mode=mode) for x in (pre, post))
+            label = _rotate(label[None], angle, order=0, fill=IGNORE, mode=mode)[0].astype(np.uint8)
         elif rng.random() < cfg["rot_flip"]:
             k, axis = int(rng.integers(4)), int(rng.integers(2))
             pre, post, label = (np.flip(np.rot90(x, k, axes=(-2, -1)), axis=x.ndim - 2 + axis)
@@ -48,18 +61,23 @@ class Augment:
         for prob, axis in ((cfg["flip"]["horizontal"], -1), (cfg["flip"]["vertical"], -2)):
             if rng.random() < prob:
                 pre, post, label = (np.flip(x, axis=axis) for x in (pre, post, label))
+        if cfg["flip"]["any"] and rng.random() < cfg["flip"]["any"]:
+            axes = ((-2,), (-1,), (-2, -1))[int(rng.integers(3))]
+            pre, post, label = (np.flip(x, axis=axes) for x in (pre, post, label))
         if rng.random() < cfg["exchange"]:
             pre, post = post, pre
         pre = _photometric(pre, cfg["photometric"], float(inputs["pre"]["scale"]) / 255.0, rng)
         post = _photometric(post, cfg["photometric"], float(inputs["post"]["scale"]) / 255.0, rng)
+        pre = _tinycd_changes(pre, cfg, float(inputs["pre"]["scale"]), rng)
+        post = _tinycd_changes(post, cfg, float(inputs["post"]["scale"]), rng)
         return (np.ascontiguousarray(pre, dtype=np.float32), np.ascontiguousarray(post, dtype=np.float32),
                 np.ascontiguousarray(label, dtype=np.uint8))
 
 
-def _rotate(image: np.ndarray, angle: float, order: int, fill: float) -> np.ndarray:
-    """Rotate ``(bands, H, W)`` about its centre, keeping its size."""
-    out = rotate(np.moveaxis(image, 0, -1).astype(np.float32), angle, order=order, mode="constant",
-                 cval=fill, preserve_range=True)
+def _rotate(image: np.ndarray, angle: float, order: int, fill: float, mode: str) -> np.ndarray:
+    """Rotate ``(bands, H, W)`` about its centre, keeping its size; corners ``fill`` or reflected."""
+    out = rotate(np.moveaxis(image, 0, -1).astype(np.float32), angle, order=order, mode=mode,
+                 cval=fill, preserve_range=True)  # scikit-image's "reflect" is BORDER_REFLECT_101
     return np.moveaxis(out, -1, 0)
 
 
@@ -112,3 +130,16 @@ def _photometric(image: np.ndarray, cfg: dict, unit: float, rng) -> np.ndarray:
     if not contrast_first:
         x = contrast(x)
     return x * unit
+
+
+def _tinycd_changes(image: np.ndarray, cfg: dict, scale: float, rng) -> np.ndarray:
+    """Step 6 on one date (``scale``: the raw value of 1.0)."""
+    change, blur = cfg["brightness_contrast"], cfg["blur"]
+    if change["prob"] and rng.random() < change["prob"]:
+        alpha = 1 + rng.uniform(-change["contrast"], change["contrast"])
+        image = image * alpha + rng.uniform(-change["brightness"], change["brightness"]) * scale
+    if blur["prob"] and rng.random() < blur["prob"]:
+        kernel = BLUR_KERNELS[blur["kernels"][int(rng.integers(len(blur["kernels"])))]]
+        for axis in (-2, -1):
+            image = convolve1d(image, kernel, axis=axis, mode="mirror")
+    return image

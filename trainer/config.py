@@ -54,6 +54,13 @@ def _pair_of_numbers(v):
     return None if ok and v[0] <= v[1] else "must be [low, high] with low <= high"
 
 
+def _blur_kernels(v):
+    from geochange.trainer.augment import BLUR_KERNELS
+
+    ok = isinstance(v, list) and v and all(k in BLUR_KERNELS for k in v)
+    return None if ok else f"must be a non-empty list of kernel sizes among {sorted(BLUR_KERNELS)}"
+
+
 def _thresholds(v):
     ok = (isinstance(v, list) and v and all(isinstance(x, (int, float)) and 0 < x < 1 for x in v)
           and list(v) == sorted(set(v)))
@@ -96,10 +103,15 @@ SCHEMA: dict = {
         "optical_sar": (bool, False),  # forbids the exchange of dates
     },
     "augment": {
-        "rotate": {"prob": (NUM, 0.5, _probability), "degrees": (NUM, 180, _non_negative)},
+        # padding: what fills the corners, 0 in the images and ignored in the label (Open-CD), or the
+        # pair and label reflected about their edges (albumentations' Rotate, as TinyCD's authors train).
+        "rotate": {"prob": (NUM, 0.5, _probability), "degrees": (NUM, 180, _non_negative),
+                   "padding": (str, "constant", _one_of("constant", "reflect"))},
         # Open-CD's RandomRotFlip: when no rotation happened, rot90 x k plus a flip with this probability.
         "rot_flip": (NUM, 0.0, _probability),
-        "flip": {"horizontal": (NUM, 0.5, _probability), "vertical": (NUM, 0.5, _probability)},
+        # any: albumentations' Flip (TinyCD): with this probability a vertical, horizontal or double flip.
+        "flip": {"horizontal": (NUM, 0.5, _probability), "vertical": (NUM, 0.5, _probability),
+                 "any": (NUM, 0.0, _probability)},
         "crop": {"size": (int, 256, _positive), "cat_max_ratio": (NUM, 0.75, _probability)},
         "exchange": (NUM, 0.0, _probability),
         "photometric": {
@@ -109,6 +121,10 @@ SCHEMA: dict = {
             "saturation": (list, [0.8, 1.2], _pair_of_numbers),
             "hue": (NUM, 10, _non_negative),
         },
+        # TinyCD's changes of each date (albumentations' RandomBrightnessContrast, then GaussianBlur).
+        "brightness_contrast": {"prob": (NUM, 0.0, _probability), "brightness": (NUM, 0.2, _non_negative),
+                                "contrast": (NUM, 0.2, _non_negative)},
+        "blur": {"prob": (NUM, 0.0, _probability), "kernels": (list, [3, 5], _blur_kernels)},
     },
     "loss": {
         "ohem": ((dict, type(None)), {"thresh": 0.7, "min_kept": 100000}, _ohem),
