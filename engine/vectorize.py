@@ -59,8 +59,8 @@ def polygon_areas(polygons, crs) -> np.ndarray:
 
 def _pixel_polygons(labels: np.ndarray, mask: np.ndarray, row_start: int) -> tuple[np.ndarray, np.ndarray]:
     """The polygons of the 4-connected regions of ``labels`` under ``mask`` in pixel coordinates (rows
-    from ``row_start``) and their labels: GDAL's polygonizer into a memory layer, read back as one
-    Arrow batch of WKB (a third faster than rasterio's ``shapes``, which builds a GeoJSON mapping of
+    from ``row_start``) and their labels: GDAL's polygonizer into a memory layer, read back as
+    Arrow batches of WKB (a third faster than rasterio's ``shapes``, which builds a GeoJSON mapping of
     every polygon for shapely to rebuild)."""
     from osgeo import gdal, gdal_array, ogr
 
@@ -76,7 +76,7 @@ def _pixel_polygons(labels: np.ndarray, mask: np.ndarray, row_start: int) -> tup
             np.concatenate([b["label"] for b in batches]))
 
 
-def _noded_at_seams(polygons: list, seams: np.ndarray) -> np.ndarray:
+def _noded_at_seams(polygons: list, seams: list[int]) -> np.ndarray:
     """Pixel polygons with a vertex at every pixel corner of their horizontal edges on the rows
     ``seams``. The parts of one region cut at band seams share edges only there, so once noded they
     form a coverage, which GEOS unions in one pass (a 364k-vertex region cut 43 times: 0.86 s against

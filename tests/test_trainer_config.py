@@ -55,13 +55,16 @@ def test_papers_settings():
 def test_errors_name_every_bad_key():
     raw = {"name": "x", "model": {"architecture": "tinycd"},
            "data": {"datasets": [{"root": "d"}], "batch": "two"},
-           "optim": {"lrr": 1e-3}, "augment": {"exchange": 2}}
+           "optim": {"lrr": 1e-3}, "augment": {"exchange": 2, "blur": {"kernels": [3, 7]},
+                                               "rotate": {"padding": "wrap"}}}
     with pytest.raises(ConfigError) as e:
         validate(raw)
     text = str(e.value)
     assert "data.batch: expected int, got 'two'" in text
     assert "optim.lrr: unknown key (did you mean 'lr'?)" in text
     assert "augment.exchange: must be between 0 and 1" in text
+    assert "augment.blur.kernels: must be a non-empty list of kernel sizes among [3, 5]" in text
+    assert "augment.rotate.padding: must be one of constant, reflect" in text
     with pytest.raises(ConfigError, match="model.architecture: unknown architecture"):
         validate({**MINIMAL, "model": {"architecture": "nope"}, "data": {"datasets": [{"root": "d"}]}})
     with pytest.raises(ConfigError, match="data.datasets.0.layout: unknown key"):

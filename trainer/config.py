@@ -57,7 +57,7 @@ def _pair_of_numbers(v):
 def _blur_kernels(v):
     from geochange.trainer.augment import BLUR_KERNELS
 
-    ok = isinstance(v, list) and v and all(k in BLUR_KERNELS for k in v)
+    ok = isinstance(v, list) and v and all(isinstance(k, int) and k in BLUR_KERNELS for k in v)
     return None if ok else f"must be a non-empty list of kernel sizes among {sorted(BLUR_KERNELS)}"
 
 
