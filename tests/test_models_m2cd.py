@@ -241,6 +241,7 @@ def test_convnext_forward(name):
     torch.manual_seed(0)
     model = create(name)
     _check_forward(model, 256)
+    _check_forward(model, 512, train=False)  # the engine's default tile
     blocks = [m for m in model.modules() if isinstance(m, ConvNeXtMoEBlock)]
     assert len(blocks) == (9 if name == "m2cd_convnext_t" else 18)
     assert blocks[0].moe.num_experts == (8 if name == "m2cd_convnext_t" else 4)
