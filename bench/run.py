@@ -110,7 +110,7 @@ def _child(job: dict) -> dict:
 
     # The first tile row through the pipeline (its rows not written) before any timing: one-time set-up
     # (CUDA's, cuDNN's tuning and the graph capture of each batch size, a few seconds) is no part of the
-    # figures. (M2CD's first full run on a CPU still grows its heap: ~0.6 s of first page faults at
+    # figures. (M2CD's first full run on a CPU still grows its heap: 0.6-1.2 s of first page faults at
     # 1024², counted in its wall time.)
     read = setup.reader()
     for _ in stream_rows(setup.predictor, plan, read, batch=batch, tile_rows=range(1)):

@@ -49,11 +49,16 @@ def ring_areas(rings, crs) -> np.ndarray:
     return np.array([abs(_GEOD.polygon_area_perimeter(x[a:b], y[a:b])[0]) for a, b in zip(bounds[:-1], bounds[1:])])
 
 
+def _rings(polygons) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every ring of ``polygons``, the index of its polygon, and whether it is that polygon's exterior."""
+    rings, owner = shapely.get_rings(polygons, return_index=True)
+    return rings, owner, np.diff(owner, prepend=-1) != 0  # each polygon's rings come exterior first
+
+
 def polygon_areas(polygons, crs) -> np.ndarray:
     """Geodesic area of each polygon in m2: its exterior's less its holes'."""
-    rings, owner = shapely.get_rings(polygons, return_index=True)
+    rings, owner, exterior = _rings(polygons)
     areas = ring_areas(rings, crs)
-    exterior = np.diff(owner, prepend=-1) != 0  # each polygon's rings come exterior first
     return np.bincount(owner, weights=np.where(exterior, areas, -areas), minlength=len(polygons))
 
 
@@ -183,8 +188,8 @@ class PolygonAssembler:
         t = self.transform
         polygons = shapely.transform(pixel_polygons, lambda xy: xy @ np.array([[t.a, t.d], [t.b, t.e]]) + [t.c, t.f])
         if self.min_area_m2 > 0:
-            rings, owner = shapely.get_rings(polygons, return_index=True)
-            hole = np.diff(owner, prepend=-1) == 0  # each polygon's rings come exterior first
+            rings, owner, exterior = _rings(polygons)
+            hole = ~exterior
             if hole.any():
                 areas = np.zeros(len(rings))
                 areas[hole] = ring_areas(rings[hole], self.crs)
