@@ -106,7 +106,6 @@ def _child(job: dict) -> dict:
     setup = prepare(job["pre"], job["post"], package, tile=job["tile"], overlap=job["overlap"], device=job["device"],
                     precision=job["precision"], threshold=0.5)
     plan, batch = setup.plan, job["batch"]
-    windows = len(plan)
 
     # The first tile row through the pipeline (its rows not written) before any timing: one-time set-up
     # (CUDA's, cuDNN's tuning and the graph capture of each batch size, a few seconds) is no part of the
@@ -150,7 +149,7 @@ def _child(job: dict) -> dict:
         torch.cuda.synchronize()
     seconds["compute"] = (time.perf_counter() - start) * len(plan.rows) / len(rows)
     seconds["io"] = pipeline(prediction_replay(out / "wall" / "p.tif", plan, model.device), "io")
-    return {"seconds": seconds, "windows": windows, "peak_rss_mb": peak_rss_mb,
+    return {"seconds": seconds, "windows": len(plan), "peak_rss_mb": peak_rss_mb,
             "megapixels": plan.height * plan.width / 1e6}
 
 

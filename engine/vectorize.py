@@ -39,10 +39,9 @@ def _to_lonlat(crs_text: str) -> Transformer | None:
 def ring_areas(rings, crs) -> np.ndarray:
     """Area enclosed by each ring on the WGS84 ellipsoid in m2, whatever the CRS (projected areas are
     distorted); one transform of all the coordinates, one geodesic sum per ring."""
-    crs_text = crs if isinstance(crs, str) else crs.to_wkt()
     coords, ring = shapely.get_coordinates(rings, return_index=True)
     x, y = coords[:, 0], coords[:, 1]
-    to_lonlat = _to_lonlat(crs_text)
+    to_lonlat = _to_lonlat(crs if isinstance(crs, str) else crs.to_wkt())
     if to_lonlat is not None:
         x, y = to_lonlat.transform(x, y)
     bounds = np.searchsorted(ring, np.arange(len(rings) + 1))
