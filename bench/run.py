@@ -3,17 +3,18 @@
 Pairs are mirrored mosaics of the LEVIR-CD tile (``../shared/data/levir_tile_georef``), written once
 to ``bench/data/`` (tiled, DEFLATE GeoTIFFs). For each model and size, each repeat is one fresh process
 that measures, one after the other:
-- wall: ``detect`` end to end (read, warp-free grid, model, blend, COG + polygons); the peak RSS
-  reported is the process's when this run ends, so its own;
-- compute floor: the model's forward alone over the same windows, read beforehand into memory,
-  batched the same way (at 16384² over tile rows spread across the raster, scaled to all rows);
+- compute floor: the model's forward alone over the windows of the wall run, each batch read into
+  memory before it is timed, batched the same way (at 16384² over tile rows spread across the raster,
+  scaled to all rows);
+- wall: ``detect`` end to end (read, warp-free grid, model, blend, COG + polygons) and the process's
+  peak RSS when it ends (the floor's is no higher: the same model on one batch in memory);
+- the compute floor again: the floor is the mean of the two, which bracket the wall run;
 - I/O floor: the same pipeline with the model replaced by a replay of the wall run's own probability
   raster (read, blend, write the same rasters, vectorise the same polygons: a model with random
   weights outlines noise, whose polygons cost more than those of a trained model).
-The three share a process so that the ratio compares runs a minute apart on the same memory: this
-shared machine's speed drifts by up to 20 % between processes, and the floors of separate processes
-made the ratio swing by as much (timed in one process, the model's time inside the pipeline came within
--5 % to +8 % of its floors timed just before and after, mean 0 %).
+They share a process so that the ratio compares runs a minute apart on the same memory: this shared
+machine's speed drifts by up to 20 % between processes, and the floors of separate processes made the
+ratio swing by as much; within a process the floor still varies by up to 10 % from one minute to the next.
 TinyCD runs with its authors' LEVIR weights when they are beside the project, so that its mask and
 polygons are those of a real run; other models run with random weights.
 With ``--repeats N`` the fastest run of each kind is reported (peak RSS: the largest) and the ratio
@@ -129,25 +130,30 @@ def _child(job: dict) -> dict:
         return time.perf_counter() - start - getattr(predictor, "seconds", 0.0)
 
     model = setup.predictor
-    seconds = {"wall": pipeline(model, "wall")}
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     # The compute floor: the windows of the wall run (or of --floor-sample-rows tile rows spread over the
     # raster), from memory; real pixels, as M2CD's expert routing, and so its speed, depends on them.
     count = job.get("sample_rows") or len(plan.rows)
     rows = sorted(set(np.linspace(0, len(plan.rows) - 1, count).round().astype(int).tolist()))
-    read, stacks = setup.reader(), []
-    for i in rows:  # batched as the pipeline batches them
-        row = plan.row_windows(i)
-        for j in range(0, len(row), batch):
-            items = [read(window) for window in row[j:j + batch]]
-            stacks.append(tuple(np.stack([item[k] for item in items]) for k in (0, 1)))
-    read.close()
-    start = time.perf_counter()
-    for stack in stacks:
-        model(*stack)
-    if model.device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds["compute"] = (time.perf_counter() - start) * len(plan.rows) / len(rows)
+
+    def compute_floor() -> float:
+        read, seconds = setup.reader(), 0.0
+        for i in rows:  # batched as the pipeline batches them, each batch read into memory, then timed
+            row = plan.row_windows(i)
+            for j in range(0, len(row), batch):
+                items = [read(window) for window in row[j:j + batch]]
+                pre, post = (np.stack([item[k] for item in items]) for k in (0, 1))
+                start = time.perf_counter()
+                model(pre, post)  # returns host arrays: the device has finished
+                seconds += time.perf_counter() - start
+        read.close()
+        return seconds * len(plan.rows) / len(rows)
+
+    # Timed just before and just after the wall run, so that a drift of the machine's speed over the
+    # minutes of a process weighs on both sides of the ratio alike.
+    seconds = {"compute_before": compute_floor(), "wall": pipeline(model, "wall")}
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the floor's is no higher
+    seconds["compute_after"] = compute_floor()
+    seconds["compute"] = (seconds["compute_before"] + seconds["compute_after"]) / 2
     seconds["io"] = pipeline(prediction_replay(out / "wall" / "p.tif", plan, model.device), "io")
     return {"seconds": seconds, "windows": len(plan), "peak_rss_mb": peak_rss_mb,
             "megapixels": plan.height * plan.width / 1e6}
@@ -230,8 +236,9 @@ def main() -> None:
                          f"{first['megapixels'] / wall:.3f} | {compute:.1f}{sampled} | "
                          f"{io:.1f} | {ratio:.3f} | {peak_rss_mb:.0f} |")
             print(lines[-1], flush=True)
-            notes.append(f"{model} {size}², per process (wall / compute floor / I/O floor s: ratio): " + ", ".join(
-                "{wall:.1f} / {compute:.1f} / {io:.1f}: ".format(**r["seconds"]) + f"{q:.3f}" for r, q in zip(runs, ratios)))
+            notes.append(f"{model} {size}², per process (wall / compute floor before, after / I/O floor s: ratio): "
+                         + ", ".join("{wall:.1f} / {compute_before:.1f}, {compute_after:.1f} / {io:.1f}: ".format(
+                             **r["seconds"]) + f"{q:.3f}" for r, q in zip(runs, ratios)))
     lines += [""] + [f"- {note}" for note in notes]
     if args.floor_sample_rows:
         lines.append(f"\n\\* compute floor timed on {args.floor_sample_rows} tile rows spread over the raster, "
