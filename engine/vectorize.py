@@ -80,11 +80,11 @@ def _pixel_polygons(labels: np.ndarray, mask: np.ndarray, row_start: int) -> tup
             np.concatenate([b["label"] for b in batches]))
 
 
-def _noded_at_seams(polygons: list, seams: list[int]) -> np.ndarray:
+def _noded_at_seams(polygons, seams: list[int]) -> np.ndarray:
     """Pixel polygons with a vertex at every pixel corner of their horizontal edges on the rows
     ``seams``. The parts of one region cut at band seams share edges only there, so once noded they
-    form a coverage, which GEOS unions in one pass (a 364k-vertex region cut 43 times: 0.86 s against
-    2.1 s for an overlay union, whose cascade goes over every vertex once per level)."""
+    form a coverage, which GEOS unions in one pass (an overlay union's cascade goes over every vertex
+    once per level: 2.1 s against 0.86 s for a 364k-vertex region cut 43 times)."""
     rings, owner = shapely.get_rings(polygons, return_index=True)
     coords, ring = shapely.get_coordinates(rings, return_index=True)
     x, y = coords[:, 0], coords[:, 1]
@@ -95,6 +95,19 @@ def _noded_at_seams(polygons: list, seams: list[int]) -> np.ndarray:
     step = np.arange(len(source)) - np.repeat(np.cumsum(count) - count, count)
     noded = np.column_stack([x[source] + step * np.sign(next_x - x)[source], y[source]])
     return shapely.polygons(shapely.linearrings(noded, indices=ring[source]), indices=owner)
+
+
+def _merge_parts(parts: list, seams: list[int]):
+    """The parts of one region, cut at band seams, as one polygon. A part's holes lie inside its band,
+    never on a seam, so they stay holes of the whole: only the parts' exteriors are united (M2CD-MiT-b0's
+    noise at 4096², a 364k-vertex region with 14,760 holes cut 9 times: 0.87 s -> 0.04 s). The parts
+    touch along their seam edges, so their union is one polygon."""
+    rings, _, exterior = _rings(parts)
+    union = shapely.coverage_union_all(_noded_at_seams(shapely.polygons(rings[exterior]), seams))
+    if union.geom_type != "Polygon":
+        raise RuntimeError(f"the parts of one region united into a {union.geom_type}")
+    new_rings = shapely.get_rings(union)
+    return shapely.polygons(new_rings[0], holes=np.concatenate([new_rings[1:], rings[~exterior]]))
 
 
 class PolygonAssembler:
@@ -171,8 +184,7 @@ class PolygonAssembler:
             parts = [self._pending.pop(i) for i in groups[root]]
             for i in groups[root]:
                 del self._parent[i]
-            merged.append(parts[0][0] if len(parts) == 1 else
-                          shapely.coverage_union_all(_noded_at_seams([p[0] for p in parts], self._seams)))
+            merged.append(parts[0][0] if len(parts) == 1 else _merge_parts([p[0] for p in parts], self._seams))
             probabilities.append((sum(p[2] for p in parts) / sum(p[1] for p in parts), max(p[3] for p in parts)))
         # Ids of complete groups no longer appear in the open last row: parents of the rest stay.
         if not merged:
