@@ -14,7 +14,7 @@ that measures, one after the other:
   weights outlines noise, whose polygons cost more than those of a trained model).
 They share a process so that the ratio compares runs a minute apart on the same memory: this shared
 machine's speed drifts by up to 20 % between processes, and the floors of separate processes made the
-ratio swing by as much; within a process the floor still varies by up to 10 % from one minute to the next.
+ratio swing by as much; within a process the floor still moved by up to 22 % between its two timings.
 TinyCD runs with its authors' LEVIR weights when they are beside the project, so that its mask and
 polygons are those of a real run; other models run with random weights.
 With ``--repeats N`` the fastest run of each kind is reported (peak RSS: the largest) and the ratio

@@ -71,10 +71,12 @@ class StagedRaster:
         self._next_row = [0] * len(self._levels)
         self._carry = [None] * len(self._levels)  # per overview level, an odd row waiting for its pair
 
-    def write(self, values: np.ndarray, valid: np.ndarray) -> None:
-        """The next rows, ``values`` holding nodata where not ``valid``."""
-        start = self._next_row[0]
-        last = start + len(values) == self.height
+    def write(self, row_start: int, values: np.ndarray, valid: np.ndarray) -> None:
+        """Rows ``row_start ...`` (right below those written before), ``values`` holding nodata where
+        not ``valid``."""
+        if row_start != self._next_row[0]:
+            raise ValueError(f"rows from {row_start} given where rows from {self._next_row[0]} come next")
+        last = row_start + len(values) == self.height
         if self.average:
             rows = np.stack([np.where(valid, values, 0), valid]).astype(np.float32)
         else:
@@ -84,7 +86,8 @@ class StagedRaster:
             if self._carry[level] is not None:
                 rows = np.concatenate([self._carry[level], rows], axis=1)
             paired = len(rows[0]) if last else len(rows[0]) // 2 * 2
-            rows, self._carry[level] = _halve(rows[:, :paired], self.average), rows[:, paired:]
+            self._carry[level] = rows[:, paired:] if paired < len(rows[0]) else None
+            rows = _halve(rows[:, :paired], self.average)
             if not len(rows[0]):
                 break
             if self.average:
@@ -140,8 +143,8 @@ class ChangeWriter:
         nothing ran) and the valid mask."""
         valid = valid & np.isfinite(probability)
         changed = valid & (probability > self.threshold)  # strict, as argmax and the authors do
-        self._prob.write(np.where(valid, probability, PROBABILITY_NODATA), valid)
-        self._mask.write(np.where(valid, np.where(changed, 255, 0), MASK_NODATA).astype(np.uint8), valid)
+        self._prob.write(row_start, np.where(valid, probability, PROBABILITY_NODATA), valid)
+        self._mask.write(row_start, np.where(valid, np.where(changed, 255, 0), MASK_NODATA).astype(np.uint8), valid)
         self._polygons.write(self._assembler.add_band(row_start, changed, probability))
 
     @property

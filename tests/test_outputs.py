@@ -20,7 +20,7 @@ def _write_staged(path, grid, values, valid, **options):
     # Bands of odd heights and one of two rows, as a detection's first and last bands can be.
     bands = [0, 448, 485, 512, grid.height - 2, grid.height]
     for a, b in zip(bands[:-1], bands[1:]):
-        staged.write(values[a:b], valid[a:b])
+        staged.write(a, values[a:b], valid[a:b])
     staged.close()
 
 
@@ -95,3 +95,12 @@ def test_nearest_overviews_are_gdals_top_left_pixels(tmp_path):
     _write_staged(tmp_path / "odd.tif", ODD, values, values != 127, nodata=127, average=False, compress="ZSTD")
     for level, f in zip(_overviews(tmp_path / "odd.tif"), overview_factors(ODD.width, ODD.height), strict=True):
         np.testing.assert_array_equal(level, values[::f, ::f])
+
+
+def test_rows_out_of_order_are_refused(tmp_path):
+    staged = StagedRaster(tmp_path / "s.tif", ODD, "uint8", 127, average=False, compress="NONE")
+    rows = np.zeros((10, ODD.width), np.uint8)
+    staged.write(0, rows, rows == 0)
+    with pytest.raises(ValueError, match="rows from 20 given where rows from 10 come next"):
+        staged.write(20, rows, rows == 0)
+    staged.close()
