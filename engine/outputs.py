@@ -57,8 +57,9 @@ class StagedRaster:
         self.dtype, self.nodata, self.average, self.height = np.dtype(dtype), nodata, average, grid.height
         self._ds = gdal.GetDriverByName("GTiff").Create(
             str(path), grid.width, grid.height, 1, gdal_array.NumericTypeCodeToGDALTypeCode(self.dtype),
+            # BigTIFF always: GDAL's size estimate at creation leaves out the overviews added after it.
             options=["TILED=YES", f"BLOCKXSIZE={BLOCK}", f"BLOCKYSIZE={BLOCK}", f"COMPRESS={compress}",
-                     "BIGTIFF=IF_SAFER"])
+                     "BIGTIFF=YES"])
         if self._ds is None:
             raise OSError(f"{path}: GDAL cannot create a GeoTIFF here: {gdal.GetLastErrorMsg()}")
         self._ds.SetGeoTransform(grid.transform.to_gdal())
