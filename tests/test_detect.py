@@ -49,6 +49,9 @@ def test_cli_detect_on_levir_tile_matches_label(levir_run):
         prob = p.read(1)
         assert p.dtypes[0] == "float32" and p.nodata == PROBABILITY_NODATA
         assert 0.0 <= prob.min() and prob.max() <= 1.0
+        half = (p.height // 2, p.width // 2)  # the overview, built as the rows came, read as it is
+        np.testing.assert_allclose(p.read(1, out_shape=half),
+                                   prob.reshape(half[0], 2, half[1], 2).mean((1, 3)), atol=1e-6)
     np.testing.assert_array_equal(mask == 255, prob > 0.5)
 
 
