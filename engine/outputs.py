@@ -119,17 +119,17 @@ class ChangeWriter:
             # The probability is staged uncompressed (its low bits are noise, which no codec shrinks
             # much) and copied with ZSTD level 1, the size of DEFLATE level 1 in half its time (16384²
             # TinyCD: 1136 MB in 8.7 s against 1143 MB in 17.6 s). The mask compresses well.
-            self._prob = self._stage(probability, "float32", PROBABILITY_NODATA, "NONE", True,
-                                     {"COMPRESS": "ZSTD", "PREDICTOR": 3, "LEVEL": 1})
-            self._mask = self._stage(mask, "uint8", MASK_NODATA, "ZSTD", False,
-                                     {"COMPRESS": "DEFLATE", "PREDICTOR": 2})
+            self._prob = self._stage(probability, "float32", PROBABILITY_NODATA, compress="NONE", average=True,
+                                     cog_options={"COMPRESS": "ZSTD", "PREDICTOR": 3, "LEVEL": 1})
+            self._mask = self._stage(mask, "uint8", MASK_NODATA, compress="ZSTD", average=False,
+                                     cog_options={"COMPRESS": "DEFLATE", "PREDICTOR": 2})
             self._assembler = PolygonAssembler(grid.transform, grid.crs, min_area_m2=min_area, simplify=simplify)
             self._polygons = PolygonWriter(polygons, grid.crs, extra=attributes)
         except BaseException:
             self._stack.close()
             raise
 
-    def _stage(self, path, dtype, nodata, compress: str, average: bool, cog_options: dict) -> StagedRaster:
+    def _stage(self, path, dtype, nodata, *, compress: str, average: bool, cog_options: dict) -> StagedRaster:
         final = self._stack.enter_context(atomic_path(path))
         stage = final.with_name(final.stem + ".stage.tif")
         self._finals.append((stage, final, cog_options))
