@@ -131,8 +131,8 @@ class Predictor:
         Small models launch hundreds of short kernels a batch, and each launch takes Python's GIL
         back from the reader and writer threads; one graph replay is one launch. Measured on an
         H100, TinyCD, a batch of four 512 px windows: 18.8 ms eager, 14.5 ms replayed, alone. Models
-        that synchronise with the host (M2CD's expert routing sizes its groups on the CPU) cannot be
-        captured and run eagerly.
+        that synchronise with the host (M2CD-ConvNeXt's expert routing sizes its groups on the CPU)
+        cannot be captured and run eagerly.
         """
         key = (pre.shape, post.shape)
         if key not in self._graphs:
