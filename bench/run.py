@@ -76,7 +76,7 @@ def prediction_replay(probability_path: str, plan, device):
     probability = rasterio.open(probability_path)
     windows = iter(plan.windows())
 
-    def predict(pre, post):
+    def predict(pre, post, valid=None):
         start = time.perf_counter()
         out = np.stack([probability.read(1, window=next(windows)) for _ in range(len(pre))])
         predict.seconds += time.perf_counter() - start

@@ -14,3 +14,7 @@ class Cancelled(GeoChangeError):
 
 class RasterError(GeoChangeError, ValueError):
     """An input raster cannot be used (missing, corrupt, wrong bands, no overlap, all nodata)."""
+
+
+class OptionError(GeoChangeError, ValueError):
+    """An option's value cannot be used (a tile size, an overlap)."""

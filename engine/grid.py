@@ -14,11 +14,13 @@ from pathlib import Path
 from affine import Affine
 from rasterio.crs import CRS
 from rasterio.enums import Resampling
+from rasterio.errors import RasterioIOError
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import calculate_default_transform, transform_bounds
 from rasterio.windows import Window
 
 from geochange.engine.errors import RasterError
+from geochange.engine.rasters import corrupt_pixels
 
 # Below this share of either image inside the common extent, a warning is given.
 SMALL_OVERLAP = 0.5
@@ -94,6 +96,7 @@ class GridReader:
 
     def __init__(self, src, grid: Grid):
         self._stack = contextlib.ExitStack()
+        self.path = src.name
         t, g = src.transform, grid.transform
         col, row = (g.c - t.c) / t.a, (g.f - t.f) / t.e
         on_lattice = (src.crs == grid.crs and math.isclose(t.a, g.a) and math.isclose(t.e, g.e)
@@ -114,10 +117,16 @@ class GridReader:
                       window.height)
 
     def read(self, bands, window: Window):
-        return self.dataset.read(bands, window=self.window(window))
+        return self._read(self.dataset.read, bands, window)
 
     def read_masks(self, bands, window: Window):
-        return self.dataset.read_masks(bands, window=self.window(window))
+        return self._read(self.dataset.read_masks, bands, window)
+
+    def _read(self, method, bands, window: Window):
+        try:
+            return method(bands, window=self.window(window))
+        except RasterioIOError as e:  # e.g. a file cut short: its header opened, its pixels do not
+            raise corrupt_pixels(self.path, e) from None
 
     def close(self):
         self._stack.close()

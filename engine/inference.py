@@ -103,7 +103,7 @@ def stream_rows(predictor: Callable, plan: WindowPlan, read: WindowReader, *, ba
 
     Batches never span two tile rows, so a window's batch is the same whatever ``tile_rows`` (a
     subset of consecutive tile rows, for one rank of a distributed run) is given. Windows without a
-    valid pixel are not run. At most ``readers + prefetch`` batches are read ahead; ``readers=0``
+    valid pixel are not run; ``predictor(pre, post, valid)`` gets the others' stacked arrays. At most ``readers + prefetch`` batches are read ahead; ``readers=0``
     reads in this thread.
     """
     progress = progress or Progress()
@@ -130,7 +130,7 @@ def stream_rows(predictor: Callable, plan: WindowPlan, read: WindowReader, *, ba
                     pending.append(pool.submit(load, batches[queued][1]))
                     queued += 1
                 run = [item for item in items if np.any(item[3])]
-                probs = iter(predictor(np.stack([i[1] for i in run]), np.stack([i[2] for i in run]))) if run else None
+                probs = iter(predictor(*(np.stack([i[k] for i in run]) for k in (1, 2, 3)))) if run else None
                 for window, _, _, valid in items:
                     blender.add(window, next(probs) if np.any(valid) else None, valid)
                 done += len(items)

@@ -49,7 +49,9 @@ class StagedRaster:
     read the whole raster again to build them (0.3 s of a 0.5 s copy at 4096²). Each level halves the
     one below; ``average`` levels are the mean of the valid pixels under them, others take the top-left
     pixel: GDAL's AVERAGE and NEAREST where the sides halve evenly. (Where a side is odd, its last
-    pixel stands alone here; GDAL spreads the overview's pixels over it, at most one pixel apart.)"""
+    pixel stands alone here; GDAL spreads the overview's pixels over it, at most one pixel apart. Where
+    nodata is spread unevenly, GDAL's AVERAGE of a level is the mean of the means of the level below,
+    not of the valid pixels.)"""
 
     def __init__(self, path: Path, grid: Grid, dtype: str, nodata: float, *, average: bool, compress: str):
         from osgeo import gdal, gdal_array
@@ -87,7 +89,8 @@ class StagedRaster:
             if self._carry[level] is not None:
                 rows = np.concatenate([self._carry[level], rows], axis=1)
             paired = len(rows[0]) if last else len(rows[0]) // 2 * 2
-            self._carry[level] = rows[:, paired:] if paired < len(rows[0]) else None
+            # A copy: the mask's rows may be views of the caller's array.
+            self._carry[level] = rows[:, paired:].copy() if paired < len(rows[0]) else None
             rows = _halve(rows[:, :paired], self.average)
             if not len(rows[0]):
                 break
@@ -103,6 +106,10 @@ class StagedRaster:
             raise OSError(f"GDAL could not write rows from {self._next_row[level]} (overview level {level}): "
                           f"{gdal.GetLastErrorMsg()}")
         self._next_row[level] += len(values)
+
+    @property
+    def rows_written(self) -> int:
+        return self._next_row[0]
 
     def close(self) -> None:
         self._levels = []
@@ -146,7 +153,7 @@ class ChangeWriter:
         changed = valid & (probability > self.threshold)  # strict, as argmax and the authors do
         self._prob.write(row_start, np.where(valid, probability, PROBABILITY_NODATA), valid)
         self._mask.write(row_start, np.where(valid, np.where(changed, 255, 0), MASK_NODATA).astype(np.uint8), valid)
-        self._polygons.write(self._assembler.add_band(row_start, changed, probability))
+        self._polygons.write(self._assembler.add_band(row_start, changed, probability, ~valid))
 
     @property
     def polygon_count(self) -> int:
@@ -159,6 +166,8 @@ class ChangeWriter:
     def close(self) -> None:
         """Finish the polygons, convert the rasters to COGs and move everything to its final name."""
         try:
+            if self._prob.rows_written != self.grid.height:  # a pyramid and polygons left unfinished
+                raise ValueError(f"only {self._prob.rows_written} of {self.grid.height} rows were written")
             self._polygons.write(self._assembler.finish())
             self._prob.close()
             self._mask.close()

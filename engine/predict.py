@@ -178,8 +178,9 @@ class Predictor:
             probs.append(prob.flip(dims) if dims else prob)  # (N, H, W): the same trailing dims
         return torch.stack(probs).mean(0)
 
-    def __call__(self, pre: np.ndarray, post: np.ndarray) -> np.ndarray:
-        """``(N, bands, H, W)`` raw windows of each date -> ``(N, H, W)`` float32 probabilities."""
+    def __call__(self, pre: np.ndarray, post: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+        """``(N, bands, H, W)`` raw windows of each date -> ``(N, H, W)`` float32 probabilities.
+        (``valid``, the pipeline's ``(N, H, W)`` mask, is not needed: invalid pixels come zeroed.)"""
         step = self.max_batch or len(pre)
         return np.concatenate([self._run(pre[i:i + step], post[i:i + step]) for i in range(0, len(pre), step)])
 

@@ -34,6 +34,11 @@ def open_raster(path: str | os.PathLike):
         raise RasterError(f"{path}: not a readable raster ({e})") from None
 
 
+def corrupt_pixels(path, error: Exception) -> RasterError:
+    """The error for pixels that cannot be read, as in a file damaged or cut short after its header."""
+    return RasterError(f"{path}: cannot read pixels, the file is corrupt ({error})")
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """A whole (small, possibly non-georeferenced) image as ``(bands, H, W)``, e.g. a dataset PNG."""
     with warnings.catch_warnings():
@@ -42,7 +47,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
             try:
                 return src.read()
             except RasterioIOError as e:
-                raise RasterError(f"{path}: cannot read pixels, the file is corrupt ({e})") from None
+                raise corrupt_pixels(path, e) from None
 
 
 def select_bands(src, spec: dict, date: str, bands: list[int] | None = None) -> list[int]:

@@ -154,9 +154,12 @@ class RouterPredictor:
         self.device = self.original.device
         self.routed = np.zeros(len(self.teachers), np.int64)  # windows per teacher, for the report
 
-    def __call__(self, pre: np.ndarray, post: np.ndarray) -> np.ndarray:
+    def __call__(self, pre: np.ndarray, post: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+        """As ``Predictor``; a window's change-area ratio counts its ``valid`` pixels only (all if None)."""
         first = self.original(pre, post)
-        car = torch.from_numpy((first > self.router.threshold).reshape(len(first), -1).mean(axis=1))
+        changed = first > self.router.threshold
+        valid = np.ones_like(changed) if valid is None else valid
+        car = torch.from_numpy((changed & valid).sum(axis=(1, 2)) / valid.sum(axis=(1, 2)))
         which = route(car, self.router.thresholds, inclusive=True).numpy()
         out = np.empty_like(first)
         for i, teacher in enumerate(self.teachers):

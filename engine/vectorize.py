@@ -117,8 +117,9 @@ class PolygonAssembler:
     Each band's 4-connected regions are vectorised in pixel coordinates (exact integers, so the two
     halves of a region share their seam edge exactly); a region touching the band's last row stays
     pending until the next band shows whether it continues. Finished regions are merged, mapped to
-    the raster's CRS, stripped of holes and dropped when smaller than ``min_area_m2`` (geodesic), and
-    simplified (``simplify`` in map units, topology preserved).
+    the raster's CRS, their holes smaller than ``min_area_m2`` (geodesic) filled unless they hold an
+    invalid pixel, dropped when smaller than ``min_area_m2`` themselves, and simplified (``simplify``
+    in map units, topology preserved).
     """
 
     def __init__(self, transform, crs, *, min_area_m2: float = 0.0, simplify: float = 0.0):
@@ -129,6 +130,9 @@ class PolygonAssembler:
         self._last_row = None  # global ids along the previous band's last row
         self._seams: list[int] = []  # first rows of the bands after the first
         self._next_id = 1
+        # (col, row) of one pixel of each invalid region of the bands a pending region spans: a hole
+        # holding one is not filled, so that no invalid pixel ends up inside a polygon.
+        self._invalid_points = np.empty((0, 2), np.int64)
 
     def _root(self, i: int) -> int:
         while self._parent[i] != i:
@@ -136,9 +140,13 @@ class PolygonAssembler:
             i = self._parent[i]
         return i
 
-    def add_band(self, row_start: int, mask: np.ndarray, probability: np.ndarray) -> list[ChangePolygon]:
-        """Add the rows ``row_start ...`` of the final mask; returns the polygons now complete."""
+    def add_band(self, row_start: int, mask: np.ndarray, probability: np.ndarray,
+                 invalid: np.ndarray | None = None) -> list[ChangePolygon]:
+        """Add the rows ``row_start ...`` of the final mask (and of the invalid pixels, which are never
+        changed); returns the polygons now complete."""
         mask = np.ascontiguousarray(mask, dtype=bool)
+        if self.min_area_m2 > 0 and invalid is not None and invalid.any():
+            self._add_invalid_points(row_start, invalid)
         local, count = ndimage.label(mask)  # 4-connected regions, numbered 1..count
         local = local.astype(np.int32, copy=False)
         offset = self._next_id - 1  # local region i is region i + offset of the whole raster
@@ -167,7 +175,21 @@ class PolygonAssembler:
                     self._parent[max(a, b)] = min(a, b)
         self._last_row = last
         still_open = {self._root(i) for i in np.unique(last[last > 0]).tolist()}
-        return self._emit(lambda root: root not in still_open)
+        complete = self._emit(lambda root: root not in still_open)
+        if len(self._invalid_points):  # a hole lies within its polygon's rows: drop points above them all
+            first_row = min((part[0].bounds[1] for part in self._pending.values()), default=np.inf)
+            self._invalid_points = self._invalid_points[self._invalid_points[:, 1] >= first_row]
+        return complete
+
+    def _add_invalid_points(self, row_start: int, invalid: np.ndarray) -> None:
+        # Any pixel of a 4-connected invalid region tells whether a hole holds it: the region is
+        # unchanged, 4-connected, so it lies within one hole (or none) whole.
+        labels, _ = ndimage.label(invalid)
+        flat = labels.ravel()
+        at = np.flatnonzero(flat)
+        first = at[np.unique(flat[at], return_index=True)[1]]
+        rows, cols = np.divmod(first, invalid.shape[1])
+        self._invalid_points = np.concatenate([self._invalid_points, np.stack([cols, rows + row_start], axis=1)])
 
     def finish(self) -> list[ChangePolygon]:
         """The polygons still pending after the last band."""
@@ -204,7 +226,13 @@ class PolygonAssembler:
             if hole.any():
                 areas = np.zeros(len(rings))
                 areas[hole] = ring_areas(rings[hole], self.crs)
+                small = np.flatnonzero(hole & (areas < self.min_area_m2))
                 kept = ~hole | (areas >= self.min_area_m2)
+                if len(small) and len(self._invalid_points):
+                    centres = (self._invalid_points + 0.5) @ np.array([[t.a, t.d], [t.b, t.e]]) + [t.c, t.f]
+                    tree = shapely.STRtree(shapely.polygons(rings[small]))
+                    _, holding = tree.query(shapely.points(centres), predicate="within")
+                    kept[small[holding]] = True
                 polygons = shapely.polygons(rings[kept], indices=owner[kept])
         if self.simplify > 0:  # topology preserved: a polygon never collapses
             polygons = shapely.simplify(polygons, self.simplify, preserve_topology=True)
@@ -212,10 +240,10 @@ class PolygonAssembler:
 
 
 def change_polygons(mask: np.ndarray, probability: np.ndarray, transform, crs, *, min_area_m2: float = 0.0,
-                    simplify: float = 0.0) -> list[ChangePolygon]:
+                    simplify: float = 0.0, invalid: np.ndarray | None = None) -> list[ChangePolygon]:
     """All change polygons of a mask held in memory (one band)."""
     assembler = PolygonAssembler(transform, crs, min_area_m2=min_area_m2, simplify=simplify)
-    return assembler.add_band(0, mask, probability) + assembler.finish()
+    return assembler.add_band(0, mask, probability, invalid) + assembler.finish()
 
 
 class PolygonWriter:
@@ -315,7 +343,7 @@ def vectorize_probability(probability: str, polygons: str, *, threshold: float =
                      f"{threshold:g}")
         progress.check()
     found = change_polygons(changed, np.where(valid, prob, 0), transform, crs, min_area_m2=min_area,
-                            simplify=simplify)
+                            simplify=simplify, invalid=~valid)
     write_polygons(found, polygons, crs)
     return {"polygons": str(polygons), "polygon_count": len(found),
             "changed_area_m2": float(sum(p.area_m2 for p in found))}

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 from rasterio.windows import Window
 
+from geochange.engine.errors import OptionError
+
 
 def _starts(size: int, tile: int, stride: int) -> list[int]:
     """Tile offsets along one axis: regular steps, the last tile flush with the far edge."""
@@ -31,9 +33,9 @@ class WindowPlan:
 
     def __post_init__(self):
         if self.tile <= 0:
-            raise ValueError(f"tile size must be positive, not {self.tile}")
+            raise OptionError(f"tile size must be positive, not {self.tile}")
         if not 0 <= self.overlap < self.tile:
-            raise ValueError(f"overlap must be in [0, tile) = [0, {self.tile}), not {self.overlap}")
+            raise OptionError(f"overlap must be in [0, tile) = [0, {self.tile}), not {self.overlap}")
 
     @property
     def rows(self) -> list[int]:

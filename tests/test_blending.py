@@ -11,7 +11,7 @@ torch.manual_seed(0)
 KERNELS = [torch.randn(4, 6, 3, 3), torch.randn(1, 4, 3, 3)]  # two 3x3 convs: receptive radius 2
 
 
-def toy_model(pre: np.ndarray, post: np.ndarray) -> np.ndarray:
+def toy_model(pre: np.ndarray, post: np.ndarray, valid=None) -> np.ndarray:
     """Translation-equivariant (zero-padded convolutions), so any window of the input gives the
     matching window of the output, except within 2 px of the window's border."""
     x = torch.from_numpy(np.concatenate([pre, post], axis=1)).double()

@@ -119,6 +119,29 @@ def test_wrong_band_count_and_corrupt_file(tmp_path, random_package):
         detect(pre, corrupt, random_package, **outputs(tmp_path))
 
 
+@pytest.mark.parametrize("readers", [0, 2])
+def test_a_file_cut_short_after_its_header_is_a_clear_error_and_leaves_nothing(shared_data, tmp_path,
+                                                                                random_package, readers):
+    tile = shared_data / "levir_tile_georef"
+    data = (tile / "pre.tif").read_bytes()
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(data[:len(data) * 6 // 10])  # its header and first tiles: it opens, then fails
+    for post in ("post.tif", "post_utm14n_0.6m_shifted.tif"):  # read on its own lattice, then warped
+        out = tmp_path / post
+        with pytest.raises(RasterError, match="cut.tif: cannot read pixels, the file is corrupt"):
+            detect(cut, tile / post, random_package, **outputs(out), grid="post", tile=256, overlap=32,
+                   readers=readers)
+        assert not out.exists() or not any(out.iterdir())
+
+
+def test_cli_refuses_an_overlap_as_large_as_the_tile_in_one_line(shared_data, tmp_path, random_package):
+    tile = shared_data / "levir_tile_georef"
+    run = subprocess.run([*GEOCHANGE, "detect", str(tile / "pre.tif"), str(tile / "post.tif"), "--model",
+                          str(random_package), "--out", str(tmp_path), "--tile", "64"], capture_output=True, text=True)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "geochange: error: overlap must be in [0, tile) = [0, 64), not 64" in run.stderr
+
+
 def test_nodata_everywhere_is_an_error_and_nodata_edges_stay_nodata(tmp_path, random_package):
     data = np.random.default_rng(0).integers(1, 255, (3, 96, 96), dtype=np.uint8)
     pre = write_raster(tmp_path / "a.tif", data, nodata=0)

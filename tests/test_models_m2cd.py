@@ -171,6 +171,11 @@ def test_every_expert_path_equals_the_routed_mixture_and_has_no_routing_dependen
     with torch.no_grad():
         routing = moe.route(tokens)
         torch.testing.assert_close(moe._mix_all(tokens, routing), moe._mix(tokens, routing), rtol=1e-6, atol=1e-6)
+        bias = moe.experts[0].fc2.bias.clone()
+        moe.experts[0].fc2.bias.fill_(float("inf"))  # as an fp16 overflow: only its own tokens see it
+        torch.testing.assert_close(moe._mix_all(tokens, routing), moe._mix(tokens, routing), rtol=1e-6, atol=1e-6)
+        assert (routing.indices != 0).all(dim=1).any() and moe._mix(tokens, routing).isinf().any()
+        moe.experts[0].fc2.bias.copy_(bias)
 
     # CUDA graph capture needs what fullgraph tracing needs here: no shape that depends on values.
     def traced(model):

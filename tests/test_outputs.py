@@ -7,7 +7,7 @@ from osgeo import gdal
 from rasterio.transform import from_origin
 
 from geochange.engine.grid import Grid
-from geochange.engine.outputs import StagedRaster, overview_factors
+from geochange.engine.outputs import ChangeWriter, StagedRaster, overview_factors
 
 # Overviews halve exactly on the first grid, as GDAL's do; on the second, odd sides leave a last row
 # and column that stand alone (GDAL spreads them over the overview's slightly wider pixels instead).
@@ -104,3 +104,28 @@ def test_rows_out_of_order_are_refused(tmp_path):
     with pytest.raises(ValueError, match="rows from 20 given where rows from 10 come next"):
         staged.write(20, rows, rows == 0)
     staged.close()
+
+
+def test_a_caller_may_reuse_its_row_buffer(tmp_path):
+    values = np.random.default_rng(2).integers(0, 255, (ODD.height, ODD.width), dtype=np.uint8)
+    staged = StagedRaster(tmp_path / "s.tif", ODD, "uint8", 127, average=False, compress="NONE")
+    buffer = np.empty((99, ODD.width), np.uint8)  # odd bands: each leaves a row waiting for its pair
+    for start in range(0, ODD.height, 99):
+        rows = values[start:start + 99]
+        buffer[:len(rows)] = rows
+        staged.write(start, buffer[:len(rows)], buffer[:len(rows)] != 127)
+        buffer[:] = 0
+    staged.close()
+    for level, f in zip(_overviews(tmp_path / "s.tif"), overview_factors(ODD.width, ODD.height), strict=True):
+        np.testing.assert_array_equal(level, values[::f, ::f])
+
+
+def test_closing_before_the_last_row_is_refused_and_leaves_nothing(tmp_path):
+    out = tmp_path / "out"
+    writer = ChangeWriter(ODD, probability=out / "p.tif", mask=out / "m.tif", polygons=out / "c.gpkg",
+                          threshold=0.5)
+    prob = np.random.default_rng(0).random((300, ODD.width), dtype=np.float32)
+    writer.write_rows(0, prob, np.ones(prob.shape, bool))
+    with pytest.raises(ValueError, match="only 300 of 701 rows were written"):
+        writer.close()
+    assert not out.exists() or not any(out.iterdir())

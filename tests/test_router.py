@@ -9,7 +9,7 @@ from geochange.engine.inference import detect
 from geochange.engine.models import create
 from geochange.engine.package import PackageError, load_package, make_manifest, read_manifest, save_package
 from geochange.engine.predict import Predictor
-from geochange.engine.router import load_model, route, save_router
+from geochange.engine.router import RouterPredictor, load_model, route, save_router
 
 
 def test_route_boundaries_follow_the_authors():
@@ -77,3 +77,17 @@ def test_each_window_takes_the_teacher_of_its_car(router, tinycd_package, shared
         with rasterio.open(result.probability) as p:
             np.testing.assert_allclose(p.read(1), expected[which], rtol=1e-5)
     assert seen == {0, 1, 2}  # the crops exercise every partition
+
+
+def test_a_window_s_car_counts_its_valid_pixels_only(router, tinycd_package, shared_data):
+    with rasterio.open(shared_data / "levir_tile_georef" / "pre.tif") as a, \
+            rasterio.open(shared_data / "levir_tile_georef" / "post.tif") as b:
+        pre, post = (src.read(window=Window(256, 768, 256, 256))[None] for src in (a, b))
+    changed = Predictor(load_package(tinycd_package), "cpu")(pre, post)[0] > 0.5
+    assert 0.05 < changed.mean() <= 0.2  # over all pixels: the medium teacher
+    valid = changed.copy()  # the changed pixels and as many unchanged ones: a CAR of 0.5
+    valid.flat[np.flatnonzero(~changed)[:np.count_nonzero(changed)]] = True
+    predictor = RouterPredictor(load_model(router), lambda package: Predictor(package, "cpu"))
+    np.testing.assert_allclose(predictor(pre, post), 0.5, rtol=1e-5)
+    np.testing.assert_allclose(predictor(pre, post, valid[None]), 1 / (1 + np.exp(-3.0)), rtol=1e-5)
+    assert predictor.routed.tolist() == [0, 1, 1]

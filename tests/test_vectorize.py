@@ -120,6 +120,27 @@ def test_regions_crossing_band_seams_come_out_whole(make_mask):
             assert a.max_prob == b.max_prob
 
 
+@pytest.mark.parametrize("band", [12, 7, 2])
+def test_a_small_hole_holding_nodata_is_not_filled(band):
+    transform = from_origin(630000, 3340000, 0.5, 0.5)
+    mask, invalid = np.zeros((12, 12), bool), np.zeros((12, 12), bool)
+    mask[1:11, 1:11] = True
+    mask[3:5, 3:5] = False  # a valid 1 m2 gap: filled
+    mask[6:9, 6:9] = False  # a 2.25 m2 gap around one invalid pixel: kept, whatever band seams cut it
+    invalid[7, 7] = True
+    assembler = PolygonAssembler(transform, "EPSG:32614", min_area_m2=5.0)
+    polygons = []
+    for start in range(0, 12, band):
+        rows = slice(start, start + band)
+        polygons += assembler.add_band(start, mask[rows], mask[rows].astype(float), invalid[rows])
+    polygons += assembler.finish()
+    assert len(polygons) == 1
+    polygon = polygons[0].geometry
+    assert len(polygon.interiors) == 1 and polygon.area == pytest.approx((100 - 9) * 0.25)
+    x, y = transform * (7.5, 7.5)
+    assert not polygon.intersects(shapely.Point(x, y))
+
+
 def test_holes_and_specks_below_min_area_are_dropped():
     mask = np.zeros((40, 40), bool)
     mask[5:35, 5:35] = True

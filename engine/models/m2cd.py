@@ -167,8 +167,9 @@ class MixtureOfExperts(nn.Module):
         return (per_slot.view(tokens, k, -1) * weights).sum(dim=1)
 
     def _mix_all(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """What ``_mix`` returns, from every expert run on every token and weighted by its gate (zero
-        for the experts a token was not routed to, so they add exactly nothing).
+        """What ``_mix`` returns (bit for bit where k = 2; to rounding otherwise, the sum's order
+        differs), from every expert run on every token and weighted by its gate; an expert a token was
+        not routed to adds exactly nothing, even where it overflows (fp16) on that token.
 
         Its shapes never depend on the routing: no host sync, so a model using it can be captured as
         a CUDA graph (one launch a batch instead of hundreds, each of which waits for Python's GIL
@@ -180,7 +181,8 @@ class MixtureOfExperts(nn.Module):
         mixed = 0
         for expert, gate in zip(self.experts, routing.gates.unbind(dim=1)):
             out = expert(x)
-            mixed = mixed + out * gate.to(out.dtype).unsqueeze(-1)
+            gate = gate.to(out.dtype).unsqueeze(-1)
+            mixed = mixed + torch.where(gate > 0, out * gate, 0)  # not inf x 0 = NaN
         return mixed
 
     def forward(self, x: torch.Tensor, branches: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
