@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from geochange.engine.errors import GeoChangeError
+from geochange.engine.progress import cancel_on_sigterm
 
 OUTPUT_NAMES = {"probability": "change_probability.tif", "mask": "change_mask.tif",
                 "polygons": "change_polygons.gpkg"}
@@ -165,6 +166,8 @@ def layer_commands() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # run as a program: SIGTERM cancels as Ctrl-C does, leaving no temporary file
+        cancel_on_sigterm()
     argv = sys.argv[1:] if argv is None else list(argv)
     commands = layer_commands() if argv and not argv[0].startswith("-") else {}
     if argv and argv[0] in commands:

@@ -237,8 +237,10 @@ def prepare(pre_path, post_path, model, *, tile: int = 512, overlap: int = 64, d
         bands = (select_bands(pre, inputs["pre"], "pre", pre_bands),
                  select_bands(post, inputs["post"], "post", post_bands))
     plan = WindowPlan(common.height, common.width, tile, overlap)
+    threads = torch.get_num_threads()
+    on = f"cpu, {threads} thread{'s' * (threads != 1)}" if _on_cpu(predictor) else predictor.device
     progress.log(f"{common.width}x{common.height} px in {common.crs}: {len(plan)} windows of "
-                 f"{min(tile, common.height)}x{min(tile, common.width)} px on {predictor.device}")
+                 f"{min(tile, common.height)}x{min(tile, common.width)} px on {on}")
     return DetectSetup(predictor, common, bands, plan, package.threshold if threshold is None else float(threshold),
                        (Path(pre_path), Path(post_path)))
 

@@ -7,6 +7,8 @@ per-image means.
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 
@@ -72,7 +74,8 @@ class ConfusionMeter:
             raise ValueError("no image was evaluated")
         total = np.sum(self.matrices, axis=0)
         per_image = [scores(cm) for cm in self.matrices]
-        with np.errstate(all="ignore"):
+        with warnings.catch_warnings():  # a metric undefined on every image stays NaN, quietly
+            warnings.simplefilter("ignore", RuntimeWarning)
             averaged = {k: float(np.nanmean([s[k] for s in per_image])) for k in METRIC_NAMES}
         (tn, fp), (fn, tp) = total.tolist()
         return {

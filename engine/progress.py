@@ -1,6 +1,8 @@
 """One progress/cancel interface for every front end (tqdm in the CLI, feedback in QGIS)."""
 from __future__ import annotations
 
+import signal
+
 from geochange.engine.errors import Cancelled
 
 
@@ -46,3 +48,16 @@ class TqdmProgress(Progress):
         from tqdm import tqdm
 
         tqdm.write(message)
+
+
+def cancel_on_sigterm() -> None:
+    """Make SIGTERM (a job scheduler's or torchrun's stop, QGIS's cancel of a worker) a cancel: it
+    raises ``Cancelled`` in the main thread, so the engine's ``finally`` blocks run and no temporary
+    output is left behind."""
+
+    def raise_cancelled(signum, frame):
+        # Python runs handlers in the main thread: the exception unwinds the engine from where it is.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+        raise Cancelled("cancelled: the engine process was asked to stop")
+
+    signal.signal(signal.SIGTERM, raise_cancelled)

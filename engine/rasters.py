@@ -50,6 +50,14 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
                 raise corrupt_pixels(path, e) from None
 
 
+def check_band_count(count: int, spec: dict, date: str, where, hint: str, error=RasterError) -> None:
+    """A date's band count must be the model's: one grey band would otherwise broadcast silently over
+    three channels' normalisation statistics."""
+    if count != spec["bands"]:
+        raise error(f"{where}: the {date} image has {count} band(s), the model expects {spec['bands']} "
+                    f"({spec['modality']}); {hint}")
+
+
 def select_bands(src, spec: dict, date: str, bands: list[int] | None = None) -> list[int]:
     """The 1-based band indexes to read for a date: ``bands`` as given, else all of the raster's.
 
@@ -57,9 +65,7 @@ def select_bands(src, spec: dict, date: str, bands: list[int] | None = None) -> 
     """
     name = Path(src.name).name
     if bands is None:
-        if src.count != spec["bands"]:
-            raise RasterError(f"{name}: the {date} image has {src.count} band(s), the model expects "
-                              f"{spec['bands']} ({spec['modality']}); choose them with --{date}-bands")
+        check_band_count(src.count, spec, date, name, f"choose them with --{date}-bands")
         return list(range(1, src.count + 1))
     outside = [b for b in bands if not 1 <= b <= src.count]
     if outside:

@@ -13,8 +13,8 @@ stdout, one JSON object each:
                                         with "traceback"); a missing dependency adds "missing"
                                         and "python", a cancel adds "cancelled": true
 
-SIGTERM cancels: it raises ``Cancelled`` in the main thread, so the engine's ``finally`` blocks run
-and no temporary output is left behind. Only the standard library is imported at module level, so
+SIGTERM cancels (``progress.cancel_on_sigterm``): no temporary output is left behind. Only the
+standard library (and the engine's stdlib-only progress module) is imported at module level, so
 that missing dependencies are reported as such instead of as an import traceback.
 """
 from __future__ import annotations
@@ -24,10 +24,11 @@ import importlib
 import importlib.util
 import json
 import os
-import signal
 import sys
 import traceback
 from pathlib import Path
+
+from geochange.engine.progress import cancel_on_sigterm
 
 # Modules each task imports (directly or through the engine), and the pip name of those named otherwise.
 ENGINE = ("numpy", "torch", "timm", "safetensors", "rasterio", "shapely", "scipy", "pyproj", "osgeo")
@@ -136,22 +137,11 @@ def _engine_origin() -> str:
     return str(Path(geochange.__file__).resolve().parent)
 
 
-def _cancel_on_sigterm() -> None:
-    from geochange.engine.errors import Cancelled
-
-    def raise_cancelled(signum, frame):
-        # Python runs handlers in the main thread: the exception unwinds the engine from where it is.
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
-        raise Cancelled("cancelled: the engine process was asked to stop")
-
-    signal.signal(signal.SIGTERM, raise_cancelled)
-
-
 def main(tasks: dict = TASKS, needs: dict = NEEDS) -> int:
     """Serve one job; layers above the engine (the trainer) call this with their own tasks added."""
     emit = _Emitter()
     faulthandler.enable()  # a segfault prints the Python stack on stderr before the process dies
-    _cancel_on_sigterm()
+    cancel_on_sigterm()
     try:
         job = json.loads(sys.stdin.read())
         task, args = job["task"], job.get("args", {})

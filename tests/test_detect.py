@@ -1,7 +1,9 @@
 """Engine v1 end to end: the CLI on the real LEVIR tile, and clear errors on bad pairs."""
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ from osgeo import ogr
 from rasterio.transform import from_origin
 
 from geochange.engine.errors import Cancelled, GeoChangeError, RasterError
-from geochange.engine.inference import detect
+from geochange.engine.inference import detect, prepare, stream_rows, write_outputs
 from geochange.engine.metrics import confusion, scores
 from geochange.engine.models import create
 from geochange.engine.package import make_manifest, save_package
@@ -61,12 +63,33 @@ def test_polygons_read_back_and_summary_agrees(levir_run):
     layer = source.GetLayer()
     count = layer.GetFeatureCount()
     assert count > 50
-    total = 0.0
+    total, ids = 0.0, set()
     for feature in layer:
         assert 0.5 <= feature.GetField("max_prob") <= 1.0
         assert feature.GetField("mean_prob") <= feature.GetField("max_prob")
+        assert (feature.GetField("pre"), feature.GetField("post")) == ("pre.tif", "post.tif")
+        ids.add(feature.GetField("id"))
         total += feature.GetField("area_m2")
+    assert ids == set(range(1, count + 1))
     assert f"{count} change polygons, {total:,.0f} m2 changed" in stdout
+
+
+@pytest.mark.parametrize("name, files", [("c.shp", {"c.shp", "c.shx", "c.dbf", "c.prj"}),
+                                         ("c.geojson", {"c.geojson"})])
+def test_polygons_as_shapefile_and_geojson(tmp_path, random_package, name, files):
+    data = np.random.default_rng(0).integers(0, 255, (3, 96, 96), dtype=np.uint8)
+    pre, post = write_raster(tmp_path / "a.tif", data), write_raster(tmp_path / "b.tif", data[::-1].copy())
+    out = tmp_path / "out"
+    result = detect(pre, post, random_package, probability=out / "p.tif", mask=out / "m.tif",
+                    polygons=out / name, threshold=0.0)  # every pixel changed: one polygon
+    assert {p.name for p in out.iterdir()} == files | {"p.tif", "m.tif"}
+    source = ogr.Open(str(out / name))
+    layer = source.GetLayer()
+    assert layer.GetSpatialRef().GetAuthorityCode(None) == "32614"
+    (feature,) = list(layer)
+    fields = {k: feature.GetField(k) for k in ("id", "area_m2", "mean_prob", "max_prob", "pre", "post")}
+    assert fields["id"] == 1 and fields["area_m2"] == pytest.approx(96 * 96 * 0.25, rel=1e-3)
+    assert (fields["pre"], fields["post"]) == ("a.tif", "b.tif") and result.polygon_count == 1
 
 
 @pytest.fixture(scope="module")
@@ -134,12 +157,16 @@ def test_a_file_cut_short_after_its_header_is_a_clear_error_and_leaves_nothing(s
         assert not out.exists() or not any(out.iterdir())
 
 
-def test_cli_refuses_an_overlap_as_large_as_the_tile_in_one_line(shared_data, tmp_path, random_package):
+def test_cli_refuses_an_overlap_as_large_as_the_tile_and_follows_threads(shared_data, tmp_path, random_package):
     tile = shared_data / "levir_tile_georef"
     run = subprocess.run([*GEOCHANGE, "detect", str(tile / "pre.tif"), str(tile / "post.tif"), "--model",
                           str(random_package), "--out", str(tmp_path), "--tile", "64"], capture_output=True, text=True)
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert "geochange: error: overlap must be in [0, tile) = [0, 64), not 64" in run.stderr
+    run = subprocess.run([*GEOCHANGE, "detect", str(tile / "pre.tif"), str(tile / "post.tif"), "--model",
+                          str(random_package), "--out", str(tmp_path), "--tile", "512", "--threads", "1"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0 and "windows of 512x512 px on cpu, 1 thread\n" in run.stdout
 
 
 def test_nodata_everywhere_is_an_error_and_nodata_edges_stay_nodata(tmp_path, random_package):
@@ -155,6 +182,17 @@ def test_nodata_everywhere_is_an_error_and_nodata_edges_stay_nodata(tmp_path, ra
     with rasterio.open(result.mask) as m, rasterio.open(result.probability) as p:
         assert (m.read(1)[:, :20] == MASK_NODATA).all() and (m.read(1)[:, 20:] == 255).all()
         assert (p.read(1)[:, :20] == PROBABILITY_NODATA).all()
+    # Windows without a valid pixel never reach the model: of 2 x 4 windows, the 4 right of column 96.
+    wide = np.concatenate([data, data], axis=2)  # 96 x 192 px
+    half = write_raster(tmp_path / "d.tif", np.where(np.arange(192) < 96, wide, 0).astype(np.uint8), nodata=0)
+    setup = prepare(write_raster(tmp_path / "c.tif", wide, nodata=0), half, random_package, tile=64, overlap=16)
+    seen = []
+    read = setup.reader()
+    for _ in stream_rows(lambda pre, post, valid: seen.append(valid) or np.zeros(valid.shape, np.float32),
+                         setup.plan, read):
+        pass
+    read.close()
+    assert len(setup.plan) == 8 and sum(len(v) for v in seen) == 4 and all(v.any() for b in seen for v in b)
 
 
 def test_reader_and_writer_threads_give_what_the_main_thread_gives(shared_data, tmp_path, random_package):
@@ -171,25 +209,65 @@ def test_reader_and_writer_threads_give_what_the_main_thread_gives(shared_data, 
     assert runs[0].changed_area_m2 == pytest.approx(runs[1].changed_area_m2)
 
 
+def test_peak_memory_follows_the_raster_width_not_its_height(tmp_path, random_package):
+    """Python's and numpy's allocations (tracemalloc) over a whole streamed run, 8x the height."""
+    import tracemalloc
+
+    def differences(pre, post, valid):  # cheap and local: changes where the first bands differ
+        return np.abs(pre[:, 0].astype(np.float32) - post[:, 0]) / 255
+
+    peaks = []
+    for height in (512, 4096):
+        rng = np.random.default_rng(0)  # blocks of 16 x 16 px: changed regions, some across seams
+        pre, post = (write_raster(tmp_path / f"{name}{height}.tif", np.kron(
+            rng.integers(0, 255, (3, height // 16, 16), np.uint8), np.ones((1, 16, 16), np.uint8))) for name in "ab")
+        setup = prepare(pre, post, random_package, tile=128, overlap=16)
+        setup.predictor = differences
+        read = setup.reader()
+        tracemalloc.start()
+        try:
+            write_outputs(setup, stream_rows(differences, setup.plan, read), **outputs(tmp_path / str(height)))
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+            read.close()
+    assert peaks[1] < 1.2 * peaks[0], peaks  # measured: 2.58 and 2.62 MB
+
+
 @pytest.mark.parametrize("readers", [0, 2])
 def test_cancel_leaves_no_output(tmp_path, random_package, readers):
     data = np.random.default_rng(0).integers(0, 255, (3, 200, 200), dtype=np.uint8)
     pre, post = write_raster(tmp_path / "a.tif", data), write_raster(tmp_path / "b.tif", data[::-1].copy())
 
     class CancelAfterFirstBatch(Progress):
-        calls = 0
+        calls, done, total = 0, 0, 0
 
         def update(self, done, total):
-            self.calls += 1
+            self.calls, self.done, self.total = self.calls + 1, done, total
 
         def cancelled(self):
             return self.calls > 1
 
-    out = tmp_path / "out"
+    out, progress = tmp_path / "out", CancelAfterFirstBatch()
     with pytest.raises(Cancelled):
         detect(pre, post, random_package, **outputs(out), tile=64, overlap=16, batch=2, readers=readers,
-               progress=CancelAfterFirstBatch())
+               progress=progress)
     assert not out.exists() or list(out.iterdir()) == []
+    assert (progress.done, progress.total) == (2, 16)  # the cancel came before the second batch
+
+
+def test_cli_stopped_by_sigterm_cancels_and_leaves_nothing(tmp_path, shared_data, random_package):
+    tile, out = shared_data / "levir_tile_georef", tmp_path / "out"
+    run = subprocess.Popen([*GEOCHANGE, "detect", str(tile / "pre.tif"), str(tile / "post.tif"), "--model",
+                            str(random_package), "--out", str(out), "--tile", "128", "--overlap", "16",
+                            "--batch", "1", "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out.exists() and any(out.iterdir())) and time.monotonic() < deadline:
+        time.sleep(0.05)  # until the outputs are being written under temporary names
+    run.send_signal(signal.SIGTERM)
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 2 and "geochange: error: cancelled" in stderr
+    assert list(out.iterdir()) == []
 
 
 def test_cli_reports_errors_plainly(tmp_path, shared_data):

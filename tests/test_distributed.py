@@ -1,4 +1,6 @@
 """torchrun with two CPU processes (gloo) gives exactly the outputs of one process."""
+import subprocess
+import sys
 
 import numpy as np
 import rasterio
@@ -48,3 +50,19 @@ def test_two_ranks_equal_one_process(tinycd_package, shared_data, tmp_path, one_
     one, two = features(one_dir / "change_polygons.gpkg"), features(two_dir / "change_polygons.gpkg")
     assert len(one) > 5 and one == two
     assert sorted(p.name for p in two_dir.iterdir()) == sorted(p.name for p in one_dir.iterdir())
+
+
+def test_a_rank_s_error_ends_every_rank_and_leaves_nothing(tinycd_package, shared_data, tmp_path):
+    """The lower rows of a file cut short fail on rank 1; torchrun stops rank 0 (SIGTERM, a cancel)."""
+    data = (shared_data / "levir_tile_georef" / "pre.tif").read_bytes()
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(data[:len(data) * 6 // 10])
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          "29523", "-m", "geochange.engine", "detect", str(cut),
+                          str(shared_data / "levir_tile_georef" / "post.tif"), "--model", str(tinycd_package),
+                          "--tile", "256", "--overlap", "32", "--device", "cpu", "--threads", "1", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    assert "geochange: error: " in run.stderr and "cut.tif: cannot read pixels, the file is corrupt" in run.stderr
+    assert not out.exists() or list(out.iterdir()) == []  # no part files, no temporaries

@@ -5,11 +5,12 @@ import rasterio
 import torch
 from osgeo import ogr
 from rasterio.features import rasterize
-from rasterio.windows import from_bounds
+from rasterio.windows import Window, from_bounds
 from shapely import wkb
 
 from geochange.engine.errors import GeoChangeError
-from geochange.engine.inference import detect
+from geochange.engine.grid import common_grid
+from geochange.engine.inference import detect, prepare
 from geochange.engine.inputs import optical_input, sar_input
 from geochange.engine.metrics import confusion, scores
 from geochange.engine.models import create
@@ -66,7 +67,21 @@ def test_post_grid_option_and_small_overlap_warning(tinycd_package, shared_data,
                     **outputs(tmp_path), device="cpu", grid="post", tile=256, overlap=32)
     with rasterio.open(result.probability) as p:
         assert p.crs.to_epsg() == 32614 and p.res == pytest.approx((0.6, 0.6))
-        assert p.is_tiled and p.overviews(1)  # a COG with overviews
+        assert p.is_tiled and p.overviews(1) and p.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+    # A corner of the pre image: all of it lies in the post image, 8.6 % of the post image in it.
+    with rasterio.open(tile / "pre.tif") as src:
+        window = Window(0, 0, 300, 300)
+        profile = dict(src.profile, width=300, height=300, transform=src.window_transform(window))
+        with rasterio.open(tmp_path / "corner.tif", "w", **profile) as dst:
+            dst.write(src.read(window=window))
+    logged = []
+    with rasterio.open(tmp_path / "corner.tif") as pre, rasterio.open(tile / "post.tif") as post:
+        common_grid(pre, post, warn=logged.append)
+        given = common_grid(pre, post, crs="EPSG:32614", resolution=1.0)
+    assert logged == ["only 8.6 % of the post image overlaps the other date"]
+    assert given.crs.to_epsg() == 32614 and (given.transform.a, -given.transform.e) == (1.0, 1.0)
+    # 300 px of 5.36e-6 degrees at 30.2 N: 155 m east-west, 179 m north-south.
+    assert (given.width, given.height) in [(w, h) for w in (154, 155, 156) for h in (178, 179, 180)]
 
 
 def test_sar_in_db_with_nan_and_13_band_optical(shared_data, tmp_path):
@@ -108,6 +123,17 @@ def test_sar_db_and_linear_inputs_give_the_same_model_input():
     assert torch.allclose(x[0, :, 0, 1], (1 - torch.tensor(spec["mean"])) / torch.tensor(spec["std"]))
 
 
+def test_uint8_uint16_and_float_reflectance_give_the_same_model_input():
+    from geochange.engine.inputs import normalise
+    spec = optical_input(3)  # trained on 8-bit images
+    reflectance = np.arange(6).reshape(1, 1, 2, 3).repeat(3, axis=1) / 5  # exact in every type below
+    as_uint8 = normalise((reflectance * 255).astype(np.uint8), spec)
+    torch.testing.assert_close(normalise((reflectance * 10000).astype(np.uint16), spec), as_uint8)
+    torch.testing.assert_close(normalise(reflectance.astype(np.float32), spec), as_uint8)
+    # 12-bit data, scaled as the user says (--pre-scale 4095)
+    torch.testing.assert_close(normalise((reflectance * 4095).astype(np.uint16), spec, scale=4095), as_uint8)
+
+
 def test_six_and_four_band_rasters(shared_data, tmp_path):
     six = package(tmp_path / "six.safetensors", inputs={"pre": optical_input(6), "post": optical_input(6)},
                   in_chans=6)
@@ -122,6 +148,17 @@ def test_six_and_four_band_rasters(shared_data, tmp_path):
         detect(haiti / "pre_2018.tif", haiti / "post_2019.tif", rgb, **outputs(tmp_path / "h"))
     detect(haiti / "pre_2018.tif", haiti / "post_2019.tif", rgb, **outputs(tmp_path / "h"), pre_bands=[1, 2, 3],
            post_bands=[1, 2, 3], tile=256, overlap=32, device="cpu")
+    # The model gets the bands in the order given.
+    windows = []
+    for pre_bands, post_bands in (([1, 2, 3], [1, 2, 4]), ([3, 2, 1], [4, 1, 2])):
+        read = prepare(haiti / "pre_2018.tif", haiti / "post_2019.tif", rgb, pre_bands=pre_bands,
+                       post_bands=post_bands, device="cpu").reader()
+        windows.append(read(Window(30, 40, 64, 64))[:2])
+        read.close()
+    (pre, post), (pre_321, post_412) = windows
+    assert pre.std() > 0 and not np.array_equal(pre[0], pre[2])
+    np.testing.assert_array_equal(pre_321, pre[::-1])
+    np.testing.assert_array_equal(post_412, post[[2, 0, 1]])
 
 
 def test_raster_smaller_than_a_tile(shared_data, tmp_path):
@@ -173,7 +210,32 @@ def test_tta_averages_flips_and_stays_close(tinycd_package, shared_data):
     from geochange.engine.rasters import read_image
     a = read_image(shared_data / "levir_cd" / "A" / "test_2_0000_0000.png")[None]
     b = read_image(shared_data / "levir_cd" / "B" / "test_2_0000_0000.png")[None]
-    plain = Predictor(load_package(tinycd_package), "cpu")(a, b)
+    predictor = Predictor(load_package(tinycd_package), "cpu")
+    plain = predictor(a, b)
     tta = Predictor(load_package(tinycd_package), "cpu", tta=True)(a, b)
     assert not np.array_equal(plain, tta)
     assert ((plain > 0.5) == (tta > 0.5)).mean() > 0.97
+    # The mean of the identity and the three flips, each flipped back.
+    flipped = [np.flip(predictor(np.flip(a, axes).copy(), np.flip(b, axes).copy()), axes)
+               for axes in ((), (-1,), (-2,), (-2, -1))]
+    np.testing.assert_allclose(tta, np.mean(flipped, axis=0), atol=1e-5)
+
+
+def test_optical_pre_and_sar_post_datasets_run_and_a_band_mismatch_is_named(shared_data, tmp_path, tinycd_package):
+    from geochange.engine.evaluate import evaluate_folder
+
+    m2cd = load_package(package(tmp_path / "m2cd.safetensors", "m2cd_mit_b0",
+                                inputs={"pre": optical_input(3), "post": sar_input(3)}))
+    flood = tmp_path / "flood"  # one folder per pair there: linked here as one A/ B/ label/ dataset
+    for pair in sorted((shared_data / "flood_optical_sar").iterdir()):
+        for part in ("A", "B", "label"):
+            (flood / part).mkdir(parents=True, exist_ok=True)
+            (flood / part / f"{pair.name}.png").symlink_to(pair / f"{part}.png")
+    for root, images in ((shared_data / "ombria", 20), (flood, 2)):  # 256 px tiles; 990 x 554 px, tiled
+        summary = evaluate_folder(m2cd, root, device="cpu")
+        c = summary["confusion"]
+        assert summary["images"] == images and c["tp"] + c["fn"] > 0 and np.isfinite(summary["global"]["mIoU"])
+    # One grey SAR band where the model wants three optical ones: named, not broadcast.
+    with pytest.raises(GeoChangeError, match=r"B/test_\d+\.png: the post image has 1 band\(s\), the model "
+                                             r"expects 3 \(optical\)"):
+        evaluate_folder(load_package(tinycd_package), shared_data / "ombria", device="cpu")

@@ -11,6 +11,7 @@ import argparse
 import json
 
 from geochange.engine.cli import run_command
+from geochange.engine.progress import cancel_on_sigterm
 
 
 def _cmd_train(args) -> int:
@@ -90,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # run as a program (python -m geochange.trainer): SIGTERM cancels
+        cancel_on_sigterm()
     try:
         return run_command(build_parser().parse_args(argv))
     finally:

@@ -35,7 +35,7 @@ from rasterio.windows import Window
 from geochange.engine.errors import GeoChangeError
 from geochange.engine.evaluate import dataset_pairs
 from geochange.engine.inputs import normalise
-from geochange.engine.rasters import open_raster, read_image
+from geochange.engine.rasters import check_band_count, open_raster, read_image
 from geochange.engine.windows import WindowPlan
 
 IGNORE = 255  # label value of pixels that no loss or metric sees (unlabelled, rotation padding)
@@ -331,9 +331,7 @@ def build_splits(datasets: list[dict]) -> dict[str, list[Item]]:
 
 def check_bands(pre: np.ndarray, post: np.ndarray, inputs: dict, where: str) -> None:
     for date, image in (("pre", pre), ("post", post)):
-        if image.shape[0] != inputs[date]["bands"]:
-            raise DataError(f"{where}: the {date} image has {image.shape[0]} band(s), the model expects "
-                            f"{inputs[date]['bands']} ({inputs[date]['modality']}); set data.inputs or bands")
+        check_band_count(image.shape[0], inputs[date], date, where, "set data.inputs or bands", DataError)
 
 
 class TrainStream(torch.utils.data.Dataset):
