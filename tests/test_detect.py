@@ -142,6 +142,26 @@ def test_wrong_band_count_and_corrupt_file(tmp_path, random_package):
         detect(pre, corrupt, random_package, **outputs(tmp_path))
 
 
+@pytest.mark.parametrize("kind", ["alpha", "mask band"])
+def test_an_alpha_band_or_a_mask_band_marks_nodata(tmp_path, random_package, kind):
+    data = np.random.default_rng(0).integers(1, 255, (3, 96, 96), dtype=np.uint8)
+    pre = write_raster(tmp_path / "a.tif", data)
+    opaque = np.full((96, 96), 255, np.uint8)
+    opaque[:, :20] = 0  # the left 20 columns are nodata
+    if kind == "alpha":
+        post = write_raster(tmp_path / "b.tif", np.concatenate([data, opaque[None]]))
+        with rasterio.open(post) as src:
+            assert src.colorinterp[3] == rasterio.enums.ColorInterp.alpha
+    else:
+        post = write_raster(tmp_path / "b.tif", data)
+        with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(post, "r+") as dst:
+            dst.write_mask(opaque)
+    result = detect(pre, post, random_package, **outputs(tmp_path / "o"), tile=64, overlap=16, threshold=0.0,
+                    post_bands=[1, 2, 3])
+    with rasterio.open(result.mask) as m:
+        assert (m.read(1)[:, :20] == MASK_NODATA).all() and (m.read(1)[:, 20:] == 255).all()
+
+
 @pytest.mark.parametrize("readers", [0, 2])
 def test_a_file_cut_short_after_its_header_is_a_clear_error_and_leaves_nothing(shared_data, tmp_path,
                                                                                 random_package, readers):
