@@ -103,8 +103,8 @@ def stream_rows(predictor: Callable, plan: WindowPlan, read: WindowReader, *, ba
 
     Batches never span two tile rows, so a window's batch is the same whatever ``tile_rows`` (a
     subset of consecutive tile rows, for one rank of a distributed run) is given. Windows without a
-    valid pixel are not run; ``predictor(pre, post, valid)`` gets the others' stacked arrays. At most ``readers + prefetch`` batches are read ahead; ``readers=0``
-    reads in this thread.
+    valid pixel are not run; ``predictor(pre, post, valid)`` gets the others' stacked arrays. At most
+    ``readers + prefetch`` batches are read ahead; ``readers=0`` reads in this thread.
     """
     progress = progress or Progress()
     readers = default_readers(predictor) if readers is None else readers
