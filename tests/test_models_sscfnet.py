@@ -90,9 +90,9 @@ def test_params_and_gflops_match_table_vi(name):
     params_m, gflops = TABLE_VI[name]
     inference = count_params(model, exclude_prefixes=AUX) / 1e6
     assert abs(inference / params_m - 1) < 0.02, inference
-    # The published figure matches the model *with* its four auxiliary heads to 0.01 %:
-    # Table VI counted them, and this checks every layer's size against the authors'.
-    assert abs(count_params(model) / 1e6 / params_m - 1) < 0.001, count_params(model)
+    # The published figure matches the model *with* its four auxiliary heads to its last digit (half
+    # a hundredth of a million is 0.017 %): Table VI counted them, and this checks every layer's size.
+    assert abs(count_params(model) / 1e6 / params_m - 1) < 2e-4, count_params(model)
     measured = count_gflops(model, size=256)
     assert abs(measured / gflops - 1) < 0.10, measured
     assert spec(name).paper["params_m"] == params_m

@@ -6,14 +6,16 @@ import torch
 from geochange.engine.evaluate import evaluate_folder
 from geochange.engine.importers import WeightsImportError, import_weights, read_checkpoint
 from geochange.engine.models import create
-from geochange.engine.models.stats import count_params
+from geochange.engine.models.stats import count_gflops, count_params
 from geochange.engine.package import load_package
 
 
-def test_parameter_count_matches_paper():
-    params = count_params(create("tinycd"))
+def test_parameter_count_and_gflops_match_the_paper():
+    model = create("tinycd")
+    params = count_params(model)
     assert params == 285_128  # the authors' file holds exactly these trainable tensors
     assert abs(params / 1e6 - 0.285) / 0.285 < 0.02
+    assert abs(count_gflops(model, size=256) / 1.448 - 1) < 0.10  # M2CD's Table I
 
 
 def test_authors_weights_reproduce_authors_confusion_on_levir(tinycd_package, shared_data):

@@ -91,4 +91,4 @@ def run_train(args: dict, emit) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main({**TASKS, "train": run_train}, {**NEEDS, "train": (*ENGINE, "yaml", "tqdm")}))
+    sys.exit(main({**TASKS, "train": run_train}, {**NEEDS, "train": (*ENGINE, "yaml", "tqdm", "skimage")}))

@@ -94,15 +94,16 @@ class MixtureOfExperts(nn.Module):
     load-balancing loss, computed for each of ``branches`` equal consecutive blocks of the batch (the
     Siamese paths run as one batch, the authors' loss is per path) and summed.
     Training adds the learned Gaussian noise to the routing logits; evaluation routes on the clean
-    logits, so it is deterministic.
+    logits, so it is deterministic. ``every_expert_on_gpu``: at inference on a GPU, mix with
+    ``_mix_all`` (see there).
     """
 
     def __init__(self, channels: int, num_experts: int = 4, top_k: int = 2, hidden_ratio: int = 4,
-                 noisy: bool = True, balance_weight: float = 0.01):
+                 noisy: bool = True, balance_weight: float = 0.01, every_expert_on_gpu: bool = False):
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be in 1..{num_experts}, got {top_k}")
-        self.num_experts, self.top_k = num_experts, top_k
+        self.num_experts, self.top_k, self.every_expert_on_gpu = num_experts, top_k, every_expert_on_gpu
         self.noisy, self.balance_weight = noisy, balance_weight
         self.gate = CosineTopKGate(channels, num_experts)
         self.noise = nn.Parameter(torch.zeros(channels, num_experts))  # std = softplus(x @ noise) + 0.01
@@ -173,10 +174,11 @@ class MixtureOfExperts(nn.Module):
 
         Its shapes never depend on the routing: no host sync, so a model using it can be captured as
         a CUDA graph (one launch a batch instead of hundreds, each of which waits for Python's GIL
-        beside the engine's reader and writer threads). It costs E / k times the expert compute, so
-        it is used at inference on a GPU only where E <= 2k: MiT's 4 experts, top-2, add 10 % to
-        M2CD-MiT-b0's FLOPs and 22 % to MiT-b1's; ConvNeXt's 8 would add 148 % to -T's (measured
-        with torch's FLOP counter on 256 px pairs), so those models stay on ``_mix``, eager.
+        beside the engine's reader and writer threads). It costs E / k times the expert compute: 10 %
+        more FLOPs for M2CD-MiT-b0, 22 % for MiT-b1, whose kernels are too short to keep a GPU busy
+        when launched one by one, so the MiT encoder uses it; 148 % for ConvNeXt-T (8 experts), 56 %
+        for -S and 59 % for -B (torch's FLOP counter, 256 px pairs), whose long kernels hide the
+        launches, so those stay on ``_mix``, eager.
         """
         mixed = 0
         for expert, gate in zip(self.experts, routing.gates.unbind(dim=1)):
@@ -192,8 +194,7 @@ class MixtureOfExperts(nn.Module):
         per_branch = (branches, -1, self.num_experts)
         balance = load_balancing_loss(routing.gates.view(per_branch).sum(1),
                                       routing.load.view(per_branch).sum(1), self.balance_weight)
-        every_expert = x.is_cuda and not self.training and self.num_experts <= 2 * self.top_k
-        mix = self._mix_all if every_expert else self._mix
+        mix = self._mix_all if self.every_expert_on_gpu and x.is_cuda and not self.training else self._mix
         return mix(tokens, routing).view(shape), balance
 
 
@@ -238,7 +239,8 @@ class MiTMoEEncoder(nn.Module):
         self.backbone = timm.create_model(variant, pretrained=False, in_chans=in_chans, num_classes=0,
                                           mlp_ratios=4, drop_path_rate=drop_path_rate)
         self.widths = tuple(info["num_chs"] for info in self.backbone.feature_info)
-        self.moe = nn.ModuleList(MixtureOfExperts(c, num_experts, top_k) for c in self.widths)
+        self.moe = nn.ModuleList(MixtureOfExperts(c, num_experts, top_k, every_expert_on_gpu=True)
+                                 for c in self.widths)
 
     def forward(self, x: torch.Tensor, branches: int = 1) -> tuple[list[torch.Tensor], torch.Tensor]:
         x = self.backbone.patch_embed(x)
