@@ -21,7 +21,7 @@ import torch
 
 from geochange.engine.errors import RasterError
 from geochange.engine.grid import Grid, GridReader, common_grid
-from geochange.engine.outputs import ChangeWriter
+from geochange.engine.outputs import BLOCK, ChangeWriter
 from geochange.engine.package import ModelPackage
 from geochange.engine.predict import Predictor
 from geochange.engine.progress import Progress
@@ -208,6 +208,16 @@ class DetectSetup:
         return PairReader(*self.paths, self.grid, *self.bands)
 
 
+def blocks_in_use(width: int, tile: int, dates, readers: int = 1) -> int:
+    """Bytes of GDAL blocks a run over a grid this wide keeps in use at once: each date's blocks under
+    a tile row of windows (which straddles a block row), once per reader thread (each has its own
+    datasets), and the outputs' under a band of rows (two block rows of float32 and uint8, a third
+    more for their overviews)."""
+    inputs = sum((tile + src.block_shapes[0][0]) * width * sum(np.dtype(src.dtypes[b - 1]).itemsize for b in bands)
+                 for src, bands in dates)
+    return readers * inputs + 2 * BLOCK * width * (4 + 1) * 4 // 3
+
+
 def prepare(pre_path, post_path, model, *, tile: int = 512, overlap: int = 64, device: str = "auto",
             precision: str = "bf16", threads: int | None = None, tta: bool = False,
             threshold: float | None = None, pre_bands: list[int] | None = None, post_bands: list[int] | None = None,
@@ -216,7 +226,6 @@ def prepare(pre_path, post_path, model, *, tile: int = 512, overlap: int = 64, d
             progress: Progress | None = None) -> DetectSetup:
     """Load the model, check both rasters against it and find their common grid (see ``detect``)."""
     progress = progress or Progress()
-    bound_gdal_cache()
     package = model if isinstance(model, (ModelPackage, RouterPackage)) else load_model(model)
     if threads:
         torch.set_num_threads(threads)
@@ -236,6 +245,8 @@ def prepare(pre_path, post_path, model, *, tile: int = 512, overlap: int = 64, d
         common = common_grid(pre, post, on=grid, crs=crs, resolution=resolution, warn=progress.log)
         bands = (select_bands(pre, inputs["pre"], "pre", pre_bands),
                  select_bands(post, inputs["post"], "post", post_bands))
+        bound_gdal_cache(blocks_in_use(common.width, tile, [(pre, bands[0]), (post, bands[1])],
+                                       max(1, default_readers(predictor))))
     plan = WindowPlan(common.height, common.width, tile, overlap)
     threads = torch.get_num_threads()
     on = f"cpu, {threads} thread{'s' * (threads != 1)}" if _on_cpu(predictor) else predictor.device

@@ -12,15 +12,19 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from geochange.engine.errors import RasterError
 
 
-# GDAL's block cache defaults to 5 % of the machine's memory and fills with the blocks of wide rasters
-# (read and written), so peak memory would grow with the raster; a fixed cache keeps it bounded.
-GDAL_CACHE_BYTES = 256 * 2**20
+# GDAL's block cache defaults to 5 % of the machine's memory and fills with the blocks of large rasters
+# (read and written), so peak memory would grow with the raster's height; it is sized instead to the
+# blocks a run keeps in use at once, which depend on the raster's width only.
+MIN_GDAL_CACHE_BYTES = 256 * 2**20
 
 
-def bound_gdal_cache() -> None:
+def bound_gdal_cache(in_use: int = 0) -> None:
+    """GDAL's block cache: twice the bytes of blocks a run keeps in use (``in_use``), at least 256 MB.
+    Smaller, and blocks are evicted and decoded again before their last window is read: at 16384 px
+    wide (about 210 MB in use), a 256 MB cache made reading take 11.2 s, a 384 MB one 5.0 s."""
     from osgeo import gdal
 
-    gdal.SetCacheMax(GDAL_CACHE_BYTES)
+    gdal.SetCacheMax(max(MIN_GDAL_CACHE_BYTES, 2 * in_use))
 
 
 def open_raster(path: str | os.PathLike):

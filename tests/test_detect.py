@@ -254,6 +254,24 @@ def test_peak_memory_follows_the_raster_width_not_its_height(tmp_path, random_pa
     assert peaks[1] < 1.2 * peaks[0], peaks  # measured: 2.58 and 2.62 MB
 
 
+def test_gdal_block_cache_follows_the_raster_width_not_its_height(tmp_path, random_package):
+    from osgeo import gdal
+
+    def cache_for(width, height):
+        path = tmp_path / f"{width}x{height}.tif"
+        with rasterio.open(path, "w", driver="GTiff", width=width, height=height, count=3, dtype="uint8",
+                           crs="EPSG:32614", transform=from_origin(630000, 3340000, 0.5, 0.5), tiled=True,
+                           blockxsize=512, blockysize=512, compress="deflate") as dst:
+            dst.write(np.zeros((3, height, width), np.uint8))
+        prepare(path, path, random_package)
+        return gdal.GetCacheMax()
+
+    assert cache_for(4096, 1024) == 256 * 2**20  # the floor: a 4096 px wide run uses about 53 MB
+    wide = cache_for(32768, 1024)
+    # Both dates' blocks under a tile row and the outputs' under two block rows, twice: about 850 MB.
+    assert wide == cache_for(32768, 64) and 800 * 2**20 < wide < 900 * 2**20
+
+
 @pytest.mark.parametrize("readers", [0, 2])
 def test_cancel_leaves_no_output(tmp_path, random_package, readers):
     data = np.random.default_rng(0).integers(0, 255, (3, 200, 200), dtype=np.uint8)
