@@ -94,14 +94,27 @@ def _band_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"bands must be comma-separated numbers like 3,2,1, not {text!r}") from None
 
 
+def _positive(kind):
+    """An argparse type: a number of ``kind`` (int or float) above zero."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = 0
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"a {'whole ' * (kind is int)}number above 0 is needed, not {text!r}")
+        return value
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="geochange", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def run_options(p):
-        p.add_argument("--tile", type=int, default=512, help="window size in pixels (default 512)")
+        p.add_argument("--tile", type=_positive(int), default=512, help="window size in pixels (default 512)")
         p.add_argument("--overlap", type=int, default=64, help="overlap of neighbouring windows (default 64)")
-        p.add_argument("--batch", type=int, default=4, help="windows per model call (default 4)")
+        p.add_argument("--batch", type=_positive(int), default=4, help="windows per model call (default 4)")
         p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
         p.add_argument("--threshold", type=float, default=None,
                        help="change if probability > this (default: the package's, usually 0.5)")
@@ -119,12 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", choices=["pre", "post"], default="pre",
                    help="read both dates on this date's CRS and resolution (default pre)")
     p.add_argument("--crs", help="read both dates in this CRS instead (e.g. EPSG:32614)")
-    p.add_argument("--resolution", type=float, help="pixel size of the common grid, in its CRS units")
+    p.add_argument("--resolution", type=_positive(float), help="pixel size of the common grid, in its CRS units")
     p.add_argument("--sar-db", action="store_true", help="float SAR input is in dB (default: linear power)")
     p.add_argument("--pre-scale", type=float, help="raw pre value meaning 1.0 (default by data type)")
     p.add_argument("--post-scale", type=float, help="raw post value meaning 1.0 (default by data type)")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16", help="CUDA autocast type")
-    p.add_argument("--threads", type=int, help="CPU threads for the model (default: torch's)")
+    p.add_argument("--threads", type=_positive(int), help="CPU threads for the model (default: torch's)")
     p.add_argument("--tta", action="store_true", help="average over flips (4x slower)")
     p.add_argument("--vector-format", choices=["gpkg", "geojson", "shp"], default="gpkg")
     p.set_defaults(run=_cmd_detect)

@@ -19,7 +19,7 @@ from rasterio.vrt import WarpedVRT
 from rasterio.warp import calculate_default_transform, transform_bounds
 from rasterio.windows import Window
 
-from geochange.engine.errors import RasterError
+from geochange.engine.errors import OptionError, RasterError
 from geochange.engine.rasters import corrupt_pixels
 
 # Below this share of either image inside the common extent, a warning is given.
@@ -59,7 +59,9 @@ def common_grid(pre, post, *, on: str = "pre", crs: str | None = None,
     """The grid both dates are read on: ``on`` the ``pre`` or ``post`` image's CRS and resolution,
     or a given ``crs``/``resolution``; extent = intersection of the two footprints."""
     if on not in ("pre", "post"):
-        raise ValueError(f"grid must be 'pre' or 'post', not {on!r}")
+        raise OptionError(f"grid must be 'pre' or 'post', not {on!r}")
+    if resolution is not None and not resolution >= 0:  # 0: the grid's own resolution
+        raise OptionError(f"resolution must be positive, not {resolution}")
     reference = pre if on == "pre" else post
     for src in (pre, post):
         if src.crs is None:

@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from geochange.engine.errors import RasterError
+from geochange.engine.errors import OptionError, RasterError
 from geochange.engine.grid import Grid, GridReader, common_grid
 from geochange.engine.outputs import BLOCK, ChangeWriter
 from geochange.engine.package import ModelPackage
@@ -106,6 +106,8 @@ def stream_rows(predictor: Callable, plan: WindowPlan, read: WindowReader, *, ba
     valid pixel are not run; ``predictor(pre, post, valid)`` gets the others' stacked arrays. At most
     ``readers + prefetch`` batches are read ahead; ``readers=0`` reads in this thread.
     """
+    if batch < 1:
+        raise OptionError(f"batch must be at least 1 window, not {batch}")
     progress = progress or Progress()
     readers = default_readers(predictor) if readers is None else readers
     row_starts, cols = plan.rows, plan.cols

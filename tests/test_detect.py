@@ -184,6 +184,14 @@ def test_cli_refuses_an_overlap_as_large_as_the_tile_and_follows_threads(shared_
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert "geochange: error: overlap must be in [0, tile) = [0, 64), not 64" in run.stderr
     run = subprocess.run([*GEOCHANGE, "detect", str(tile / "pre.tif"), str(tile / "post.tif"), "--model",
+                          str(random_package), "--out", str(tmp_path), "--batch", "0"], capture_output=True, text=True)
+    assert run.returncode == 2 and "argument --batch: a whole number above 0 is needed, not '0'" in run.stderr
+    with pytest.raises(GeoChangeError, match="batch must be at least 1 window, not 0"):
+        detect(tile / "pre.tif", tile / "post.tif", random_package, **outputs(tmp_path / "api"), batch=0)
+    with pytest.raises(GeoChangeError, match="resolution must be positive, not -1"):
+        detect(tile / "pre.tif", tile / "post.tif", random_package, **outputs(tmp_path / "api"), resolution=-1.0)
+    assert not (tmp_path / "api").exists() or not any((tmp_path / "api").iterdir())
+    run = subprocess.run([*GEOCHANGE, "detect", str(tile / "pre.tif"), str(tile / "post.tif"), "--model",
                           str(random_package), "--out", str(tmp_path), "--tile", "512", "--threads", "1"],
                          capture_output=True, text=True)
     assert run.returncode == 0 and "windows of 512x512 px on cpu, 1 thread\n" in run.stdout
