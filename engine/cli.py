@@ -179,7 +179,7 @@ def layer_commands() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None:  # run as a program: SIGTERM cancels as Ctrl-C does, leaving no temporary file
+    if argv is None:  # run as a program: SIGTERM cancels (exit 2, "cancelled"), leaving no temporary file
         cancel_on_sigterm()
     argv = sys.argv[1:] if argv is None else list(argv)
     commands = layer_commands() if argv and not argv[0].startswith("-") else {}

@@ -12,7 +12,7 @@ from geochange.engine.metrics import ConfusionMeter
 from geochange.engine.package import ModelPackage
 from geochange.engine.predict import Predictor
 from geochange.engine.progress import Progress
-from geochange.engine.rasters import check_band_count, read_image
+from geochange.engine.rasters import check_band_counts, read_image
 from geochange.engine.windows import WindowPlan
 
 
@@ -47,9 +47,8 @@ def evaluate_folder(package: ModelPackage, root: str | os.PathLike, *, device: s
     for i, (path_a, path_b, path_label) in enumerate(pairs):
         progress.check()
         pre, post, label = read_image(path_a), read_image(path_b), read_image(path_label)[0]
-        for date, path, image in (("pre", path_a, pre), ("post", path_b, post)):
-            check_band_count(len(image), package.manifest["inputs"][date], date, path, "the dataset does not "
-                             "suit this model")
+        check_band_counts(pre, post, package.manifest["inputs"], f"{path_a.parent.parent}/{{A,B}}/{path_a.name}",
+                          "the dataset does not suit this model")
         plan = WindowPlan(pre.shape[1], pre.shape[2], tile, overlap)
         everywhere = np.ones(pre.shape[1:], bool)
         prob = predict_plan(predictor, plan, lambda w: (pre[(slice(None), *w.toslices())],

@@ -60,8 +60,8 @@ def common_grid(pre, post, *, on: str = "pre", crs: str | None = None,
     or a given ``crs``/``resolution``; extent = intersection of the two footprints."""
     if on not in ("pre", "post"):
         raise OptionError(f"grid must be 'pre' or 'post', not {on!r}")
-    if resolution is not None and not resolution >= 0:  # 0: the grid's own resolution
-        raise OptionError(f"resolution must be positive, not {resolution}")
+    if resolution is not None and not resolution >= 0:  # 0, as None: the reference's resolution
+        raise OptionError(f"resolution must not be negative, not {resolution}")
     reference = pre if on == "pre" else post
     for src in (pre, post):
         if src.crs is None:

@@ -205,6 +205,7 @@ class DetectSetup:
     plan: WindowPlan
     threshold: float
     paths: tuple[Path, Path]
+    readers: int  # reader threads (0: read in the model's thread)
 
     def reader(self) -> PairReader:
         return PairReader(*self.paths, self.grid, *self.bands)
@@ -214,7 +215,8 @@ def blocks_in_use(width: int, tile: int, dates, readers: int = 1) -> int:
     """Bytes of GDAL blocks a run over a grid this wide keeps in use at once: each date's blocks under
     a tile row of windows (which straddles a block row), once per reader thread (each has its own
     datasets), and the outputs' under a band of rows (two block rows of float32 and uint8, a third
-    more for their overviews)."""
+    more for their overviews). A warped date is counted at the grid's resolution: an estimate, which
+    the cache's factor of two and its 256 MB floor absorb."""
     inputs = sum((tile + src.block_shapes[0][0]) * width * sum(np.dtype(src.dtypes[b - 1]).itemsize for b in bands)
                  for src, bands in dates)
     return readers * inputs + 2 * BLOCK * width * (4 + 1) * 4 // 3
@@ -224,7 +226,7 @@ def prepare(pre_path, post_path, model, *, tile: int = 512, overlap: int = 64, d
             precision: str = "bf16", threads: int | None = None, tta: bool = False,
             threshold: float | None = None, pre_bands: list[int] | None = None, post_bands: list[int] | None = None,
             grid: str = "pre", crs: str | None = None, resolution: float | None = None, sar_db: bool = False,
-            pre_scale: float | None = None, post_scale: float | None = None,
+            pre_scale: float | None = None, post_scale: float | None = None, readers: int | None = None,
             progress: Progress | None = None) -> DetectSetup:
     """Load the model, check both rasters against it and find their common grid (see ``detect``)."""
     progress = progress or Progress()
@@ -247,23 +249,23 @@ def prepare(pre_path, post_path, model, *, tile: int = 512, overlap: int = 64, d
         common = common_grid(pre, post, on=grid, crs=crs, resolution=resolution, warn=progress.log)
         bands = (select_bands(pre, inputs["pre"], "pre", pre_bands),
                  select_bands(post, inputs["post"], "post", post_bands))
-        bound_gdal_cache(blocks_in_use(common.width, tile, [(pre, bands[0]), (post, bands[1])],
-                                       max(1, default_readers(predictor))))
+        readers = default_readers(predictor) if readers is None else readers
+        bound_gdal_cache(blocks_in_use(common.width, tile, [(pre, bands[0]), (post, bands[1])], max(1, readers)))
     plan = WindowPlan(common.height, common.width, tile, overlap)
     threads = torch.get_num_threads()
     on = f"cpu, {threads} thread{'s' * (threads != 1)}" if _on_cpu(predictor) else predictor.device
     progress.log(f"{common.width}x{common.height} px in {common.crs}: {len(plan)} windows of "
                  f"{min(tile, common.height)}x{min(tile, common.width)} px on {on}")
     return DetectSetup(predictor, common, bands, plan, package.threshold if threshold is None else float(threshold),
-                       (Path(pre_path), Path(post_path)))
+                       (Path(pre_path), Path(post_path)), readers)
 
 
 def write_outputs(setup: DetectSetup, bands: Iterator[tuple[int, np.ndarray, np.ndarray]], *, probability, mask,
                   polygons, min_area: float = 0.0, simplify: float = 0.0, writer_thread: bool | None = None,
                   progress: Progress | None = None) -> DetectResult:
     """Write finished row bands as they come (one band in flight in a writer thread, or in this thread;
-    by default as ``default_readers`` has it), then move the outputs to their final names; on any
-    error or cancel nothing is left behind."""
+    by default a thread when the run has reader threads), then move the outputs to their final names;
+    on any error or cancel nothing is left behind."""
     progress = progress or Progress()
     writer = ChangeWriter(setup.grid, probability=probability, mask=mask, polygons=polygons,
                           threshold=setup.threshold, min_area=min_area, simplify=simplify,
@@ -271,7 +273,7 @@ def write_outputs(setup: DetectSetup, bands: Iterator[tuple[int, np.ndarray, np.
     try:
         any_valid, in_flight = False, None
         if writer_thread is None:
-            writer_thread = default_readers(setup.predictor) > 0
+            writer_thread = setup.readers > 0
         with io_executor(int(writer_thread), "geochange-write") as sink:
             for start, prob, valid in bands:
                 any_valid |= bool(valid.any())
@@ -308,12 +310,11 @@ def detect(pre_path: str | os.PathLike, post_path: str | os.PathLike, model: str
     Every output is written under a temporary name and renamed only when all succeeded.
     """
     progress = progress or Progress()
-    setup = prepare(pre_path, post_path, model, progress=progress, **options)
-    readers = default_readers(setup.predictor) if readers is None else readers
+    setup = prepare(pre_path, post_path, model, progress=progress, readers=readers, **options)
     read = setup.reader()
     try:
-        rows = stream_rows(setup.predictor, setup.plan, read, batch=batch, progress=progress, readers=readers)
+        rows = stream_rows(setup.predictor, setup.plan, read, batch=batch, progress=progress, readers=setup.readers)
         return write_outputs(setup, rows, probability=probability, mask=mask, polygons=polygons,
-                             min_area=min_area, simplify=simplify, writer_thread=readers > 0, progress=progress)
+                             min_area=min_area, simplify=simplify, progress=progress)
     finally:
         read.close()

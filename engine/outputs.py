@@ -107,9 +107,11 @@ class StagedRaster:
                           f"{gdal.GetLastErrorMsg()}")
         self._next_row[level] += len(values)
 
-    @property
-    def rows_written(self) -> int:
-        return self._next_row[0]
+    def finish(self) -> None:
+        """Close a raster whose every row was written (``close`` alone also ends an aborted one)."""
+        if self._next_row[0] != self.height:  # its pyramid would be unfinished
+            raise ValueError(f"only {self._next_row[0]} of {self.height} rows were written")
+        self.close()
 
     def close(self) -> None:
         self._levels = []
@@ -153,7 +155,7 @@ class ChangeWriter:
         changed = valid & (probability > self.threshold)  # strict, as argmax and the authors do
         self._prob.write(row_start, np.where(valid, probability, PROBABILITY_NODATA), valid)
         self._mask.write(row_start, np.where(valid, np.where(changed, 255, 0), MASK_NODATA).astype(np.uint8), valid)
-        self._polygons.write(self._assembler.add_band(row_start, changed, probability, ~valid))
+        self._polygons.write(self._assembler.add_band(row_start, changed, probability, valid))
 
     @property
     def polygon_count(self) -> int:
@@ -166,11 +168,9 @@ class ChangeWriter:
     def close(self) -> None:
         """Finish the polygons, convert the rasters to COGs and move everything to its final name."""
         try:
-            if self._prob.rows_written != self.grid.height:  # a pyramid and polygons left unfinished
-                raise ValueError(f"only {self._prob.rows_written} of {self.grid.height} rows were written")
+            self._prob.finish()
+            self._mask.finish()
             self._polygons.write(self._assembler.finish())
-            self._prob.close()
-            self._mask.close()
             for stage, final, options in self._finals:
                 rasterio.shutil.copy(stage, final, driver="COG", BLOCKSIZE=BLOCK, OVERVIEWS="FORCE_USE_EXISTING",
                                      BIGTIFF="IF_SAFER", NUM_THREADS="ALL_CPUS", **options)

@@ -62,6 +62,13 @@ def check_band_count(count: int, spec: dict, date: str, where, hint: str, error=
                     f"({spec['modality']}); {hint}")
 
 
+def check_band_counts(pre: np.ndarray, post: np.ndarray, inputs: dict, where, hint: str,
+                      error=RasterError) -> None:
+    """``check_band_count`` for both dates' ``(bands, H, W)`` images."""
+    for date, image in (("pre", pre), ("post", post)):
+        check_band_count(len(image), inputs[date], date, where, hint, error)
+
+
 def select_bands(src, spec: dict, date: str, bands: list[int] | None = None) -> list[int]:
     """The 1-based band indexes to read for a date: ``bands`` as given, else all of the raster's.
 

@@ -43,6 +43,12 @@ class RouterPackage:
         return self.original.threshold
 
 
+def change_area_ratio(changed, valid) -> torch.Tensor:
+    """CAR: changed pixels over valid pixels, per sample over the last two axes (0 where none is valid)."""
+    changed, valid = torch.as_tensor(changed), torch.as_tensor(valid)
+    return (changed & valid).flatten(-2).sum(-1).double() / valid.flatten(-2).sum(-1).clamp(min=1).double()
+
+
 def route(car: torch.Tensor, thresholds, inclusive: bool = False) -> torch.Tensor:
     """Partition index of each CAR: the first threshold above it (training: CAR < t), or at or above
     it with ``inclusive`` (O-P inference: CAR <= t); past the last threshold, the last partition."""
@@ -158,8 +164,7 @@ class RouterPredictor:
         """As ``Predictor``; a window's change-area ratio counts its ``valid`` pixels only (all if None)."""
         first = self.original(pre, post)
         changed = first > self.router.threshold
-        valid = np.ones_like(changed) if valid is None else valid
-        car = torch.from_numpy((changed & valid).sum(axis=(1, 2)) / valid.sum(axis=(1, 2)))
+        car = change_area_ratio(changed, np.ones_like(changed) if valid is None else valid)
         which = route(car, self.router.thresholds, inclusive=True).numpy()
         out = np.empty_like(first)
         for i, teacher in enumerate(self.teachers):

@@ -126,13 +126,15 @@ class PolygonAssembler:
         self.transform, self.crs = transform, crs if isinstance(crs, str) else crs.to_wkt()
         self.min_area_m2, self.simplify = min_area_m2, simplify
         self._parent: dict[int, int] = {}
-        self._pending: dict[int, tuple] = {}  # id -> (pixel polygon, pixels, sum of prob, max prob)
+        self._pending: dict[int, tuple] = {}  # id -> (pixel polygon, pixels, sum of prob, max prob, first row)
         self._last_row = None  # global ids along the previous band's last row
         self._seams: list[int] = []  # first rows of the bands after the first
         self._next_id = 1
-        # (col, row) of one pixel of each invalid region of the bands a pending region spans: a hole
-        # holding one is not filled, so that no invalid pixel ends up inside a polygon.
-        self._invalid_points = np.empty((0, 2), np.int64)
+        # The centre (in map units) and row of one pixel of each invalid region in the rows a pending
+        # region spans: a hole holding one is not filled, so that no invalid pixel lies in a polygon.
+        # (One per region while a region spanning them is open: with --min-area and scattered nodata
+        # under a region as tall as the raster, these grow with its height.)
+        self._invalid_xy, self._invalid_rows = np.empty((0, 2)), np.empty(0, np.int64)
 
     def _root(self, i: int) -> int:
         while self._parent[i] != i:
@@ -140,13 +142,18 @@ class PolygonAssembler:
             i = self._parent[i]
         return i
 
+    def _to_map(self, xy: np.ndarray) -> np.ndarray:
+        """Pixel coordinates ``(N, 2)`` (col, row) to the raster's CRS."""
+        t = self.transform
+        return xy @ np.array([[t.a, t.d], [t.b, t.e]]) + [t.c, t.f]
+
     def add_band(self, row_start: int, mask: np.ndarray, probability: np.ndarray,
-                 invalid: np.ndarray | None = None) -> list[ChangePolygon]:
-        """Add the rows ``row_start ...`` of the final mask (and of the invalid pixels, which are never
-        changed); returns the polygons now complete."""
+                 valid: np.ndarray | None = None) -> list[ChangePolygon]:
+        """Add the rows ``row_start ...`` of the final mask (and of the valid pixels: an invalid one is
+        never changed); returns the polygons now complete."""
         mask = np.ascontiguousarray(mask, dtype=bool)
-        if self.min_area_m2 > 0 and invalid is not None and invalid.any():
-            self._add_invalid_points(row_start, invalid)
+        if self.min_area_m2 > 0 and valid is not None and not valid.all():
+            self._add_invalid_points(row_start, ~valid)
         local, count = ndimage.label(mask)  # 4-connected regions, numbered 1..count
         local = local.astype(np.int32, copy=False)
         offset = self._next_id - 1  # local region i is region i + offset of the whole raster
@@ -161,9 +168,10 @@ class PolygonAssembler:
             maxima = np.zeros(count + 1)
             np.maximum.at(maxima, labels, probs)
             polygons, values = _pixel_polygons(local, mask, row_start)
-            for polygon, i in zip(polygons, values.tolist()):
+            first_rows = shapely.bounds(polygons)[:, 1].astype(int).tolist()
+            for polygon, i, first_row in zip(polygons, values.tolist(), first_rows):
                 self._parent[i + offset] = i + offset
-                self._pending[i + offset] = (polygon, int(pixels[i]), float(sums[i]), float(maxima[i]))
+                self._pending[i + offset] = (polygon, int(pixels[i]), float(sums[i]), float(maxima[i]), first_row)
             self._next_id += count
         first, last = (np.where(row > 0, row + offset, 0) for row in (local[0], local[-1]))
         if self._last_row is not None:  # link regions that touch across the seam
@@ -176,9 +184,9 @@ class PolygonAssembler:
         self._last_row = last
         still_open = {self._root(i) for i in np.unique(last[last > 0]).tolist()}
         complete = self._emit(lambda root: root not in still_open)
-        if len(self._invalid_points):  # a hole lies within its polygon's rows: drop points above them all
-            first_row = min((part[0].bounds[1] for part in self._pending.values()), default=np.inf)
-            self._invalid_points = self._invalid_points[self._invalid_points[:, 1] >= first_row]
+        if len(self._invalid_rows):  # a hole lies within its polygon's rows: drop points above them all
+            above = self._invalid_rows < min((part[4] for part in self._pending.values()), default=np.inf)
+            self._invalid_xy, self._invalid_rows = self._invalid_xy[~above], self._invalid_rows[~above]
         return complete
 
     def _add_invalid_points(self, row_start: int, invalid: np.ndarray) -> None:
@@ -189,7 +197,9 @@ class PolygonAssembler:
         at = np.flatnonzero(flat)
         first = at[np.unique(flat[at], return_index=True)[1]]
         rows, cols = np.divmod(first, invalid.shape[1])
-        self._invalid_points = np.concatenate([self._invalid_points, np.stack([cols, rows + row_start], axis=1)])
+        rows += row_start
+        self._invalid_xy = np.concatenate([self._invalid_xy, self._to_map(np.stack([cols, rows], axis=1) + 0.5)])
+        self._invalid_rows = np.concatenate([self._invalid_rows, rows])
 
     def finish(self) -> list[ChangePolygon]:
         """The polygons still pending after the last band."""
@@ -218,8 +228,7 @@ class PolygonAssembler:
 
     def _finish_geometries(self, pixel_polygons: np.ndarray) -> np.ndarray:
         """Pixel polygons to the raster's CRS, holes below the minimum area filled, simplified."""
-        t = self.transform
-        polygons = shapely.transform(pixel_polygons, lambda xy: xy @ np.array([[t.a, t.d], [t.b, t.e]]) + [t.c, t.f])
+        polygons = shapely.transform(pixel_polygons, self._to_map)
         if self.min_area_m2 > 0:
             rings, owner, exterior = _rings(polygons)
             hole = ~exterior
@@ -228,10 +237,9 @@ class PolygonAssembler:
                 areas[hole] = ring_areas(rings[hole], self.crs)
                 small = np.flatnonzero(hole & (areas < self.min_area_m2))
                 kept = ~hole | (areas >= self.min_area_m2)
-                if len(small) and len(self._invalid_points):
-                    centres = (self._invalid_points + 0.5) @ np.array([[t.a, t.d], [t.b, t.e]]) + [t.c, t.f]
+                if len(small) and len(self._invalid_rows):
                     tree = shapely.STRtree(shapely.polygons(rings[small]))
-                    _, holding = tree.query(shapely.points(centres), predicate="within")
+                    _, holding = tree.query(shapely.points(self._invalid_xy), predicate="within")
                     kept[small[holding]] = True
                 polygons = shapely.polygons(rings[kept], indices=owner[kept])
         if self.simplify > 0:  # topology preserved: a polygon never collapses
@@ -240,10 +248,10 @@ class PolygonAssembler:
 
 
 def change_polygons(mask: np.ndarray, probability: np.ndarray, transform, crs, *, min_area_m2: float = 0.0,
-                    simplify: float = 0.0, invalid: np.ndarray | None = None) -> list[ChangePolygon]:
+                    simplify: float = 0.0, valid: np.ndarray | None = None) -> list[ChangePolygon]:
     """All change polygons of a mask held in memory (one band)."""
     assembler = PolygonAssembler(transform, crs, min_area_m2=min_area_m2, simplify=simplify)
-    return assembler.add_band(0, mask, probability, invalid) + assembler.finish()
+    return assembler.add_band(0, mask, probability, valid) + assembler.finish()
 
 
 class PolygonWriter:
@@ -343,7 +351,7 @@ def vectorize_probability(probability: str, polygons: str, *, threshold: float =
                      f"{threshold:g}")
         progress.check()
     found = change_polygons(changed, np.where(valid, prob, 0), transform, crs, min_area_m2=min_area,
-                            simplify=simplify, invalid=~valid)
+                            simplify=simplify, valid=valid)
     write_polygons(found, polygons, crs)
     return {"polygons": str(polygons), "polygon_count": len(found),
             "changed_area_m2": float(sum(p.area_m2 for p in found))}

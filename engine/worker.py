@@ -14,8 +14,8 @@ stdout, one JSON object each:
                                         and "python", a cancel adds "cancelled": true
 
 SIGTERM cancels (``progress.cancel_on_sigterm``): no temporary output is left behind. Only the
-standard library (and the engine's stdlib-only progress module) is imported at module level, so
-that missing dependencies are reported as such instead of as an import traceback.
+standard library (and the engine's stdlib-only errors and progress modules) is imported at module
+level, so that missing dependencies are reported as such instead of as an import traceback.
 """
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ import sys
 import traceback
 from pathlib import Path
 
-from geochange.engine.progress import cancel_on_sigterm
+from geochange.engine.errors import Cancelled, GeoChangeError
+from geochange.engine.progress import Progress, cancel_on_sigterm
 
 # Modules each task imports (directly or through the engine), and the pip name of those named otherwise.
 ENGINE = ("numpy", "torch", "timm", "safetensors", "rasterio", "shapely", "scipy", "pyproj", "osgeo")
@@ -77,7 +78,6 @@ def missing_modules(task: str, needs: dict = NEEDS) -> dict[str, str]:
 
 
 def json_progress(emit):
-    from geochange.engine.progress import Progress
 
     class JsonProgress(Progress):
         def update(self, done: int, total: int) -> None:
@@ -159,8 +159,6 @@ def main(tasks: dict = TASKS, needs: dict = NEEDS) -> int:
         emit(result=tasks[task](args, emit))
         return 0
     except Exception as e:
-        from geochange.engine.errors import Cancelled, GeoChangeError
-
         if isinstance(e, GeoChangeError):
             emit(error=str(e), kind=type(e).__name__, cancelled=isinstance(e, Cancelled))
             return 2

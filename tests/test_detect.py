@@ -188,7 +188,7 @@ def test_cli_refuses_an_overlap_as_large_as_the_tile_and_follows_threads(shared_
     assert run.returncode == 2 and "argument --batch: a whole number above 0 is needed, not '0'" in run.stderr
     with pytest.raises(GeoChangeError, match="batch must be at least 1 window, not 0"):
         detect(tile / "pre.tif", tile / "post.tif", random_package, **outputs(tmp_path / "api"), batch=0)
-    with pytest.raises(GeoChangeError, match="resolution must be positive, not -1"):
+    with pytest.raises(GeoChangeError, match="resolution must not be negative, not -1"):
         detect(tile / "pre.tif", tile / "post.tif", random_package, **outputs(tmp_path / "api"), resolution=-1.0)
     assert not (tmp_path / "api").exists() or not any((tmp_path / "api").iterdir())
     run = subprocess.run([*GEOCHANGE, "detect", str(tile / "pre.tif"), str(tile / "post.tif"), "--model",
@@ -265,19 +265,25 @@ def test_peak_memory_follows_the_raster_width_not_its_height(tmp_path, random_pa
 def test_gdal_block_cache_follows_the_raster_width_not_its_height(tmp_path, random_package):
     from osgeo import gdal
 
-    def cache_for(width, height):
+    def cache_for(width, height, readers=0):
         path = tmp_path / f"{width}x{height}.tif"
         with rasterio.open(path, "w", driver="GTiff", width=width, height=height, count=3, dtype="uint8",
                            crs="EPSG:32614", transform=from_origin(630000, 3340000, 0.5, 0.5), tiled=True,
                            blockxsize=512, blockysize=512, compress="deflate") as dst:
             dst.write(np.zeros((3, height, width), np.uint8))
-        prepare(path, path, random_package)
+        prepare(path, path, random_package, device="cpu", readers=readers)
         return gdal.GetCacheMax()
 
-    assert cache_for(4096, 1024) == 256 * 2**20  # the floor: a 4096 px wide run uses about 53 MB
-    wide = cache_for(32768, 1024)
-    # Both dates' blocks under a tile row and the outputs' under two block rows, twice: about 850 MB.
-    assert wide == cache_for(32768, 64) and 800 * 2**20 < wide < 900 * 2**20
+    before = gdal.GetCacheMax()
+    try:
+        assert cache_for(4096, 1024) == 256 * 2**20  # the floor: a 4096 px wide run uses about 53 MB
+        wide = cache_for(32768, 1024)
+        # Both dates' blocks under a tile row and the outputs' under two block rows, twice: about 850 MB.
+        assert wide == cache_for(32768, 64) and 800 * 2**20 < wide < 900 * 2**20
+        # Each reader thread has its own datasets: four hold four times the dates' 200 MB.
+        assert 1900 * 2**20 < cache_for(32768, 64, readers=4) < 2000 * 2**20
+    finally:
+        gdal.SetCacheMax(before)
 
 
 @pytest.mark.parametrize("readers", [0, 2])

@@ -53,7 +53,8 @@ def test_two_ranks_equal_one_process(tinycd_package, shared_data, tmp_path, one_
 
 
 def test_a_rank_s_error_ends_every_rank_and_leaves_nothing(tinycd_package, shared_data, tmp_path):
-    """The lower rows of a file cut short fail on rank 1; torchrun stops rank 0 (SIGTERM, a cancel)."""
+    """The lower rows of a file cut short fail on rank 1; rank 0 ends too (torchrun's SIGTERM, a cancel,
+    or its barrier failing) and removes the part files."""
     data = (shared_data / "levir_tile_georef" / "pre.tif").read_bytes()
     cut = tmp_path / "cut.tif"
     cut.write_bytes(data[:len(data) * 6 // 10])

@@ -236,6 +236,6 @@ def test_optical_pre_and_sar_post_datasets_run_and_a_band_mismatch_is_named(shar
         c = summary["confusion"]
         assert summary["images"] == images and c["tp"] + c["fn"] > 0 and np.isfinite(summary["global"]["mIoU"])
     # One grey SAR band where the model wants three optical ones: named, not broadcast.
-    with pytest.raises(GeoChangeError, match=r"B/test_\d+\.png: the post image has 1 band\(s\), the model "
+    with pytest.raises(GeoChangeError, match=r"\{A,B\}/test_\d+\.png: the post image has 1 band\(s\), the model "
                                              r"expects 3 \(optical\)"):
         evaluate_folder(load_package(tinycd_package), shared_data / "ombria", device="cpu")

@@ -132,7 +132,7 @@ def test_a_small_hole_holding_nodata_is_not_filled(band):
     polygons = []
     for start in range(0, 12, band):
         rows = slice(start, start + band)
-        polygons += assembler.add_band(start, mask[rows], mask[rows].astype(float), invalid[rows])
+        polygons += assembler.add_band(start, mask[rows], mask[rows].astype(float), ~invalid[rows])
     polygons += assembler.finish()
     assert len(polygons) == 1
     polygon = polygons[0].geometry

@@ -35,7 +35,8 @@ from rasterio.windows import Window
 from geochange.engine.errors import GeoChangeError
 from geochange.engine.evaluate import dataset_pairs
 from geochange.engine.inputs import normalise
-from geochange.engine.rasters import check_band_count, open_raster, read_image
+from geochange.engine.rasters import check_band_counts, open_raster, read_image
+from geochange.engine.router import change_area_ratio as engine_change_area_ratio
 from geochange.engine.windows import WindowPlan
 
 IGNORE = 255  # label value of pixels that no loss or metric sees (unlabelled, rotation padding)
@@ -106,11 +107,8 @@ def change_area_ratio(label: np.ndarray | torch.Tensor):
     The authors' training code divides by all pixels, counting rotation padding as change; the
     labelled pixels are the denominator here, so padding moves no sample to another teacher.
     """
-    if isinstance(label, np.ndarray):
-        label = torch.from_numpy(label)
-    valid = (label != IGNORE).flatten(-2).sum(-1)
-    changed = (label == 1).flatten(-2).sum(-1)
-    return changed.double() / valid.clamp(min=1).double()
+    label = torch.as_tensor(label)
+    return engine_change_area_ratio(label == 1, label != IGNORE)
 
 
 # --- Sources -------------------------------------------------------------------------------------
@@ -329,11 +327,6 @@ def build_splits(datasets: list[dict]) -> dict[str, list[Item]]:
 
 # --- Training stream -----------------------------------------------------------------------------
 
-def check_bands(pre: np.ndarray, post: np.ndarray, inputs: dict, where: str) -> None:
-    for date, image in (("pre", pre), ("post", post)):
-        check_band_count(image.shape[0], inputs[date], date, where, "set data.inputs or bands", DataError)
-
-
 class TrainStream(torch.utils.data.Dataset):
     """Position ``k`` of the endless seeded stream over ``items`` (see the module docstring)."""
 
@@ -356,7 +349,7 @@ class TrainStream(torch.utils.data.Dataset):
     def __getitem__(self, k: int) -> dict:
         item = self.item_at(k)
         pre, post, label = item.load()
-        check_bands(pre, post, self.inputs, item.id)
+        check_band_counts(pre, post, self.inputs, item.id, "set data.inputs or bands", DataError)
         rng = np.random.default_rng([self.seed, k, 0])
         pre, post, label = self.augment(pre, post, label, self.inputs, rng)
         # Augmented dates are float but still in the training data's units: its scale applies.

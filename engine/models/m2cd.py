@@ -152,8 +152,8 @@ class MixtureOfExperts(nn.Module):
 
         Tokens are gathered by sorting the (token, slot) assignments by expert; only the loop over the
         experts is in Python. The group sizes depend on the routing, so torch.compile breaks the graph
-        here (one host sync per call). Running all experts on all tokens would avoid that at E / k times
-        the expert compute (4x for ConvNeXt-T's 8 experts), which the published FLOPs do not include.
+        here (one host sync per call); ``_mix_all`` avoids that at E / k times the expert compute, which
+        the published FLOPs do not include.
         The results are put back in place with ``index_copy`` (each row written once), so the sum over
         the k outputs has a fixed order: deterministic on GPU too. See ``_mix_all`` for inference on a GPU.
         """
@@ -168,9 +168,9 @@ class MixtureOfExperts(nn.Module):
         return (per_slot.view(tokens, k, -1) * weights).sum(dim=1)
 
     def _mix_all(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """What ``_mix`` returns (bit for bit where k = 2; to rounding otherwise, the sum's order
-        differs), from every expert run on every token and weighted by its gate; an expert a token was
-        not routed to adds exactly nothing, even where it overflows (fp16) on that token.
+        """What ``_mix`` returns, to rounding (the matrix products run over other token sets, and for
+        k > 2 the sum's order differs), from every expert run on every token and weighted by its gate;
+        an expert a token was not routed to adds exactly nothing, even where it overflows (fp16).
 
         Its shapes never depend on the routing: no host sync, so a model using it can be captured as
         a CUDA graph (one launch a batch instead of hundreds, each of which waits for Python's GIL
