@@ -261,20 +261,18 @@ def prepare(pre_path, post_path, model, *, tile: int = 512, overlap: int = 64, d
 
 
 def write_outputs(setup: DetectSetup, bands: Iterator[tuple[int, np.ndarray, np.ndarray]], *, probability, mask,
-                  polygons, min_area: float = 0.0, simplify: float = 0.0, writer_thread: bool | None = None,
+                  polygons, min_area: float = 0.0, simplify: float = 0.0,
                   progress: Progress | None = None) -> DetectResult:
-    """Write finished row bands as they come (one band in flight in a writer thread, or in this thread;
-    by default a thread when the run has reader threads), then move the outputs to their final names;
-    on any error or cancel nothing is left behind."""
+    """Write finished row bands as they come (one band in flight in a writer thread when the run has
+    reader threads, else in this thread), then move the outputs to their final names; on any error or
+    cancel nothing is left behind."""
     progress = progress or Progress()
     writer = ChangeWriter(setup.grid, probability=probability, mask=mask, polygons=polygons,
                           threshold=setup.threshold, min_area=min_area, simplify=simplify,
                           attributes={"pre": setup.paths[0].name, "post": setup.paths[1].name})
     try:
         any_valid, in_flight = False, None
-        if writer_thread is None:
-            writer_thread = setup.readers > 0
-        with io_executor(int(writer_thread), "geochange-write") as sink:
+        with io_executor(int(setup.readers > 0), "geochange-write") as sink:
             for start, prob, valid in bands:
                 any_valid |= bool(valid.any())
                 if in_flight is not None:

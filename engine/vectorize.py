@@ -126,7 +126,7 @@ class PolygonAssembler:
         self.transform, self.crs = transform, crs if isinstance(crs, str) else crs.to_wkt()
         self.min_area_m2, self.simplify = min_area_m2, simplify
         self._parent: dict[int, int] = {}
-        self._pending: dict[int, tuple] = {}  # id -> (pixel polygon, pixels, sum of prob, max prob, first row)
+        self._pending: dict[int, tuple] = {}  # id -> (pixel polygon, pixels, sum of prob, max prob)
         self._last_row = None  # global ids along the previous band's last row
         self._seams: list[int] = []  # first rows of the bands after the first
         self._next_id = 1
@@ -168,10 +168,9 @@ class PolygonAssembler:
             maxima = np.zeros(count + 1)
             np.maximum.at(maxima, labels, probs)
             polygons, values = _pixel_polygons(local, mask, row_start)
-            first_rows = shapely.bounds(polygons)[:, 1].astype(int).tolist()
-            for polygon, i, first_row in zip(polygons, values.tolist(), first_rows):
+            for polygon, i in zip(polygons, values.tolist()):
                 self._parent[i + offset] = i + offset
-                self._pending[i + offset] = (polygon, int(pixels[i]), float(sums[i]), float(maxima[i]), first_row)
+                self._pending[i + offset] = (polygon, int(pixels[i]), float(sums[i]), float(maxima[i]))
             self._next_id += count
         first, last = (np.where(row > 0, row + offset, 0) for row in (local[0], local[-1]))
         if self._last_row is not None:  # link regions that touch across the seam
@@ -185,7 +184,9 @@ class PolygonAssembler:
         still_open = {self._root(i) for i in np.unique(last[last > 0]).tolist()}
         complete = self._emit(lambda root: root not in still_open)
         if len(self._invalid_rows):  # a hole lies within its polygon's rows: drop points above them all
-            above = self._invalid_rows < min((part[4] for part in self._pending.values()), default=np.inf)
+            pending = [part[0] for part in self._pending.values()]
+            top = shapely.bounds(pending)[:, 1].min() if pending else np.inf  # pixel rows grow downwards
+            above = self._invalid_rows < top
             self._invalid_xy, self._invalid_rows = self._invalid_xy[~above], self._invalid_rows[~above]
         return complete
 
