@@ -97,17 +97,16 @@ def _noded_at_seams(polygons, seams: list[int]) -> np.ndarray:
     return shapely.polygons(shapely.linearrings(noded, indices=ring[source]), indices=owner)
 
 
-def _merge_parts(parts: list, seams: list[int]):
-    """The parts of one region, cut at band seams, as one polygon. A part's holes lie inside its band,
-    never on a seam, so they stay holes of the whole: only the parts' exteriors are united (M2CD-MiT-b0's
-    noise at 4096², a 364k-vertex region with 14,760 holes cut 9 times: 0.87 s -> 0.04 s). The parts
-    touch along their seam edges, so their union is one polygon."""
-    rings, _, exterior = _rings(parts)
-    union = shapely.coverage_union_all(_noded_at_seams(shapely.polygons(rings[exterior]), seams))
+def _united_exteriors(exteriors, seams: list[int]):
+    """The exteriors of the parts of one region, cut at band seams, as one polygon. A part's own
+    holes lie inside its band, never on a seam, so they stay holes of the whole: only the exteriors
+    need uniting (M2CD-MiT-b0's noise at 4096², a 364k-vertex region with 14,760 holes cut 9 times:
+    0.87 s -> 0.04 s). The parts touch along their seam edges, so their union is one polygon, whose
+    holes are those enclosed across the seams."""
+    union = shapely.coverage_union_all(_noded_at_seams(shapely.polygons(exteriors), seams))
     if union.geom_type != "Polygon":
         raise RuntimeError(f"the parts of one region united into a {union.geom_type}")
-    new_rings = shapely.get_rings(union)
-    return shapely.polygons(new_rings[0], holes=np.concatenate([new_rings[1:], rings[~exterior]]))
+    return union
 
 
 class PolygonAssembler:
@@ -116,10 +115,11 @@ class PolygonAssembler:
 
     Each band's 4-connected regions are vectorised in pixel coordinates (exact integers, so the two
     halves of a region share their seam edge exactly); a region touching the band's last row stays
-    pending until the next band shows whether it continues. Finished regions are merged, mapped to
-    the raster's CRS, their holes smaller than ``min_area_m2`` (geodesic) filled unless they hold an
-    invalid pixel, dropped when smaller than ``min_area_m2`` themselves, and simplified (``simplify``
-    in map units, topology preserved).
+    pending until the next band shows whether it continues. Holes smaller than ``min_area_m2``
+    (geodesic) are filled unless they hold an invalid pixel: a region's own holes in each band as it
+    is vectorised, holes enclosed across seams when its parts are merged. Finished regions are mapped
+    to the raster's CRS, dropped when smaller than ``min_area_m2``, and simplified (``simplify`` in map
+    units, topology preserved).
     """
 
     def __init__(self, transform, crs, *, min_area_m2: float = 0.0, simplify: float = 0.0):
@@ -130,10 +130,11 @@ class PolygonAssembler:
         self._last_row = None  # global ids along the previous band's last row
         self._seams: list[int] = []  # first rows of the bands after the first
         self._next_id = 1
-        # The centre (in map units) and row of one pixel of each invalid region in the rows a pending
-        # region spans: a hole holding one is not filled, so that no invalid pixel lies in a polygon.
-        # (One per region while a region spanning them is open: with --min-area and scattered nodata
-        # under a region as tall as the raster, these grow with its height.)
+        # One pixel centre (pixel coordinates) of each patch of unchanged pixels holding an invalid one
+        # that a hole enclosed across band seams may still take in: such a hole is not filled, so that
+        # no invalid pixel lies in a polygon. Only patches that are no region's own hole and touch no
+        # side of the raster are kept, and only while a region spanning their rows is pending: one or
+        # two a band where nodata is scattered, not one per nodata speck.
         self._invalid_xy, self._invalid_rows = np.empty((0, 2)), np.empty(0, np.int64)
 
     def _root(self, i: int) -> int:
@@ -152,8 +153,6 @@ class PolygonAssembler:
         """Add the rows ``row_start ...`` of the final mask (and of the valid pixels: an invalid one is
         never changed); returns the polygons now complete."""
         mask = np.ascontiguousarray(mask, dtype=bool)
-        if self.min_area_m2 > 0 and valid is not None and not valid.all():
-            self._add_invalid_points(row_start, ~valid)
         local, count = ndimage.label(mask)  # 4-connected regions, numbered 1..count
         local = local.astype(np.int32, copy=False)
         offset = self._next_id - 1  # local region i is region i + offset of the whole raster
@@ -168,6 +167,8 @@ class PolygonAssembler:
             maxima = np.zeros(count + 1)
             np.maximum.at(maxima, labels, probs)
             polygons, values = _pixel_polygons(local, mask, row_start)
+            if self.min_area_m2 > 0:
+                polygons = self._fill_own_holes(polygons, row_start, mask, valid)
             for polygon, i in zip(polygons, values.tolist()):
                 self._parent[i + offset] = i + offset
                 self._pending[i + offset] = (polygon, int(pixels[i]), float(sums[i]), float(maxima[i]))
@@ -183,24 +184,64 @@ class PolygonAssembler:
         self._last_row = last
         still_open = {self._root(i) for i in np.unique(last[last > 0]).tolist()}
         complete = self._emit(lambda root: root not in still_open)
-        if len(self._invalid_rows):  # a hole lies within its polygon's rows: drop points above them all
+        if len(self._invalid_rows):  # a hole lies within its region's rows: drop points above them all
             pending = [part[0] for part in self._pending.values()]
             top = shapely.bounds(pending)[:, 1].min() if pending else np.inf  # pixel rows grow downwards
             above = self._invalid_rows < top
             self._invalid_xy, self._invalid_rows = self._invalid_xy[~above], self._invalid_rows[~above]
         return complete
 
-    def _add_invalid_points(self, row_start: int, invalid: np.ndarray) -> None:
-        # Any pixel of a 4-connected invalid region tells whether a hole holds it: the region is
-        # unchanged, 4-connected, so it lies within one hole (or none) whole.
-        labels, _ = ndimage.label(invalid)
-        flat = labels.ravel()
-        at = np.flatnonzero(flat)
-        first = at[np.unique(flat[at], return_index=True)[1]]
-        rows, cols = np.divmod(first, invalid.shape[1])
-        rows += row_start
-        self._invalid_xy = np.concatenate([self._invalid_xy, self._to_map(np.stack([cols, rows], axis=1) + 0.5)])
-        self._invalid_rows = np.concatenate([self._invalid_rows, rows])
+    def _small(self, holes: np.ndarray) -> np.ndarray:
+        """Whether each hole ring (pixel coordinates) encloses less than the minimum area."""
+        return ring_areas(shapely.transform(holes, self._to_map), self.crs) < self.min_area_m2
+
+    def _fill_own_holes(self, polygons: np.ndarray, row_start: int, mask: np.ndarray,
+                        valid: np.ndarray | None) -> np.ndarray:
+        """``polygons`` (one band's, pixel coordinates) without their small holes that hold no invalid
+        pixel; keeps a point of each other patch of unchanged pixels that holds one (see __init__)."""
+        rings, owner, exterior = _rings(polygons)
+        holes = np.flatnonzero(~exterior)
+        fill = np.zeros(len(rings), bool)
+        fill[holes] = self._small(rings[holes])
+        if valid is not None and not valid.all():
+            # A hole of a 4-connected region is one 4-connected patch of unchanged pixels: any point
+            # inside the hole names it.
+            patches, count = ndimage.label(~mask)
+            holding = np.bincount(patches[~valid], minlength=count + 1) > 0
+            holding[0] = False
+            inside = shapely.get_coordinates(shapely.point_on_surface(shapely.polygons(rings[holes])))
+            own = patches[inside[:, 1].astype(np.int64) - row_start, inside[:, 0].astype(np.int64)]
+            fill[holes] &= ~holding[own]
+            # Patches on a side of the raster (or on its first row) are no hole of anything.
+            holding[own] = False
+            holding[patches[:, [0, -1]]] = False
+            if row_start == 0:
+                holding[patches[0]] = False
+            patch = patches.ravel()
+            at = np.flatnonzero(holding[patch])
+            first = at[np.unique(patch[at], return_index=True)[1]]
+            rows, cols = np.divmod(first, mask.shape[1])
+            rows += row_start
+            self._invalid_xy = np.concatenate([self._invalid_xy, np.stack([cols, rows], axis=1) + 0.5])
+            self._invalid_rows = np.concatenate([self._invalid_rows, rows])
+        if not fill.any():
+            return polygons
+        return shapely.polygons(rings[~fill], indices=owner[~fill])
+
+    def _merged(self, parts: list):
+        """One polygon of the parts of a region cut at band seams (pixel coordinates), the small holes
+        enclosed across the seams filled unless one of the kept points lies in them."""
+        rings, _, exterior = _rings(parts)
+        union_rings = shapely.get_rings(_united_exteriors(rings[exterior], self._seams))
+        shell, across = union_rings[0], union_rings[1:]
+        if self.min_area_m2 > 0 and len(across):
+            fill = self._small(across)
+            if fill.any() and len(self._invalid_rows):
+                tree = shapely.STRtree(shapely.polygons(across[fill]))
+                _, holding = tree.query(shapely.points(self._invalid_xy), predicate="within")
+                fill[np.flatnonzero(fill)[holding]] = False
+            across = across[~fill]
+        return shapely.polygons(shell, holes=np.concatenate([across, rings[~exterior]]))
 
     def finish(self) -> list[ChangePolygon]:
         """The polygons still pending after the last band."""
@@ -217,35 +258,17 @@ class PolygonAssembler:
             parts = [self._pending.pop(i) for i in groups[root]]
             for i in groups[root]:
                 del self._parent[i]
-            merged.append(parts[0][0] if len(parts) == 1 else _merge_parts([p[0] for p in parts], self._seams))
+            merged.append(parts[0][0] if len(parts) == 1 else self._merged([p[0] for p in parts]))
             probabilities.append((sum(p[2] for p in parts) / sum(p[1] for p in parts), max(p[3] for p in parts)))
         # Ids of complete groups no longer appear in the open last row: parents of the rest stay.
         if not merged:
             return []
-        polygons = self._finish_geometries(np.array(merged, dtype=object))
+        polygons = shapely.transform(np.array(merged, dtype=object), self._to_map)
+        if self.simplify > 0:  # topology preserved: a polygon never collapses
+            polygons = shapely.simplify(polygons, self.simplify, preserve_topology=True)
         areas = polygon_areas(polygons, self.crs)
         return [ChangePolygon(polygon, float(area), mean, top)
                 for polygon, area, (mean, top) in zip(polygons, areas, probabilities) if area >= self.min_area_m2]
-
-    def _finish_geometries(self, pixel_polygons: np.ndarray) -> np.ndarray:
-        """Pixel polygons to the raster's CRS, holes below the minimum area filled, simplified."""
-        polygons = shapely.transform(pixel_polygons, self._to_map)
-        if self.min_area_m2 > 0:
-            rings, owner, exterior = _rings(polygons)
-            hole = ~exterior
-            if hole.any():
-                areas = np.zeros(len(rings))
-                areas[hole] = ring_areas(rings[hole], self.crs)
-                small = np.flatnonzero(hole & (areas < self.min_area_m2))
-                kept = ~hole | (areas >= self.min_area_m2)
-                if len(small) and len(self._invalid_rows):
-                    tree = shapely.STRtree(shapely.polygons(rings[small]))
-                    _, holding = tree.query(shapely.points(self._invalid_xy), predicate="within")
-                    kept[small[holding]] = True
-                polygons = shapely.polygons(rings[kept], indices=owner[kept])
-        if self.simplify > 0:  # topology preserved: a polygon never collapses
-            polygons = shapely.simplify(polygons, self.simplify, preserve_topology=True)
-        return polygons
 
 
 def change_polygons(mask: np.ndarray, probability: np.ndarray, transform, crs, *, min_area_m2: float = 0.0,

@@ -141,6 +141,52 @@ def test_a_small_hole_holding_nodata_is_not_filled(band):
     assert not polygon.intersects(shapely.Point(x, y))
 
 
+@pytest.mark.parametrize("make_mask", [shapes_and_specks, noise])
+def test_small_holes_are_filled_unless_they_hold_nodata_whatever_the_seams(make_mask):
+    rng = np.random.default_rng(11)
+    invalid = rng.random((90, 70)) > 0.97
+    mask = make_mask() & ~invalid
+    prob = np.where(mask, 0.8, 0.1)
+    transform, crs, min_area = from_origin(630000, 3340000, 0.5, 0.5), "EPSG:32614", 2.1  # no hole near 2.1 m2
+    rows, cols = np.nonzero(invalid)
+    nodata = shapely.points(np.stack(transform * (cols + 0.5, rows + 0.5), axis=1))
+    # Expected, from the unfilled polygons: each hole stays if it is large or holds a nodata pixel.
+    expected = []
+    for p in change_polygons(mask, prob, transform, crs):
+        if p.area_m2 >= min_area:
+            holes = [shapely.Polygon(h) for h in p.geometry.interiors]
+            kept = [h.exterior for h in holes if h.area >= min_area or shapely.contains(h, nodata).any()]
+            expected.append(shapely.Polygon(p.geometry.exterior, kept))
+    assert sum(len(e.interiors) for e in expected) > 0
+    tree = shapely.STRtree(expected)
+    for band in (90, 30, 10, 7):
+        assembler = PolygonAssembler(transform, crs, min_area_m2=min_area)
+        found = []
+        for start in range(0, 90, band):
+            found += assembler.add_band(start, mask[start:start + band], prob[start:start + band],
+                                        ~invalid[start:start + band])
+        found += assembler.finish()
+        assert len(found) == len(expected)
+        for p in found:  # the merged polygons have extra vertices on the seams: compared as shapes
+            assert sum(p.geometry.equals(expected[i]) for i in tree.query(p.geometry)) == 1, p.geometry.wkt
+            assert not shapely.intersects(p.geometry, nodata).any()
+
+
+def test_points_kept_for_nodata_holes_do_not_grow_with_the_nodata():
+    """Two regions as tall as the raster, scattered nodata around them: only the patch between them
+    could yet be a hole, one point a band, whatever the number of nodata specks."""
+    invalid = np.random.default_rng(2).random((400, 60)) > 0.9
+    mask = np.zeros((400, 60), bool)
+    mask[:, 10:20] = mask[:, 40:50] = True
+    invalid &= ~mask
+    assembler = PolygonAssembler(from_origin(630000, 3340000, 0.5, 0.5), "EPSG:32614", min_area_m2=1.0)
+    for start in range(0, 400, 10):
+        assembler.add_band(start, mask[start:start + 10], mask[start:start + 10].astype(float),
+                           ~invalid[start:start + 10])
+        assert len(assembler._invalid_rows) <= start // 10 + 1
+    assert len(assembler.finish()) == 2
+
+
 def test_holes_and_specks_below_min_area_are_dropped():
     mask = np.zeros((40, 40), bool)
     mask[5:35, 5:35] = True
