@@ -3,8 +3,8 @@
 Probability and mask are staged as tiled GeoTIFFs whose overviews are built as the rows arrive, and
 copied into Cloud-Optimised GeoTIFFs when the last row is in (the copy compresses on every core: the
 probability with ZSTD, the mask with DEFLATE); polygons are assembled across band seams and appended to
-the vector file. Nothing appears under a final name before ``close()``; ``abort()`` (error, cancel)
-removes every temporary.
+the vector file. Nothing appears under a final name before ``close()``, which renames all three
+together; ``abort()`` (error, cancel) removes every temporary.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import rasterio.shutil
 
-from geochange.engine.atomic import atomic_path
+from geochange.engine.atomic import AtomicOutputs
 from geochange.engine.grid import Grid
 from geochange.engine.vectorize import PolygonAssembler, PolygonWriter
 
@@ -125,6 +125,8 @@ class ChangeWriter:
         self._stack = contextlib.ExitStack()
         self._finals = []  # (stage path, temporary final path, COG options) converted at close
         try:
+            # Entered first, left last: the files are closed and the stages removed before the renames.
+            self._outputs = self._stack.enter_context(AtomicOutputs())
             # The probability is staged uncompressed (its low bits are noise, which no codec shrinks
             # much) and copied with ZSTD level 1, the size of DEFLATE level 1 in half its time (16384²
             # TinyCD: 1136 MB in 8.7 s against 1143 MB in 17.6 s). The mask compresses well.
@@ -133,13 +135,14 @@ class ChangeWriter:
             self._mask = self._stage(mask, "uint8", MASK_NODATA, compress="ZSTD", average=False,
                                      cog_options={"COMPRESS": "DEFLATE", "PREDICTOR": 2})
             self._assembler = PolygonAssembler(grid.transform, grid.crs, min_area_m2=min_area, simplify=simplify)
-            self._polygons = PolygonWriter(polygons, grid.crs, extra=attributes)
+            self._polygons = PolygonWriter(polygons, grid.crs, self._outputs, extra=attributes)
+            self._stack.callback(self._polygons.close)
         except BaseException:
-            self._stack.close()
+            self.abort()
             raise
 
     def _stage(self, path, dtype, nodata, *, compress: str, average: bool, cog_options: dict) -> StagedRaster:
-        final = self._stack.enter_context(atomic_path(path))
+        final = self._outputs.path(path)
         stage = final.with_name(final.stem + ".stage.tif")
         self._finals.append((stage, final, cog_options))
         # Only the COG copy is kept: the staged file goes before the final one is renamed.
@@ -177,9 +180,7 @@ class ChangeWriter:
         except BaseException:
             self.abort()
             raise
-        self._polygons.close()
         self._stack.close()
 
     def abort(self) -> None:
-        self._polygons.abort()
         self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)

@@ -11,7 +11,7 @@ import shapely
 from pyproj import CRS, Geod, Transformer
 from scipy import ndimage
 
-from geochange.engine.atomic import atomic_path
+from geochange.engine.atomic import AtomicOutputs
 from geochange.engine.errors import RasterError
 from geochange.engine.rasters import open_raster
 
@@ -279,13 +279,14 @@ def change_polygons(mask: np.ndarray, probability: np.ndarray, transform, crs, *
 
 
 class PolygonWriter:
-    """Appends polygons to a vector file (format by extension) opened once, under a temporary name.
+    """Appends polygons to a vector file (format by extension) opened once, under a temporary name of
+    ``outputs``, which gives it its final name ``path`` (with a shapefile's side files) on commit.
 
-    Fields: ``id, area_m2, mean_prob, max_prob`` and the string fields of ``extra``. ``close()``
-    renames the finished file (and a shapefile's side files) to ``path``; ``abort()`` removes it.
+    Fields: ``id, area_m2, mean_prob, max_prob`` and the string fields of ``extra``.
     """
 
-    def __init__(self, path: str | os.PathLike, crs, *, layer: str = "changes", extra: dict | None = None):
+    def __init__(self, path: str | os.PathLike, crs, outputs: AtomicOutputs, *, layer: str = "changes",
+                 extra: dict | None = None):
         from osgeo import ogr, osr
 
         self._ogr = ogr
@@ -297,11 +298,8 @@ class PolygonWriter:
         srs.ImportFromWkt(CRS.from_user_input(crs).to_wkt())
         srs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
         self.extra = dict(extra or {})
-        self._atomic = atomic_path(self.path)
-        self._tmp = self._atomic.__enter__()
-        self._ds = ogr.GetDriverByName(driver_name).CreateDataSource(str(self._tmp))
+        self._ds = ogr.GetDriverByName(driver_name).CreateDataSource(str(outputs.path(self.path)))
         if self._ds is None:
-            self.abort()
             raise OSError(f"{self.path}: GDAL cannot create a {driver_name} file here")
         self._layer = self._ds.CreateLayer(layer, srs, ogr.wkbMultiPolygon)
         self._layer.CreateField(ogr.FieldDefn("id", ogr.OFTInteger64))
@@ -330,25 +328,20 @@ class PolygonWriter:
             self._layer.CreateFeature(feature)
         self._layer.CommitTransaction()
 
-    def close(self) -> Path:
-        self._layer = self._ds = None  # flushes and closes the file before the rename
-        self._atomic.__exit__(None, None, None)
-        return self.path
-
-    def abort(self) -> None:
+    def close(self) -> None:
+        """Flush and close the file (before its rename, or its removal on an error)."""
         self._layer = self._ds = None
-        self._atomic.__exit__(RuntimeError, RuntimeError("aborted"), None)
 
 
 def write_polygons(polygons: list[ChangePolygon], path: str | os.PathLike, crs, **options) -> Path:
     """Write ``polygons`` to ``path`` atomically (see ``PolygonWriter``)."""
-    writer = PolygonWriter(path, crs, **options)
-    try:
-        writer.write(polygons)
-    except BaseException:
-        writer.abort()
-        raise
-    return writer.close()
+    with AtomicOutputs() as outputs:
+        writer = PolygonWriter(path, crs, outputs, **options)
+        try:
+            writer.write(polygons)
+        finally:
+            writer.close()
+    return Path(path)
 
 
 def vectorize_probability(probability: str, polygons: str, *, threshold: float = 0.5, band: int = 1,

@@ -1,4 +1,9 @@
-"""Staged output rasters: overviews built band by band are those GDAL builds from the whole raster."""
+"""Output rasters: overviews built band by band are those GDAL builds from the whole raster; the
+outputs take their final names together or not at all."""
+import os
+import signal
+from pathlib import Path
+
 import numpy as np
 import pytest
 import rasterio
@@ -6,8 +11,11 @@ import rasterio.shutil
 from osgeo import gdal
 from rasterio.transform import from_origin
 
+from geochange.engine.atomic import atomic_path
+from geochange.engine.errors import Cancelled
 from geochange.engine.grid import Grid
 from geochange.engine.outputs import ChangeWriter, StagedRaster, overview_factors
+from geochange.engine.progress import cancel_on_sigterm
 
 # Overviews halve exactly on the first grid, as GDAL's do; on the second, odd sides leave a last row
 # and column that stand alone (GDAL spreads them over the overview's slightly wider pixels instead).
@@ -129,3 +137,77 @@ def test_closing_before_the_last_row_is_refused_and_leaves_nothing(tmp_path):
     with pytest.raises(ValueError, match="only 300 of 701 rows were written"):
         writer.close()
     assert not out.exists() or not any(out.iterdir())
+
+
+def _write_all_rows(out, polygons="c.shp") -> ChangeWriter:
+    writer = ChangeWriter(ODD, probability=out / "p.tif", mask=out / "m.tif", polygons=out / polygons, threshold=0.5)
+    prob = np.random.default_rng(0).random((ODD.height, ODD.width), dtype=np.float32)
+    writer.write_rows(0, prob, np.ones(prob.shape, bool))
+    return writer
+
+
+def _old_outputs(out) -> dict:
+    out.mkdir()
+    old = {name: f"old {name}".encode() for name in ("p.tif", "m.tif", "c.shp", "c.dbf", "c.shx")}
+    for name, content in old.items():
+        (out / name).write_bytes(content)
+    return old
+
+
+def _replace_failing_at(monkeypatch, target_name, action):
+    """os.replace as the outputs' renames see it, doing ``action`` when a temporary is renamed to
+    ``target_name`` (a fault injected between the renames)."""
+    real = os.replace
+
+    def replace(source, target):
+        if Path(target).name == target_name and ".partial" in Path(source).name:
+            action()
+        return real(source, target)
+
+    monkeypatch.setattr("geochange.engine.atomic.os.replace", replace)
+
+
+def test_a_failed_rename_puts_every_output_back_as_it_was(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    old = _old_outputs(out)
+    writer = _write_all_rows(out)
+
+    def fail():
+        raise OSError("disk gone")
+
+    _replace_failing_at(monkeypatch, "m.tif", fail)
+    with pytest.raises(OSError, match="disk gone"):
+        writer.close()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == old  # none replaced, nothing left over
+
+
+def test_a_signal_during_the_renames_cancels_the_whole_run(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    writer = _write_all_rows(out)
+    _replace_failing_at(monkeypatch, "c.dbf", lambda: signal.raise_signal(signal.SIGTERM))
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        cancel_on_sigterm()
+        with pytest.raises(Cancelled):
+            writer.close()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert list(out.iterdir()) == []  # the renames already done were undone
+
+
+def test_outputs_replace_earlier_ones_together(tmp_path):
+    out = tmp_path / "out"
+    old = _old_outputs(out)
+    writer = _write_all_rows(out)
+    writer.close()
+    assert sorted(p.name for p in out.iterdir()) == ["c.dbf", "c.prj", "c.shp", "c.shx", "m.tif", "p.tif"]
+    assert all((out / name).read_bytes() != content for name, content in old.items())
+    with rasterio.open(out / "p.tif") as src:
+        assert src.shape == (ODD.height, ODD.width)
+
+
+def test_an_output_without_a_suffix_is_kept(tmp_path):
+    with atomic_path(tmp_path / "results") as tmp:
+        tmp.write_text("{}")
+    assert [p.name for p in tmp_path.iterdir()] == ["results"]
