@@ -80,8 +80,10 @@ class StagedRaster:
         if row_start != self._next_row[0]:
             raise ValueError(f"rows from {row_start} given where rows from {self._next_row[0]} come next")
         last = row_start + len(values) == self.height
-        if self.average:
-            rows = np.stack([np.where(valid, values, 0), valid]).astype(np.float32)
+        if self.average:  # valid sums and counts (filled in place: a 16384-wide band is 29 MB a channel)
+            rows = np.zeros((2, *values.shape), np.float32)
+            np.copyto(rows[0], values, where=valid)
+            rows[1] = valid
         else:
             rows = values[None]
         self._put(0, values)
@@ -157,7 +159,8 @@ class ChangeWriter:
         valid = valid & np.isfinite(probability)
         changed = valid & (probability > self.threshold)  # strict, as argmax and the authors do
         self._prob.write(row_start, np.where(valid, probability, PROBABILITY_NODATA), valid)
-        self._mask.write(row_start, np.where(valid, np.where(changed, 255, 0), MASK_NODATA).astype(np.uint8), valid)
+        self._mask.write(row_start, np.where(changed, np.uint8(255), np.where(valid, np.uint8(0), np.uint8(MASK_NODATA))),
+                         valid)
         self._polygons.write(self._assembler.add_band(row_start, changed, probability, valid))
 
     @property
