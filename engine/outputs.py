@@ -159,8 +159,8 @@ class ChangeWriter:
         valid = valid & np.isfinite(probability)
         changed = valid & (probability > self.threshold)  # strict, as argmax and the authors do
         self._prob.write(row_start, np.where(valid, probability, PROBABILITY_NODATA), valid)
-        self._mask.write(row_start, np.where(changed, np.uint8(255), np.where(valid, np.uint8(0), np.uint8(MASK_NODATA))),
-                         valid)
+        mask = np.where(changed, np.uint8(255), np.where(valid, np.uint8(0), np.uint8(MASK_NODATA)))
+        self._mask.write(row_start, mask, valid)
         self._polygons.write(self._assembler.add_band(row_start, changed, probability, valid))
 
     @property
