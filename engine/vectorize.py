@@ -135,7 +135,7 @@ class PolygonAssembler:
         # no invalid pixel lies in a polygon. Only patches that are no region's own hole and touch no
         # side of the raster are kept, and only while a region spanning their rows is pending: one or
         # two a band where nodata is scattered, not one per nodata speck.
-        self._invalid_xy, self._invalid_rows = np.empty((0, 2)), np.empty(0, np.int64)
+        self._invalid_points, self._invalid_rows = np.empty(0, dtype=object), np.empty(0, np.int64)
 
     def _root(self, i: int) -> int:
         while self._parent[i] != i:
@@ -188,7 +188,7 @@ class PolygonAssembler:
             pending = [part[0] for part in self._pending.values()]
             top = shapely.bounds(pending)[:, 1].min() if pending else np.inf  # pixel rows grow downwards
             above = self._invalid_rows < top
-            self._invalid_xy, self._invalid_rows = self._invalid_xy[~above], self._invalid_rows[~above]
+            self._invalid_points, self._invalid_rows = self._invalid_points[~above], self._invalid_rows[~above]
         return complete
 
     def _small(self, holes: np.ndarray) -> np.ndarray:
@@ -222,7 +222,7 @@ class PolygonAssembler:
             first = at[np.unique(patch[at], return_index=True)[1]]
             rows, cols = np.divmod(first, mask.shape[1])
             rows += row_start
-            self._invalid_xy = np.concatenate([self._invalid_xy, np.stack([cols, rows], axis=1) + 0.5])
+            self._invalid_points = np.concatenate([self._invalid_points, shapely.points(cols + 0.5, rows + 0.5)])
             self._invalid_rows = np.concatenate([self._invalid_rows, rows])
         if not fill.any():
             return polygons
@@ -238,7 +238,7 @@ class PolygonAssembler:
             fill = self._small(across)
             if fill.any() and len(self._invalid_rows):
                 tree = shapely.STRtree(shapely.polygons(across[fill]))
-                _, holding = tree.query(shapely.points(self._invalid_xy), predicate="within")
+                _, holding = tree.query(self._invalid_points, predicate="within")
                 fill[np.flatnonzero(fill)[holding]] = False
             across = across[~fill]
         return shapely.polygons(shell, holes=np.concatenate([across, rings[~exterior]]))
