@@ -146,3 +146,29 @@ def test_run_skips_finished_steps(pipeline, monkeypatch):
     summary = pipeline.run()
     assert set(summary) == {"original", "student", "o-p"}
     assert all(s["global"]["mIoU"] >= 0 for s in summary.values())
+
+
+def test_new_thresholds_redo_what_was_made_from_the_old_ones(pipeline, monkeypatch):
+    """Run last: it re-thresholds the module's pipeline. M_O is kept; the partitions, teachers and router
+    are made again (before, the old partitions were reused or the run failed with KeyError 'medium')."""
+    from geochange.trainer.config import ConfigError, derive
+
+    original_results = (pipeline.step_dir("original") / "results.json").stat().st_mtime_ns
+    again = Pipeline(derive(pipeline.cfg, {"mtkd": {"thresholds": [0.1]}}))
+    assert again.done("original") and not again.done("partition") and not again.done("teachers")
+    with pytest.raises(ConfigError, match="the teachers step is missing or was made from other inputs"):
+        again.distill()
+    again.teachers()
+    parts = json.loads((again.root / "partitions.json").read_text())
+    assert parts["thresholds"] == [0.1] and set(parts["train"]) == {"small", "large"}
+    for name in ("small", "large"):
+        manifest = read_manifest(again.step_dir("teacher", name) / "best.safetensors")
+        assert manifest["training"]["data"]["train"] == len(parts["train"][name])
+    again.router()
+    router = load_router(again.root / "router.safetensors")
+    assert router.thresholds == [0.1] and [n for n, _ in router.teachers] == ["small", "large"]
+    assert (pipeline.step_dir("original") / "results.json").stat().st_mtime_ns == original_results
+    # Unchanged inputs: nothing is done again.
+    monkeypatch.setattr(Trainer, "fit", lambda *a, **k: pytest.fail("a step made from the same inputs ran again"))
+    assert Pipeline(again.cfg).done("teachers") and Pipeline(again.cfg).done("router")
+    Pipeline(again.cfg).teachers()

@@ -75,3 +75,20 @@ def test_geochange_train_command(shared_data, tmp_path, capsys):
     assert saved["schedule"]["iterations"] == 2 and saved["data"]["workers"] == 1
     assert geochange(["train", str(config), "--set", "optim.nope=1"]) == 2
     assert "optim.nope: unknown key" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", [None, b"not a checkpoint", b"PK\x03\x04 cut short"], ids=["missing", "text", "zip"])
+def test_bad_backbone_weights_are_one_line(content, shared_data, tmp_path, capsys):
+    config = tmp_path / "mit.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "mit", "work_dir": str(tmp_path / "out"), "model": {"architecture": "changer_mit_b0"},
+        "data": {"datasets": [{"root": str(shared_data / "dsifn"), "split": {"val": 0.1, "test": 0.1}}],
+                 "batch": 2, "workers": 0}}))
+    weights = tmp_path / "mit_b0.pth"
+    if content is not None:
+        weights.write_bytes(content)
+    assert geochange(["train", str(config), "--backbone-weights", str(weights)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("geochange: error: model.backbone_weights: ") and err.count("\n") == 1
+    assert ("no such file" if content is None else "is not a checkpoint of tensors") in err
+    assert not (tmp_path / "out").exists()

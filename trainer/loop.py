@@ -20,6 +20,7 @@ import csv
 import json
 import math
 import os
+import pickle
 import time
 from pathlib import Path
 
@@ -82,10 +83,24 @@ def build_model(cfg: dict) -> torch.nn.Module:
                               f"not {m['architecture']}")
         model.load_state_dict(package.model.state_dict())
     elif m["backbone_weights"]:
-        if not hasattr(model, "load_backbone_weights"):
-            raise ConfigError(f"model.backbone_weights: {m['architecture']} takes no backbone weights")
-        model.load_backbone_weights(m["backbone_weights"])
+        load_backbone(model, m["architecture"], Path(m["backbone_weights"]))
     return model
+
+
+def load_backbone(model: torch.nn.Module, architecture: str, path: Path) -> None:
+    """``model.backbone_weights`` into the model, or one line naming the key and what is wrong."""
+    if not hasattr(model, "load_backbone_weights"):
+        raise ConfigError(f"model.backbone_weights: {architecture} takes no backbone weights")
+    if not path.is_file():
+        raise ConfigError(f"model.backbone_weights: {path}: no such file (weights are never downloaded: "
+                          "give a local file, or null to start from random weights)")
+    try:
+        model.load_backbone_weights(path)
+    except ValueError as e:  # keys or shapes that do not fit, named by the loader
+        raise ConfigError(f"model.backbone_weights: {e}") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:  # torch.load: not a checkpoint
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"model.backbone_weights: {path} is not a checkpoint of tensors ({reason})") from None
 
 
 def model_inputs(cfg: dict) -> dict:

@@ -17,13 +17,20 @@ the config's ``work_dir``:
   ``mtkd.lambda`` defaults to the authors' value for the architecture.
 * ``router`` -> ``router.safetensors`` and ``router_results.json`` (O-P metrics on the test split).
 
+``made_from.json`` records what each step was made from (its config, its partition's items, the records of
+the steps it reads). A step whose record differs from what it would be made from now (other thresholds,
+another config, a retrained teacher) is stale: its outputs are removed and it is done again, from the start.
+
 The router package is the engine's (``engine.router``: M_O and the teachers in one ``.safetensors`` file,
 routed at inference by M_O's predicted CAR with <=, as the authors' test code does); ``geochange detect``
 runs it like any model.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -96,16 +103,76 @@ class Pipeline:
     def step_dir(self, step: str, name: str | None = None) -> Path:
         return self.root / {"original": "original", "distill": "student"}.get(step, f"teacher_{name}")
 
+    def outputs(self, key: str) -> Path:
+        """Where step ``key`` (``partition``, ``original``, ``teacher_<name>``, ``distill``, ``router``)
+        writes."""
+        if key in ("partition", "router"):
+            return self.root / {"partition": "partitions.json", "router": "router.safetensors"}[key]
+        return self.step_dir(*key.split("_", 1)) if key.startswith("teacher_") else self.step_dir(key)
+
+    def _step_keys(self, step: str) -> list[str]:
+        return [f"teacher_{n}" for n in self.names] if step == "teachers" else [step]
+
     def done(self, step: str) -> bool:
-        if step == "partition":
-            return (self.root / "partitions.json").is_file()
-        if step == "teachers":
-            return all((self.step_dir("teacher", n) / "results.json").is_file() for n in self.names)
-        if step == "router":
-            return (self.root / "router.safetensors").is_file()
-        return (self.step_dir(step) / "results.json").is_file()
+        """Every output of ``step`` is there and was made from what it would be made from now."""
+        record = self._record()
+        return all(record.get(key) == self.made_from(key) and self._finished(key) for key in self._step_keys(step))
+
+    def _finished(self, key: str) -> bool:
+        out = self.outputs(key)
+        return out.is_file() if key in ("partition", "router") else (out / "results.json").is_file()
+
+    # -- what each step is made from --
+
+    def _record(self) -> dict:
+        path = self.root / "made_from.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def made_from(self, key: str) -> dict:
+        """What step ``key``'s outputs are made from, as JSON values (where a run writes and which device
+        it runs on are left out: they do not change what it makes)."""
+        def recipe(update: dict) -> dict:
+            cfg = derive(self.cfg, update)
+            return {k: v for k, v in cfg.items() if k not in ("work_dir", "device", "mtkd")}
+
+        def digest(keys) -> dict:  # the steps read, by their records
+            return {k: hashlib.sha256(json.dumps(self.made_from(k), sort_keys=True).encode()).hexdigest()
+                    for k in keys}
+
+        teachers = [f"teacher_{n}" for n in self.names]
+        if key == "partition":
+            made = {"thresholds": self.thresholds, "datasets": self.cfg["data"]["datasets"]}
+        elif key == "original":
+            made = {"config": recipe({})}
+        elif key.startswith("teacher_"):
+            name, parts = key.split("_", 1)[1], self._partitions()
+            made = {"config": recipe(self.cfg["mtkd"]["teachers"]),
+                    "items": {s: parts[s][name] for s in ("train", "val")}}
+        elif key == "distill":
+            made = {"config": recipe(self.cfg["mtkd"]["distill"]), "lambda": self.distill_weight(),
+                    "thresholds": self.thresholds, "steps": digest(["original", *teachers])}
+        else:
+            made = {"thresholds": self.thresholds, "test": self.cfg["test"],
+                    "steps": digest(["original", *teachers])}
+        return json.loads(json.dumps(made, sort_keys=True))
+
+    def _begin(self, key: str) -> bool:
+        """Make way for step ``key``: True when what is there was made from the same inputs (a run may
+        resume); otherwise its outputs are removed and the new inputs recorded."""
+        record, made = self._record(), self.made_from(key)
+        if record.get(key) == made:
+            return True
+        out = self.outputs(key)
+        if out.exists():
+            print(f"mtkd: {out} was made from other inputs; doing it again", file=sys.stderr)
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        self.root.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.root / "made_from.json") as tmp:
+            tmp.write_text(json.dumps({**record, key: made}, indent=2))
+        return False
 
     def partition(self) -> dict:
+        self._begin("partition")
         out = {"thresholds": self.thresholds,
                "rule": "small if CAR < t1, medium if CAR < t2, else large (CAR over labelled pixels)"}
         for split in ("train", "val"):
@@ -124,18 +191,19 @@ class Pipeline:
             self.partition()
         return json.loads((self.root / "partitions.json").read_text())
 
-    def _train(self, cfg: dict, resume: bool, **options) -> dict | None:
+    def _train(self, key: str, cfg: dict, resume: bool, **options) -> dict | None:
+        same = self._begin(key)  # before the Trainer, which would read a stale checkpoint
         trainer = Trainer(cfg, **options)
-        return trainer.fit(resume=resume and trainer.checkpoint_path.is_file())
+        return trainer.fit(resume=resume and same and trainer.checkpoint_path.is_file())
 
     def original(self, resume: bool = True):
         cfg = derive(self.cfg, {"work_dir": str(self.step_dir("original"))})
-        return self._train(cfg, resume, splits=self.splits, method="mtkd-original")
+        return self._train("original", cfg, resume, splits=self.splits, method="mtkd-original")
 
     def teachers(self, resume: bool = True):
         parts = self._partitions()
         for name in self.names:
-            if (self.step_dir("teacher", name) / "results.json").is_file():
+            if self.done(f"teacher_{name}"):
                 continue
             chosen = {s: set(parts[s][name]) for s in ("train", "val")}
             splits = {"train": [i for i in self.splits["train"] if i.id in chosen["train"]],
@@ -145,7 +213,7 @@ class Pipeline:
                 raise ConfigError(f"mtkd: the {name} partition has no training sample; change mtkd.thresholds")
             cfg = derive(self.cfg, {**self.cfg["mtkd"]["teachers"],
                                     "work_dir": str(self.step_dir("teacher", name))})
-            self._train(cfg, resume, splits=splits, method=f"mtkd-teacher-{name}")
+            self._train(f"teacher_{name}", cfg, resume, splits=splits, method=f"mtkd-teacher-{name}")
 
     def distill_weight(self) -> float:
         arch = self.cfg["model"]["architecture"]
@@ -156,8 +224,15 @@ class Pipeline:
             weight = DEFAULT_LAMBDA[arch]
         return float(weight)
 
+    def _require(self, step: str) -> None:
+        for needed in ("original", "teachers"):
+            if not self.done(needed):
+                raise ConfigError(f"mtkd {step}: the {needed} step is missing or was made from other inputs "
+                                  f"(thresholds, config); run `geochange mtkd {needed}` (or `run`) first")
+
     def distill_trainer(self) -> Trainer:
         """The student's run: initialised from M_O's best weights, the teachers behind a router."""
+        self._require("distill")
         original = self.step_dir("original") / "best.safetensors"
         teachers = [load_package(self.step_dir("teacher", n) / "best.safetensors").model for n in self.names]
         cfg = derive(self.cfg, {**self.cfg["mtkd"]["distill"], "work_dir": str(self.step_dir("distill")),
@@ -166,11 +241,14 @@ class Pipeline:
                        distill_weight=self.distill_weight(), method="mtkd")
 
     def distill(self, resume: bool = True):
+        same = self._begin("distill")
         trainer = self.distill_trainer()
-        return trainer.fit(resume=resume and trainer.checkpoint_path.is_file())
+        return trainer.fit(resume=resume and same and trainer.checkpoint_path.is_file())
 
     def router(self) -> dict:
         """Write the O-P router package; its metrics on the test split (TTA as configured)."""
+        self._require("router")
+        self._begin("router")
         members = {"original": self.step_dir("original") / "best.safetensors",
                    **{n: self.step_dir("teacher", n) / "best.safetensors" for n in self.names}}
         path = save_router(self.root / "router.safetensors", members["original"],
