@@ -106,7 +106,7 @@ def test_registration():
         assert s.paper["gflops_input"] == 256 and s.paper["source"] == "SSCFNet Table VI"
         assert [i["bands"] for i in s.inputs] == [3, 3]
         assert all(i["modality"] == "optical" for i in s.inputs)
-    assert spec("sscfnet_r50").paper["accuracy"] == "LEVIR-CD F1 94.89"
+    assert spec("sscfnet_r50").paper["accuracy"] == "LEVIR-CD mF1 94.89 (mean of change and no-change F1, Sec. IV-C)"
 
 
 def test_encoder_is_dilated_output_stride_8_without_classifier(models):

@@ -8,6 +8,7 @@ import pytest
 import torch.nn as nn
 
 from geochange.trainer.config import ConfigError, load, validate
+from geochange.trainer.mtkd import DEFAULT_LAMBDA
 from geochange.trainer.optim import lr_factor, param_groups
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "trainer" / "configs"
@@ -46,10 +47,28 @@ def test_papers_settings():
     assert (sscf["optim"]["name"], sscf["optim"]["lr"], sscf["optim"]["momentum"],
             sscf["optim"]["weight_decay"], sscf["schedule"]["decay"]) == ("sgd", 0.01, 0.9, 5e-4, "cosine")
     assert sscf["loss"]["aux_weight"] == 0.5 and sscf["loss"]["ohem"] is None
+    # ImageNet ResNets from local files (the authors' framework's --pretrained); tested without TTA.
+    for arch, weights in (("r50", "resnet50"), ("rx50", "resnext50_32x4d"), ("r101", "resnet101")):
+        cfg = load(CONFIG_DIR / f"sscfnet_{arch}_levir.yaml")
+        assert cfg["model"]["backbone_weights"] == f"weights/{weights}.pth" and cfg["test"]["tta"] is False
+    # The authors' ConvNeXt M2CD starts from random weights (pretrained=None, no init_cfg).
+    convnext = load(CONFIG_DIR / "m2cd_convnext_t_cau.yaml")
+    assert convnext["model"]["backbone_weights"] is None and convnext["model"]["init"] is None
+    assert (convnext["optim"]["lr"], convnext["optim"]["weight_decay"], convnext["schedule"]["iterations"]) == \
+        (1e-3, 0.05, 400000)
+    # M2CD's MoE stage cannot exchange an optical and a SAR date (the authors' does, p 0.5: declared in the
+    # README); the M2CD paper tests with TTA.
+    assert moe["augment"]["exchange"] == 0 and moe["test"]["tta"] is True
     mtkd = load(CONFIG_DIR / "mtkd_changer_mit_b0_jl1.yaml")
     assert mtkd["mtkd"]["thresholds"] == [0.05, 0.2] and mtkd["mtkd"]["lambda"] == 1e-4
     assert mtkd["mtkd"]["distill"]["schedule"]["iterations"] == 100000
     assert mtkd["augment"]["crop"]["size"] == 512 and mtkd["augment"]["exchange"] == 0.5
+    # TinyCD's distillation weight is the authors' code's (5e-3), not the paper's Table II (1e-5).
+    tiny = load(CONFIG_DIR / "mtkd_tinycd_jl1.yaml")
+    assert tiny["mtkd"]["lambda"] == 5e-3 == DEFAULT_LAMBDA["tinycd"]
+    # The JL1-CD paper and the authors' test scripts use no test-time augmentation.
+    for name in ("changer_mit_b0_jl1", "changer_mit_b1_jl1", "mtkd_changer_mit_b0_jl1", "mtkd_tinycd_jl1"):
+        assert load(CONFIG_DIR / f"{name}.yaml")["test"]["tta"] is False, name
 
 
 def test_errors_name_every_bad_key():
