@@ -10,6 +10,8 @@ import threading
 import uuid
 from pathlib import Path
 
+from geochange.engine.errors import OutputError, output_error
+
 
 class AtomicOutputs:
     """Outputs that take their final names together, or not at all.
@@ -17,28 +19,60 @@ class AtomicOutputs:
     ``path(final)`` names a temporary beside ``final`` that keeps its suffix, so that drivers chosen
     by extension still work; side files a driver writes next to it (a shapefile's .dbf/.shx/.prj,
     GDAL's .aux.xml) go with it. Used as a context manager, the block's success commits every output
-    and any exception (a cancel included) removes the temporaries, leaving the targets untouched.
+    and any exception (a cancel included) removes the temporaries, leaving the targets untouched, and
+    the folders made for them. ``exclusive``: each output folder is locked until the outputs are
+    renamed or removed (a second such run into it is refused), and the temporaries of the same names
+    that a killed run left there are removed.
     """
 
-    def __init__(self):
+    def __init__(self, *, exclusive: bool = False):
         self._outputs: list[tuple[Path, Path]] = []  # (temporary, final)
+        self._exclusive = exclusive
+        self._made: list[Path] = []  # folders made here
+        self._locks = contextlib.ExitStack()
+        self._locked: dict[Path, bool] = {}  # folder: whether its lock is held
 
     def path(self, final: str | os.PathLike) -> Path:
         final = Path(final)
-        final.parent.mkdir(parents=True, exist_ok=True)
+        self._make_folder(final.parent)
+        if self._exclusive and final.parent not in self._locked:
+            self._locked[final.parent] = self._locks.enter_context(folder_lock(final.parent))
+        if self._locked.get(final.parent):
+            # Under the lock no other run writes here: temporaries of this name not ours are a dead run's.
+            ours = tuple(temporary.name[:-len(temporary.suffix) or None] for temporary, _ in self._outputs)
+            for left in final.parent.glob(f".{glob.escape(final.stem)}.????????.partial*"):
+                if not left.name.startswith(ours):
+                    remove_quietly(left)
         temporary = final.with_name(f".{final.stem}.{uuid.uuid4().hex[:8]}.partial{final.suffix}")
         self._outputs.append((temporary, final))
         return temporary
+
+    def _make_folder(self, folder: Path) -> None:
+        missing = [p for p in (folder, *folder.parents) if not os.path.lexists(p)]
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise OutputError(f"{folder}: not a folder; a file is in the way of the outputs") from None
+        except OSError as error:
+            raise output_error(folder, error.strerror) from None
+        self._made += missing
 
     def __enter__(self) -> AtomicOutputs:
         return self
 
     def __exit__(self, kind, error, traceback) -> None:
+        committed = False
         try:
             if kind is None:
                 self.commit()
+                committed = True
         finally:
             self.discard()
+            self._locks.close()
+            if not committed:
+                for folder in sorted(self._made, key=lambda folder: len(folder.parts), reverse=True):
+                    with contextlib.suppress(OSError):  # not empty: something else is in it
+                        folder.rmdir()
 
     def commit(self) -> None:
         """Rename every temporary (and its side files) to its final name. SIGINT and SIGTERM wait
@@ -52,7 +86,7 @@ class AtomicOutputs:
                     continue
                 target = final.with_name(final.stem + part.name[len(stem):])
                 if target.is_dir():
-                    raise IsADirectoryError(f"{target}: a folder is in the way of this output")
+                    raise OutputError(f"{target}: a folder is in the way of this output")
                 moves.append((part, target))
         token = uuid.uuid4().hex[:8]
         with _signals_held() as caught:
@@ -67,12 +101,14 @@ class AtomicOutputs:
                     os.replace(part, target)
                 if caught:
                     raise InterruptedError("a signal came while the outputs were renamed")
-            except BaseException:
+            except BaseException as error:
                 for part, target, replaced in reversed(done):
                     if not os.path.lexists(part):
                         os.replace(target, part)
                     if replaced is not None:
                         os.replace(replaced, target)
+                if isinstance(error, OSError) and not isinstance(error, (OutputError, InterruptedError)):
+                    raise output_error(target, error.strerror or str(error)) from None  # a rename failed
                 raise
             for _, _, replaced in done:
                 if replaced is not None:
@@ -88,9 +124,43 @@ class AtomicOutputs:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds."""
+    """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds. An
+    OSError in the block (writing the temporary: a full disk) is an ``OutputError`` naming ``path``."""
     with AtomicOutputs() as outputs:
-        yield outputs.path(path)
+        temporary = outputs.path(path)
+        try:
+            yield temporary
+        except OutputError:
+            raise
+        except OSError as error:
+            raise output_error(path, error.strerror or str(error)) from None
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path):
+    """Hold an exclusive ``flock`` on ``folder`` itself for the block, or refuse at once if another
+    process holds it. The system lets go of it when a process dies, even by SIGKILL, and it leaves no
+    file behind. Yields whether it is held: not where the system cannot lock a folder (no ``fcntl`` on
+    Windows; NFS, whose exclusive locks need a file open for writing)."""
+    try:
+        import fcntl
+        handle = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):
+        yield False
+        return
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held = True
+    except BlockingIOError:
+        os.close(handle)
+        raise OutputError(f"{folder}: another GeoChange run is writing its outputs into this folder; "
+                          "wait until it ends or choose another folder") from None
+    except OSError:
+        held = False
+    try:
+        yield held
+    finally:
+        os.close(handle)
 
 
 @contextlib.contextmanager
@@ -124,5 +194,5 @@ def remove_quietly(path: Path) -> None:
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
         else:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):  # gone, or a read-only folder: never an error over the first
                 p.unlink()

@@ -46,7 +46,7 @@ def _cmd_evaluate(args) -> int:
 
     summary = evaluate_folder(load_package(args.model), args.data, device=args.device, tile=args.tile,
                               overlap=args.overlap, batch=args.batch, threshold=args.threshold,
-                              progress=TqdmProgress("evaluate"))
+                              ignore_value=args.ignore_value, progress=TqdmProgress("evaluate"))
     print(format_summary(summary))
     if args.json:
         with atomic_path(args.json) as tmp:
@@ -62,9 +62,15 @@ def _cmd_import(args) -> int:
 
 
 def _cmd_info(args) -> int:
+    from geochange.engine.package import PackageError, read_metadata
     from geochange.engine.router import describe_model
 
-    described = describe_model(args.model)
+    stored = read_metadata(args.model)  # refuses what is not a package
+    try:
+        described = describe_model(args.model)
+    except PackageError:  # a malformed manifest: show it as stored (JSON escapes control characters)
+        print(json.dumps(stored, indent=2))
+        raise
     print(json.dumps(described["manifest"], indent=2) if args.json else described["text"])
     return 0
 
@@ -112,12 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def run_options(p):
-        p.add_argument("--tile", type=_positive(int), default=512, help="window size in pixels (default 512)")
+        p.add_argument("--tile", type=_positive(int), default=512,
+                       help="window size in pixels, at least 32 (default 512)")
         p.add_argument("--overlap", type=int, default=64, help="overlap of neighbouring windows (default 64)")
         p.add_argument("--batch", type=_positive(int), default=4, help="windows per model call (default 4)")
         p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
         p.add_argument("--threshold", type=float, default=None,
-                       help="change if probability > this (default: the package's, usually 0.5)")
+                       help="change if probability > this, in [0, 1] (default: the package's, usually 0.5)")
 
     p = sub.add_parser("detect", help="change probability, mask and polygons for a raster pair")
     p.add_argument("pre", help="pre-event raster")
@@ -146,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True, help="folder with A/, B/, label/")
     p.add_argument("--json", help="also write the metrics as JSON here")
+    p.add_argument("--ignore-value", type=float,
+                   help="label value of unlabelled pixels, left out of every metric (e.g. 255 beside 0/1)")
     run_options(p)
     p.set_defaults(run=_cmd_evaluate)
 

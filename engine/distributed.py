@@ -55,8 +55,8 @@ def distributed_detect(pre_path, post_path, model, *, probability, mask, polygon
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
     progress = progress if rank == 0 else Progress()
     try:
-        setup = prepare(pre_path, post_path, model, device=device, progress=progress or Progress(), readers=readers,
-                        **options)
+        setup = prepare(pre_path, post_path, model, batch=batch, device=device, progress=progress or Progress(),
+                        readers=readers, **options)
         plan, row_starts = setup.plan, setup.plan.rows
         mine = rank_tile_rows(len(row_starts), world, rank)
         token = [uuid.uuid4().hex[:8] if rank == 0 else None]
@@ -72,7 +72,7 @@ def distributed_detect(pre_path, post_path, model, *, probability, mask, polygon
                 read = setup.reader()
                 try:
                     halo = _halo_start(row_starts, min(plan.tile, plan.height), mine.start)
-                    for start, prob, valid in stream_rows(setup.predictor, plan, read, batch=batch,
+                    for start, prob, valid in stream_rows(setup.predictor, plan, read, batch=setup.batch,
                                                           progress=progress, readers=setup.readers,
                                                           tile_rows=range(halo, mine.stop)):
                         if start >= first_row:

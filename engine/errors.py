@@ -1,4 +1,9 @@
 """Errors the engine reports to users; each message names the problem and the file."""
+from __future__ import annotations
+
+import contextlib
+import shutil
+from pathlib import Path
 
 
 class GeoChangeError(Exception):
@@ -18,3 +23,43 @@ class RasterError(GeoChangeError, ValueError):
 
 class OptionError(GeoChangeError, ValueError):
     """An option's value cannot be used (a tile size, an overlap)."""
+
+
+class OutputError(GeoChangeError, OSError):
+    """An output cannot be written (a folder that cannot be made or written in, a file in the way, a full disk)."""
+
+
+# How a full disk shows in OS and GDAL messages: strerror (libtiff quotes it), SQLite (GeoPackage),
+# GDAL's estimate before it creates a large uncompressed GeoTIFF.
+_DISK_FULL = ("no space left", "disk is full", "free disk space available")
+_NEARLY_FULL_BYTES = 2**20
+
+
+def output_error(path, detail: str) -> OutputError:
+    """``path`` could not be written (``detail``: an OS or GDAL message), as one line. A full disk is
+    named as such even where ``detail`` does not say so: GeoJSON and shapefile writers give no reason."""
+    path = Path(path)
+    folder = next(p for p in path.parents if p.exists())
+    if any(words in detail.lower() for words in _DISK_FULL) or shutil.disk_usage(folder).free < _NEARLY_FULL_BYTES:
+        return OutputError(f"{path}: no space left on the device")
+    lines = detail.strip().splitlines()  # the first line, cut short: SQLite quotes whole statements
+    return OutputError(f"{path}: cannot be written: {lines[0][:300] if lines else 'no reason given'}")
+
+
+@contextlib.contextmanager
+def gdal_write_errors(path):
+    """A block of GDAL calls writing ``path``: a failure GDAL reports in it raises ``OutputError``
+    once it ends, even where the call that failed returned no error (a flush in a destructor, a
+    driver that goes on). GDAL keeps error handlers per thread: threads do not see each other's."""
+    from osgeo import gdal
+
+    failures = []
+    gdal.PushErrorHandler(lambda kind, number, message: failures.append(message) if kind >= gdal.CE_Failure else None)
+    try:
+        yield
+    except RuntimeError as error:  # GDAL's exceptions, where another library in this process turned them on
+        failures.append(str(error))
+    finally:
+        gdal.PopErrorHandler()
+    if failures:
+        raise output_error(path, failures[0])

@@ -1,4 +1,5 @@
-"""Evaluate a package on a folder dataset ``A/ B/ label/`` (same file names; labels 0/1 or 0/255)."""
+"""Evaluate a package on a folder dataset ``A/ B/ label/`` (same file names; labels 0/1 or 0/255,
+optionally with a value that marks unlabelled pixels)."""
 from __future__ import annotations
 
 import os
@@ -6,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from geochange.engine.errors import GeoChangeError
-from geochange.engine.inference import predict_plan
+from geochange.engine.errors import GeoChangeError, RasterError
+from geochange.engine.inference import check_threshold, predict_plan
 from geochange.engine.metrics import ConfusionMeter
 from geochange.engine.package import ModelPackage
 from geochange.engine.predict import Predictor
@@ -23,7 +24,8 @@ def dataset_pairs(root: str | os.PathLike) -> list[tuple[Path, Path, Path]]:
     for folder in folders:
         if not folder.is_dir():
             raise GeoChangeError(f"{root}: a folder dataset needs A/, B/ and label/; {folder.name}/ is missing")
-    names = sorted(p.name for p in folders[0].iterdir() if p.is_file())
+    # Hidden files (.DS_Store, editors' temporaries) are not images.
+    names = sorted(p.name for p in folders[0].iterdir() if p.is_file() and not p.name.startswith("."))
     if not names:
         raise GeoChangeError(f"{folders[0]}: no images")
     lacking = [f"{f.name}/{n}" for n in names for f in folders[1:] if not (f / n).is_file()]
@@ -32,21 +34,49 @@ def dataset_pairs(root: str | os.PathLike) -> list[tuple[Path, Path, Path]]:
     return [tuple(f / n for f in folders) for n in names]
 
 
+def change_label(raw: np.ndarray, where, ignore_value: float | None = None,
+                 ignore_option: str = "--ignore-value") -> tuple[np.ndarray, np.ndarray]:
+    """``(change, labelled)`` boolean masks of a label band: 0 = no change, 1 (a 0/1 label) or 255 (a
+    0/255 label) = change, ``ignore_value`` = not labelled.
+
+    Any other value, or 1 and 255 together, is refused: counting every non-zero value as change would
+    silently turn the unlabelled pixels of a sparse label (255 beside 0/1) or other classes into change.
+    ``ignore_option`` is how the caller's user gives ``ignore_value``, for the hint.
+    """
+    labelled = np.ones(raw.shape, bool) if ignore_value is None else raw != ignore_value
+    values = set(np.unique(raw[labelled]).tolist())
+    if values <= {0, 1} or values <= {0, 255}:
+        return labelled & (raw != 0), labelled
+    found = ", ".join(f"{v:g}" for v in sorted(values))
+    ignoring = "" if ignore_value is None else f" (besides the ignored {ignore_value:g})"
+    extra = sorted(values - {0, 1})
+    hint = (f"; if {extra[0]:g} marks unlabelled pixels, give {ignore_option} {extra[0]:g}" if len(extra) == 1
+            else "")
+    raise RasterError(f"{where}: label values {found}{ignoring}; a label must be 0 (no change) and 1 or 255 "
+                      f"(change){hint}")
+
+
 def evaluate_folder(package: ModelPackage, root: str | os.PathLike, *, device: str = "auto",
                     tile: int = 512, overlap: int = 64, batch: int = 4, threshold: float | None = None,
-                    progress: Progress | None = None) -> dict:
+                    ignore_value: float | None = None, progress: Progress | None = None) -> dict:
     """Metrics (global and per image) of the package's predictions on every pair of the dataset.
 
-    Images up to ``tile`` px are predicted whole, as the papers test; larger ones tile by tile.
+    Images up to ``tile`` px are predicted whole, as the papers test; larger ones tile by tile. Label
+    pixels equal to ``ignore_value`` count in no metric.
     """
     progress = progress or Progress()
-    threshold = package.threshold if threshold is None else threshold
+    threshold = package.threshold if threshold is None else check_threshold(threshold)
     predictor = Predictor(package, device)
     meter = ConfusionMeter()
     pairs = dataset_pairs(root)
     for i, (path_a, path_b, path_label) in enumerate(pairs):
         progress.check()
         pre, post, label = read_image(path_a), read_image(path_b), read_image(path_label)[0]
+        for path, shape in ((path_b, post.shape[1:]), (path_label, label.shape)):
+            if shape != pre.shape[1:]:
+                raise RasterError(f"{path} is {shape[1]}x{shape[0]} px but {path_a} is "
+                                  f"{pre.shape[2]}x{pre.shape[1]} px; a pair and its label must have one size")
+        change, labelled = change_label(label, path_label, ignore_value)
         check_band_counts(pre, post, package.manifest["inputs"], f"{path_a.parent.parent}/{{A,B}}/{path_a.name}",
                           "the dataset does not suit this model")
         plan = WindowPlan(pre.shape[1], pre.shape[2], tile, overlap)
@@ -54,6 +84,6 @@ def evaluate_folder(package: ModelPackage, root: str | os.PathLike, *, device: s
         prob = predict_plan(predictor, plan, lambda w: (pre[(slice(None), *w.toslices())],
                                                          post[(slice(None), *w.toslices())],
                                                          everywhere[w.toslices()]), batch=batch, readers=0)
-        meter.add(prob > threshold, label > 0)
+        meter.add(prob > threshold, change, labelled)
         progress.update(i + 1, len(pairs))
     return meter.summary()

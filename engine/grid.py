@@ -2,7 +2,8 @@
 
 By default the pre image's CRS and resolution over the intersection of both footprints, snapped to
 the pre image's pixel lattice (so the pre image is read without resampling). A date whose grid
-differs is warped on the fly, window by window, through a ``WarpedVRT`` (bilinear).
+differs is warped on the fly, window by window, through a ``WarpedVRT`` (bilinear). The grid is always
+north-up: a rotated or sheared date is warped onto it, as GDAL's warper does.
 """
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from pathlib import Path
 from affine import Affine
 from rasterio.crs import CRS
 from rasterio.enums import Resampling
-from rasterio.errors import RasterioIOError
+from rasterio.env import Env
+from rasterio.errors import CRSError, RasterioIOError
 from rasterio.vrt import WarpedVRT
-from rasterio.warp import calculate_default_transform, transform_bounds
+from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
 from geochange.engine.errors import OptionError, RasterError
@@ -24,6 +26,10 @@ from geochange.engine.rasters import corrupt_pixels
 
 # Below this share of either image inside the common extent, a warning is given.
 SMALL_OVERLAP = 0.5
+# Past a million by a million pixels (4 TB of float32 probability), a grid is taken for a mistaken
+# resolution or CRS rather than a run to start; GDAL's rasters have at most 2**31 - 1 pixels a side.
+MAX_PIXELS = 10**12
+MAX_SIDE = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -43,11 +49,25 @@ class Grid:
                 and src.transform.almost_equals(self.transform))
 
 
+def north_up(transform: Affine) -> bool:
+    """Rows run south and columns east, unrotated and unsheared: read without warping only then."""
+    return transform.b == transform.d == 0 and transform.a > 0 > transform.e
+
+
 def _resolution(src, crs: CRS) -> tuple[float, float]:
+    """The pixel size of ``src`` in ``crs``: its own (along its rows and columns, however rotated),
+    or GDAL's suggested output resolution in another CRS (which takes a rotation into account)."""
     if src.crs == crs:
-        return abs(src.transform.a), abs(src.transform.e)
-    transform, _, _ = calculate_default_transform(src.crs, crs, src.width, src.height, *src.bounds)
-    return abs(transform.a), abs(transform.e)
+        return src.res
+    with WarpedVRT(src, crs=crs) as vrt:
+        return vrt.res
+
+
+def _extent(src) -> tuple[float, float, float, float]:
+    """(left, bottom, right, top) of a raster's four corners, however it is rotated, sheared or flipped."""
+    xs, ys = zip(*(src.transform * corner for corner in
+                   ((0, 0), (src.width, 0), (0, src.height), (src.width, src.height))))
+    return min(xs), min(ys), max(xs), max(ys)
 
 
 def _area(b) -> float:
@@ -66,21 +86,29 @@ def common_grid(pre, post, *, on: str = "pre", crs: str | None = None,
     for src in (pre, post):
         if src.crs is None:
             raise RasterError(f"{Path(src.name).name}: the raster has no CRS; it cannot be aligned")
-    target = CRS.from_user_input(crs) if crs else reference.crs
+    try:
+        with Env():  # GDAL's own complaint goes to rasterio's log, not to stderr
+            target = CRS.from_user_input(crs) if crs else reference.crs
+    except CRSError:  # whose message, "The WKT could not be parsed", misleads for an EPSG code
+        raise OptionError(f"crs {crs!r} is not a coordinate reference system GDAL knows "
+                          "(an EPSG code, WKT or PROJ string)") from None
     res_x, res_y = (resolution, resolution) if resolution else _resolution(reference, target)
-    footprints = [transform_bounds(src.crs, target, *src.bounds, densify_pts=21) for src in (pre, post)]
+    footprints = [transform_bounds(src.crs, target, *_extent(src), densify_pts=21) for src in (pre, post)]
     left, bottom = max(footprints[0][0], footprints[1][0]), max(footprints[0][1], footprints[1][1])
     right, top = min(footprints[0][2], footprints[1][2]), min(footprints[0][3], footprints[1][3])
+    if resolution and right - left > 0 and top - bottom > 0 and (right - left < res_x or top - bottom < res_y):
+        raise OptionError(f"resolution {resolution:g} is coarser than the overlap of the two rasters "
+                          f"({right - left:.6g} x {top - bottom:.6g} in {target})")
     if right - left < res_x or top - bottom < res_y:
         raise RasterError(
             "the two rasters do not overlap.\n"
-            f"  pre  {Path(pre.name).name}: {tuple(round(v, 6) for v in pre.bounds)} in {pre.crs}\n"
-            f"  post {Path(post.name).name}: {tuple(round(v, 6) for v in post.bounds)} in {post.crs}")
+            f"  pre  {Path(pre.name).name}: {tuple(round(v, 6) for v in _extent(pre))} in {pre.crs}\n"
+            f"  post {Path(post.name).name}: {tuple(round(v, 6) for v in _extent(post))} in {post.crs}")
     for name, footprint in zip(("pre", "post"), footprints):
         share = _area((left, bottom, right, top)) / _area(footprint)
         if share < SMALL_OVERLAP:
             warn(f"only {100 * share:.1f} % of the {name} image overlaps the other date")
-    if target == reference.crs and not resolution:
+    if target == reference.crs and not resolution and north_up(reference.transform):
         # Snap to the reference's own pixel lattice so that it is read without resampling.
         t = reference.transform
         col0 = math.ceil((left - t.c) / t.a - 1e-6)
@@ -88,8 +116,12 @@ def common_grid(pre, post, *, on: str = "pre", crs: str | None = None,
         row0 = math.ceil((top - t.f) / t.e - 1e-6)
         row1 = math.floor((bottom - t.f) / t.e + 1e-6)
         return Grid(target, t * Affine.translation(col0, row0), col1 - col0, row1 - row0)
-    width, height = int((right - left) // res_x), int((top - bottom) // res_y)
-    return Grid(target, Affine(res_x, 0, left, 0, -res_y, top), width, height)
+    width, height = (right - left) // res_x, (top - bottom) // res_y
+    if width * height > MAX_PIXELS or max(width, height) > MAX_SIDE:
+        raise OptionError(f"the common grid would be {width:.4g} x {height:.4g} px at a resolution of "
+                          f"{res_x:.4g} x {res_y:.4g} in {target} (at most {MAX_PIXELS:.0e} px and "
+                          f"{MAX_SIDE} px a side); choose a coarser resolution")
+    return Grid(target, Affine(res_x, 0, left, 0, -res_y, top), int(width), int(height))
 
 
 class GridReader:
@@ -100,8 +132,8 @@ class GridReader:
         self._stack = contextlib.ExitStack()
         self.path = src.name
         t, g = src.transform, grid.transform
-        col, row = (g.c - t.c) / t.a, (g.f - t.f) / t.e
-        on_lattice = (src.crs == grid.crs and math.isclose(t.a, g.a) and math.isclose(t.e, g.e)
+        col, row = ~t * (g.c, g.f)  # the grid's origin in the dataset's pixels
+        on_lattice = (src.crs == grid.crs and north_up(t) and math.isclose(t.a, g.a) and math.isclose(t.e, g.e)
                       and abs(col - round(col)) < 1e-6 and abs(row - round(row)) < 1e-6)
         # Whether GDAL masks any pixel: a warped read marks what lies outside the source.
         self.masked = not on_lattice or _has_mask(src)

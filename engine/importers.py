@@ -7,6 +7,7 @@ tensor must be filled; otherwise the import is refused with the offending keys l
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from pathlib import Path
 
@@ -119,8 +120,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         raise WeightsImportError(f"{path}: no such checkpoint")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's message suggests weights_only=False, which could run the file
+        raise WeightsImportError(f"{path}: cannot be read as a tensor checkpoint: not a torch.save file, or "
+                                 "one holding Python objects besides tensors, which are never unpickled") from None
     except Exception as e:  # torch raises several types for truncated or non-tensor pickles
-        raise WeightsImportError(f"{path}: cannot be read as a tensor checkpoint ({type(e).__name__}: {e})") from None
+        raise WeightsImportError(f"{path}: cannot be read as a tensor checkpoint ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0]})") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
@@ -135,8 +140,9 @@ def import_weights(fmt: str, source: str | os.PathLike, destination: str | os.Pa
         raise WeightsImportError(f"unknown format {fmt!r}; known: {', '.join(sorted(FORMATS))}")
     info = FORMATS[fmt]
     model = models.create(info["architecture"])
+    checkpoint = read_checkpoint(source)  # its errors name the file
     try:
-        state = map_state_dict(read_checkpoint(source), info["rules"], model)
+        state = map_state_dict(checkpoint, info["rules"], model)
     except WeightsImportError as e:
         raise WeightsImportError(f"{source}: {e}") from None
     model.load_state_dict(state, strict=True)

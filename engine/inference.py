@@ -206,6 +206,7 @@ class DetectSetup:
     threshold: float
     paths: tuple[Path, Path]
     readers: int  # reader threads (0: read in the model's thread)
+    batch: int  # windows per model call, lowered to fit the machine's memory
 
     def reader(self) -> PairReader:
         return PairReader(*self.paths, self.grid, *self.bands)
@@ -222,7 +223,39 @@ def blocks_in_use(width: int, tile: int, dates, readers: int = 1) -> int:
     return readers * inputs + 2 * BLOCK * width * (4 + 1) * 4 // 3
 
 
-def prepare(pre_path, post_path, model, *, tile: int = 512, overlap: int = 64, device: str = "auto",
+def check_threshold(threshold: float | None) -> float | None:
+    """A change threshold given by the user (None: the package's) is a probability."""
+    if threshold is not None and not 0 <= threshold <= 1:
+        raise OptionError(f"threshold must be in [0, 1], not {threshold}")
+    return threshold
+
+
+def physical_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def fit_batch(plan: WindowPlan, batch: int, channels: int, log=lambda message: None) -> int:
+    """``batch``, lowered where the least memory the run needs exceeds the machine's; a tile too large
+    for even one window is refused. The least: each window's float32 model input (``channels`` of both
+    dates) and the rows blended for a tile row (two float32 sums and a validity byte a pixel). The
+    model's activations come on top, so what is refused could never have run."""
+    h, w = min(plan.tile, plan.height), min(plan.tile, plan.width)
+    per_window, rows = h * w * channels * 4, h * plan.width * 9
+    memory, gib = physical_memory(), 2**30
+    fits = (memory - rows) // per_window
+    if fits < 1:
+        raise OptionError(f"a tile of {plan.tile} px over a grid {plan.width} px wide needs at least "
+                          f"{(rows + per_window) / gib:.1f} GiB, more than this machine's {memory / gib:.1f} GiB "
+                          "of memory: lower the tile size")
+    used = min(batch, len(plan.cols))  # a batch never spans two tile rows
+    if used > fits:
+        log(f"batch lowered from {batch} to {fits} windows: {used} windows of {h}x{w} px need at least "
+            f"{(rows + used * per_window) / gib:.1f} GiB, more than this machine's {memory / gib:.1f} GiB of memory")
+        return fits
+    return batch
+
+
+def prepare(pre_path, post_path, model, *, tile: int = 512, overlap: int = 64, batch: int = 4, device: str = "auto",
             precision: str = "bf16", threads: int | None = None, tta: bool = False,
             threshold: float | None = None, pre_bands: list[int] | None = None, post_bands: list[int] | None = None,
             grid: str = "pre", crs: str | None = None, resolution: float | None = None, sar_db: bool = False,
@@ -230,6 +263,7 @@ def prepare(pre_path, post_path, model, *, tile: int = 512, overlap: int = 64, d
             progress: Progress | None = None) -> DetectSetup:
     """Load the model, check both rasters against it and find their common grid (see ``detect``)."""
     progress = progress or Progress()
+    check_threshold(threshold)
     package = model if isinstance(model, (ModelPackage, RouterPackage)) else load_model(model)
     if threads:
         torch.set_num_threads(threads)
@@ -252,12 +286,13 @@ def prepare(pre_path, post_path, model, *, tile: int = 512, overlap: int = 64, d
         readers = default_readers(predictor) if readers is None else readers
         bound_gdal_cache(blocks_in_use(common.width, tile, [(pre, bands[0]), (post, bands[1])], max(1, readers)))
     plan = WindowPlan(common.height, common.width, tile, overlap)
+    batch = fit_batch(plan, batch, len(bands[0]) + len(bands[1]), progress.log)
     threads = torch.get_num_threads()
     on = f"cpu, {threads} thread{'s' * (threads != 1)}" if _on_cpu(predictor) else predictor.device
     progress.log(f"{common.width}x{common.height} px in {common.crs}: {len(plan)} windows of "
                  f"{min(tile, common.height)}x{min(tile, common.width)} px on {on}")
     return DetectSetup(predictor, common, bands, plan, package.threshold if threshold is None else float(threshold),
-                       (Path(pre_path), Path(post_path)), readers)
+                       (Path(pre_path), Path(post_path)), readers, batch)
 
 
 def write_outputs(setup: DetectSetup, bands: Iterator[tuple[int, np.ndarray, np.ndarray]], *, probability, mask,
@@ -308,10 +343,11 @@ def detect(pre_path: str | os.PathLike, post_path: str | os.PathLike, model: str
     Every output is written under a temporary name and renamed only when all succeeded.
     """
     progress = progress or Progress()
-    setup = prepare(pre_path, post_path, model, progress=progress, readers=readers, **options)
+    setup = prepare(pre_path, post_path, model, batch=batch, progress=progress, readers=readers, **options)
     read = setup.reader()
     try:
-        rows = stream_rows(setup.predictor, setup.plan, read, batch=batch, progress=progress, readers=setup.readers)
+        rows = stream_rows(setup.predictor, setup.plan, read, batch=setup.batch, progress=progress,
+                           readers=setup.readers)
         return write_outputs(setup, rows, probability=probability, mask=mask, polygons=polygons,
                              min_area=min_area, simplify=simplify, progress=progress)
     finally:

@@ -4,7 +4,8 @@ Probability and mask are staged as tiled GeoTIFFs whose overviews are built as t
 copied into Cloud-Optimised GeoTIFFs when the last row is in (the copy compresses on every core: the
 probability with ZSTD, the mask with DEFLATE); polygons are assembled across band seams and appended to
 the vector file. Nothing appears under a final name before ``close()``, which renames all three
-together; ``abort()`` (error, cancel) removes every temporary.
+together; ``abort()`` (error, cancel) removes every temporary. Whatever GDAL fails to write (a full
+disk) raises ``OutputError`` naming the output.
 """
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import contextlib
 from pathlib import Path
 
 import numpy as np
-import rasterio.shutil
 
-from geochange.engine.atomic import AtomicOutputs
+from geochange.engine.atomic import AtomicOutputs, remove_quietly
+from geochange.engine.errors import OutputError, gdal_write_errors, output_error
 from geochange.engine.grid import Grid
 from geochange.engine.vectorize import PolygonAssembler, PolygonWriter
 
@@ -53,23 +54,26 @@ class StagedRaster:
     nodata is spread unevenly, GDAL's AVERAGE of a level is the mean of the means of the level below,
     not of the valid pixels.)"""
 
-    def __init__(self, path: Path, grid: Grid, dtype: str, nodata: float, *, average: bool, compress: str):
+    def __init__(self, path: Path, grid: Grid, dtype: str, nodata: float, *, average: bool, compress: str,
+                 name: Path | None = None):
         from osgeo import gdal, gdal_array
 
         self.dtype, self.nodata, self.average, self.height = np.dtype(dtype), nodata, average, grid.height
-        self._ds = gdal.GetDriverByName("GTiff").Create(
-            str(path), grid.width, grid.height, 1, gdal_array.NumericTypeCodeToGDALTypeCode(self.dtype),
-            # BigTIFF always: GDAL's size estimate at creation leaves out the overviews added after it.
-            options=["TILED=YES", f"BLOCKXSIZE={BLOCK}", f"BLOCKYSIZE={BLOCK}", f"COMPRESS={compress}",
-                     "BIGTIFF=YES"])
-        if self._ds is None:
-            raise OSError(f"{path}: GDAL cannot create a GeoTIFF here: {gdal.GetLastErrorMsg()}")
-        self._ds.SetGeoTransform(grid.transform.to_gdal())
-        self._ds.SetProjection(grid.crs.to_wkt())
-        band = self._ds.GetRasterBand(1)
-        band.SetNoDataValue(nodata)
-        if self._ds.BuildOverviews("NONE", overview_factors(grid.width, grid.height)) != 0:  # empty levels
-            raise OSError(f"{path}: GDAL cannot add overviews: {gdal.GetLastErrorMsg()}")
+        self.name = name or path  # the output that errors name
+        with gdal_write_errors(self.name):
+            self._ds = gdal.GetDriverByName("GTiff").Create(
+                str(path), grid.width, grid.height, 1, gdal_array.NumericTypeCodeToGDALTypeCode(self.dtype),
+                # BigTIFF always: GDAL's size estimate at creation leaves out the overviews added after it.
+                options=["TILED=YES", f"BLOCKXSIZE={BLOCK}", f"BLOCKYSIZE={BLOCK}", f"COMPRESS={compress}",
+                         "BIGTIFF=YES"])
+            if self._ds is None:
+                raise output_error(self.name, gdal.GetLastErrorMsg())
+            self._ds.SetGeoTransform(grid.transform.to_gdal())
+            self._ds.SetProjection(grid.crs.to_wkt())
+            band = self._ds.GetRasterBand(1)
+            band.SetNoDataValue(nodata)
+            if self._ds.BuildOverviews("NONE", overview_factors(grid.width, grid.height)) != 0:  # empty levels
+                raise output_error(self.name, f"cannot add overviews: {gdal.GetLastErrorMsg()}")
         self._levels = [band] + [band.GetOverview(i) for i in range(band.GetOverviewCount())]
         self._next_row = [0] * len(self._levels)
         self._carry = [None] * len(self._levels)  # per overview level, an odd row waiting for its pair
@@ -103,21 +107,28 @@ class StagedRaster:
                 self._put(level, rows[0])
 
     def _put(self, level: int, values: np.ndarray) -> None:
-        if self._levels[level].WriteArray(values.astype(self.dtype, copy=False), 0, self._next_row[level]) != 0:
-            from osgeo import gdal
-            raise OSError(f"GDAL could not write rows from {self._next_row[level]} (overview level {level}): "
-                          f"{gdal.GetLastErrorMsg()}")
+        # Written to GDAL's block cache: a block it flushes to disk meanwhile may fail, whatever it returns.
+        with gdal_write_errors(self.name):
+            if self._levels[level].WriteArray(values.astype(self.dtype, copy=False), 0, self._next_row[level]) != 0:
+                from osgeo import gdal
+                raise output_error(self.name, f"rows from {self._next_row[level]} (overview level {level}): "
+                                              f"{gdal.GetLastErrorMsg()}")
         self._next_row[level] += len(values)
 
     def finish(self) -> None:
-        """Close a raster whose every row was written (``close`` alone also ends an aborted one)."""
+        """Close a raster whose every row was written; what GDAL cannot write to the file then (the
+        blocks still in its cache) raises ``OutputError``."""
         if self._next_row[0] != self.height:  # its pyramid would be unfinished
             raise ValueError(f"only {self._next_row[0]} of {self.height} rows were written")
-        self.close()
+        with gdal_write_errors(self.name):
+            self._levels = []
+            self._ds = None  # flushes and closes the file
 
     def close(self) -> None:
-        self._levels = []
-        self._ds = None  # flushes and closes the file
+        """End an aborted raster, whose file is removed after: what GDAL reports closing it does not matter."""
+        with contextlib.suppress(OutputError), gdal_write_errors(self.name):
+            self._levels = []
+            self._ds = None
 
 
 class ChangeWriter:
@@ -125,10 +136,11 @@ class ChangeWriter:
                  simplify: float = 0.0, attributes: dict | None = None):
         self.grid, self.threshold = grid, threshold
         self._stack = contextlib.ExitStack()
-        self._finals = []  # (stage path, temporary final path, COG options) converted at close
+        self._finals = []  # (stage path, temporary path, output, COG options) converted at close
         try:
             # Entered first, left last: the files are closed and the stages removed before the renames.
-            self._outputs = self._stack.enter_context(AtomicOutputs())
+            # Exclusive: a second run into the same folders is refused, and a killed run's temporaries go.
+            self._outputs = self._stack.enter_context(AtomicOutputs(exclusive=True))
             # The probability is staged uncompressed (its low bits are noise, which no codec shrinks
             # much) and copied with ZSTD level 1, the size of DEFLATE level 1 in half its time (16384²
             # TinyCD: 1136 MB in 8.7 s against 1143 MB in 17.6 s). The mask compresses well.
@@ -144,12 +156,12 @@ class ChangeWriter:
             raise
 
     def _stage(self, path, dtype, nodata, *, compress: str, average: bool, cog_options: dict) -> StagedRaster:
-        final = self._outputs.path(path)
-        stage = final.with_name(final.stem + ".stage.tif")
-        self._finals.append((stage, final, cog_options))
+        temporary = self._outputs.path(path)
+        stage = temporary.with_name(temporary.stem + ".stage.tif")
+        self._finals.append((stage, temporary, path, cog_options))
         # Only the COG copy is kept: the staged file goes before the final one is renamed.
-        self._stack.callback(stage.unlink, missing_ok=True)
-        raster = StagedRaster(stage, self.grid, dtype, nodata, average=average, compress=compress)
+        self._stack.callback(remove_quietly, stage)
+        raster = StagedRaster(stage, self.grid, dtype, nodata, average=average, compress=compress, name=path)
         self._stack.callback(raster.close)
         return raster
 
@@ -173,13 +185,22 @@ class ChangeWriter:
 
     def close(self) -> None:
         """Finish the polygons, convert the rasters to COGs and move everything to its final name."""
+        from osgeo import gdal
+
         try:
             self._prob.finish()
             self._mask.finish()
             self._polygons.write(self._assembler.finish())
-            for stage, final, options in self._finals:
-                rasterio.shutil.copy(stage, final, driver="COG", BLOCKSIZE=BLOCK, OVERVIEWS="FORCE_USE_EXISTING",
-                                     BIGTIFF="IF_SAFER", NUM_THREADS="ALL_CPUS", **options)
+            self._polygons.finish()
+            for stage, temporary, output, options in self._finals:
+                options = dict(options, BLOCKSIZE=BLOCK, OVERVIEWS="FORCE_USE_EXISTING", BIGTIFF="IF_SAFER",
+                               NUM_THREADS="ALL_CPUS")
+                with gdal_write_errors(output):
+                    copy = gdal.GetDriverByName("COG").CreateCopy(
+                        str(temporary), gdal.Open(str(stage)), options=[f"{k}={v}" for k, v in options.items()])
+                    if copy is None:
+                        raise output_error(output, gdal.GetLastErrorMsg())
+                    del copy  # flushes and closes the file
         except BaseException:
             self.abort()
             raise

@@ -3,18 +3,30 @@
 Only tensors and JSON are read from a package; nothing is ever unpickled. The manifest says how to
 build the model (registered architecture + constructor arguments), what each date must look like
 (bands, modality, scaling, normalisation), what the output means and where the weights came from.
+A package is checked before anything it describes is allocated: every manifest field's type and range
+(``validate_manifest``), then the header's tensor names and shapes against the architecture built on
+PyTorch's meta device (``build_model``).
 """
 from __future__ import annotations
 
+import contextlib
+import copy
+import inspect
+import itertools
 import json
+import math
 import os
+import pickletools
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch.nn.modules.module import (register_module_buffer_registration_hook,
+                                     register_module_parameter_registration_hook)
 
 from geochange.engine import models
 from geochange.engine.atomic import atomic_path
@@ -24,6 +36,9 @@ from geochange.engine.inputs import model_channels
 FORMAT = "geochange-model"
 FORMAT_VERSION = 1
 METADATA_KEY = "geochange"
+# A build may register tensors it then drops (TinyCD builds an EfficientNet and keeps part of it: 805
+# registered, 279 kept); one registering more than this many times the file's tensors cannot fit it.
+BUILD_TENSORS_PER_FILE_TENSOR = 4
 
 
 class PackageError(GeoChangeError, ValueError):
@@ -56,7 +71,7 @@ def make_manifest(architecture: str, arch_kwargs: dict | None = None, *, inputs:
         "format_version": FORMAT_VERSION,
         "architecture": architecture,
         "arch_kwargs": dict(arch_kwargs or {}),
-        "inputs": inputs,
+        "inputs": copy.deepcopy(inputs),  # not the registry's own specs, which a caller may change
         "output": {"classes": 1 if spec.activation == "sigmoid" else 2,
                    "activation": spec.activation, "threshold": threshold},
         "training": dict(training or {}),
@@ -65,55 +80,160 @@ def make_manifest(architecture: str, arch_kwargs: dict | None = None, *, inputs:
     }
 
 
-def validate_manifest(manifest: dict) -> None:
-    def need(cond, what):
-        if not cond:
-            raise PackageError(f"invalid manifest: {what}")
+def is_number(value) -> bool:
+    """A finite JSON number (``true`` is not one)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
-    need(isinstance(manifest, dict), "not a JSON object")
-    need(manifest.get("format") == FORMAT, f"format is {manifest.get('format')!r}, expected {FORMAT!r}"
-         + (" (a router package: use it with detect, or load it with engine.router.load_router)"
-            if manifest.get("format") == "geochange-router" else ""))
-    need(manifest.get("format_version") == FORMAT_VERSION,
-         f"format_version {manifest.get('format_version')!r} is not supported (expected {FORMAT_VERSION})")
-    need(isinstance(manifest.get("architecture"), str), "no architecture name")
-    need(isinstance(manifest.get("arch_kwargs", {}), dict), "arch_kwargs is not an object")
+
+def is_count(value) -> bool:
+    """A whole JSON number above 0."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def need(ok: bool, where, field: str, wanted: str, value) -> None:
+    """Refuse a manifest ``field`` of the file ``where`` whose ``value`` is not ``wanted``."""
+    if not ok:
+        shown = repr(value)  # repr escapes control characters; a manifest may hold anything, cut it short
+        raise PackageError(f"{where}: manifest field {field} must be {wanted}, not "
+                           f"{shown if len(shown) <= 60 else shown[:57] + '...'}")
+
+
+def _required(mapping: dict, key: str, where, field: str):
+    if key not in mapping:
+        raise PackageError(f"{where}: manifest field {field} is missing")
+    return mapping[key]
+
+
+def _validate_arch_kwargs(architecture: str, kwargs: dict, where) -> None:
+    """Each argument must be one the factory takes, of its default's type: counts (channels, experts)
+    above 0, rates not negative."""
+    try:
+        parameters = inspect.signature(models.spec(architecture).factory).parameters
+    except KeyError:  # an unknown architecture: refused when built, still described by ``info``
+        return
+    for key, value in kwargs.items():
+        field = f"arch_kwargs.{key}"
+        if key not in parameters:
+            raise PackageError(f"{where}: manifest field {field} is not an argument of {architecture} "
+                               f"(it takes {', '.join(parameters)})")
+        default = parameters[key].default
+        if isinstance(default, bool):
+            need(isinstance(value, bool), where, field, "true or false", value)
+        elif isinstance(default, int):
+            need(is_count(value), where, field, "a whole number above 0", value)
+        elif isinstance(default, float):
+            need(is_number(value) and value >= 0, where, field, "a number of 0 or more", value)
+        elif isinstance(default, str):
+            need(isinstance(value, str), where, field, "a string", value)
+
+
+def _validate_input(spec, where, field: str) -> None:
+    need(isinstance(spec, dict), where, field, "an object", spec)
+    bands = _required(spec, "bands", where, f"{field}.bands")
+    need(is_count(bands), where, f"{field}.bands", "a whole number above 0", bands)
+    modality = _required(spec, "modality", where, f"{field}.modality")
+    need(modality in ("optical", "sar"), where, f"{field}.modality", "'optical' or 'sar'", modality)
+    if "replicate" in spec:
+        need(is_count(spec["replicate"]), where, f"{field}.replicate", "a whole number above 0", spec["replicate"])
+    need(isinstance(spec.get("dtype", ""), str), where, f"{field}.dtype", "a type name", spec.get("dtype"))
+    scale = _required(spec, "scale", where, f"{field}.scale")
+    need(is_number(scale) and scale > 0, where, f"{field}.scale", "a number above 0 (the raw value meaning 1.0)",
+         scale)
+    channels = model_channels(spec)
+    for key, above_zero in (("mean", False), ("std", True)):
+        values = _required(spec, key, where, f"{field}.{key}")
+        need(isinstance(values, list) and len(values) == channels
+             and all(is_number(v) and (v > 0 or not above_zero) for v in values),
+             where, f"{field}.{key}", f"a list of {channels} numbers" + " above 0" * above_zero, values)
+    if "db_range" in spec:
+        db = spec["db_range"]
+        need(isinstance(db, list) and len(db) == 2 and all(map(is_number, db)) and db[0] < db[1],
+             where, f"{field}.db_range", "[low, high] in dB, low below high", db)
+
+
+def validate_manifest(manifest, where) -> None:
+    """Check the type and range of every field of a package's manifest, so that nothing later meets a
+    malformed value; a ``PackageError`` names the file (``where``) and the first field that is wrong."""
+    if not isinstance(manifest, dict):
+        raise PackageError(f"{where}: the manifest must be a JSON object, not {type(manifest).__name__}")
+    fmt = manifest.get("format")
+    router = " (a router package: use it with detect, or load it with engine.router.load_router)"
+    need(fmt == FORMAT, where, "format", repr(FORMAT) + router * (fmt == "geochange-router"), fmt)
+    need(manifest.get("format_version") == FORMAT_VERSION, where, "format_version",
+         f"{FORMAT_VERSION} (the version this engine reads)", manifest.get("format_version"))
+    architecture = manifest.get("architecture")
+    need(isinstance(architecture, str), where, "architecture", "an architecture name", architecture)
+    kwargs = manifest.get("arch_kwargs", {})
+    need(isinstance(kwargs, dict), where, "arch_kwargs", "an object", kwargs)
+    _validate_arch_kwargs(architecture, kwargs, where)
     inputs = manifest.get("inputs")
-    need(isinstance(inputs, dict) and set(inputs) == {"pre", "post"}, "inputs must name 'pre' and 'post'")
-    for date, spec in inputs.items():
-        need(isinstance(spec, dict), f"inputs.{date} is not an object")
-        for key in ("bands", "modality", "scale", "mean", "std"):
-            need(key in spec, f"inputs.{date} lacks {key!r}")
-        need(spec["modality"] in ("optical", "sar"), f"inputs.{date}.modality is {spec['modality']!r}")
-        channels = model_channels(spec)
-        need(len(spec["mean"]) == channels and len(spec["std"]) == channels,
-             f"inputs.{date}: mean/std need {channels} values")
+    need(isinstance(inputs, dict) and set(inputs) == {"pre", "post"}, where, "inputs",
+         "an object naming 'pre' and 'post'", inputs)
+    for date in ("pre", "post"):
+        _validate_input(inputs[date], where, f"inputs.{date}")
     output = manifest.get("output")
-    need(isinstance(output, dict) and output.get("activation") in ("sigmoid", "softmax"),
-         "output.activation must be sigmoid or softmax")
+    need(isinstance(output, dict), where, "output", "an object", output)
+    activation = output.get("activation")
+    need(activation in ("sigmoid", "softmax"), where, "output.activation", "'sigmoid' or 'softmax'", activation)
+    classes = 1 if activation == "sigmoid" else 2
+    need(output.get("classes", classes) == classes, where, "output.classes", f"{classes} for {activation}",
+         output.get("classes"))
+    if "threshold" in output:
+        threshold = output["threshold"]
+        need(is_number(threshold) and 0 <= threshold <= 1, where, "output.threshold", "a number in [0, 1]",
+             threshold)
+    need(isinstance(manifest.get("training", {}), dict), where, "training", "an object", manifest.get("training"))
+    for key in ("licence", "source"):
+        need(isinstance(manifest.get(key, ""), str), where, key, "a string", manifest.get(key))
+
+
+def write_package(tensors: dict, manifest: dict, path: str | os.PathLike) -> Path:
+    """Write ``tensors`` and ``manifest`` (any format's) to ``path`` atomically, with the permissions the
+    user's other new files get."""
+    path = Path(path)
+    if path.is_dir():
+        raise PackageError(f"{path}: is a folder; name the package file, e.g. {path / 'model.safetensors'}")
+    try:
+        with atomic_path(path) as tmp:
+            tmp.touch()  # created with the user's umask: safetensors alone would make the file 0600
+            mode = tmp.stat().st_mode
+            save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(manifest, sort_keys=True)})
+            tmp.chmod(mode)
+    except (OSError, SafetensorError) as e:
+        raise PackageError(f"{path}: cannot be written ({e})") from None
+    return path
 
 
 def save_package(model: torch.nn.Module, manifest: dict, path: str | os.PathLike) -> Path:
     """Write ``model``'s state and ``manifest`` to ``path`` atomically."""
-    validate_manifest(manifest)
+    validate_manifest(manifest, path)
     # safetensors refuses shared storage; contiguous clones keep the file self-contained.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(manifest, sort_keys=True)})
-    return path
+    return write_package(tensors, manifest, path)
+
+
+def _is_pickle(path: Path) -> bool:
+    """Whether the file parses as a pickle of any protocol (``pickletools`` reads it, never runs it)."""
+    with open(path, "rb") as f:
+        try:
+            return any(opcode.name == "STOP" for opcode, _, _ in pickletools.genops(f))
+        except ValueError:  # an unknown opcode, or cut short
+            return False
 
 
 def check_header(path: Path) -> None:
     """Name the common wrong files before safetensors gives a terse error."""
     if not path.is_file():
         raise PackageError(f"{path}: no such model file")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head, json_start = f.read(8), f.read(1)
-    # torch.save writes a zip ("PK") or a bare pickle (0x80, protocol); a safetensors header length may
-    # also start with byte 0x80, but its JSON header follows at byte 8.
-    if head[:2] == b"PK" or head[:1] == b"\x80" and json_start != b"{":
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head, json_start = f.read(8), f.read(1)
+        # torch.save writes a zip ("PK") or a bare pickle; a safetensors file's JSON header starts at byte 8.
+        pickled = head[:2] == b"PK" or json_start != b"{" and _is_pickle(path)
+    except OSError as e:
+        raise PackageError(f"{path}: cannot be read ({e.strerror})") from None
+    if pickled:
         raise PackageError(f"{path}: this is a PyTorch pickle checkpoint, not a GeoChange package; "
                            "it is never unpickled. Convert it with `geochange import-weights`.")
     if len(head) < 8:
@@ -124,57 +244,113 @@ def check_header(path: Path) -> None:
                            f"{header_len} bytes, file has {size})")
 
 
-def read_manifest(path: str | os.PathLike) -> dict:
-    """The manifest of a package, validated, without loading its tensors."""
-    path = Path(path)
-    check_header(path)
+def _read(path: Path, what):
+    """``what(f)`` of the file opened by safetensors, which checks that the header's tensors lie within
+    the file; its errors name the file."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+            return what(f)
     except (SafetensorError, OSError, ValueError) as e:
         raise PackageError(f"{path}: not a valid safetensors file; it is corrupt or truncated ({e})") from None
+
+
+def read_metadata(path: str | os.PathLike):
+    """The manifest in a package's header as stored, of any format and not validated."""
+    path = Path(path)
+    check_header(path)
+    meta = _read(path, lambda f: f.metadata()) or {}
     if METADATA_KEY not in meta:
         raise PackageError(f"{path}: a safetensors file without a GeoChange manifest "
                            f"(header metadata key {METADATA_KEY!r} is missing)")
     try:
-        manifest = json.loads(meta[METADATA_KEY])
+        return json.loads(meta[METADATA_KEY])
     except json.JSONDecodeError as e:
         raise PackageError(f"{path}: the manifest is not valid JSON ({e})") from None
-    validate_manifest(manifest)
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """The manifest of a package, validated, without loading its tensors."""
+    manifest = read_metadata(path)
+    validate_manifest(manifest, path)
     return manifest
 
 
-def _read_tensors(path: Path) -> dict:
+def read_shapes(path: Path) -> dict[str, tuple]:
+    """Each tensor's shape as the header declares it; no tensor data is read."""
+    return _read(path, lambda f: {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return _read(path, lambda f: {k: f.get_tensor(k) for k in f.keys()})
+
+
+class _TooManyTensors(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _registrations_at_most(limit: int):
+    """Stop a model build in this thread once it has registered more than ``limit`` parameters and
+    buffers: an absurd ``arch_kwargs`` (100,000 experts) would take minutes even on the meta device."""
+    thread, count = threading.get_ident(), itertools.count(1)
+
+    def hook(module, name, value):
+        if threading.get_ident() == thread and next(count) > limit:
+            raise _TooManyTensors
+
+    handles = [register_module_parameter_registration_hook(hook), register_module_buffer_registration_hook(hook)]
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise PackageError(f"{path}: tensors cannot be read, the file is corrupt or truncated ({e})") from None
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def build_model(manifest: dict, shapes: dict[str, tuple], where) -> torch.nn.Module:
+    """The manifest's architecture with random weights, built once its tensors are known to have the
+    names and ``shapes`` of the file ``where``: the architecture is first built on the meta device,
+    which allocates nothing, so that no ``arch_kwargs`` can make a small file take much memory."""
+    architecture, kwargs = manifest["architecture"], manifest.get("arch_kwargs", {})
+    described = f"{architecture} {json.dumps(kwargs)}" if kwargs else architecture
+    try:
+        factory = models.spec(architecture).factory
+        with torch.device("meta"), _registrations_at_most(BUILD_TENSORS_PER_FILE_TENSOR * len(shapes)):
+            expected = {k: tuple(v.shape) for k, v in factory(**kwargs).state_dict().items()}
+    except _TooManyTensors:
+        raise PackageError(f"{where}: weights do not fit {described}: it has more than "
+                           f"{BUILD_TENSORS_PER_FILE_TENSOR} times the file's {len(shapes)} tensors") from None
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise PackageError(f"{where}: cannot build {described}: {e.args[0] if e.args else e}") from None
+    missing, unknown = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
+    if missing or unknown:
+        raise PackageError(f"{where}: weights do not fit {described}: " + "; ".join(
+            f"{len(keys)} {what} tensor(s), e.g. {keys[:5]}" for what, keys in (("missing", missing),
+                                                                              ("unknown", unknown)) if keys))
+    for name, shape in expected.items():
+        if shapes[name] != shape:
+            raise PackageError(f"{where}: weights do not fit {described}: tensor {name} has shape "
+                               f"{list(shapes[name])} in the file, the architecture's is {list(shape)}")
+    return factory(**kwargs)
 
 
 def load_package(path: str | os.PathLike, device: str | torch.device = "cpu") -> ModelPackage:
     """Load a package: the model (eval mode, on ``device``) and its manifest."""
     path = Path(path)
     manifest = read_manifest(path)
-    try:
-        model = models.create(manifest["architecture"], **manifest.get("arch_kwargs", {}))
-    except (KeyError, TypeError) as e:
-        raise PackageError(f"{path}: cannot build architecture {manifest['architecture']!r}: {e}") from None
-    state = _read_tensors(path)
-    result = model.load_state_dict(state, strict=False)
-    problems = []
-    if result.missing_keys:
-        problems.append(f"missing {len(result.missing_keys)} tensors, e.g. {result.missing_keys[:5]}")
-    if result.unexpected_keys:
-        problems.append(f"{len(result.unexpected_keys)} unknown tensors, e.g. {result.unexpected_keys[:5]}")
-    if problems:
-        raise PackageError(f"{path}: weights do not fit {manifest['architecture']}: " + "; ".join(problems))
+    model = build_model(manifest, read_shapes(path), path)
+    model.load_state_dict(read_tensors(path))
     model.eval().to(device)
     return ModelPackage(model=model, manifest=manifest, path=path)
 
 
+def printable(value) -> str:
+    """``value`` as text with control characters (terminal escapes, line breaks) shown escaped: text from
+    a file must not drive the terminal it is printed on."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(value))
+
+
 def format_manifest(manifest: dict) -> str:
-    """The manifest as readable text (``geochange info``)."""
+    """A validated manifest as readable text (``geochange info``)."""
     rows = [("architecture", f"{manifest['architecture']} {json.dumps(manifest.get('arch_kwargs', {}))}")]
     for date in ("pre", "post"):
         s = manifest["inputs"][date]
@@ -182,9 +358,11 @@ def format_manifest(manifest: dict) -> str:
         rows.append((f"input {date}", f"{s['bands']} band(s) {s['modality']}{rep}; {s.get('dtype', 'uint8')} "
                                       f"/ {s['scale']:g}, mean {s['mean']}, std {s['std']}"))
     out = manifest["output"]
-    rows.append(("output", f"{out['classes']} channel(s), {out['activation']}, threshold {out['threshold']}"))
+    rows.append(("output", f"{1 if out['activation'] == 'sigmoid' else 2} channel(s), {out['activation']}, "
+                           f"threshold {out.get('threshold', 0.5)}"))
     for key, value in manifest.get("training", {}).items():
         rows.append((f"training.{key}", value if isinstance(value, str) else json.dumps(value)))
     rows += [(key, manifest[key]) for key in ("source", "licence") if manifest.get(key)]
+    rows = [(printable(label), printable(value)) for label, value in rows]
     width = max(len(label) for label, _ in rows) + 2
     return "\n".join(f"{label:<{width}}{value}" for label, value in rows)

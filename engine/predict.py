@@ -14,9 +14,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from geochange.engine.errors import GeoChangeError
+from geochange.engine.errors import GeoChangeError, OptionError
 from geochange.engine.inputs import normalise
-from geochange.engine.package import ModelPackage
+from geochange.engine.package import ModelPackage, PackageError, is_number
 
 # Every registered backbone reduces by at most 32; inputs are padded to a multiple of it.
 SIZE_MULTIPLE = 32
@@ -99,6 +99,10 @@ class Predictor:
         self.dtype = PRECISIONS[precision] if self.device.type == "cuda" else torch.float32
         self.package, self.tta, self.log = package, tta, log
         self.scales = dict(scales or {})
+        for date, scale in self.scales.items():
+            if scale is not None and not (is_number(scale) and scale > 0):  # 0 would turn every pixel to nodata
+                raise OptionError(f"the {date} scale (the raw value meaning 1.0) must be a number above 0, "
+                                  f"not {scale}")
         self.sar_db = sar_db
         self.model = package.model.to(self.device).eval()
         if self.device.type == "cpu":
@@ -180,9 +184,24 @@ class Predictor:
 
     def __call__(self, pre: np.ndarray, post: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
         """``(N, bands, H, W)`` raw windows of each date -> ``(N, H, W)`` float32 probabilities.
-        (``valid``, the pipeline's ``(N, H, W)`` mask, is not needed: invalid pixels come zeroed.)"""
+        (``valid``, the pipeline's ``(N, H, W)`` mask, only restricts the check for NaN: invalid pixels
+        come zeroed.)"""
         step = self.max_batch or len(pre)
-        return np.concatenate([self._run(pre[i:i + step], post[i:i + step]) for i in range(0, len(pre), step)])
+        prob = np.concatenate([self._run(pre[i:i + step], post[i:i + step]) for i in range(0, len(pre), step)])
+        # NaN would be written as nodata: a broken model would report "no change".
+        if not np.isfinite(prob if valid is None else prob[valid]).all():
+            raise self._not_finite()
+        return prob
+
+    def _not_finite(self) -> GeoChangeError:
+        """The error for probabilities that are NaN or infinite at valid pixels, naming its cause."""
+        broken = [name for name, t in self.model.state_dict().items()
+                  if t.is_floating_point() and not torch.isfinite(t).all()]
+        model = f"{self.package.path or self.package.manifest['architecture']}: the model gave NaN/inf for valid pixels"
+        if broken:
+            return PackageError(f"{model}: its weights hold NaN/inf ({len(broken)} tensor(s), e.g. {broken[0]})")
+        return GeoChangeError(f"{model} although its weights are finite: the input values overflow it; check the "
+                              "input scale" + (" or run in fp32" if self.dtype != torch.float32 else ""))
 
     @torch.inference_mode()
     def _run(self, pre: np.ndarray, post: np.ndarray) -> np.ndarray:

@@ -27,15 +27,23 @@ def bound_gdal_cache(in_use: int = 0) -> None:
     gdal.SetCacheMax(max(MIN_GDAL_CACHE_BYTES, 2 * in_use))
 
 
-def open_raster(path: str | os.PathLike):
-    """Open a raster for reading; a missing or unreadable file raises ``RasterError`` naming it."""
+def open_raster(path: str | os.PathLike, *, georeferenced: bool = True):
+    """Open a raster for reading; a missing or unreadable file raises ``RasterError`` naming it, and so
+    does, if ``georeferenced``, one located by ground control points only, which the engine cannot place."""
     path = Path(path)
     if not path.exists():
         raise RasterError(f"{path}: no such file")
     try:
-        return rasterio.open(path)
+        src = rasterio.open(path)
     except RasterioIOError as e:
         raise RasterError(f"{path}: not a readable raster ({e})") from None
+    gcps, gcp_crs = src.gcps
+    if georeferenced and src.crs is None and gcps:
+        src.close()
+        raise RasterError(f"{path}: georeferenced by {len(gcps)} ground control points only, without a "
+                          f"geotransform; warp it onto a CRS first, e.g. `gdalwarp -t_srs "
+                          f"{gcp_crs.to_string() if gcp_crs else 'EPSG:4326'} {path.name} warped.tif`")
+    return src
 
 
 def corrupt_pixels(path, error: Exception) -> RasterError:
@@ -47,7 +55,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     """A whole (small, possibly non-georeferenced) image as ``(bands, H, W)``, e.g. a dataset PNG."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with open_raster(path) as src:
+        with open_raster(path, georeferenced=False) as src:
             try:
                 return src.read()
             except RasterioIOError as e:

@@ -12,20 +12,17 @@ code compares with <=), else the last one, gives the window's prediction. Blendi
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from geochange.engine import models
-from geochange.engine.atomic import atomic_path
-from geochange.engine.package import (METADATA_KEY, ModelPackage, PackageError, check_header, format_manifest,
-                                      load_package, read_manifest, validate_manifest)
+from geochange.engine.package import (ModelPackage, PackageError, build_model, format_manifest, is_number,
+                                      load_package, need, printable, read_manifest, read_metadata, read_shapes,
+                                      read_tensors, validate_manifest, write_package)
 
 ROUTER_FORMAT = "geochange-router"
 
@@ -74,54 +71,67 @@ def save_router(path: str | os.PathLike, original: str | os.PathLike, teachers: 
         entries.append(entry)
     manifest = {"format": ROUTER_FORMAT, "format_version": 1, "thresholds": list(thresholds),
                 "comparison": "<=", "original": entries[0], "teachers": entries[1:]}
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(manifest, sort_keys=True)})
-    return path
+    return write_package(tensors, manifest, path)
 
 
-def read_metadata(path: Path) -> dict:
-    """The JSON manifest in a safetensors header, whatever its format (checked by the caller)."""
-    check_header(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return json.loads((f.metadata() or {}).get(METADATA_KEY, "{}"))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise PackageError(f"{path}: not a valid safetensors file; it is corrupt or truncated ({e})") from None
+def validate_router(manifest, path) -> None:
+    """Check every field of a router manifest, each member's manifest included (``validate_manifest``)."""
+    if not (isinstance(manifest, dict) and manifest.get("format") == ROUTER_FORMAT):
+        raise PackageError(f"{path}: not a router package (format "
+                           f"{manifest.get('format') if isinstance(manifest, dict) else None!r})")
+    need(manifest.get("format_version") == 1, path, "format_version", "1 (the version this engine reads)",
+         manifest.get("format_version"))
+    thresholds = manifest.get("thresholds")
+    need(isinstance(thresholds, list) and all(is_number(t) and 0 <= t <= 1 for t in thresholds)
+         and thresholds == sorted(thresholds), path, "thresholds", "increasing CAR thresholds in [0, 1]", thresholds)
+    teachers = manifest.get("teachers")
+    need(isinstance(teachers, list) and len(teachers) == len(thresholds) + 1, path, "teachers",
+         f"a list of {len(thresholds) + 1} teachers (one more than the thresholds)", teachers)
+    members = [("original", manifest.get("original"))] + [(f"teachers[{i}]", t) for i, t in enumerate(teachers)]
+    for field, entry in members:
+        need(isinstance(entry, dict) and isinstance(entry.get("prefix"), str), path, field,
+             "an object with a tensor name prefix", entry)
+        if field != "original":
+            need(isinstance(entry.get("name"), str), path, f"{field}.name", "a name", entry.get("name"))
+            need(entry.get("max_car") is None or is_number(entry["max_car"]), path, f"{field}.max_car",
+                 "a number or null", entry.get("max_car"))
+        validate_manifest(entry.get("manifest"), f"{path} [{field}]")
+
+
+def _under(prefix: str, mapping: dict) -> dict:
+    """The entries of ``mapping`` whose names start with ``prefix``, without it."""
+    return {k[len(prefix):]: v for k, v in mapping.items() if k.startswith(prefix)}
 
 
 def load_router(path: str | os.PathLike, device: str | torch.device = "cpu") -> RouterPackage:
     """M_O, the teachers and the thresholds of a router package, every model in eval mode."""
     path = Path(path)
     manifest = read_metadata(path)
-    if manifest.get("format") != ROUTER_FORMAT:
-        raise PackageError(f"{path}: not a router package (format {manifest.get('format')!r})")
-    with safe_open(str(path), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-
-    def member(entry) -> ModelPackage:
-        validate_manifest(entry["manifest"])
-        model = models.create(entry["manifest"]["architecture"], **entry["manifest"].get("arch_kwargs", {}))
-        prefix = entry["prefix"]
-        try:
-            model.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-        except RuntimeError as e:
-            raise PackageError(f"{path}: member {prefix.rstrip('.')} does not fit its architecture: {e}") from None
-        return ModelPackage(model=model.eval().to(device), manifest=entry["manifest"], path=path)
-
-    original = member(manifest["original"])
-    teachers = [(t["name"], member(t)) for t in manifest["teachers"]]
+    validate_router(manifest, path)
+    entries = [("original", manifest["original"])] + [(f"teacher {t['name']}", t) for t in manifest["teachers"]]
+    shapes = read_shapes(path)
+    # Every member checked against the header before any tensor is read.
+    built = [build_model(entry["manifest"], _under(entry["prefix"], shapes), f"{path} [{printable(role)}]")
+             for role, entry in entries]
+    tensors = read_tensors(path)
+    members = []
+    for (_, entry), model in zip(entries, built):
+        model.load_state_dict(_under(entry["prefix"], tensors))
+        members.append(ModelPackage(model=model.eval().to(device), manifest=entry["manifest"], path=path))
+    original = members[0]
+    teachers = [(t["name"], package) for t, package in zip(manifest["teachers"], members[1:])]
     for name, teacher in teachers:
         if [s["bands"] for s in teacher.manifest["inputs"].values()] != \
                 [s["bands"] for s in original.manifest["inputs"].values()]:
-            raise PackageError(f"{path}: teacher {name} reads other bands than the original model")
+            raise PackageError(f"{path}: teacher {printable(name)} reads other bands than the original model")
     return RouterPackage(original, teachers, list(manifest["thresholds"]), manifest, path)
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> ModelPackage | RouterPackage:
     """A model package or a router package, told apart by the manifest's format."""
     path = Path(path)
-    if read_metadata(path).get("format") == ROUTER_FORMAT:
+    manifest = read_metadata(path)
+    if isinstance(manifest, dict) and manifest.get("format") == ROUTER_FORMAT:
         return load_router(path, device)
     return load_package(path, device)
 
@@ -130,11 +140,12 @@ def describe_model(path) -> dict:
     """What a model package or an O-P router package holds, without loading its tensors: the manifest,
     a readable text, the architecture (with the registry's description and published figures) and the
     default threshold. A router is described by its original model (M_O) and lists its teachers."""
-    header = read_metadata(Path(path))
-    if header.get("format") == ROUTER_FORMAT:
+    header = read_metadata(path)
+    if isinstance(header, dict) and header.get("format") == ROUTER_FORMAT:
+        validate_router(header, path)
         manifest, lead = header, header["original"]["manifest"]
         members = [("original", header["original"])] + [
-            (f"teacher {t['name']} (CAR <= {t['max_car']})", t) for t in header["teachers"]]
+            (f"teacher {printable(t['name'])} (CAR <= {t['max_car']})", t) for t in header["teachers"]]
         text = f"O-P router: CAR thresholds {header['thresholds']} (CAR <= threshold picks the teacher)" + "".join(
             f"\n[{role}]\n{format_manifest(entry['manifest'])}" for role, entry in members)
         architecture = f"O-P router of {lead['architecture']} with {len(header['teachers'])} teachers"

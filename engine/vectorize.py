@@ -1,6 +1,7 @@
 """Change polygons from a mask and a probability raster, with areas in square metres."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from pyproj import CRS, Geod, Transformer
 from scipy import ndimage
 
 from geochange.engine.atomic import AtomicOutputs
-from geochange.engine.errors import RasterError
+from geochange.engine.errors import OutputError, RasterError, gdal_write_errors, output_error
 from geochange.engine.rasters import open_raster
 
 _GEOD = Geod(ellps="WGS84")
@@ -281,15 +282,16 @@ def change_polygons(mask: np.ndarray, probability: np.ndarray, transform, crs, *
 class PolygonWriter:
     """Appends polygons to a vector file (format by extension) opened once, under a temporary name of
     ``outputs``, which gives it its final name ``path`` (with a shapefile's side files) on commit.
+    Whatever GDAL fails to write raises ``OutputError`` naming ``path``.
 
     Fields: ``id, area_m2, mean_prob, max_prob`` and the string fields of ``extra``.
     """
 
     def __init__(self, path: str | os.PathLike, crs, outputs: AtomicOutputs, *, layer: str = "changes",
                  extra: dict | None = None):
-        from osgeo import ogr, osr
+        from osgeo import gdal, ogr, osr
 
-        self._ogr = ogr
+        self._ogr, self._gdal = ogr, gdal
         self.path = Path(path)
         driver_name = DRIVERS.get(self.path.suffix.lower())
         if driver_name is None:
@@ -298,39 +300,58 @@ class PolygonWriter:
         srs.ImportFromWkt(CRS.from_user_input(crs).to_wkt())
         srs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
         self.extra = dict(extra or {})
-        self._ds = ogr.GetDriverByName(driver_name).CreateDataSource(str(outputs.path(self.path)))
-        if self._ds is None:
-            raise OSError(f"{self.path}: GDAL cannot create a {driver_name} file here")
-        self._layer = self._ds.CreateLayer(layer, srs, ogr.wkbMultiPolygon)
-        self._layer.CreateField(ogr.FieldDefn("id", ogr.OFTInteger64))
-        for name in ("area_m2", "mean_prob", "max_prob"):
-            self._layer.CreateField(ogr.FieldDefn(name, ogr.OFTReal))
-        for name in self.extra:
-            self._layer.CreateField(ogr.FieldDefn(name, ogr.OFTString))
+        self._temporary = outputs.path(self.path)
+        with gdal_write_errors(self.path):
+            self._ds = ogr.GetDriverByName(driver_name).CreateDataSource(str(self._temporary))
+            if self._ds is None:
+                raise output_error(self.path, f"cannot create a {driver_name} file: {gdal.GetLastErrorMsg()}")
+            self._layer = self._ds.CreateLayer(layer, srs, ogr.wkbMultiPolygon)
+            if self._layer is None:
+                raise output_error(self.path, f"cannot create a {driver_name} layer: {gdal.GetLastErrorMsg()}")
+            fields = {"id": ogr.OFTInteger64, "area_m2": ogr.OFTReal, "mean_prob": ogr.OFTReal,
+                      "max_prob": ogr.OFTReal, **dict.fromkeys(self.extra, ogr.OFTString)}
+            for name, kind in fields.items():
+                if self._layer.CreateField(ogr.FieldDefn(name, kind)) != 0:
+                    raise output_error(self.path, f"cannot add the field {name}: {gdal.GetLastErrorMsg()}")
         self.count = 0
         self.area_m2 = 0.0
 
     def write(self, polygons: list[ChangePolygon]) -> None:
-        ogr = self._ogr
+        ogr, gdal = self._ogr, self._gdal
         defn = self._layer.GetLayerDefn()
-        self._layer.StartTransaction()
-        for p in polygons:
-            self.count += 1
-            self.area_m2 += p.area_m2
-            feature = ogr.Feature(defn)
-            feature.SetField("id", self.count)
-            feature.SetField("area_m2", p.area_m2)
-            feature.SetField("mean_prob", p.mean_prob)
-            feature.SetField("max_prob", p.max_prob)
-            for name, value in self.extra.items():
-                feature.SetField(name, str(value))
-            feature.SetGeometry(ogr.ForceToMultiPolygon(ogr.CreateGeometryFromWkb(p.geometry.wkb)))
-            self._layer.CreateFeature(feature)
-        self._layer.CommitTransaction()
+        with gdal_write_errors(self.path):
+            if self._layer.StartTransaction() != 0:
+                raise output_error(self.path, gdal.GetLastErrorMsg())
+            for p in polygons:
+                self.count += 1
+                self.area_m2 += p.area_m2
+                feature = ogr.Feature(defn)
+                feature.SetField("id", self.count)
+                feature.SetField("area_m2", p.area_m2)
+                feature.SetField("mean_prob", p.mean_prob)
+                feature.SetField("max_prob", p.max_prob)
+                for name, value in self.extra.items():
+                    feature.SetField(name, str(value))
+                feature.SetGeometry(ogr.ForceToMultiPolygon(ogr.CreateGeometryFromWkb(p.geometry.wkb)))
+                if self._layer.CreateFeature(feature) != 0:
+                    raise output_error(self.path, f"cannot add polygon {self.count}: {gdal.GetLastErrorMsg()}")
+            if self._layer.CommitTransaction() != 0:
+                raise output_error(self.path, gdal.GetLastErrorMsg())
+
+    def finish(self) -> None:
+        """Flush and close the file before its rename, and read it back: some drivers (GeoJSON) say
+        nothing when the disk is full."""
+        with gdal_write_errors(self.path):
+            self._layer = self._ds = None
+            written = self._ogr.Open(str(self._temporary))
+            count = written.GetLayer(0).GetFeatureCount() if written is not None else None
+        if count != self.count:
+            raise output_error(self.path, f"{self.count} polygons were written, {count or 0} read back")
 
     def close(self) -> None:
-        """Flush and close the file (before its rename, or its removal on an error)."""
-        self._layer = self._ds = None
+        """Close an aborted file, removed after: what GDAL reports closing it does not matter."""
+        with contextlib.suppress(OutputError), gdal_write_errors(self.path):
+            self._layer = self._ds = None
 
 
 def write_polygons(polygons: list[ChangePolygon], path: str | os.PathLike, crs, **options) -> Path:
@@ -339,6 +360,7 @@ def write_polygons(polygons: list[ChangePolygon], path: str | os.PathLike, crs, 
         writer = PolygonWriter(path, crs, outputs, **options)
         try:
             writer.write(polygons)
+            writer.finish()
         finally:
             writer.close()
     return Path(path)

@@ -9,6 +9,10 @@ from rasterio.windows import Window
 
 from geochange.engine.errors import OptionError
 
+# Models see windows padded to a multiple of 32 px (their largest reduction, see predict.SIZE_MULTIPLE):
+# a smaller tile only multiplies the windows (and their padding) without seeing less.
+MIN_TILE = 32
+
 
 def _starts(size: int, tile: int, stride: int) -> list[int]:
     """Tile offsets along one axis: regular steps, the last tile flush with the far edge."""
@@ -32,8 +36,8 @@ class WindowPlan:
     overlap: int = 64
 
     def __post_init__(self):
-        if self.tile <= 0:
-            raise OptionError(f"tile size must be positive, not {self.tile}")
+        if self.tile < MIN_TILE:
+            raise OptionError(f"tile size must be at least {MIN_TILE} px, not {self.tile}")
         if not 0 <= self.overlap < self.tile:
             raise OptionError(f"overlap must be in [0, tile) = [0, {self.tile}), not {self.overlap}")
 

@@ -135,8 +135,8 @@ class DetectChangesAlgorithm(EngineAlgorithm):
     }
     NOTES = ENGINE_NOTES
 
-    # Parameters passed to the engine's ``detect`` as keyword arguments: name -> (keyword, reader).
-    # An engine option reaches QGIS by adding its parameter in initAlgorithm and a line here.
+    # The engine's ``detect`` options: an engine option reaches QGIS by adding its parameter in
+    # initAlgorithm and a line here.
     ENGINE_OPTIONS = {
         "PRE_BANDS": ("pre_bands", lambda a, p, c: a.parameterAsInts(p, "PRE_BANDS", c) or None),
         "POST_BANDS": ("post_bands", lambda a, p, c: a.parameterAsInts(p, "POST_BANDS", c) or None),
@@ -210,9 +210,8 @@ class DetectChangesAlgorithm(EngineAlgorithm):
         }
         args = {"pre": self.raster_path(parameters, "PRE", context),
                 "post": self.raster_path(parameters, "POST", context),
-                "model": self.parameterAsFile(parameters, "MODEL", context), **outputs}
-        for keyword, read in self.ENGINE_OPTIONS.values():
-            args[keyword] = read(self, parameters, context)
+                "model": self.parameterAsFile(parameters, "MODEL", context), **outputs,
+                **self.engine_options(parameters, context)}
         result = self.run_engine("detect", args, feedback, outputs.values())
 
         feedback.pushInfo(tr("{} change polygons, {:.1f} m² changed").format(

@@ -33,6 +33,9 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
     SUMMARY = ""  # HTML: what the algorithm does
     PARAMETER_HELP: dict = {}  # parameter or output name -> HTML explanation
     NOTES = ""  # HTML after the lists
+    # Parameters passed to the engine as keyword arguments: name -> (keyword, reader). An engine
+    # message naming a keyword's command-line option (``--pre-bands``) names the parameter instead.
+    ENGINE_OPTIONS: dict = {}
 
     GROUPS = {"detection": "Change detection", "models": "Models"}
 
@@ -59,7 +62,12 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
         return self.NOTES
 
     def run_engine(self, task: str, args: dict, feedback, outputs=()) -> dict:
-        return worker_client.run_task(task, args, feedback or QgsProcessingFeedback(), outputs)
+        options = {"--" + keyword.replace("_", "-"): name for name, (keyword, _) in self.ENGINE_OPTIONS.items()}
+        return worker_client.run_task(task, args, feedback or QgsProcessingFeedback(), outputs, options)
+
+    def engine_options(self, parameters, context) -> dict:
+        """The engine's keyword arguments read from ``ENGINE_OPTIONS``' parameters."""
+        return {keyword: read(self, parameters, context) for keyword, read in self.ENGINE_OPTIONS.values()}
 
     def raster_path(self, parameters, name, context) -> str:
         """The file behind a raster layer parameter; the engine reads files through GDAL itself."""

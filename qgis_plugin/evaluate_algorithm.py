@@ -7,10 +7,12 @@ from qgis.core import (
     QgsProcessingOutputNumber,
     QgsProcessingParameterFile,
     QgsProcessingParameterFileDestination,
+    QgsProcessingParameterNumber,
 )
 
-from geochange.qgis_plugin.detect_algorithm import (COMMON_HELP, ENGINE_NOTES, device_parameter, model_parameter,
-                                                    threshold_parameter, tiling_parameters)
+from geochange.qgis_plugin.detect_algorithm import (COMMON_HELP, ENGINE_NOTES, DetectChangesAlgorithm,
+                                                    device_parameter, model_parameter, threshold_parameter,
+                                                    tiling_parameters)
 from geochange.qgis_plugin.engine_algorithm import EngineAlgorithm, tr
 from geochange.qgis_plugin.tables import TABLE_FILTER, TABLE_SUFFIXES, write_table
 
@@ -34,7 +36,8 @@ class EvaluateModelAlgorithm(EngineAlgorithm):
     GROUP = "models"
     SUMMARY = ("<p>Runs a model package on every image pair of a folder dataset and compares its change "
                "masks with the labels. The dataset folder holds <code>A/</code> (before), <code>B/</code> "
-               "(after) and <code>label/</code> (0 = no change, 1 or 255 = change) with the same file names. "
+               "(after) and <code>label/</code> (0 = no change, 1 or 255 = change) with the same file names; "
+               "a label with other values is refused. "
                "Images no larger than a tile are predicted whole, as the papers test; larger ones tile by "
                "tile.</p><p>Every metric is given twice: <b>global</b> (confusion counts summed over the "
                "whole set, as papers report) and <b>per image</b> (averaged over images; undefined ratios of "
@@ -43,6 +46,8 @@ class EvaluateModelAlgorithm(EngineAlgorithm):
         **COMMON_HELP,
         "DATA": "The dataset folder with <code>A/</code>, <code>B/</code> and <code>label/</code>.",
         "THRESHOLD": "Probability above which a pixel counts as changed. Empty: the package's.",
+        "IGNORE_VALUE": "Label value of unlabelled pixels, which count in no metric (e.g. 255 in a sparse "
+                        "label of 0 = no change, 1 = change). Empty: every pixel is labelled.",
         "OUTPUT": "The metrics table (metric, meaning, global, per image), then the image count and the "
                   "summed confusion counts: HTML (shown in the results viewer) or CSV, chosen by the file "
                   "extension.",
@@ -50,6 +55,11 @@ class EvaluateModelAlgorithm(EngineAlgorithm):
         **{name: f"Global {METRICS[key]}." for name, key in NUMERIC_OUTPUTS.items()},
     }
     NOTES = ENGINE_NOTES
+    ENGINE_OPTIONS = {
+        **{name: DetectChangesAlgorithm.ENGINE_OPTIONS[name]
+           for name in ("DEVICE", "TILE_SIZE", "OVERLAP", "BATCH_SIZE", "THRESHOLD")},
+        "IGNORE_VALUE": ("ignore_value", lambda a, p, c: a.optional_double(p, "IGNORE_VALUE", c)),
+    }
 
     def tags(self):
         return tr("evaluate,metrics,accuracy,f1,iou,test,dataset").split(",")
@@ -62,6 +72,8 @@ class EvaluateModelAlgorithm(EngineAlgorithm):
         for parameter in tiling_parameters():
             self.addParameter(parameter)
         self.addParameter(threshold_parameter())
+        self.addParameter(QgsProcessingParameterNumber("IGNORE_VALUE", tr("Label value of unlabelled pixels"),
+                                                       QgsProcessingParameterNumber.Double, optional=True))
         self.addParameter(QgsProcessingParameterFileDestination("OUTPUT", tr("Metrics table"),
                                                                 fileFilter=tr(TABLE_FILTER)))
         self.addOutput(QgsProcessingOutputNumber("IMAGES", tr("Images evaluated")))
@@ -72,12 +84,7 @@ class EvaluateModelAlgorithm(EngineAlgorithm):
         model = self.parameterAsFile(parameters, "MODEL", context)
         data = self.parameterAsFile(parameters, "DATA", context)
         table = self.output_path(parameters, "OUTPUT", context, TABLE_SUFFIXES)
-        args = {"model": model, "data": data,
-                "device": self.parameterAsString(parameters, "DEVICE", context).strip() or "auto",
-                "tile": self.parameterAsInt(parameters, "TILE_SIZE", context),
-                "overlap": self.parameterAsInt(parameters, "OVERLAP", context),
-                "batch": self.parameterAsInt(parameters, "BATCH_SIZE", context),
-                "threshold": self.optional_double(parameters, "THRESHOLD", context)}
+        args = {"model": model, "data": data, **self.engine_options(parameters, context)}
         summary = self.run_engine("evaluate", args, feedback)
         rows = [[name, tr(meaning), summary["global"][name], summary["per_image"][name]]
                 for name, meaning in METRICS.items()]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -30,9 +31,15 @@ PYTHON_ENV = "GEOCHANGE_PYTHON"
 # Seconds a cancelled engine gets to clean up before it is killed.
 CANCEL_GRACE_S = 20.0
 # Loads the package ``geochange`` from this plugin's folder whatever the folder is called and whatever
-# the interpreter has installed, so the engine that runs is always the plugin's own copy.
+# the interpreter has installed, so the engine that runs is always the plugin's own copy. ``-c`` puts
+# the current folder (QGIS's, anyone's) first on sys.path: it is dropped before anything is imported,
+# so that a ``json.py`` or ``concurrent.py`` there never runs. (Not ``-I``: it would also drop the
+# PYTHONPATH and user site-packages that QGIS's own Python may need; not ``-P``: Python 3.11+ only.)
 BOOTSTRAP = """\
-import importlib.util, runpy, sys
+import sys
+if sys.path and sys.path[0] == "":
+    del sys.path[0]
+import importlib.util, runpy
 root, module = sys.argv.pop(1), sys.argv.pop(1)
 spec = importlib.util.spec_from_file_location("geochange", root + "/__init__.py",
                                               submodule_search_locations=[root])
@@ -147,11 +154,18 @@ def remove_partials(outputs) -> None:
                 remove_quietly(partial)
 
 
-def run_task(task: str, args: dict, feedback, outputs=()) -> dict:
+def parameter_names(message: str, options: dict) -> str:
+    """The engine's ``message`` with the command-line options it names (``--pre-bands``) spelt as the
+    algorithm's parameters (``options``: ``{"--pre-bands": "PRE_BANDS"}``)."""
+    return re.sub(r"--[a-z][a-z0-9-]*", lambda m: options.get(m.group(), m.group()), message)
+
+
+def run_task(task: str, args: dict, feedback, outputs=(), options=None) -> dict:
     """Run ``task`` with ``args`` in the engine process; its result dict, or QgsProcessingException.
 
     ``outputs`` are the files the task writes: if the process dies without cleaning up, their
-    temporaries are removed here.
+    temporaries are removed here. ``options`` maps the command-line options that engine messages
+    name to the algorithm's parameters (see ``parameter_names``).
     """
     python, origin = worker_python()
     if not python.exists():
@@ -166,10 +180,10 @@ def run_task(task: str, args: dict, feedback, outputs=()) -> dict:
     except OSError as e:
         raise QgsProcessingException(f"Cannot start the GeoChange engine with {python} ({origin}): {e}") from e
     with process:  # closes the pipes however this ends
-        return _follow(process, task, args, feedback, outputs, python, origin)
+        return _follow(process, task, args, feedback, outputs, python, origin, options or {})
 
 
-def _follow(process, task, args, feedback, outputs, python, origin) -> dict:
+def _follow(process, task, args, feedback, outputs, python, origin, options) -> dict:
     feedback.pushDebugInfo(f"GeoChange engine process {process.pid}: {python} ({origin}), task {task}")
     lines: queue.Queue = queue.Queue()
     for stream, tag in ((process.stdout, "out"), (process.stderr, "err")):
@@ -229,4 +243,4 @@ def _follow(process, task, args, feedback, outputs, python, origin) -> dict:
         raise QgsProcessingException(missing_dependency_message(error, origin))
     if error.get("traceback"):
         feedback.reportError(error["traceback"])
-    raise QgsProcessingException(error["error"])
+    raise QgsProcessingException(parameter_names(error["error"], options))

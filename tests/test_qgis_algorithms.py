@@ -11,6 +11,7 @@ import pytest
 pytest.importorskip("qgis.core", reason="QGIS Python bindings are not installed")
 from osgeo import ogr  # noqa: E402
 from qgis.core import (  # noqa: E402
+    QgsProcessingException,
     QgsProcessingFeedback,
     QgsProcessingModelAlgorithm,
     QgsProcessingModelChildAlgorithm,
@@ -128,6 +129,35 @@ def test_evaluate_in_qgis_and_qgis_process(geochange_provider, qgis_process, tin
     assert sum(counts.values()) == 2 * 256 * 256
     precision = counts["tp"] / (counts["tp"] + counts["fp"])
     assert float(table["precision"][1]) == pytest.approx(precision, abs=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")  # the dataset's PNGs
+def test_evaluate_leaves_out_the_ignore_value_and_names_its_parameter(geochange_provider, tinycd_package,
+                                                                      small_dataset, tmp_path):
+    """A 0/1 label with 255 where nothing is labelled: refused without IGNORE_VALUE (named so, not as the
+    command line's option), counted on the labelled pixels only with it."""
+    import numpy as np
+    import rasterio
+
+    name = sorted(p.name for p in (small_dataset / "label").iterdir())[0]
+    sparse = tmp_path / "sparse"
+    for folder in ("A", "B", "label"):
+        (sparse / folder).mkdir(parents=True)
+    for folder in ("A", "B"):
+        (sparse / folder / name).symlink_to(small_dataset / folder / name)
+    with rasterio.open(small_dataset / "label" / name) as src:
+        profile, label = src.profile, (src.read(1) > 0).astype(np.uint8)
+    label[:, :100] = 255
+    with rasterio.open(sparse / "label" / name, "w", **profile) as dst:
+        dst.write(label, 1)
+    parameters = {"MODEL": str(tinycd_package), "DATA": str(sparse), "DEVICE": "cpu", "OUTPUT": str(tmp_path / "m.csv")}
+    with pytest.raises(QgsProcessingException) as refused:
+        run_algorithm("geochange:evaluatemodel", parameters)
+    assert str(refused.value) == (f"{sparse / 'label' / name}: label values 0, 1, 255; a label must be 0 (no change) "
+                                  "and 1 or 255 (change); if 255 marks unlabelled pixels, give IGNORE_VALUE 255")
+    results = run_algorithm("geochange:evaluatemodel", {**parameters, "IGNORE_VALUE": 255})
+    table = read_csv(tmp_path / "m.csv")
+    assert results["IMAGES"] == 1 and sum(int(table[k][1]) for k in ("tp", "fp", "fn", "tn")) == 256 * 156
 
 
 # --- Train a model ---------------------------------------------------------------------------------

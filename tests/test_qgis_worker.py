@@ -47,7 +47,7 @@ def test_worker_protocol_and_clean_exit_on_sigterm(levir_crop, tinycd_package, t
     assert worker.wait(timeout=60) == 2, worker.stderr.read()
     assert any("GeoChange engine" in m.get("log", "") for m in messages)
     assert messages[-1]["cancelled"] is True and "cancelled" in messages[-1]["error"]
-    assert list(out.iterdir()) == []
+    assert not out.exists()  # the folder the run made went with it
 
 
 class KillWorkerAtFirstProgress(QgsProcessingFeedback):
@@ -148,3 +148,31 @@ def test_worker_reports_an_unknown_task_without_importing_the_engine():
     assert done.returncode == 2
     assert json.loads(done.stdout.splitlines()[-1])["error"].startswith("unknown task 'fly'")
     assert time.monotonic() - started < 10
+
+
+def test_modules_in_qgis_s_working_folder_never_run_in_the_engine(geochange_provider, tinycd_package, tmp_path,
+                                                                  monkeypatch):
+    """``python -c`` puts the current folder first on sys.path: modules planted there under the names of
+    the standard library's (ones the bootstrap and the engine import) must not be imported."""
+    folder = tmp_path / "working_folder"
+    folder.mkdir()
+    for module in ("runpy", "json", "concurrent"):
+        (folder / f"{module}.py").write_text(f"open({str(tmp_path / (module + '.ran'))!r}, 'w').close()\n")
+    monkeypatch.chdir(folder)
+    try:
+        results = run_algorithm("geochange:modelinfo", {"MODEL": str(tinycd_package),
+                                                        "OUTPUT": str(tmp_path / "info.html")})
+    finally:
+        assert sorted(p.name for p in tmp_path.glob("*.ran")) == []
+    assert results["ARCHITECTURE"] == "tinycd"
+
+
+def test_engine_errors_name_the_algorithm_s_parameters(geochange_provider, shared_data, tinycd_package, tmp_path):
+    sar = str(shared_data / "sen1floods11" / "S1_vv_vh_db.tif")  # two bands, the model wants three
+    with pytest.raises(QgsProcessingException) as raised:
+        run_algorithm("geochange:detectchanges", {
+            "PRE": sar, "POST": sar, "MODEL": str(tinycd_package), "DEVICE": "cpu",
+            "OUTPUT_PROBABILITY": str(tmp_path / "p.tif"), "OUTPUT_MASK": str(tmp_path / "m.tif"),
+            "OUTPUT_POLYGONS": str(tmp_path / "c.gpkg")})
+    assert str(raised.value) == ("S1_vv_vh_db.tif: the pre image has 2 band(s), the model expects 3 (optical); "
+                                 "choose them with PRE_BANDS")

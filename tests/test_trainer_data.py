@@ -65,6 +65,18 @@ def test_named_split_list_files_and_split_folders(shared_data, tmp_path):
         build_splits([{"root": str(levir)}])
 
 
+def test_a_validation_split_carved_out_of_train_folders(shared_data):
+    """OMBRIA has train/ and test/ only: about 10 % of train/ becomes val/, seeded; test/ stays whole."""
+    spec = {"root": str(shared_data / "ombria_full"), "split": {"val": 0.1, "seed": 0}}
+    splits = build_splits([spec])
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [562, 62, 70]
+    assert not set(ids(splits["train"])) & set(ids(splits["val"]))
+    assert ids(build_splits([spec])["val"]) == ids(splits["val"])
+    assert ids(build_splits([{**spec, "split": {"val": 0.1, "seed": 1}}])["val"]) != ids(splits["val"])
+    with pytest.raises(DataError, match="can only carve val"):
+        build_splits([{**spec, "split": {"val": 0.1, "test": 0.1}}])
+
+
 def test_folder_pairs_load_as_raw_dates_and_binary_labels(shared_data):
     split = build_splits([{"root": str(shared_data / "ombria"), "split": {"val": 0.5}}])
     pre, post, label = split["train"][0].load()

@@ -3,7 +3,8 @@
 A config's ``data.datasets`` lists one or more sources; their splits are concatenated. A source is
 
 * a **folder dataset**: ``root`` with ``A/``, ``B/``, ``label/`` (same file names; labels 0/1 or 0/255).
-  Splits come from ``root/{train,val,test}/{A,B,label}`` when ``root/train`` exists, else from
+  Splits come from ``root/{train,val,test}/{A,B,label}`` when ``root/train`` exists (where there is no
+  ``val/``, ``split: {val: 0.1, seed: 0}`` carves a seeded validation split out of ``train/``), else from
   ``lists: {train: train.txt, ...}`` (one file name per line, paths relative to ``root``) or from
   ``split``: either names ``{train: [...], val: [...], test: [...]}`` or ratios
   ``{val: 0.2, test: 0.2, seed: 0}`` (a seeded shuffle; the rest is training data);
@@ -33,7 +34,7 @@ import torch
 from rasterio.windows import Window
 
 from geochange.engine.errors import GeoChangeError
-from geochange.engine.evaluate import dataset_pairs
+from geochange.engine.evaluate import change_label, dataset_pairs
 from geochange.engine.inputs import normalise
 from geochange.engine.rasters import check_band_counts, open_raster, read_image
 from geochange.engine.router import change_area_ratio as engine_change_area_ratio
@@ -93,11 +94,12 @@ def dataset_spec_errors(spec) -> list[str]:
     return errors
 
 
-def binary_label(raw: np.ndarray, ignore_value=None) -> np.ndarray:
-    """A label band (0/1, 0/255, any positive = change) -> uint8 0/1 with :data:`IGNORE` for unlabelled."""
-    label = (raw > 0).astype(np.uint8)
-    if ignore_value is not None:
-        label[raw == ignore_value] = IGNORE
+def binary_label(raw: np.ndarray, where, ignore_value=None) -> np.ndarray:
+    """A label band (0/1 or 0/255, see ``engine.evaluate.change_label``) of ``where`` -> uint8 0/1 with
+    :data:`IGNORE` for unlabelled."""
+    change, labelled = change_label(raw, where, ignore_value, ignore_option="ignore_value:")
+    label = change.astype(np.uint8)
+    label[~labelled] = IGNORE
     return label
 
 
@@ -124,7 +126,7 @@ class FolderSource:
     def load(self, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Raw ``(bands, H, W)`` pre and post images and the 0/1/IGNORE label ``(H, W)``."""
         a, b, label = self.paths[key]
-        return read_image(a), read_image(b), binary_label(read_image(label)[0], self.ignore_value)
+        return read_image(a), read_image(b), binary_label(read_image(label)[0], label, self.ignore_value)
 
 
 class RasterSource:
@@ -147,6 +149,8 @@ class RasterSource:
         if self.polygons is None:
             with open_raster(label) as lab, open_raster(pre) as a:
                 _check_same_grid(a, lab)
+                # Checked whole: a chip may hold only some of the values (the 255 but not the 1 of a sparse label).
+                binary_label(lab.read(1), label, ignore_value)
 
     @staticmethod
     def key(window: Window) -> str:
@@ -172,7 +176,7 @@ class RasterSource:
             raw = rasterize(self.polygons, out_shape=(int(window.height), int(window.width)),
                             transform=window_transform(window, self.transform), fill=0, default_value=1,
                             dtype="uint8")
-        return pre, post, binary_label(raw, self.ignore_value)
+        return pre, post, binary_label(raw, f"{self.label} ({key})", self.ignore_value)
 
 
 def _check_same_grid(a, b) -> None:
@@ -261,6 +265,13 @@ def _folder_splits(spec: dict) -> dict[str, list[Item]]:
                 out[s] = [Item(source, k) for k in source.paths]
             else:
                 out[s] = []
+        if "split" in spec:  # a validation split carved out of train/ (sets such as OMBRIA have none)
+            if (root / "val").is_dir() or set(spec["split"]) - {"val", "seed"}:
+                raise DataError(f"{root}: split can only carve val (a ratio, and a seed) out of train/, "
+                                "and only where there is no val/ folder")
+            parts = _split_names([item.key for item in out["train"]], spec["split"], str(root / "train"))
+            by_key = {item.key: item for item in out["train"]}
+            out["train"], out["val"] = ([by_key[k] for k in parts[s]] for s in ("train", "val"))
         return out
     source = FolderSource(name, root, ignore)
     if "lists" in spec:

@@ -1,0 +1,152 @@
+"""The common grid of unusual pairs and bounds on options: rotated or sheared rasters are warped onto a
+north-up grid as GDAL's warper reads them; absurd sizes, CRSs and thresholds are one-line errors."""
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import rasterio
+from affine import Affine
+from osgeo import gdal, osr
+from rasterio.enums import Resampling
+from rasterio.vrt import WarpedVRT
+from rasterio.windows import Window
+from shapely.geometry import Polygon
+
+from geochange.engine.errors import OptionError
+from geochange.engine.evaluate import evaluate_folder
+from geochange.engine.grid import common_grid
+from geochange.engine.inference import PairReader, prepare
+from geochange.engine.models import create
+from geochange.engine.package import load_package, make_manifest, save_package
+from geochange.engine.progress import Progress
+from geochange.engine.windows import WindowPlan
+
+GEOCHANGE = [sys.executable, "-m", "geochange.engine"]
+ORIGIN = Affine.translation(630000, 3340000)
+NORTH_UP = ORIGIN * Affine.scale(0.5, -0.5)
+ROTATED = ORIGIN * Affine.rotation(10) * Affine.scale(0.5, -0.5)
+SHEARED = ORIGIN * Affine.shear(0, 15) * Affine.scale(0.5, -0.5)  # a and e as NORTH_UP's, b non-zero
+SOUTH_UP = Affine.translation(630000, 3340000 - 128) * Affine.scale(0.5, 0.5)  # rows run north
+
+
+def write_raster(path, transform, width=256, height=256, seed=0):
+    data = np.random.default_rng(seed).integers(1, 255, (3, height, width), dtype=np.uint8)
+    with rasterio.open(path, "w", driver="GTiff", width=width, height=height, count=3, dtype="uint8",
+                       crs="EPSG:32614", transform=transform) as dst:
+        dst.write(data)
+    return path
+
+
+def footprint(path) -> Polygon:
+    with rasterio.open(path) as src:
+        return Polygon([src.transform * corner for corner in
+                        ((0, 0), (src.width, 0), (src.width, src.height), (0, src.height))])
+
+
+@pytest.mark.parametrize("pre_transform, post_transform, post_width", [
+    (ROTATED, NORTH_UP, 256),   # today: the post is read unresampled, on the pre's rotated lattice
+    (NORTH_UP, ROTATED, 256),
+    (ROTATED, NORTH_UP, 512),   # today: "operands could not be broadcast"
+    (NORTH_UP, SHEARED, 256),   # today: taken as lying on the pre's lattice
+    (SOUTH_UP, NORTH_UP, 256),
+], ids=["rotated pre", "rotated post", "rotated pre, wider post", "sheared post", "south-up pre"])
+def test_rotated_or_sheared_dates_are_warped_onto_a_north_up_grid(tmp_path, pre_transform, post_transform,
+                                                                  post_width):
+    pre = write_raster(tmp_path / "pre.tif", pre_transform)
+    post = write_raster(tmp_path / "post.tif", post_transform, width=post_width, seed=1)
+    with rasterio.open(pre) as a, rasterio.open(post) as b:
+        grid = common_grid(a, b)
+    t = grid.transform
+    assert t.b == t.d == 0 and t.a > 0 > t.e
+    read = PairReader(pre, post, grid, [1, 2, 3], [1, 2, 3])
+    try:
+        pre_pixels, post_pixels, valid = read(Window(0, 0, grid.width, grid.height))
+    finally:
+        read.close()
+    # Both dates as GDAL's warper puts them on the grid, and only where both have data.
+    for path, pixels in ((pre, pre_pixels), (post, post_pixels)):
+        with rasterio.open(path) as src, WarpedVRT(src, crs=grid.crs, transform=t, width=grid.width,
+                                                   height=grid.height, resampling=Resampling.bilinear,
+                                                   add_alpha=True) as vrt:
+            expected, inside = vrt.read([1, 2, 3]), vrt.read(4) > 0
+        assert not (valid & ~inside).any()
+        np.testing.assert_array_equal(np.where(valid, pixels, 0), np.where(valid, expected, 0))
+    # The valid pixels cover the intersection of the two footprints.
+    shared = footprint(pre).intersection(footprint(post)).area
+    assert valid.sum() * t.a * -t.e == pytest.approx(shared, rel=0.03)
+
+
+@pytest.fixture(scope="module")
+def random_package(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pkg") / "random_tinycd.safetensors"
+    return save_package(create("tinycd").eval(), make_manifest("tinycd"), path)
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--crs", "EPSG:999999"], "crs 'EPSG:999999' is not a coordinate reference system GDAL knows"),
+    (["--resolution", "1e-12"], "the common grid would be 1.28e+14 x 1.28e+14 px"),  # today: planning eats memory
+    (["--threshold", "1.5"], "threshold must be in [0, 1], not 1.5"),
+])
+def test_cli_refuses_absurd_options_in_one_line(tmp_path, random_package, option, message):
+    pre = write_raster(tmp_path / "pre.tif", NORTH_UP)
+    run = subprocess.run([*GEOCHANGE, "detect", str(pre), str(pre), "--model", str(random_package),
+                          "--out", str(tmp_path / "out"), *option], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stderr.startswith(f"geochange: error: {message}")
+    assert run.stderr.count("\n") == 1
+
+
+def test_a_resolution_coarser_than_the_overlap_is_named_as_such(tmp_path):
+    pre = write_raster(tmp_path / "pre.tif", NORTH_UP)  # 128 m a side
+    with rasterio.open(pre) as a, pytest.raises(OptionError, match="resolution 1000 is coarser than the "
+                                                                   "overlap of the two rasters \\(128 x 128 in"):
+        common_grid(a, a, resolution=1000.0)
+
+
+def test_thresholds_outside_0_1_are_refused_by_the_engine(tmp_path, random_package):
+    pre = write_raster(tmp_path / "pre.tif", NORTH_UP)
+    for threshold in (-0.1, 1.5, float("nan")):
+        with pytest.raises(OptionError, match=r"threshold must be in \[0, 1\]"):
+            prepare(pre, pre, random_package, threshold=threshold)
+        with pytest.raises(OptionError, match=r"threshold must be in \[0, 1\]"):
+            evaluate_folder(load_package(random_package), tmp_path, threshold=threshold)
+    assert prepare(pre, pre, random_package, threshold=1.0).threshold == 1.0
+
+
+def test_tiles_below_32_px_are_refused():
+    with pytest.raises(OptionError, match="tile size must be at least 32 px, not 31"):
+        WindowPlan(256, 256, 31, 0)
+    assert len(WindowPlan(256, 256, 32, 0)) == 64
+
+
+def empty_raster(path, width, height):
+    """A 3-band raster of any size that costs nothing: a VRT without sources (read as zeros)."""
+    dataset = gdal.GetDriverByName("VRT").Create(str(path), width, height, 3, gdal.GDT_Byte)
+    dataset.SetGeoTransform(NORTH_UP.to_gdal())
+    srs = osr.SpatialReference()
+    srs.ImportFromEPSG(32614)
+    dataset.SetProjection(srs.ExportToWkt())
+    dataset.FlushCache()
+    return path
+
+
+def test_a_batch_beyond_the_machines_memory_is_lowered_and_a_tile_refused(tmp_path, random_package):
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    window = 1024 * 1024 * 6 * 4  # float32 input of a 1024 px window, 3 bands a date
+    # A 1024 px high grid holding more windows in a row than the machine's memory does.
+    wide = empty_raster(tmp_path / "wide.vrt", (memory // window + 1) * 960 + 64, 1024)
+    messages = []
+
+    class Log(Progress):
+        def log(self, message):
+            messages.append(message)
+
+    setup = prepare(wide, wide, random_package, tile=1024, batch=10**9, progress=Log())
+    assert 1 <= setup.batch < memory // window and "batch lowered from 1000000000 to" in messages[0]
+    side = math.isqrt(memory // (6 * 4)) + 1  # one window of this side holds more than the memory
+    square = empty_raster(tmp_path / "square.vrt", side, side)
+    with pytest.raises(OptionError, match=f"a tile of {side} px over a grid {side} px wide needs at least .* GiB, "
+                                          "more than this machine's .* lower the tile size"):
+        prepare(square, square, random_package, tile=side)
