@@ -83,6 +83,11 @@ def test_folder_pairs_load_as_raw_dates_and_binary_labels(shared_data):
     assert pre.shape == (3, 256, 256) and post.shape == (1, 256, 256)  # optical before, SAR grey after
     assert label.dtype == np.uint8 and set(np.unique(label)) <= {0, 1}
     assert 0 < change_area_ratio(label) < 1
+    # Decoded once and kept: a later read gives the same pixels, whatever the first reader did to its copy.
+    pre[:] = 0
+    again = split["train"][0].load()
+    assert again[0].any() and all(np.array_equal(a, b) for a, b in zip(again[1:], (post, label)))
+    assert split["train"][0].source._decoded_bytes == sum(a.nbytes for a in again)
 
 
 def _polygon_file(path, source: RasterSource, rows, cols):

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from geochange.engine.cli import main as geochange
+from geochange.engine.hardware import cpu_bf16, cpu_name
 from geochange.engine.package import load_package
 from geochange.engine.predict import Predictor
 from geochange.trainer.loop import Trainer
@@ -47,6 +48,10 @@ def test_two_iterations_to_a_package(architecture, shared_data, tmp_path):
     assert training["config"]["model"]["architecture"] == architecture and training["iteration"] == 2
     assert training["data"]["datasets"] == [dataset] and training["data"]["train"] > 0
     assert set(training["metrics"]) == {"val", "test"}
+    # train.amp auto: bf16 where the CPU computes in it (AMX, AVX512-BF16), fp32 elsewhere; said why.
+    bf16, why = cpu_bf16()
+    assert training["precision"] == {"autocast": "bf16" if bf16 else "fp32", "amp": "auto", "device": cpu_name(),
+                                     "why": why}
     assert results["test"]["global"]["mIoU"] == training["metrics"]["test"]["global"]["mIoU"]
     assert set(results["test"]["car_bins"]) <= {"[0, 0.05)", "[0.05, 0.2)", "[0.2, 1]"}
     # The engine runs the exported package on raw pixels as it would any other.

@@ -115,6 +115,11 @@ def change_area_ratio(label: np.ndarray | torch.Tensor):
 
 # --- Sources -------------------------------------------------------------------------------------
 
+# Decoded pairs a folder source keeps in memory: a run reads each tile once an epoch, and decoding PNGs
+# again would take the CPU from the model. Past this, pairs are decoded on each read.
+DECODED_BYTES = 2 * 2**30
+
+
 class FolderSource:
     """Pairs of a folder dataset ``A/ B/ label/``, addressed by file name."""
 
@@ -122,11 +127,20 @@ class FolderSource:
         self.name = name
         self.ignore_value = ignore_value
         self.paths = {a.name: (a, b, label) for a, b, label in dataset_pairs(root)}
+        self._decoded: dict[str, tuple] = {}
+        self._decoded_bytes = 0
 
     def load(self, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Raw ``(bands, H, W)`` pre and post images and the 0/1/IGNORE label ``(H, W)``."""
-        a, b, label = self.paths[key]
-        return read_image(a), read_image(b), binary_label(read_image(label)[0], label, self.ignore_value)
+        """Raw ``(bands, H, W)`` pre and post images and the 0/1/IGNORE label ``(H, W)``, decoded once
+        and kept while they fit in ``DECODED_BYTES`` (each read gets its own copy to change)."""
+        if key not in self._decoded:
+            a, b, label = self.paths[key]
+            pair = (read_image(a), read_image(b), binary_label(read_image(label)[0], label, self.ignore_value))
+            size = sum(array.nbytes for array in pair)
+            if self._decoded_bytes + size > DECODED_BYTES:
+                return pair
+            self._decoded[key], self._decoded_bytes = pair, self._decoded_bytes + size
+        return tuple(array.copy() for array in self._decoded[key])
 
 
 class RasterSource:

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import pickle
+import sys
 import time
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from tqdm import tqdm
 
 from geochange.engine import models
 from geochange.engine.atomic import atomic_path
+from geochange.engine.hardware import cpu_bf16, cpu_name
 from geochange.engine.models.m2cd import simulate_sar_speckle
 from geochange.engine.package import load_package, make_manifest, save_package
 from geochange.engine.predict import resolve_device
@@ -214,11 +216,24 @@ class Trainer:
         torch.manual_seed(cfg["seed"] + self.rank)
 
     def _amp_dtype(self, amp: str):
+        """The autocast type: ``auto`` is bf16 on CUDA and on CPUs that compute in bf16 (AMX or
+        AVX512-BF16), else fp32; losses, routing and metrics stay fp32 either way."""
         if amp == "auto":
-            return torch.bfloat16 if self.device.type == "cuda" else None
+            return torch.bfloat16 if self.device.type == "cuda" or cpu_bf16()[0] else None
         if amp == "fp16" and self.device.type != "cuda":
             raise ConfigError("train.amp: fp16 needs CUDA (use bf16 or off on CPU)")
         return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+    @property
+    def precision(self) -> dict:
+        """How the run computes, recorded in its package: the autocast type, the device and, where
+        ``train.amp`` was left to ``auto`` on a CPU, why."""
+        out = {"autocast": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype],
+               "amp": self.cfg["train"]["amp"],
+               "device": cpu_name() if self.device.type == "cpu" else torch.cuda.get_device_name(self.device)}
+        if self.device.type == "cpu" and out["amp"] == "auto":
+            out["why"] = cpu_bf16()[1]
+        return out
 
     # -- paths and packages --
 
@@ -235,7 +250,7 @@ class Trainer:
                              for d in self.cfg["data"]["datasets"]],
                 **{s: len(self.splits[s]) for s in SPLITS}}
         training = {"method": self.method, "iteration": self.iteration, "data": data,
-                    "metrics": metrics, "config": self.cfg}
+                    "metrics": metrics, "config": self.cfg, "precision": self.precision}
         if self.teacher is not None:
             training["distill_weight"] = self.distill_weight
         return make_manifest(self.cfg["model"]["architecture"], self.cfg["model"]["kwargs"],
@@ -337,6 +352,9 @@ class Trainer:
         if resume:
             self.load_checkpoint(self.checkpoint_path if resume is True else Path(resume))
         if self.main:
+            p = self.precision
+            print(f"{cfg['name']}: {p['autocast']} on {p['device']}" + (f" ({p['why']})" if "why" in p else ""),
+                  file=sys.stderr)
             self.work_dir.mkdir(parents=True, exist_ok=True)
             if not resume:  # a fresh run leaves nothing of an earlier one behind
                 for stale in (self.checkpoint_path, self.package_path, self.work_dir / "results.json"):
