@@ -64,14 +64,24 @@ def _cmd_import(args) -> int:
 def _cmd_info(args) -> int:
     from geochange.engine.package import PackageError, read_metadata
     from geochange.engine.router import describe_model
+    from geochange.engine.zoo import resolve_model
 
-    stored = read_metadata(args.model)  # refuses what is not a package
+    model = resolve_model(args.model)
+    stored = read_metadata(model)  # refuses what is not a package
     try:
-        described = describe_model(args.model)
+        described = describe_model(model)
     except PackageError:  # a malformed manifest: show it as stored (JSON escapes control characters)
         print(json.dumps(stored, indent=2))
         raise
     print(json.dumps(described["manifest"], indent=2) if args.json else described["text"])
+    return 0
+
+
+def _cmd_zoo(args) -> int:
+    from geochange.engine.zoo import describe_zoo, format_zoo
+
+    entries = describe_zoo()
+    print(json.dumps(entries, indent=2) if args.json else format_zoo(entries))
     return 0
 
 
@@ -129,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("detect", help="change probability, mask and polygons for a raster pair")
     p.add_argument("pre", help="pre-event raster")
     p.add_argument("post", help="post-event raster")
-    p.add_argument("--model", required=True, help="model package (.safetensors)")
+    p.add_argument("--model", required=True, help="model package (.safetensors) or a zoo model's name")
     p.add_argument("--out", required=True, help="output folder")
     run_options(p)
     p.add_argument("--min-area", type=float, default=0.0, help="drop polygons smaller than this (m2)")
@@ -150,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_cmd_detect)
 
     p = sub.add_parser("evaluate", help="metrics of a model on a folder dataset A/ B/ label/")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help="model package (.safetensors) or a zoo model's name")
     p.add_argument("--data", required=True, help="folder with A/, B/, label/")
     p.add_argument("--json", help="also write the metrics as JSON here")
     p.add_argument("--ignore-value", type=float,
@@ -168,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--json", action="store_true", help="the raw JSON manifest")
     p.set_defaults(run=_cmd_info)
+
+    p = sub.add_parser("zoo", help="the trained models shipped in zoo/, usable by name as --model NAME")
+    p.add_argument("--json", action="store_true", help="as JSON")
+    p.set_defaults(run=_cmd_zoo)
 
     p = sub.add_parser("models", help="list the registered architectures with their size")
     p.add_argument("--flops", action="store_true", help="also count FLOPs at 256x256 (slow)")

@@ -32,6 +32,7 @@ from geochange.engine import models
 from geochange.engine.atomic import atomic_path
 from geochange.engine.errors import GeoChangeError
 from geochange.engine.inputs import model_channels
+from geochange.engine.zoo import resolve_model
 
 FORMAT = "geochange-model"
 FORMAT_VERSION = 1
@@ -183,7 +184,7 @@ def validate_manifest(manifest, where) -> None:
         need(is_number(threshold) and 0 <= threshold <= 1, where, "output.threshold", "a number in [0, 1]",
              threshold)
     need(isinstance(manifest.get("training", {}), dict), where, "training", "an object", manifest.get("training"))
-    for key in ("licence", "source"):
+    for key in ("licence", "source", "task"):
         need(isinstance(manifest.get(key, ""), str), where, key, "a string", manifest.get(key))
 
 
@@ -334,8 +335,8 @@ def build_model(manifest: dict, shapes: dict[str, tuple], where) -> torch.nn.Mod
 
 
 def load_package(path: str | os.PathLike, device: str | torch.device = "cpu") -> ModelPackage:
-    """Load a package: the model (eval mode, on ``device``) and its manifest."""
-    path = Path(path)
+    """Load a package (a file, or a zoo model's name): the model (eval mode, on ``device``) and its manifest."""
+    path = resolve_model(path)
     manifest = read_manifest(path)
     model = build_model(manifest, read_shapes(path), path)
     model.load_state_dict(read_tensors(path))
@@ -362,7 +363,7 @@ def format_manifest(manifest: dict) -> str:
                            f"threshold {out.get('threshold', 0.5)}"))
     for key, value in manifest.get("training", {}).items():
         rows.append((f"training.{key}", value if isinstance(value, str) else json.dumps(value)))
-    rows += [(key, manifest[key]) for key in ("source", "licence") if manifest.get(key)]
+    rows += [(key, manifest[key]) for key in ("task", "source", "licence") if manifest.get(key)]
     rows = [(printable(label), printable(value)) for label, value in rows]
     width = max(len(label) for label, _ in rows) + 2
     return "\n".join(f"{label:<{width}}{value}" for label, value in rows)

@@ -23,6 +23,7 @@ from geochange.engine import models
 from geochange.engine.package import (ModelPackage, PackageError, build_model, format_manifest, is_number,
                                       load_package, need, printable, read_manifest, read_metadata, read_shapes,
                                       read_tensors, validate_manifest, write_package)
+from geochange.engine.zoo import resolve_model
 
 ROUTER_FORMAT = "geochange-router"
 
@@ -128,8 +129,9 @@ def load_router(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> ModelPackage | RouterPackage:
-    """A model package or a router package, told apart by the manifest's format."""
-    path = Path(path)
+    """A model package or a router package (a file, or a zoo model's name), told apart by the manifest's
+    format."""
+    path = resolve_model(path)
     manifest = read_metadata(path)
     if isinstance(manifest, dict) and manifest.get("format") == ROUTER_FORMAT:
         return load_router(path, device)
@@ -140,6 +142,7 @@ def describe_model(path) -> dict:
     """What a model package or an O-P router package holds, without loading its tensors: the manifest,
     a readable text, the architecture (with the registry's description and published figures) and the
     default threshold. A router is described by its original model (M_O) and lists its teachers."""
+    path = resolve_model(path)
     header = read_metadata(path)
     if isinstance(header, dict) and header.get("format") == ROUTER_FORMAT:
         validate_router(header, path)

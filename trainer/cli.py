@@ -2,6 +2,7 @@
 
     train CONFIG.yaml [--set key=value ...] [--resume [CHECKPOINT]] [--until N]
     mtkd {partition,original,teachers,distill,router,run} CONFIG.yaml [--set key=value ...] [--restart]
+    export RUN_DIR NAME --task TEXT --data-licence TEXT [--zoo DIR]
 
 Under ``torchrun --nproc-per-node N -m geochange.trainer ...`` the same commands run data-parallel.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from geochange.engine.cli import run_command
 from geochange.engine.progress import cancel_on_sigterm
@@ -63,6 +65,15 @@ def _cmd_mtkd(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from geochange.trainer.export import export_run
+
+    record = export_run(args.run, args.name, task=args.task, data_licence=args.data_licence,
+                        **({"zoo": Path(args.zoo)} if args.zoo else {}))
+    print(f"{args.name}: {record['file']}, {record['bytes']:,} bytes, sha256 {record['sha256']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="geochange", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -87,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     config_options(p)
     p.add_argument("--restart", action="store_true", help="start training steps afresh instead of resuming")
     p.set_defaults(run=_cmd_mtkd)
+
+    p = sub.add_parser("export", help="a finished run's best package into the model zoo (fp16 weights, checked)")
+    p.add_argument("run", help="the run's work_dir (with best.safetensors and results.json)")
+    p.add_argument("name", help="the zoo name, e.g. m2cd_mit_b0_flood")
+    p.add_argument("--task", required=True, help='what the model is for, e.g. "flood: optical before, SAR after"')
+    p.add_argument("--data-licence", required=True, help="the licence of the training data")
+    p.add_argument("--zoo", help="the zoo folder (default: zoo/ beside the engine)")
+    p.set_defaults(run=_cmd_export)
     return parser
 
 

@@ -55,6 +55,15 @@ def with_tta(predictor: Predictor, scales=(0.75, 1.0, 1.25), flip: bool = True) 
     return predict
 
 
+def test_predictions(predictor: Predictor, items: list[Item], test: dict, car_thresholds) -> dict:
+    """The trainer's test: ``evaluate_items`` with whole images, TTA as the config's ``test`` section says
+    (recorded in the summary)."""
+    predict = with_tta(predictor, test["scales"], test["flip"]) if test["tta"] else whole_image(predictor)
+    summary = evaluate_items(predict, items, car_thresholds)
+    summary["tta"] = {"scales": test["scales"], "flip": test["flip"]} if test["tta"] else None
+    return summary
+
+
 def car_bins(thresholds) -> list[str]:
     edges = [0, *thresholds, 1]
     return [f"[{lo:g}, {hi:g}{']' if i == len(edges) - 2 else ')'}" for i, (lo, hi) in

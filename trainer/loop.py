@@ -21,6 +21,8 @@ import json
 import math
 import os
 import pickle
+import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,7 +43,7 @@ from geochange.engine.predict import resolve_device
 from geochange.trainer.augment import Augment
 from geochange.trainer.config import ConfigError
 from geochange.trainer.data import SPLITS, TrainStream, build_splits, train_loader
-from geochange.trainer.evaluation import evaluate_items, predictor_for, whole_image, with_tta
+from geochange.trainer.evaluation import evaluate_items, predictor_for, test_predictions, whole_image
 from geochange.trainer.losses import distillation_logits, distillation_loss, training_losses
 from geochange.trainer.optim import build_optimizer, set_learning_rate
 
@@ -103,6 +105,18 @@ def load_backbone(model: torch.nn.Module, architecture: str, path: Path) -> None
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:  # torch.load: not a checkpoint
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"model.backbone_weights: {path} is not a checkpoint of tensors ({reason})") from None
+
+
+def recipe() -> dict:
+    """How this run was started, recorded in its package: the command line and the code's commit
+    (``-dirty`` where the working tree differed from it; None outside a git checkout)."""
+    try:
+        described = subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[1]), "describe", "--always",
+                                    "--dirty", "--abbrev=40"], capture_output=True, text=True, timeout=30)
+        commit = described.stdout.strip() if described.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired):
+        commit = None
+    return {"command": shlex.join(sys.argv), "commit": commit}
 
 
 def model_inputs(cfg: dict) -> dict:
@@ -211,6 +225,7 @@ class Trainer:
         self.method = method or ("o2sp" if cfg["loss"]["o2sp"] > 0 else "plain")
         self.stream = TrainStream(self.splits["train"], Augment(cfg["augment"]), self.inputs, cfg["seed"])
         self.iteration = 0
+        self.recipe = recipe()
         self.best = {"mIoU": -math.inf, "iteration": None, "val": None}
         # Dropout and drop-path draw from the global generator: one stream per process.
         torch.manual_seed(cfg["seed"] + self.rank)
@@ -250,7 +265,7 @@ class Trainer:
                              for d in self.cfg["data"]["datasets"]],
                 **{s: len(self.splits[s]) for s in SPLITS}}
         training = {"method": self.method, "iteration": self.iteration, "data": data,
-                    "metrics": metrics, "config": self.cfg, "precision": self.precision}
+                    "metrics": metrics, "config": self.cfg, "precision": self.precision, "recipe": self.recipe}
         if self.teacher is not None:
             training["distill_weight"] = self.distill_weight
         return make_manifest(self.cfg["model"]["architecture"], self.cfg["model"]["kwargs"],
@@ -400,11 +415,9 @@ class Trainer:
             results = {"best_iteration": self.best["iteration"],
                        "val": package.manifest["training"]["metrics"].get("val"), "test": None}
             if self.splits["test"]:
-                t = self.cfg["test"]
-                predictor = predictor_for(package.model, package.manifest, self.device)
-                predict = with_tta(predictor, t["scales"], t["flip"]) if t["tta"] else whole_image(predictor)
-                results["test"] = evaluate_items(predict, self.splits["test"], self.cfg["train"]["car_thresholds"])
-                results["test"]["tta"] = {"scales": t["scales"], "flip": t["flip"]} if t["tta"] else None
+                results["test"] = test_predictions(predictor_for(package.model, package.manifest, self.device),
+                                                   self.splits["test"], self.cfg["test"],
+                                                   self.cfg["train"]["car_thresholds"])
                 manifest = package.manifest
                 manifest["training"]["metrics"]["test"] = results["test"]
                 save_package(package.model, manifest, self.package_path)

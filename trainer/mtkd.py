@@ -41,7 +41,7 @@ from geochange.engine.predict import Predictor
 from geochange.engine.router import RouterPredictor, load_router, route, save_router
 from geochange.trainer.config import ConfigError, derive
 from geochange.trainer.data import build_splits, change_area_ratio
-from geochange.trainer.evaluation import evaluate_items, whole_image, with_tta
+from geochange.trainer.evaluation import test_predictions
 from geochange.trainer.losses import teacher_logits
 from geochange.trainer.loop import Trainer
 
@@ -256,9 +256,8 @@ class Pipeline:
         results = {"router": str(path), "test": None}
         if self.splits["test"]:
             predictor = RouterPredictor(load_router(path), lambda package: Predictor(package, self.cfg["device"]))
-            t = self.cfg["test"]
-            predict = with_tta(predictor, t["scales"], t["flip"]) if t["tta"] else whole_image(predictor)
-            results["test"] = evaluate_items(predict, self.splits["test"], self.cfg["train"]["car_thresholds"])
+            results["test"] = test_predictions(predictor, self.splits["test"], self.cfg["test"],
+                                               self.cfg["train"]["car_thresholds"])
             results["test"]["routed"] = dict(zip(self.names, predictor.routed.tolist()))
         with atomic_path(self.root / "router_results.json") as tmp:
             tmp.write_text(json.dumps(results, indent=2))

@@ -1,0 +1,95 @@
+"""The model zoo: a finished run exported with fp16 weights and checked, recorded by sha256, chosen by name;
+and the zoo shipped in zoo/: every package matches its record, loads, and scores what it recorded."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from geochange.engine.cli import main as geochange
+from geochange.engine.package import PackageError, load_package
+from geochange.engine.zoo import describe_zoo, format_zoo, zoo_index, zoo_path
+from geochange.trainer.config import ConfigError
+from geochange.trainer.data import build_splits
+from geochange.trainer.export import check_figures, export_run
+from geochange.trainer.loop import Trainer
+from conftest import REPO
+from trainer_setup import small_config
+
+
+@pytest.fixture(scope="module")
+def finished_run(shared_data, tinycd_package, tmp_path_factory):
+    """The TinyCD authors' weights through one training step of (nearly) zero learning rate on LEVIR-CD:
+    a finished run whose predictions are confident, as a trained model's are."""
+    run = tmp_path_factory.mktemp("run")
+    cfg = small_config(run, shared_data / "levir_cd", "tinycd", model={"init": str(tinycd_package)},
+                       optim={"lr": 1e-9}, schedule={"iterations": 1, "warmup": 0}, train={"val_interval": 1})
+    Trainer(cfg).fit()
+    return run
+
+
+def test_a_finished_run_goes_into_the_zoo_in_fp16(finished_run, tmp_path):
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    with pytest.raises(ConfigError, match="only a finished run"):
+        export_run(tmp_path, "nothing", task="t", data_licence="l", zoo=zoo)
+    record = export_run(finished_run, "tiny_buildings", task="buildings: optical before and after",
+                        data_licence="LEVIR-CD: research only", zoo=zoo)
+    assert zoo_index(zoo) == {"tiny_buildings": record}
+    path = zoo_path("tiny_buildings", zoo)
+    with safe_open(str(path), framework="pt") as f:
+        floats = [f.get_tensor(k).dtype for k in f.keys() if f.get_tensor(k).is_floating_point()]
+    assert floats and set(floats) == {torch.float16}
+    package = load_package(path)
+    assert all(p.dtype == torch.float32 for p in package.model.parameters())  # loaded as fp32
+    assert package.manifest["task"] == "buildings: optical before and after"
+    # The figures recorded are the fp16 weights' own, within 0.002 of the run's fp32 test.
+    run_test = json.loads((finished_run / "results.json").read_text())["test"]["global"]
+    shipped = package.manifest["training"]["metrics"]["test"]["global"]
+    assert all(abs(shipped[k] - run_test[k]) <= 0.002 for k in ("f1", "iou", "mIoU", "oa"))
+    [entry] = describe_zoo(zoo)
+    assert entry["test"]["f1"] == shipped["f1"] and entry["sha256"] == record["sha256"]
+    assert entry["recipe"]["command"] and "commit" in entry["recipe"]
+    assert "tiny_buildings  (tinycd) buildings" in format_zoo([entry])
+    # A package changed after it was recorded is refused by name.
+    with open(path, "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(PackageError, match="does not match its record"):
+        zoo_path("tiny_buildings", zoo)
+
+
+def test_an_unknown_model_name_lists_the_zoo(capsys):
+    assert geochange(["info", "no_such_model"]) == 2
+    assert "no such model file, nor a zoo model's name" in capsys.readouterr().err
+
+
+SHIPPED = zoo_index()
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED) or [pytest.param(None, marks=pytest.mark.skip("zoo/ is empty"))])
+def test_every_shipped_zoo_model_loads_and_scores_what_it_recorded(name, shared_data, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)  # the recipes name their data relative to the repository, as they are run
+    path = zoo_path(name)  # size and sha256 as recorded
+    package = load_package(name)  # by name, as --model NAME
+    assert package.path == path
+    training = package.manifest["training"]
+    assert len(build_splits(training["config"]["data"]["datasets"])["test"]) == training["data"]["test"]
+    check = check_figures(package, training["config"])
+    recorded = training["metrics"]["check"]
+    assert check["tiles"] == recorded["tiles"] and check["f1"] >= recorded["f1"] - 0.02
+    assert geochange(["zoo"]) == 0 and name in capsys.readouterr().out
+
+
+def test_baselines_on_the_ombria_test_tiles(shared_data):
+    """The figures the zoo models are compared with (README), from the metric code the models use."""
+    from geochange.trainer.baselines import BASELINES
+    from geochange.trainer.evaluation import evaluate_items
+
+    items = build_splits([{"root": str(shared_data / "ombria_full")}])["test"]
+    assert len(items) == 70
+    figures = {name: evaluate_items(predict, items)["global"] for name, predict in BASELINES.items()}
+    assert figures["all no change"]["f1"] == 0 and figures["all no change"]["oa"] == pytest.approx(0.6663, abs=1e-4)
+    otsu = figures["Otsu on the post SAR image"]
+    assert (otsu["f1"], otsu["iou"], otsu["mIoU"]) == pytest.approx((0.6375, 0.4679, 0.5708), abs=1e-4)

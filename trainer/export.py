@@ -1,0 +1,71 @@
+"""A finished run into the model zoo: its best package with the weights stored in fp16 (half the bytes;
+loaded as fp32), what it is for, the licence of its data and its recipe, checked against the run's own
+test figures before it is recorded in ``zoo/index.json``.
+
+    geochange export RUN_DIR NAME --task "flood: optical before, SAR after" --data-licence "..." [--zoo DIR]
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from geochange.engine.atomic import atomic_path
+from geochange.engine.package import load_package, read_tensors, write_package
+from geochange.engine.zoo import INDEX, ZOO, sha256, zoo_index
+from geochange.trainer.config import ConfigError
+from geochange.trainer.data import build_splits
+from geochange.trainer.evaluation import predictor_for, test_predictions
+
+# fp16 weights may move a test figure by rounding; more than this and the package is not exported.
+FP16_TOLERANCE = 0.002
+CHECKED = ("f1", "iou", "mIoU", "oa")
+CHECK_EVERY = 10
+
+
+def check_figures(package, cfg: dict) -> dict:
+    """F1 on every tenth test tile, tested as the run was: a check quick enough for every test run that
+    the shipped weights still give what they gave."""
+    items = build_splits(cfg["data"]["datasets"])["test"][::CHECK_EVERY]
+    summary = test_predictions(predictor_for(package.model, package.manifest, "cpu"), items, cfg["test"],
+                               cfg["train"]["car_thresholds"])
+    return {"tiles": [item.id for item in items], "f1": summary["global"]["f1"]}
+
+
+def export_run(run_dir: str | Path, name: str, *, task: str, data_licence: str, zoo: Path = ZOO) -> dict:
+    """Write ``zoo/NAME.safetensors`` from ``run_dir``'s best package and record it in the index; returns
+    the record. The fp16 package is tested on the run's test split as the run was tested, and refused if
+    any of ``CHECKED`` moves by more than ``FP16_TOLERANCE``."""
+    run = Path(run_dir)
+    if not (run / "results.json").is_file():
+        raise ConfigError(f"{run}: no results.json; only a finished run (tested) can go into the zoo")
+    tested = json.loads((run / "results.json").read_text())["test"]
+    if not tested:
+        raise ConfigError(f"{run}: the run has no test figures (an empty test split)")
+    package = load_package(run / "best.safetensors")
+    manifest = package.manifest
+    manifest["task"] = task
+    manifest["licence"] = f"weights: this project's; data: {data_licence}"
+    tensors = {k: v.half() if v.dtype == torch.float32 else v for k, v in read_tensors(run / "best.safetensors").items()}
+    path = write_package(tensors, manifest, zoo / f"{name}.safetensors")
+    try:
+        half = load_package(path)
+        cfg = manifest["training"]["config"]
+        measured = test_predictions(predictor_for(half.model, half.manifest, "cpu"),
+                                    build_splits(cfg["data"]["datasets"])["test"], cfg["test"],
+                                    cfg["train"]["car_thresholds"])
+        moved = {k: measured["global"][k] - tested["global"][k] for k in CHECKED}
+        if any(abs(v) > FP16_TOLERANCE for v in moved.values()):
+            raise ConfigError(f"{name}: fp16 weights move the test figures by {moved} (at most "
+                              f"{FP16_TOLERANCE}); not exported")
+        manifest["training"]["metrics"]["test"] = measured  # the figures of the weights shipped
+        manifest["training"]["metrics"]["check"] = check_figures(half, cfg)
+        write_package(tensors, manifest, path)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    record = {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256(path)}
+    with atomic_path(zoo / INDEX) as tmp:
+        tmp.write_text(json.dumps({**zoo_index(zoo), name: record}, indent=2, sort_keys=True) + "\n")
+    return record
