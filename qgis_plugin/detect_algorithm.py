@@ -16,7 +16,9 @@ from qgis.core import (
     QgsProcessingParameterString,
     QgsProcessingParameterVectorDestination,
 )
+from qgis.core import QgsProcessingException
 
+from geochange.engine.zoo import zoo_index
 from geochange.qgis_plugin import styles
 from geochange.qgis_plugin.engine_algorithm import EngineAlgorithm, tr
 
@@ -26,11 +28,25 @@ PRECISIONS = ["bf16", "fp16", "fp32"]
 MODEL_FILTER = "GeoChange model package (*.safetensors);;All files (*)"
 
 
-def model_parameter(name="MODEL"):
+def model_parameters() -> list:
+    """A model file (``MODEL``), or a model of the zoo shipped with the plugin (``ZOO_MODEL``)."""
     # "All files" keeps other names acceptable, so that a wrong file (a .pth checkpoint...) gets the
     # engine's explanation instead of QGIS's bare "Incorrect parameter value".
-    return QgsProcessingParameterFile(name, tr("Model package"), behavior=QgsProcessingParameterFile.File,
-                                      fileFilter=tr(MODEL_FILTER))
+    return [QgsProcessingParameterEnum("ZOO_MODEL", tr("Model from the zoo"), defaultValue=0,
+                                       options=[tr("none: the model file below")] + sorted(zoo_index())),
+            QgsProcessingParameterFile("MODEL", tr("Model file"), behavior=QgsProcessingParameterFile.File,
+                                       fileFilter=tr(MODEL_FILTER), optional=True)]
+
+
+def chosen_model(algorithm, parameters, context) -> str:
+    """The zoo model's name, else the model file; one of them is needed."""
+    choice = algorithm.parameterAsEnum(parameters, "ZOO_MODEL", context)
+    if choice > 0:
+        return sorted(zoo_index())[choice - 1]
+    model = algorithm.parameterAsFile(parameters, "MODEL", context)
+    if not model:
+        raise QgsProcessingException(tr("Choose a model from the zoo (ZOO_MODEL) or give a model file (MODEL)"))
+    return model
 
 
 def device_parameter(name="DEVICE"):
@@ -64,6 +80,9 @@ def polygon_parameters():
 
 
 COMMON_HELP = {
+    "ZOO_MODEL": "A model trained by the GeoChange project and shipped with the plugin (<code>geochange zoo</code> "
+                 "lists what each is for, its inputs, data and test figures); <i>none</i> to use the model file "
+                 "below.",
     "MODEL": "A GeoChange model file (<code>.safetensors</code>) holding the weights, the architecture and "
              "how inputs are scaled; its manifest is printed in the log when the algorithm runs (and by "
              "<i>Model information</i>). Pickled PyTorch checkpoints (<code>.pth</code>) are refused: "
@@ -164,7 +183,8 @@ class DetectChangesAlgorithm(EngineAlgorithm):
     def initAlgorithm(self, config=None):  # noqa: N802 (QGIS's name)
         self.addParameter(QgsProcessingParameterRasterLayer("PRE", tr("Pre-change raster")))
         self.addParameter(QgsProcessingParameterRasterLayer("POST", tr("Post-change raster")))
-        self.addParameter(model_parameter())
+        for parameter in model_parameters():
+            self.addParameter(parameter)
         for date, description in (("PRE", tr("Pre-change bands, in the model's order")),
                                   ("POST", tr("Post-change bands, in the model's order"))):
             self.addParameter(QgsProcessingParameterBand(f"{date}_BANDS", description, parentLayerParameterName=date,
@@ -210,7 +230,7 @@ class DetectChangesAlgorithm(EngineAlgorithm):
         }
         args = {"pre": self.raster_path(parameters, "PRE", context),
                 "post": self.raster_path(parameters, "POST", context),
-                "model": self.parameterAsFile(parameters, "MODEL", context), **outputs,
+                "model": chosen_model(self, parameters, context), **outputs,
                 **self.engine_options(parameters, context)}
         result = self.run_engine("detect", args, feedback, outputs.values())
 

@@ -10,8 +10,8 @@ from qgis.core import (
     QgsProcessingParameterNumber,
 )
 
-from geochange.qgis_plugin.detect_algorithm import (COMMON_HELP, ENGINE_NOTES, DetectChangesAlgorithm,
-                                                    device_parameter, model_parameter, threshold_parameter,
+from geochange.qgis_plugin.detect_algorithm import (COMMON_HELP, ENGINE_NOTES, DetectChangesAlgorithm, chosen_model,
+                                                    device_parameter, model_parameters, threshold_parameter,
                                                     tiling_parameters)
 from geochange.qgis_plugin.engine_algorithm import EngineAlgorithm, tr
 from geochange.qgis_plugin.tables import TABLE_FILTER, TABLE_SUFFIXES, write_table
@@ -65,7 +65,8 @@ class EvaluateModelAlgorithm(EngineAlgorithm):
         return tr("evaluate,metrics,accuracy,f1,iou,test,dataset").split(",")
 
     def initAlgorithm(self, config=None):  # noqa: N802 (QGIS's name)
-        self.addParameter(model_parameter())
+        for parameter in model_parameters():
+            self.addParameter(parameter)
         self.addParameter(QgsProcessingParameterFile("DATA", tr("Dataset folder (A/, B/, label/)"),
                                                      behavior=QgsProcessingParameterFile.Folder))
         self.addParameter(device_parameter())
@@ -81,7 +82,7 @@ class EvaluateModelAlgorithm(EngineAlgorithm):
             self.addOutput(QgsProcessingOutputNumber(name, tr(METRICS[key].capitalize())))
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 (QGIS's name)
-        model = self.parameterAsFile(parameters, "MODEL", context)
+        model = chosen_model(self, parameters, context)
         data = self.parameterAsFile(parameters, "DATA", context)
         table = self.output_path(parameters, "OUTPUT", context, TABLE_SUFFIXES)
         args = {"model": model, "data": data, **self.engine_options(parameters, context)}

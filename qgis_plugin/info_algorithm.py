@@ -5,7 +5,7 @@ from pathlib import Path
 
 from qgis.core import QgsProcessingOutputNumber, QgsProcessingOutputString, QgsProcessingParameterFileDestination
 
-from geochange.qgis_plugin.detect_algorithm import COMMON_HELP, model_parameter
+from geochange.qgis_plugin.detect_algorithm import COMMON_HELP, chosen_model, model_parameters
 from geochange.qgis_plugin.engine_algorithm import EngineAlgorithm, tr
 from geochange.qgis_plugin.tables import TABLE_FILTER, TABLE_SUFFIXES, flatten, write_table
 
@@ -20,6 +20,7 @@ class ModelInfoAlgorithm(EngineAlgorithm):
                "licence. For an O-P router package: its CAR thresholds and the manifest of the original model "
                "and of each teacher. The package's tensors are not loaded.</p>")
     PARAMETER_HELP = {
+        "ZOO_MODEL": COMMON_HELP["ZOO_MODEL"],
         "MODEL": COMMON_HELP["MODEL"].split(" Pickled")[0],
         "OUTPUT": "The manifest as a two-column table (field, value): HTML (shown in the results viewer) or "
                   "CSV, chosen by the file extension.",
@@ -32,14 +33,15 @@ class ModelInfoAlgorithm(EngineAlgorithm):
         return tr("model,manifest,package,metadata,information").split(",")
 
     def initAlgorithm(self, config=None):  # noqa: N802 (QGIS's name)
-        self.addParameter(model_parameter())
+        for parameter in model_parameters():
+            self.addParameter(parameter)
         self.addParameter(QgsProcessingParameterFileDestination("OUTPUT", tr("Model information table"),
                                                                 fileFilter=tr(TABLE_FILTER)))
         self.addOutput(QgsProcessingOutputString("ARCHITECTURE", tr("Architecture")))
         self.addOutput(QgsProcessingOutputNumber("THRESHOLD", tr("Default threshold")))
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 (QGIS's name)
-        model = self.parameterAsFile(parameters, "MODEL", context)
+        model = chosen_model(self, parameters, context)
         table = self.output_path(parameters, "OUTPUT", context, TABLE_SUFFIXES)
         info = self.run_engine("info", {"model": model}, feedback)
         feedback.pushInfo(info["text"])

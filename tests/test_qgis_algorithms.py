@@ -285,3 +285,12 @@ def test_algorithms_inside_a_model_run_by_qgis_process(geochange_provider, qgis_
         "INPUT": crop_detection["results"]["OUTPUT_PROBABILITY"], "THRESHOLD": 0.8,
         "OUTPUT": str(tmp_path / "expected.gpkg")})
     assert polygon_areas(polygons) == pytest.approx(polygon_areas(expected["OUTPUT"]), rel=1e-6)
+
+
+def test_a_model_from_the_zoo_or_a_file_is_needed(geochange_provider, levir_crop, tmp_path):
+    parameters = {"PRE": str(levir_crop["pre"]), "POST": str(levir_crop["post"]),
+                  "OUTPUT_PROBABILITY": str(tmp_path / "p.tif"), "OUTPUT_MASK": str(tmp_path / "m.tif"),
+                  "OUTPUT_POLYGONS": str(tmp_path / "c.gpkg")}
+    with pytest.raises(QgsProcessingException, match=r"zoo \(ZOO_MODEL\) or give a model file \(MODEL\)"):
+        run_algorithm("geochange:detectchanges", parameters)
+    assert not list(tmp_path.iterdir())

@@ -106,7 +106,7 @@ def test_provider_lists_the_algorithm(geochange_provider):
     # Every parameter that is not an output passes through to the engine's detect(), and every option of
     # detect() has its parameter, except the number of reading threads (an I/O detail).
     inputs = {p.name() for p in algorithm.parameterDefinitions() if not p.isDestination()}
-    assert inputs - {"PRE", "POST", "MODEL"} == set(algorithm.ENGINE_OPTIONS)
+    assert inputs - {"PRE", "POST", "MODEL", "ZOO_MODEL"} == set(algorithm.ENGINE_OPTIONS)
     from geochange.engine.inference import detect, prepare  # detect(**options) passes options to prepare()
 
     accepted = set(inspect.signature(detect).parameters) | set(inspect.signature(prepare).parameters)
