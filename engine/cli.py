@@ -31,7 +31,8 @@ def _cmd_detect(args) -> int:
                     post_scale=args.post_scale, progress=TqdmProgress())
     if result is None:  # a rank other than 0 of a torchrun
         return 0
-    print(f"{result.polygon_count} change polygons, {result.changed_area_m2:,.0f} m2 changed")
+    unit = "m2" if result.grid.crs is not None else "px (no CRS: a pixel grid)"
+    print(f"{result.polygon_count} change polygons, {result.changed_area_m2:,.0f} {unit} changed")
     for path in (result.probability, result.mask, result.polygons):
         print(path)
     return 0

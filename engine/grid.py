@@ -34,7 +34,7 @@ MAX_SIDE = 2**31 - 1
 
 @dataclass(frozen=True)
 class Grid:
-    crs: CRS
+    crs: CRS | None  # None: a pixel grid (see ``pixel_grid``)
     transform: Affine
     width: int
     height: int
@@ -83,9 +83,12 @@ def common_grid(pre, post, *, on: str = "pre", crs: str | None = None,
     if resolution is not None and not resolution >= 0:  # 0, as None: the reference's resolution
         raise OptionError(f"resolution must not be negative, not {resolution}")
     reference = pre if on == "pre" else post
-    for src in (pre, post):
+    if pre.crs is None and post.crs is None:
+        return pixel_grid(pre, post, crs=crs, resolution=resolution, warn=warn)
+    for src, other in ((pre, post), (post, pre)):
         if src.crs is None:
-            raise RasterError(f"{Path(src.name).name}: the raster has no CRS; it cannot be aligned")
+            raise RasterError(f"{Path(src.name).name}: the raster has no CRS while {Path(other.name).name} has "
+                              "one; it cannot be aligned with it")
     try:
         with Env():  # GDAL's own complaint goes to rasterio's log, not to stderr
             target = CRS.from_user_input(crs) if crs else reference.crs
@@ -124,6 +127,22 @@ def common_grid(pre, post, *, on: str = "pre", crs: str | None = None,
     return Grid(target, Affine(res_x, 0, left, 0, -res_y, top), int(width), int(height))
 
 
+def pixel_grid(pre, post, *, crs=None, resolution=None, warn=lambda message: None) -> Grid:
+    """Two rasters without a CRS (plain images such as a dataset's PNG tiles) paired pixel for pixel:
+    they must be of one size; the grid has no CRS and pixel coordinates (row down)."""
+    names = [Path(src.name).name for src in (pre, post)]
+    if (pre.width, pre.height) != (post.width, post.height):
+        raise RasterError(f"neither {names[0]} ({pre.width}x{pre.height} px) nor {names[1]} ({post.width}x"
+                          f"{post.height} px) has a CRS, and their sizes differ: without a CRS only rasters of "
+                          "one size are paired, pixel for pixel")
+    if crs or resolution:
+        raise OptionError(f"{'crs' if crs else 'resolution'} needs georeferenced rasters: neither {names[0]} nor "
+                          f"{names[1]} has a CRS")
+    warn(f"neither raster has a CRS: they are paired pixel for pixel ({pre.width}x{pre.height} px); the outputs "
+         "have no CRS and areas are in pixels")
+    return Grid(None, Affine.identity(), pre.width, pre.height)
+
+
 class GridReader:
     """Reads windows of the grid from one dataset: an offset window when the dataset lies on the
     grid's lattice, a bilinear ``WarpedVRT`` otherwise. Outside the dataset, pixels are invalid."""
@@ -132,9 +151,10 @@ class GridReader:
         self._stack = contextlib.ExitStack()
         self.path = src.name
         t, g = src.transform, grid.transform
-        col, row = ~t * (g.c, g.f)  # the grid's origin in the dataset's pixels
-        on_lattice = (src.crs == grid.crs and north_up(t) and math.isclose(t.a, g.a) and math.isclose(t.e, g.e)
-                      and abs(col - round(col)) < 1e-6 and abs(row - round(row)) < 1e-6)
+        col, row = (0, 0) if grid.crs is None else ~t * (g.c, g.f)  # the grid's origin in the dataset's pixels
+        on_lattice = grid.crs is None or (  # a pixel grid is the dataset's own
+            src.crs == grid.crs and north_up(t) and math.isclose(t.a, g.a) and math.isclose(t.e, g.e)
+            and abs(col - round(col)) < 1e-6 and abs(row - round(row)) < 1e-6)
         # Whether GDAL masks any pixel: a warped read marks what lies outside the source.
         self.masked = not on_lattice or _has_mask(src)
         if on_lattice:

@@ -68,8 +68,9 @@ class StagedRaster:
                          "BIGTIFF=YES"])
             if self._ds is None:
                 raise output_error(self.name, gdal.GetLastErrorMsg())
-            self._ds.SetGeoTransform(grid.transform.to_gdal())
-            self._ds.SetProjection(grid.crs.to_wkt())
+            if grid.crs is not None:  # a pixel grid is written without georeference
+                self._ds.SetGeoTransform(grid.transform.to_gdal())
+                self._ds.SetProjection(grid.crs.to_wkt())
             band = self._ds.GetRasterBand(1)
             band.SetNoDataValue(nodata)
             if self._ds.BuildOverviews("NONE", overview_factors(grid.width, grid.height)) != 0:  # empty levels

@@ -34,7 +34,9 @@ def open_raster(path: str | os.PathLike, *, georeferenced: bool = True):
     if not path.exists():
         raise RasterError(f"{path}: no such file")
     try:
-        src = rasterio.open(path)
+        with warnings.catch_warnings():  # a raster without a CRS is paired pixel for pixel, and says so
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            src = rasterio.open(path)
     except RasterioIOError as e:
         raise RasterError(f"{path}: not a readable raster ({e})") from None
     gcps, gcp_crs = src.gcps
@@ -53,13 +55,11 @@ def corrupt_pixels(path, error: Exception) -> RasterError:
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """A whole (small, possibly non-georeferenced) image as ``(bands, H, W)``, e.g. a dataset PNG."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with open_raster(path, georeferenced=False) as src:
-            try:
-                return src.read()
-            except RasterioIOError as e:
-                raise corrupt_pixels(path, e) from None
+    with open_raster(path, georeferenced=False) as src:
+        try:
+            return src.read()
+        except RasterioIOError as e:
+            raise corrupt_pixels(path, e) from None
 
 
 def check_band_count(count: int, spec: dict, date: str, where, hint: str, error=RasterError) -> None:

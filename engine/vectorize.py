@@ -39,7 +39,10 @@ def _to_lonlat(crs_text: str) -> Transformer | None:
 
 def ring_areas(rings, crs) -> np.ndarray:
     """Area enclosed by each ring on the WGS84 ellipsoid in m2, whatever the CRS (projected areas are
-    distorted); one transform of all the coordinates, one geodesic sum per ring."""
+    distorted); one transform of all the coordinates, one geodesic sum per ring. Without a CRS (a pixel
+    grid), the planar area in pixels."""
+    if crs is None:
+        return shapely.area(shapely.polygons(rings))
     coords, ring = shapely.get_coordinates(rings, return_index=True)
     x, y = coords[:, 0], coords[:, 1]
     to_lonlat = _to_lonlat(crs if isinstance(crs, str) else crs.to_wkt())
@@ -124,7 +127,7 @@ class PolygonAssembler:
     """
 
     def __init__(self, transform, crs, *, min_area_m2: float = 0.0, simplify: float = 0.0):
-        self.transform, self.crs = transform, crs if isinstance(crs, str) else crs.to_wkt()
+        self.transform, self.crs = transform, crs if crs is None or isinstance(crs, str) else crs.to_wkt()
         self.min_area_m2, self.simplify = min_area_m2, simplify
         self._parent: dict[int, int] = {}
         self._pending: dict[int, tuple] = {}  # id -> (pixel polygon, pixels, sum of prob, max prob)
@@ -284,7 +287,7 @@ class PolygonWriter:
     ``outputs``, which gives it its final name ``path`` (with a shapefile's side files) on commit.
     Whatever GDAL fails to write raises ``OutputError`` naming ``path``.
 
-    Fields: ``id, area_m2, mean_prob, max_prob`` and the string fields of ``extra``.
+    Fields: ``id, area_m2`` (``area_px`` without a CRS), ``mean_prob, max_prob`` and the string fields of ``extra``.
     """
 
     def __init__(self, path: str | os.PathLike, crs, outputs: AtomicOutputs, *, layer: str = "changes",
@@ -296,9 +299,12 @@ class PolygonWriter:
         driver_name = DRIVERS.get(self.path.suffix.lower())
         if driver_name is None:
             raise ValueError(f"{self.path}: unsupported vector format; use one of {', '.join(DRIVERS)}")
-        srs = osr.SpatialReference()
-        srs.ImportFromWkt(CRS.from_user_input(crs).to_wkt())
-        srs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+        srs = None  # a pixel grid: no CRS, areas in pixels
+        if crs is not None:
+            srs = osr.SpatialReference()
+            srs.ImportFromWkt(CRS.from_user_input(crs).to_wkt())
+            srs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+        self.area_field = "area_m2" if crs is not None else "area_px"
         self.extra = dict(extra or {})
         self._temporary = outputs.path(self.path)
         with gdal_write_errors(self.path):
@@ -308,7 +314,7 @@ class PolygonWriter:
             self._layer = self._ds.CreateLayer(layer, srs, ogr.wkbMultiPolygon)
             if self._layer is None:
                 raise output_error(self.path, f"cannot create a {driver_name} layer: {gdal.GetLastErrorMsg()}")
-            fields = {"id": ogr.OFTInteger64, "area_m2": ogr.OFTReal, "mean_prob": ogr.OFTReal,
+            fields = {"id": ogr.OFTInteger64, self.area_field: ogr.OFTReal, "mean_prob": ogr.OFTReal,
                       "max_prob": ogr.OFTReal, **dict.fromkeys(self.extra, ogr.OFTString)}
             for name, kind in fields.items():
                 if self._layer.CreateField(ogr.FieldDefn(name, kind)) != 0:
@@ -327,7 +333,7 @@ class PolygonWriter:
                 self.area_m2 += p.area_m2
                 feature = ogr.Feature(defn)
                 feature.SetField("id", self.count)
-                feature.SetField("area_m2", p.area_m2)
+                feature.SetField(self.area_field, p.area_m2)
                 feature.SetField("mean_prob", p.mean_prob)
                 feature.SetField("max_prob", p.max_prob)
                 for name, value in self.extra.items():

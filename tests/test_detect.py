@@ -343,3 +343,36 @@ def test_cli_evaluate_writes_table_and_json(tinycd_package, shared_data, tmp_pat
 def test_unknown_device_is_a_clear_error(tmp_path, random_package):
     with pytest.raises(GeoChangeError, match="device"):
         detect(tmp_path / "a.tif", tmp_path / "b.tif", random_package, **outputs(tmp_path), device="tpu")
+
+
+def test_pixel_grid_mode_for_two_plain_images(shared_data, tinycd_package, levir_crop, tmp_path, capsys):
+    """Dataset tiles (PNG, no CRS) are paired pixel for pixel: outputs without a CRS, areas in pixels;
+    one georeferenced and one plain raster, or plain ones of two sizes, are refused."""
+    import numpy as np
+    import rasterio
+    from osgeo import ogr
+
+    from geochange.engine.cli import main as geochange
+
+    name = sorted((shared_data / "levir_cd" / "A").iterdir())[0].name
+    pre, post = shared_data / "levir_cd" / "A" / name, shared_data / "levir_cd" / "B" / name
+    assert geochange(["detect", str(pre), str(post), "--model", str(tinycd_package), "--out", str(tmp_path / "px"),
+                      "--device", "cpu"]) == 0
+    assert "px (no CRS: a pixel grid) changed" in capsys.readouterr().out
+    with rasterio.open(tmp_path / "px" / "change_mask.tif") as src:
+        assert src.crs is None and src.shape == (256, 256)
+        changed = int((src.read(1) == 255).sum())
+    source = ogr.Open(str(tmp_path / "px" / "change_polygons.gpkg"))  # kept: its layer dies with it
+    areas = [feature.GetField("area_px") for feature in source.GetLayer(0)]
+    assert changed > 0 and sum(areas) == pytest.approx(changed)  # every changed pixel in one polygon, area 1
+    # The same pixels as the georeferenced path: the model sees the same windows.
+    with rasterio.open(pre) as a, rasterio.open(tmp_path / "px" / "change_probability.tif") as p:
+        assert p.shape == (a.height, a.width) and np.isfinite(p.read(1)).all()
+    assert geochange(["detect", str(levir_crop["pre"]), str(post), "--model", str(tinycd_package),
+                      "--out", str(tmp_path / "mixed"), "--device", "cpu"]) == 2
+    assert f"{name}: the raster has no CRS while pre.tif has one" in capsys.readouterr().err
+    other = sorted((shared_data / "flood_optical_sar").glob("*/A.png"))[0]
+    assert geochange(["detect", str(pre), str(other), "--model", str(tinycd_package), "--out", str(tmp_path / "sizes"),
+                      "--device", "cpu"]) == 2
+    assert "their sizes differ" in capsys.readouterr().err
+    assert not (tmp_path / "mixed").exists() and not (tmp_path / "sizes").exists()
