@@ -45,7 +45,7 @@ bench: setup
 VERSION := $(shell sed -n 's/^version=//p' metadata.txt)
 DIST := dist
 PLUGIN_BUILD := build/plugin
-PLUGIN_FILES := __init__.py metadata.txt icon.png engine trainer qgis_plugin
+PLUGIN_FILES := __init__.py metadata.txt icon.png engine trainer qgis_plugin $(wildcard zoo)
 
 plugin:
 	@rm -rf $(PLUGIN_BUILD) && mkdir -p $(PLUGIN_BUILD)/geochange $(DIST)

@@ -35,12 +35,13 @@ class AtomicOutputs:
     def path(self, final: str | os.PathLike) -> Path:
         final = Path(final)
         self._make_folder(final.parent)
-        if self._exclusive and final.parent not in self._locked:
-            self._locked[final.parent] = self._locks.enter_context(folder_lock(final.parent))
-        if self._locked.get(final.parent):
+        folder = Path(os.path.realpath(final.parent))  # one lock a folder, however its path is spelt
+        if self._exclusive and folder not in self._locked:
+            self._locked[folder] = self._locks.enter_context(folder_lock(folder))
+        if self._locked.get(folder):
             # Under the lock no other run writes here: temporaries of this name not ours are a dead run's.
             ours = tuple(temporary.name[:-len(temporary.suffix) or None] for temporary, _ in self._outputs)
-            for left in final.parent.glob(f".{glob.escape(final.stem)}.????????.partial*"):
+            for left in temporaries(final):
                 if not left.name.startswith(ours):
                     remove_quietly(left)
         temporary = final.with_name(f".{final.stem}.{uuid.uuid4().hex[:8]}.partial{final.suffix}")
@@ -134,6 +135,25 @@ def atomic_path(path: str | os.PathLike):
             raise
         except OSError as error:
             raise output_error(path, error.strerror or str(error)) from None
+
+
+def temporaries(final: Path) -> list[Path]:
+    """The temporaries of ``final`` in its folder (``.NAME.xxxxxxxx.partial.EXT``) and their side files
+    (``.partial.stage.tif``, ``.partial.gpkg-journal`` ...)."""
+    return list(final.parent.glob(f".{glob.escape(final.stem)}.????????.partial*"))
+
+
+def remove_left_temporaries(outputs) -> None:
+    """Remove the temporaries a killed run left beside ``outputs``, in folders no other run is writing in."""
+    for final in map(Path, outputs):
+        if not final.parent.is_dir():
+            continue
+        try:
+            with folder_lock(final.parent):
+                for left in temporaries(final):
+                    remove_quietly(left)
+        except OutputError:  # another run holds the folder: the temporaries may be its own
+            continue
 
 
 @contextlib.contextmanager

@@ -1,7 +1,10 @@
-"""``make demo``: the TinyCD authors' weights on a real georeferenced LEVIR-CD tile, end to end.
+"""``make demo``: the TinyCD authors' weights on a real georeferenced LEVIR-CD tile, end to end; then the
+zoo's flood model on OMBRIA test tiles.
 
 Imports the weights into a package (once), detects changes, prints the polygon count and changed
-area, and draws ``overview.png``: pre | post | change polygons over post.
+area, and draws ``overview.png``: pre | post | change polygons over post. With the zoo's
+``FLOOD_MODEL``, detects floods on four OMBRIA test tiles (PNG, paired pixel for pixel) and draws
+``flood_overview.png``: a row per tile, optical before | SAR after | predicted | EMS label.
 """
 from __future__ import annotations
 
@@ -13,10 +16,13 @@ import numpy as np
 
 from geochange.engine.atomic import atomic_path
 from geochange.engine.cli import OUTPUT_NAMES
+from geochange.engine.errors import RasterError
+from geochange.engine.evaluate import change_label
 from geochange.engine.importers import import_weights
 from geochange.engine.inference import detect
 from geochange.engine.progress import TqdmProgress
-from geochange.engine.rasters import open_raster
+from geochange.engine.rasters import open_raster, read_image
+from geochange.engine.zoo import zoo_index
 
 
 def overview(pre_path: Path, post_path: Path, polygons_path: Path, out: Path) -> Path:
@@ -44,6 +50,48 @@ def overview(pre_path: Path, post_path: Path, polygons_path: Path, out: Path) ->
     return out
 
 
+FLOOD_MODEL = "m2cd_mit_b0_flood"
+FLOOD_TILES = 4
+
+
+def flood_overview(ombria_test: Path, out: Path, device: str) -> tuple[Path, list[float]]:
+    """The flood model on the first ``FLOOD_TILES`` test tiles flooded between 10 and 60 %; the picture
+    and each tile's change-class F1."""
+    from skimage.io import imsave
+
+    from geochange.engine.metrics import ConfusionMeter
+
+    rows, scores = [], []
+    for label_path in sorted(p for p in (ombria_test / "label").iterdir() if not p.name.startswith(".")):
+        label = change_label(read_image(label_path)[0], label_path)[0]
+        if not 0.1 <= label.mean() <= 0.6:
+            continue
+        name = label_path.name
+        folder = out / "flood" / Path(name).stem
+        outputs = {k: folder / v for k, v in OUTPUT_NAMES.items()}
+        detect(ombria_test / "A" / name, ombria_test / "B" / name, FLOOD_MODEL, **outputs, device=device)
+        predicted = read_image(outputs["mask"])[0] == 255
+        meter = ConfusionMeter()
+        meter.add(predicted, label, np.ones_like(label))
+        scores.append(meter.summary()["global"]["f1"])
+        optical = read_image(ombria_test / "A" / name)[:3].transpose(1, 2, 0)
+        sar = np.repeat(read_image(ombria_test / "B" / name)[0][..., None], 3, axis=2)
+        gap = np.full((optical.shape[0], 8, 3), 255, dtype=np.uint8)
+        panels = [optical, sar] + [np.repeat((m * 255).astype(np.uint8)[..., None], 3, axis=2)
+                                   for m in (predicted, label)]
+        rows.append(np.concatenate([x for panel in panels for x in (panel, gap)][:-1], axis=1))
+        if len(rows) == FLOOD_TILES:
+            break
+    if not rows:
+        raise RasterError(f"{ombria_test}: no test tile is 10 to 60 % flooded")
+    space = np.full((8, rows[0].shape[1], 3), 255, dtype=np.uint8)
+    picture = out / "flood_overview.png"
+    with atomic_path(picture) as tmp:
+        imsave(tmp, np.concatenate([x for row in rows for x in (row, space)][:-1]).astype(np.uint8),
+               check_contrast=False)
+    return picture, scores
+
+
 def main(argv=None) -> int:
     shared = Path(__file__).resolve().parents[2] / "shared" / "data"
     parser = argparse.ArgumentParser(description=__doc__)
@@ -65,6 +113,10 @@ def main(argv=None) -> int:
     print(f"{result.polygon_count} change polygons, {result.changed_area_m2:,.0f} m2 changed")
     for path in (*outputs.values(), picture):
         print(f"  {path}")
+    if FLOOD_MODEL in zoo_index():
+        picture, scores = flood_overview(args.data / "ombria_full" / "test", args.out, args.device)
+        print(f"{FLOOD_MODEL} on {len(scores)} OMBRIA test tiles: F1 " + ", ".join(f"{f:.3f}" for f in scores))
+        print(f"  {picture}  (optical before | SAR after | predicted | EMS label)")
     return 0
 
 

@@ -40,7 +40,9 @@ def output_error(path, detail: str) -> OutputError:
     named as such even where ``detail`` does not say so: GeoJSON and shapefile writers give no reason."""
     path = Path(path)
     folder = next(p for p in path.parents if p.exists())
-    if any(words in detail.lower() for words in _DISK_FULL) or shutil.disk_usage(folder).free < _NEARLY_FULL_BYTES:
+    said = detail.lower()
+    if any(words in said for words in _DISK_FULL) or (  # a read-only file system also shows 0 bytes free
+            "read-only" not in said and shutil.disk_usage(folder).free < _NEARLY_FULL_BYTES):
         return OutputError(f"{path}: no space left on the device")
     lines = detail.strip().splitlines()  # the first line, cut short: SQLite quotes whole statements
     return OutputError(f"{path}: cannot be written: {lines[0][:300] if lines else 'no reason given'}")

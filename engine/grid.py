@@ -30,6 +30,8 @@ SMALL_OVERLAP = 0.5
 # resolution or CRS rather than a run to start; GDAL's rasters have at most 2**31 - 1 pixels a side.
 MAX_PIXELS = 10**12
 MAX_SIDE = 2**31 - 1
+# A pixel grid's transform: column x, row -y (QGIS's placement of a raster without a geotransform).
+PIXEL_TRANSFORM = Affine(1, 0, 0, 0, -1, 0)
 
 
 @dataclass(frozen=True)
@@ -129,8 +131,12 @@ def common_grid(pre, post, *, on: str = "pre", crs: str | None = None,
 
 def pixel_grid(pre, post, *, crs=None, resolution=None, warn=lambda message: None) -> Grid:
     """Two rasters without a CRS (plain images such as a dataset's PNG tiles) paired pixel for pixel:
-    they must be of one size; the grid has no CRS and pixel coordinates (row down)."""
+    they must be of one size and place. The grid has no CRS; x is the column and y minus the row, as
+    QGIS draws a raster without a geotransform, so outputs and inputs overlay there."""
     names = [Path(src.name).name for src in (pre, post)]
+    if not pre.transform.almost_equals(post.transform):  # e.g. world files placing them apart
+        raise RasterError(f"neither {names[0]} nor {names[1]} has a CRS, and their geotransforms differ: give "
+                          "them a CRS (gdal_edit.py -a_srs) so that they can be aligned")
     if (pre.width, pre.height) != (post.width, post.height):
         raise RasterError(f"neither {names[0]} ({pre.width}x{pre.height} px) nor {names[1]} ({post.width}x"
                           f"{post.height} px) has a CRS, and their sizes differ: without a CRS only rasters of "
@@ -140,7 +146,7 @@ def pixel_grid(pre, post, *, crs=None, resolution=None, warn=lambda message: Non
                           f"{names[1]} has a CRS")
     warn(f"neither raster has a CRS: they are paired pixel for pixel ({pre.width}x{pre.height} px); the outputs "
          "have no CRS and areas are in pixels")
-    return Grid(None, Affine.identity(), pre.width, pre.height)
+    return Grid(None, PIXEL_TRANSFORM, pre.width, pre.height)
 
 
 class GridReader:

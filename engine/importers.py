@@ -125,7 +125,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
                                  "one holding Python objects besides tensors, which are never unpickled") from None
     except Exception as e:  # torch raises several types for truncated or non-tensor pickles
         raise WeightsImportError(f"{path}: cannot be read as a tensor checkpoint ({type(e).__name__}: "
-                                 f"{str(e).splitlines()[0]})") from None
+                                 f"{(str(e).splitlines() or [type(e).__name__])[0]})") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]

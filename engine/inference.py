@@ -21,6 +21,7 @@ import torch
 
 from geochange.engine.errors import OptionError, RasterError
 from geochange.engine.grid import Grid, GridReader, common_grid
+from geochange.engine.inputs import model_channels
 from geochange.engine.outputs import BLOCK, ChangeWriter
 from geochange.engine.package import ModelPackage
 from geochange.engine.predict import Predictor
@@ -230,8 +231,12 @@ def check_threshold(threshold: float | None) -> float | None:
     return threshold
 
 
-def physical_memory() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+def physical_memory() -> int | None:
+    """The machine's memory in bytes; None where the system does not say (no ``sysconf`` on Windows)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def fit_batch(plan: WindowPlan, batch: int, channels: int, log=lambda message: None) -> int:
@@ -239,9 +244,11 @@ def fit_batch(plan: WindowPlan, batch: int, channels: int, log=lambda message: N
     for even one window is refused. The least: each window's float32 model input (``channels`` of both
     dates) and the rows blended for a tile row (two float32 sums and a validity byte a pixel). The
     model's activations come on top, so what is refused could never have run."""
+    memory, gib = physical_memory(), 2**30
+    if memory is None:
+        return batch
     h, w = min(plan.tile, plan.height), min(plan.tile, plan.width)
     per_window, rows = h * w * channels * 4, h * plan.width * 9
-    memory, gib = physical_memory(), 2**30
     fits = (memory - rows) // per_window
     if fits < 1:
         raise OptionError(f"a tile of {plan.tile} px over a grid {plan.width} px wide needs at least "
@@ -286,7 +293,7 @@ def prepare(pre_path, post_path, model, *, tile: int = 512, overlap: int = 64, b
         readers = default_readers(predictor) if readers is None else readers
         bound_gdal_cache(blocks_in_use(common.width, tile, [(pre, bands[0]), (post, bands[1])], max(1, readers)))
     plan = WindowPlan(common.height, common.width, tile, overlap)
-    batch = fit_batch(plan, batch, len(bands[0]) + len(bands[1]), progress.log)
+    batch = fit_batch(plan, batch, model_channels(inputs["pre"]) + model_channels(inputs["post"]), progress.log)
     threads = torch.get_num_threads()
     on = f"cpu, {threads} thread{'s' * (threads != 1)}" if _on_cpu(predictor) else predictor.device
     progress.log(f"{common.width}x{common.height} px in {common.crs}: {len(plan)} windows of "

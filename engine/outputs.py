@@ -68,8 +68,8 @@ class StagedRaster:
                          "BIGTIFF=YES"])
             if self._ds is None:
                 raise output_error(self.name, gdal.GetLastErrorMsg())
-            if grid.crs is not None:  # a pixel grid is written without georeference
-                self._ds.SetGeoTransform(grid.transform.to_gdal())
+            self._ds.SetGeoTransform(grid.transform.to_gdal())
+            if grid.crs is not None:  # a pixel grid is written without a CRS
                 self._ds.SetProjection(grid.crs.to_wkt())
             band = self._ds.GetRasterBand(1)
             band.SetNoDataValue(nodata)

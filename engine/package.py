@@ -5,13 +5,14 @@ build the model (registered architecture + constructor arguments), what each dat
 (bands, modality, scaling, normalisation), what the output means and where the weights came from.
 A package is checked before anything it describes is allocated: every manifest field's type and range
 (``validate_manifest``), then the header's tensor names and shapes against the architecture built on
-PyTorch's meta device (``build_model``).
+PyTorch's meta device (``build_checked_model``).
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import inspect
+import io
 import itertools
 import json
 import math
@@ -30,7 +31,7 @@ from torch.nn.modules.module import (register_module_buffer_registration_hook,
 
 from geochange.engine import models
 from geochange.engine.atomic import atomic_path
-from geochange.engine.errors import GeoChangeError
+from geochange.engine.errors import GeoChangeError, OutputError
 from geochange.engine.inputs import model_channels
 from geochange.engine.zoo import resolve_model
 
@@ -200,6 +201,8 @@ def write_package(tensors: dict, manifest: dict, path: str | os.PathLike) -> Pat
             mode = tmp.stat().st_mode
             save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(manifest, sort_keys=True)})
             tmp.chmod(mode)
+    except OutputError:
+        raise
     except (OSError, SafetensorError) as e:
         raise PackageError(f"{path}: cannot be written ({e})") from None
     return path
@@ -213,13 +216,26 @@ def save_package(model: torch.nn.Module, manifest: dict, path: str | os.PathLike
     return write_package(tensors, manifest, path)
 
 
-def _is_pickle(path: Path) -> bool:
-    """Whether the file parses as a pickle of any protocol (``pickletools`` reads it, never runs it)."""
+# Bytes of a file parsed to tell a protocol 0/1 pickle: its opening opcodes are enough, and the bound
+# keeps a declared length (2**63 bytes) from being read or allocated.
+PICKLE_SNIFF_BYTES = 2**16
+
+
+def _is_pickle(head: bytes, path: Path) -> bool:
+    """Whether the file opens as a pickle (``pickletools`` parses it, never runs it): protocol 2 and above
+    open with PROTO; protocols 0 and 1 parse to STOP, or cleanly past half of what is read."""
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return True
     with open(path, "rb") as f:
-        try:
-            return any(opcode.name == "STOP" for opcode, _, _ in pickletools.genops(f))
-        except ValueError:  # an unknown opcode, or cut short
-            return False
+        prefix = io.BytesIO(f.read(PICKLE_SNIFF_BYTES))
+    position = 0
+    try:
+        for opcode, _, position in pickletools.genops(prefix):
+            if opcode.name == "STOP":
+                return True
+    except Exception:  # noqa: BLE001 (unknown opcodes, absurd lengths, cut short: all end the parse)
+        pass
+    return position > PICKLE_SNIFF_BYTES // 2
 
 
 def check_header(path: Path) -> None:
@@ -231,7 +247,7 @@ def check_header(path: Path) -> None:
         with open(path, "rb") as f:
             head, json_start = f.read(8), f.read(1)
         # torch.save writes a zip ("PK") or a bare pickle; a safetensors file's JSON header starts at byte 8.
-        pickled = head[:2] == b"PK" or json_start != b"{" and _is_pickle(path)
+        pickled = head[:2] == b"PK" or json_start != b"{" and _is_pickle(head, path)
     except OSError as e:
         raise PackageError(f"{path}: cannot be read ({e.strerror})") from None
     if pickled:
@@ -307,7 +323,7 @@ def _registrations_at_most(limit: int):
             handle.remove()
 
 
-def build_model(manifest: dict, shapes: dict[str, tuple], where) -> torch.nn.Module:
+def build_checked_model(manifest: dict, shapes: dict[str, tuple], where) -> torch.nn.Module:
     """The manifest's architecture with random weights, built once its tensors are known to have the
     names and ``shapes`` of the file ``where``: the architecture is first built on the meta device,
     which allocates nothing, so that no ``arch_kwargs`` can make a small file take much memory."""
@@ -338,7 +354,7 @@ def load_package(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     """Load a package (a file, or a zoo model's name): the model (eval mode, on ``device``) and its manifest."""
     path = resolve_model(path)
     manifest = read_manifest(path)
-    model = build_model(manifest, read_shapes(path), path)
+    model = build_checked_model(manifest, read_shapes(path), path)
     model.load_state_dict(read_tensors(path))
     model.eval().to(device)
     return ModelPackage(model=model, manifest=manifest, path=path)

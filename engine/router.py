@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from geochange.engine import models
-from geochange.engine.package import (ModelPackage, PackageError, build_model, format_manifest, is_number,
+from geochange.engine.package import (ModelPackage, PackageError, build_checked_model, format_manifest, is_number,
                                       load_package, need, printable, read_manifest, read_metadata, read_shapes,
                                       read_tensors, validate_manifest, write_package)
 from geochange.engine.zoo import resolve_model
@@ -112,7 +112,7 @@ def load_router(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
     entries = [("original", manifest["original"])] + [(f"teacher {t['name']}", t) for t in manifest["teachers"]]
     shapes = read_shapes(path)
     # Every member checked against the header before any tensor is read.
-    built = [build_model(entry["manifest"], _under(entry["prefix"], shapes), f"{path} [{printable(role)}]")
+    built = [build_checked_model(entry["manifest"], _under(entry["prefix"], shapes), f"{path} [{printable(role)}]")
              for role, entry in entries]
     tensors = read_tensors(path)
     members = []

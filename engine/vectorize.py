@@ -42,7 +42,7 @@ def ring_areas(rings, crs) -> np.ndarray:
     distorted); one transform of all the coordinates, one geodesic sum per ring. Without a CRS (a pixel
     grid), the planar area in pixels."""
     if crs is None:
-        return shapely.area(shapely.polygons(rings))
+        return np.abs(shapely.area(shapely.polygons(rings)))
     coords, ring = shapely.get_coordinates(rings, return_index=True)
     x, y = coords[:, 0], coords[:, 1]
     to_lonlat = _to_lonlat(crs if isinstance(crs, str) else crs.to_wkt())

@@ -99,7 +99,7 @@ def run_detect(args: dict, emit) -> dict:
     result = detect(args.pop("pre"), args.pop("post"), args.pop("model"), progress=json_progress(emit), **args)
     return {"probability": str(result.probability), "mask": str(result.mask),
             "polygons": str(result.polygons), "polygon_count": result.polygon_count,
-            "changed_area_m2": result.changed_area_m2}
+            "changed_area_m2": result.changed_area_m2, "area_unit": "m²" if result.grid.crs is not None else "px"}
 
 
 def run_vectorize(args: dict, emit) -> dict:

@@ -47,9 +47,10 @@ def resolve_model(model: str | os.PathLike) -> Path:
     """A model given as a file, or as the name of a zoo model (a file of that name wins)."""
     from geochange.engine.package import PackageError  # which imports this module
 
-    path, index = Path(model), zoo_index()
+    path = Path(model)
     if path.exists():
         return path
+    index = zoo_index()
     if str(model) in index:
         return zoo_path(str(model))
     raise PackageError(f"{model}: no such model file, nor a zoo model's name (`geochange zoo` lists "
@@ -70,8 +71,8 @@ def describe_zoo(zoo: Path = ZOO) -> list[dict]:
         config = training.get("config", {})
         out.append({
             "name": name, "architecture": manifest["architecture"], "task": manifest.get("task", ""),
-            "inputs": {date: {k: manifest["inputs"][date][k] for k in ("bands", "modality", "dtype")}
-                       for date in ("pre", "post")},
+            "inputs": {date: {"bands": spec["bands"], "modality": spec["modality"], "dtype": spec.get("dtype", "uint8")}
+                       for date, spec in manifest["inputs"].items()},
             "data": training.get("data", {}),
             "test": {k: test["global"][k] for k in ("f1", "iou", "mIoU", "oa")} if test else None,
             "tta": test.get("tta"), "licence": manifest.get("licence", ""),

@@ -26,23 +26,25 @@ from geochange.qgis_plugin.engine_algorithm import EngineAlgorithm, tr
 GRIDS = ["pre", "post"]
 PRECISIONS = ["bf16", "fp16", "fp32"]
 MODEL_FILTER = "GeoChange model package (*.safetensors);;All files (*)"
+NO_ZOO_MODEL = "none: the model file below"
 
 
 def model_parameters() -> list:
     """A model file (``MODEL``), or a model of the zoo shipped with the plugin (``ZOO_MODEL``)."""
     # "All files" keeps other names acceptable, so that a wrong file (a .pth checkpoint...) gets the
     # engine's explanation instead of QGIS's bare "Incorrect parameter value".
-    return [QgsProcessingParameterEnum("ZOO_MODEL", tr("Model from the zoo"), defaultValue=0,
-                                       options=[tr("none: the model file below")] + sorted(zoo_index())),
+    # Chosen by name, not position: saved models and batch runs keep their choice as the zoo grows.
+    return [QgsProcessingParameterEnum("ZOO_MODEL", tr("Model from the zoo"), defaultValue=NO_ZOO_MODEL,
+                                       options=[NO_ZOO_MODEL] + sorted(zoo_index()), usesStaticStrings=True),
             QgsProcessingParameterFile("MODEL", tr("Model file"), behavior=QgsProcessingParameterFile.File,
                                        fileFilter=tr(MODEL_FILTER), optional=True)]
 
 
 def chosen_model(algorithm, parameters, context) -> str:
     """The zoo model's name, else the model file; one of them is needed."""
-    choice = algorithm.parameterAsEnum(parameters, "ZOO_MODEL", context)
-    if choice > 0:
-        return sorted(zoo_index())[choice - 1]
+    choice = algorithm.parameterAsEnumString(parameters, "ZOO_MODEL", context)
+    if choice and choice != NO_ZOO_MODEL:
+        return choice
     model = algorithm.parameterAsFile(parameters, "MODEL", context)
     if not model:
         raise QgsProcessingException(tr("Choose a model from the zoo (ZOO_MODEL) or give a model file (MODEL)"))
@@ -96,7 +98,8 @@ COMMON_HELP = {
     "SIMPLIFY": "Polygon outlines are simplified with this tolerance, in the units of the raster's CRS; "
                 "0 keeps the pixel outlines.",
     "POLYGON_COUNT": "How many change polygons were written.",
-    "CHANGED_AREA_M2": "Their total area in square metres.",
+    "CHANGED_AREA_M2": "Their total area in square metres (in pixels for two rasters without a CRS, which are "
+                       "paired pixel for pixel).",
 }
 
 ENGINE_NOTES = ("<p>The model runs in a separate Python process (see <i>Settings &gt; Options &gt; "
@@ -234,8 +237,9 @@ class DetectChangesAlgorithm(EngineAlgorithm):
                 **self.engine_options(parameters, context)}
         result = self.run_engine("detect", args, feedback, outputs.values())
 
-        feedback.pushInfo(tr("{} change polygons, {:.1f} m² changed").format(
-            result["polygon_count"], result["changed_area_m2"]))
+        # A pair without a CRS is a pixel grid: areas (and the minimum area) in pixels.
+        feedback.pushInfo(tr("{} change polygons, {:.1f} {} changed").format(
+            result["polygon_count"], result["changed_area_m2"], result["area_unit"]))
         pair = tr("{} vs {}").format(self.layer_name(parameters, "PRE", context),
                                      self.layer_name(parameters, "POST", context))
         styles.load_styled(context, outputs["probability"], tr("{}: change probability").format(pair),

@@ -108,8 +108,9 @@ def _default_text(parameter) -> str:
     if isinstance(parameter, QgsProcessingParameterEnum):
         options = parameter.options()
         text = tr("One of: {}.").format(", ".join(f"<i>{html.escape(o)}</i>" for o in options))
-        if default is not None:
-            text += " " + tr("Default: <i>{}</i>.").format(html.escape(options[int(default)]))
+        if default is not None:  # an index, or the option itself where the enum uses static strings
+            shown = default if parameter.usesStaticStrings() else options[int(default)]
+            text += " " + tr("Default: <i>{}</i>.").format(html.escape(shown))
         return text
     if default in (None, "") or parameter.isDestination():
         return ""

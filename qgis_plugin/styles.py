@@ -66,7 +66,8 @@ def style_mask(layer) -> None:
     layer.triggerRepaint()
 
 
-AREA_LABEL = "format_number(\"area_m2\", 0) || ' m²'"
+# Labels by area field: a pixel grid's polygons (inputs without a CRS) carry area_px instead of area_m2.
+AREA_LABELS = {"area_m2": "format_number(\"area_m2\", 0) || ' m²'", "area_px": "format_number(\"area_px\", 0) || ' px'"}
 
 
 def style_polygons(layer) -> None:
@@ -83,7 +84,8 @@ def style_polygons(layer) -> None:
     buffer.setColor(QColor(255, 255, 255, 220))
     text.setBuffer(buffer)
     label = QgsPalLayerSettings()
-    label.fieldName = AREA_LABEL
+    label.fieldName = next((text for field, text in AREA_LABELS.items() if layer.fields().indexOf(field) >= 0),
+                           AREA_LABELS["area_m2"])
     label.isExpression = True
     label.setFormat(text)
     label.placement = QgsPalLayerSettings.OverPoint

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from qgis.core import QgsProcessingException, QgsSettings
 
-from geochange.engine.atomic import remove_quietly
+from geochange.engine.atomic import remove_left_temporaries
 
 PLUGIN_ROOT = Path(__file__).resolve().parent.parent
 # QgsSettings key of the interpreter setting (Settings > Options > Processing > Providers > GeoChange).
@@ -144,16 +144,6 @@ def _read_lines(stream, tag: str, lines: queue.Queue) -> None:
     lines.put((tag, None))
 
 
-def remove_partials(outputs) -> None:
-    """Remove the temporaries a killed engine left beside ``outputs``: ``.NAME.xxxxxxxx.partial.EXT``
-    and their side files (``.partial.stage.tif``, ``.partial.gpkg-journal`` ...)."""
-    for output in outputs:
-        output = Path(output)
-        if output.parent.is_dir():
-            for partial in output.parent.glob(f".{output.stem}.????????.partial.*"):
-                remove_quietly(partial)
-
-
 def parameter_names(message: str, options: dict) -> str:
     """The engine's ``message`` with the command-line options it names (``--pre-bands``) spelt as the
     algorithm's parameters (``options``: ``{"--pre-bands": "PRE_BANDS"}``)."""
@@ -232,7 +222,7 @@ def _follow(process, task, args, feedback, outputs, python, origin, options) -> 
     if result is not None:
         return result
     if returncode < 0 or error is None:
-        remove_partials(outputs)
+        remove_left_temporaries(outputs)
     if cancelled_at is not None:
         how = "stopped cleanly" if error is not None and error.get("cancelled") else "was ended"
         raise QgsProcessingException(f"GeoChange: cancelled by the user; the engine process {how} and no "

@@ -376,3 +376,12 @@ def test_pixel_grid_mode_for_two_plain_images(shared_data, tinycd_package, levir
                       "--device", "cpu"]) == 2
     assert "their sizes differ" in capsys.readouterr().err
     assert not (tmp_path / "mixed").exists() and not (tmp_path / "sizes").exists()
+    placed = []
+    for i, origin in enumerate((0, 100)):  # no CRS, but geotransforms placing them apart
+        placed.append(tmp_path / f"placed{i}.tif")
+        with rasterio.open(placed[-1], "w", driver="GTiff", width=64, height=64, count=3, dtype="uint8",
+                           transform=rasterio.transform.from_origin(origin, 0, 1, 1)) as dst:
+            dst.write(np.zeros((3, 64, 64), np.uint8))
+    assert geochange(["detect", *map(str, placed), "--model", str(tinycd_package), "--out", str(tmp_path / "apart"),
+                      "--device", "cpu"]) == 2
+    assert "their geotransforms differ" in capsys.readouterr().err

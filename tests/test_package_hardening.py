@@ -221,6 +221,18 @@ def test_a_protocol_0_pickle_is_called_a_pickle(tmp_path):
         load_model(path)
 
 
+@pytest.mark.parametrize("content", [
+    pickle.dumps({"weight": list(range(30000))}, protocol=0),  # longer than what is parsed to tell a pickle
+    b"\x80\x04\x8e\xff\xff\xff\xff\xff\xff\xff\x7f",  # 11 bytes declaring a string of 2**63 bytes
+    b"\x80\x04\x8d\xff\xff\xff\x7f\x00\x00\x00\x00",  # and one of 2 GiB
+], ids=["long protocol 0", "2**63 bytes", "2 GiB"])
+def test_pickles_are_told_without_reading_what_they_declare(content, capsys, tmp_path):
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(content)
+    code, _, err = run_cli(capsys, "info", path)
+    assert code == 2 and err.count("\n") == 1 and "PyTorch pickle checkpoint" in err
+
+
 def test_import_weights_names_the_checkpoint_once(capsys, tmp_path):
     source = tmp_path / "absent.pth"
     code, _, err = run_cli(capsys, "import-weights", "--format", "tinycd", source, tmp_path / "m.safetensors")

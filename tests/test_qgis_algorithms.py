@@ -24,6 +24,7 @@ from qgis.core import (  # noqa: E402
 )
 
 from conftest import run_algorithm  # noqa: E402
+from geochange.engine.zoo import zoo_index  # noqa: E402
 
 ogr.UseExceptions()
 
@@ -294,3 +295,16 @@ def test_a_model_from_the_zoo_or_a_file_is_needed(geochange_provider, levir_crop
     with pytest.raises(QgsProcessingException, match=r"zoo \(ZOO_MODEL\) or give a model file \(MODEL\)"):
         run_algorithm("geochange:detectchanges", parameters)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif("m2cd_mit_b0_flood" not in zoo_index(), reason="zoo/ has no m2cd_mit_b0_flood")
+def test_the_zoo_flood_model_in_qgis_on_plain_tiles(geochange_provider, shared_data, tmp_path):
+    """The zoo's flood model chosen by name (ZOO_MODEL) on an OMBRIA test tile pair, paired pixel for pixel."""
+    tiles = shared_data / "ombria_full" / "test"
+    name = sorted(p.name for p in (tiles / "A").iterdir())[0]
+    results = run_algorithm("geochange:detectchanges", {
+        "PRE": str(tiles / "A" / name), "POST": str(tiles / "B" / name),
+        "ZOO_MODEL": "m2cd_mit_b0_flood", "DEVICE": "cpu", "TILE_SIZE": 256,
+        "OUTPUT_PROBABILITY": str(tmp_path / "p.tif"), "OUTPUT_MASK": str(tmp_path / "m.tif"),
+        "OUTPUT_POLYGONS": str(tmp_path / "c.gpkg")})
+    assert results["POLYGON_COUNT"] > 0 and all((tmp_path / f).is_file() for f in ("p.tif", "m.tif", "c.gpkg"))

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from geochange.engine.models import create
-from geochange.engine.package import load_package, read_manifest
+from geochange.engine.package import load_package, read_manifest, save_package
 from geochange.engine.router import load_router, route
 from geochange.trainer.data import change_area_ratio
 from geochange.trainer.evaluation import predictor_for, whole_image
@@ -172,3 +172,11 @@ def test_new_thresholds_redo_what_was_made_from_the_old_ones(pipeline, monkeypat
     monkeypatch.setattr(Trainer, "fit", lambda *a, **k: pytest.fail("a step made from the same inputs ran again"))
     assert Pipeline(again.cfg).done("teachers") and Pipeline(again.cfg).done("router")
     Pipeline(again.cfg).teachers()
+    # Logging settings change how a run reports, not what it makes.
+    assert Pipeline(derive(again.cfg, {"train": {"log_interval": 7}, "data": {"workers": 2}})).done("router")
+    # A teacher made again (the same config, other weights) makes the router stale.
+    teacher = again.step_dir("teacher", "small") / "best.safetensors"
+    package = load_package(teacher)
+    package.manifest["training"]["metrics"]["note"] = "trained again"
+    save_package(package.model, package.manifest, teacher)
+    assert Pipeline(again.cfg).done("teachers") and not Pipeline(again.cfg).done("router")

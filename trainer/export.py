@@ -48,9 +48,10 @@ def export_run(run_dir: str | Path, name: str, *, task: str, data_licence: str, 
     manifest["task"] = task
     manifest["licence"] = f"weights: this project's; data: {data_licence}"
     tensors = {k: v.half() if v.dtype == torch.float32 else v for k, v in read_tensors(run / "best.safetensors").items()}
-    path = write_package(tensors, manifest, zoo / f"{name}.safetensors")
+    path = zoo / f"{name}.safetensors"
+    trial = write_package(tensors, manifest, zoo / f".{name}.export.safetensors")  # the zoo's file stays until checked
     try:
-        half = load_package(path)
+        half = load_package(trial)
         cfg = manifest["training"]["config"]
         measured = test_predictions(predictor_for(half.model, half.manifest, "cpu"),
                                     build_splits(cfg["data"]["datasets"])["test"], cfg["test"],
@@ -62,9 +63,8 @@ def export_run(run_dir: str | Path, name: str, *, task: str, data_licence: str, 
         manifest["training"]["metrics"]["test"] = measured  # the figures of the weights shipped
         manifest["training"]["metrics"]["check"] = check_figures(half, cfg)
         write_package(tensors, manifest, path)
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
+    finally:
+        trial.unlink(missing_ok=True)
     record = {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256(path)}
     with atomic_path(zoo / INDEX) as tmp:
         tmp.write_text(json.dumps({**zoo_index(zoo), name: record}, indent=2, sort_keys=True) + "\n")

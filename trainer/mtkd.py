@@ -17,9 +17,10 @@ the config's ``work_dir``:
   ``mtkd.lambda`` defaults to the authors' value for the architecture.
 * ``router`` -> ``router.safetensors`` and ``router_results.json`` (O-P metrics on the test split).
 
-``made_from.json`` records what each step was made from (its config, its partition's items, the records of
-the steps it reads). A step whose record differs from what it would be made from now (other thresholds,
-another config, a retrained teacher) is stale: its outputs are removed and it is done again, from the start.
+``made_from.json`` records what each step was made from (its config less the keys that only change how a
+run reports, its partition's items, the sha256 of the packages it reads). A step whose record differs from
+what it would be made from now (other thresholds, another config, a retrained teacher) is stale: its
+outputs are removed and it is done again, from the start.
 
 The router package is the engine's (``engine.router``: M_O and the teachers in one ``.safetensors`` file,
 routed at inference by M_O's predicted CAR with <=, as the authors' test code does); ``geochange detect``
@@ -27,8 +28,8 @@ runs it like any model.
 """
 from __future__ import annotations
 
-import hashlib
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -36,6 +37,7 @@ from pathlib import Path
 import torch
 
 from geochange.engine.atomic import atomic_path
+from geochange.engine.zoo import sha256
 from geochange.engine.package import load_package
 from geochange.engine.predict import Predictor
 from geochange.engine.router import RouterPredictor, load_router, route, save_router
@@ -46,6 +48,9 @@ from geochange.trainer.losses import teacher_logits
 from geochange.trainer.loop import Trainer
 
 STEPS = ("partition", "original", "teachers", "distill", "router")
+# Config keys that change how a run reports, not what it makes: changing them redoes no step.
+RUN_ONLY = (("train", "log_interval"), ("train", "tensorboard"), ("train", "checkpoint_interval"),
+            ("data", "workers"))
 # lambda of the distillation term in the authors' code (methods.md); Changer-MiT-b1 from JL1-CD Table II.
 DEFAULT_LAMBDA = {"changer_mit_b0": 1e-4, "changer_mit_b1": 1e-3, "tinycd": 5e-3}
 
@@ -133,11 +138,13 @@ class Pipeline:
         it runs on are left out: they do not change what it makes)."""
         def recipe(update: dict) -> dict:
             cfg = derive(self.cfg, update)
+            for section, key in RUN_ONLY:
+                cfg[section].pop(key)
             return {k: v for k, v in cfg.items() if k not in ("work_dir", "device", "mtkd")}
 
-        def digest(keys) -> dict:  # the steps read, by their records
-            return {k: hashlib.sha256(json.dumps(self.made_from(k), sort_keys=True).encode()).hexdigest()
-                    for k in keys}
+        def digest(keys) -> dict:  # the packages read, by their contents: a step done again is noticed
+            return {k: sha256(self.outputs(k) / "best.safetensors") if (self.outputs(k) / "best.safetensors").is_file()
+                    else None for k in keys}
 
         teachers = [f"teacher_{n}" for n in self.names]
         if key == "partition":
@@ -158,10 +165,13 @@ class Pipeline:
 
     def _begin(self, key: str) -> bool:
         """Make way for step ``key``: True when what is there was made from the same inputs (a run may
-        resume); otherwise its outputs are removed and the new inputs recorded."""
+        resume); otherwise its outputs are removed and the new inputs recorded (by the first process of a
+        torchrun only; the others meet it in the Trainer's process group before they read anything)."""
         record, made = self._record(), self.made_from(key)
         if record.get(key) == made:
             return True
+        if int(os.environ.get("RANK", "0")) != 0:
+            return False
         out = self.outputs(key)
         if out.exists():
             print(f"mtkd: {out} was made from other inputs; doing it again", file=sys.stderr)
@@ -241,6 +251,7 @@ class Pipeline:
                        distill_weight=self.distill_weight(), method="mtkd")
 
     def distill(self, resume: bool = True):
+        self._require("distill")  # before anything of an earlier student is removed
         same = self._begin("distill")
         trainer = self.distill_trainer()
         return trainer.fit(resume=resume and same and trainer.checkpoint_path.is_file())
