@@ -129,6 +129,20 @@ def _validate_arch_kwargs(architecture: str, kwargs: dict, where) -> None:
             need(isinstance(value, str), where, field, "a string", value)
 
 
+def _validate_channels(architecture: str, kwargs: dict, inputs: dict, where) -> None:
+    """A model built for ``in_chans`` channels must be fed that many by each date's input spec."""
+    try:
+        parameters = inspect.signature(models.spec(architecture).factory).parameters
+    except KeyError:
+        return
+    if "in_chans" in parameters:
+        built = kwargs.get("in_chans", parameters["in_chans"].default)
+        for date in ("pre", "post"):
+            fed = model_channels(inputs[date])
+            need(fed == built, where, f"inputs.{date}", f"{built} channel(s), as arch_kwargs.in_chans builds the "
+                 f"model for (its bands, or replicate)", f"{fed} channel(s)")
+
+
 def _validate_input(spec, where, field: str) -> None:
     need(isinstance(spec, dict), where, field, "an object", spec)
     bands = _required(spec, "bands", where, f"{field}.bands")
@@ -173,6 +187,7 @@ def validate_manifest(manifest, where) -> None:
          "an object naming 'pre' and 'post'", inputs)
     for date in ("pre", "post"):
         _validate_input(inputs[date], where, f"inputs.{date}")
+    _validate_channels(architecture, kwargs, inputs, where)
     output = manifest.get("output")
     need(isinstance(output, dict), where, "output", "an object", output)
     activation = output.get("activation")

@@ -72,9 +72,7 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
 @pytest.mark.parametrize("tensors, arch_kwargs, message", [
     ("one", {"num_experts": 100000}, r"more than 4 times the file's 1 tensors"),
     ("m2cd", {"num_experts": 100000}, r"more than 4 times the file's 292 tensors"),
-    ("m2cd", {"in_chans": 23000000},
-     r"tensor encoder\.backbone\.patch_embed\.proj\.weight has shape \[32, 3, 7, 7\] in the file, "
-     r"the architecture's is \[32, 23000000, 7, 7\]"),
+    ("m2cd", {"in_chans": 23000000}, r"inputs\.pre must be 23000000 channel\(s\), as arch_kwargs\.in_chans"),
 ])
 def test_absurd_arch_kwargs_are_refused_before_allocating(tmp_path, m2cd_state, tensors, arch_kwargs, message):
     state = m2cd_state if tensors == "m2cd" else {"w": torch.zeros(1)}
@@ -93,7 +91,8 @@ def test_router_members_are_checked_before_allocating(tmp_path, tiny_package):
     manifest["teachers"][1]["manifest"]["arch_kwargs"] = {"in_chans": 23000000}
     hostile = write(tmp_path / "hostile.safetensors", load_file(str(router)), manifest)
     start = time.perf_counter()
-    with memory_limit(), pytest.raises(PackageError, match=r"\[teacher large\].*has shape \[\d+, 3, .*23000000"):
+    refused = r"\[teachers\[1\]\]: manifest field inputs\.pre must be 23000000 channel"
+    with memory_limit(), pytest.raises(PackageError, match=refused):
         load_model(hostile)
     assert time.perf_counter() - start < 1.0
 
@@ -245,3 +244,13 @@ def test_info_does_not_pass_terminal_escapes_through(capsys, tmp_path, tinycd_st
     code, out, _ = run_cli(capsys, "info", path)
     assert code == 0 and "\x1b" not in out and "\x07" not in out
     assert r"\x1b]0;owned\x07\x1b[2J" in out and r"a\nfake row" in out
+
+
+def test_a_model_built_for_other_channels_than_its_inputs_is_refused(tmp_path):
+    from geochange.engine.models import create
+
+    model = create("changer_mit_b0", in_chans=4)
+    manifest = make_manifest("changer_mit_b0", {"in_chans": 4})  # the registry's 3-band inputs
+    path = tmp_path / "m.safetensors"
+    with pytest.raises(PackageError, match=r"inputs.pre must be 4 channel\(s\), as arch_kwargs.in_chans"):
+        save_package(model, manifest, path)
