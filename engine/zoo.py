@@ -72,7 +72,7 @@ def describe_zoo(zoo: Path = ZOO) -> list[dict]:
         out.append({
             "name": name, "architecture": manifest["architecture"], "task": manifest.get("task", ""),
             "inputs": {date: {"bands": spec["bands"], "modality": spec["modality"], "dtype": spec.get("dtype", "uint8")}
-                       for date, spec in manifest["inputs"].items()},
+                       for date, spec in sorted(manifest["inputs"].items(), reverse=True)},  # pre, post
             "data": training.get("data", {}),
             "test": {k: test["global"][k] for k in ("f1", "iou", "mIoU", "oa")} if test else None,
             "tta": test.get("tta"), "licence": manifest.get("licence", ""),

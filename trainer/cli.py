@@ -68,7 +68,7 @@ def _cmd_mtkd(args) -> int:
 def _cmd_export(args) -> int:
     from geochange.trainer.export import export_run
 
-    record = export_run(args.run, args.name, task=args.task, data_licence=args.data_licence,
+    record = export_run(args.run_dir, args.name, task=args.task, data_licence=args.data_licence,
                         **({"zoo": Path(args.zoo)} if args.zoo else {}))
     print(f"{args.name}: {record['file']}, {record['bytes']:,} bytes, sha256 {record['sha256']}")
     return 0
@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_cmd_mtkd)
 
     p = sub.add_parser("export", help="a finished run's best package into the model zoo (fp16 weights, checked)")
-    p.add_argument("run", help="the run's work_dir (with best.safetensors and results.json)")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run's work_dir (with best.safetensors and results.json)")
     p.add_argument("name", help="the zoo name, e.g. m2cd_mit_b0_flood")
     p.add_argument("--task", required=True, help='what the model is for, e.g. "flood: optical before, SAR after"')
     p.add_argument("--data-licence", required=True, help="the licence of the training data")

@@ -35,6 +35,18 @@ def whole_image(predictor: Predictor) -> PredictFn:
     return lambda pre, post: predictor(pre[None], post[None])[0]
 
 
+def resized(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``(bands, H, W)`` resized bilinearly to ``size``, in its own type: the predictor scales raw values
+    by their type (uint8 / 255), so a float copy of a uint8 image would be read as reflectance or as SAR
+    backscatter. Integer images are rounded, as an image library resizing them does."""
+    out = F.interpolate(torch.as_tensor(image, dtype=torch.float32)[None], size=size, mode="bilinear",
+                        align_corners=False)[0].numpy()
+    if np.issubdtype(image.dtype, np.integer):
+        limits = np.iinfo(image.dtype)
+        out = np.clip(np.rint(out), limits.min, limits.max)
+    return out.astype(image.dtype)
+
+
 def with_tta(predictor: Predictor, scales=(0.75, 1.0, 1.25), flip: bool = True) -> PredictFn:
     """Mean change probability over ``scales`` x (identity, horizontal flip)."""
     def predict(pre: np.ndarray, post: np.ndarray) -> np.ndarray:
@@ -43,11 +55,10 @@ def with_tta(predictor: Predictor, scales=(0.75, 1.0, 1.25), flip: bool = True) 
         count = 0
         for scale in scales:
             size = (max(1, round(h * scale)), max(1, round(w * scale)))
-            a, b = (F.interpolate(torch.as_tensor(x, dtype=torch.float32)[None], size=size, mode="bilinear",
-                                  align_corners=False) for x in (pre, post))
+            a, b = (resized(x, size) for x in (pre, post))
             for flipped in ((False, True) if flip else (False,)):
-                x_a, x_b = (x.flip(-1) if flipped else x for x in (a, b))
-                prob = torch.from_numpy(predictor(x_a.numpy(), x_b.numpy()))[None]
+                x_a, x_b = (np.ascontiguousarray(x[..., ::-1]) if flipped else x for x in (a, b))
+                prob = torch.from_numpy(predictor(x_a[None], x_b[None]))[None]
                 prob = prob.flip(-1) if flipped else prob
                 total += F.interpolate(prob, size=(h, w), mode="bilinear", align_corners=False)[0, 0]
                 count += 1
