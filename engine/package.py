@@ -109,9 +109,8 @@ def _required(mapping: dict, key: str, where, field: str):
 def _validate_arch_kwargs(architecture: str, kwargs: dict, where) -> None:
     """Each argument must be one the factory takes, of its default's type: counts (channels, experts)
     above 0, rates not negative."""
-    try:
-        parameters = inspect.signature(models.spec(architecture).factory).parameters
-    except KeyError:  # an unknown architecture: refused when built, still described by ``info``
+    parameters = _factory_parameters(architecture)
+    if not parameters:
         return
     for key, value in kwargs.items():
         field = f"arch_kwargs.{key}"
@@ -129,12 +128,18 @@ def _validate_arch_kwargs(architecture: str, kwargs: dict, where) -> None:
             need(isinstance(value, str), where, field, "a string", value)
 
 
+def _factory_parameters(architecture: str) -> dict:
+    """The registered factory's parameters (empty for an unknown architecture: refused when built, still
+    described by ``info``)."""
+    try:
+        return dict(inspect.signature(models.spec(architecture).factory).parameters)
+    except KeyError:
+        return {}
+
+
 def _validate_channels(architecture: str, kwargs: dict, inputs: dict, where) -> None:
     """A model built for ``in_chans`` channels must be fed that many by each date's input spec."""
-    try:
-        parameters = inspect.signature(models.spec(architecture).factory).parameters
-    except KeyError:
-        return
+    parameters = _factory_parameters(architecture)
     if "in_chans" in parameters:
         built = kwargs.get("in_chans", parameters["in_chans"].default)
         for date in ("pre", "post"):
