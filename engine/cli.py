@@ -46,7 +46,7 @@ def _cmd_evaluate(args) -> int:
     from geochange.engine.progress import TqdmProgress
 
     summary = evaluate_folder(load_package(args.model), args.data, device=args.device, tile=args.tile,
-                              overlap=args.overlap, batch=args.batch, threshold=args.threshold,
+                              overlap=args.overlap, batch=args.batch, threshold=args.threshold, tta=args.tta,
                               ignore_value=args.ignore_value, progress=TqdmProgress("evaluate"))
     print(format_summary(summary))
     if args.json:
@@ -129,13 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def run_options(p):
-        p.add_argument("--tile", type=_positive(int), default=512,
-                       help="window size in pixels, at least 32 (default 512)")
+        p.add_argument("--tile", type=_positive(int), default=None,
+                       help="window size in pixels, at least 32 (default: the tile the model was trained on, "
+                            "from its package, else 512)")
         p.add_argument("--overlap", type=int, default=64, help="overlap of neighbouring windows (default 64)")
         p.add_argument("--batch", type=_positive(int), default=4, help="windows per model call (default 4)")
         p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
         p.add_argument("--threshold", type=float, default=None,
                        help="change if probability > this, in [0, 1] (default: the package's, usually 0.5)")
+        p.add_argument("--tta", action="store_true",
+                       help="test-time augmentation: the mean over the scales x left-right flips the model was "
+                            "tested with (default 0.75, 1, 1.25 x flip: 6 passes)")
 
     p = sub.add_parser("detect", help="change probability, mask and polygons for a raster pair")
     p.add_argument("pre", help="pre-event raster")
@@ -156,7 +160,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--post-scale", type=float, help="raw post value meaning 1.0 (default by data type)")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16", help="CUDA autocast type")
     p.add_argument("--threads", type=_positive(int), help="CPU threads for the model (default: torch's)")
-    p.add_argument("--tta", action="store_true", help="average over flips (4x slower)")
     p.add_argument("--vector-format", choices=["gpkg", "geojson", "shp"], default="gpkg")
     p.set_defaults(run=_cmd_detect)
 

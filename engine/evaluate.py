@@ -11,7 +11,7 @@ from geochange.engine.errors import GeoChangeError, RasterError
 from geochange.engine.inference import check_threshold, predict_plan
 from geochange.engine.metrics import ConfusionMeter
 from geochange.engine.package import ModelPackage
-from geochange.engine.predict import Predictor
+from geochange.engine.predict import Predictor, model_tta
 from geochange.engine.progress import Progress
 from geochange.engine.rasters import check_band_counts, read_image
 from geochange.engine.windows import WindowPlan
@@ -56,17 +56,32 @@ def change_label(raw: np.ndarray, where, ignore_value: float | None = None,
                       f"(change){hint}")
 
 
-def evaluate_folder(package: ModelPackage, root: str | os.PathLike, *, device: str = "auto",
-                    tile: int = 512, overlap: int = 64, batch: int = 4, threshold: float | None = None,
-                    ignore_value: float | None = None, progress: Progress | None = None) -> dict:
-    """Metrics (global and per image) of the package's predictions on every pair of the dataset.
+def predict_image(predictor, pre: np.ndarray, post: np.ndarray, tile: int | None = None, overlap: int = 64,
+                  batch: int = 4) -> np.ndarray:
+    """``(H, W)`` change probability of one ``(bands, H, W)`` pair: whole when it fits in ``tile`` (always
+    when ``tile`` is None), as the papers test and the trainer tests; else window by window, blended."""
+    if tile is None or max(pre.shape[1:]) <= tile:
+        return predictor(pre[None], post[None])[0]
+    everywhere = np.ones(pre.shape[1:], bool)
+    return predict_plan(predictor, WindowPlan(pre.shape[1], pre.shape[2], tile, overlap),
+                        lambda w: (pre[(slice(None), *w.toslices())], post[(slice(None), *w.toslices())],
+                                   everywhere[w.toslices()]), batch=batch, readers=0)
 
-    Images up to ``tile`` px are predicted whole, as the papers test; larger ones tile by tile. Label
-    pixels equal to ``ignore_value`` count in no metric.
+
+def evaluate_folder(package: ModelPackage, root: str | os.PathLike, *, device: str = "auto",
+                    tile: int | None = None, overlap: int = 64, batch: int = 4, threshold: float | None = None,
+                    tta: bool = False, ignore_value: float | None = None, progress: Progress | None = None) -> dict:
+    """Metrics (global and per image) of the package's predictions on every pair of the dataset, with
+    the names of the images evaluated.
+
+    Images up to ``tile`` px (default: the package's) are predicted whole, as the papers and the trainer
+    test; larger ones tile by tile. ``tta``: the test-time augmentation the package was tested with (else
+    the default, see ``predict.model_tta``). Label pixels equal to ``ignore_value`` count in no metric.
     """
     progress = progress or Progress()
     threshold = package.threshold if threshold is None else check_threshold(threshold)
-    predictor = Predictor(package, device)
+    tile = package.tile if tile is None else tile
+    predictor = Predictor(package, device, tta=model_tta(package.manifest) if tta else None)
     meter = ConfusionMeter()
     pairs = dataset_pairs(root)
     for i, (path_a, path_b, path_label) in enumerate(pairs):
@@ -79,11 +94,7 @@ def evaluate_folder(package: ModelPackage, root: str | os.PathLike, *, device: s
         change, labelled = change_label(label, path_label, ignore_value)
         check_band_counts(pre, post, package.manifest["inputs"], f"{path_a.parent.parent}/{{A,B}}/{path_a.name}",
                           "the dataset does not suit this model")
-        plan = WindowPlan(pre.shape[1], pre.shape[2], tile, overlap)
-        everywhere = np.ones(pre.shape[1:], bool)
-        prob = predict_plan(predictor, plan, lambda w: (pre[(slice(None), *w.toslices())],
-                                                         post[(slice(None), *w.toslices())],
-                                                         everywhere[w.toslices()]), batch=batch, readers=0)
+        prob = predict_image(predictor, pre, post, tile, overlap, batch)
         meter.add(prob > threshold, change, labelled)
         progress.update(i + 1, len(pairs))
-    return meter.summary()
+    return {**meter.summary(), "tile": tile, "tta": predictor.tta, "files": [a.name for a, _, _ in pairs]}

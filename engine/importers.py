@@ -69,6 +69,7 @@ FORMATS = {
     "tinycd": {
         "architecture": "tinycd",
         "rules": _TINYCD_RULES,
+        "tile": 256,  # LEVIR-CD and WHU-CD cut into 256 px crops, as the authors train and test
         "training": {"dataset": "LEVIR-CD", "method": "plain",
                      "metrics": {"f1_change_global_levir_test_published": 0.9105,
                                  "iou_change_global_levir_test_published": 0.8357}},
@@ -146,6 +147,6 @@ def import_weights(fmt: str, source: str | os.PathLike, destination: str | os.Pa
     except WeightsImportError as e:
         raise WeightsImportError(f"{source}: {e}") from None
     model.load_state_dict(state, strict=True)
-    manifest = make_manifest(info["architecture"], training=info["training"], licence=info["licence"],
-                             source=f"{info['source']}: {Path(source).name}")
+    manifest = make_manifest(info["architecture"], tile=info["tile"], training=info["training"],
+                             licence=info["licence"], source=f"{info['source']}: {Path(source).name}")
     return save_package(model, manifest, destination)

@@ -24,7 +24,7 @@ from geochange.engine.grid import Grid, GridReader, common_grid
 from geochange.engine.inputs import model_channels
 from geochange.engine.outputs import BLOCK, ChangeWriter
 from geochange.engine.package import ModelPackage
-from geochange.engine.predict import Predictor
+from geochange.engine.predict import Predictor, model_tta
 from geochange.engine.progress import Progress
 from geochange.engine.rasters import bound_gdal_cache, open_raster, select_bands, valid_mask
 from geochange.engine.router import RouterPackage, RouterPredictor, load_model
@@ -262,7 +262,7 @@ def fit_batch(plan: WindowPlan, batch: int, channels: int, log=lambda message: N
     return batch
 
 
-def prepare(pre_path, post_path, model, *, tile: int = 512, overlap: int = 64, batch: int = 4, device: str = "auto",
+def prepare(pre_path, post_path, model, *, tile: int | None = None, overlap: int = 64, batch: int = 4, device: str = "auto",
             precision: str = "bf16", threads: int | None = None, tta: bool = False,
             threshold: float | None = None, pre_bands: list[int] | None = None, post_bands: list[int] | None = None,
             grid: str = "pre", crs: str | None = None, resolution: float | None = None, sar_db: bool = False,
@@ -274,6 +274,15 @@ def prepare(pre_path, post_path, model, *, tile: int = 512, overlap: int = 64, b
     package = model if isinstance(model, (ModelPackage, RouterPackage)) else load_model(model)
     if threads:
         torch.set_num_threads(threads)
+
+    first = package.original if isinstance(package, RouterPackage) else package
+    if tile is None:  # the window the model was trained on
+        tile = first.tile
+        progress.log(f"windows of {tile} px: the model's tile" + ("" if "tile" in first.manifest else
+                                                                   " (none recorded: the default)"))
+    tta = model_tta(first.manifest) if tta else None
+    if tta:
+        progress.log(f"test-time augmentation: scales {tta['scales']}" + " x left-right flip" * tta["flip"])
 
     def predictor_of(member: ModelPackage) -> Predictor:
         return Predictor(member, device, precision=precision, tta=tta, sar_db=sar_db,
@@ -341,7 +350,7 @@ def detect(pre_path: str | os.PathLike, post_path: str | os.PathLike, model: str
     """Change probability, mask and polygons for a pre/post pair.
 
     Both dates are read on a common grid (``grid`` = ``pre`` or ``post``, or a given ``crs`` and
-    ``resolution``) over the intersection of their footprints. Options (see ``prepare``): ``tile``,
+    ``resolution``) over the intersection of their footprints. Options (see ``prepare``): ``tile`` (default: the model's),
     ``overlap``, ``device``, ``precision``, ``threads``, ``tta``; ``threshold`` (default: the
     package's); ``pre_bands``/``post_bands``, 1-based band indexes in the order the model wants;
     ``pre_scale``/``post_scale``, the raw value meaning 1.0 (default: by data type); ``sar_db``, float

@@ -33,6 +33,7 @@ from geochange.engine import models
 from geochange.engine.atomic import atomic_path
 from geochange.engine.errors import GeoChangeError, OutputError
 from geochange.engine.inputs import model_channels
+from geochange.engine.windows import MIN_TILE
 from geochange.engine.zoo import resolve_model
 
 FORMAT = "geochange-model"
@@ -41,6 +42,7 @@ METADATA_KEY = "geochange"
 # A build may register tensors it then drops (TinyCD builds an EfficientNet and keeps part of it: 805
 # registered, 279 kept); one registering more than this many times the file's tensors cannot fit it.
 BUILD_TENSORS_PER_FILE_TENSOR = 4
+DEFAULT_TILE = 512  # the window of models whose manifest names none
 
 
 class PackageError(GeoChangeError, ValueError):
@@ -61,14 +63,24 @@ class ModelPackage:
     def threshold(self) -> float:
         return float(self.manifest["output"].get("threshold", 0.5))
 
+    @property
+    def tile(self) -> int:
+        return model_tile(self.manifest)
+
+
+def model_tile(manifest: dict) -> int:
+    """The window a model was trained and tested on (the manifest's ``tile``), else ``DEFAULT_TILE``: a model
+    that normalises each window by its own statistics (TinyCD's InstanceNorm) predicts best in that window."""
+    return int(manifest.get("tile", DEFAULT_TILE))
+
 
 def make_manifest(architecture: str, arch_kwargs: dict | None = None, *, inputs: dict | None = None,
-                  threshold: float = 0.5, training: dict | None = None, licence: str = "",
-                  source: str = "") -> dict:
+                  threshold: float = 0.5, tile: int | None = None, training: dict | None = None,
+                  licence: str = "", source: str = "") -> dict:
     spec = models.spec(architecture)
     if inputs is None:
         inputs = {"pre": spec.inputs[0], "post": spec.inputs[1]}
-    return {
+    manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "architecture": architecture,
@@ -80,6 +92,9 @@ def make_manifest(architecture: str, arch_kwargs: dict | None = None, *, inputs:
         "licence": licence,
         "source": source,
     }
+    if tile is not None:
+        manifest["tile"] = tile
+    return manifest
 
 
 def is_number(value) -> bool:
@@ -204,6 +219,9 @@ def validate_manifest(manifest, where) -> None:
         threshold = output["threshold"]
         need(is_number(threshold) and 0 <= threshold <= 1, where, "output.threshold", "a number in [0, 1]",
              threshold)
+    if "tile" in manifest:
+        need(is_count(manifest["tile"]) and manifest["tile"] >= MIN_TILE, where, "tile",
+             f"a whole number of pixels, at least {MIN_TILE}", manifest["tile"])
     need(isinstance(manifest.get("training", {}), dict), where, "training", "an object", manifest.get("training"))
     for key in ("licence", "source", "task"):
         need(isinstance(manifest.get(key, ""), str), where, key, "a string", manifest.get(key))
@@ -397,6 +415,7 @@ def format_manifest(manifest: dict) -> str:
     out = manifest["output"]
     rows.append(("output", f"{1 if out['activation'] == 'sigmoid' else 2} channel(s), {out['activation']}, "
                            f"threshold {out.get('threshold', 0.5)}"))
+    rows.append(("tile", f"{model_tile(manifest)} px" + ("" if "tile" in manifest else " (none recorded: the default)")))
     for key, value in manifest.get("training", {}).items():
         rows.append((f"training.{key}", value if isinstance(value, str) else json.dumps(value)))
     rows += [(key, manifest[key]) for key in ("task", "source", "licence") if manifest.get(key)]

@@ -2,7 +2,7 @@
 
 On CUDA the model runs in bf16/fp16 autocast, channels_last, from pinned host memory with
 non-blocking copies; a CUDA out-of-memory halves the batch and retries. Optional test-time
-augmentation averages the probabilities of the identity and the horizontal, vertical and both flips.
+augmentation (the trainer's test and Open-CD's: scales x horizontal flip) averages the probabilities.
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from geochange.engine.package import ModelPackage, PackageError, is_number
 # Every registered backbone reduces by at most 32; inputs are padded to a multiple of it.
 SIZE_MULTIPLE = 32
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-FLIPS = ((), (-1,), (-2,), (-2, -1))
+# Open-CD's test-time augmentation, which the M2CD paper tests with (and the trainer's default).
+DEFAULT_TTA = {"scales": [0.75, 1.0, 1.25], "flip": True}
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -75,6 +76,36 @@ def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
 
 
+def resized(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``(..., bands, H, W)`` resized bilinearly to ``size``, in its own type: raw values are scaled by
+    their type (uint8 / 255), so a float copy of a uint8 image would be read as reflectance or as SAR
+    backscatter. Integer images are rounded, as an image library resizing them does."""
+    x = torch.as_tensor(image, dtype=torch.float32)
+    out = F.interpolate(x.reshape(-1, *x.shape[-3:]), size=size, mode="bilinear",
+                        align_corners=False).reshape(*x.shape[:-2], *size).numpy()
+    if np.issubdtype(image.dtype, np.integer):
+        limits = np.iinfo(image.dtype)
+        out = np.clip(np.rint(out), limits.min, limits.max)
+    return out.astype(image.dtype)
+
+
+def check_tta(tta: dict | None) -> dict | None:
+    """``{"scales": [...], "flip": bool}`` checked (None: no test-time augmentation)."""
+    if tta is None:
+        return None
+    scales, flip = tta.get("scales"), tta.get("flip")
+    if (not isinstance(scales, (list, tuple)) or not scales or not all(is_number(s) and 0 < s <= 4 for s in scales)
+            or not isinstance(flip, bool)):
+        raise OptionError(f"test-time augmentation must be scales in (0, 4] and a flip of true or false, not {tta}")
+    return {"scales": [float(s) for s in scales], "flip": flip}
+
+
+def model_tta(manifest: dict) -> dict:
+    """The test-time augmentation a package was tested with (the trainer records it), else the default."""
+    recorded = manifest.get("training", {}).get("metrics", {}).get("test") or {}
+    return check_tta(recorded.get("tta")) or dict(DEFAULT_TTA)
+
+
 def to_probability(output: torch.Tensor, activation: str) -> torch.Tensor:
     """Model output ``(N, C, H, W)`` -> change probability ``(N, H, W)``."""
     if activation == "sigmoid":
@@ -87,17 +118,18 @@ class Predictor:
 
     ``scales``/``sar_db`` per date (``{"pre": ..., "post": ...}``) override how raw values are read
     (see ``engine.inputs.normalise``); ``precision`` applies on CUDA only (CPU runs fp32), and so do
-    ``cuda_graphs`` (see ``_replay``).
+    ``cuda_graphs`` (see ``_replay``). ``tta`` (``{"scales", "flip"}``, see ``check_tta``) averages the
+    probability over the window resized by each scale, as is and flipped left-right.
     """
 
     def __init__(self, package: ModelPackage, device: str | torch.device = "auto", *, precision: str = "bf16",
-                 tta: bool = False, scales: dict | None = None, sar_db: bool = False, cuda_graphs: bool = True,
+                 tta: dict | None = None, scales: dict | None = None, sar_db: bool = False, cuda_graphs: bool = True,
                  log=lambda m: None):
         self.device = resolve_device(device) if isinstance(device, str) else device
         if precision not in PRECISIONS:
             raise GeoChangeError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
         self.dtype = PRECISIONS[precision] if self.device.type == "cuda" else torch.float32
-        self.package, self.tta, self.log = package, tta, log
+        self.package, self.tta, self.log = package, check_tta(tta), log
         self.scales = dict(scales or {})
         for date, scale in self.scales.items():
             if scale is not None and not (is_number(scale) and scale > 0):  # 0 would turn every pixel to nodata
@@ -119,9 +151,7 @@ class Predictor:
         x = torch.from_numpy(np.ascontiguousarray(raw))
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
-        x = normalise(x, self.inputs[date], scale=self.scales.get(date), sar_db=self.sar_db)
-        x = _pad_to_multiple(x, SIZE_MULTIPLE)
-        return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
+        return normalise(x, self.inputs[date], scale=self.scales.get(date), sar_db=self.sar_db)
 
     def _probability(self, pre: torch.Tensor, post: torch.Tensor) -> torch.Tensor:
         # No autocast weight cache: a CUDA graph must not capture casts of tensors made outside it.
@@ -173,14 +203,30 @@ class Predictor:
             return None
         return static_pre, static_post, graph, out
 
-    def _forward(self, pre: torch.Tensor, post: torch.Tensor) -> torch.Tensor:
+    def _padded(self, x: torch.Tensor) -> torch.Tensor:
+        x = _pad_to_multiple(x, SIZE_MULTIPLE)
+        return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
+
+    def _forward(self, pre: np.ndarray, post: np.ndarray) -> torch.Tensor:
+        """Raw windows -> ``(N, H, W)`` probabilities; with TTA, the mean over scales x flips (a resized
+        window is predicted at its own size and its probability resized back)."""
         run = self._replay if self.cuda_graphs else self._probability
-        probs = []
-        for dims in FLIPS if self.tta else FLIPS[:1]:
-            a, b = (pre.flip(dims), post.flip(dims)) if dims else (pre, post)
-            prob = run(a, b)
-            probs.append(prob.flip(dims) if dims else prob)  # (N, H, W): the same trailing dims
-        return torch.stack(probs).mean(0)
+        h, w = pre.shape[-2:]
+        passes = [(1.0, False)] if self.tta is None else \
+            [(s, f) for s in self.tta["scales"] for f in ((False, True) if self.tta["flip"] else (False,))]
+        total, inputs = None, {}
+        for scale, flipped in passes:
+            size = (max(1, round(h * scale)), max(1, round(w * scale)))
+            if size not in inputs:  # normalised once per scale, for both flips
+                inputs = {size: [self._to_device(resized(x, size) if size != (h, w) else x, date)
+                                 for x, date in ((pre, "pre"), (post, "post"))]}
+            a, b = (x.flip(-1) if flipped else x for x in inputs[size])
+            prob = run(self._padded(a), self._padded(b))[:, :size[0], :size[1]]
+            prob = prob.flip(-1) if flipped else prob
+            if size != (h, w):
+                prob = F.interpolate(prob[:, None].float(), size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+            total = prob.float() if total is None else total + prob
+        return total / len(passes)
 
     def __call__(self, pre: np.ndarray, post: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
         """``(N, bands, H, W)`` raw windows of each date -> ``(N, H, W)`` float32 probabilities.
@@ -205,9 +251,8 @@ class Predictor:
 
     @torch.inference_mode()
     def _run(self, pre: np.ndarray, post: np.ndarray) -> np.ndarray:
-        h, w = pre.shape[-2:]
         try:
-            prob = self._forward(self._to_device(pre, "pre"), self._to_device(post, "post"))
+            prob = self._forward(pre, post)
         except torch.cuda.OutOfMemoryError:
             if len(pre) == 1:
                 raise GeoChangeError("CUDA out of memory with a batch of one window: lower the tile size") from None
@@ -216,4 +261,4 @@ class Predictor:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             return self(pre, post)
-        return prob[:, :h, :w].float().cpu().numpy()
+        return prob.cpu().numpy()

@@ -62,9 +62,15 @@ def integer_parameter(name, description, default, minimum):
 
 
 def tiling_parameters():
-    return [integer_parameter("TILE_SIZE", tr("Tile size (pixels)"), 512, 32),
+    tile = QgsProcessingParameterNumber("TILE_SIZE", tr("Tile size (pixels; empty = the model's)"),
+                                        QgsProcessingParameterNumber.Integer, optional=True, minValue=32)
+    return [tile,
             integer_parameter("OVERLAP", tr("Tile overlap (pixels)"), 64, 0),
             integer_parameter("BATCH_SIZE", tr("Batch size (tiles)"), 4, 1)]
+
+
+def tta_parameter():
+    return QgsProcessingParameterBoolean("TTA", tr("Test-time augmentation (scales x flips)"), defaultValue=False)
 
 
 def threshold_parameter(name="THRESHOLD", default=None):
@@ -91,7 +97,12 @@ COMMON_HELP = {
              "convert them with <code>geochange import-weights</code>.",
     "DEVICE": "<code>auto</code> (a GPU when one is usable, else the CPU), <code>cpu</code>, <code>cuda</code> "
               "or a given GPU such as <code>cuda:0</code>.",
-    "TILE_SIZE": "Side in pixels of the square windows given to the network.",
+    "TILE_SIZE": "Side in pixels of the square windows given to the network. Empty: the tile the model was "
+                 "trained on (its package records it; 512 for packages that do not). A model that normalises "
+                 "each window by its own statistics (TinyCD) predicts best in that window.",
+    "TTA": "Test-time augmentation: the mean of the change probabilities of every tile resized by the scales "
+           "the model was tested with, as it is and flipped left-right (0.75, 1 and 1.25 when the package records "
+           "none: six times slower, often slightly more accurate).",
     "OVERLAP": "Pixels shared by neighbouring windows; their predictions are blended so that no seams appear.",
     "BATCH_SIZE": "Windows run together; lower it if memory runs out.",
     "MIN_AREA": "Change polygons smaller than this (square metres, geodesic) are dropped.",
@@ -136,8 +147,6 @@ class DetectChangesAlgorithm(EngineAlgorithm):
         "POST_SCALE": "The same for the post raster.",
         "PRECISION": "Arithmetic on a GPU: <code>bf16</code> and <code>fp16</code> are faster and use less "
                      "memory; the CPU always runs <code>fp32</code>.",
-        "TTA": "Test-time augmentation: average the change probabilities of every tile as it is and flipped "
-               "left-right, up-down and both (four times slower, often slightly more accurate).",
         "THREADS": "CPU threads PyTorch may use. Empty: PyTorch's default (all cores).",
         "PRE_BANDS": "Bands of the pre raster to give the model, in the model's order (e.g. 3, 2, 1 for a "
                      "BGR file and an RGB model). Empty: all bands, which must then be as many as the model "
@@ -163,7 +172,7 @@ class DetectChangesAlgorithm(EngineAlgorithm):
         "PRE_BANDS": ("pre_bands", lambda a, p, c: a.parameterAsInts(p, "PRE_BANDS", c) or None),
         "POST_BANDS": ("post_bands", lambda a, p, c: a.parameterAsInts(p, "POST_BANDS", c) or None),
         "DEVICE": ("device", lambda a, p, c: a.parameterAsString(p, "DEVICE", c).strip() or "auto"),
-        "TILE_SIZE": ("tile", lambda a, p, c: a.parameterAsInt(p, "TILE_SIZE", c)),
+        "TILE_SIZE": ("tile", lambda a, p, c: int(a.optional_double(p, "TILE_SIZE", c) or 0) or None),
         "OVERLAP": ("overlap", lambda a, p, c: a.parameterAsInt(p, "OVERLAP", c)),
         "BATCH_SIZE": ("batch", lambda a, p, c: a.parameterAsInt(p, "BATCH_SIZE", c)),
         "THRESHOLD": ("threshold", lambda a, p, c: a.optional_double(p, "THRESHOLD", c)),
@@ -201,8 +210,7 @@ class DetectChangesAlgorithm(EngineAlgorithm):
         for parameter in polygon_parameters():
             self.addParameter(parameter)
         self.addParameter(QgsProcessingParameterBoolean("SAR_DB", tr("SAR rasters are in dB"), defaultValue=False))
-        self.addParameter(QgsProcessingParameterBoolean("TTA", tr("Test-time augmentation (flips)"),
-                                                        defaultValue=False))
+        self.addParameter(tta_parameter())
         advanced = [
             QgsProcessingParameterCrs("CRS", tr("Output CRS (empty = the grid raster's)"), optional=True),
             QgsProcessingParameterNumber("RESOLUTION", tr("Output pixel size (empty = the grid raster's)"),

@@ -12,7 +12,7 @@ from qgis.core import (
 
 from geochange.qgis_plugin.detect_algorithm import (COMMON_HELP, ENGINE_NOTES, DetectChangesAlgorithm, chosen_model,
                                                     device_parameter, model_parameters, threshold_parameter,
-                                                    tiling_parameters)
+                                                    tiling_parameters, tta_parameter)
 from geochange.qgis_plugin.engine_algorithm import EngineAlgorithm, tr
 from geochange.qgis_plugin.tables import TABLE_FILTER, TABLE_SUFFIXES, write_table
 
@@ -57,7 +57,7 @@ class EvaluateModelAlgorithm(EngineAlgorithm):
     NOTES = ENGINE_NOTES
     ENGINE_OPTIONS = {
         **{name: DetectChangesAlgorithm.ENGINE_OPTIONS[name]
-           for name in ("DEVICE", "TILE_SIZE", "OVERLAP", "BATCH_SIZE", "THRESHOLD")},
+           for name in ("DEVICE", "TILE_SIZE", "OVERLAP", "BATCH_SIZE", "THRESHOLD", "TTA")},
         "IGNORE_VALUE": ("ignore_value", lambda a, p, c: a.optional_double(p, "IGNORE_VALUE", c)),
     }
 
@@ -73,6 +73,7 @@ class EvaluateModelAlgorithm(EngineAlgorithm):
         for parameter in tiling_parameters():
             self.addParameter(parameter)
         self.addParameter(threshold_parameter())
+        self.addParameter(tta_parameter())
         self.addParameter(QgsProcessingParameterNumber("IGNORE_VALUE", tr("Label value of unlabelled pixels"),
                                                        QgsProcessingParameterNumber.Double, optional=True))
         self.addParameter(QgsProcessingParameterFileDestination("OUTPUT", tr("Metrics table"),

@@ -386,3 +386,39 @@ def test_pixel_grid_mode_for_two_plain_images(shared_data, tinycd_package, levir
     assert geochange(["detect", *map(str, placed), "--model", str(tinycd_package), "--out", str(tmp_path / "apart"),
                       "--device", "cpu"]) == 2
     assert "their geotransforms differ" in capsys.readouterr().err
+
+
+def test_the_default_tile_is_the_one_the_package_records(tinycd_package, shared_data, tmp_path):
+    """The TinyCD authors' files record the 256 px crops they were trained on (import-weights); detect uses
+    it unless told otherwise, and 512 for a package that records none, saying which."""
+    import rasterio as rio
+
+    from geochange.engine.package import load_package, read_tensors, write_package
+
+    class Log(Progress):
+        def __init__(self):
+            super().__init__()
+            self.lines = []
+
+        def log(self, message):
+            self.lines.append(message)
+
+    assert load_package(tinycd_package).tile == 256
+    manifest = load_package(tinycd_package).manifest
+    del manifest["tile"]
+    untiled = write_package(read_tensors(tinycd_package), manifest, tmp_path / "untiled.safetensors")
+    probabilities, levir = {}, shared_data / "levir_tile_georef"  # 1024 px: several windows either way
+    for name, model, tile in (("recorded", tinycd_package, None), ("given", tinycd_package, 256),
+                              ("none recorded", untiled, None), ("512", tinycd_package, 512)):
+        log = Log()
+        result = detect(levir / "pre.tif", levir / "post.tif", model, **outputs(tmp_path / name.replace(" ", "_")),
+                        tile=tile, device="cpu", progress=log)
+        with rio.open(result.probability) as src:
+            probabilities[name] = src.read(1)
+        if tile is None:
+            expected = "windows of 256 px: the model's tile" if name == "recorded" else \
+                "windows of 512 px: the model's tile (none recorded: the default)"
+            assert expected in log.lines
+    assert np.array_equal(probabilities["recorded"], probabilities["given"])
+    assert np.array_equal(probabilities["none recorded"], probabilities["512"])
+    assert not np.array_equal(probabilities["recorded"], probabilities["512"])

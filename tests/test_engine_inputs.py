@@ -206,19 +206,40 @@ def test_cuda_out_of_memory_halves_the_batch_and_retries(tmp_path):
     np.testing.assert_allclose(probs, reference, atol=1e-6)
 
 
-def test_tta_averages_flips_and_stays_close(tinycd_package, shared_data):
+def test_tta_averages_scales_and_flips_of_images_in_their_own_type(tinycd_package, shared_data):
+    """TTA (the trainer's test and Open-CD's): each scale's resized copy, as is and flipped left-right,
+    predicted and resized back, averaged. Resized copies stay uint8: a float copy would be scaled as
+    reflectance (1.0, not 255) and every pixel called unchanged (a bug that once made TTA figures those
+    of "no change")."""
+    import torch
+    import torch.nn.functional as F
+
+    from geochange.engine.predict import resized
     from geochange.engine.rasters import read_image
     a = read_image(shared_data / "levir_cd" / "A" / "test_2_0000_0000.png")[None]
     b = read_image(shared_data / "levir_cd" / "B" / "test_2_0000_0000.png")[None]
+    label = read_image(shared_data / "levir_cd" / "label" / "test_2_0000_0000.png")[0] > 0
+    assert resized(a, (192, 192)).dtype == np.uint8
     predictor = Predictor(load_package(tinycd_package), "cpu")
     plain = predictor(a, b)
-    tta = Predictor(load_package(tinycd_package), "cpu", tta=True)(a, b)
-    assert not np.array_equal(plain, tta)
-    assert ((plain > 0.5) == (tta > 0.5)).mean() > 0.97
-    # The mean of the identity and the three flips, each flipped back.
-    flipped = [np.flip(predictor(np.flip(a, axes).copy(), np.flip(b, axes).copy()), axes)
-               for axes in ((), (-1,), (-2,), (-2, -1))]
-    np.testing.assert_allclose(tta, np.mean(flipped, axis=0), atol=1e-5)
+    tta = Predictor(load_package(tinycd_package), "cpu", tta={"scales": [0.75, 1.0, 1.25], "flip": True})(a, b)
+    one = Predictor(load_package(tinycd_package), "cpu", tta={"scales": [1.0], "flip": False})(a, b)
+    assert np.array_equal(one, plain) and not np.array_equal(plain, tta)
+    passes = []
+    for scale in (0.75, 1.0, 1.25):
+        size = (round(256 * scale),) * 2
+        small_a, small_b = resized(a, size), resized(b, size)
+        for flip in (False, True):
+            x_a, x_b = (np.ascontiguousarray(x[..., ::-1]) if flip else x for x in (small_a, small_b))
+            prob = predictor(x_a, x_b)
+            prob = np.ascontiguousarray(prob[..., ::-1]) if flip else prob
+            passes.append(F.interpolate(torch.from_numpy(prob)[:, None], size=(256, 256), mode="bilinear",
+                                        align_corners=False)[:, 0].numpy())
+    np.testing.assert_allclose(tta, np.mean(passes, axis=0), atol=1e-5)
+    changed = tta[0] > 0.5
+    assert label.any() and (changed & label).sum() / (changed | label).sum() > 0.7  # IoU of the change class
+    with pytest.raises(GeoChangeError, match="test-time augmentation must be scales"):
+        Predictor(load_package(tinycd_package), "cpu", tta={"scales": [0], "flip": True})
 
 
 def test_optical_pre_and_sar_post_datasets_run_and_a_band_mismatch_is_named(shared_data, tmp_path, tinycd_package):

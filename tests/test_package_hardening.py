@@ -176,6 +176,7 @@ def _bands_text(m):
     (_in_chans, "manifest field arch_kwargs.in_chans must be a whole number above 0, not -5"),
     (_num_experts, "manifest field arch_kwargs.num_experts must be a whole number above 0, not 0"),
     (_bands_text, "manifest field inputs.pre.bands must be a whole number above 0, not '3'"),
+    (lambda m: m.update(tile=16), "manifest field tile must be a whole number of pixels, at least 32, not 16"),
     (lambda m: [m], "the manifest must be a JSON object, not list"),
 ])
 def test_malformed_manifests_are_one_line_errors(capsys, tmp_path, change, field):

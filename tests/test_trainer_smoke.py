@@ -76,6 +76,8 @@ def test_geochange_train_command(shared_data, tmp_path, capsys):
     assert "test (best iteration 2)" in out and "CAR bin" in out
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["test"]["tta"] == {"scales": [0.5, 1.0], "flip": True}
+    assert len(results["test"]["files"]) == 1 and results["test"]["files"][0].startswith("dsifn/")  # by name
+    assert load_package(tmp_path / "out" / "best.safetensors").tile == 64  # the crop it was trained on
     saved = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
     assert saved["schedule"]["iterations"] == 2 and saved["data"]["workers"] == 1
     assert geochange(["train", str(config), "--set", "optim.nope=1"]) == 2
@@ -97,20 +99,3 @@ def test_bad_backbone_weights_are_one_line(content, shared_data, tmp_path, capsy
     assert err.startswith("geochange: error: model.backbone_weights: ") and err.count("\n") == 1
     assert ("no such file" if content is None else "is not a checkpoint of tensors") in err
     assert not (tmp_path / "out").exists()
-
-
-def test_tta_gives_the_predictor_images_in_their_own_type(shared_data, tinycd_package):
-    """Resized copies stay uint8: a float copy would be scaled as reflectance (1.0, not 255) and every
-    pixel called unchanged (a bug that made TTA test figures those of "no change")."""
-    from geochange.trainer.data import build_splits
-    from geochange.trainer.evaluation import predictor_for, resized, whole_image, with_tta
-
-    package = load_package(tinycd_package)
-    predictor = predictor_for(package.model, package.manifest, "cpu")
-    pre, post, label = build_splits([{"root": str(shared_data / "levir_cd"), "split": {"test": 0.2}}])["test"][0].load()
-    assert resized(pre, (192, 192)).dtype == np.uint8
-    plain = whole_image(predictor)(pre, post)
-    assert np.array_equal(with_tta(predictor, scales=[1.0], flip=False)(pre, post), plain)
-    tta = with_tta(predictor)(pre, post) > 0.5
-    changed = label == 1
-    assert changed.any() and (tta & changed).sum() / (tta | changed).sum() > 0.7  # IoU of the change class

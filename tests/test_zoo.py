@@ -82,6 +82,57 @@ def test_every_shipped_zoo_model_loads_and_scores_what_it_recorded(name, shared_
     assert geochange(["zoo"]) == 0 and name in capsys.readouterr().out
 
 
+def zoo_tested(name: str) -> tuple[dict, list[str]]:
+    """A zoo model's recorded test summary and the `geochange evaluate` options that test it as the trainer did."""
+    tested = load_package(name).manifest["training"]["metrics"]["test"]
+    return tested, ["--tta"] if tested.get("tta") else []
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED) or [pytest.param(None, marks=pytest.mark.skip("zoo/ is empty"))])
+def test_evaluate_reproduces_the_trainers_test_figures(name, shared_data, tmp_path, capsys):
+    """One prediction path: `geochange evaluate` on OMBRIA's 70 test tiles gives the figures the trainer's
+    test recorded in the package (with its TTA), on the same images."""
+    tested, options = zoo_tested(name)
+    out = tmp_path / "metrics.json"
+    assert geochange(["evaluate", "--model", name, "--data", str(shared_data / "ombria_full" / "test"),
+                      "--device", "cpu", "--json", str(out), *options]) == 0
+    summary = json.loads(out.read_text())
+    assert summary["tta"] == tested.get("tta") and summary["tile"] == load_package(name).tile
+    assert summary["files"] == [f.rsplit("/", 1)[1] for f in tested["files"]]
+    for scope in ("global", "per_image"):
+        for key in ("f1", "iou", "mIoU", "oa"):
+            assert summary[scope][key] == pytest.approx(tested[scope][key], abs=0.001), (scope, key)
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED) or [pytest.param(None, marks=pytest.mark.skip("zoo/ is empty"))])
+def test_a_zoo_model_detects_on_plain_and_georeferenced_pairs(name, shared_data, tmp_path, capsys):
+    """A test tile pair as the PNG files it comes in (paired pixel for pixel) and as GeoTIFFs placed in UTM:
+    the same windows (the model's tile, from its package), so the same change mask."""
+    import numpy as np
+    import rasterio
+    from rasterio.transform import from_origin
+
+    from geochange.engine.rasters import read_image
+
+    tiles = shared_data / "ombria_full" / "test"
+    tile = sorted(p.name for p in (tiles / "A").iterdir())[0]
+    plain = [tiles / "A" / tile, tiles / "B" / tile]
+    placed = []
+    for path in plain:
+        pixels = read_image(path)
+        placed.append(tmp_path / f"{path.parent.name}.tif")
+        with rasterio.open(placed[-1], "w", driver="GTiff", width=256, height=256, count=len(pixels),
+                           dtype=pixels.dtype, crs="EPSG:32633", transform=from_origin(500000, 5000000, 10, 10)) as dst:
+            dst.write(pixels)
+    masks = []
+    for pair, out in ((plain, tmp_path / "plain"), (placed, tmp_path / "placed")):
+        assert geochange(["detect", *map(str, pair), "--model", name, "--out", str(out), "--device", "cpu"]) == 0
+        assert f"windows of {load_package(name).tile} px: the model's tile" in "".join(capsys.readouterr())
+        with rasterio.open(out / "change_mask.tif") as src:
+            masks.append(src.read(1))
+    assert (masks[0] == 255).any() and np.array_equal(masks[0], masks[1])
+
+
 def test_baselines_on_the_ombria_test_tiles(shared_data):
     """The figures the zoo models are compared with (README), from the metric code the models use."""
     from geochange.trainer.baselines import BASELINES

@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from geochange.engine.errors import GeoChangeError
+from geochange.engine.windows import MIN_TILE
 
 
 class ConfigError(GeoChangeError, ValueError):
@@ -37,6 +38,10 @@ def _positive(v):
 
 def _non_negative(v):
     return None if v >= 0 else "must be >= 0"
+
+
+def _tile(v):
+    return None if v >= MIN_TILE else f"must be at least {MIN_TILE} (the window a model sees, recorded in its package)"
 
 
 def _probability(v):
@@ -112,7 +117,7 @@ SCHEMA: dict = {
         # any: albumentations' Flip (TinyCD): with this probability a vertical, horizontal or double flip.
         "flip": {"horizontal": (NUM, 0.5, _probability), "vertical": (NUM, 0.5, _probability),
                  "any": (NUM, 0.0, _probability)},
-        "crop": {"size": (int, 256, _positive), "cat_max_ratio": (NUM, 0.75, _probability)},
+        "crop": {"size": (int, 256, _tile), "cat_max_ratio": (NUM, 0.75, _probability)},
         "exchange": (NUM, 0.0, _probability),
         "photometric": {
             "prob": (NUM, 0.5, _probability),

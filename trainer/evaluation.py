@@ -2,8 +2,9 @@
 with ``geochange evaluate``), plus the same figures per ground-truth CAR bin (the MTKD paper's Fig. 8).
 
 Images are predicted whole, as the papers test (the engine's ``Predictor`` pads them to a multiple of
-32). Test-time augmentation averages the change probability over scales x (identity, horizontal flip),
-as Open-CD's TTA does.
+32), through the prediction path of ``geochange evaluate``. Test-time augmentation is the engine's
+(``Predictor(tta=...)``: the change probability averaged over scales x (identity, horizontal flip), as
+Open-CD's TTA does).
 """
 from __future__ import annotations
 
@@ -11,12 +12,12 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from geochange.engine.evaluate import predict_image
 from geochange.engine.metrics import ConfusionMeter
 from geochange.engine.package import ModelPackage
 from geochange.engine.predict import Predictor
-from geochange.engine.router import route
+from geochange.engine.router import RouterPackage, RouterPredictor, route
 from geochange.trainer.data import IGNORE, Item, change_area_ratio
 
 PredictFn = Callable[[np.ndarray, np.ndarray], np.ndarray]  # raw (bands, H, W) x 2 -> probability (H, W)
@@ -26,52 +27,36 @@ METRIC_DEFINITION = ("global: TP/FP/TN/FN summed over the split, then per class 
                      "averaged (the JL1-CD competition's way); car_bins: the same per ground-truth CAR bin")
 
 
-def predictor_for(model: torch.nn.Module, manifest: dict, device) -> Predictor:
+def predictor_for(model: torch.nn.Module, manifest: dict, device, tta: dict | None = None) -> Predictor:
     """The engine's predictor around an in-memory model (it normalises as the manifest says)."""
-    return Predictor(ModelPackage(model=model, manifest=manifest), device)
+    return Predictor(ModelPackage(model=model, manifest=manifest), device, tta=tta)
 
 
-def whole_image(predictor: Predictor) -> PredictFn:
-    return lambda pre, post: predictor(pre[None], post[None])[0]
+def whole_image(predictor) -> PredictFn:
+    """Images predicted whole, as the papers test and as ``geochange evaluate`` predicts images that fit
+    its tile (``engine.evaluate.predict_image``)."""
+    return lambda pre, post: predict_image(predictor, pre, post)
 
 
-def resized(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """``(bands, H, W)`` resized bilinearly to ``size``, in its own type: the predictor scales raw values
-    by their type (uint8 / 255), so a float copy of a uint8 image would be read as reflectance or as SAR
-    backscatter. Integer images are rounded, as an image library resizing them does."""
-    out = F.interpolate(torch.as_tensor(image, dtype=torch.float32)[None], size=size, mode="bilinear",
-                        align_corners=False)[0].numpy()
-    if np.issubdtype(image.dtype, np.integer):
-        limits = np.iinfo(image.dtype)
-        out = np.clip(np.rint(out), limits.min, limits.max)
-    return out.astype(image.dtype)
+def test_tta(test: dict) -> dict | None:
+    """The test-time augmentation the config's ``test`` section asks for (None: none)."""
+    return {"scales": test["scales"], "flip": test["flip"]} if test["tta"] else None
 
 
-def with_tta(predictor: Predictor, scales=(0.75, 1.0, 1.25), flip: bool = True) -> PredictFn:
-    """Mean change probability over ``scales`` x (identity, horizontal flip)."""
-    def predict(pre: np.ndarray, post: np.ndarray) -> np.ndarray:
-        h, w = pre.shape[-2:]
-        total = torch.zeros(h, w)
-        count = 0
-        for scale in scales:
-            size = (max(1, round(h * scale)), max(1, round(w * scale)))
-            a, b = (resized(x, size) for x in (pre, post))
-            for flipped in ((False, True) if flip else (False,)):
-                x_a, x_b = (np.ascontiguousarray(x[..., ::-1]) if flipped else x for x in (a, b))
-                prob = torch.from_numpy(predictor(x_a[None], x_b[None]))[None]
-                prob = prob.flip(-1) if flipped else prob
-                total += F.interpolate(prob, size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-                count += 1
-        return (total / count).numpy()
-    return predict
+def test_predictor(package: ModelPackage | RouterPackage, device, test: dict) -> Predictor | RouterPredictor:
+    """The predictor of the trainer's test: a package (or an O-P router) with the TTA ``test`` asks for."""
+    tta = test_tta(test)
+
+    def make(member: ModelPackage) -> Predictor:
+        return Predictor(member, device, tta=tta)
+    return RouterPredictor(package, make) if isinstance(package, RouterPackage) else make(package)
 
 
-def test_predictions(predictor: Predictor, items: list[Item], test: dict, car_thresholds) -> dict:
-    """The trainer's test: ``evaluate_items`` with whole images, TTA as the config's ``test`` section says
-    (recorded in the summary)."""
-    predict = with_tta(predictor, test["scales"], test["flip"]) if test["tta"] else whole_image(predictor)
-    summary = evaluate_items(predict, items, car_thresholds)
-    summary["tta"] = {"scales": test["scales"], "flip": test["flip"]} if test["tta"] else None
+def test_predictions(predictor, items: list[Item], test: dict, car_thresholds) -> dict:
+    """The trainer's test: ``evaluate_items`` with whole images through a ``test_predictor`` (its TTA is
+    recorded in the summary, as are the images tested)."""
+    summary = evaluate_items(whole_image(predictor), items, car_thresholds)
+    summary["tta"] = test_tta(test)
     return summary
 
 
@@ -97,6 +82,7 @@ def evaluate_items(predict: PredictFn, items: list[Item], car_thresholds=(0.05, 
         per_bin[names[int(route(car, car_thresholds))]].add(*cm_args)
     summary = meter.summary()
     summary["car_bins"] = {name: m.summary() for name, m in per_bin.items() if m.matrices}
+    summary["files"] = [item.id for item in items]
     summary["definition"] = METRIC_DEFINITION
     return summary
 

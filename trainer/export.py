@@ -16,7 +16,7 @@ from geochange.engine.package import load_package, read_tensors, write_package
 from geochange.engine.zoo import INDEX, ZOO, sha256, zoo_index
 from geochange.trainer.config import ConfigError
 from geochange.trainer.data import build_splits
-from geochange.trainer.evaluation import predictor_for, test_predictions
+from geochange.trainer.evaluation import test_predictions, test_predictor
 
 # fp16 weights may move a test figure by rounding; more than this and the package is not exported.
 FP16_TOLERANCE = 0.002
@@ -28,7 +28,7 @@ def check_figures(package, cfg: dict) -> dict:
     """F1 on every tenth test tile, tested as the run was: a check quick enough for every test run that
     the shipped weights still give what they gave."""
     items = build_splits(cfg["data"]["datasets"])["test"][::CHECK_EVERY]
-    summary = test_predictions(predictor_for(package.model, package.manifest, "cpu"), items, cfg["test"],
+    summary = test_predictions(test_predictor(package, "cpu", cfg["test"]), items, cfg["test"],
                                cfg["train"]["car_thresholds"])
     return {"tiles": [item.id for item in items], "f1": summary["global"]["f1"]}
 
@@ -46,6 +46,8 @@ def export_run(run_dir: str | Path, name: str, *, task: str, data_licence: str, 
     package = load_package(run / "best.safetensors")
     manifest = package.manifest
     manifest["task"] = task
+    # Runs made before packages recorded their tile: the crop they were trained on.
+    manifest.setdefault("tile", manifest["training"]["config"]["augment"]["crop"]["size"])
     manifest["licence"] = f"weights: this project's; data: {data_licence}"
     tensors = {k: v.half() if v.dtype == torch.float32 else v for k, v in read_tensors(run / "best.safetensors").items()}
     path = zoo / f"{name}.safetensors"
@@ -53,7 +55,7 @@ def export_run(run_dir: str | Path, name: str, *, task: str, data_licence: str, 
     try:
         half = load_package(trial)
         cfg = manifest["training"]["config"]
-        measured = test_predictions(predictor_for(half.model, half.manifest, "cpu"),
+        measured = test_predictions(test_predictor(half, "cpu", cfg["test"]),
                                     build_splits(cfg["data"]["datasets"])["test"], cfg["test"],
                                     cfg["train"]["car_thresholds"])
         moved = {k: measured["global"][k] - tested["global"][k] for k in CHECKED}

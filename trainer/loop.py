@@ -43,7 +43,7 @@ from geochange.engine.predict import resolve_device
 from geochange.trainer.augment import Augment
 from geochange.trainer.config import ConfigError
 from geochange.trainer.data import SPLITS, TrainStream, build_splits, train_loader
-from geochange.trainer.evaluation import evaluate_items, predictor_for, test_predictions, whole_image
+from geochange.trainer.evaluation import evaluate_items, predictor_for, test_predictions, test_predictor, whole_image
 from geochange.trainer.losses import distillation_logits, distillation_loss, training_losses
 from geochange.trainer.optim import build_optimizer, set_learning_rate
 
@@ -268,8 +268,9 @@ class Trainer:
                     "metrics": metrics, "config": self.cfg, "precision": self.precision, "recipe": self.recipe}
         if self.teacher is not None:
             training["distill_weight"] = self.distill_weight
+        # The window it sees in training: detect uses it unless told otherwise.
         return make_manifest(self.cfg["model"]["architecture"], self.cfg["model"]["kwargs"],
-                             inputs=self.inputs, training=training,
+                             inputs=self.inputs, tile=self.cfg["augment"]["crop"]["size"], training=training,
                              source=f"geochange trainer, run {self.cfg['name']}")
 
     # -- one step --
@@ -415,7 +416,7 @@ class Trainer:
             results = {"best_iteration": self.best["iteration"],
                        "val": package.manifest["training"]["metrics"].get("val"), "test": None}
             if self.splits["test"]:
-                results["test"] = test_predictions(predictor_for(package.model, package.manifest, self.device),
+                results["test"] = test_predictions(test_predictor(package, self.device, self.cfg["test"]),
                                                    self.splits["test"], self.cfg["test"],
                                                    self.cfg["train"]["car_thresholds"])
                 manifest = package.manifest

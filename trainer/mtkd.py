@@ -39,11 +39,10 @@ import torch
 from geochange.engine.atomic import atomic_path
 from geochange.engine.zoo import sha256
 from geochange.engine.package import load_package
-from geochange.engine.predict import Predictor
-from geochange.engine.router import RouterPredictor, load_router, route, save_router
+from geochange.engine.router import load_router, route, save_router
 from geochange.trainer.config import ConfigError, derive
 from geochange.trainer.data import build_splits, change_area_ratio
-from geochange.trainer.evaluation import test_predictions
+from geochange.trainer.evaluation import test_predictions, test_predictor
 from geochange.trainer.losses import teacher_logits
 from geochange.trainer.loop import Trainer
 
@@ -266,7 +265,7 @@ class Pipeline:
                            [(n, members[n]) for n in self.names], self.thresholds)
         results = {"router": str(path), "test": None}
         if self.splits["test"]:
-            predictor = RouterPredictor(load_router(path), lambda package: Predictor(package, self.cfg["device"]))
+            predictor = test_predictor(load_router(path), self.cfg["device"], self.cfg["test"])
             results["test"] = test_predictions(predictor, self.splits["test"], self.cfg["test"],
                                                self.cfg["train"]["car_thresholds"])
             results["test"]["routed"] = dict(zip(self.names, predictor.routed.tolist()))

@@ -230,26 +230,29 @@ def o2sp_self_distillation_loss(features: dict, weight: float = 1e-4) -> torch.T
 
 class MiTMoEEncoder(nn.Module):
     """MiT with a mixture of experts after each stage; returns the four mixed feature maps and the sum
-    of the stages' balancing losses (the authors' sum over stages and paths)."""
+    of the stages' balancing losses (the authors' sum over stages and paths). ``moe=False`` leaves the
+    mixtures out: the plain siamese MiT of the paper's ablation (Table II), with a balancing loss of 0."""
 
     def __init__(self, variant: str, in_chans: int = 3, drop_path_rate: float = 0.1,
-                 num_experts: int = 4, top_k: int = 2):
+                 num_experts: int = 4, top_k: int = 2, moe: bool = True):
         super().__init__()
         # PVT-v2 defaults to MLP ratios (8, 8, 4, 4); MiT has 4 in every stage.
         self.backbone = timm.create_model(variant, pretrained=False, in_chans=in_chans, num_classes=0,
                                           mlp_ratios=4, drop_path_rate=drop_path_rate)
         self.widths = tuple(info["num_chs"] for info in self.backbone.feature_info)
         self.moe = nn.ModuleList(MixtureOfExperts(c, num_experts, top_k, every_expert_on_gpu=True)
-                                 for c in self.widths)
+                                 for c in self.widths) if moe else None
 
     def forward(self, x: torch.Tensor, branches: int = 1) -> tuple[list[torch.Tensor], torch.Tensor]:
         x = self.backbone.patch_embed(x)
-        features, losses = [], []
-        for stage, moe in zip(self.backbone.stages, self.moe):
-            x, loss = moe(stage(x).permute(0, 2, 3, 1), branches)
-            x = x.permute(0, 3, 1, 2)
+        features, losses = [], [x.new_zeros((), dtype=torch.float32)]
+        for i, stage in enumerate(self.backbone.stages):
+            x = stage(x)
+            if self.moe is not None:
+                x, loss = self.moe[i](x.permute(0, 2, 3, 1), branches)
+                x = x.permute(0, 3, 1, 2)
+                losses.append(loss)
             features.append(x)
-            losses.append(loss)
         return features, torch.stack(losses).sum()
 
     def load_backbone_weights(self, path: str | Path) -> dict:
@@ -466,8 +469,8 @@ def _paper(params_m: float, gflops: float, accuracy: str) -> dict:
 
 
 def _mit(variant: str, in_chans: int, head: str, drop_path_rate: float, num_experts: int,
-         top_k: int) -> M2CD:
-    return M2CD(MiTMoEEncoder(variant, in_chans, drop_path_rate, num_experts, top_k), head)
+         top_k: int, moe: bool) -> M2CD:
+    return M2CD(MiTMoEEncoder(variant, in_chans, drop_path_rate, num_experts, top_k, moe), head)
 
 
 def _convnext(variant: str, in_chans: int, head: str, drop_path_rate: float, num_experts: int,
@@ -480,16 +483,16 @@ def _convnext(variant: str, in_chans: int, head: str, drop_path_rate: float, num
           paper=_paper(6.989, 6.372, "CAU-Flood mIoU 84.35, mF1 91.14, OA 95.68"),
           description="M2CD, MiT-b0: MoE after each stage (4 experts, top-2), O2SP training")
 def m2cd_mit_b0(in_chans: int = 3, head: str = "segformer", drop_path_rate: float = 0.1,
-                num_experts: int = 4, top_k: int = 2) -> M2CD:
-    return _mit("pvt_v2_b0", in_chans, head, drop_path_rate, num_experts, top_k)
+                num_experts: int = 4, top_k: int = 2, moe: bool = True) -> M2CD:
+    return _mit("pvt_v2_b0", in_chans, head, drop_path_rate, num_experts, top_k, moe)
 
 
 @register("m2cd_mit_b1", activation="softmax", inputs=_INPUTS,
           paper=_paper(26.481, 11.638, "CAU-Flood mIoU 85.66, mF1 91.96, OA 96.19"),
           description="M2CD, MiT-b1: MoE after each stage (4 experts, top-2), O2SP training")
 def m2cd_mit_b1(in_chans: int = 3, head: str = "segformer", drop_path_rate: float = 0.1,
-                num_experts: int = 4, top_k: int = 2) -> M2CD:
-    return _mit("pvt_v2_b1", in_chans, head, drop_path_rate, num_experts, top_k)
+                num_experts: int = 4, top_k: int = 2, moe: bool = True) -> M2CD:
+    return _mit("pvt_v2_b1", in_chans, head, drop_path_rate, num_experts, top_k, moe)
 
 
 @register("m2cd_convnext_t", activation="softmax", inputs=_INPUTS,
