@@ -95,7 +95,8 @@ def _child(job: dict) -> dict:
     from geochange.engine.inference import prepare, stream_rows, write_outputs
     from geochange.engine.inputs import optical_input
     from geochange.engine.models import create
-    from geochange.engine.package import ModelPackage, load_package, make_manifest
+    from geochange.engine.manifest import make_manifest
+    from geochange.engine.package import ModelPackage, load_package
 
     torch.manual_seed(0)
     torch.set_num_threads(job["threads"])

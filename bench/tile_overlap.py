@@ -24,7 +24,8 @@ from geochange.engine.hardware import cpu_name
 from geochange.engine.importers import import_weights
 from geochange.engine.inference import detect
 from geochange.engine.metrics import ConfusionMeter
-from geochange.engine.package import load_model
+from geochange.engine.package import load_package
+from geochange.engine.rasters import read_image
 from geochange.engine.zoo import zoo_index
 
 SHARED = Path(os.environ.get("GEOCHANGE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -33,8 +34,7 @@ SETTINGS = [(256, 0), (256, 32), (256, 64), (256, 128), (512, 0), (512, 64), (10
 
 def georeferenced(png: Path, folder: Path) -> Path:
     """A PNG of the flood set written as a GeoTIFF (same pixels, an arbitrary UTM placement), as detect wants."""
-    with rasterio.open(png) as src:
-        pixels = src.read()
+    pixels = read_image(png)
     out = folder / f"{png.parent.name}_{png.stem}.tif"
     with rasterio.open(out, "w", driver="GTiff", width=pixels.shape[2], height=pixels.shape[1], count=len(pixels),
                        dtype=pixels.dtype, crs="EPSG:32630", transform=from_origin(500000, 5700000, 1, 1)) as dst:
@@ -74,7 +74,7 @@ def main() -> None:
                  "| model | data | " + " | ".join(f"{t}/{o}" for t, o in SETTINGS) + " |",
                  "|---|---|" + "---|" * len(SETTINGS)]
         for label, model, data, pairs in cases:
-            package = load_model(model)
+            package = load_package(model)
             scores = [f1(package, pairs, t, o, work) for t, o in SETTINGS]
             lines.append(f"| {label} | {data} | " + " | ".join(f"{s:.4f}" for s in scores) + " |")
             print(lines[-1], flush=True)

@@ -63,8 +63,8 @@ def _cmd_import(args) -> int:
 
 
 def _cmd_info(args) -> int:
-    from geochange.engine.package import PackageError, read_metadata
-    from geochange.engine.router import describe_model
+    from geochange.engine.errors import PackageError
+    from geochange.engine.package import describe_model, read_metadata
     from geochange.engine.zoo import resolve_model
 
     model = resolve_model(args.model)

@@ -25,6 +25,10 @@ class OptionError(GeoChangeError, ValueError):
     """An option's value cannot be used (a tile size, an overlap)."""
 
 
+class PackageError(GeoChangeError, ValueError):
+    """A file is not a usable GeoChange package (model or router); the message says why."""
+
+
 class OutputError(GeoChangeError, OSError):
     """An output cannot be written (a folder that cannot be made or written in, a file in the way, a full disk)."""
 

@@ -15,7 +15,8 @@ import torch
 
 from geochange.engine import models
 from geochange.engine.errors import GeoChangeError
-from geochange.engine.package import make_manifest, save_package
+from geochange.engine.manifest import make_manifest
+from geochange.engine.package import save_package
 
 
 class WeightsImportError(GeoChangeError, ValueError):

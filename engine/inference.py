@@ -23,11 +23,11 @@ from geochange.engine.errors import OptionError, RasterError
 from geochange.engine.grid import Grid, GridReader, common_grid
 from geochange.engine.inputs import model_channels
 from geochange.engine.outputs import BLOCK, ChangeWriter
-from geochange.engine.package import ModelPackage
+from geochange.engine.package import ModelPackage, RouterPackage, load_model
 from geochange.engine.predict import Predictor, model_tta
 from geochange.engine.progress import Progress
 from geochange.engine.rasters import bound_gdal_cache, open_raster, select_bands, valid_mask
-from geochange.engine.router import RouterPackage, RouterPredictor, load_model
+from geochange.engine.routing import RouterPredictor
 from geochange.engine.windows import WindowPlan, blend_weights
 
 # read(window) -> (pre raw, post raw, valid) arrays of one window; must be thread-safe.
@@ -87,9 +87,8 @@ def default_readers(predictor) -> int:
     """Reader threads beside this model (0: read, and write, in the model's thread)."""
     # Up to four reader threads keep a GPU fed. Beside a CPU model none: its threads take every
     # core, and a reader holding one stalls each parallel region of the model until it lets go,
-    # so the reading costs the model more than it would cost done between batches (measured at
-    # 4096² on 2 cores, reading and writing in threads at nice 10 against in the main thread,
-    # fastest of 3: model time +2.4 s for TinyCD, +4.0 s for M2CD-MiT-b0; wall +4 % and +7 %).
+    # so the reading costs the model more than it would cost done between batches (figures in
+    # bench/results.md).
     return 0 if _on_cpu(predictor) else min(4, os.cpu_count() or 1)
 
 

@@ -47,7 +47,7 @@ def _halve(levels: np.ndarray, average: bool) -> np.ndarray:
 class StagedRaster:
     """A one-band tiled GeoTIFF written band of rows by band of rows, top to bottom, whose internal
     overviews are filled as the rows arrive, so that the COG copy at the end only copies: GDAL would
-    read the whole raster again to build them (0.3 s of a 0.5 s copy at 4096²). Each level halves the
+    read the whole raster again to build them. Each level halves the
     one below; ``average`` levels are the mean of the valid pixels under them, others take the top-left
     pixel: GDAL's AVERAGE and NEAREST where the sides halve evenly. (Where a side is odd, its last
     pixel stands alone here; GDAL spreads the overview's pixels over it, at most one pixel apart. Where
@@ -143,8 +143,7 @@ class ChangeWriter:
             # Exclusive: a second run into the same folders is refused, and a killed run's temporaries go.
             self._outputs = self._stack.enter_context(AtomicOutputs(exclusive=True))
             # The probability is staged uncompressed (its low bits are noise, which no codec shrinks
-            # much) and copied with ZSTD level 1, the size of DEFLATE level 1 in half its time (16384²
-            # TinyCD: 1136 MB in 8.7 s against 1143 MB in 17.6 s). The mask compresses well.
+            # much) and copied with ZSTD level 1: DEFLATE level 1's size, faster. The mask compresses well.
             self._prob = self._stage(probability, "float32", PROBABILITY_NODATA, compress="NONE", average=True,
                                      cog_options={"COMPRESS": "ZSTD", "PREDICTOR": 3, "LEVEL": 1})
             self._mask = self._stage(mask, "uint8", MASK_NODATA, compress="ZSTD", average=False,

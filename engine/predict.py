@@ -14,9 +14,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from geochange.engine.errors import GeoChangeError, OptionError
+from geochange.engine.errors import GeoChangeError, OptionError, PackageError
 from geochange.engine.inputs import normalise
-from geochange.engine.package import ModelPackage, PackageError, is_number
+from geochange.engine.manifest import is_number
+from geochange.engine.package import ModelPackage
 
 # Every registered backbone reduces by at most 32; inputs are padded to a multiple of it.
 SIZE_MULTIPLE = 32
@@ -48,10 +49,9 @@ def keep_freed_memory() -> None:
     """Let glibc keep large freed blocks in the process instead of returning them to the OS.
 
     A CPU forward allocates activations of hundreds of MB; by default glibc serves each from a fresh
-    ``mmap`` and unmaps it on free, so every batch page-faults its memory in again: measured 4-5x
-    slower for TinyCD on 512 px tiles, most of it system time. Any finite threshold leaves some model
-    paging: M2CD-MiT-b0's head concatenates 1 GiB for 4 windows of 512 px (262,144 faults, 0.3-0.8 s
-    of a 1.1 s batch) and a 2 GiB trim threshold let glibc trim it again. So both thresholds are set
+    ``mmap`` and unmaps it on free, so every batch page-faults its memory in again, mostly as system
+    time. Any finite threshold leaves some model paging: M2CD-MiT-b0's head concatenates 1 GiB for 4
+    windows of 512 px, and a 2 GiB trim threshold let glibc trim it again. So both thresholds are set
     to "never" (process-wide, once): memory is reused from the heap; RSS stays at its peak.
     """
     if not sys.platform.startswith("linux"):
@@ -163,8 +163,7 @@ class Predictor:
         """``_probability`` through a CUDA graph captured once per input shape.
 
         Small models launch hundreds of short kernels a batch, and each launch takes Python's GIL
-        back from the reader and writer threads; one graph replay is one launch. Measured on an
-        H100, TinyCD, a batch of four 512 px windows: 18.8 ms eager, 14.5 ms replayed, alone. Models
+        back from the reader and writer threads; one graph replay is one launch. Models
         that synchronise with the host (M2CD-ConvNeXt's expert routing sizes its groups on the CPU)
         cannot be captured and run eagerly.
         """

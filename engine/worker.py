@@ -92,7 +92,7 @@ def json_progress(emit):
 
 def run_detect(args: dict, emit) -> dict:
     from geochange.engine.inference import detect
-    from geochange.engine.router import describe_model
+    from geochange.engine.package import describe_model
 
     args = dict(args)
     emit(log=f"model {Path(args['model']).name}:\n{describe_model(args['model'])['text']}")
@@ -112,8 +112,7 @@ def run_vectorize(args: dict, emit) -> dict:
 
 def run_evaluate(args: dict, emit) -> dict:
     from geochange.engine.evaluate import evaluate_folder
-    from geochange.engine.package import load_package
-    from geochange.engine.router import describe_model
+    from geochange.engine.package import describe_model, load_package
 
     args = dict(args)
     model = args.pop("model")
@@ -123,7 +122,7 @@ def run_evaluate(args: dict, emit) -> dict:
 
 
 def run_info(args: dict, emit) -> dict:
-    from geochange.engine.router import describe_model
+    from geochange.engine.package import describe_model
 
     return describe_model(args["model"])
 

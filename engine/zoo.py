@@ -11,6 +11,8 @@ import json
 import os
 from pathlib import Path
 
+from geochange.engine.errors import PackageError
+
 ZOO = Path(__file__).resolve().parents[1] / "zoo"
 INDEX = "index.json"
 
@@ -31,8 +33,6 @@ def sha256(path: Path) -> str:
 
 def zoo_path(name: str, zoo: Path = ZOO) -> Path:
     """The package of zoo model ``name``, checked against its recorded size and sha256."""
-    from geochange.engine.package import PackageError  # which imports this module
-
     index = zoo_index(zoo)
     if name not in index:
         raise PackageError(f"{name}: no zoo model of this name (the zoo has: {', '.join(index) or 'none'})")
@@ -45,8 +45,6 @@ def zoo_path(name: str, zoo: Path = ZOO) -> Path:
 
 def resolve_model(model: str | os.PathLike) -> Path:
     """A model given as a file, or as the name of a zoo model (a file of that name wins)."""
-    from geochange.engine.package import PackageError  # which imports this module
-
     path = Path(model)
     if path.exists():
         return path
@@ -85,7 +83,7 @@ def describe_zoo(zoo: Path = ZOO) -> list[dict]:
 
 def format_zoo(entries: list[dict]) -> str:
     """``describe_zoo``'s entries as text; control characters from manifests shown escaped."""
-    from geochange.engine.package import printable
+    from geochange.engine.manifest import printable
 
     if not entries:
         return f"the zoo is empty ({ZOO})"

@@ -13,9 +13,10 @@ from rasterio.transform import from_origin
 
 from geochange.engine.errors import Cancelled, GeoChangeError, RasterError
 from geochange.engine.inference import detect, prepare, stream_rows, write_outputs
+from geochange.engine.manifest import make_manifest
 from geochange.engine.metrics import confusion, scores
 from geochange.engine.models import create
-from geochange.engine.package import make_manifest, save_package
+from geochange.engine.package import save_package
 from geochange.engine.progress import Progress
 from geochange.engine.outputs import MASK_NODATA, PROBABILITY_NODATA
 

@@ -12,10 +12,11 @@ from geochange.engine.errors import GeoChangeError
 from geochange.engine.grid import common_grid
 from geochange.engine.inference import detect, prepare
 from geochange.engine.inputs import optical_input, sar_input
+from geochange.engine.manifest import make_manifest
 from geochange.engine.metrics import confusion, scores
 from geochange.engine.models import create
 from geochange.engine.outputs import MASK_NODATA
-from geochange.engine.package import load_package, make_manifest, save_package
+from geochange.engine.package import load_package, save_package
 from geochange.engine.predict import Predictor
 
 

@@ -19,8 +19,9 @@ from geochange.engine.errors import OptionError
 from geochange.engine.evaluate import evaluate_folder
 from geochange.engine.grid import common_grid
 from geochange.engine.inference import PairReader, prepare
+from geochange.engine.manifest import make_manifest
 from geochange.engine.models import create
-from geochange.engine.package import load_package, make_manifest, save_package
+from geochange.engine.package import load_package, save_package
 from geochange.engine.progress import Progress
 from geochange.engine.windows import WindowPlan
 

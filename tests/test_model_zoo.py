@@ -8,8 +8,9 @@ import rasterio
 import torch
 from rasterio.windows import Window
 
+from geochange.engine.manifest import make_manifest
 from geochange.engine.models import create, list_models, spec
-from geochange.engine.package import load_package, make_manifest, save_package
+from geochange.engine.package import load_package, save_package
 
 VARIANTS = list_models()
 

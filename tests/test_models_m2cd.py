@@ -1,4 +1,5 @@
-"""M2CD: published sizes, the MoE gate and its balancing loss, O2SP, forward contracts, backbone weights."""
+"""M2CD: published sizes, its mixtures' GPU path, the O2SP path, forward contracts, backbone weights (the
+mixture of experts itself: test_models_moe.py)."""
 from __future__ import annotations
 
 import pytest
@@ -6,9 +7,10 @@ import timm
 import torch
 
 from geochange.engine.models import create, spec
-from geochange.engine.models.m2cd import (ConvNeXtMoEBlock, MixtureOfExperts, load_balancing_loss,
-                                          o2sp_self_distillation_loss, simulate_sar_speckle)
+from geochange.engine.models.m2cd import ConvNeXtMoEBlock
+from geochange.engine.models.moe import MixtureOfExperts
 from geochange.engine.models.stats import count_gflops, count_params
+from geochange.trainer.losses import o2sp_self_distillation_loss, simulate_sar_speckle
 
 MIT = ("m2cd_mit_b0", "m2cd_mit_b1")
 CONVNEXT = ("m2cd_convnext_t", "m2cd_convnext_s", "m2cd_convnext_b")
@@ -96,81 +98,14 @@ def test_registry_entries():
 
 # --- Mixture of experts ---------------------------------------------------------------------------
 
-def test_gate_selects_exactly_k_experts_with_gates_summing_to_one():
-    torch.manual_seed(0)
-    moe = MixtureOfExperts(16, num_experts=4, top_k=2)
-    x = torch.randn(500, 16)
-    for training in (True, False):
-        moe.train(training)
-        routing = moe.route(x)
-        assert ((routing.gates > 0).sum(dim=1) == 2).all()
-        torch.testing.assert_close(routing.gates.sum(dim=1), torch.ones(500))
-        assert torch.equal(routing.gates.gather(1, routing.indices), routing.weights)
-
-
-def test_eval_routing_is_clean_and_training_routing_is_noisy():
-    torch.manual_seed(0)
-    moe = MixtureOfExperts(16, num_experts=4, top_k=2)
-    with torch.no_grad():
-        moe.noise.fill_(1.0)  # a visible noise level (it starts at the 0.01 floor)
-    x = torch.randn(500, 16)
-    moe.eval()
-    first, second = moe.route(x), moe.route(x)
-    assert torch.equal(first.gates, second.gates)
-    clean = moe.gate(x)
-    expected = torch.zeros_like(clean).scatter(1, clean.topk(2, dim=1).indices,
-                                               clean.topk(2, dim=1).values.softmax(dim=1))
-    torch.testing.assert_close(first.gates, expected)
-    moe.train()
-    assert not torch.equal(moe.route(x).gates, moe.route(x).gates)
-
-
-def test_balancing_loss_is_zero_for_uniform_routing_and_positive_otherwise():
-    uniform = torch.full((4,), 10.0)
-    assert load_balancing_loss(uniform, uniform) == 0
-    skewed = torch.tensor([20.0, 10.0, 5.0, 5.0])
-    assert load_balancing_loss(skewed, uniform) > 0
-    assert load_balancing_loss(uniform, skewed) > 0
-    # Per branch, summed: one unbalanced branch is enough.
-    assert load_balancing_loss(torch.stack([uniform, skewed]), torch.stack([uniform, uniform])) > 0
-
-    # Through the module: expert e looks along axis e; a token between two axes goes to those two
-    # experts with gates 1/2 each. Every pair equally often: every expert gets the same share.
-    moe = MixtureOfExperts(8, num_experts=4, top_k=2).eval()
-    with torch.no_grad():
-        moe.gate.projection.weight.copy_(torch.eye(4, 8))
-        moe.gate.projection.bias.zero_()
-        moe.gate.embeddings.copy_(torch.eye(4))
-    pairs = [(a, b) for a in range(4) for b in range(a + 1, 4)]
-    tokens = torch.zeros(len(pairs), 8)
-    for t, (a, b) in enumerate(pairs):
-        tokens[t, a] = tokens[t, b] = 1.0
-    _, balanced = moe(tokens)
-    assert balanced.abs() < 1e-6
-    _, unbalanced = moe(tokens[:1].repeat(6, 1))  # all tokens to experts 0 and 1
-    assert unbalanced > 0.01
-
-
-def test_mixture_output_is_the_gated_sum_of_the_chosen_experts():
-    torch.manual_seed(0)
-    moe = MixtureOfExperts(16, num_experts=4, top_k=2).eval()
-    x = torch.randn(2, 5, 7, 16)
-    y, _ = moe(x)
-    tokens = x.reshape(-1, 16)
-    routing = moe.route(tokens)
-    dense = torch.stack([expert(tokens) for expert in moe.experts], dim=1)  # (T, E, C)
-    expected = (routing.gates.unsqueeze(-1) * dense).sum(dim=1)
-    torch.testing.assert_close(y.reshape(-1, 16), expected)
-
-
-def test_every_expert_path_equals_the_routed_mixture_and_has_no_routing_dependent_shape(mit_models, monkeypatch):
+def test_every_expert_path_equals_the_sparse_mixture_and_has_no_gating_dependent_shape(mit_models, monkeypatch):
     from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
     torch.manual_seed(0)
     moe = MixtureOfExperts(16, num_experts=4, top_k=2).eval()
     tokens = torch.randn(300, 16)
     with torch.no_grad():
-        routing = moe.route(tokens)
+        routing = moe.gate_tokens(tokens)
         torch.testing.assert_close(moe._mix_all(tokens, routing), moe._mix(tokens, routing), rtol=1e-6, atol=1e-6)
         bias = moe.experts[0].fc2.bias.clone()
         moe.experts[0].fc2.bias.fill_(float("inf"))  # as an fp16 overflow: only its own tokens see it
@@ -185,8 +120,8 @@ def test_every_expert_path_equals_the_routed_mixture_and_has_no_routing_dependen
 
     with torch.no_grad():
         with pytest.raises(GuardOnDataDependentSymNode):
-            traced(lambda t: moe._mix(t, moe.route(t)))(tokens)
-        traced(lambda t: moe._mix_all(t, moe.route(t)))(tokens)
+            traced(lambda t: moe._mix(t, moe.gate_tokens(t)))(tokens)
+        traced(lambda t: moe._mix_all(t, moe.gate_tokens(t)))(tokens)
         # With every mixture on it, M2CD-MiT-b0 as a whole traces as one graph.
         monkeypatch.setattr(MixtureOfExperts, "_mix", MixtureOfExperts._mix_all)
         model, (pre, post) = mit_models["m2cd_mit_b0"].eval(), _pair(64)
@@ -195,39 +130,7 @@ def test_every_expert_path_equals_the_routed_mixture_and_has_no_routing_dependen
     assert not MixtureOfExperts(16).every_expert_on_gpu  # ConvNeXt's mixtures: sparse, eager
 
 
-def test_gradients_reach_every_expert_the_gate_and_the_temperature():
-    torch.manual_seed(0)
-    moe = MixtureOfExperts(16, num_experts=4, top_k=2).train()
-    y, balance = moe(torch.randn(4, 8, 8, 16), branches=2)
-    (y.square().mean() + balance).backward()
-    for name, p in moe.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
-    assert moe.gate.log_scale.grad.abs() > 0
-    assert moe.gate.embeddings.grad.abs().sum() > 0
-
-
 # --- O2SP -----------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("variance", [1, 20])
-def test_speckle_has_mean_one_and_the_requested_variance(variance):
-    ones = torch.ones(4, 1, 1000, 1000)
-    speckle = simulate_sar_speckle(ones, torch.Generator().manual_seed(variance), variance=variance)
-    assert abs(speckle.mean().item() - 1) < 0.01
-    assert abs(speckle.var().item() / variance - 1) < 0.05
-    assert (speckle >= 0).all()
-
-
-def test_speckle_variance_is_drawn_once_per_call_from_1_to_20():
-    x = torch.full((1, 3, 300, 300), 2.0)
-    a = simulate_sar_speckle(x, torch.Generator().manual_seed(1))
-    b = simulate_sar_speckle(x, torch.Generator().manual_seed(1))
-    assert torch.equal(a, b)
-    variances = set()
-    for seed in range(12):
-        noise = simulate_sar_speckle(torch.ones(1, 2, 500, 500), torch.Generator().manual_seed(seed))
-        variances.add(round(noise.var().item()))
-    assert len(variances) > 3 and min(variances) >= 1 and max(variances) <= 21
-
 
 def test_o2sp_training_forward_returns_the_three_paths_features(mit_models):
     model = mit_models["m2cd_mit_b0"].train()

@@ -1,13 +1,14 @@
-"""SSCFNet: the cross recombination, published sizes, forward contracts and the multiloss."""
+"""SSCFNet: the cross recombination, published sizes, forward contracts and that the multiloss (the
+trainer's, see test_trainer_losses.py) trains every head."""
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from geochange.engine.models import create, spec
-from geochange.engine.models.sscfnet import cross_recombine, sscf_multi_loss
+from geochange.engine.models.sscfnet import cross_recombine
 from geochange.engine.models.stats import count_gflops, count_params
+from geochange.trainer.losses import training_losses
 
 VARIANTS = ("sscfnet_r50", "sscfnet_rx50", "sscfnet_r101")
 # Table VI of the paper (256 x 256 input): params (M), GFLOPs (multiply-adds).
@@ -162,26 +163,13 @@ def test_in_chans():
         assert model(torch.rand(1, 4, 64, 96), torch.rand(1, 4, 64, 96)).shape == (1, 1, 64, 96)
 
 
-def test_multi_loss_weights():
-    torch.manual_seed(0)
-    target = (torch.rand(2, 32, 32) > 0.5).float()
-    main = torch.randn(2, 1, 32, 32)
-    aux = [torch.randn(2, 1, 32, 32) for _ in range(4)]
-    t = target.unsqueeze(1)
-    expected = F.binary_cross_entropy_with_logits(main, t) + 0.5 * sum(
-        F.binary_cross_entropy_with_logits(a, t) for a in aux)
-    assert torch.allclose(sscf_multi_loss({"logits": main, "aux": aux}, target), expected)
-    assert torch.allclose(sscf_multi_loss({"logits": main, "aux": aux}, t, aux_weight=0.0),
-                          F.binary_cross_entropy_with_logits(main, t))
-    assert torch.allclose(sscf_multi_loss(main, target), F.binary_cross_entropy_with_logits(main, t))
-
-
 def test_multi_loss_trains_every_head(models):
     model = models["sscfnet_r50"].train()
     try:
         model.zero_grad()
         out = model(torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64))
-        loss = sscf_multi_loss(out, (torch.rand(2, 64, 64) > 0.5).long())
+        terms = training_losses(out, (torch.rand(2, 64, 64) > 0.5).long(), {"ohem": None, "aux_weight": 0.5})
+        loss = terms["seg"] + terms["aux"]
         loss.backward()
     finally:
         model.eval()

@@ -6,9 +6,10 @@ import struct
 import pytest
 import torch
 
+from geochange.engine.errors import PackageError
+from geochange.engine.manifest import make_manifest
 from geochange.engine.models import create
-from geochange.engine.package import (PackageError, load_package, make_manifest, read_manifest,
-                                      save_package)
+from geochange.engine.package import load_package, read_manifest, save_package
 
 
 @pytest.fixture

@@ -17,12 +17,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from geochange.engine.cli import main
-from geochange.engine.errors import OptionError, RasterError
+from geochange.engine.errors import OptionError, PackageError, RasterError
+from geochange.engine.manifest import make_manifest
 from geochange.engine.models import create
-from geochange.engine.package import PackageError, load_package, make_manifest, save_package
+from geochange.engine.package import load_model, load_package, save_package, save_router
 from geochange.engine.predict import Predictor
 from geochange.engine.rasters import open_raster
-from geochange.engine.router import load_model, save_router
 
 
 def write(path, tensors: dict, manifest) -> str:

@@ -100,7 +100,7 @@ def test_provider_lists_the_algorithm(geochange_provider):
     assert {"PRE", "POST", "MODEL", "PRE_BANDS", "POST_BANDS", "DEVICE", "TILE_SIZE", "OVERLAP", "BATCH_SIZE",
             "THRESHOLD", "MIN_AREA", "SIMPLIFY", "OUTPUT_PROBABILITY", "OUTPUT_MASK", "OUTPUT_POLYGONS"} <= names
     defaults = {p.name(): p.defaultValue() for p in algorithm.parameterDefinitions()}
-    assert (defaults["TILE_SIZE"], defaults["OVERLAP"], defaults["BATCH_SIZE"]) == (512, 64, 4)
+    assert (defaults["TILE_SIZE"], defaults["OVERLAP"], defaults["BATCH_SIZE"]) == (None, 64, 4)  # no tile: the model's
     for optional in ("THRESHOLD", "PRE_BANDS", "POST_BANDS"):
         assert algorithm.parameterDefinition(optional).flags() & algorithm.parameterDefinition(optional).FlagOptional
     # Every parameter that is not an output passes through to the engine's detect(), and every option of
@@ -240,7 +240,7 @@ class Log(QgsProcessingFeedback):
 def test_a_router_package_runs_o_p_routing(crop_detection, tinycd_package, tmp_path):
     """An O-P router whose original model and teachers are all TinyCD: routing runs, and every window's
     prediction is a teacher's, i.e. the plain model's."""
-    from geochange.engine.router import save_router
+    from geochange.engine.package import save_router
 
     router = save_router(tmp_path / "router.safetensors", tinycd_package,
                          [("small", tinycd_package), ("large", tinycd_package)], [0.1])

@@ -5,11 +5,13 @@ import rasterio
 import torch
 from rasterio.windows import Window
 
+from geochange.engine.errors import PackageError
 from geochange.engine.inference import detect
+from geochange.engine.manifest import make_manifest
 from geochange.engine.models import create
-from geochange.engine.package import PackageError, load_package, make_manifest, read_manifest, save_package
+from geochange.engine.package import load_model, load_package, read_manifest, save_package, save_router
 from geochange.engine.predict import Predictor
-from geochange.engine.router import RouterPredictor, load_model, route, save_router
+from geochange.engine.routing import RouterPredictor, route
 
 
 def test_route_boundaries_follow_the_authors():

@@ -1,5 +1,5 @@
-"""Trainer losses: mmseg's OHEM and reduction, ignored pixels, SSCFNet's multi-loss as the engine defines
-it, and the logits MTKD compares."""
+"""Trainer losses: mmseg's OHEM and reduction, ignored pixels, SSCFNet's multi-loss, and the logits MTKD
+compares."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 from geochange.engine.models import create
-from geochange.engine.models.sscfnet import sscf_multi_loss
 from geochange.trainer.data import IGNORE
 from geochange.trainer.losses import (distillation_logits, distillation_loss, ohem_keep, pixel_loss, teacher_logits,
                                       training_losses)
@@ -57,13 +56,18 @@ def test_pixel_loss_reduction_and_ignore():
     assert torch.allclose(pixel_loss(one, target), F.binary_cross_entropy_with_logits(one[:, 0], target.float()))
 
 
-def test_sscfnet_multi_loss_equals_the_engine_s_definition():
+def test_sscfnet_terms_are_the_paper_s_multi_loss():
+    """Eq. 11: BCE on the main logits plus ``aux_weight`` x BCE on each auxiliary map."""
     torch.manual_seed(2)
     output = {"logits": torch.randn(2, 1, 16, 16), "aux": [torch.randn(2, 1, 16, 16) for _ in range(4)]}
     target = (torch.rand(2, 16, 16) < 0.4).long()
+    t = target.float().unsqueeze(1)
     terms = training_losses(output, target, LOSS)
     assert set(terms) == {"seg", "aux"}
-    assert torch.allclose(terms["seg"] + terms["aux"], sscf_multi_loss(output, target))
+    torch.testing.assert_close(terms["seg"], F.binary_cross_entropy_with_logits(output["logits"], t))
+    torch.testing.assert_close(terms["aux"], 0.5 * sum(F.binary_cross_entropy_with_logits(a, t)
+                                                       for a in output["aux"]))
+    assert set(training_losses(output["logits"], target, LOSS)) == {"seg"}  # an eval-mode output
 
 
 def test_distillation_compares_the_head_resolution_logits():

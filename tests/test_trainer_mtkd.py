@@ -10,9 +10,9 @@ import torch
 import torch.nn as nn
 
 from geochange.engine.models import create
-from geochange.engine.package import load_package, read_manifest, save_package
-from geochange.engine.router import load_router, route
-from geochange.trainer.data import change_area_ratio
+from geochange.engine.package import load_package, load_router, read_manifest, save_package
+from geochange.engine.routing import change_area_ratio, route
+from geochange.trainer.data import IGNORE
 from geochange.trainer.evaluation import predictor_for, whole_image
 from geochange.trainer.loop import Trainer
 from geochange.trainer.mtkd import Pipeline, TeacherRouter
@@ -45,7 +45,7 @@ def test_each_sample_gets_the_teacher_of_its_ground_truth_car():
     labels[1].view(-1)[:80] = 1  # CAR exactly 0.2 -> large
     labels[2].view(-1)[:19] = 1  # just under 0.05 -> small
     labels[3].view(-1)[:79] = 1  # just under 0.2 -> medium
-    assert change_area_ratio(labels)[:2].tolist() == [0.05, 0.2]
+    assert change_area_ratio(labels == 1, labels != IGNORE)[:2].tolist() == [0.05, 0.2]
     router = TeacherRouter([_Constant(0.0), _Constant(1.0), _Constant(2.0)], [0.05, 0.2])
     images = torch.zeros(4, 3, 20, 20)
     chosen = router(images, images, labels)[:, 0, 0, 0]
@@ -89,7 +89,8 @@ def test_partitions_by_ground_truth_car(pipeline):
     for name, bounds in (("small", (0, 0.05)), ("medium", (0.05, 0.2)), ("large", (0.2, 1.01))):
         assert parts["train"][name], name
         for item_id in parts["train"][name]:
-            assert bounds[0] <= float(change_area_ratio(train[item_id].load()[2])) < bounds[1]
+            label = train[item_id].load()[2]
+            assert bounds[0] <= float(change_area_ratio(label == 1, label != IGNORE)) < bounds[1]
     for name in ("small", "medium", "large"):
         manifest = read_manifest(pipeline.step_dir("teacher", name) / "best.safetensors")
         assert manifest["training"]["method"] == f"mtkd-teacher-{name}"

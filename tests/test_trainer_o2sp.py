@@ -1,11 +1,13 @@
 """M2CD training terms on real optical-SAR pairs: the MoE gate loss and the O2SP self-distillation loss
-are part of the total loss with non-zero gradients; with lambda = 0 the run is the plain run."""
+are part of the total loss with non-zero gradients; with lambda = 0 the run is the plain run. The
+simulated speckle of the O2SP path."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from geochange.trainer.loop import Trainer
+from geochange.trainer.losses import simulate_sar_speckle
 from trainer_setup import first_batch, gradients, small_config
 
 OPTICAL_SAR = {"data": {"optical_sar": True}}
@@ -63,3 +65,24 @@ def test_speckle_is_seeded_per_iteration(runs):
     assert o2sp_term(3) == o2sp_term(3)
     assert o2sp_term(3) != o2sp_term(4)
     trainer.iteration = 0
+
+
+@pytest.mark.parametrize("variance", [1, 20])
+def test_speckle_has_mean_one_and_the_requested_variance(variance):
+    ones = torch.ones(4, 1, 1000, 1000)
+    speckle = simulate_sar_speckle(ones, torch.Generator().manual_seed(variance), variance=variance)
+    assert abs(speckle.mean().item() - 1) < 0.01
+    assert abs(speckle.var().item() / variance - 1) < 0.05
+    assert (speckle >= 0).all()
+
+
+def test_speckle_variance_is_drawn_once_per_call_from_1_to_20():
+    x = torch.full((1, 3, 300, 300), 2.0)
+    a = simulate_sar_speckle(x, torch.Generator().manual_seed(1))
+    b = simulate_sar_speckle(x, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    variances = set()
+    for seed in range(12):
+        noise = simulate_sar_speckle(torch.ones(1, 2, 500, 500), torch.Generator().manual_seed(seed))
+        variances.add(round(noise.var().item()))
+    assert len(variances) > 3 and min(variances) >= 1 and max(variances) <= 21

@@ -9,7 +9,8 @@ import torch
 from safetensors import safe_open
 
 from geochange.engine.cli import main as geochange
-from geochange.engine.package import PackageError, load_package
+from geochange.engine.errors import PackageError
+from geochange.engine.package import load_package
 from geochange.engine.zoo import describe_zoo, format_zoo, zoo_index, zoo_path
 from geochange.trainer.config import ConfigError
 from geochange.trainer.data import build_splits

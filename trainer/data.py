@@ -37,7 +37,6 @@ from geochange.engine.errors import GeoChangeError
 from geochange.engine.evaluate import change_label, dataset_pairs
 from geochange.engine.inputs import normalise
 from geochange.engine.rasters import check_band_counts, open_raster, read_image
-from geochange.engine.router import change_area_ratio as engine_change_area_ratio
 from geochange.engine.windows import WindowPlan
 
 IGNORE = 255  # label value of pixels that no loss or metric sees (unlabelled, rotation padding)
@@ -101,16 +100,6 @@ def binary_label(raw: np.ndarray, where, ignore_value=None) -> np.ndarray:
     label = change.astype(np.uint8)
     label[~labelled] = IGNORE
     return label
-
-
-def change_area_ratio(label: np.ndarray | torch.Tensor):
-    """CAR: changed pixels over labelled pixels (:data:`IGNORE` left out), per sample over the last two axes.
-
-    The authors' training code divides by all pixels, counting rotation padding as change; the
-    labelled pixels are the denominator here, so padding moves no sample to another teacher.
-    """
-    label = torch.as_tensor(label)
-    return engine_change_area_ratio(label == 1, label != IGNORE)
 
 
 # --- Sources -------------------------------------------------------------------------------------

@@ -15,10 +15,10 @@ import torch
 
 from geochange.engine.evaluate import predict_image
 from geochange.engine.metrics import ConfusionMeter
-from geochange.engine.package import ModelPackage
+from geochange.engine.package import ModelPackage, RouterPackage
 from geochange.engine.predict import Predictor
-from geochange.engine.router import RouterPackage, RouterPredictor, route
-from geochange.trainer.data import IGNORE, Item, change_area_ratio
+from geochange.engine.routing import RouterPredictor, change_area_ratio, route
+from geochange.trainer.data import IGNORE, Item
 
 PredictFn = Callable[[np.ndarray, np.ndarray], np.ndarray]  # raw (bands, H, W) x 2 -> probability (H, W)
 
@@ -78,7 +78,7 @@ def evaluate_items(predict: PredictFn, items: list[Item], car_thresholds=(0.05, 
         valid = label != IGNORE
         cm_args = (prob > threshold, label == 1, valid)
         meter.add(*cm_args)
-        car = change_area_ratio(label)
+        car = change_area_ratio(label == 1, valid)
         per_bin[names[int(route(car, car_thresholds))]].add(*cm_args)
     summary = meter.summary()
     summary["car_bins"] = {name: m.summary() for name, m in per_bin.items() if m.matrices}

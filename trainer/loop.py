@@ -37,14 +37,14 @@ from tqdm import tqdm
 from geochange.engine import models
 from geochange.engine.atomic import atomic_path
 from geochange.engine.hardware import cpu_bf16, cpu_name
-from geochange.engine.models.m2cd import simulate_sar_speckle
-from geochange.engine.package import load_package, make_manifest, save_package
+from geochange.engine.manifest import make_manifest
+from geochange.engine.package import load_package, save_package
 from geochange.engine.predict import resolve_device
 from geochange.trainer.augment import Augment
 from geochange.trainer.config import ConfigError
 from geochange.trainer.data import SPLITS, TrainStream, build_splits, train_loader
 from geochange.trainer.evaluation import evaluate_items, predictor_for, test_predictions, test_predictor, whole_image
-from geochange.trainer.losses import distillation_logits, distillation_loss, training_losses
+from geochange.trainer.losses import distillation_logits, distillation_loss, simulate_sar_speckle, training_losses
 from geochange.trainer.optim import build_optimizer, set_learning_rate
 
 

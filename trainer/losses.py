@@ -1,17 +1,17 @@
-"""Training losses: pixel losses with ignored pixels and OHEM, the extra terms of M2CD and SSCFNet, and
-MTKD's distillation term.
+"""Training losses: pixel losses with ignored pixels and OHEM, the extra terms of M2CD (gate balancing,
+O2SP self-distillation on simulated SAR) and SSCFNet (auxiliary heads), and MTKD's distillation term.
 
 Pixel losses follow mmseg's default reduction (``avg_non_ignore=False``): the loss of the kept pixels
 summed, divided by all pixels of the batch, ignored and OHEM-dropped ones included. With no ignored pixel
-this is the plain mean, so SSCFNet's multi-loss equals ``engine.models.sscfnet.sscf_multi_loss``; the
-trainer's form also leaves out the label padding of rotations.
+this is the plain mean, so for SSCFNet the ``seg`` and ``aux`` terms sum to the paper's multi-loss
+(eq. 11: BCE on the main logits plus ``aux_weight`` times BCE on each auxiliary map); the trainer's
+form also leaves out the label padding of rotations.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from geochange.engine.models.m2cd import o2sp_self_distillation_loss
 from geochange.trainer.data import IGNORE
 
 
@@ -42,6 +42,33 @@ def pixel_loss(logits: torch.Tensor, target: torch.Tensor, ohem: dict | None = N
         per_pixel = F.cross_entropy(logits, classes, reduction="none")
         keep = valid if ohem is None else ohem_keep(logits, classes, valid, **ohem)
     return (per_pixel * keep).sum() / target.numel()
+
+
+def simulate_sar_speckle(x: torch.Tensor, generator: torch.Generator | None = None,
+                         variance: int | None = None) -> torch.Tensor:
+    """The input of M2CD's O2SP path: simulated SAR from an (already normalised) optical image, ``x``
+    times fully developed speckle, Gamma noise of mean 1 and variance ``v`` (shape 1/v, scale v), i.i.d.
+    per sample, channel and pixel.
+
+    ``v`` is drawn uniformly from the integers 1..20 once per call unless ``variance`` is given.
+    ``generator`` (on ``x``'s device) makes the draw reproducible.
+    """
+    if variance is None:
+        device = generator.device if generator is not None else "cpu"
+        variance = int(torch.randint(1, 21, (), generator=generator, device=device))
+    if variance <= 0:
+        raise ValueError(f"speckle variance must be positive, got {variance}")
+    concentration = torch.full(x.shape, 1.0 / variance, device=x.device, dtype=torch.float32)
+    # torch.distributions.Gamma samples with this op but takes no generator.
+    speckle = torch._standard_gamma(concentration, generator=generator) * variance
+    return x * speckle.to(x.dtype)
+
+
+def o2sp_self_distillation_loss(features: dict, weight: float = 1e-4) -> torch.Tensor:
+    """``weight * sum over levels of (L1(pre, o2sp) + L1(post, o2sp))`` (mean absolute difference, no
+    detach: both sides learn), from the ``features`` a training forward with ``o2sp=`` returns."""
+    return weight * sum(F.l1_loss(a, s) + F.l1_loss(b, s)
+                        for a, b, s in zip(features["pre"], features["post"], features["o2sp"]))
 
 
 def training_losses(output, target: torch.Tensor, cfg: dict) -> dict[str, torch.Tensor]:

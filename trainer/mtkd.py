@@ -7,6 +7,8 @@ the config's ``work_dir``:
 * ``partition`` -> ``partitions.json``: the training and validation items per CAR partition. With
   thresholds ``t1 < t2`` a sample with ground-truth CAR < t1 is small, < t2 medium, else large (one
   threshold: small / large). The same strict rule picks the teacher of a sample during distillation.
+  A label's CAR counts its labelled pixels only: the authors' training code divides by all pixels,
+  counting rotation padding as change; here padding moves no sample to another teacher.
 * ``original`` -> ``original/``: M_O, the config trained on all data.
 * ``teachers`` -> ``teacher_<name>/``: the config (with ``mtkd.teachers`` merged over it) trained on one
   partition from the same initialisation as M_O (same seed, same initial weights), validated on the
@@ -22,9 +24,9 @@ run reports, its partition's items, the sha256 of the packages it reads). A step
 what it would be made from now (other thresholds, another config, a retrained teacher) is stale: its
 outputs are removed and it is done again, from the start.
 
-The router package is the engine's (``engine.router``: M_O and the teachers in one ``.safetensors`` file,
-routed at inference by M_O's predicted CAR with <=, as the authors' test code does); ``geochange detect``
-runs it like any model.
+The router package is the engine's (``engine.package``: M_O and the teachers in one ``.safetensors`` file,
+routed at inference by M_O's predicted CAR with <=, as the authors' test code does: ``engine.routing``);
+``geochange detect`` runs it like any model.
 """
 from __future__ import annotations
 
@@ -38,10 +40,10 @@ import torch
 
 from geochange.engine.atomic import atomic_path
 from geochange.engine.zoo import sha256
-from geochange.engine.package import load_package
-from geochange.engine.router import load_router, route, save_router
+from geochange.engine.package import load_package, load_router, save_router
+from geochange.engine.routing import change_area_ratio, route
 from geochange.trainer.config import ConfigError, derive
-from geochange.trainer.data import build_splits, change_area_ratio
+from geochange.trainer.data import IGNORE, build_splits
 from geochange.trainer.evaluation import test_predictions, test_predictor
 from geochange.trainer.losses import teacher_logits
 from geochange.trainer.loop import Trainer
@@ -73,7 +75,7 @@ class TeacherRouter:
             self.device = pre.device
             for teacher in self.teachers:
                 teacher.to(self.device)
-        which = route(change_area_ratio(label), self.thresholds)
+        which = route(change_area_ratio(label == 1, label != IGNORE), self.thresholds)
         out = None
         for i, teacher in enumerate(self.teachers):
             index = (which == i).nonzero()[:, 0]
@@ -187,7 +189,8 @@ class Pipeline:
         for split in ("train", "val"):
             groups = {name: [] for name in self.names}
             for item in self.splits[split]:
-                car = change_area_ratio(item.load()[2])
+                label = item.load()[2]
+                car = change_area_ratio(label == 1, label != IGNORE)
                 groups[self.names[int(route(car, self.thresholds))]].append(item.id)
             out[split] = groups
         self.root.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ class ModelSpec:
     name: str
     factory: Callable[..., nn.Module]
     activation: str  # "sigmoid" (1 output channel) or "softmax" (2 channels)
-    inputs: tuple  # default input spec per date, see engine.package.default_inputs
+    inputs: tuple  # default input spec per date, see engine.manifest.make_manifest
     paper: dict = field(default_factory=dict)  # published params (M), GFLOPs, accuracy
     description: str = ""
     training_only: tuple = ()  # parameter-name prefixes used in training only (auxiliary heads)

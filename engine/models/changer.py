@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from . import register
 from .backbone_weights import load_backbone_weights
+from .heads import ConvBNReLU, classifier_conv, resize
 from ..inputs import optical_input
 
 
@@ -85,12 +86,6 @@ class InteractiveMiT(nn.Module):
         return levels
 
 
-class ConvBNReLU(nn.Sequential):
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__(nn.Conv2d(in_channels, out_channels, 1, bias=False),
-                         nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
-
-
 class LevelFusion(nn.Module):
     """Project each level to ``channels``, resize to the finest level, concatenate, reduce to half."""
 
@@ -101,8 +96,7 @@ class LevelFusion(nn.Module):
 
     def forward(self, levels: list[torch.Tensor]) -> torch.Tensor:
         size = levels[0].shape[-2:]
-        projected = [F.interpolate(proj(x), size=size, mode="bilinear", align_corners=False)
-                     for proj, x in zip(self.projections, levels)]
+        projected = [resize(proj(x), size) for proj, x in zip(self.projections, levels)]
         return self.fuse(torch.cat(projected, dim=1))
 
 
@@ -165,9 +159,7 @@ class ChangerHead(nn.Module):
         self.align = FlowDualAlignment(channels // 2)
         self.refine = ConvMixFFN(channels, channels)
         self.dropout = nn.Dropout2d(dropout)
-        self.classifier = nn.Conv2d(channels, num_classes, 1)
-        nn.init.normal_(self.classifier.weight, std=0.01)  # mmseg's init of the last conv
-        nn.init.zeros_(self.classifier.bias)
+        self.classifier = classifier_conv(channels, num_classes)
 
     def forward(self, levels: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         # Each date goes through the fusion on its own, so BatchNorm sees per-date statistics in training.
@@ -191,7 +183,7 @@ class ChangerEx(nn.Module):
 
     def forward(self, pre: torch.Tensor, post: torch.Tensor):
         lowres = self.head(self.backbone(pre, post))
-        logits = F.interpolate(lowres, size=pre.shape[-2:], mode="bilinear", align_corners=False)
+        logits = resize(lowres, pre.shape[-2:])
         if self.training:
             return {"logits": logits, "logits_lowres": lowres}
         return logits

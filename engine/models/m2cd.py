@@ -5,14 +5,14 @@ Structure as in the authors' code (circleLZY/M2CD):
 
 * one backbone shared by both dates: MiT-b0 / b1 (timm ``pvt_v2_b0`` / ``pvt_v2_b1`` with MiT's MLP
   ratio 4, which makes them MiT parameter for parameter) or ConvNeXt-T / S / B;
-* MiT: one :class:`MixtureOfExperts` after each stage, whose output replaces the stage's output (no
+* MiT: one mixture of experts (``moe``) after each stage, whose output replaces the stage's output (no
   residual, no norm) and feeds the next stage; ConvNeXt: mixtures in place of the MLP of selected blocks;
 * the two dates' features concatenated channel-wise at every level, then a SegFormer (default), UPerNet or
-  FCN head giving 2 logits (no change, change), upsampled to the input size;
-* in training, O2SP: the pre-event image with simulated speckle (:func:`simulate_sar_speckle`) as a third
-  path through the same backbone, whose features the two dates' features are pulled towards
-  (:func:`o2sp_self_distillation_loss`). The authors use it with MiT only; the ConvNeXt variants accept
-  it too.
+  FCN head (``heads``) giving 2 logits (no change, change), upsampled to the input size;
+* in training, O2SP: the pre-event image with simulated speckle as a third path through the same
+  backbone, whose features the two dates' features are pulled towards (the trainer's
+  ``simulate_sar_speckle`` and ``o2sp_self_distillation_loss``). The authors use it with MiT only; the
+  ConvNeXt variants accept it too.
 
 Published sizes (Table I): the MiT figures are this implementation's to the thousandth. The ConvNeXt
 figures count, in every MoE block, the dense MLP that the authors' block still builds but never calls
@@ -20,210 +20,19 @@ figures count, in every MoE block, the dense MLP that the authors' block still b
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
-from typing import NamedTuple
 
 import timm
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.models.convnext import ConvNeXtBlock
 from timm.layers import LayerNorm2d
 
 from . import register
 from .backbone_weights import load_backbone_weights
+from .heads import HEADS, resize
+from .moe import MixtureOfExperts
 from ..inputs import optical_input, sar_input
-
-
-# --- Mixture of experts ---------------------------------------------------------------------------
-
-class CosineTopKGate(nn.Module):
-    """Routing logits: cosine similarity between a projection of each token and one learned embedding
-    per expert, scaled by a learned temperature."""
-
-    def __init__(self, channels: int, num_experts: int, init_temperature: float = 0.5,
-                 max_scale: float = 100.0):
-        super().__init__()
-        proj_dim = min(channels // 2, 256)
-        self.projection = nn.Linear(channels, proj_dim)
-        self.embeddings = nn.Parameter(torch.empty(proj_dim, num_experts).normal_(0.0, 0.01))
-        self.log_scale = nn.Parameter(torch.full((1,), math.log(1.0 / init_temperature)))
-        self.max_log_scale = math.log(max_scale)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        similarity = F.normalize(self.projection(x), dim=1) @ F.normalize(self.embeddings, dim=0)
-        return similarity * self.log_scale.clamp(max=self.max_log_scale).exp()
-
-
-class ExpertMLP(nn.Sequential):
-    """One expert: Linear(C, 4C) - GELU - Linear(4C, C) on each token (two 1x1 convolutions)."""
-
-    def __init__(self, channels: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(channels, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, channels)
-
-
-class Routing(NamedTuple):
-    indices: torch.Tensor  # (T, k) chosen experts of each token
-    weights: torch.Tensor  # (T, k) their gates, summing to 1 per token
-    gates: torch.Tensor  # (T, E) the same gates scattered over all experts, zero elsewhere
-    load: torch.Tensor  # (T, E) each token's contribution to the experts' load
-
-
-def cv_squared(x: torch.Tensor) -> torch.Tensor:
-    """Squared coefficient of variation along the last dimension: 0 when all entries are equal."""
-    if x.shape[-1] == 1:
-        return x.new_zeros(x.shape[:-1])
-    return x.var(dim=-1) / (x.mean(dim=-1) ** 2 + 1e-10)
-
-
-def load_balancing_loss(importance: torch.Tensor, load: torch.Tensor,
-                        weight: float = 0.01) -> torch.Tensor:
-    """Shazeer et al. (2017): ``weight * (cv^2(importance) + cv^2(load))``, summed over leading
-    (branch) dimensions. ``importance`` and ``load`` are ``(..., E)``."""
-    return weight * (cv_squared(importance.float()) + cv_squared(load.float())).sum()
-
-
-class MixtureOfExperts(nn.Module):
-    """Per-token top-k mixture of :class:`ExpertMLP` experts with a noisy cosine gate.
-
-    ``forward(x, branches)`` takes channels-last tokens ``(..., C)`` and returns the mixed tokens and the
-    load-balancing loss, computed for each of ``branches`` equal consecutive blocks of the batch (the
-    Siamese paths run as one batch, the authors' loss is per path) and summed.
-    Training adds the learned Gaussian noise to the routing logits; evaluation routes on the clean
-    logits, so it is deterministic. ``every_expert_on_gpu``: at inference on a GPU, mix with
-    ``_mix_all`` (see there).
-    """
-
-    def __init__(self, channels: int, num_experts: int = 4, top_k: int = 2, hidden_ratio: int = 4,
-                 noisy: bool = True, balance_weight: float = 0.01, every_expert_on_gpu: bool = False):
-        super().__init__()
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be in 1..{num_experts}, got {top_k}")
-        self.num_experts, self.top_k, self.every_expert_on_gpu = num_experts, top_k, every_expert_on_gpu
-        self.noisy, self.balance_weight = noisy, balance_weight
-        self.gate = CosineTopKGate(channels, num_experts)
-        self.noise = nn.Parameter(torch.zeros(channels, num_experts))  # std = softplus(x @ noise) + 0.01
-        self.experts = nn.ModuleList(ExpertMLP(channels, hidden_ratio * channels)
-                                     for _ in range(num_experts))
-
-    def route(self, x: torch.Tensor) -> Routing:
-        """Route ``(T, C)`` tokens. Computed in float32 whatever the autocast: the top-k choice and the
-        normal CDF of the load estimate are sensitive to rounding."""
-        k, num_experts = self.top_k, self.num_experts
-        with torch.autocast(x.device.type, enabled=False):
-            x = x.float()
-            clean = self.gate(x)
-            add_noise = self.training and self.noisy
-            if add_noise:
-                noise_std = F.softplus(x @ self.noise) + 0.01
-                logits = clean + torch.randn_like(clean) * noise_std
-            else:
-                logits = clean
-            # One logit past the top k: the threshold the load estimate needs.
-            top_logits, top_indices = logits.topk(min(k + 1, num_experts), dim=1)
-            indices = top_indices[:, :k]
-            weights = top_logits[:, :k].softmax(dim=1)
-            gates = torch.zeros_like(logits).scatter(1, indices, weights)
-            if add_noise and k < num_experts:
-                load = self._probability_in_top_k(clean, logits, noise_std, top_logits)
-            else:
-                load = (gates > 0).float()
-        return Routing(indices, weights, gates, load)
-
-    def _probability_in_top_k(self, clean, noisy_logits, noise_std, top_logits) -> torch.Tensor:
-        """Smooth load estimate: the probability that each expert would still be among a token's top k
-        if only its own noise were drawn again (Shazeer et al. 2017), differentiable in the gate."""
-        k = self.top_k
-        # To stay in, an expert must beat the (k+1)-th logit; to get in, the k-th.
-        threshold_in, threshold_out = top_logits[:, k:k + 1], top_logits[:, k - 1:k]
-        is_in = noisy_logits > threshold_in
-        normal = torch.distributions.Normal(torch.zeros((), device=clean.device),
-                                            torch.ones((), device=clean.device))
-        return torch.where(is_in, normal.cdf((clean - threshold_in) / noise_std),
-                           normal.cdf((clean - threshold_out) / noise_std))
-
-    def _mix(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """Run each expert on the tokens routed to it only (k experts per token, the compute the paper
-        counts), then weight and sum each token's k outputs.
-
-        Tokens are gathered by sorting the (token, slot) assignments by expert; only the loop over the
-        experts is in Python. The group sizes depend on the routing, so torch.compile breaks the graph
-        here (one host sync per call); ``_mix_all`` avoids that at E / k times the expert compute, which
-        the published FLOPs do not include.
-        The results are put back in place with ``index_copy`` (each row written once), so the sum over
-        the k outputs has a fixed order: deterministic on GPU too. See ``_mix_all`` for inference on a GPU.
-        """
-        tokens, k = x.shape[0], self.top_k
-        assignment_expert = routing.indices.reshape(-1)  # assignment a = token * k + slot
-        order = assignment_expert.argsort(stable=True)
-        group_sizes = torch.bincount(assignment_expert, minlength=self.num_experts).tolist()
-        routed = x.index_select(0, order // k).split(group_sizes)
-        outputs = torch.cat([expert(group) for expert, group in zip(self.experts, routed)])
-        per_slot = outputs.new_empty(outputs.shape).index_copy(0, order, outputs)
-        weights = routing.weights.to(per_slot.dtype).unsqueeze(-1)
-        return (per_slot.view(tokens, k, -1) * weights).sum(dim=1)
-
-    def _mix_all(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """What ``_mix`` returns, to rounding (the matrix products run over other token sets, and for
-        k > 2 the sum's order differs), from every expert run on every token and weighted by its gate;
-        an expert a token was not routed to adds exactly nothing, even where it overflows (fp16).
-
-        Its shapes never depend on the routing: no host sync, so a model using it can be captured as
-        a CUDA graph (one launch a batch instead of hundreds, each of which waits for Python's GIL
-        beside the engine's reader and writer threads). It costs E / k times the expert compute: 10 %
-        more FLOPs for M2CD-MiT-b0, 22 % for MiT-b1, whose kernels are too short to keep a GPU busy
-        when launched one by one, so the MiT encoder uses it; 148 % for ConvNeXt-T (8 experts), 56 %
-        for -S and 59 % for -B (torch's FLOP counter, 256 px pairs), whose long kernels hide the
-        launches, so those stay on ``_mix``, eager.
-        """
-        mixed = 0
-        for expert, gate in zip(self.experts, routing.gates.unbind(dim=1)):
-            out = expert(x)
-            gate = gate.to(out.dtype).unsqueeze(-1)
-            mixed = mixed + torch.where(gate > 0, out * gate, 0)  # not inf x 0 = NaN
-        return mixed
-
-    def forward(self, x: torch.Tensor, branches: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = x.shape
-        tokens = x.reshape(-1, shape[-1])
-        routing = self.route(tokens)
-        per_branch = (branches, -1, self.num_experts)
-        balance = load_balancing_loss(routing.gates.view(per_branch).sum(1),
-                                      routing.load.view(per_branch).sum(1), self.balance_weight)
-        mix = self._mix_all if self.every_expert_on_gpu and x.is_cuda and not self.training else self._mix
-        return mix(tokens, routing).view(shape), balance
-
-
-# --- O2SP -----------------------------------------------------------------------------------------
-
-def simulate_sar_speckle(x: torch.Tensor, generator: torch.Generator | None = None,
-                         variance: int | None = None) -> torch.Tensor:
-    """Simulated SAR from an (already normalised) optical image: ``x`` times fully developed speckle,
-    Gamma noise of mean 1 and variance ``v`` (shape 1/v, scale v), i.i.d. per sample, channel and pixel.
-
-    ``v`` is drawn uniformly from the integers 1..20 once per call unless ``variance`` is given.
-    ``generator`` (on ``x``'s device) makes the draw reproducible.
-    """
-    if variance is None:
-        device = generator.device if generator is not None else "cpu"
-        variance = int(torch.randint(1, 21, (), generator=generator, device=device))
-    if variance <= 0:
-        raise ValueError(f"speckle variance must be positive, got {variance}")
-    concentration = torch.full(x.shape, 1.0 / variance, device=x.device, dtype=torch.float32)
-    # torch.distributions.Gamma samples with this op but takes no generator.
-    speckle = torch._standard_gamma(concentration, generator=generator) * variance
-    return x * speckle.to(x.dtype)
-
-
-def o2sp_self_distillation_loss(features: dict, weight: float = 1e-4) -> torch.Tensor:
-    """``weight * sum over levels of (L1(pre, o2sp) + L1(post, o2sp))`` (mean absolute difference, no
-    detach: both sides learn), from the ``features`` a training forward with ``o2sp=`` returns."""
-    return weight * sum(F.l1_loss(a, s) + F.l1_loss(b, s)
-                        for a, b, s in zip(features["pre"], features["post"], features["o2sp"]))
 
 
 # --- Encoders -------------------------------------------------------------------------------------
@@ -318,103 +127,6 @@ class ConvNeXtMoEEncoder(nn.Module):
                                      new_prefixes=[f"{name}.moe." for name in self.replaced])
 
 
-# --- Heads ----------------------------------------------------------------------------------------
-
-class ConvBNReLU(nn.Sequential):
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1):
-        super().__init__(nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2,
-                                   bias=False),
-                         nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
-
-
-def _classifier(channels: int, num_classes: int) -> nn.Conv2d:
-    conv = nn.Conv2d(channels, num_classes, 1)
-    nn.init.normal_(conv.weight, std=0.01)  # mmseg's init of the last conv
-    nn.init.zeros_(conv.bias)
-    return conv
-
-
-def _resize(x: torch.Tensor, size) -> torch.Tensor:
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-
-
-class SegFormerHead(nn.Module):
-    """Project each level to ``channels`` (1x1 conv + BN + ReLU), resize, concatenate, fuse, classify.
-
-    The levels are fused at twice the finest level's size, i.e. half the input size. The authors' head
-    resizes to a fixed 128 x 128, which is that for their 256 x 256 crops and which their published FLOPs
-    include; a fixed size would make the model behave differently on other tile sizes.
-    """
-
-    def __init__(self, in_channels: tuple[int, ...], channels: int = 256, num_classes: int = 2):
-        super().__init__()
-        self.projections = nn.ModuleList(ConvBNReLU(c, channels) for c in in_channels)
-        self.fuse = ConvBNReLU(channels * len(in_channels), channels)
-        self.classifier = _classifier(channels, num_classes)
-
-    def forward(self, levels: list[torch.Tensor]) -> torch.Tensor:
-        size = [2 * s for s in levels[0].shape[-2:]]
-        x = torch.cat([_resize(proj(x), size) for proj, x in zip(self.projections, levels)], dim=1)
-        return self.classifier(self.fuse(x))
-
-
-class PyramidPooling(nn.Module):
-    """PSPNet's pooling module: the input pooled to each scale, projected, resized back, concatenated
-    with the input."""
-
-    def __init__(self, in_channels: int, channels: int, scales: tuple[int, ...]):
-        super().__init__()
-        self.branches = nn.ModuleList(
-            nn.Sequential(nn.AdaptiveAvgPool2d(s), ConvBNReLU(in_channels, channels)) for s in scales)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([x] + [_resize(branch(x), x.shape[-2:]) for branch in self.branches], dim=1)
-
-
-class UPerNetHead(nn.Module):
-    """mmseg's UPerHead: pyramid pooling on the coarsest level, a top-down FPN, all levels resized to the
-    finest and fused by a 3x3 conv, dropout, classifier."""
-
-    def __init__(self, in_channels: tuple[int, ...], channels: int = 128,
-                 pool_scales: tuple[int, ...] = (1, 2, 3, 6), num_classes: int = 2, dropout: float = 0.1):
-        super().__init__()
-        self.pooling = PyramidPooling(in_channels[-1], channels, pool_scales)
-        self.bottleneck = ConvBNReLU(in_channels[-1] + len(pool_scales) * channels, channels, 3)
-        self.laterals = nn.ModuleList(ConvBNReLU(c, channels) for c in in_channels[:-1])
-        self.smooth = nn.ModuleList(ConvBNReLU(channels, channels, 3) for _ in in_channels[:-1])
-        self.fuse = ConvBNReLU(len(in_channels) * channels, channels, 3)
-        self.dropout = nn.Dropout2d(dropout)
-        self.classifier = _classifier(channels, num_classes)
-
-    def forward(self, levels: list[torch.Tensor]) -> torch.Tensor:
-        laterals = [lateral(x) for lateral, x in zip(self.laterals, levels)]
-        laterals.append(self.bottleneck(self.pooling(levels[-1])))
-        for i in range(len(laterals) - 1, 0, -1):  # top-down: coarser levels added to finer ones
-            laterals[i - 1] = laterals[i - 1] + _resize(laterals[i], laterals[i - 1].shape[-2:])
-        outs = [smooth(x) for smooth, x in zip(self.smooth, laterals)] + [laterals[-1]]
-        size = outs[0].shape[-2:]
-        x = self.fuse(torch.cat([outs[0]] + [_resize(x, size) for x in outs[1:]], dim=1))
-        return self.classifier(self.dropout(x))
-
-
-class FCNHead(nn.Module):
-    """mmseg's FCNHead on the coarsest level: two 3x3 conv + BN + ReLU, dropout, classifier."""
-
-    def __init__(self, in_channels: tuple[int, ...], channels: int = 512, num_classes: int = 2,
-                 dropout: float = 0.1):
-        super().__init__()
-        self.convs = nn.Sequential(ConvBNReLU(in_channels[-1], channels, 3),
-                                   ConvBNReLU(channels, channels, 3))
-        self.dropout = nn.Dropout2d(dropout)
-        self.classifier = _classifier(channels, num_classes)
-
-    def forward(self, levels: list[torch.Tensor]) -> torch.Tensor:
-        return self.classifier(self.dropout(self.convs(levels[-1])))
-
-
-_HEADS = {"segformer": SegFormerHead, "upernet": UPerNetHead, "fcn": FCNHead}
-
-
 # --- Model ----------------------------------------------------------------------------------------
 
 class M2CD(nn.Module):
@@ -423,15 +135,15 @@ class M2CD(nn.Module):
     ``model(pre, post)`` in eval mode: 2 logits at the input size. In training mode: a dict with
     ``logits`` and ``gate_loss`` (balancing losses of all paths); given ``o2sp=`` (the simulated-SAR
     version of ``pre``) it also runs that third path and adds ``features``, the per-level encoder
-    features ``{"pre": [...], "post": [...], "o2sp": [...]}`` for :func:`o2sp_self_distillation_loss`.
+    features ``{"pre": [...], "post": [...], "o2sp": [...]}`` for the trainer's O2SP loss.
     """
 
     def __init__(self, encoder: nn.Module, head: str = "segformer", num_classes: int = 2):
         super().__init__()
-        if head not in _HEADS:
-            raise ValueError(f"unknown head {head!r}; choose one of {', '.join(_HEADS)}")
+        if head not in HEADS:
+            raise ValueError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
         self.encoder = encoder
-        self.head = _HEADS[head](tuple(2 * c for c in encoder.widths), num_classes=num_classes)
+        self.head = HEADS[head](tuple(2 * c for c in encoder.widths), num_classes=num_classes)
 
     def forward(self, pre: torch.Tensor, post: torch.Tensor, o2sp: torch.Tensor | None = None):
         if o2sp is not None and not self.training:
@@ -441,7 +153,7 @@ class M2CD(nn.Module):
         levels, gate_loss = self.encoder(torch.cat(paths), branches=len(paths))
         per_path = [level.chunk(len(paths)) for level in levels]
         fused = [torch.cat([level[0], level[1]], dim=1) for level in per_path]
-        logits = _resize(self.head(fused), pre.shape[-2:])
+        logits = resize(self.head(fused), pre.shape[-2:])
         if not self.training:
             return logits
         out = {"logits": logits, "gate_loss": gate_loss}

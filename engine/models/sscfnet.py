@@ -5,7 +5,8 @@ are resized to the first level's size, each cut into four channel chunks and rec
 every branch holds one chunk of every level (the "combined enhancement"). Four grouped convolutions
 of growing kernel size, each with squeeze-and-excitation, process the branches; their sum, after a
 second SE, goes to a light head that predicts one change logit per pixel. In training mode four
-auxiliary heads, one per branch, add deep supervision (the paper's "multiloss").
+auxiliary heads, one per branch, add deep supervision (the paper's "multiloss", the trainer's
+``aux`` loss term).
 
 Where the paper and the authors' code (Wprofessor/SSCFNet) disagree, this follows the code:
 bilinear resizing (the paper says nearest) and the branch order of the recombination (see
@@ -171,22 +172,6 @@ class SSCFNet(nn.Module):
         """ImageNet weights for the encoder from a local timm ResNet/ResNeXt checkpoint; its classifier
         ``fc`` has no place here and is dropped. The fusion and heads keep their initialisation."""
         return load_backbone_weights(self.encoder, path, unused_prefixes=["fc."])
-
-
-def sscf_multi_loss(output: dict | torch.Tensor, target: torch.Tensor,
-                    aux_weight: float = 0.5) -> torch.Tensor:
-    """The paper's multiloss (eq. 11): BCE on the main logits (weight 1) plus ``aux_weight`` times
-    BCE on each auxiliary logit map. ``target``: ``(N, H, W)`` or ``(N, 1, H, W)``, 1 = change.
-    A plain tensor ``output`` (an eval-mode forward) gives the main term alone."""
-    if isinstance(output, torch.Tensor):
-        output = {"logits": output, "aux": []}
-    target = target.float()
-    if target.dim() == 3:
-        target = target.unsqueeze(1)
-    loss = F.binary_cross_entropy_with_logits(output["logits"], target)
-    for aux in output["aux"]:
-        loss = loss + aux_weight * F.binary_cross_entropy_with_logits(aux, target)
-    return loss
 
 
 def _paper(params_m: float, gflops: float, f1: str) -> dict:
