@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := qgis python3-qgis qgis-providers python3-rasterio gdal-bin
 # torch/torchvision come from this machine's local wheels; numpy<2 keeps Debian's rasterio/GDAL importable.
 TORCH := torch==2.14.1 torchvision==0.29.1
-PY_DEPS := "numpy<2" "timm>=1.0,<2" "shapely>=2" scikit-image scipy safetensors tqdm pyyaml pytest
+PY_DEPS := "numpy<2" "timm>=1.0,<2" "shapely>=2" scikit-image scipy safetensors tqdm pyyaml pytest ruff
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup system-packages demo test bench clean plugin
@@ -30,9 +30,10 @@ $(VENV)/.deps-installed: pyproject.toml Makefile
 	@touch $@
 
 demo: setup
-	$(PY) -m geochange.engine.demo --out demo_out
+	$(PY) scripts/demo.py --out demo_out
 
 test: setup
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 # Engine benchmark on mirrored LEVIR mosaics; appends to bench/results.md. On this 2-core CPU the
@@ -41,7 +42,8 @@ bench: setup
 	$(PY) bench/run.py --sizes 4096 --models tinycd m2cd_mit_b0 --repeats 3
 	$(PY) bench/run.py --sizes 16384 --models tinycd --floor-sample-rows 6
 
-# The QGIS plugin zip ("Install from ZIP"): one top folder geochange/ with the runtime files only.
+# The QGIS plugin zip ("Install from ZIP"): one top folder geochange/ with the runtime files only (no tests,
+# bench, docs or scripts).
 VERSION := $(shell sed -n 's/^version=//p' metadata.txt)
 DIST := dist
 PLUGIN_BUILD := build/plugin

@@ -38,9 +38,10 @@ from pathlib import Path
 import numpy as np
 
 from geochange.engine.atomic import atomic_path
+from geochange.engine.shared_data import shared_data_dir
 
 HERE = Path(__file__).resolve().parent
-SHARED = Path(os.environ.get("GEOCHANGE_SHARED_DATA", HERE.parent.parent / "shared" / "data"))
+SHARED = shared_data_dir()
 TINYCD_WEIGHTS = SHARED / "weights" / "tinycd_levir_official.pth"
 
 
@@ -212,7 +213,8 @@ def main() -> None:
     lines = [f"\n## {date.today()}: {machine(args.device)}, device {args.device}{precision}, {args.threads} threads, "
              f"tile {args.tile}, overlap {args.overlap}, batch {args.batch}, "
              f"fastest of {args.repeats} run(s) each, median ratio\n",
-             "| model | size | windows | wall s | Mpx/s | compute floor s | I/O floor s | wall / max(floors) | peak RSS MB |",
+             "| model | size | windows | wall s | Mpx/s | compute floor s | I/O floor s | wall / max(floors) "
+             "| peak RSS MB |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     print(lines[0])
     notes = []

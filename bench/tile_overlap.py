@@ -11,11 +11,9 @@ GEOCHANGE_SHARED_DATA); the TinyCD authors' weights are imported into a temporar
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import rasterio
 from rasterio.transform import from_origin
 
@@ -26,9 +24,10 @@ from geochange.engine.inference import detect
 from geochange.engine.metrics import ConfusionMeter
 from geochange.engine.package import load_package
 from geochange.engine.rasters import read_image
+from geochange.engine.shared_data import shared_data_dir
 from geochange.engine.zoo import zoo_index
 
-SHARED = Path(os.environ.get("GEOCHANGE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+SHARED = shared_data_dir()
 SETTINGS = [(256, 0), (256, 32), (256, 64), (256, 128), (512, 0), (512, 64), (1024, 0)]
 
 
@@ -61,8 +60,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         levir = SHARED / "levir_tile_georef"
-        cases = [("TinyCD, authors' LEVIR weights", import_weights("tinycd", SHARED / "weights" / "tinycd_levir_official.pth",
-                                                                   work / "tinycd.safetensors"),
+        cases = [("TinyCD, authors' LEVIR weights",
+                  import_weights("tinycd", SHARED / "weights" / "tinycd_levir_official.pth",
+                                 work / "tinycd.safetensors"),
                   "LEVIR-CD test_7 (1024 px)", [(levir / "pre.tif", levir / "post.tif", levir / "label.tif")])]
         if "m2cd_mit_b0_flood" in zoo_index():
             floods = sorted((SHARED / "flood_optical_sar").iterdir())

@@ -97,8 +97,8 @@ def _cmd_models(args) -> int:
         paper = s.paper
         gflops = count_gflops(model, size=256) if args.flops else float("nan")
         paper_gflops = paper.get("gflops", float("nan")) if paper.get("gflops_input", 256) == 256 else float("nan")
-        print(f"{name:<18}{count_params(model, s.training_only) / 1e6:>10.3f}{paper.get('params_m', float('nan')):>9.3f}"
-              f"{gflops:>12.3f}{paper_gflops:>9.3f}  {s.description}")
+        print(f"{name:<18}{count_params(model, s.training_only) / 1e6:>10.3f}"
+              f"{paper.get('params_m', float('nan')):>9.3f}{gflops:>12.3f}{paper_gflops:>9.3f}  {s.description}")
     print("params: the inference model (training-only heads left out); GFLOPs: multiply-adds, "
           "torch.utils.flop_counter / 2")
     return 0

@@ -261,8 +261,8 @@ def fit_batch(plan: WindowPlan, batch: int, channels: int, log=lambda message: N
     return batch
 
 
-def prepare(pre_path, post_path, model, *, tile: int | None = None, overlap: int = 64, batch: int = 4, device: str = "auto",
-            precision: str = "bf16", threads: int | None = None, tta: bool = False,
+def prepare(pre_path, post_path, model, *, tile: int | None = None, overlap: int = 64, batch: int = 4,
+            device: str = "auto", precision: str = "bf16", threads: int | None = None, tta: bool = False,
             threshold: float | None = None, pre_bands: list[int] | None = None, post_bands: list[int] | None = None,
             grid: str = "pre", crs: str | None = None, resolution: float | None = None, sar_db: bool = False,
             pre_scale: float | None = None, post_scale: float | None = None, readers: int | None = None,
@@ -349,9 +349,9 @@ def detect(pre_path: str | os.PathLike, post_path: str | os.PathLike, model: str
     """Change probability, mask and polygons for a pre/post pair.
 
     Both dates are read on a common grid (``grid`` = ``pre`` or ``post``, or a given ``crs`` and
-    ``resolution``) over the intersection of their footprints. Options (see ``prepare``): ``tile`` (default: the model's),
-    ``overlap``, ``device``, ``precision``, ``threads``, ``tta``; ``threshold`` (default: the
-    package's); ``pre_bands``/``post_bands``, 1-based band indexes in the order the model wants;
+    ``resolution``) over the intersection of their footprints. Options (see ``prepare``): ``tile``
+    (default: the model's), ``overlap``, ``device``, ``precision``, ``threads``, ``tta``; ``threshold``
+    (default: the package's); ``pre_bands``/``post_bands``, 1-based band indexes in the order the model wants;
     ``pre_scale``/``post_scale``, the raw value meaning 1.0 (default: by data type); ``sar_db``, float
     SAR input in dB. ``min_area`` is in m2, ``simplify`` in map units. ``readers``: reader threads, and
     a writer thread unless 0 (default: ``default_readers``).

@@ -233,7 +233,8 @@ def format_manifest(manifest: dict) -> str:
     out = manifest["output"]
     rows.append(("output", f"{1 if out['activation'] == 'sigmoid' else 2} channel(s), {out['activation']}, "
                            f"threshold {out.get('threshold', 0.5)}"))
-    rows.append(("tile", f"{model_tile(manifest)} px" + ("" if "tile" in manifest else " (none recorded: the default)")))
+    rows.append(("tile", f"{model_tile(manifest)} px"
+                 + ("" if "tile" in manifest else " (none recorded: the default)")))
     for key, value in manifest.get("training", {}).items():
         rows.append((f"training.{key}", value if isinstance(value, str) else json.dumps(value)))
     rows += [(key, manifest[key]) for key in ("task", "source", "licence") if manifest.get(key)]

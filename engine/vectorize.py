@@ -104,8 +104,8 @@ def _noded_at_seams(polygons, seams: list[int]) -> np.ndarray:
 def _united_exteriors(exteriors, seams: list[int]):
     """The exteriors of the parts of one region, cut at band seams, as one polygon. A part's own
     holes lie inside its band, never on a seam, so they stay holes of the whole: only the exteriors
-    need uniting, which spares the union a noisy region's thousands of holes. The parts touch along their seam edges, so their union is one polygon, whose
-    holes are those enclosed across the seams."""
+    need uniting, which spares the union a noisy region's thousands of holes. The parts touch along
+    their seam edges, so their union is one polygon, whose holes are those enclosed across the seams."""
     union = shapely.coverage_union_all(_noded_at_seams(shapely.polygons(exteriors), seams))
     if union.geom_type != "Polygon":
         raise RuntimeError(f"the parts of one region united into a {union.geom_type}")

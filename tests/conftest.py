@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from geochange.engine.shared_data import shared_data_dir
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("GEOCHANGE_SHARED_DATA", REPO.parent / "shared" / "data"))
+SHARED_DATA = shared_data_dir()
 
 
 @pytest.fixture(scope="session")

@@ -39,7 +39,8 @@ def features(path):
 def test_two_ranks_equal_one_process(tinycd_package, shared_data, tmp_path, one_and_two_ranks):
     tile = shared_data / "levir_tile_georef"
     window = Window(256, 128, 384, 560)  # 560 rows: 5 tile rows of 128 px at stride 96 (the last shifted)
-    pre, post = crop(tile / "pre.tif", tmp_path / "pre.tif", window), crop(tile / "post.tif", tmp_path / "post.tif", window)
+    pre = crop(tile / "pre.tif", tmp_path / "pre.tif", window)
+    post = crop(tile / "post.tif", tmp_path / "post.tif", window)
     args = [str(pre), str(post), "--model", str(tinycd_package), "--tile", "128", "--overlap", "32",
             "--batch", "2", "--device", "cpu", "--threads", "1"]
     one_dir, two_dir = one_and_two_ranks(args, 29517)

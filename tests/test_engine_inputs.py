@@ -182,7 +182,8 @@ def test_a_region_crossing_every_band_seam_is_one_polygon(shared_data, tmp_path)
     assert result.polygon_count == 1
     (polygon,) = polygons_of(result.polygons)
     with rasterio.open(tile / "pre.tif") as pre:
-        assert polygon.area == pytest.approx((pre.bounds.right - pre.bounds.left) * (pre.bounds.top - pre.bounds.bottom))
+        assert polygon.area == pytest.approx((pre.bounds.right - pre.bounds.left)
+                                             * (pre.bounds.top - pre.bounds.bottom))
 
 
 def test_cuda_out_of_memory_halves_the_batch_and_retries(tmp_path):

@@ -54,8 +54,9 @@ def test_package_round_trip_gives_identical_outputs(name, tmp_path):
 @pytest.mark.parametrize("name", VARIANTS)
 def test_cli_detect_runs_every_variant(name, crop, tmp_path):
     path = save_package(create_seeded(name), make_manifest(name), tmp_path / f"{name}.safetensors")
-    run = subprocess.run([sys.executable, "-m", "geochange.engine", "detect", str(crop["pre"]), str(post_of(name, crop)),
-                          "--model", str(path), "--out", str(tmp_path / "out"), "--tile", "128", "--device", "cpu"],
+    run = subprocess.run([sys.executable, "-m", "geochange.engine", "detect", str(crop["pre"]),
+                          str(post_of(name, crop)), "--model", str(path), "--out", str(tmp_path / "out"),
+                          "--tile", "128", "--device", "cpu"],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     with rasterio.open(tmp_path / "out" / "change_probability.tif") as p:

@@ -243,8 +243,8 @@ def detect_then_vectorize_model(path: Path) -> Path:
     given as a model input; the polygons of the second step are the model's output."""
     source = QgsProcessingModelChildParameterSource
     model = QgsProcessingModelAlgorithm("Detect then re-threshold", "GeoChange tests")
-    for parameter in (QgsProcessingParameterRasterLayer("pre", "Pre"), QgsProcessingParameterRasterLayer("post", "Post"),
-                      QgsProcessingParameterFile("model", "Model"),
+    for parameter in (QgsProcessingParameterRasterLayer("pre", "Pre"),
+                      QgsProcessingParameterRasterLayer("post", "Post"), QgsProcessingParameterFile("model", "Model"),
                       QgsProcessingParameterNumber("threshold", "Threshold", QgsProcessingParameterNumber.Double, 0.8)):
         model.addModelParameter(parameter, QgsProcessingModelParameter(parameter.name()))
 

@@ -43,8 +43,9 @@ def test_the_zip_holds_one_plugin_folder_of_runtime_files(plugin_zip):
     for needed in ("__init__.py", "metadata.txt", "qgis_plugin/provider.py", "qgis_plugin/worker_client.py",
                    "engine/worker.py", "engine/inference.py", "engine/models/tinycd.py", "trainer/__init__.py"):
         assert f"geochange/{needed}" in names
-    for name in names:  # no tests, venv, benchmarks, docs, caches or packaging leftovers
-        assert not re.search(r"(^|/)(tests|\.venv|bench|docs|build|dist|__pycache__|demo_out)/|\.pyc$", name), name
+    for name in names:  # no tests, venv, benchmarks, docs, scripts, caches or packaging leftovers
+        assert not re.search(r"(^|/)(tests|\.venv|bench|docs|scripts|build|dist|__pycache__|demo_out)/|\.pyc$",
+                             name), name
     general = metadata["general"]
     assert METADATA_KEYS <= set(general)
     assert general["qgisMinimumVersion"] == "3.22" and general["hasProcessingProvider"] == "yes"

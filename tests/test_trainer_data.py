@@ -170,8 +170,8 @@ def test_crop_avoids_single_class_crops_and_pads_small_images():
     mixed_plain = sum(len(np.unique(Augment(plain)(image, image, label, OPTICAL, np.random.default_rng(s))[2])) > 1
                       for s in range(20))
     assert mixed > mixed_plain
-    small = Augment(augment_config(**{**cfg, "crop": {"size": 64}}))(image[:, :40, :50], image[:, :40, :50], label[:40, :50],
-                                                          OPTICAL, np.random.default_rng(0))
+    small = Augment(augment_config(**{**cfg, "crop": {"size": 64}}))(image[:, :40, :50], image[:, :40, :50],
+                                                                     label[:40, :50], OPTICAL, np.random.default_rng(0))
     assert small[0].shape == (3, 64, 64) and (small[2][40:] == IGNORE).all() and (small[2][:, 50:] == IGNORE).all()
 
 

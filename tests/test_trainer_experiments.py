@@ -1,14 +1,20 @@
-"""Learning on real pixels (``python -m geochange.trainer.experiments``): the measured acceptance of the
+"""Learning on real pixels (``python scripts/experiments.py``): the measured acceptance of the
 issue. Each experiment takes minutes to tens of minutes on a CPU: marked slow and run only when
 GEOCHANGE_SLOW=1 (e.g. ``GEOCHANGE_SLOW=1 pytest -m slow tests/test_trainer_experiments.py``); the
 pipelines themselves are covered quickly by the other trainer tests."""
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
 
-from geochange.trainer import experiments
+from conftest import REPO
+
+# scripts/ is no package (it stays out of the plugin and the installed package): loaded from its file.
+_spec = importlib.util.spec_from_file_location("experiments", REPO / "scripts" / "experiments.py")
+experiments = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(experiments)
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(os.environ.get("GEOCHANGE_SLOW") != "1", reason="long CPU run; set GEOCHANGE_SLOW=1")]

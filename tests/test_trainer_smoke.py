@@ -84,7 +84,8 @@ def test_geochange_train_command(shared_data, tmp_path, capsys):
     assert "optim.nope: unknown key" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("content", [None, b"not a checkpoint", b"PK\x03\x04 cut short"], ids=["missing", "text", "zip"])
+@pytest.mark.parametrize("content", [None, b"not a checkpoint", b"PK\x03\x04 cut short"],
+                         ids=["missing", "text", "zip"])
 def test_bad_backbone_weights_are_one_line(content, shared_data, tmp_path, capsys):
     config = tmp_path / "mit.yaml"
     config.write_text(yaml.safe_dump({

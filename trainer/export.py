@@ -49,7 +49,8 @@ def export_run(run_dir: str | Path, name: str, *, task: str, data_licence: str, 
     # Runs made before packages recorded their tile: the crop they were trained on.
     manifest.setdefault("tile", manifest["training"]["config"]["augment"]["crop"]["size"])
     manifest["licence"] = f"weights: this project's; data: {data_licence}"
-    tensors = {k: v.half() if v.dtype == torch.float32 else v for k, v in read_tensors(run / "best.safetensors").items()}
+    tensors = {k: v.half() if v.dtype == torch.float32 else v
+               for k, v in read_tensors(run / "best.safetensors").items()}
     path = zoo / f"{name}.safetensors"
     trial = write_package(tensors, manifest, zoo / f".{name}.export.safetensors")  # the zoo's file stays until checked
     try:

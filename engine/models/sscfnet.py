@@ -139,9 +139,9 @@ class SSCFNet(nn.Module):
     ``{"logits": ..., "aux": [4 auxiliary logits (N, 1, H, W)]}``.
 
     The auxiliary heads are always built, as in the authors' code, so that a model in training and
-    the package saved from it have the same weights; they only run in training mode. The inference model's size leaves them out
-    (``count_params(model, exclude_prefixes=("aux_heads",))``); the paper's Table VI figures
-    (params and FLOPs) match the model with them.
+    the package saved from it have the same weights; they only run in training mode. The inference
+    model's size leaves them out (``count_params(model, exclude_prefixes=("aux_heads",))``); the paper's
+    Table VI figures (params and FLOPs) match the model with them.
     """
 
     def __init__(self, backbone: str = "resnet50", in_chans: int = 3):
@@ -182,19 +182,22 @@ def _paper(params_m: float, gflops: float, f1: str) -> dict:
 _INPUTS = (optical_input(3), optical_input(3))
 
 
-@register("sscfnet_r50", activation="sigmoid", inputs=_INPUTS, training_only=("aux_heads",), paper=_paper(29.21, 73.06, "94.89"),
+@register("sscfnet_r50", activation="sigmoid", inputs=_INPUTS, training_only=("aux_heads",),
+          paper=_paper(29.21, 73.06, "94.89"),
           description="SSCFNet, siamese dilated ResNet-50 with spatial-spectral cross fusion")
 def sscfnet_r50(in_chans: int = 3) -> SSCFNet:
     return SSCFNet(BACKBONES["r50"], in_chans=in_chans)
 
 
-@register("sscfnet_rx50", activation="sigmoid", inputs=_INPUTS, training_only=("aux_heads",), paper=_paper(28.68, 72.12, "95.11"),
+@register("sscfnet_rx50", activation="sigmoid", inputs=_INPUTS, training_only=("aux_heads",),
+          paper=_paper(28.68, 72.12, "95.11"),
           description="SSCFNet, siamese dilated ResNeXt-50 (32x4d) with spatial-spectral cross fusion")
 def sscfnet_rx50(in_chans: int = 3) -> SSCFNet:
     return SSCFNet(BACKBONES["rx50"], in_chans=in_chans)
 
 
-@register("sscfnet_r101", activation="sigmoid", inputs=_INPUTS, training_only=("aux_heads",), paper=_paper(48.20, 111.95, "95.31"),
+@register("sscfnet_r101", activation="sigmoid", inputs=_INPUTS, training_only=("aux_heads",),
+          paper=_paper(48.20, 111.95, "95.31"),
           description="SSCFNet, siamese dilated ResNet-101 with spatial-spectral cross fusion")
 def sscfnet_r101(in_chans: int = 3) -> SSCFNet:
     return SSCFNet(BACKBONES["r101"], in_chans=in_chans)

@@ -1,6 +1,6 @@
 """Regenerate the QGIS screenshots of the README (offscreen, no display needed):
 
-    .venv/bin/python docs/make_screenshots.py [--data ../shared/data] [--device cpu]
+    .venv/bin/python scripts/make_screenshots.py [--data ../shared/data] [--device cpu]
 
 - ``docs/detect_dialog.png``: the *Detect changes* dialog as the Processing toolbox opens it, filled in
   for the demo pair, with its help panel.
@@ -15,6 +15,8 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+
+from geochange.engine.shared_data import shared_data_dir
 
 REPO = Path(__file__).resolve().parents[1]
 QGIS_PLUGINS = "/usr/share/qgis/python/plugins"  # Debian's location of Processing
@@ -100,7 +102,7 @@ def demo_layers(pre, post, package: Path, folder: Path, device: str, out: Path) 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--data", type=Path, default=shared_data_dir())
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     tile = args.data / "levir_tile_georef"

@@ -22,6 +22,7 @@ from geochange.engine.importers import import_weights
 from geochange.engine.inference import detect
 from geochange.engine.progress import TqdmProgress
 from geochange.engine.rasters import open_raster, read_image
+from geochange.engine.shared_data import shared_data_dir
 from geochange.engine.zoo import zoo_index
 
 
@@ -93,9 +94,8 @@ def flood_overview(ombria_test: Path, out: Path, device: str) -> tuple[Path, lis
 
 
 def main(argv=None) -> int:
-    shared = Path(__file__).resolve().parents[2] / "shared" / "data"
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--data", type=Path, default=shared, help="the shared data folder")
+    parser.add_argument("--data", type=Path, default=shared_data_dir(), help="the shared data folder")
     parser.add_argument("--out", type=Path, default=Path("demo_out"))
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)

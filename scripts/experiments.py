@@ -1,6 +1,6 @@
 """Learning on real pixels: the short CPU runs that show each pipeline learns, on the shared real data.
 
-    python -m geochange.trainer.experiments {finetune,o2sp,mtkd,all} [--data ../shared/data] [--out runs/experiments]
+    python scripts/experiments.py {finetune,o2sp,mtkd,all} [--data ../shared/data] [--out runs/experiments]
         [--scale 1.0]
 
 * ``finetune``: the TinyCD authors' LEVIR-CD weights fine-tuned on LEVIR-CD + DSIFN (train splits); F1 on
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import numpy as np
 
 from geochange.engine.importers import import_weights
 from geochange.engine.package import load_package
+from geochange.engine.shared_data import shared_data_dir
 from geochange.trainer.config import deep_merge, validate
 from geochange.trainer.data import build_splits
 from geochange.trainer.evaluation import evaluate_items, predictor_for, whole_image
@@ -73,7 +73,7 @@ def _loss_curve(work_dir: Path, points: int = 8) -> list[tuple[int, float]]:
 
 
 def _curve_line(curve) -> str:
-    return "loss (mean per stretch, up to iteration): " + ", ".join(f"{l:.3f} (≤{i})" for i, l in curve)
+    return "loss (mean per stretch, up to iteration): " + ", ".join(f"{loss:.3f} (≤{i})" for i, loss in curve)
 
 
 def finetune(data: Path, out: Path, scale: float) -> tuple[str, dict]:
@@ -97,7 +97,8 @@ def finetune(data: Path, out: Path, scale: float) -> tuple[str, dict]:
     for spec in datasets:
         name = Path(spec["root"]).name
         parts = build_splits([spec])
-        for label, items in (("test split", parts["test"]), ("all pairs", parts["train"] + parts["val"] + parts["test"])):
+        for label, items in (("test split", parts["test"]),
+                             ("all pairs", parts["train"] + parts["val"] + parts["test"])):
             before, after = _scores(authors, items), _scores(tuned, items)
             figures[f"{name}, {label}"] = {"before": before, "after": after}
             lines.append(f"| {name}, {label} | {len(items)} | {before['f1']:.4f} | {after['f1']:.4f} | "
@@ -176,11 +177,10 @@ EXPERIMENTS = {"finetune": finetune, "o2sp": o2sp, "mtkd": mtkd}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m geochange.trainer.experiments", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python scripts/experiments.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiment", choices=[*EXPERIMENTS, "all"])
-    default_data = os.environ.get("GEOCHANGE_SHARED_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
-    parser.add_argument("--data", default=default_data, help="the shared real data folder")
+    parser.add_argument("--data", default=shared_data_dir(), help="the shared real data folder")
     parser.add_argument("--out", default="runs/experiments")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies every iteration count")
     args = parser.parse_args(argv)
