@@ -14,7 +14,7 @@ import torch
 
 from geochange.engine.models import create, list_models, spec
 from geochange.engine.models.stats import count_params
-from geochange.engine.predict import keep_freed_memory
+from geochange.engine.process import configure_process
 
 
 def machine(device: torch.device) -> str:
@@ -49,10 +49,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--models", nargs="*", default=None)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    configure_process(threads=args.threads)  # as the engine's runs are
     device = torch.device(args.device)
-    if device.type == "cpu":
-        keep_freed_memory()  # as the engine's CPU runs do
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     rows = [f"Machine: {machine(device)}; {args.precision}; mean of {args.repeats} runs after one warm-up.", "",
             "| model | params (M) | ms/pair, batch 1 | ms/pair, batch 8 |", "|---|---:|---:|---:|"]

@@ -98,16 +98,17 @@ def _child(job: dict) -> dict:
     from geochange.engine.models import create
     from geochange.engine.manifest import make_manifest
     from geochange.engine.package import ModelPackage, load_package
+    from geochange.engine.process import configure_process
 
     torch.manual_seed(0)
-    torch.set_num_threads(job["threads"])
+    configure_process(threads=job["threads"])  # as the command line's runs are
     if job["package"]:
         package = load_package(job["package"])
     else:  # both dates RGB, as the mosaics are
         package = ModelPackage(create(job["model"]).eval(),
                                make_manifest(job["model"], inputs={"pre": optical_input(3), "post": optical_input(3)}))
     setup = prepare(job["pre"], job["post"], package, tile=job["tile"], overlap=job["overlap"], device=job["device"],
-                    precision=job["precision"], threshold=0.5)
+                    precision=job["precision"], threshold=0.5, size_gdal_cache=True)
     plan, batch = setup.plan, job["batch"]
 
     # The first tile row through the pipeline (its rows not written) before any timing: one-time set-up

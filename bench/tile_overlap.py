@@ -17,12 +17,14 @@ from pathlib import Path
 import rasterio
 from rasterio.transform import from_origin
 
+from geochange.engine.contracts import MASK_CHANGE
 from geochange.engine.evaluate import change_label
 from geochange.engine.hardware import cpu_name
 from geochange.engine.importers import import_weights
 from geochange.engine.inference import detect
 from geochange.engine.metrics import ConfusionMeter
 from geochange.engine.package import load_package
+from geochange.engine.process import configure_process
 from geochange.engine.rasters import read_image
 from geochange.engine.shared_data import shared_data_dir
 from geochange.engine.zoo import zoo_index
@@ -49,7 +51,7 @@ def f1(model, pairs, tile: int, overlap: int, work: Path) -> float:
                         tile=tile, overlap=overlap, device="cpu")
         with rasterio.open(result.mask) as src, rasterio.open(label) as truth:
             change, labelled = change_label(truth.read(1), label)
-            meter.add(src.read(1) == 255, change, labelled)
+            meter.add(src.read(1) == MASK_CHANGE, change, labelled)
     return meter.summary()["global"]["f1"]
 
 
@@ -57,6 +59,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=str(Path(__file__).with_name("tile_overlap.md")))
     args = parser.parse_args()
+    configure_process()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         levir = SHARED / "levir_tile_georef"

@@ -12,6 +12,17 @@ from pathlib import Path
 
 from geochange.engine.errors import OutputError, output_error
 
+_TOKEN_DIGITS = 8  # hex digits of the token that tells one run's temporaries from another's
+
+
+def _token() -> str:
+    return uuid.uuid4().hex[:_TOKEN_DIGITS]
+
+
+def _temporary_name(stem: str, token: str, suffix: str) -> str:
+    """``.NAME.TOKEN.partial.EXT`` for ``NAME.EXT``: hidden, one run's, and keeping the suffix."""
+    return f".{stem}.{token}.partial{suffix}"
+
 
 class AtomicOutputs:
     """Outputs that take their final names together, or not at all.
@@ -44,7 +55,7 @@ class AtomicOutputs:
             for left in temporaries(final):
                 if not left.name.startswith(ours):
                     remove_quietly(left)
-        temporary = final.with_name(f".{final.stem}.{uuid.uuid4().hex[:8]}.partial{final.suffix}")
+        temporary = final.with_name(_temporary_name(final.stem, _token(), final.suffix))
         self._outputs.append((temporary, final))
         return temporary
 
@@ -89,7 +100,7 @@ class AtomicOutputs:
                 if target.is_dir():
                     raise OutputError(f"{target}: a folder is in the way of this output")
                 moves.append((part, target))
-        token = uuid.uuid4().hex[:8]
+        token = _token()
         with _signals_held() as caught:
             done = []  # (temporary, target, where the target's old file went)
             try:
@@ -140,7 +151,7 @@ def atomic_path(path: str | os.PathLike):
 def temporaries(final: Path) -> list[Path]:
     """The temporaries of ``final`` in its folder (``.NAME.xxxxxxxx.partial.EXT``) and their side files
     (``.partial.stage.tif``, ``.partial.gpkg-journal`` ...)."""
-    return list(final.parent.glob(f".{glob.escape(final.stem)}.????????.partial*"))
+    return list(final.parent.glob(_temporary_name(glob.escape(final.stem), "?" * _TOKEN_DIGITS, "*")))
 
 
 def remove_left_temporaries(outputs) -> None:

@@ -17,18 +17,19 @@ OUTPUT_NAMES = {"probability": "change_probability.tif", "mask": "change_mask.ti
 def _cmd_detect(args) -> int:
     from geochange.engine.distributed import distributed_detect, launched_by_torchrun
     from geochange.engine.inference import detect
+    from geochange.engine.process import configure_process
     from geochange.engine.progress import TqdmProgress
 
+    configure_process(threads=args.threads)
     out = Path(args.out)
     names = dict(OUTPUT_NAMES, polygons=f"change_polygons.{args.vector_format}")
     run = distributed_detect if launched_by_torchrun() else detect
     result = run(args.pre, args.post, args.model, **{k: out / v for k, v in names.items()},
-                    tile=args.tile, overlap=args.overlap, batch=args.batch, device=args.device,
-                    precision=args.precision, threads=args.threads, tta=args.tta,
-                    threshold=args.threshold, min_area=args.min_area, simplify=args.simplify,
-                    pre_bands=args.pre_bands, post_bands=args.post_bands, grid=args.grid, crs=args.crs,
-                    resolution=args.resolution, sar_db=args.sar_db, pre_scale=args.pre_scale,
-                    post_scale=args.post_scale, progress=TqdmProgress())
+                 tile=args.tile, overlap=args.overlap, batch=args.batch, device=args.device,
+                 precision=args.precision, tta=args.tta, threshold=args.threshold, min_area=args.min_area,
+                 simplify=args.simplify, pre_bands=args.pre_bands, post_bands=args.post_bands, grid=args.grid,
+                 crs=args.crs, resolution=args.resolution, sar_db=args.sar_db, pre_scale=args.pre_scale,
+                 post_scale=args.post_scale, size_gdal_cache=True, progress=TqdmProgress())
     if result is None:  # a rank other than 0 of a torchrun
         return 0
     unit = "m2" if result.grid.crs is not None else "px (no CRS: a pixel grid)"
@@ -43,8 +44,10 @@ def _cmd_evaluate(args) -> int:
     from geochange.engine.evaluate import evaluate_folder
     from geochange.engine.metrics import format_summary
     from geochange.engine.package import load_package
+    from geochange.engine.process import configure_process
     from geochange.engine.progress import TqdmProgress
 
+    configure_process()
     summary = evaluate_folder(load_package(args.model), args.data, device=args.device, tile=args.tile,
                               overlap=args.overlap, batch=args.batch, threshold=args.threshold, tta=args.tta,
                               ignore_value=args.ignore_value, progress=TqdmProgress("evaluate"))

@@ -29,6 +29,10 @@ class PackageError(GeoChangeError, ValueError):
     """A file is not a usable GeoChange package (model or router); the message says why."""
 
 
+class CheckpointError(GeoChangeError, ValueError):
+    """A foreign checkpoint cannot be read, or does not fit the model it is loaded into."""
+
+
 class OutputError(GeoChangeError, OSError):
     """An output cannot be written (a folder that cannot be made or written in, a file in the way, a full disk)."""
 

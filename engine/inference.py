@@ -25,8 +25,9 @@ from geochange.engine.inputs import model_channels
 from geochange.engine.outputs import BLOCK, ChangeWriter
 from geochange.engine.package import ModelPackage, RouterPackage, load_model
 from geochange.engine.predict import Predictor, model_tta
+from geochange.engine.process import bound_gdal_cache
 from geochange.engine.progress import Progress
-from geochange.engine.rasters import bound_gdal_cache, open_raster, select_bands, valid_mask
+from geochange.engine.rasters import open_raster, select_bands, valid_mask
 from geochange.engine.routing import RouterPredictor
 from geochange.engine.windows import WindowPlan, blend_weights
 
@@ -262,17 +263,17 @@ def fit_batch(plan: WindowPlan, batch: int, channels: int, log=lambda message: N
 
 
 def prepare(pre_path, post_path, model, *, tile: int | None = None, overlap: int = 64, batch: int = 4,
-            device: str = "auto", precision: str = "bf16", threads: int | None = None, tta: bool = False,
-            threshold: float | None = None, pre_bands: list[int] | None = None, post_bands: list[int] | None = None,
-            grid: str = "pre", crs: str | None = None, resolution: float | None = None, sar_db: bool = False,
+            device: str = "auto", precision: str = "bf16", tta: bool = False, threshold: float | None = None,
+            pre_bands: list[int] | None = None, post_bands: list[int] | None = None, grid: str = "pre",
+            crs: str | None = None, resolution: float | None = None, sar_db: bool = False,
             pre_scale: float | None = None, post_scale: float | None = None, readers: int | None = None,
-            progress: Progress | None = None) -> DetectSetup:
-    """Load the model, check both rasters against it and find their common grid (see ``detect``)."""
+            size_gdal_cache: bool = False, progress: Progress | None = None) -> DetectSetup:
+    """Load the model, check both rasters against it and find their common grid (see ``detect``).
+    ``size_gdal_cache``: bound GDAL's block cache, process-wide, to this run's (``process.bound_gdal_cache``);
+    for the programs that own their process (the command line, the worker)."""
     progress = progress or Progress()
     check_threshold(threshold)
     package = model if isinstance(model, (ModelPackage, RouterPackage)) else load_model(model)
-    if threads:
-        torch.set_num_threads(threads)
 
     first = package.original if isinstance(package, RouterPackage) else package
     if tile is None:  # the window the model was trained on
@@ -299,7 +300,8 @@ def prepare(pre_path, post_path, model, *, tile: int | None = None, overlap: int
         bands = (select_bands(pre, inputs["pre"], "pre", pre_bands),
                  select_bands(post, inputs["post"], "post", post_bands))
         readers = default_readers(predictor) if readers is None else readers
-        bound_gdal_cache(blocks_in_use(common.width, tile, [(pre, bands[0]), (post, bands[1])], max(1, readers)))
+        if size_gdal_cache:
+            bound_gdal_cache(blocks_in_use(common.width, tile, [(pre, bands[0]), (post, bands[1])], max(1, readers)))
     plan = WindowPlan(common.height, common.width, tile, overlap)
     batch = fit_batch(plan, batch, model_channels(inputs["pre"]) + model_channels(inputs["post"]), progress.log)
     threads = torch.get_num_threads()
@@ -350,7 +352,7 @@ def detect(pre_path: str | os.PathLike, post_path: str | os.PathLike, model: str
 
     Both dates are read on a common grid (``grid`` = ``pre`` or ``post``, or a given ``crs`` and
     ``resolution``) over the intersection of their footprints. Options (see ``prepare``): ``tile``
-    (default: the model's), ``overlap``, ``device``, ``precision``, ``threads``, ``tta``; ``threshold``
+    (default: the model's), ``overlap``, ``device``, ``precision``, ``tta``, ``size_gdal_cache``; ``threshold``
     (default: the package's); ``pre_bands``/``post_bands``, 1-based band indexes in the order the model wants;
     ``pre_scale``/``post_scale``, the raw value meaning 1.0 (default: by data type); ``sar_db``, float
     SAR input in dB. ``min_area`` is in m2, ``simplify`` in map units. ``readers``: reader threads, and

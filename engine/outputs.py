@@ -15,12 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from geochange.engine.atomic import AtomicOutputs, remove_quietly
+from geochange.engine.contracts import MASK_CHANGE, MASK_NO_CHANGE, MASK_NODATA, PROBABILITY_NODATA
 from geochange.engine.errors import OutputError, gdal_write_errors, output_error
 from geochange.engine.grid import Grid
 from geochange.engine.vectorize import PolygonAssembler, PolygonWriter
 
-PROBABILITY_NODATA = -1.0
-MASK_NODATA = 127  # the mask holds 0 (no change) and 255 (change)
 BLOCK = 512
 
 
@@ -171,7 +170,8 @@ class ChangeWriter:
         valid = valid & np.isfinite(probability)
         changed = valid & (probability > self.threshold)  # strict, as argmax and the authors do
         self._prob.write(row_start, np.where(valid, probability, PROBABILITY_NODATA), valid)
-        mask = np.where(changed, np.uint8(255), np.where(valid, np.uint8(0), np.uint8(MASK_NODATA)))
+        mask = np.where(changed, np.uint8(MASK_CHANGE),
+                        np.where(valid, np.uint8(MASK_NO_CHANGE), np.uint8(MASK_NODATA)))
         self._mask.write(row_start, mask, valid)
         self._polygons.write(self._assembler.add_band(row_start, changed, probability, valid))
 

@@ -3,12 +3,9 @@
 On CUDA the model runs in bf16/fp16 autocast, channels_last, from pinned host memory with
 non-blocking copies; a CUDA out-of-memory halves the batch and retries. Optional test-time
 augmentation (the trainer's test and Open-CD's: scales x horizontal flip) averages the probabilities.
+The process-wide tuning (cuDNN's autotuning, glibc's allocator) is the calling program's: ``engine.process``.
 """
 from __future__ import annotations
-
-import ctypes
-import functools
-import sys
 
 import numpy as np
 import torch
@@ -42,28 +39,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     elif device.type != "cpu":
         raise GeoChangeError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
     return device
-
-
-@functools.cache
-def keep_freed_memory() -> None:
-    """Let glibc keep large freed blocks in the process instead of returning them to the OS.
-
-    A CPU forward allocates activations of hundreds of MB; by default glibc serves each from a fresh
-    ``mmap`` and unmaps it on free, so every batch page-faults its memory in again, mostly as system
-    time. Any finite threshold leaves some model paging: M2CD-MiT-b0's head concatenates 1 GiB for 4
-    windows of 512 px, and a 2 GiB trim threshold let glibc trim it again. So both thresholds are set
-    to "never" (process-wide, once): memory is reused from the heap; RSS stays at its peak.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    never = -1  # mallopt takes an int that glibc reads as size_t: -1 is SIZE_MAX
-    libc.mallopt(m_mmap_threshold, never)
-    libc.mallopt(m_trim_threshold, never)
 
 
 def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -137,11 +112,8 @@ class Predictor:
                                   f"not {scale}")
         self.sar_db = sar_db
         self.model = package.model.to(self.device).eval()
-        if self.device.type == "cpu":
-            keep_freed_memory()
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
-            torch.backends.cudnn.benchmark = True  # windows share one size: tune each convolution once
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._graphs: dict = {}  # input shapes -> (static inputs, graph, static output)
         self.inputs = package.manifest["inputs"]

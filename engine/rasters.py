@@ -12,20 +12,6 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from geochange.engine.errors import RasterError
 
 
-# GDAL's block cache defaults to 5 % of the machine's memory and fills with the blocks of large rasters
-# (read and written), so peak memory would grow with the raster's height; it is sized instead to the
-# blocks a run keeps in use at once, which depend on the raster's width only.
-MIN_GDAL_CACHE_BYTES = 256 * 2**20
-
-
-def bound_gdal_cache(in_use: int = 0) -> None:
-    """GDAL's block cache: twice the bytes of blocks a run keeps in use (``in_use``), at least 256 MB.
-    Smaller, and blocks are evicted and decoded again before their last window is read."""
-    from osgeo import gdal
-
-    gdal.SetCacheMax(max(MIN_GDAL_CACHE_BYTES, 2 * in_use))
-
-
 def open_raster(path: str | os.PathLike, *, georeferenced: bool = True):
     """Open a raster for reading; a missing or unreadable file raises ``RasterError`` naming it, and so
     does, if ``georeferenced``, one located by ground control points only, which the engine cannot place."""

@@ -1,33 +1,33 @@
-"""The engine as a child process: one JSON job on stdin, JSON lines on stdout.
+"""The engine as a child process: one JSON job on stdin, JSON lines on stdout (``engine.contracts``).
 
     echo '{"task": "info", "args": {"model": "m.safetensors"}}' | python -m geochange.engine.worker
 
 Front ends that must survive whatever the engine does (QGIS) run it this way: a segfault or a CUDA
-fault kills only this process, and the GPU memory is given back when it exits. Lines written on
-stdout, one JSON object each:
-
-    {"progress": 42.0}                  percent done
-    {"log": "text"}                     a line for the user
-    {"result": {...}}                   the task's answer (last line, exit status 0)
-    {"error": "text", "kind": "..."}    the engine's message (last line, exit status 2; 1 for a bug,
-                                        with "traceback"); a missing dependency adds "missing"
-                                        and "python", a cancel adds "cancelled": true
+fault kills only this process, and the GPU memory is given back when it exits. The tasks that run a
+model first tune the process as the command line does (``engine.process``).
 
 SIGTERM cancels (``progress.cancel_on_sigterm``): no temporary output is left behind. Only the
-standard library (and the engine's stdlib-only errors and progress modules) is imported at module
-level, so that missing dependencies are reported as such instead of as an import traceback.
+standard library (and the engine's stdlib-only errors, progress and contracts modules) is imported at
+module level, so that missing dependencies are reported as such instead of as an import traceback.
 """
 from __future__ import annotations
 
 import faulthandler
 import importlib
 import importlib.util
-import json
 import os
 import sys
 import traceback
 from pathlib import Path
 
+from geochange.engine.contracts import (
+    MISSING_DEPENDENCY,
+    EngineError,
+    log_line,
+    progress_line,
+    read_job,
+    result_line,
+)
 from geochange.engine.errors import Cancelled, GeoChangeError
 from geochange.engine.progress import Progress, cancel_on_sigterm
 
@@ -43,8 +43,8 @@ PIP_NAMES = {"skimage": "scikit-image", "osgeo": "GDAL", "yaml": "pyyaml", "nump
 
 
 class _Emitter:
-    """Writes protocol lines to a private copy of stdout; fd 1 itself is pointed at stderr, so that
-    anything a library prints (from Python or C) cannot corrupt the protocol."""
+    """Writes protocol lines (made by ``engine.contracts``) to a private copy of stdout; fd 1 itself is
+    pointed at stderr, so that anything a library prints (from Python or C) cannot corrupt the protocol."""
 
     def __init__(self):
         import threading
@@ -54,10 +54,9 @@ class _Emitter:
         os.dup2(2, 1)
         sys.stdout = sys.stderr
 
-    def __call__(self, **message) -> None:
-        line = json.dumps(message, default=str) + "\n"
+    def __call__(self, line: str) -> None:
         with self._lock:  # training progress comes from a second thread
-            self._out.write(line)
+            self._out.write(line + "\n")
             self._out.flush()
 
 
@@ -82,10 +81,10 @@ def json_progress(emit):
     class JsonProgress(Progress):
         def update(self, done: int, total: int) -> None:
             if total > 0:
-                emit(progress=round(100.0 * done / total, 3))
+                emit(progress_line(done, total))
 
         def log(self, message: str) -> None:
-            emit(log=message)
+            emit(log_line(message))
 
     return JsonProgress()
 
@@ -93,10 +92,13 @@ def json_progress(emit):
 def run_detect(args: dict, emit) -> dict:
     from geochange.engine.inference import detect
     from geochange.engine.package import describe_model
+    from geochange.engine.process import configure_process
 
     args = dict(args)
-    emit(log=f"model {Path(args['model']).name}:\n{describe_model(args['model'])['text']}")
-    result = detect(args.pop("pre"), args.pop("post"), args.pop("model"), progress=json_progress(emit), **args)
+    configure_process(threads=args.pop("threads", None))
+    emit(log_line(f"model {Path(args['model']).name}:\n{describe_model(args['model'])['text']}"))
+    result = detect(args.pop("pre"), args.pop("post"), args.pop("model"), progress=json_progress(emit),
+                    size_gdal_cache=True, **args)
     return {"probability": str(result.probability), "mask": str(result.mask),
             "polygons": str(result.polygons), "polygon_count": result.polygon_count,
             "changed_area_m2": result.changed_area_m2, "area_unit": "m²" if result.grid.crs is not None else "px"}
@@ -113,10 +115,12 @@ def run_vectorize(args: dict, emit) -> dict:
 def run_evaluate(args: dict, emit) -> dict:
     from geochange.engine.evaluate import evaluate_folder
     from geochange.engine.package import describe_model, load_package
+    from geochange.engine.process import configure_process
 
+    configure_process()
     args = dict(args)
     model = args.pop("model")
-    emit(log=f"model {Path(model).name}:\n{describe_model(model)['text']}")
+    emit(log_line(f"model {Path(model).name}:\n{describe_model(model)['text']}"))
     summary = evaluate_folder(load_package(model), args.pop("data"), progress=json_progress(emit), **args)
     return summary
 
@@ -142,26 +146,25 @@ def main(tasks: dict = TASKS, needs: dict = NEEDS) -> int:
     faulthandler.enable()  # a segfault prints the Python stack on stderr before the process dies
     cancel_on_sigterm()
     try:
-        job = json.loads(sys.stdin.read())
-        task, args = job["task"], job.get("args", {})
+        task, args = read_job(sys.stdin.read())
         if task not in tasks:
-            emit(error=f"unknown task {task!r}; known: {', '.join(tasks)}", kind="ValueError")
+            emit(EngineError(f"unknown task {task!r}; known: {', '.join(tasks)}", "ValueError").line())
             return 2
         missing = missing_modules(task, needs)
         if missing:
-            emit(error=f"missing Python packages: {', '.join(missing)}", kind="MissingDependency",
-                 missing={m: {"pip": PIP_NAMES.get(m, m), "reason": why} for m, why in missing.items()},
-                 python=sys.executable, version=sys.version.split()[0],
-                 venv=sys.prefix != sys.base_prefix)
+            emit(EngineError(f"missing Python packages: {', '.join(missing)}", MISSING_DEPENDENCY,
+                             missing={m: {"pip": PIP_NAMES.get(m, m), "reason": why} for m, why in missing.items()},
+                             python=sys.executable, version=sys.version.split()[0],
+                             venv=sys.prefix != sys.base_prefix).line())
             return 2
-        emit(log=f"GeoChange engine {_engine_origin()} on Python {sys.version.split()[0]} ({sys.executable})")
-        emit(result=tasks[task](args, emit))
+        emit(log_line(f"GeoChange engine {_engine_origin()} on Python {sys.version.split()[0]} ({sys.executable})"))
+        emit(result_line(tasks[task](args, emit)))
         return 0
     except Exception as e:
         if isinstance(e, GeoChangeError):
-            emit(error=str(e), kind=type(e).__name__, cancelled=isinstance(e, Cancelled))
+            emit(EngineError(str(e), type(e).__name__, cancelled=isinstance(e, Cancelled)).line())
             return 2
-        emit(error=f"{type(e).__name__}: {e}", kind=type(e).__name__, traceback=traceback.format_exc())
+        emit(EngineError(f"{type(e).__name__}: {e}", type(e).__name__, traceback=traceback.format_exc()).line())
         return 1
 
 

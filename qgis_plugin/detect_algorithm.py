@@ -18,6 +18,7 @@ from qgis.core import (
 )
 from qgis.core import QgsProcessingException
 
+from geochange.engine.contracts import MASK_CHANGE, MASK_NO_CHANGE, MASK_NODATA, PROBABILITY_NODATA
 from geochange.engine.zoo import zoo_index
 from geochange.qgis_plugin import styles
 from geochange.qgis_plugin.engine_algorithm import EngineAlgorithm, tr
@@ -155,10 +156,11 @@ class DetectChangesAlgorithm(EngineAlgorithm):
         "THRESHOLD": "Probability above which a pixel counts as changed. Empty: the threshold stored in the "
                      "model package (usually 0.5). Re-threshold later without running the model with "
                      "<i>Vectorise change probability</i>.",
-        "OUTPUT_PROBABILITY": "Cloud-Optimised GeoTIFF on the output grid, float 0..1 per pixel; -1 (nodata) "
-                              "where an input has no data. Loaded with a pseudo-colour ramp.",
-        "OUTPUT_MASK": "Cloud-Optimised GeoTIFF, 255 = changed, 0 = unchanged, 127 = nodata. Loaded with changes "
-                       "in red and the rest transparent.",
+        "OUTPUT_PROBABILITY": f"Cloud-Optimised GeoTIFF on the output grid, float 0..1 per pixel; "
+                              f"{PROBABILITY_NODATA:g} (nodata) where an input has no data. Loaded with a "
+                              "pseudo-colour ramp.",
+        "OUTPUT_MASK": f"Cloud-Optimised GeoTIFF, {MASK_CHANGE} = changed, {MASK_NO_CHANGE} = unchanged, "
+                       f"{MASK_NODATA} = nodata. Loaded with changes in red and the rest transparent.",
         "OUTPUT_POLYGONS": "GeoPackage of the changed areas with their area in square metres "
                            "(<code>area_m2</code>) and the mean and maximum change probability inside them "
                            "(<code>mean_prob</code>, <code>max_prob</code>), and the names of the two rasters. "

@@ -25,10 +25,9 @@ from qgis.core import (
 )
 from qgis.PyQt.QtGui import QColor
 
+from geochange.engine.contracts import MASK_CHANGE, MASK_NO_CHANGE
+
 CHANGE_COLOUR = QColor(227, 26, 28)
-# The engine's mask values (engine.rasters): 0 no change, 255 change, 127 nodata.
-MASK_CHANGE = 255
-MASK_NO_CHANGE = 0
 
 
 def probability_ramp() -> QgsGradientColorRamp:

@@ -1,13 +1,13 @@
 """Run an engine task in a child Python process and relay it to a Processing feedback.
 
-QGIS never imports torch: the engine runs in ``geochange.engine.worker`` under an interpreter chosen
-by ``worker_python``. Its JSON lines become progress and log messages, Cancel terminates it (SIGTERM,
-on which the engine removes its temporaries), its errors become ``QgsProcessingException`` with the
-engine's message, and a crash (segfault, CUDA fault, out-of-memory kill) ends only the child.
+QGIS never imports torch: the engine runs in the task's worker module (``engine.contracts.WORKERS``)
+under an interpreter chosen by ``worker_python``. Its JSON lines (``engine.contracts``) become progress
+and log messages, Cancel terminates it (SIGTERM, on which the engine removes its temporaries), its
+errors become ``QgsProcessingException`` with the engine's message, and a crash (segfault, CUDA fault,
+out-of-memory kill) ends only the child.
 """
 from __future__ import annotations
 
-import json
 import os
 import queue
 import re
@@ -21,6 +21,7 @@ from pathlib import Path
 
 from qgis.core import QgsProcessingException, QgsSettings
 
+from geochange.engine import contracts
 from geochange.engine.atomic import remove_left_temporaries
 
 PLUGIN_ROOT = Path(__file__).resolve().parent.parent
@@ -87,20 +88,20 @@ def _worker_environment(python: Path) -> dict:
     return env
 
 
-def missing_dependency_message(error: dict, origin: str) -> str:
-    missing = error["missing"]
-    python = error["python"]
+def missing_dependency_message(error: contracts.EngineError, origin: str) -> str:
+    missing = error.missing
+    python = error.python
     # GDAL's bindings come from the system (see below), everything else from pip.
     packages = " ".join(f'"{m["pip"]}"' if "<" in m["pip"] else m["pip"]
                         for name, m in missing.items() if name != "osgeo")
     lines = [
         f"GeoChange needs Python packages that the interpreter running its engine lacks: "
         f"{', '.join(missing)}.",
-        f"Interpreter: {python} (Python {error['version']}), chosen by {origin}.",
+        f"Interpreter: {python} (Python {error.version}), chosen by {origin}.",
         "Install them into that interpreter with:",
         f"    {python} -m pip install {packages}",
     ]
-    if not error.get("venv"):
+    if not error.venv:
         lines += ["That interpreter is not a virtual environment; if pip refuses to install into it, make one "
                   "that still sees QGIS's GDAL bindings and install there:",
                   f"    {python} -m venv --system-site-packages ~/geochange-venv",
@@ -162,11 +163,9 @@ def run_task(task: str, args: dict, feedback, outputs=(), options=None) -> dict:
         raise QgsProcessingException(f"The Python interpreter for the GeoChange engine, {python} (chosen by "
                                      f"{origin}), does not exist.")
     try:
-        # Training is a layer above the engine: its worker adds the train task to the engine's.
-        module = "geochange.trainer.worker" if task == "train" else "geochange.engine.worker"
-        process = subprocess.Popen([str(python), "-c", BOOTSTRAP, str(PLUGIN_ROOT), module], stdin=subprocess.PIPE,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8",
-                                   errors="replace", env=_worker_environment(python))
+        process = subprocess.Popen([str(python), "-c", BOOTSTRAP, str(PLUGIN_ROOT), contracts.WORKERS[task]],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   encoding="utf-8", errors="replace", env=_worker_environment(python))
     except OSError as e:
         raise QgsProcessingException(f"Cannot start the GeoChange engine with {python} ({origin}): {e}") from e
     with process:  # closes the pipes however this ends
@@ -179,7 +178,7 @@ def _follow(process, task, args, feedback, outputs, python, origin, options) -> 
     for stream, tag in ((process.stdout, "out"), (process.stderr, "err")):
         threading.Thread(target=_read_lines, args=(stream, tag, lines), daemon=True).start()
     try:
-        process.stdin.write(json.dumps({"task": task, "args": args}))
+        process.stdin.write(contracts.job_text(task, args))
         process.stdin.close()
     except BrokenPipeError:  # it died at once; its exit status and stderr below say why
         pass
@@ -203,20 +202,18 @@ def _follow(process, task, args, feedback, outputs, python, origin, options) -> 
         elif tag == "err":
             stderr_tail.append(line)
             feedback.pushDebugInfo(line)
+        elif (message := contracts.read_line(line)) is None:
+            feedback.pushDebugInfo(line)
         else:
-            try:
-                message = json.loads(line)
-            except json.JSONDecodeError:
-                feedback.pushDebugInfo(line)
-                continue
-            if "progress" in message:
-                feedback.setProgress(message["progress"])
-            elif "log" in message:
-                feedback.pushInfo(message["log"])
-            elif "result" in message:
-                result = message["result"]
-            elif "error" in message:
-                error = message
+            kind, value = message
+            if kind == contracts.PROGRESS:
+                feedback.setProgress(value)
+            elif kind == contracts.LOG:
+                feedback.pushInfo(value)
+            elif kind == contracts.RESULT:
+                result = value
+            else:
+                error = value
     returncode = process.wait()
 
     if result is not None:
@@ -224,13 +221,13 @@ def _follow(process, task, args, feedback, outputs, python, origin, options) -> 
     if returncode < 0 or error is None:
         remove_left_temporaries(outputs)
     if cancelled_at is not None:
-        how = "stopped cleanly" if error is not None and error.get("cancelled") else "was ended"
+        how = "stopped cleanly" if error is not None and error.cancelled else "was ended"
         raise QgsProcessingException(f"GeoChange: cancelled by the user; the engine process {how} and no "
                                      "output was written.")
     if error is None:
         raise QgsProcessingException(_crash_message(task, returncode, python, stderr_tail))
-    if error.get("kind") == "MissingDependency":
+    if error.kind == contracts.MISSING_DEPENDENCY:
         raise QgsProcessingException(missing_dependency_message(error, origin))
-    if error.get("traceback"):
-        feedback.reportError(error["traceback"])
-    raise QgsProcessingException(parameter_names(error["error"], options))
+    if error.traceback:
+        feedback.reportError(error.traceback)
+    raise QgsProcessingException(parameter_names(error.message, options))

@@ -16,10 +16,12 @@ import numpy as np
 
 from geochange.engine.atomic import atomic_path
 from geochange.engine.cli import OUTPUT_NAMES
+from geochange.engine.contracts import MASK_CHANGE
 from geochange.engine.errors import RasterError
 from geochange.engine.evaluate import change_label
 from geochange.engine.importers import import_weights
 from geochange.engine.inference import detect
+from geochange.engine.process import configure_process
 from geochange.engine.progress import TqdmProgress
 from geochange.engine.rasters import open_raster, read_image
 from geochange.engine.shared_data import shared_data_dir
@@ -71,7 +73,7 @@ def flood_overview(ombria_test: Path, out: Path, device: str) -> tuple[Path, lis
         folder = out / "flood" / Path(name).stem
         outputs = {k: folder / v for k, v in OUTPUT_NAMES.items()}
         detect(ombria_test / "A" / name, ombria_test / "B" / name, FLOOD_MODEL, **outputs, device=device)
-        predicted = read_image(outputs["mask"])[0] == 255
+        predicted = read_image(outputs["mask"])[0] == MASK_CHANGE
         meter = ConfusionMeter()
         meter.add(predicted, label, np.ones_like(label))
         scores.append(meter.summary()["global"]["f1"])
@@ -99,6 +101,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("demo_out"))
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
+    configure_process()
     tile = args.data / "levir_tile_georef"
     if not tile.is_dir():
         print(f"demo data not found: {tile}", file=sys.stderr)

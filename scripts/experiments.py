@@ -27,6 +27,7 @@ import numpy as np
 
 from geochange.engine.importers import import_weights
 from geochange.engine.package import load_package
+from geochange.engine.process import configure_process
 from geochange.engine.shared_data import shared_data_dir
 from geochange.trainer.config import deep_merge, validate
 from geochange.trainer.data import build_splits
@@ -184,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/experiments")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies every iteration count")
     args = parser.parse_args(argv)
+    configure_process()
     out, data = Path(args.out), Path(args.data)
     out.mkdir(parents=True, exist_ok=True)
     for name in EXPERIMENTS if args.experiment == "all" else [args.experiment]:

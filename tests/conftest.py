@@ -31,6 +31,17 @@ def tinycd_package(shared_data, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def random_package(tmp_path_factory) -> Path:
+    """TinyCD with random weights in a package."""
+    from geochange.engine.manifest import make_manifest
+    from geochange.engine.models import create
+    from geochange.engine.package import save_package
+
+    path = tmp_path_factory.mktemp("pkg") / "random_tinycd.safetensors"
+    return save_package(create("tinycd").eval(), make_manifest("tinycd"), path)
+
+
 @pytest.fixture
 def one_and_two_ranks(tmp_path):
     """``run(args, port)``: ``geochange detect ARGS`` in one process, then under torchrun with two

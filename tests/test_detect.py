@@ -11,14 +11,11 @@ import rasterio
 from osgeo import ogr
 from rasterio.transform import from_origin
 
+from geochange.engine.contracts import MASK_NODATA, PROBABILITY_NODATA
 from geochange.engine.errors import Cancelled, GeoChangeError, RasterError
 from geochange.engine.inference import detect, prepare, stream_rows, write_outputs
-from geochange.engine.manifest import make_manifest
 from geochange.engine.metrics import confusion, scores
-from geochange.engine.models import create
-from geochange.engine.package import save_package
 from geochange.engine.progress import Progress
-from geochange.engine.outputs import MASK_NODATA, PROBABILITY_NODATA
 
 GEOCHANGE = [sys.executable, "-m", "geochange.engine"]
 
@@ -91,12 +88,6 @@ def test_polygons_as_shapefile_and_geojson(tmp_path, random_package, name, files
     fields = {k: feature.GetField(k) for k in ("id", "area_m2", "mean_prob", "max_prob", "pre", "post")}
     assert fields["id"] == 1 and fields["area_m2"] == pytest.approx(96 * 96 * 0.25, rel=1e-3)
     assert (fields["pre"], fields["post"]) == ("a.tif", "b.tif") and result.polygon_count == 1
-
-
-@pytest.fixture(scope="module")
-def random_package(tmp_path_factory):
-    path = tmp_path_factory.mktemp("pkg") / "random_tinycd.safetensors"
-    return save_package(create("tinycd").eval(), make_manifest("tinycd"), path)
 
 
 def write_raster(path, data, crs="EPSG:32614", transform=from_origin(630000, 3340000, 0.5, 0.5), nodata=None):
@@ -266,17 +257,19 @@ def test_peak_memory_follows_the_raster_width_not_its_height(tmp_path, random_pa
 def test_gdal_block_cache_follows_the_raster_width_not_its_height(tmp_path, random_package):
     from osgeo import gdal
 
-    def cache_for(width, height, readers=0):
+    def cache_for(width, height, readers=0, sized=True):
         path = tmp_path / f"{width}x{height}.tif"
         with rasterio.open(path, "w", driver="GTiff", width=width, height=height, count=3, dtype="uint8",
                            crs="EPSG:32614", transform=from_origin(630000, 3340000, 0.5, 0.5), tiled=True,
                            blockxsize=512, blockysize=512, compress="deflate") as dst:
             dst.write(np.zeros((3, height, width), np.uint8))
-        prepare(path, path, random_package, device="cpu", readers=readers)
+        prepare(path, path, random_package, device="cpu", readers=readers, size_gdal_cache=sized)
         return gdal.GetCacheMax()
 
     before = gdal.GetCacheMax()
     try:
+        gdal.SetCacheMax(123 * 2**20)
+        assert cache_for(4096, 1024, sized=False) == 123 * 2**20  # unasked, the process's cache is left alone
         assert cache_for(4096, 1024) == 256 * 2**20  # the floor: a 4096 px wide run uses about 53 MB
         wide = cache_for(32768, 1024)
         # Both dates' blocks under a tile row and the outputs' under two block rows, twice: about 850 MB.

@@ -8,6 +8,7 @@ from rasterio.features import rasterize
 from rasterio.windows import Window, from_bounds
 from shapely import wkb
 
+from geochange.engine.contracts import MASK_NODATA
 from geochange.engine.errors import GeoChangeError
 from geochange.engine.grid import common_grid
 from geochange.engine.inference import detect, prepare
@@ -15,7 +16,6 @@ from geochange.engine.inputs import optical_input, sar_input
 from geochange.engine.manifest import make_manifest
 from geochange.engine.metrics import confusion, scores
 from geochange.engine.models import create
-from geochange.engine.outputs import MASK_NODATA
 from geochange.engine.package import load_package, save_package
 from geochange.engine.predict import Predictor
 

@@ -19,9 +19,7 @@ from geochange.engine.errors import OptionError
 from geochange.engine.evaluate import evaluate_folder
 from geochange.engine.grid import common_grid
 from geochange.engine.inference import PairReader, prepare
-from geochange.engine.manifest import make_manifest
-from geochange.engine.models import create
-from geochange.engine.package import load_package, save_package
+from geochange.engine.package import load_package
 from geochange.engine.progress import Progress
 from geochange.engine.windows import WindowPlan
 
@@ -78,12 +76,6 @@ def test_rotated_or_sheared_dates_are_warped_onto_a_north_up_grid(tmp_path, pre_
     # The valid pixels cover the intersection of the two footprints.
     shared = footprint(pre).intersection(footprint(post)).area
     assert valid.sum() * t.a * -t.e == pytest.approx(shared, rel=0.03)
-
-
-@pytest.fixture(scope="module")
-def random_package(tmp_path_factory):
-    path = tmp_path_factory.mktemp("pkg") / "random_tinycd.safetensors"
-    return save_package(create("tinycd").eval(), make_manifest("tinycd"), path)
 
 
 @pytest.mark.parametrize("option, message", [

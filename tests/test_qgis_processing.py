@@ -103,16 +103,17 @@ def test_provider_lists_the_algorithm(geochange_provider):
     assert (defaults["TILE_SIZE"], defaults["OVERLAP"], defaults["BATCH_SIZE"]) == (None, 64, 4)  # no tile: the model's
     for optional in ("THRESHOLD", "PRE_BANDS", "POST_BANDS"):
         assert algorithm.parameterDefinition(optional).flags() & algorithm.parameterDefinition(optional).FlagOptional
-    # Every parameter that is not an output passes through to the engine's detect(), and every option of
-    # detect() has its parameter, except the number of reading threads (an I/O detail).
+    # Every parameter that is not an output passes through to the engine's detect() (THREADS to the
+    # worker's configure_process), and every option of detect() has its parameter, except the number of
+    # reading threads (an I/O detail) and the GDAL cache's sizing, which the worker asks for itself.
     inputs = {p.name() for p in algorithm.parameterDefinitions() if not p.isDestination()}
     assert inputs - {"PRE", "POST", "MODEL", "ZOO_MODEL"} == set(algorithm.ENGINE_OPTIONS)
     from geochange.engine.inference import detect, prepare  # detect(**options) passes options to prepare()
 
     accepted = set(inspect.signature(detect).parameters) | set(inspect.signature(prepare).parameters)
-    keywords = {keyword for keyword, _ in algorithm.ENGINE_OPTIONS.values()}
+    keywords = {keyword for keyword, _ in algorithm.ENGINE_OPTIONS.values()} - {"threads"}
     assert keywords | {"pre_path", "post_path", "model", "probability", "mask", "polygons", "progress",
-                       "readers", "options"} == accepted
+                       "readers", "size_gdal_cache", "options"} == accepted
     for parameter in algorithm.parameterDefinitions():  # the help explains every parameter
         assert parameter.description().split(" (")[0] in algorithm.shortHelpString()
 

@@ -141,6 +141,16 @@ def test_the_interpreter_setting_wins_over_the_environment(geochange_provider, p
         run_algorithm("geochange:modelinfo", {"MODEL": "x.safetensors", "OUTPUT": "/tmp/never.html"})
 
 
+def test_each_task_s_worker_serves_it():
+    """The plugin starts the module ``contracts.WORKERS`` names for a task: it serves that task."""
+    from geochange.engine.contracts import ENGINE_WORKER, TRAINER_WORKER, WORKERS
+    from geochange.engine.worker import TASKS
+    from geochange.trainer.worker import TRAINER_TASKS
+
+    served = {ENGINE_WORKER: set(TASKS), TRAINER_WORKER: set(TRAINER_TASKS) - set(TASKS)}
+    assert {task: module for module, tasks in served.items() for task in tasks} == WORKERS
+
+
 def test_worker_reports_an_unknown_task_without_importing_the_engine():
     started = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "geochange.engine.worker"], input='{"task": "fly"}',

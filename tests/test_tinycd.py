@@ -3,8 +3,10 @@ import numpy as np
 import pytest
 import torch
 
+from geochange.engine.checkpoints import read_checkpoint
+from geochange.engine.errors import CheckpointError, OptionError
 from geochange.engine.evaluate import evaluate_folder
-from geochange.engine.importers import WeightsImportError, import_weights, read_checkpoint
+from geochange.engine.importers import import_weights
 from geochange.engine.models import create
 from geochange.engine.models.stats import count_gflops, count_params
 from geochange.engine.package import load_package
@@ -48,20 +50,21 @@ def test_import_refuses_missing_unknown_and_misshaped_keys(shared_data, tmp_path
     broken["_extra.weight"] = torch.zeros(3)
     broken["_up.0._convolution.3.bias"] = torch.zeros(7)
     torch.save(broken, tmp_path / "broken.pth")
-    with pytest.raises(WeightsImportError) as err:
+    with pytest.raises(CheckpointError) as err:
         import_weights("tinycd", tmp_path / "broken.pth", tmp_path / "out.safetensors")
     message = str(err.value)
     assert "_extra.weight" in message
     assert "classifier.4.weight" in message  # the missing target, named in our model's terms
     assert "_up.0._convolution.3.bias (7,)" in message
+    assert message.startswith(f"{tmp_path / 'broken.pth'} does not fit tinycd: ") and message.count("broken.pth") == 1
     assert not (tmp_path / "out.safetensors").exists()
 
 
 def test_import_refuses_unknown_format_and_non_checkpoint(tmp_path):
-    with pytest.raises(WeightsImportError, match="unknown format"):
+    with pytest.raises(OptionError, match="unknown format"):
         import_weights("nope", tmp_path / "x.pth", tmp_path / "y.safetensors")
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint at all")
-    with pytest.raises(WeightsImportError, match="cannot be read"):
+    with pytest.raises(CheckpointError, match="junk.pth is not a checkpoint of tensors"):
         import_weights("tinycd", tmp_path / "junk.pth", tmp_path / "y.safetensors")
 
 

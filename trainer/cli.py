@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from geochange.engine.cli import run_command
+from geochange.engine.process import configure_process
 from geochange.engine.progress import cancel_on_sigterm
 
 
@@ -112,8 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     if argv is None:  # run as a program (python -m geochange.trainer): SIGTERM cancels
         cancel_on_sigterm()
+    args = build_parser().parse_args(argv)
+    configure_process()  # every command trains or tests models
     try:
-        return run_command(build_parser().parse_args(argv))
+        return run_command(args)
     finally:
         import torch.distributed as dist
 

@@ -20,7 +20,6 @@ import csv
 import json
 import math
 import os
-import pickle
 import shlex
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from tqdm import tqdm
 
 from geochange.engine import models
 from geochange.engine.atomic import atomic_path
+from geochange.engine.errors import CheckpointError
 from geochange.engine.hardware import cpu_bf16, cpu_name
 from geochange.engine.manifest import make_manifest
 from geochange.engine.package import load_package, save_package
@@ -100,11 +100,8 @@ def load_backbone(model: torch.nn.Module, architecture: str, path: Path) -> None
                           "give a local file, or null to start from random weights)")
     try:
         model.load_backbone_weights(path)
-    except ValueError as e:  # keys or shapes that do not fit, named by the loader
+    except CheckpointError as e:  # not a checkpoint, or keys and shapes that do not fit: the file named once
         raise ConfigError(f"model.backbone_weights: {e}") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:  # torch.load: not a checkpoint
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"model.backbone_weights: {path} is not a checkpoint of tensors ({reason})") from None
 
 
 def recipe() -> dict:

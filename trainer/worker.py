@@ -1,18 +1,18 @@
-"""The trainer as a child process: the engine's worker protocol (``geochange.engine.worker``) with a
-``train`` task added. QGIS's *Train a model* runs ``python -m geochange.trainer.worker``. As in the
-engine's worker, only the standard library is imported before the dependency check.
+"""The trainer as a child process: the engine's worker (``geochange.engine.worker``, its protocol in
+``engine.contracts``) with a ``train`` task added, which QGIS's *Train a model* runs. As in the engine's
+worker, only the standard library is imported before the dependency check.
 """
 from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 import sys
 import threading
 from pathlib import Path
 
 from geochange.engine.atomic import atomic_path
+from geochange.engine.contracts import log_line, progress_line
 from geochange.engine.worker import ENGINE, NEEDS, TASKS, main
 
 
@@ -52,14 +52,14 @@ class TrainingFollower:
             return  # before the first iteration the logs may still be an earlier run's
         if done != self.reported:
             self.reported = done
-            self.emit(progress=round(100.0 * done / self.total, 3))
+            self.emit(progress_line(done, self.total))
         for name in ("train", "val"):
             row = self._last_row(name)
             if row and self.shown[name] < int(row["iteration"]) <= done:
                 self.shown[name] = int(row["iteration"])
                 values = ", ".join(f"{k} {float(v):.4g}" for k, v in row.items() if k != "iteration" and v)
-                self.emit(log=f"{'validation' if name == 'val' else 'iteration'} {row['iteration']}/{self.total}: "
-                              f"{values}")
+                self.emit(log_line(f"{'validation' if name == 'val' else 'iteration'} {row['iteration']}/{self.total}: "
+                                   f"{values}"))
 
     def _follow(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -68,6 +68,7 @@ class TrainingFollower:
 
 def run_train(args: dict, emit) -> dict:
     """Train a config (with ``--set`` style overrides) and copy the best package to ``package``."""
+    from geochange.engine.process import configure_process
     from geochange.trainer.config import load
     from geochange.trainer.loop import Trainer
 
@@ -76,11 +77,11 @@ def run_train(args: dict, emit) -> dict:
         overrides.append(f"work_dir={json.dumps(str(args['work_dir']))}")
     config = Path(args["config"]).resolve()
     # Relative paths in the config (datasets, weights, work_dir) are taken from the config's folder.
-    os.chdir(config.parent)
+    configure_process(folder=config.parent)
     cfg = load(config, overrides)
     trainer = Trainer(cfg)
-    emit(log=f"training {cfg['name']} ({cfg['model']['architecture']}) for {cfg['schedule']['iterations']} "
-             f"iterations on {trainer.device}; work folder {trainer.work_dir.resolve()}")
+    emit(log_line(f"training {cfg['name']} ({cfg['model']['architecture']}) for {cfg['schedule']['iterations']} "
+                  f"iterations on {trainer.device}; work folder {trainer.work_dir.resolve()}"))
     with TrainingFollower(trainer, emit):
         results = trainer.fit(resume=bool(args.get("resume")))
     with atomic_path(args["package"]) as tmp:
@@ -90,5 +91,8 @@ def run_train(args: dict, emit) -> dict:
             "val": results["val"] and results["val"]["global"], "test": results["test"] and results["test"]["global"]}
 
 
+TRAINER_TASKS = {**TASKS, "train": run_train}
+TRAINER_NEEDS = {**NEEDS, "train": (*ENGINE, "yaml", "tqdm", "skimage")}
+
 if __name__ == "__main__":
-    sys.exit(main({**TASKS, "train": run_train}, {**NEEDS, "train": (*ENGINE, "yaml", "tqdm", "skimage")}))
+    sys.exit(main(TRAINER_TASKS, TRAINER_NEEDS))

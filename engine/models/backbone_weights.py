@@ -1,7 +1,7 @@
-"""ImageNet weights for timm backbones from local files, through explicit key maps.
+"""ImageNet weights for timm backbones from local files, through explicit key maps (read and mapped by
+``engine.checkpoints``, as ``import-weights`` reads and maps the authors' checkpoints).
 
-Accepted files (``torch.load`` with ``weights_only=True``: tensors only, no pickled code), bare or under
-a ``state_dict`` / ``model`` entry:
+Accepted files (tensors only, no pickled code), bare or under a ``state_dict`` / ``model`` entry:
 
 * a timm state dict of the same architecture (``pvt_v2_*`` built with MiT's MLP ratio 4, ``convnext_*``);
 * for MiT, the two forms its ImageNet weights circulate in: SegFormer's release (``patch_embed1.proj``,
@@ -18,16 +18,16 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 import torch.nn as nn
 from timm.models import adapt_input_conv
 
+from geochange.engine.checkpoints import Rule, map_state_dict, read_checkpoint
+
 # First convolution of the supported backbones (timm names): the one that sees the input bands.
 _STEM_WEIGHTS = ("patch_embed.proj.weight", "stem.0.weight")
-
-Rule = tuple[str, Callable[[re.Match, torch.Tensor], list[tuple[str, torch.Tensor]]]]
 
 
 def _to(template: str, stage_shift: int, pointwise: bool = False):
@@ -76,36 +76,7 @@ _MMSEG_RULES: list[Rule] = [
 ]
 
 
-def _apply_rules(state: dict[str, torch.Tensor], rules: list[Rule],
-                 origin: dict[str, str]) -> tuple[dict[str, torch.Tensor], list[str], dict[str, str]]:
-    """Rename ``state`` by the first matching rule; returns the renamed dict, the keys no rule knows and
-    the new key -> original file key map (``origin`` chains earlier renames)."""
-    out, unknown, new_origin = {}, [], {}
-    for key, value in state.items():
-        for pattern, target in rules:
-            m = re.fullmatch(pattern, key)
-            if m:
-                for name, tensor in target(m, value):
-                    out[name] = tensor
-                    new_origin[name] = origin.get(key, key)
-                break
-        else:
-            unknown.append(origin.get(key, key))
-    return out, unknown, new_origin
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    for wrapper in ("state_dict", "model"):  # mmengine / training-script checkpoints
-        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(wrapper), dict):
-            checkpoint = checkpoint[wrapper]
-            break
-    if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors")
-    return dict(checkpoint)
-
-
-def checkpoint_format(keys: Iterable[str]) -> str:
+def _layout(keys: Iterable[str]) -> str:
     keys = list(keys)
     if any(k.startswith("layers.") for k in keys):
         return "mmseg"
@@ -114,24 +85,12 @@ def checkpoint_format(keys: Iterable[str]) -> str:
     return "timm"
 
 
-def to_timm_names(state: dict[str, torch.Tensor]
-                  ) -> tuple[dict[str, torch.Tensor], list[str], dict[str, str]]:
-    """``state`` (no classifier) in timm's names; also the file keys no rule knows and, for messages,
-    each new name's key in the file."""
-    fmt = checkpoint_format(state)
-    origin: dict[str, str] = {}
-    unknown: list[str] = []
-    if fmt == "mmseg":
-        state, unknown, origin = _apply_rules(state, _MMSEG_RULES, origin)
-    if fmt in ("mmseg", "segformer"):
-        state, more_unknown, origin = _apply_rules(state, _SEGFORMER_RULES, origin)
-        unknown += more_unknown
-    return state, unknown, origin
-
-
-def _listing(title: str, items: list[str], limit: int = 20) -> str:
-    shown = ", ".join(items[:limit]) + (f" ... ({len(items) - limit} more)" if len(items) > limit else "")
-    return f"{title} ({len(items)}): {shown}"
+def _adapt_stem(key: str, value: torch.Tensor, own: torch.Tensor) -> torch.Tensor | None:
+    """The file's RGB stem kernel for a stem built for another number of bands (timm's adaptation)."""
+    if (key in _STEM_WEIGHTS and own.dim() == 4 and value.shape[0] == own.shape[0]
+            and value.shape[2:] == own.shape[2:]):
+        return adapt_input_conv(own.shape[1], value.float()).to(value.dtype)
+    return None
 
 
 def load_backbone_weights(backbone: nn.Module, path: str | Path, *, unused_prefixes: Iterable[str] = (),
@@ -143,36 +102,18 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path, *, unused_prefi
     which keep their initialisation. Returns what was done: ``format``, ``loaded``, ``dropped`` (file
     keys), ``kept_initial`` (model keys), ``adapted`` (stem kernels adapted to the input bands).
     """
-    raw = read_state_dict(path)
-    fmt = checkpoint_format(raw)
+    raw = read_checkpoint(path)
+    fmt = _layout(raw)
     classifier = sorted(k for k in raw if k.startswith("head."))
-    state, unknown, origin = to_timm_names({k: v for k, v in raw.items() if not k.startswith("head.")})
-    unused_prefixes, new_prefixes = tuple(unused_prefixes), tuple(new_prefixes)
+    # mmseg's names go to SegFormer's first, then SegFormer's to timm's.
+    passes = {"mmseg": (_MMSEG_RULES, _SEGFORMER_RULES), "segformer": (_SEGFORMER_RULES,), "timm": ()}[fmt]
     own = backbone.state_dict()
-
-    dropped = classifier + sorted(origin.get(k, k) for k in state if k.startswith(unused_prefixes))
-    state = {k: v for k, v in state.items() if not k.startswith(unused_prefixes)}
-    unknown += sorted(origin.get(k, k) for k in state if k not in own)
-    expected = [k for k in own if not k.startswith(new_prefixes)]
-    missing = [k for k in expected if k not in state]
-    mismatched, adapted = [], []
-    for key in expected:
-        if key not in state or state[key].shape == own[key].shape:
-            continue
-        file_shape, own_shape = state[key].shape, own[key].shape
-        if (key in _STEM_WEIGHTS and len(own_shape) == 4 and file_shape[0] == own_shape[0]
-                and file_shape[2:] == own_shape[2:]):
-            state[key] = adapt_input_conv(own_shape[1], state[key].float()).to(state[key].dtype)
-            adapted.append(key)
-        else:
-            mismatched.append(f"{origin.get(key, key)} {tuple(file_shape)} -> {key} {tuple(own_shape)}")
-    problems = [_listing(title, items) for title, items in
-                (("unknown keys", unknown), ("missing keys", missing), ("shape mismatches", mismatched))
-                if items]
-    if problems:
-        raise ValueError(f"backbone weights in {path} ({fmt} format) do not fit "
-                         f"{type(backbone).__name__}: " + "; ".join(problems))
-
+    new_prefixes = tuple(new_prefixes)
     kept = [k for k in own if k.startswith(new_prefixes)]
-    backbone.load_state_dict({**{k: own[k] for k in kept}, **{k: state[k] for k in expected}}, strict=True)
-    return {"format": fmt, "loaded": expected, "dropped": dropped, "kept_initial": kept, "adapted": adapted}
+    mapped = map_state_dict({k: v for k, v in raw.items() if not k.startswith("head.")},
+                            {k: v for k, v in own.items() if not k.startswith(new_prefixes)}, *passes,
+                            origin=f"{path} ({fmt} format)", target=type(backbone).__name__,
+                            unused=unused_prefixes, adapt=_adapt_stem)
+    backbone.load_state_dict({**{k: own[k] for k in kept}, **mapped.state}, strict=True)
+    return {"format": fmt, "loaded": list(mapped.state), "dropped": classifier + mapped.dropped,
+            "kept_initial": kept, "adapted": mapped.adapted}

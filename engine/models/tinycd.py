@@ -2,7 +2,7 @@
 
 The backbone is the first four stages of EfficientNet-B4 (stem + blocks 0..2, strides 2/4/8/16 ...
 widths 48/24/32/56). timm's ``efficientnet_b4`` has exactly the layers of the torchvision slice the
-authors use, so their weights map onto it one to one (see ``engine.importers``).
+authors use, so their weights map onto it one to one (``AUTHORS_RULES``, used by ``import-weights``).
 
 Deviation: the authors end the classifier with a Sigmoid; this module returns the logit and the
 engine applies the sigmoid (manifest activation ``sigmoid``), so that training can use a
@@ -10,11 +10,14 @@ numerically safer BCE-with-logits. Predictions are the same.
 """
 from __future__ import annotations
 
+import re
+
 import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from geochange.engine.checkpoints import Rule
 from geochange.engine.inputs import optical_input
 from geochange.engine.models import register
 
@@ -109,3 +112,48 @@ class TinyCD(nn.Module):
           description="TinyCD, EfficientNet-B4 stages 0-3, mixing-mask attention (Codegoni et al. 2023)")
 def tinycd(in_chans: int = 3) -> TinyCD:
     return TinyCD(in_chans=in_chans)
+
+
+# --- The authors' checkpoints ----------------------------------------------------------------------
+
+# The parts of a block: torchvision's (``block.<part>``) -> timm's, for stage 0's depthwise-separable
+# blocks (no expansion) and stages 1-2's inverted residual blocks (expand, depthwise, SE, project).
+_SEPARABLE_PARTS = {"0.0": "conv_dw", "0.1": "bn1", "1.fc1": "se.conv_reduce", "1.fc2": "se.conv_expand",
+                    "2.0": "conv_pw", "2.1": "bn2"}
+_INVERTED_PARTS = {"0.0": "conv_pw", "0.1": "bn1", "1.0": "conv_dw", "1.1": "bn2", "2.fc1": "se.conv_reduce",
+                   "2.fc2": "se.conv_expand", "3.0": "conv_pwl", "3.1": "bn3"}
+
+
+def _stage(part: str):
+    """torchvision's features 2-3 (groups: feature, block, rest) are timm's stages 1-2."""
+    return lambda m, value: [(f"stages.{int(m[1]) - 1}.{m[2]}.{part}.{m[3]}", value)]
+
+
+def _mlp(source: str, target: str) -> list[Rule]:
+    """The authors' PixelwiseLinear (``_linears.i.{0,1}``) onto a flat Sequential (``2i``, ``2i+1``)."""
+    return [(rf"{source}\._linears\.(\d)\.([01])\.(.+)",
+             lambda m, value: [(f"{target}.{2 * int(m[1]) + int(m[2])}.{m[3]}", value)])]
+
+
+# The authors' names (Tiny_model_4_CD, torchvision's EfficientNet) -> this module's (timm's EfficientNet).
+AUTHORS_RULES: list[Rule] = [
+    (r"_backbone\.0\.([01])\.(.+)", r"stem.\1.\2"),
+    *[(rf"_backbone\.1\.(\d)\.block\.{re.escape(part)}\.(.+)", rf"stages.0.\1.{ours}.\2")
+      for part, ours in _SEPARABLE_PARTS.items()],
+    *[(rf"_backbone\.([23])\.(\d)\.block\.{re.escape(part)}\.(.+)", _stage(ours))
+      for part, ours in _INVERTED_PARTS.items()],
+    # Mixing blocks.
+    (r"_first_mix\._mixing\._convmix\.0\.(.+)", r"first_mix.mix.conv.\1"),
+    (r"_first_mix\._mixing\._convmix\.1\.(.+)", r"first_mix.mix.act.\1"),
+    *_mlp(r"_first_mix\._linear", "first_mix.mlp"),
+    (r"_mixing_mask\.([01])\._mixing\._convmix\.0\.(.+)", r"mixers.\1.mix.conv.\2"),
+    (r"_mixing_mask\.([01])\._mixing\._convmix\.1\.(.+)", r"mixers.\1.mix.act.\2"),
+    *_mlp(r"_mixing_mask\.0\._linear", "mixers.0.mlp"),
+    *_mlp(r"_mixing_mask\.1\._linear", "mixers.1.mlp"),
+    # The LEVIR file stores the deepest mixer as ``_mixing_mask.2._convmix``, the later WHU file as
+    # ``_mixing_mask.2._mixing._convmix``: both are the same block.
+    (r"_mixing_mask\.2\.(?:_mixing\.)?_convmix\.0\.(.+)", r"deep_mix.conv.\1"),
+    (r"_mixing_mask\.2\.(?:_mixing\.)?_convmix\.1\.(.+)", r"deep_mix.act.\1"),
+    (r"_up\.(\d)\._convolution\.([0134])\.(.+)", r"ups.\1.conv.\2.\3"),
+    *_mlp(r"_classify", "classifier"),
+]

@@ -1,0 +1,61 @@
+"""Process-wide settings (glibc's allocator, cuDNN's autotuning, torch's threads, GDAL's cache, the working
+folder) are made by the programs that own their process, never by a library call."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from osgeo import gdal
+
+from geochange.engine import process
+from geochange.engine.cli import main
+from geochange.engine.inference import detect
+from geochange.engine.worker import run_detect, run_evaluate
+from geochange.trainer import cli as trainer_cli
+from geochange.trainer.worker import run_train
+from test_detect import outputs, write_raster
+
+
+@pytest.fixture
+def pair(tmp_path):
+    data = np.random.default_rng(0).integers(0, 255, (3, 64, 64), dtype=np.uint8)
+    return write_raster(tmp_path / "a.tif", data), write_raster(tmp_path / "b.tif", data[::-1].copy())
+
+
+def test_a_library_run_leaves_the_process_as_it_was(tmp_path, pair, random_package, monkeypatch):
+    freed = []
+    monkeypatch.setattr(process, "_keep_freed_memory", lambda: freed.append(True))
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    threads, cache = torch.get_num_threads(), gdal.GetCacheMax()
+    detect(*pair, random_package, **outputs(tmp_path / "out"), tile=64, overlap=16, device="cpu")
+    assert freed == [] and torch.backends.cudnn.benchmark is False
+    assert (torch.get_num_threads(), gdal.GetCacheMax()) == (threads, cache)
+
+
+def test_the_command_line_and_the_workers_tune_their_process(tmp_path, pair, random_package, monkeypatch):
+    calls = []
+    monkeypatch.setattr(process, "configure_process", lambda **settings: calls.append(settings))
+    monkeypatch.setattr(trainer_cli, "configure_process", process.configure_process)
+    data = tmp_path / "dataset"
+    for folder, path in (("A", pair[0]), ("B", pair[1])):
+        (data / folder).mkdir(parents=True)
+        (data / folder / "x.tif").write_bytes(path.read_bytes())
+    label = np.zeros((1, 64, 64), np.uint8)
+    label[:, :10] = 255
+    (data / "label").mkdir()
+    write_raster(data / "label" / "x.tif", label)
+    cache = gdal.GetCacheMax()
+    try:
+        assert main(["detect", *map(str, pair), "--model", str(random_package), "--out", str(tmp_path / "cli"),
+                     "--tile", "64", "--overlap", "16", "--device", "cpu", "--threads", "1"]) == 0
+        assert main(["evaluate", "--model", str(random_package), "--data", str(data), "--device", "cpu"]) == 0
+        run_detect({"pre": str(pair[0]), "post": str(pair[1]), "model": str(random_package), "tile": 64,
+                    "overlap": 16, "device": "cpu", "threads": 1, **outputs(tmp_path / "worker")}, lambda line: None)
+        run_evaluate({"model": str(random_package), "data": str(data), "device": "cpu"}, lambda line: None)
+        assert trainer_cli.main(["train", str(tmp_path / "none.yaml")]) == 2  # tuned, then the config refused
+        with pytest.raises(Exception, match="none.yaml: no such config file"):
+            run_train({"config": str(tmp_path / "none.yaml"), "package": str(tmp_path / "p.safetensors")},
+                      lambda line: None)
+    finally:
+        gdal.SetCacheMax(cache)
+    assert calls == [{"threads": 1}, {}, {"threads": 1}, {}, {}, {"folder": tmp_path.resolve()}]
