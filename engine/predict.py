@@ -68,7 +68,7 @@ def check_tta(tta: dict | None) -> dict | None:
     """``{"scales": [...], "flip": bool}`` checked (None: no test-time augmentation)."""
     if tta is None:
         return None
-    scales, flip = tta.get("scales"), tta.get("flip")
+    scales, flip = (tta.get("scales"), tta.get("flip")) if isinstance(tta, dict) else (None, None)
     if (not isinstance(scales, (list, tuple)) or not scales or not all(is_number(s) and 0 < s <= 4 for s in scales)
             or not isinstance(flip, bool)):
         raise OptionError(f"test-time augmentation must be scales in (0, 4] and a flip of true or false, not {tta}")
@@ -185,13 +185,13 @@ class Predictor:
         h, w = pre.shape[-2:]
         passes = [(1.0, False)] if self.tta is None else \
             [(s, f) for s in self.tta["scales"] for f in ((False, True) if self.tta["flip"] else (False,))]
-        total, inputs = None, {}
+        total, scaled = None, {}
         for scale, flipped in passes:
             size = (max(1, round(h * scale)), max(1, round(w * scale)))
-            if size not in inputs:  # normalised once per scale, for both flips
-                inputs = {size: [self._to_device(resized(x, size) if size != (h, w) else x, date)
+            if size not in scaled:  # normalised once per scale, for both flips
+                scaled = {size: [self._to_device(resized(x, size) if size != (h, w) else x, date)
                                  for x, date in ((pre, "pre"), (post, "post"))]}
-            a, b = (x.flip(-1) if flipped else x for x in inputs[size])
+            a, b = (x.flip(-1) if flipped else x for x in scaled[size])
             prob = run(self._padded(a), self._padded(b))[:, :size[0], :size[1]]
             prob = prob.flip(-1) if flipped else prob
             if size != (h, w):

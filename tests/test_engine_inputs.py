@@ -242,6 +242,8 @@ def test_tta_averages_scales_and_flips_of_images_in_their_own_type(tinycd_packag
     assert label.any() and (changed & label).sum() / (changed | label).sum() > 0.7  # IoU of the change class
     with pytest.raises(GeoChangeError, match="test-time augmentation must be scales"):
         Predictor(load_package(tinycd_package), "cpu", tta={"scales": [0], "flip": True})
+    with pytest.raises(GeoChangeError, match="test-time augmentation must be scales"):
+        Predictor(load_package(tinycd_package), "cpu", tta=True)
 
 
 def test_optical_pre_and_sar_post_datasets_run_and_a_band_mismatch_is_named(shared_data, tmp_path, tinycd_package):
