@@ -14,7 +14,7 @@ from geochange.engine.package import ModelPackage
 from geochange.engine.predict import Predictor, model_tta
 from geochange.engine.progress import Progress
 from geochange.engine.rasters import check_band_counts, read_image
-from geochange.engine.windows import WindowPlan
+from geochange.engine.windows import WindowPlan, check_tiling
 
 
 def dataset_pairs(root: str | os.PathLike) -> list[tuple[Path, Path, Path]]:
@@ -81,6 +81,7 @@ def evaluate_folder(package: ModelPackage, root: str | os.PathLike, *, device: s
     progress = progress or Progress()
     threshold = package.threshold if threshold is None else check_threshold(threshold)
     tile = package.tile if tile is None else tile
+    check_tiling(tile, overlap)  # before any image: most fit in a tile and never make a window plan
     predictor = Predictor(package, device, tta=model_tta(package.manifest) if tta else None)
     meter = ConfusionMeter()
     pairs = dataset_pairs(root)

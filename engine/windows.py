@@ -22,6 +22,13 @@ def _starts(size: int, tile: int, stride: int) -> list[int]:
     return sorted({min(i * stride, size - tile) for i in range(count)})
 
 
+def check_tiling(tile: int, overlap: int) -> None:
+    if tile < MIN_TILE:
+        raise OptionError(f"tile size must be at least {MIN_TILE} px, not {tile}")
+    if not 0 <= overlap < tile:
+        raise OptionError(f"overlap must be in [0, tile) = [0, {tile}), not {overlap}")
+
+
 @dataclass(frozen=True)
 class WindowPlan:
     """Tiles of ``tile`` px overlapping by ``overlap`` px over a ``height`` x ``width`` raster.
@@ -36,10 +43,7 @@ class WindowPlan:
     overlap: int = 64
 
     def __post_init__(self):
-        if self.tile < MIN_TILE:
-            raise OptionError(f"tile size must be at least {MIN_TILE} px, not {self.tile}")
-        if not 0 <= self.overlap < self.tile:
-            raise OptionError(f"overlap must be in [0, tile) = [0, {self.tile}), not {self.overlap}")
+        check_tiling(self.tile, self.overlap)
 
     @property
     def rows(self) -> list[int]:

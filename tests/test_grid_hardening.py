@@ -108,10 +108,13 @@ def test_thresholds_outside_0_1_are_refused_by_the_engine(tmp_path, random_packa
     assert prepare(pre, pre, random_package, threshold=1.0).threshold == 1.0
 
 
-def test_tiles_below_32_px_are_refused():
+def test_tiles_below_32_px_are_refused(shared_data, random_package):
     with pytest.raises(OptionError, match="tile size must be at least 32 px, not 31"):
         WindowPlan(256, 256, 31, 0)
     assert len(WindowPlan(256, 256, 32, 0)) == 64
+    # Also where every image fits in the tile and is predicted whole, without a window plan.
+    with pytest.raises(OptionError, match="tile size must be at least 32 px, not 16"):
+        evaluate_folder(load_package(random_package), shared_data / "levir_cd", tile=16)
 
 
 def empty_raster(path, width, height):
