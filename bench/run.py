@@ -93,9 +93,10 @@ def _child(job: dict) -> dict:
     """The wall run, then the compute and I/O floors, in this (fresh) process."""
     import torch
 
-    from geochange.engine.inference import prepare, stream_rows, write_outputs
+    from geochange.engine.detect import prepare, write_outputs
     from geochange.engine.inputs import optical_input
     from geochange.engine.models import create
+    from geochange.engine.stream import stream_rows
     from geochange.engine.manifest import make_manifest
     from geochange.engine.package import ModelPackage, load_package
     from geochange.engine.process import configure_process

@@ -18,10 +18,10 @@ import rasterio
 from rasterio.transform import from_origin
 
 from geochange.engine.contracts import MASK_CHANGE
+from geochange.engine.detect import detect
 from geochange.engine.evaluate import change_label
 from geochange.engine.hardware import cpu_name
 from geochange.engine.importers import import_weights
-from geochange.engine.inference import detect
 from geochange.engine.metrics import ConfusionMeter
 from geochange.engine.package import load_package
 from geochange.engine.process import configure_process

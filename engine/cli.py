@@ -16,7 +16,7 @@ OUTPUT_NAMES = {"probability": "change_probability.tif", "mask": "change_mask.ti
 
 def _cmd_detect(args) -> int:
     from geochange.engine.distributed import distributed_detect, launched_by_torchrun
-    from geochange.engine.inference import detect
+    from geochange.engine.detect import detect
     from geochange.engine.process import configure_process
     from geochange.engine.progress import TqdmProgress
 

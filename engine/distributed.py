@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from geochange.engine.inference import DetectResult, prepare, stream_rows, write_outputs
+from geochange.engine.detect import DetectResult, prepare, stream_rows, write_outputs
 from geochange.engine.progress import Progress
 
 

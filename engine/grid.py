@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from affine import Affine
 from rasterio.crs import CRS
 from rasterio.enums import Resampling
@@ -22,7 +24,7 @@ from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
 from geochange.engine.errors import OptionError, RasterError
-from geochange.engine.rasters import corrupt_pixels
+from geochange.engine.rasters import corrupt_pixels, open_raster, valid_mask
 
 # Below this share of either image inside the common extent, a warning is given.
 SMALL_OVERLAP = 0.5
@@ -196,3 +198,37 @@ def _has_mask(src) -> bool:
     from rasterio.enums import MaskFlags
 
     return any(MaskFlags.all_valid not in flags for flags in src.mask_flag_enums)
+
+
+class PairReader:
+    """Thread-safe window reader of both dates on a common grid: each thread opens its own datasets."""
+
+    def __init__(self, pre_path, post_path, grid: Grid, pre_bands: list[int], post_bands: list[int]):
+        self.paths, self.grid, self.bands = (pre_path, post_path), grid, (pre_bands, post_bands)
+        self._local = threading.local()
+        self._opened: list = []
+        self._lock = threading.Lock()
+
+    def _readers(self):
+        if not hasattr(self._local, "readers"):
+            datasets = [open_raster(p) for p in self.paths]
+            readers = [GridReader(d, self.grid) for d in datasets]
+            with self._lock:
+                self._opened += readers + datasets
+            self._local.readers = readers
+        return self._local.readers
+
+    def __call__(self, window):
+        out, ok = [], np.ones((int(window.height), int(window.width)), bool)
+        for reader, bands in zip(self._readers(), self.bands):
+            data = reader.read(bands, window)
+            ok &= valid_mask(reader, window, data, bands)
+            out.append(data)
+        if ok.all():
+            return out[0], out[1], ok
+        # Invalid pixels are zeroed so that NaN cannot leak into the model through convolutions.
+        return np.where(ok, out[0], 0), np.where(ok, out[1], 0), ok
+
+    def close(self) -> None:
+        for item in self._opened:
+            item.close()

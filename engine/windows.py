@@ -1,15 +1,14 @@
-"""The window plan (which tiles cover a raster) and the weights that blend overlapping tiles."""
+"""The window plan: which tiles cover a raster, in which order."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-import numpy as np
 from rasterio.windows import Window
 
 from geochange.engine.errors import OptionError
 
-# Models see windows padded to a multiple of 32 px (their largest reduction, see predict.SIZE_MULTIPLE):
+# Models see windows padded to a multiple of 32 px (their largest reduction, see predictor.SIZE_MULTIPLE):
 # a smaller tile only multiplies the windows (and their padding) without seeing less.
 MIN_TILE = 32
 
@@ -63,33 +62,3 @@ class WindowPlan:
 
     def __len__(self) -> int:
         return len(self.rows) * len(self.cols)
-
-
-def _ramp(length: int, overlap: int, ramp_start: bool, ramp_end: bool) -> np.ndarray:
-    """1-D weights: 1 inside, a raised-cosine ramp on each end that faces another tile.
-
-    The outer ``overlap // 4`` pixels of a ramped end get weight 0 (they see the tile's zero
-    padding), the next ``overlap - 2 * (overlap // 4)`` rise as sin^2. Two facing ramps of a regular
-    overlap sum to exactly 1, and every pixel keeps a positive total weight.
-    """
-    weights = np.ones(length, dtype=np.float64)
-    if overlap <= 0:
-        return weights
-    margin = overlap // 4
-    rise = overlap - 2 * margin
-    d = np.arange(length, dtype=np.float64)
-    ramp = np.sin(0.5 * np.pi * np.clip((d - margin + 0.5) / rise, 0.0, 1.0)) ** 2
-    if ramp_start:
-        weights = np.minimum(weights, ramp)
-    if ramp_end:
-        weights = np.minimum(weights, ramp[::-1])
-    return weights
-
-
-def blend_weights(window: Window, plan: WindowPlan) -> np.ndarray:
-    """2-D float32 weights of ``window``: ramps only on sides that face a neighbouring tile."""
-    top, left = int(window.row_off), int(window.col_off)
-    h, w = int(window.height), int(window.width)
-    along_rows = _ramp(h, plan.overlap, top > 0, top + h < plan.height)
-    along_cols = _ramp(w, plan.overlap, left > 0, left + w < plan.width)
-    return np.outer(along_rows, along_cols).astype(np.float32)

@@ -90,7 +90,7 @@ def json_progress(emit):
 
 
 def run_detect(args: dict, emit) -> dict:
-    from geochange.engine.inference import detect
+    from geochange.engine.detect import detect
     from geochange.engine.package import describe_model
     from geochange.engine.process import configure_process
 

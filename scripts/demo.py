@@ -17,10 +17,10 @@ import numpy as np
 from geochange.engine.atomic import atomic_path
 from geochange.engine.cli import OUTPUT_NAMES
 from geochange.engine.contracts import MASK_CHANGE
+from geochange.engine.detect import detect
 from geochange.engine.errors import RasterError
 from geochange.engine.evaluate import change_label
 from geochange.engine.importers import import_weights
-from geochange.engine.inference import detect
 from geochange.engine.process import configure_process
 from geochange.engine.progress import TqdmProgress
 from geochange.engine.rasters import open_raster, read_image

@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from geochange.engine.inference import predict_plan
-from geochange.engine.windows import WindowPlan, blend_weights
+from geochange.engine.blending import blend_weights
+from geochange.engine.stream import predict_plan
+from geochange.engine.windows import WindowPlan
 
 torch.manual_seed(0)
 KERNELS = [torch.randn(4, 6, 3, 3), torch.randn(1, 4, 3, 3)]  # two 3x3 convs: receptive radius 2

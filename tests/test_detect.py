@@ -12,10 +12,11 @@ from osgeo import ogr
 from rasterio.transform import from_origin
 
 from geochange.engine.contracts import MASK_NODATA, PROBABILITY_NODATA
+from geochange.engine.detect import detect, prepare, write_outputs
 from geochange.engine.errors import Cancelled, GeoChangeError, RasterError
-from geochange.engine.inference import detect, prepare, stream_rows, write_outputs
 from geochange.engine.metrics import confusion, scores
 from geochange.engine.progress import Progress
+from geochange.engine.stream import stream_rows
 
 GEOCHANGE = [sys.executable, "-m", "geochange.engine"]
 

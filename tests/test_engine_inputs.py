@@ -9,15 +9,15 @@ from rasterio.windows import Window, from_bounds
 from shapely import wkb
 
 from geochange.engine.contracts import MASK_NODATA
+from geochange.engine.detect import detect, prepare
 from geochange.engine.errors import GeoChangeError
 from geochange.engine.grid import common_grid
-from geochange.engine.inference import detect, prepare
 from geochange.engine.inputs import optical_input, sar_input
 from geochange.engine.manifest import make_manifest
 from geochange.engine.metrics import confusion, scores
 from geochange.engine.models import create
 from geochange.engine.package import load_package, save_package
-from geochange.engine.predict import Predictor
+from geochange.engine.predictor import Predictor
 
 
 def outputs(folder, vector="gpkg"):
@@ -216,7 +216,7 @@ def test_tta_averages_scales_and_flips_of_images_in_their_own_type(tinycd_packag
     import torch
     import torch.nn.functional as F
 
-    from geochange.engine.predict import resized
+    from geochange.engine.predictor import resized
     from geochange.engine.rasters import read_image
     a = read_image(shared_data / "levir_cd" / "A" / "test_2_0000_0000.png")[None]
     b = read_image(shared_data / "levir_cd" / "B" / "test_2_0000_0000.png")[None]

@@ -10,12 +10,12 @@ import pytest
 import rasterio
 import torch
 
-from geochange.engine.inference import detect
+from geochange.engine.detect import detect
 from geochange.engine.manifest import make_manifest
 from geochange.engine.metrics import confusion, scores
 from geochange.engine.models import create, list_models
 from geochange.engine.package import ModelPackage
-from geochange.engine.predict import Predictor
+from geochange.engine.predictor import Predictor
 from geochange.trainer.loop import Trainer
 from trainer_setup import small_config
 

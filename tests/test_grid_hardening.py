@@ -15,10 +15,11 @@ from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 from shapely.geometry import Polygon
 
+from geochange.engine.detect import prepare
 from geochange.engine.errors import OptionError
 from geochange.engine.evaluate import evaluate_folder
+from geochange.engine.grid import PairReader
 from geochange.engine.grid import common_grid
-from geochange.engine.inference import PairReader, prepare
 from geochange.engine.package import load_package
 from geochange.engine.progress import Progress
 from geochange.engine.windows import WindowPlan

@@ -21,7 +21,7 @@ from geochange.engine.errors import OptionError, PackageError, RasterError
 from geochange.engine.manifest import make_manifest
 from geochange.engine.models import create
 from geochange.engine.package import load_model, load_package, save_package, save_router
-from geochange.engine.predict import Predictor
+from geochange.engine.predictor import Predictor
 from geochange.engine.rasters import open_raster
 
 

@@ -9,7 +9,7 @@ from osgeo import gdal
 
 from geochange.engine import process
 from geochange.engine.cli import main
-from geochange.engine.inference import detect
+from geochange.engine.detect import detect
 from geochange.engine.worker import run_detect, run_evaluate
 from geochange.trainer import cli as trainer_cli
 from geochange.trainer.worker import run_train

@@ -41,7 +41,7 @@ def test_the_zip_holds_one_plugin_folder_of_runtime_files(plugin_zip):
         icon = zf.read("geochange/" + metadata["general"]["icon"])
     assert {n.split("/")[0] for n in names} == {"geochange"}
     for needed in ("__init__.py", "metadata.txt", "qgis_plugin/provider.py", "qgis_plugin/worker_client.py",
-                   "engine/worker.py", "engine/inference.py", "engine/models/tinycd.py", "trainer/__init__.py"):
+                   "engine/worker.py", "engine/detect.py", "engine/models/tinycd.py", "trainer/__init__.py"):
         assert f"geochange/{needed}" in names
     for name in names:  # no tests, venv, benchmarks, docs, scripts, caches or packaging leftovers
         assert not re.search(r"(^|/)(tests|\.venv|bench|docs|scripts|build|dist|__pycache__|demo_out)/|\.pyc$",

@@ -108,7 +108,7 @@ def test_provider_lists_the_algorithm(geochange_provider):
     # reading threads (an I/O detail) and the GDAL cache's sizing, which the worker asks for itself.
     inputs = {p.name() for p in algorithm.parameterDefinitions() if not p.isDestination()}
     assert inputs - {"PRE", "POST", "MODEL", "ZOO_MODEL"} == set(algorithm.ENGINE_OPTIONS)
-    from geochange.engine.inference import detect, prepare  # detect(**options) passes options to prepare()
+    from geochange.engine.detect import detect, prepare  # detect(**options) passes options to prepare()
 
     accepted = set(inspect.signature(detect).parameters) | set(inspect.signature(prepare).parameters)
     keywords = {keyword for keyword, _ in algorithm.ENGINE_OPTIONS.values()} - {"threads"}
@@ -131,7 +131,7 @@ import geochange
 plugin = geochange.classFactory(None)  # QGIS keeps the plugin, and so its provider, alive
 plugin.initProcessing()
 assert QgsApplication.processingRegistry().algorithmById({ALGORITHM!r}) is not None
-heavy = ("torch", "timm", "safetensors", "numpy", "rasterio", "shapely", "geochange.engine.inference",
+heavy = ("torch", "timm", "safetensors", "numpy", "rasterio", "shapely", "geochange.engine.detect",
          "geochange.engine.package")
 print("HEAVY", sorted(m for m in heavy if m in sys.modules))
 """

@@ -5,12 +5,12 @@ import rasterio
 import torch
 from rasterio.windows import Window
 
+from geochange.engine.detect import detect
 from geochange.engine.errors import PackageError
-from geochange.engine.inference import detect
 from geochange.engine.manifest import make_manifest
 from geochange.engine.models import create
 from geochange.engine.package import load_model, load_package, read_manifest, save_package, save_router
-from geochange.engine.predict import Predictor
+from geochange.engine.predictor import Predictor
 from geochange.engine.routing import RouterPredictor, route
 
 

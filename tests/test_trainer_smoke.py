@@ -13,7 +13,7 @@ import yaml
 from geochange.engine.cli import main as geochange
 from geochange.engine.hardware import cpu_bf16, cpu_name
 from geochange.engine.package import load_package
-from geochange.engine.predict import Predictor
+from geochange.engine.predictor import Predictor
 from geochange.trainer.loop import Trainer
 from trainer_setup import small_config
 

@@ -15,9 +15,9 @@ import rasterio
 from rasterio.transform import from_origin
 
 from geochange.engine.cli import main
+from geochange.engine.detect import detect
 from geochange.engine.errors import Cancelled, GeoChangeError
 from geochange.engine.grid import Grid
-from geochange.engine.inference import detect
 from geochange.engine.outputs import ChangeWriter, StagedRaster
 from geochange.engine.progress import Progress
 from geochange.engine.vectorize import change_polygons, write_polygons

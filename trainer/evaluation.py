@@ -16,7 +16,7 @@ import torch
 from geochange.engine.evaluate import predict_image
 from geochange.engine.metrics import ConfusionMeter
 from geochange.engine.package import ModelPackage, RouterPackage
-from geochange.engine.predict import Predictor
+from geochange.engine.predictor import Predictor
 from geochange.engine.routing import RouterPredictor, change_area_ratio, route
 from geochange.trainer.data import IGNORE, Item
 

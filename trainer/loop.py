@@ -39,7 +39,7 @@ from geochange.engine.errors import CheckpointError
 from geochange.engine.hardware import cpu_bf16, cpu_name
 from geochange.engine.manifest import make_manifest
 from geochange.engine.package import load_package, save_package
-from geochange.engine.predict import resolve_device
+from geochange.engine.predictor import resolve_device
 from geochange.trainer.augment import Augment
 from geochange.trainer.config import ConfigError
 from geochange.trainer.data import SPLITS, TrainStream, build_splits, train_loader

@@ -1,189 +1,29 @@
-"""Detection over a raster pair of any size, streamed: constant memory along the raster's height.
-
-Reader threads (GDAL releases the GIL) fill a bounded queue of window batches; the model runs on
-them in the main thread; blended rows collect in a rolling buffer one tile high; each band of rows
-that no later window can touch is handed to a writer thread, which writes it and vectorises it.
-Beside a CPU model, whose threads take every core, reading and writing run in the main thread
-between batches instead (see ``default_readers``).
+"""Detection over a raster pair of any size: check the inputs against the model, stream the windows
+(``stream``), write the outputs as their rows are finished (``outputs``), and size what the run keeps in
+memory (the batch, GDAL's block cache) to the machine.
 """
 from __future__ import annotations
 
 import os
-import threading
-from collections import deque
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
 
 from geochange.engine.errors import OptionError, RasterError
-from geochange.engine.grid import Grid, GridReader, common_grid
+from geochange.engine.grid import Grid, PairReader, common_grid
 from geochange.engine.inputs import model_channels
 from geochange.engine.outputs import BLOCK, ChangeWriter
 from geochange.engine.package import ModelPackage, RouterPackage, load_model
-from geochange.engine.predict import Predictor, model_tta
+from geochange.engine.predictor import Predictor, model_tta
 from geochange.engine.process import bound_gdal_cache
 from geochange.engine.progress import Progress
-from geochange.engine.rasters import open_raster, select_bands, valid_mask
+from geochange.engine.rasters import open_raster, select_bands
 from geochange.engine.routing import RouterPredictor
-from geochange.engine.windows import WindowPlan, blend_weights
-
-# read(window) -> (pre raw, post raw, valid) arrays of one window; must be thread-safe.
-WindowReader = Callable[[object], tuple]
-
-
-class RowBlender:
-    """Weighted sums of overlapping window predictions for the rows not yet released."""
-
-    def __init__(self, plan: WindowPlan, top: int = 0):
-        self.plan, self.top = plan, top
-        shape = (min(plan.tile, plan.height), plan.width)
-        self.weighted = np.zeros(shape, np.float32)
-        self.weight = np.zeros(shape, np.float32)
-        self.valid = np.zeros(shape, bool)
-
-    def add(self, window, probability: np.ndarray | None, valid: np.ndarray) -> None:
-        rows = slice(int(window.row_off) - self.top, int(window.row_off + window.height) - self.top)
-        cols = slice(int(window.col_off), int(window.col_off + window.width))
-        self.valid[rows, cols] |= valid
-        if probability is not None:
-            w = blend_weights(window, self.plan)
-            self.weighted[rows, cols] += probability * w
-            self.weight[rows, cols] += w
-
-    def release(self, upto: int) -> tuple[int, np.ndarray, np.ndarray]:
-        """Rows ``top .. upto``: (first row, probability with NaN where nothing ran, valid)."""
-        n, start = upto - self.top, self.top
-        with np.errstate(invalid="ignore", divide="ignore"):
-            prob = np.where(self.weight[:n] > 0, self.weighted[:n] / self.weight[:n], np.nan).astype(np.float32)
-        valid = self.valid[:n].copy()
-        for buffer in (self.weighted, self.weight, self.valid):
-            keep = len(buffer) - n
-            buffer[:keep] = buffer[n:].copy()
-            buffer[keep:] = 0
-        self.top = upto
-        return start, prob, valid
-
-
-class InlineExecutor(Executor):
-    """Runs each task when it is submitted, in the submitting thread."""
-
-    def submit(self, fn, /, *args, **kwargs) -> Future:
-        future = Future()
-        try:
-            future.set_result(fn(*args, **kwargs))
-        except Exception as error:  # delivered by result(), as a thread pool would
-            future.set_exception(error)
-        return future
-
-
-def _on_cpu(predictor) -> bool:
-    return getattr(predictor, "device", torch.device("cpu")).type == "cpu"
-
-
-def default_readers(predictor) -> int:
-    """Reader threads beside this model (0: read, and write, in the model's thread)."""
-    # Up to four reader threads keep a GPU fed. Beside a CPU model none: its threads take every
-    # core, and a reader holding one stalls each parallel region of the model until it lets go,
-    # so the reading costs the model more than it would cost done between batches (figures in
-    # bench/results.md).
-    return 0 if _on_cpu(predictor) else min(4, os.cpu_count() or 1)
-
-
-def io_executor(threads: int, name: str) -> Executor:
-    return ThreadPoolExecutor(threads, thread_name_prefix=name) if threads else InlineExecutor()
-
-
-def stream_rows(predictor: Callable, plan: WindowPlan, read: WindowReader, *, batch: int = 4,
-                progress: Progress | None = None, readers: int | None = None, prefetch: int = 2,
-                tile_rows: range | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """Yield ``(first row, probability, valid)`` for each tile row's band of finished rows, in order.
-
-    Batches never span two tile rows, so a window's batch is the same whatever ``tile_rows`` (a
-    subset of consecutive tile rows, for one rank of a distributed run) is given. Windows without a
-    valid pixel are not run; ``predictor(pre, post, valid)`` gets the others' stacked arrays. At most
-    ``readers + prefetch`` batches are read ahead; ``readers=0`` reads in this thread.
-    """
-    if batch < 1:
-        raise OptionError(f"batch must be at least 1 window, not {batch}")
-    progress = progress or Progress()
-    readers = default_readers(predictor) if readers is None else readers
-    row_starts, cols = plan.rows, plan.cols
-    tile_rows = tile_rows if tile_rows is not None else range(len(row_starts))
-    batches = [(i, windows[j:j + batch]) for i in tile_rows
-               for windows in [plan.row_windows(i)] for j in range(0, len(windows), batch)]
-    total, done = len(tile_rows) * len(cols), 0
-    blender = RowBlender(plan, top=row_starts[tile_rows[0]]) if len(tile_rows) else None
-    progress.update(0, total)
-
-    def load(chunk):
-        return [(window, *read(window)) for window in chunk]
-
-    with io_executor(readers, "geochange-read") as pool:
-        pending = deque(pool.submit(load, chunk) for _, chunk in batches[:readers + prefetch])
-        queued = len(pending)
-        try:
-            for index, (tile_row, _) in enumerate(batches):
-                progress.check()
-                items = pending.popleft().result()
-                if queued < len(batches):
-                    pending.append(pool.submit(load, batches[queued][1]))
-                    queued += 1
-                run = [item for item in items if np.any(item[3])]
-                probs = iter(predictor(*(np.stack([i[k] for i in run]) for k in (1, 2, 3)))) if run else None
-                for window, _, _, valid in items:
-                    blender.add(window, next(probs) if np.any(valid) else None, valid)
-                done += len(items)
-                progress.update(done, total)
-                if index + 1 == len(batches) or batches[index + 1][0] != tile_row:
-                    # Tile row complete: rows above the next tile row are final.
-                    end = row_starts[tile_row + 1] if tile_row + 1 < len(row_starts) else plan.height
-                    yield blender.release(end)
-        finally:
-            for future in pending:
-                future.cancel()
-
-
-def predict_plan(predictor: Callable, plan: WindowPlan, read: WindowReader, **options) -> np.ndarray:
-    """The whole blended probability of a plan in memory (small rasters, dataset images)."""
-    return np.concatenate([prob for _, prob, _ in stream_rows(predictor, plan, read, **options)])
-
-
-class PairReader:
-    """Thread-safe window reader of both dates on a common grid: each thread opens its own datasets."""
-
-    def __init__(self, pre_path, post_path, grid: Grid, pre_bands: list[int], post_bands: list[int]):
-        self.paths, self.grid, self.bands = (pre_path, post_path), grid, (pre_bands, post_bands)
-        self._local = threading.local()
-        self._opened: list = []
-        self._lock = threading.Lock()
-
-    def _readers(self):
-        if not hasattr(self._local, "readers"):
-            datasets = [open_raster(p) for p in self.paths]
-            readers = [GridReader(d, self.grid) for d in datasets]
-            with self._lock:
-                self._opened += readers + datasets
-            self._local.readers = readers
-        return self._local.readers
-
-    def __call__(self, window):
-        out, ok = [], np.ones((int(window.height), int(window.width)), bool)
-        for reader, bands in zip(self._readers(), self.bands):
-            data = reader.read(bands, window)
-            ok &= valid_mask(reader, window, data, bands)
-            out.append(data)
-        if ok.all():
-            return out[0], out[1], ok
-        # Invalid pixels are zeroed so that NaN cannot leak into the model through convolutions.
-        return np.where(ok, out[0], 0), np.where(ok, out[1], 0), ok
-
-    def close(self) -> None:
-        for item in self._opened:
-            item.close()
+from geochange.engine.stream import default_readers, io_executor, on_cpu, stream_rows
+from geochange.engine.windows import WindowPlan
 
 
 @dataclass
@@ -305,7 +145,7 @@ def prepare(pre_path, post_path, model, *, tile: int | None = None, overlap: int
     plan = WindowPlan(common.height, common.width, tile, overlap)
     batch = fit_batch(plan, batch, model_channels(inputs["pre"]) + model_channels(inputs["post"]), progress.log)
     threads = torch.get_num_threads()
-    on = f"cpu, {threads} thread{'s' * (threads != 1)}" if _on_cpu(predictor) else predictor.device
+    on = f"cpu, {threads} thread{'s' * (threads != 1)}" if on_cpu(predictor) else predictor.device
     progress.log(f"{common.width}x{common.height} px in {common.crs}: {len(plan)} windows of "
                  f"{min(tile, common.height)}x{min(tile, common.width)} px on {on}")
     return DetectSetup(predictor, common, bands, plan, package.threshold if threshold is None else float(threshold),
