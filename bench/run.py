@@ -96,6 +96,7 @@ def _child(job: dict) -> dict:
     from geochange.engine.detect import prepare, write_outputs
     from geochange.engine.inputs import optical_input
     from geochange.engine.models import create
+    from geochange.engine.options import DetectOptions
     from geochange.engine.stream import stream_rows
     from geochange.engine.manifest import make_manifest
     from geochange.engine.package import ModelPackage, load_package
@@ -108,8 +109,9 @@ def _child(job: dict) -> dict:
     else:  # both dates RGB, as the mosaics are
         package = ModelPackage(create(job["model"]).eval(),
                                make_manifest(job["model"], inputs={"pre": optical_input(3), "post": optical_input(3)}))
-    setup = prepare(job["pre"], job["post"], package, tile=job["tile"], overlap=job["overlap"], device=job["device"],
-                    precision=job["precision"], threshold=0.5, size_gdal_cache=True)
+    options = DetectOptions(tile=job["tile"], overlap=job["overlap"], device=job["device"], precision=job["precision"],
+                            threshold=0.5)
+    setup = prepare(job["pre"], job["post"], package, options, size_gdal_cache=True)
     plan, batch = setup.plan, job["batch"]
 
     # The first tile row through the pipeline (its rows not written) before any timing: one-time set-up

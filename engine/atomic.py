@@ -15,13 +15,20 @@ from geochange.engine.errors import OutputError, output_error
 _TOKEN_DIGITS = 8  # hex digits of the token that tells one run's temporaries from another's
 
 
-def _token() -> str:
+def new_token() -> str:
+    """What tells one run's temporaries from another's."""
     return uuid.uuid4().hex[:_TOKEN_DIGITS]
 
 
 def _temporary_name(stem: str, token: str, suffix: str) -> str:
     """``.NAME.TOKEN.partial.EXT`` for ``NAME.EXT``: hidden, one run's, and keeping the suffix."""
     return f".{stem}.{token}.partial{suffix}"
+
+
+def temporary_path(final: Path, token: str, suffix: str) -> Path:
+    """A run's temporary of ``final`` with its own ``suffix`` (a folder of parts...): named as every
+    temporary is, so the clean-up of a killed run's temporaries finds it too."""
+    return final.with_name(_temporary_name(final.stem, token, suffix))
 
 
 class AtomicOutputs:
@@ -55,7 +62,7 @@ class AtomicOutputs:
             for left in temporaries(final):
                 if not left.name.startswith(ours):
                     remove_quietly(left)
-        temporary = final.with_name(_temporary_name(final.stem, _token(), final.suffix))
+        temporary = temporary_path(final, new_token(), final.suffix)
         self._outputs.append((temporary, final))
         return temporary
 
@@ -100,7 +107,7 @@ class AtomicOutputs:
                 if target.is_dir():
                     raise OutputError(f"{target}: a folder is in the way of this output")
                 moves.append((part, target))
-        token = _token()
+        token = new_token()
         with _signals_held() as caught:
             done = []  # (temporary, target, where the target's old file went)
             try:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from geochange.engine.errors import GeoChangeError
+from geochange.engine.options import DETECT, EVALUATE, DetectOptions, flag, names, specs
 from geochange.engine.progress import cancel_on_sigterm
 
 OUTPUT_NAMES = {"probability": "change_probability.tif", "mask": "change_mask.tif",
@@ -20,16 +21,13 @@ def _cmd_detect(args) -> int:
     from geochange.engine.process import configure_process
     from geochange.engine.progress import TqdmProgress
 
-    configure_process(threads=args.threads)
+    options = parsed_options(args, DETECT)
+    configure_process(threads=options.pop("threads"))
     out = Path(args.out)
     names = dict(OUTPUT_NAMES, polygons=f"change_polygons.{args.vector_format}")
     run = distributed_detect if launched_by_torchrun() else detect
-    result = run(args.pre, args.post, args.model, **{k: out / v for k, v in names.items()},
-                 tile=args.tile, overlap=args.overlap, batch=args.batch, device=args.device,
-                 precision=args.precision, tta=args.tta, threshold=args.threshold, min_area=args.min_area,
-                 simplify=args.simplify, pre_bands=args.pre_bands, post_bands=args.post_bands, grid=args.grid,
-                 crs=args.crs, resolution=args.resolution, sar_db=args.sar_db, pre_scale=args.pre_scale,
-                 post_scale=args.post_scale, size_gdal_cache=True, progress=TqdmProgress())
+    result = run(args.pre, args.post, args.model, **{k: out / v for k, v in names.items()}, size_gdal_cache=True,
+                 progress=TqdmProgress(), **options)
     if result is None:  # a rank other than 0 of a torchrun
         return 0
     unit = "m2" if result.grid.crs is not None else "px (no CRS: a pixel grid)"
@@ -48,9 +46,8 @@ def _cmd_evaluate(args) -> int:
     from geochange.engine.progress import TqdmProgress
 
     configure_process()
-    summary = evaluate_folder(load_package(args.model), args.data, device=args.device, tile=args.tile,
-                              overlap=args.overlap, batch=args.batch, threshold=args.threshold, tta=args.tta,
-                              ignore_value=args.ignore_value, progress=TqdmProgress("evaluate"))
+    summary = evaluate_folder(load_package(args.model), args.data, ignore_value=args.ignore_value,
+                              progress=TqdmProgress("evaluate"), **parsed_options(args, EVALUATE))
     print(format_summary(summary))
     if args.json:
         with atomic_path(args.json) as tmp:
@@ -114,55 +111,40 @@ def _band_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"bands must be comma-separated numbers like 3,2,1, not {text!r}") from None
 
 
-def _positive(kind):
-    """An argparse type: a number of ``kind`` (int or float) above zero."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = 0
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"a {'whole ' * (kind is int)}number above 0 is needed, not {text!r}")
-        return value
-    return parse
+# How each kind of option is read from the command line (booleans are flags).
+PARSERS = {"int": int, "float": float, "bands": _band_list, "text": str, "crs": str, "choice": str}
+
+
+def add_options(parser: argparse.ArgumentParser, command: str) -> None:
+    """``command``'s options (``engine.options``) as arguments; their values are checked when the
+    options are made (``parsed_options``), with the same messages as for any other caller."""
+    for spec in specs(command):
+        meta, name = spec.metadata, flag(spec.name)
+        text = meta["help"].replace("%", "%%")
+        if meta["kind"] == "bool":
+            parser.add_argument(name, action="store_true", help=text)
+            continue
+        shown = f" (default {spec.default})" if spec.default is not None else ""
+        parser.add_argument(name, type=PARSERS[meta["kind"]], default=spec.default, choices=meta["choices"] or None,
+                            help=text + shown)
+
+
+def parsed_options(args: argparse.Namespace, command: str) -> dict:
+    """``command``'s options from parsed arguments, checked (``DetectOptions``)."""
+    options = DetectOptions.of({name: getattr(args, name) for name in names(command)}, command)
+    return {name: getattr(options, name) for name in names(command)}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="geochange", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def run_options(p):
-        p.add_argument("--tile", type=_positive(int), default=None,
-                       help="window size in pixels, at least 32 (default: the tile the model was trained on, "
-                            "from its package, else 512)")
-        p.add_argument("--overlap", type=int, default=64, help="overlap of neighbouring windows (default 64)")
-        p.add_argument("--batch", type=_positive(int), default=4, help="windows per model call (default 4)")
-        p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-        p.add_argument("--threshold", type=float, default=None,
-                       help="change if probability > this, in [0, 1] (default: the package's, usually 0.5)")
-        p.add_argument("--tta", action="store_true",
-                       help="test-time augmentation: the mean over the scales x left-right flips the model was "
-                            "tested with (default 0.75, 1, 1.25 x flip: 6 passes)")
-
     p = sub.add_parser("detect", help="change probability, mask and polygons for a raster pair")
     p.add_argument("pre", help="pre-event raster")
     p.add_argument("post", help="post-event raster")
     p.add_argument("--model", required=True, help="model package (.safetensors) or a zoo model's name")
     p.add_argument("--out", required=True, help="output folder")
-    run_options(p)
-    p.add_argument("--min-area", type=float, default=0.0, help="drop polygons smaller than this (m2)")
-    p.add_argument("--simplify", type=float, default=0.0, help="simplification tolerance (map units)")
-    p.add_argument("--pre-bands", type=_band_list, help="1-based pre bands in model order, e.g. 3,2,1")
-    p.add_argument("--post-bands", type=_band_list, help="1-based post bands in model order, e.g. 1")
-    p.add_argument("--grid", choices=["pre", "post"], default="pre",
-                   help="read both dates on this date's CRS and resolution (default pre)")
-    p.add_argument("--crs", help="read both dates in this CRS instead (e.g. EPSG:32614)")
-    p.add_argument("--resolution", type=_positive(float), help="pixel size of the common grid, in its CRS units")
-    p.add_argument("--sar-db", action="store_true", help="float SAR input is in dB (default: linear power)")
-    p.add_argument("--pre-scale", type=float, help="raw pre value meaning 1.0 (default by data type)")
-    p.add_argument("--post-scale", type=float, help="raw post value meaning 1.0 (default by data type)")
-    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16", help="CUDA autocast type")
-    p.add_argument("--threads", type=_positive(int), help="CPU threads for the model (default: torch's)")
+    add_options(p, DETECT)
     p.add_argument("--vector-format", choices=["gpkg", "geojson", "shp"], default="gpkg")
     p.set_defaults(run=_cmd_detect)
 
@@ -172,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the metrics as JSON here")
     p.add_argument("--ignore-value", type=float,
                    help="label value of unlabelled pixels, left out of every metric (e.g. 255 beside 0/1)")
-    run_options(p)
+    add_options(p, EVALUATE)
     p.set_defaults(run=_cmd_evaluate)
 
     p = sub.add_parser("import-weights", help="convert a foreign checkpoint into a model package")

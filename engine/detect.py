@@ -15,6 +15,7 @@ import torch
 from geochange.engine.errors import OptionError, RasterError
 from geochange.engine.grid import Grid, PairReader, common_grid
 from geochange.engine.inputs import model_channels
+from geochange.engine.options import DetectOptions
 from geochange.engine.outputs import BLOCK, ChangeWriter
 from geochange.engine.package import ModelPackage, RouterPackage, load_model
 from geochange.engine.predictor import Predictor, model_tta
@@ -48,6 +49,7 @@ class DetectSetup:
     paths: tuple[Path, Path]
     readers: int  # reader threads (0: read in the model's thread)
     batch: int  # windows per model call, lowered to fit the machine's memory
+    options: DetectOptions
 
     def reader(self) -> PairReader:
         return PairReader(*self.paths, self.grid, *self.bands)
@@ -62,13 +64,6 @@ def blocks_in_use(width: int, tile: int, dates, readers: int = 1) -> int:
     inputs = sum((tile + src.block_shapes[0][0]) * width * sum(np.dtype(src.dtypes[b - 1]).itemsize for b in bands)
                  for src, bands in dates)
     return readers * inputs + 2 * BLOCK * width * (4 + 1) * 4 // 3
-
-
-def check_threshold(threshold: float | None) -> float | None:
-    """A change threshold given by the user (None: the package's) is a probability."""
-    if threshold is not None and not 0 <= threshold <= 1:
-        raise OptionError(f"threshold must be in [0, 1], not {threshold}")
-    return threshold
 
 
 def physical_memory() -> int | None:
@@ -102,31 +97,27 @@ def fit_batch(plan: WindowPlan, batch: int, channels: int, log=lambda message: N
     return batch
 
 
-def prepare(pre_path, post_path, model, *, tile: int | None = None, overlap: int = 64, batch: int = 4,
-            device: str = "auto", precision: str = "bf16", tta: bool = False, threshold: float | None = None,
-            pre_bands: list[int] | None = None, post_bands: list[int] | None = None, grid: str = "pre",
-            crs: str | None = None, resolution: float | None = None, sar_db: bool = False,
-            pre_scale: float | None = None, post_scale: float | None = None, readers: int | None = None,
+def prepare(pre_path, post_path, model, options: DetectOptions = DetectOptions(), *, readers: int | None = None,
             size_gdal_cache: bool = False, progress: Progress | None = None) -> DetectSetup:
     """Load the model, check both rasters against it and find their common grid (see ``detect``).
     ``size_gdal_cache``: bound GDAL's block cache, process-wide, to this run's (``process.bound_gdal_cache``);
     for the programs that own their process (the command line, the worker)."""
-    progress = progress or Progress()
-    check_threshold(threshold)
+    progress, o = progress or Progress(), options
     package = model if isinstance(model, (ModelPackage, RouterPackage)) else load_model(model)
 
     first = package.original if isinstance(package, RouterPackage) else package
+    tile = o.tile
     if tile is None:  # the window the model was trained on
         tile = first.tile
         progress.log(f"windows of {tile} px: the model's tile" + ("" if "tile" in first.manifest else
                                                                    " (none recorded: the default)"))
-    tta = model_tta(first.manifest) if tta else None
+    tta = model_tta(first.manifest) if o.tta else None
     if tta:
         progress.log(f"test-time augmentation: scales {tta['scales']}" + " x left-right flip" * tta["flip"])
 
     def predictor_of(member: ModelPackage) -> Predictor:
-        return Predictor(member, device, precision=precision, tta=tta, sar_db=sar_db,
-                         scales={"pre": pre_scale, "post": post_scale}, log=progress.log)
+        return Predictor(member, o.device, precision=o.precision, tta=tta, sar_db=o.sar_db,
+                         scales={"pre": o.pre_scale, "post": o.post_scale}, log=progress.log)
 
     if isinstance(package, RouterPackage):
         predictor = RouterPredictor(package, predictor_of)
@@ -136,31 +127,31 @@ def prepare(pre_path, post_path, model, *, tile: int | None = None, overlap: int
     else:
         predictor, inputs = predictor_of(package), package.manifest["inputs"]
     with open_raster(pre_path) as pre, open_raster(post_path) as post:
-        common = common_grid(pre, post, on=grid, crs=crs, resolution=resolution, warn=progress.log)
-        bands = (select_bands(pre, inputs["pre"], "pre", pre_bands),
-                 select_bands(post, inputs["post"], "post", post_bands))
+        common = common_grid(pre, post, on=o.grid, crs=o.crs, resolution=o.resolution, warn=progress.log)
+        bands = (select_bands(pre, inputs["pre"], "pre", o.pre_bands and list(o.pre_bands)),
+                 select_bands(post, inputs["post"], "post", o.post_bands and list(o.post_bands)))
         readers = default_readers(predictor) if readers is None else readers
         if size_gdal_cache:
             bound_gdal_cache(blocks_in_use(common.width, tile, [(pre, bands[0]), (post, bands[1])], max(1, readers)))
-    plan = WindowPlan(common.height, common.width, tile, overlap)
-    batch = fit_batch(plan, batch, model_channels(inputs["pre"]) + model_channels(inputs["post"]), progress.log)
+    plan = WindowPlan(common.height, common.width, tile, o.overlap)
+    batch = fit_batch(plan, o.batch, model_channels(inputs["pre"]) + model_channels(inputs["post"]), progress.log)
     threads = torch.get_num_threads()
     on = f"cpu, {threads} thread{'s' * (threads != 1)}" if on_cpu(predictor) else predictor.device
     progress.log(f"{common.width}x{common.height} px in {common.crs}: {len(plan)} windows of "
                  f"{min(tile, common.height)}x{min(tile, common.width)} px on {on}")
-    return DetectSetup(predictor, common, bands, plan, package.threshold if threshold is None else float(threshold),
-                       (Path(pre_path), Path(post_path)), readers, batch)
+    return DetectSetup(predictor, common, bands, plan, package.threshold if o.threshold is None else o.threshold,
+                       (Path(pre_path), Path(post_path)), readers, batch, o)
 
 
 def write_outputs(setup: DetectSetup, bands: Iterator[tuple[int, np.ndarray, np.ndarray]], *, probability, mask,
-                  polygons, min_area: float = 0.0, simplify: float = 0.0,
-                  progress: Progress | None = None) -> DetectResult:
+                  polygons, progress: Progress | None = None) -> DetectResult:
     """Write finished row bands as they come (one band in flight in a writer thread when the run has
     reader threads, else in this thread), then move the outputs to their final names; on any error or
     cancel nothing is left behind."""
     progress = progress or Progress()
     writer = ChangeWriter(setup.grid, probability=probability, mask=mask, polygons=polygons,
-                          threshold=setup.threshold, min_area=min_area, simplify=simplify,
+                          threshold=setup.threshold, min_area=setup.options.min_area,
+                          simplify=setup.options.simplify,
                           attributes={"pre": setup.paths[0].name, "post": setup.paths[1].name})
     try:
         any_valid, in_flight = False, None
@@ -186,26 +177,24 @@ def write_outputs(setup: DetectSetup, bands: Iterator[tuple[int, np.ndarray, np.
 
 def detect(pre_path: str | os.PathLike, post_path: str | os.PathLike, model: str | os.PathLike | ModelPackage, *,
            probability: str | os.PathLike, mask: str | os.PathLike, polygons: str | os.PathLike,
-           batch: int = 4, min_area: float = 0.0, simplify: float = 0.0, readers: int | None = None,
-           progress: Progress | None = None, **options) -> DetectResult:
+           readers: int | None = None, size_gdal_cache: bool = False, progress: Progress | None = None,
+           **options) -> DetectResult:
     """Change probability, mask and polygons for a pre/post pair.
 
     Both dates are read on a common grid (``grid`` = ``pre`` or ``post``, or a given ``crs`` and
-    ``resolution``) over the intersection of their footprints. Options (see ``prepare``): ``tile``
-    (default: the model's), ``overlap``, ``device``, ``precision``, ``tta``, ``size_gdal_cache``; ``threshold``
-    (default: the package's); ``pre_bands``/``post_bands``, 1-based band indexes in the order the model wants;
-    ``pre_scale``/``post_scale``, the raw value meaning 1.0 (default: by data type); ``sar_db``, float
-    SAR input in dB. ``min_area`` is in m2, ``simplify`` in map units. ``readers``: reader threads, and
-    a writer thread unless 0 (default: ``default_readers``).
+    ``resolution``) over the intersection of their footprints. ``options``: the fields of
+    ``engine.options.DetectOptions`` (tile, overlap, batch, device, threshold, bands, scales...), each
+    explained there. ``readers``: reader threads, and a writer thread unless 0 (default:
+    ``default_readers``); ``size_gdal_cache``: see ``prepare``.
     Every output is written under a temporary name and renamed only when all succeeded.
     """
     progress = progress or Progress()
-    setup = prepare(pre_path, post_path, model, batch=batch, progress=progress, readers=readers, **options)
+    setup = prepare(pre_path, post_path, model, DetectOptions.of(options), readers=readers,
+                    size_gdal_cache=size_gdal_cache, progress=progress)
     read = setup.reader()
     try:
         rows = stream_rows(setup.predictor, setup.plan, read, batch=setup.batch, progress=progress,
                            readers=setup.readers)
-        return write_outputs(setup, rows, probability=probability, mask=mask, polygons=polygons,
-                             min_area=min_area, simplify=simplify, progress=progress)
+        return write_outputs(setup, rows, probability=probability, mask=mask, polygons=polygons, progress=progress)
     finally:
         read.close()

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from geochange.engine.detect import DetectResult, prepare, stream_rows, write_outputs
+from geochange.engine.atomic import new_token, temporary_path
+from geochange.engine.detect import DetectResult, prepare, write_outputs
+from geochange.engine.options import DetectOptions
 from geochange.engine.progress import Progress
+from geochange.engine.stream import stream_rows
 
 
 def launched_by_torchrun() -> bool:
@@ -42,26 +45,28 @@ def _part_path(parts: Path, rank: int) -> Path:
     return parts / f"rank{rank:04d}.npy"
 
 
-def distributed_detect(pre_path, post_path, model, *, probability, mask, polygons, batch: int = 4,
-                       min_area: float = 0.0, simplify: float = 0.0, readers: int | None = None,
-                       device: str = "auto", progress: Progress | None = None, **options) -> DetectResult | None:
-    """``detect`` over all ranks; returns the result on rank 0, None on the others."""
+def distributed_detect(pre_path, post_path, model, *, probability, mask, polygons, readers: int | None = None,
+                       size_gdal_cache: bool = False, progress: Progress | None = None,
+                       **options) -> DetectResult | None:
+    """``detect`` over all ranks (same arguments); returns the result on rank 0, None on the others.
+    ``device`` auto is each rank's GPU (``LOCAL_RANK``) where there are GPUs."""
     import torch
     import torch.distributed as dist
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    if device == "auto" and torch.cuda.is_available():
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
-    progress = progress if rank == 0 else Progress()
+    options = DetectOptions.of(options)
+    if options.device == "auto" and torch.cuda.is_available():
+        options = replace(options, device=f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}")
+    progress = (progress or Progress()) if rank == 0 else Progress()
     try:
-        setup = prepare(pre_path, post_path, model, batch=batch, device=device, progress=progress or Progress(),
-                        readers=readers, **options)
+        setup = prepare(pre_path, post_path, model, options, readers=readers, size_gdal_cache=size_gdal_cache,
+                        progress=progress)
         plan, row_starts = setup.plan, setup.plan.rows
         mine = rank_tile_rows(len(row_starts), world, rank)
-        token = [uuid.uuid4().hex[:8] if rank == 0 else None]
+        token = [new_token() if rank == 0 else None]
         dist.broadcast_object_list(token, src=0)
-        parts = Path(probability).parent / f".{Path(probability).stem}.{token[0]}.parts"
+        parts = temporary_path(Path(probability), token[0], ".parts")
         parts.mkdir(parents=True, exist_ok=True)
         try:
             if len(mine):
@@ -86,8 +91,7 @@ def distributed_detect(pre_path, post_path, model, *, probability, mask, polygon
                 dist.barrier()  # rank 0 removes the parts after writing
                 return None
             result = write_outputs(setup, _bands_from_parts(parts, row_starts, plan.height, world),
-                                   probability=probability, mask=mask, polygons=polygons, min_area=min_area,
-                                   simplify=simplify, progress=progress)
+                                   probability=probability, mask=mask, polygons=polygons, progress=progress)
             dist.barrier()
             return result
         finally:

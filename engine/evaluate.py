@@ -3,13 +3,14 @@ optionally with a value that marks unlabelled pixels)."""
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from geochange.engine.detect import check_threshold
 from geochange.engine.errors import GeoChangeError, RasterError
 from geochange.engine.metrics import ConfusionMeter
+from geochange.engine.options import EVALUATE, DetectOptions
 from geochange.engine.package import ModelPackage
 from geochange.engine.predictor import Predictor, model_tta
 from geochange.engine.progress import Progress
@@ -57,33 +58,36 @@ def change_label(raw: np.ndarray, where, ignore_value: float | None = None,
                       f"(change){hint}")
 
 
-def predict_image(predictor, pre: np.ndarray, post: np.ndarray, tile: int | None = None, overlap: int = 64,
-                  batch: int = 4) -> np.ndarray:
-    """``(H, W)`` change probability of one ``(bands, H, W)`` pair: whole when it fits in ``tile`` (always
-    when ``tile`` is None), as the papers test and the trainer tests; else window by window, blended."""
-    if tile is None or max(pre.shape[1:]) <= tile:
+def predict_image(predictor, pre: np.ndarray, post: np.ndarray, tiling: DetectOptions | None = None) -> np.ndarray:
+    """``(H, W)`` change probability of one ``(bands, H, W)`` pair: whole when it fits in ``tiling``'s tile
+    (always without ``tiling``), as the papers test and the trainer tests; else window by window (the
+    tile, overlap and batch of ``tiling``), blended."""
+    if tiling is None or max(pre.shape[1:]) <= tiling.tile:
         return predictor(pre[None], post[None])[0]
     everywhere = np.ones(pre.shape[1:], bool)
-    return predict_plan(predictor, WindowPlan(pre.shape[1], pre.shape[2], tile, overlap),
+    return predict_plan(predictor, WindowPlan(pre.shape[1], pre.shape[2], tiling.tile, tiling.overlap),
                         lambda w: (pre[(slice(None), *w.toslices())], post[(slice(None), *w.toslices())],
-                                   everywhere[w.toslices()]), batch=batch, readers=0)
+                                   everywhere[w.toslices()]), batch=tiling.batch, readers=0)
 
 
-def evaluate_folder(package: ModelPackage, root: str | os.PathLike, *, device: str = "auto",
-                    tile: int | None = None, overlap: int = 64, batch: int = 4, threshold: float | None = None,
-                    tta: bool = False, ignore_value: float | None = None, progress: Progress | None = None) -> dict:
+def evaluate_folder(package: ModelPackage, root: str | os.PathLike, *, ignore_value: float | None = None,
+                    progress: Progress | None = None, **options) -> dict:
     """Metrics (global and per image) of the package's predictions on every pair of the dataset, with
     the names of the images evaluated.
 
-    Images up to ``tile`` px (default: the package's) are predicted whole, as the papers and the trainer
-    test; larger ones tile by tile. ``tta``: the test-time augmentation the package was tested with (else
-    the default, see ``predict.model_tta``). Label pixels equal to ``ignore_value`` count in no metric.
+    ``options``: the evaluate fields of ``engine.options.DetectOptions`` (tile, overlap, batch, device,
+    threshold, tta, precision). Images up to the tile (default: the package's) are predicted whole, as the
+    papers and the trainer test; larger ones tile by tile. ``tta``: the test-time augmentation the package
+    was tested with (else the default, see ``predictor.model_tta``). Label pixels equal to
+    ``ignore_value`` count in no metric.
     """
     progress = progress or Progress()
-    threshold = package.threshold if threshold is None else check_threshold(threshold)
-    tile = package.tile if tile is None else tile
-    check_tiling(tile, overlap)  # before any image: most fit in a tile and never make a window plan
-    predictor = Predictor(package, device, tta=model_tta(package.manifest) if tta else None)
+    options = DetectOptions.of(options, EVALUATE)
+    threshold = package.threshold if options.threshold is None else options.threshold
+    options = replace(options, tile=package.tile if options.tile is None else options.tile)
+    check_tiling(options.tile, options.overlap)  # before any image: most fit in a tile and never make a plan
+    predictor = Predictor(package, options.device, precision=options.precision,
+                          tta=model_tta(package.manifest) if options.tta else None)
     meter = ConfusionMeter()
     pairs = dataset_pairs(root)
     for i, (path_a, path_b, path_label) in enumerate(pairs):
@@ -96,7 +100,7 @@ def evaluate_folder(package: ModelPackage, root: str | os.PathLike, *, device: s
         change, labelled = change_label(label, path_label, ignore_value)
         check_band_counts(pre, post, package.manifest["inputs"], f"{path_a.parent.parent}/{{A,B}}/{path_a.name}",
                           "the dataset does not suit this model")
-        prob = predict_image(predictor, pre, post, tile, overlap, batch)
+        prob = predict_image(predictor, pre, post, options)
         meter.add(prob > threshold, change, labelled)
         progress.update(i + 1, len(pairs))
-    return {**meter.summary(), "tile": tile, "tta": predictor.tta, "files": [a.name for a, _, _ in pairs]}
+    return {**meter.summary(), "tile": options.tile, "tta": predictor.tta, "files": [a.name for a, _, _ in pairs]}

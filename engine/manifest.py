@@ -18,7 +18,7 @@ import math
 from geochange.engine import models
 from geochange.engine.errors import PackageError
 from geochange.engine.inputs import model_channels
-from geochange.engine.windows import MIN_TILE
+from geochange.engine.options import MIN_TILE
 
 FORMAT = "geochange-model"
 FORMAT_VERSION = 1

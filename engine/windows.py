@@ -7,10 +7,7 @@ from dataclasses import dataclass
 from rasterio.windows import Window
 
 from geochange.engine.errors import OptionError
-
-# Models see windows padded to a multiple of 32 px (their largest reduction, see predictor.SIZE_MULTIPLE):
-# a smaller tile only multiplies the windows (and their padding) without seeing less.
-MIN_TILE = 32
+from geochange.engine.options import MIN_TILE
 
 
 def _starts(size: int, tile: int, stride: int) -> list[int]:

@@ -16,6 +16,7 @@ from qgis.core import (
 )
 from qgis.PyQt.QtCore import QCoreApplication
 
+from geochange.engine.options import flag, spec
 from geochange.qgis_plugin import worker_client
 
 
@@ -33,9 +34,11 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
     SUMMARY = ""  # HTML: what the algorithm does
     PARAMETER_HELP: dict = {}  # parameter or output name -> HTML explanation
     NOTES = ""  # HTML after the lists
-    # Parameters passed to the engine as keyword arguments: name -> (keyword, reader). An engine
-    # message naming a keyword's command-line option (``--pre-bands``) names the parameter instead.
-    ENGINE_OPTIONS: dict = {}
+    # The engine's run options (``engine.options``) the algorithm offers as parameters
+    # (``parameters.add_options``, read back by ``parameters.option_values``). An engine message naming an
+    # option as the command line does (``--pre-bands``) names its parameter instead.
+    OPTIONS: list = []
+    FLAGS: dict = {}  # the same for the algorithm's other engine arguments: {"--ignore-value": "IGNORE_VALUE"}
 
     GROUPS = {"detection": "Change detection", "models": "Models"}
 
@@ -62,12 +65,8 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
         return self.NOTES
 
     def run_engine(self, task: str, args: dict, feedback, outputs=()) -> dict:
-        options = {"--" + keyword.replace("_", "-"): name for name, (keyword, _) in self.ENGINE_OPTIONS.items()}
+        options = {**{flag(name): spec(name).metadata["parameter"] for name in self.OPTIONS}, **self.FLAGS}
         return worker_client.run_task(task, args, feedback or QgsProcessingFeedback(), outputs, options)
-
-    def engine_options(self, parameters, context) -> dict:
-        """The engine's keyword arguments read from ``ENGINE_OPTIONS``' parameters."""
-        return {keyword: read(self, parameters, context) for keyword, read in self.ENGINE_OPTIONS.values()}
 
     def raster_path(self, parameters, name, context) -> str:
         """The file behind a raster layer parameter; the engine reads files through GDAL itself."""
@@ -93,10 +92,6 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
             raise QgsProcessingException(tr("{}: '{}' must end in {} (the format GeoChange writes)")
                                          .format(name, path, " or ".join(suffixes)))
         return path
-
-    def optional_crs(self, parameters, name, context) -> str | None:
-        crs = self.parameterAsCrs(parameters, name, context)
-        return (crs.authid() or crs.toWkt()) if crs.isValid() else None
 
     def optional_double(self, parameters, name, context) -> float | None:
         value = parameters.get(name)

@@ -10,10 +10,10 @@ from qgis.core import (
     QgsProcessingParameterNumber,
 )
 
-from geochange.qgis_plugin.detect_algorithm import (COMMON_HELP, ENGINE_NOTES, DetectChangesAlgorithm, chosen_model,
-                                                    device_parameter, model_parameters, threshold_parameter,
-                                                    tiling_parameters, tta_parameter)
+from geochange.engine.options import EVALUATE, names
 from geochange.qgis_plugin.engine_algorithm import EngineAlgorithm, tr
+from geochange.qgis_plugin.parameters import (ENGINE_NOTES, MODEL_HELP, add_options, chosen_model, model_parameters,
+                                              option_help, option_values)
 from geochange.qgis_plugin.tables import TABLE_FILTER, TABLE_SUFFIXES, write_table
 
 # The engine's metric names (engine.metrics.METRIC_NAMES) with what they mean.
@@ -43,7 +43,8 @@ class EvaluateModelAlgorithm(EngineAlgorithm):
                "whole set, as papers report) and <b>per image</b> (averaged over images; undefined ratios of "
                "an image are left out).</p>")
     PARAMETER_HELP = {
-        **COMMON_HELP,
+        **MODEL_HELP,
+        **option_help(names(EVALUATE)),
         "DATA": "The dataset folder with <code>A/</code>, <code>B/</code> and <code>label/</code>.",
         "THRESHOLD": "Probability above which a pixel counts as changed. Empty: the package's.",
         "IGNORE_VALUE": "Label value of unlabelled pixels, which count in no metric (e.g. 255 in a sparse "
@@ -55,11 +56,8 @@ class EvaluateModelAlgorithm(EngineAlgorithm):
         **{name: f"Global {METRICS[key]}." for name, key in NUMERIC_OUTPUTS.items()},
     }
     NOTES = ENGINE_NOTES
-    ENGINE_OPTIONS = {
-        **{name: DetectChangesAlgorithm.ENGINE_OPTIONS[name]
-           for name in ("DEVICE", "TILE_SIZE", "OVERLAP", "BATCH_SIZE", "THRESHOLD", "TTA")},
-        "IGNORE_VALUE": ("ignore_value", lambda a, p, c: a.optional_double(p, "IGNORE_VALUE", c)),
-    }
+    OPTIONS = names(EVALUATE)
+    FLAGS = {"--ignore-value": "IGNORE_VALUE"}
 
     def tags(self):
         return tr("evaluate,metrics,accuracy,f1,iou,test,dataset").split(",")
@@ -69,11 +67,7 @@ class EvaluateModelAlgorithm(EngineAlgorithm):
             self.addParameter(parameter)
         self.addParameter(QgsProcessingParameterFile("DATA", tr("Dataset folder (A/, B/, label/)"),
                                                      behavior=QgsProcessingParameterFile.Folder))
-        self.addParameter(device_parameter())
-        for parameter in tiling_parameters():
-            self.addParameter(parameter)
-        self.addParameter(threshold_parameter())
-        self.addParameter(tta_parameter())
+        add_options(self)
         self.addParameter(QgsProcessingParameterNumber("IGNORE_VALUE", tr("Label value of unlabelled pixels"),
                                                        QgsProcessingParameterNumber.Double, optional=True))
         self.addParameter(QgsProcessingParameterFileDestination("OUTPUT", tr("Metrics table"),
@@ -86,7 +80,8 @@ class EvaluateModelAlgorithm(EngineAlgorithm):
         model = chosen_model(self, parameters, context)
         data = self.parameterAsFile(parameters, "DATA", context)
         table = self.output_path(parameters, "OUTPUT", context, TABLE_SUFFIXES)
-        args = {"model": model, "data": data, **self.engine_options(parameters, context)}
+        args = {"model": model, "data": data, **option_values(self, parameters, context),
+                "ignore_value": self.optional_double(parameters, "IGNORE_VALUE", context)}
         summary = self.run_engine("evaluate", args, feedback)
         rows = [[name, tr(meaning), summary["global"][name], summary["per_image"][name]]
                 for name, meaning in METRICS.items()]

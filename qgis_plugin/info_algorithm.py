@@ -5,8 +5,8 @@ from pathlib import Path
 
 from qgis.core import QgsProcessingOutputNumber, QgsProcessingOutputString, QgsProcessingParameterFileDestination
 
-from geochange.qgis_plugin.detect_algorithm import COMMON_HELP, chosen_model, model_parameters
 from geochange.qgis_plugin.engine_algorithm import EngineAlgorithm, tr
+from geochange.qgis_plugin.parameters import MODEL_HELP, chosen_model, model_parameters
 from geochange.qgis_plugin.tables import TABLE_FILTER, TABLE_SUFFIXES, flatten, write_table
 
 
@@ -20,8 +20,8 @@ class ModelInfoAlgorithm(EngineAlgorithm):
                "licence. For an O-P router package: its CAR thresholds and the manifest of the original model "
                "and of each teacher. The package's tensors are not loaded.</p>")
     PARAMETER_HELP = {
-        "ZOO_MODEL": COMMON_HELP["ZOO_MODEL"],
-        "MODEL": COMMON_HELP["MODEL"].split(" Pickled")[0],
+        "ZOO_MODEL": MODEL_HELP["ZOO_MODEL"],
+        "MODEL": MODEL_HELP["MODEL"].split(" Pickled")[0],
         "OUTPUT": "The manifest as a two-column table (field, value): HTML (shown in the results viewer) or "
                   "CSV, chosen by the file extension.",
         "ARCHITECTURE": "The registered architecture name (e.g. <code>tinycd</code>); for a router package, "

@@ -13,8 +13,8 @@ from qgis.core import (
     QgsProcessingParameterString,
 )
 
-from geochange.qgis_plugin.detect_algorithm import ENGINE_NOTES, MODEL_FILTER
 from geochange.qgis_plugin.engine_algorithm import EngineAlgorithm, tr
+from geochange.qgis_plugin.parameters import ENGINE_NOTES, MODEL_FILTER
 from geochange.qgis_plugin.worker_client import PLUGIN_ROOT
 
 CONFIGS = PLUGIN_ROOT / "trainer" / "configs"

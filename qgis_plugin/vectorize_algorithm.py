@@ -10,8 +10,9 @@ from qgis.core import (
 )
 
 from geochange.qgis_plugin import styles
-from geochange.qgis_plugin.detect_algorithm import COMMON_HELP, ENGINE_NOTES, polygon_parameters, threshold_parameter
 from geochange.qgis_plugin.engine_algorithm import EngineAlgorithm, tr
+from geochange.qgis_plugin.parameters import (ENGINE_NOTES, POLYGON_OUTPUTS_HELP, option_help, option_parameter,
+                                              option_value)
 
 
 class VectorizeChangesAlgorithm(EngineAlgorithm):
@@ -25,7 +26,8 @@ class VectorizeChangesAlgorithm(EngineAlgorithm):
                "4-connected changed region becomes one polygon (holes kept), as <i>Detect changes</i> writes "
                "them.</p>")
     PARAMETER_HELP = {
-        **COMMON_HELP,
+        **option_help(["min_area", "simplify"]),
+        **POLYGON_OUTPUTS_HELP,
         "INPUT": "The change-probability raster; it must have a CRS (areas are computed on the ellipsoid).",
         "BAND": "The band holding the probabilities (empty: band 1).",
         "THRESHOLD": "Probability above which a pixel counts as changed.",
@@ -42,9 +44,9 @@ class VectorizeChangesAlgorithm(EngineAlgorithm):
         # Optional: QGIS 3.22 refuses a missing non-optional band parameter even when it has a default.
         self.addParameter(QgsProcessingParameterBand("BAND", tr("Probability band"), defaultValue=1,
                                                      parentLayerParameterName="INPUT", optional=True))
-        self.addParameter(threshold_parameter(default=0.5))
-        for parameter in polygon_parameters():
-            self.addParameter(parameter)
+        self.addParameter(option_parameter("threshold", default=0.5))
+        for name in ("min_area", "simplify"):
+            self.addParameter(option_parameter(name))
         self.addParameter(QgsProcessingParameterVectorDestination("OUTPUT", tr("Change polygons"),
                                                                   QgsProcessing.TypeVectorPolygon))
         self.addOutput(QgsProcessingOutputNumber("POLYGON_COUNT", tr("Number of change polygons")))
@@ -55,8 +57,7 @@ class VectorizeChangesAlgorithm(EngineAlgorithm):
         threshold = self.parameterAsDouble(parameters, "THRESHOLD", context)
         args = {"probability": self.raster_path(parameters, "INPUT", context), "polygons": polygons,
                 "band": self.parameterAsInt(parameters, "BAND", context) or 1, "threshold": threshold,
-                "min_area": self.parameterAsDouble(parameters, "MIN_AREA", context),
-                "simplify": self.parameterAsDouble(parameters, "SIMPLIFY", context)}
+                **{name: option_value(self, parameters, context, name) for name in ("min_area", "simplify")}}
         result = self.run_engine("vectorize", args, feedback, [polygons])
         feedback.pushInfo(tr("{} change polygons, {:.1f} m² changed").format(
             result["polygon_count"], result["changed_area_m2"]))

@@ -15,6 +15,7 @@ from geochange.engine.contracts import MASK_NODATA, PROBABILITY_NODATA
 from geochange.engine.detect import detect, prepare, write_outputs
 from geochange.engine.errors import Cancelled, GeoChangeError, RasterError
 from geochange.engine.metrics import confusion, scores
+from geochange.engine.options import DetectOptions
 from geochange.engine.progress import Progress
 from geochange.engine.stream import stream_rows
 
@@ -175,13 +176,13 @@ def test_cli_refuses_an_overlap_as_large_as_the_tile_and_follows_threads(shared_
     run = subprocess.run([*GEOCHANGE, "detect", str(tile / "pre.tif"), str(tile / "post.tif"), "--model",
                           str(random_package), "--out", str(tmp_path), "--tile", "64"], capture_output=True, text=True)
     assert run.returncode == 2 and "Traceback" not in run.stderr
-    assert "geochange: error: overlap must be in [0, tile) = [0, 64), not 64" in run.stderr
+    assert "geochange: error: --overlap must be in [0, tile) = [0, 64), not 64" in run.stderr
     run = subprocess.run([*GEOCHANGE, "detect", str(tile / "pre.tif"), str(tile / "post.tif"), "--model",
                           str(random_package), "--out", str(tmp_path), "--batch", "0"], capture_output=True, text=True)
-    assert run.returncode == 2 and "argument --batch: a whole number above 0 is needed, not '0'" in run.stderr
-    with pytest.raises(GeoChangeError, match="batch must be at least 1 window, not 0"):
+    assert run.returncode == 2 and "error: --batch must be a whole number at least 1 window, not 0" in run.stderr
+    with pytest.raises(GeoChangeError, match="--batch must be a whole number at least 1 window, not 0"):
         detect(tile / "pre.tif", tile / "post.tif", random_package, **outputs(tmp_path / "api"), batch=0)
-    with pytest.raises(GeoChangeError, match="resolution must not be negative, not -1"):
+    with pytest.raises(GeoChangeError, match="--resolution must be a number above 0, not -1"):
         detect(tile / "pre.tif", tile / "post.tif", random_package, **outputs(tmp_path / "api"), resolution=-1.0)
     assert not (tmp_path / "api").exists() or not any((tmp_path / "api").iterdir())
     run = subprocess.run([*GEOCHANGE, "detect", str(tile / "pre.tif"), str(tile / "post.tif"), "--model",
@@ -206,7 +207,8 @@ def test_nodata_everywhere_is_an_error_and_nodata_edges_stay_nodata(tmp_path, ra
     # Windows without a valid pixel never reach the model: of 2 x 4 windows, the 4 right of column 96.
     wide = np.concatenate([data, data], axis=2)  # 96 x 192 px
     half = write_raster(tmp_path / "d.tif", np.where(np.arange(192) < 96, wide, 0).astype(np.uint8), nodata=0)
-    setup = prepare(write_raster(tmp_path / "c.tif", wide, nodata=0), half, random_package, tile=64, overlap=16)
+    setup = prepare(write_raster(tmp_path / "c.tif", wide, nodata=0), half, random_package,
+                    DetectOptions(tile=64, overlap=16))
     seen = []
     read = setup.reader()
     for _ in stream_rows(lambda pre, post, valid: seen.append(valid) or np.zeros(valid.shape, np.float32),
@@ -242,7 +244,7 @@ def test_peak_memory_follows_the_raster_width_not_its_height(tmp_path, random_pa
         rng = np.random.default_rng(0)  # blocks of 16 x 16 px: changed regions, some across seams
         pre, post = (write_raster(tmp_path / f"{name}{height}.tif", np.kron(
             rng.integers(0, 255, (3, height // 16, 16), np.uint8), np.ones((1, 16, 16), np.uint8))) for name in "ab")
-        setup = prepare(pre, post, random_package, tile=128, overlap=16)
+        setup = prepare(pre, post, random_package, DetectOptions(tile=128, overlap=16))
         setup.predictor = differences
         read = setup.reader()
         tracemalloc.start()
@@ -264,7 +266,7 @@ def test_gdal_block_cache_follows_the_raster_width_not_its_height(tmp_path, rand
                            crs="EPSG:32614", transform=from_origin(630000, 3340000, 0.5, 0.5), tiled=True,
                            blockxsize=512, blockysize=512, compress="deflate") as dst:
             dst.write(np.zeros((3, height, width), np.uint8))
-        prepare(path, path, random_package, device="cpu", readers=readers, size_gdal_cache=sized)
+        prepare(path, path, random_package, DetectOptions(device="cpu"), readers=readers, size_gdal_cache=sized)
         return gdal.GetCacheMax()
 
     before = gdal.GetCacheMax()

@@ -16,6 +16,7 @@ from geochange.engine.inputs import optical_input, sar_input
 from geochange.engine.manifest import make_manifest
 from geochange.engine.metrics import confusion, scores
 from geochange.engine.models import create
+from geochange.engine.options import DetectOptions
 from geochange.engine.package import load_package, save_package
 from geochange.engine.predictor import Predictor
 
@@ -152,8 +153,8 @@ def test_six_and_four_band_rasters(shared_data, tmp_path):
     # The model gets the bands in the order given.
     windows = []
     for pre_bands, post_bands in (([1, 2, 3], [1, 2, 4]), ([3, 2, 1], [4, 1, 2])):
-        read = prepare(haiti / "pre_2018.tif", haiti / "post_2019.tif", rgb, pre_bands=pre_bands,
-                       post_bands=post_bands, device="cpu").reader()
+        read = prepare(haiti / "pre_2018.tif", haiti / "post_2019.tif", rgb,
+                       DetectOptions(pre_bands=pre_bands, post_bands=post_bands, device="cpu")).reader()
         windows.append(read(Window(30, 40, 64, 64))[:2])
         read.close()
     (pre, post), (pre_321, post_412) = windows

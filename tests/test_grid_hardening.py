@@ -18,8 +18,8 @@ from shapely.geometry import Polygon
 from geochange.engine.detect import prepare
 from geochange.engine.errors import OptionError
 from geochange.engine.evaluate import evaluate_folder
-from geochange.engine.grid import PairReader
-from geochange.engine.grid import common_grid
+from geochange.engine.grid import PairReader, common_grid
+from geochange.engine.options import DetectOptions
 from geochange.engine.package import load_package
 from geochange.engine.progress import Progress
 from geochange.engine.windows import WindowPlan
@@ -82,7 +82,7 @@ def test_rotated_or_sheared_dates_are_warped_onto_a_north_up_grid(tmp_path, pre_
 @pytest.mark.parametrize("option, message", [
     (["--crs", "EPSG:999999"], "crs 'EPSG:999999' is not a coordinate reference system GDAL knows"),
     (["--resolution", "1e-12"], "the common grid would be 1.28e+14 x 1.28e+14 px"),  # today: planning eats memory
-    (["--threshold", "1.5"], "threshold must be in [0, 1], not 1.5"),
+    (["--threshold", "1.5"], "--threshold must be a number in [0, 1], not 1.5"),
 ])
 def test_cli_refuses_absurd_options_in_one_line(tmp_path, random_package, option, message):
     pre = write_raster(tmp_path / "pre.tif", NORTH_UP)
@@ -102,11 +102,11 @@ def test_a_resolution_coarser_than_the_overlap_is_named_as_such(tmp_path):
 def test_thresholds_outside_0_1_are_refused_by_the_engine(tmp_path, random_package):
     pre = write_raster(tmp_path / "pre.tif", NORTH_UP)
     for threshold in (-0.1, 1.5, float("nan")):
-        with pytest.raises(OptionError, match=r"threshold must be in \[0, 1\]"):
-            prepare(pre, pre, random_package, threshold=threshold)
-        with pytest.raises(OptionError, match=r"threshold must be in \[0, 1\]"):
+        with pytest.raises(OptionError, match=r"--threshold must be a number in \[0, 1\]"):
+            prepare(pre, pre, random_package, DetectOptions(threshold=threshold))
+        with pytest.raises(OptionError, match=r"--threshold must be a number in \[0, 1\]"):
             evaluate_folder(load_package(random_package), tmp_path, threshold=threshold)
-    assert prepare(pre, pre, random_package, threshold=1.0).threshold == 1.0
+    assert prepare(pre, pre, random_package, DetectOptions(threshold=1)).threshold == 1.0
 
 
 def test_tiles_below_32_px_are_refused(shared_data, random_package):
@@ -114,7 +114,7 @@ def test_tiles_below_32_px_are_refused(shared_data, random_package):
         WindowPlan(256, 256, 31, 0)
     assert len(WindowPlan(256, 256, 32, 0)) == 64
     # Also where every image fits in the tile and is predicted whole, without a window plan.
-    with pytest.raises(OptionError, match="tile size must be at least 32 px, not 16"):
+    with pytest.raises(OptionError, match="--tile must be a whole number at least 32 px, not 16"):
         evaluate_folder(load_package(random_package), shared_data / "levir_cd", tile=16)
 
 
@@ -140,10 +140,10 @@ def test_a_batch_beyond_the_machines_memory_is_lowered_and_a_tile_refused(tmp_pa
         def log(self, message):
             messages.append(message)
 
-    setup = prepare(wide, wide, random_package, tile=1024, batch=10**9, progress=Log())
+    setup = prepare(wide, wide, random_package, DetectOptions(tile=1024, batch=10**9), progress=Log())
     assert 1 <= setup.batch < memory // window and "batch lowered from 1000000000 to" in messages[0]
     side = math.isqrt(memory // (6 * 4)) + 1  # one window of this side holds more than the memory
     square = empty_raster(tmp_path / "square.vrt", side, side)
     with pytest.raises(OptionError, match=f"a tile of {side} px over a grid {side} px wide needs at least .* GiB, "
                                           "more than this machine's .* lower the tile size"):
-        prepare(square, square, random_package, tile=side)
+        prepare(square, square, random_package, DetectOptions(tile=side))

@@ -6,7 +6,6 @@ once through qgis_process, and both results are checked against the label.
 """
 from __future__ import annotations
 
-import inspect
 import json
 import subprocess
 from pathlib import Path
@@ -103,17 +102,13 @@ def test_provider_lists_the_algorithm(geochange_provider):
     assert (defaults["TILE_SIZE"], defaults["OVERLAP"], defaults["BATCH_SIZE"]) == (None, 64, 4)  # no tile: the model's
     for optional in ("THRESHOLD", "PRE_BANDS", "POST_BANDS"):
         assert algorithm.parameterDefinition(optional).flags() & algorithm.parameterDefinition(optional).FlagOptional
-    # Every parameter that is not an output passes through to the engine's detect() (THREADS to the
-    # worker's configure_process), and every option of detect() has its parameter, except the number of
-    # reading threads (an I/O detail) and the GDAL cache's sizing, which the worker asks for itself.
-    inputs = {p.name() for p in algorithm.parameterDefinitions() if not p.isDestination()}
-    assert inputs - {"PRE", "POST", "MODEL", "ZOO_MODEL"} == set(algorithm.ENGINE_OPTIONS)
-    from geochange.engine.detect import detect, prepare  # detect(**options) passes options to prepare()
+    # Every parameter besides the inputs, the model and the outputs is one of the engine's detect options
+    # (engine.options), and each of those has its parameter.
+    from geochange.engine.options import DETECT, names, spec
 
-    accepted = set(inspect.signature(detect).parameters) | set(inspect.signature(prepare).parameters)
-    keywords = {keyword for keyword, _ in algorithm.ENGINE_OPTIONS.values()} - {"threads"}
-    assert keywords | {"pre_path", "post_path", "model", "probability", "mask", "polygons", "progress",
-                       "readers", "size_gdal_cache", "options"} == accepted
+    inputs = {p.name() for p in algorithm.parameterDefinitions() if not p.isDestination()}
+    options = {spec(name).metadata["parameter"] for name in names(DETECT)}
+    assert inputs - {"PRE", "POST", "MODEL", "ZOO_MODEL"} == options
     for parameter in algorithm.parameterDefinitions():  # the help explains every parameter
         assert parameter.description().split(" (")[0] in algorithm.shortHelpString()
 

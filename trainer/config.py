@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from geochange.engine.errors import GeoChangeError
-from geochange.engine.windows import MIN_TILE
+from geochange.engine.options import MIN_TILE
 
 
 class ConfigError(GeoChangeError, ValueError):

@@ -1,0 +1,197 @@
+"""The options of a detection run, defined once: name, type, default, choices, bounds and help.
+
+``DetectOptions`` is what ``detect``, ``evaluate_folder`` and ``distributed_detect`` take; the command line
+(``engine/cli.py``), the QGIS parameters and their help (``qgis_plugin/parameters.py``) and the worker's
+JSON job are all built from its fields, so adding an option touches this file (and its tests) only.
+Standard library only: the plugin imports it in QGIS's own Python.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+from geochange.engine.errors import OptionError
+
+# Models see windows padded to a multiple of 32 px (their largest reduction, see predictor.SIZE_MULTIPLE):
+# a smaller tile only multiplies the windows (and their padding) without seeing less.
+MIN_TILE = 32
+# Where the engine's fields are for: detection, and evaluation on a folder dataset.
+DETECT, EVALUATE = "detect", "evaluate"
+
+
+def option(default, *, kind: str, parameter: str, label: str, help: str, choices: tuple = (),
+           minimum: float | None = None, maximum: float | None = None, above: bool = False, unit: str = "",
+           advanced: bool = False, parent: str | None = None, evaluate: bool = False):
+    """A field of ``DetectOptions`` with what the front ends need to offer it.
+
+    ``kind``: int, float, bool, choice, bands (1-based band numbers of the raster parameter ``parent``),
+    crs or text. ``parameter``: the QGIS parameter's name (kept by saved models and scripts), ``label``
+    its caption; ``help`` is plain text for both ``--help`` and QGIS's help. ``minimum``: the least value
+    (exclusive when ``above``), in ``unit``; ``maximum``: the largest. A default of None means "unset": the
+    engine then decides (the help says how).
+    """
+    return field(default=default, metadata={
+        "kind": kind, "parameter": parameter, "label": label, "help": help, "choices": tuple(choices),
+        "minimum": minimum, "maximum": maximum, "above": above, "unit": unit, "advanced": advanced, "parent": parent,
+        "commands": (DETECT, EVALUATE) if evaluate else (DETECT,)})
+
+
+@dataclass(frozen=True)
+class DetectOptions:
+    """How a pair is detected; each value is checked on construction (``OptionError`` names the option)."""
+
+    pre_bands: tuple[int, ...] | None = option(
+        None, kind="bands", parameter="PRE_BANDS", label="Pre-change bands, in the model's order", parent="PRE",
+        help="1-based bands of the pre raster to give the model, in the model's order (e.g. 3,2,1 for a BGR "
+             "file and an RGB model). Default: all bands, which must then be as many as the model expects "
+             "(its manifest lists them).")
+    post_bands: tuple[int, ...] | None = option(
+        None, kind="bands", parameter="POST_BANDS", label="Post-change bands, in the model's order", parent="POST",
+        help="Bands of the post raster, as for the pre raster (e.g. 1).")
+    grid: str = option(
+        "pre", kind="choice", parameter="GRID", label="Output grid (the pre or the post raster's)",
+        choices=("pre", "post"),
+        help="Whose grid (CRS, pixel size, pixel lattice) the outputs take; the other date is resampled onto it "
+             "(bilinear). The outputs cover the intersection of both footprints.")
+    device: str = option(
+        "auto", kind="text", parameter="DEVICE", label="Device (auto, cpu, cuda, cuda:N)", evaluate=True,
+        help="auto (a GPU when one is usable, else the CPU), cpu, cuda or a given GPU such as cuda:0.")
+    tile: int | None = option(
+        None, kind="int", parameter="TILE_SIZE", label="Tile size (pixels; empty = the model's)", minimum=MIN_TILE,
+        unit=" px", evaluate=True,
+        help=f"Side in pixels of the square windows given to the network, at least {MIN_TILE}. Default: the tile "
+             "the model was trained on (its package records it; 512 for packages that do not). A model that "
+             "normalises each window by its own statistics (TinyCD) predicts best in that window.")
+    overlap: int = option(
+        64, kind="int", parameter="OVERLAP", label="Tile overlap (pixels)", minimum=0, unit=" px", evaluate=True,
+        help="Pixels shared by neighbouring windows, less than the tile; their predictions are blended so that "
+             "no seams appear.")
+    batch: int = option(
+        4, kind="int", parameter="BATCH_SIZE", label="Batch size (tiles)", minimum=1, unit=" window", evaluate=True,
+        help="Windows run together; lower it if memory runs out (it is lowered for you where the machine's "
+             "memory cannot hold it).")
+    threshold: float | None = option(
+        None, kind="float", parameter="THRESHOLD", label="Change threshold (empty = the model's)", minimum=0.0,
+        maximum=1.0, evaluate=True,
+        help="Probability above which a pixel counts as changed, in [0, 1]. Default: the threshold stored in the "
+             "model package (usually 0.5).")
+    min_area: float = option(
+        0.0, kind="float", parameter="MIN_AREA", label="Minimum polygon area (m²)", minimum=0.0, unit=" m²",
+        help="Change polygons smaller than this many square metres (geodesic) are dropped.")
+    simplify: float = option(
+        0.0, kind="float", parameter="SIMPLIFY", label="Simplify tolerance (map units)", minimum=0.0,
+        help="Polygon outlines are simplified with this tolerance, in the units of the output CRS; 0 keeps the "
+             "pixel outlines.")
+    sar_db: bool = option(
+        False, kind="bool", parameter="SAR_DB", label="SAR rasters are in dB",
+        help="Float SAR rasters hold backscatter in dB (otherwise linear power is assumed). Only for models "
+             "whose manifest marks a date as SAR.")
+    tta: bool = option(
+        False, kind="bool", parameter="TTA", label="Test-time augmentation (scales x flips)", evaluate=True,
+        help="Test-time augmentation: the mean of the change probabilities of every window resized by the "
+             "scales the model was tested with, as it is and flipped left-right (0.75, 1 and 1.25 when the "
+             "package records none: six passes, often slightly more accurate).")
+    crs: str | None = option(
+        None, kind="crs", parameter="CRS", label="Output CRS (empty = the grid raster's)", advanced=True,
+        help="Read both dates in this CRS instead of the grid raster's (e.g. EPSG:32614).")
+    resolution: float | None = option(
+        None, kind="float", parameter="RESOLUTION", label="Output pixel size (empty = the grid raster's)",
+        minimum=0.0, above=True, advanced=True,
+        help="Pixel size of the common grid, in the units of its CRS. Default: the grid raster's.")
+    pre_scale: float | None = option(
+        None, kind="float", parameter="PRE_SCALE", label="Pre raw value meaning 1.0 (empty = by data type)",
+        minimum=0.0, above=True, advanced=True,
+        help="The raw pre value that means 1.0 to the model. Default: the model's when the data types agree, "
+             "else by data type (255 for 8-bit, 10000 for 16-bit reflectance, 1 for float).")
+    post_scale: float | None = option(
+        None, kind="float", parameter="POST_SCALE", label="Post raw value meaning 1.0 (empty = by data type)",
+        minimum=0.0, above=True, advanced=True, help="The same for the post raster.")
+    precision: str = option(
+        "bf16", kind="choice", parameter="PRECISION", label="GPU precision", choices=("bf16", "fp16", "fp32"),
+        advanced=True, evaluate=True,
+        help="Arithmetic on a GPU (autocast): bf16 and fp16 are faster and use less memory; the CPU runs fp32.")
+    threads: int | None = option(
+        None, kind="int", parameter="THREADS", label="CPU threads (empty = all)", minimum=1, advanced=True,
+        help="CPU threads PyTorch may use. Default: PyTorch's (all cores). A setting of the whole process: the "
+             "command line and the worker apply it (engine.process.configure_process); detect itself leaves "
+             "the process alone.")
+
+    def __post_init__(self):
+        for spec in fields(self):
+            value = _checked(spec, getattr(self, spec.name))
+            object.__setattr__(self, spec.name, value)
+        if self.tile is not None and self.overlap >= self.tile:
+            raise OptionError(f"--overlap must be in [0, tile) = [0, {self.tile}), not {self.overlap}")
+
+    @classmethod
+    def of(cls, values: dict, command: str = DETECT) -> DetectOptions:
+        """Options from keyword arguments (a JSON job, a caller's ``**options``); a name that is not an
+        option of ``command`` is refused with the known ones."""
+        known = names(command)
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise OptionError(f"unknown {command} option{'s' * (len(unknown) > 1)} {', '.join(unknown)}; "
+                              f"known: {', '.join(known)}")
+        return cls(**values)
+
+
+def specs(command: str = DETECT) -> list:
+    """The fields of ``command``'s options, in their order (``field.metadata`` holds the rest)."""
+    return [spec for spec in fields(DetectOptions) if command in spec.metadata["commands"]]
+
+
+def spec(name: str):
+    """The field of option ``name``."""
+    return next(option for option in fields(DetectOptions) if option.name == name)
+
+
+def names(command: str = DETECT) -> list[str]:
+    return [spec.name for spec in specs(command)]
+
+
+def flag(name: str) -> str:
+    """The command-line spelling of an option (``pre_bands`` -> ``--pre-bands``)."""
+    return "--" + name.replace("_", "-")
+
+
+def _checked(spec, value):
+    """``value`` of the option ``spec`` in its type, or an ``OptionError`` naming the option as the command
+    line spells it (the QGIS worker client turns that into the parameter's name)."""
+    meta, name = spec.metadata, flag(spec.name)
+    if value is None:
+        if spec.default is not None:
+            raise OptionError(f"{name} needs a value (default {spec.default})")
+        return None
+    kind = meta["kind"]
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise OptionError(f"{name} must be true or false, not {value!r}")
+        return value
+    if kind in ("choice", "text", "crs"):
+        if not isinstance(value, str) or (meta["choices"] and value not in meta["choices"]):
+            expected = f"one of {', '.join(meta['choices'])}" if meta["choices"] else "a text"
+            raise OptionError(f"{name} must be {expected}, not {value!r}")
+        return value
+    if kind == "bands":
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+            raise OptionError(f"{name} must be a list of 1-based band numbers, not {value!r}")
+        bands = tuple(value)
+        if not bands or not all(_is_int(b) and b >= 1 for b in bands):
+            raise OptionError(f"{name} must be 1-based band numbers like 3,2,1, not {list(bands)}")
+        return tuple(int(b) for b in bands)
+    low, high = meta["minimum"], meta["maximum"]
+    number = _is_int(value) or (kind == "float" and isinstance(value, float) and math.isfinite(value))
+    if high is not None:
+        bounds, fits = f" in [{low:g}, {high:g}]", number and low <= value <= high
+    elif low is not None:
+        bounds = f" {'above' if meta['above'] else 'at least'} {low:g}{meta['unit']}"
+        fits = number and (value > low if meta["above"] else value >= low)
+    else:
+        bounds, fits = "", number
+    if not fits:
+        raise OptionError(f"{name} must be a {'whole ' * (kind == 'int')}number{bounds}, not {value!r}")
+    return int(value) if kind == "int" else float(value)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

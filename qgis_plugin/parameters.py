@@ -1,0 +1,136 @@
+"""The parameters the GeoChange algorithms share: the model (a zoo name or a file) and the engine's run
+options, made from their one definition (``engine.options``) with their help; and reading them back as the
+engine's keyword arguments."""
+from __future__ import annotations
+
+import html
+
+from qgis.core import (
+    QgsProcessingException,
+    QgsProcessingParameterBand,
+    QgsProcessingParameterBoolean,
+    QgsProcessingParameterCrs,
+    QgsProcessingParameterDefinition,
+    QgsProcessingParameterEnum,
+    QgsProcessingParameterFile,
+    QgsProcessingParameterNumber,
+    QgsProcessingParameterString,
+)
+
+from geochange.engine.options import spec
+from geochange.engine.zoo import zoo_index
+from geochange.qgis_plugin.engine_algorithm import tr
+
+MODEL_FILTER = "GeoChange model package (*.safetensors);;All files (*)"
+NO_ZOO_MODEL = "none: the model file below"
+
+MODEL_HELP = {
+    "ZOO_MODEL": "A model trained by the GeoChange project and shipped with the plugin (<code>geochange zoo</code> "
+                 "lists what each is for, its inputs, data and test figures); <i>none</i> to use the model file "
+                 "below.",
+    "MODEL": "A GeoChange model file (<code>.safetensors</code>) holding the weights, the architecture and "
+             "how inputs are scaled; its manifest is printed in the log when the algorithm runs (and by "
+             "<i>Model information</i>). Pickled PyTorch checkpoints (<code>.pth</code>) are refused: "
+             "convert them with <code>geochange import-weights</code>.",
+}
+
+# The numeric outputs of the algorithms that write change polygons.
+POLYGON_OUTPUTS_HELP = {
+    "POLYGON_COUNT": "How many change polygons were written.",
+    "CHANGED_AREA_M2": "Their total area in square metres (in pixels for two rasters without a CRS, which are "
+                       "paired pixel for pixel).",
+}
+
+ENGINE_NOTES = ("<p>The model runs in a separate Python process (see <i>Settings &gt; Options &gt; "
+                "Processing &gt; Providers &gt; GeoChange</i>), so a crash of PyTorch or the GPU driver cannot "
+                "take QGIS down; Cancel stops it. Nothing is written under the output names if the run "
+                "fails or is cancelled.</p>")
+
+
+def model_parameters() -> list:
+    """A model file (``MODEL``), or a model of the zoo shipped with the plugin (``ZOO_MODEL``)."""
+    # "All files" keeps other names acceptable, so that a wrong file (a .pth checkpoint...) gets the
+    # engine's explanation instead of QGIS's bare "Incorrect parameter value".
+    # Chosen by name, not position: saved models and batch runs keep their choice as the zoo grows.
+    return [QgsProcessingParameterEnum("ZOO_MODEL", tr("Model from the zoo"), defaultValue=NO_ZOO_MODEL,
+                                       options=[NO_ZOO_MODEL] + sorted(zoo_index()), usesStaticStrings=True),
+            QgsProcessingParameterFile("MODEL", tr("Model file"), behavior=QgsProcessingParameterFile.File,
+                                       fileFilter=tr(MODEL_FILTER), optional=True)]
+
+
+def chosen_model(algorithm, parameters, context) -> str:
+    """The zoo model's name, else the model file; one of them is needed."""
+    choice = algorithm.parameterAsEnumString(parameters, "ZOO_MODEL", context)
+    if choice and choice != NO_ZOO_MODEL:
+        return choice
+    model = algorithm.parameterAsFile(parameters, "MODEL", context)
+    if not model:
+        raise QgsProcessingException(tr("Choose a model from the zoo (ZOO_MODEL) or give a model file (MODEL)"))
+    return model
+
+
+def option_parameter(name: str, **overrides) -> QgsProcessingParameterDefinition:
+    """The parameter of the engine option ``name``; ``overrides`` (``default``) where an algorithm differs."""
+    option = spec(name)
+    meta, default = option.metadata, overrides.get("default", option.default)
+    parameter, label, kind, optional = meta["parameter"], tr(meta["label"]), meta["kind"], default is None
+    if kind in ("int", "float"):
+        bounds = {key: meta[key] for key in ("minimum", "maximum") if meta[key] is not None}
+        number = QgsProcessingParameterNumber.Integer if kind == "int" else QgsProcessingParameterNumber.Double
+        made = QgsProcessingParameterNumber(parameter, label, number, defaultValue=default, optional=optional,
+                                            **{"minValue" if k == "minimum" else "maxValue": v
+                                               for k, v in bounds.items()})
+    elif kind == "bool":
+        made = QgsProcessingParameterBoolean(parameter, label, defaultValue=default)
+    elif kind == "choice":
+        made = QgsProcessingParameterEnum(parameter, label, options=list(meta["choices"]),
+                                          defaultValue=meta["choices"].index(default))
+    elif kind == "bands":
+        made = QgsProcessingParameterBand(parameter, label, parentLayerParameterName=meta["parent"], optional=True,
+                                          allowMultiple=True)
+    elif kind == "crs":
+        made = QgsProcessingParameterCrs(parameter, label, optional=True)
+    else:  # text: a free string (the device: the GPU index depends on the machine)
+        made = QgsProcessingParameterString(parameter, label, defaultValue=default)
+    if meta["advanced"]:
+        made.setFlags(made.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+    return made
+
+
+def option_value(algorithm, parameters, context, name: str):
+    """The engine's value of option ``name`` from its parameter (None where an optional one is empty)."""
+    option = spec(name)
+    parameter, kind = option.metadata["parameter"], option.metadata["kind"]
+    if kind in ("int", "float"):
+        if option.default is None and parameters.get(parameter) in (None, ""):
+            return None
+        value = algorithm.parameterAsDouble(parameters, parameter, context)
+        return int(value) if kind == "int" else value
+    if kind == "bool":
+        return algorithm.parameterAsBool(parameters, parameter, context)
+    if kind == "choice":
+        return option.metadata["choices"][algorithm.parameterAsEnum(parameters, parameter, context)]
+    if kind == "bands":
+        return algorithm.parameterAsInts(parameters, parameter, context) or None
+    if kind == "crs":
+        crs = algorithm.parameterAsCrs(parameters, parameter, context)
+        return (crs.authid() or crs.toWkt()) if crs.isValid() else None
+    return algorithm.parameterAsString(parameters, parameter, context).strip() or option.default
+
+
+def option_help(names) -> dict:
+    """``{parameter: HTML help}`` of the engine options ``names``."""
+    return {spec(name).metadata["parameter"]: html.escape(spec(name).metadata["help"], quote=False)
+            for name in names}
+
+
+def add_options(algorithm, **overrides) -> None:
+    """Add the parameters of the algorithm's engine options (``OPTIONS``), in their order;
+    ``overrides``: ``{name: {"default": ...}}`` where the algorithm differs from the engine."""
+    for name in algorithm.OPTIONS:
+        algorithm.addParameter(option_parameter(name, **overrides.get(name, {})))
+
+
+def option_values(algorithm, parameters, context) -> dict:
+    """The engine's keyword arguments of the algorithm's options."""
+    return {name: option_value(algorithm, parameters, context, name) for name in algorithm.OPTIONS}
