@@ -3,12 +3,13 @@
 Pairs are mirrored mosaics of the LEVIR-CD tile (``../shared/data/levir_tile_georef``), written once
 to ``bench/data/`` (tiled, DEFLATE GeoTIFFs). For each model and size, each repeat is one fresh process
 that measures, one after the other:
-- compute floor: the model's forward alone over the windows of the wall run, each batch read into
-  memory before it is timed, batched the same way (at 16384² over tile rows spread across the raster,
-  scaled to all rows);
+- fp32 floor: the model's eager fp32 forward alone over the windows of the wall run, each batch read
+  into memory before it is timed, batched the same way (at 16384² over tile rows spread across the
+  raster, scaled to all rows): what an engine running the model as trained costs at best;
+- compute floor: the same in the run's precision (``--precision``, default auto as ``detect``'s);
 - wall: ``detect`` end to end (read, warp-free grid, model, blend, COG + polygons) and the process's
-  peak RSS when it ends (the floor's is no higher: the same model on one batch in memory);
-- the compute floor again: the floor is the mean of the two, which bracket the wall run;
+  peak RSS when it ends (the floors' is no higher: the same model on one batch in memory);
+- both floors again: each floor is the mean of its two timings, which bracket the wall run;
 - I/O floor: the same pipeline with the model replaced by a replay of the wall run's own probability
   raster (read, blend, write the same rasters, vectorise the same polygons: a model with random
   weights outlines noise, whose polygons cost more than those of a trained model).
@@ -17,8 +18,9 @@ machine's speed drifts by up to 20 % between processes, and the floors of separa
 ratio swing by as much; within a process the floor still moved by up to 22 % between its two timings.
 TinyCD runs with its authors' LEVIR weights when they are beside the project, so that its mask and
 polygons are those of a real run; other models run with random weights.
-With ``--repeats N`` the fastest run of each kind is reported (peak RSS: the largest) and the ratio
-is the median of the N processes' own ratios.
+With ``--repeats N`` the fastest run of each kind is reported (peak RSS: the largest) and the ratios
+(wall / the larger of the compute and I/O floors; wall / the fp32 floor) are the medians of the N
+processes' own.
 Results go to ``bench/results.md`` (appended per machine and device).
 """
 from __future__ import annotations
@@ -97,6 +99,7 @@ def _child(job: dict) -> dict:
     from geochange.engine.inputs import optical_input
     from geochange.engine.models import create
     from geochange.engine.options import DetectOptions
+    from geochange.engine.predictor import Predictor
     from geochange.engine.stream import stream_rows
     from geochange.engine.manifest import make_manifest
     from geochange.engine.package import ModelPackage, load_package
@@ -136,12 +139,14 @@ def _child(job: dict) -> dict:
         return time.perf_counter() - start - getattr(predictor, "seconds", 0.0)
 
     model = setup.predictor
+    # The fp32 floor: the same windows through the model in fp32, eager (the floor of every peer's engine).
+    fp32 = Predictor(model.package, model.device, precision="fp32")
     # The compute floor: the windows of the wall run (or of --floor-sample-rows tile rows spread over the
     # raster), from memory; real pixels, as M2CD's expert routing, and so its speed, depends on them.
     count = job.get("sample_rows") or len(plan.rows)
     rows = sorted(set(np.linspace(0, len(plan.rows) - 1, count).round().astype(int).tolist()))
 
-    def compute_floor() -> float:
+    def compute_floor(model) -> float:
         read, seconds = setup.reader(), 0.0
         for i in rows:  # batched as the pipeline batches them, each batch read into memory, then timed
             row = plan.row_windows(i)
@@ -156,13 +161,16 @@ def _child(job: dict) -> dict:
 
     # Timed just before and just after the wall run, so that a drift of the machine's speed over the
     # minutes of a process weighs on both sides of the ratio alike.
-    seconds = {"compute_before": compute_floor(), "wall": pipeline(model, "wall")}
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the floor's is no higher
-    seconds["compute_after"] = compute_floor()
-    seconds["compute"] = (seconds["compute_before"] + seconds["compute_after"]) / 2
+    seconds = {"fp32_before": compute_floor(fp32), "compute_before": compute_floor(model),
+               "wall": pipeline(model, "wall")}
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the floors' are no higher
+    seconds["compute_after"] = compute_floor(model)
+    seconds["fp32_after"] = compute_floor(fp32)
+    for kind in ("compute", "fp32"):
+        seconds[kind] = (seconds[f"{kind}_before"] + seconds[f"{kind}_after"]) / 2
     seconds["io"] = pipeline(prediction_replay(out / "wall" / "p.tif", plan, model.device), "io")
     return {"seconds": seconds, "windows": len(plan), "peak_rss_mb": peak_rss_mb,
-            "megapixels": plan.height * plan.width / 1e6}
+            "megapixels": plan.height * plan.width / 1e6, "precision": str(model.dtype).removeprefix("torch.")}
 
 
 def authors_package(model: str) -> Path | None:
@@ -198,7 +206,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--models", nargs="+", default=["tinycd", "m2cd_mit_b0"])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--precision", default="bf16")
+    parser.add_argument("--precision", default="auto", help="the run's (default auto, as detect's)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--tile", type=int, default=512)
     parser.add_argument("--overlap", type=int, default=64)
@@ -213,13 +221,12 @@ def main() -> None:
     if args.child:
         print(json.dumps(_child(json.loads(args.child))))
         return
-    precision = f" {args.precision}" if args.device.startswith("cuda") else ""
-    lines = [f"\n## {date.today()}: {machine(args.device)}, device {args.device}{precision}, {args.threads} threads, "
-             f"tile {args.tile}, overlap {args.overlap}, batch {args.batch}, "
-             f"fastest of {args.repeats} run(s) each, median ratio\n",
-             "| model | size | windows | wall s | Mpx/s | compute floor s | I/O floor s | wall / max(floors) "
-             "| peak RSS MB |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"\n## {date.today()}: {machine(args.device)}, device {args.device}, precision {args.precision}, "
+             f"{args.threads} threads, tile {args.tile}, overlap {args.overlap}, batch {args.batch}, "
+             f"fastest of {args.repeats} run(s) each, median ratios\n",
+             "| model | size | windows | precision | wall s | Mpx/s | fp32 floor s | compute floor s | I/O floor s "
+             "| wall / max(floors) | wall / fp32 floor | peak RSS MB |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     print(lines[0])
     notes = []
     for size in args.sizes:
@@ -233,19 +240,23 @@ def main() -> None:
                    "batch": args.batch, "device": args.device, "precision": args.precision, "threads": args.threads,
                    "sample_rows": args.floor_sample_rows}
             runs = [measure(job) for _ in range(args.repeats)]
-            wall, io, compute = (min(r["seconds"][kind] for r in runs) for kind in ("wall", "io", "compute"))
+            wall, io, compute, fp32 = (min(r["seconds"][kind] for r in runs)
+                                       for kind in ("wall", "io", "compute", "fp32"))
             ratios = [r["seconds"]["wall"] / max(r["seconds"]["io"], r["seconds"]["compute"]) for r in runs]
             ratio = float(np.median(ratios))
+            to_fp32 = float(np.median([r["seconds"]["wall"] / r["seconds"]["fp32"] for r in runs]))
             peak_rss_mb, first = max(r["peak_rss_mb"] for r in runs), runs[0]
             sampled = "*" if args.floor_sample_rows else ""
             weights = "authors' weights" if package else "random weights"
-            lines.append(f"| {model} ({weights}) | {size}² | {first['windows']} | {wall:.1f} | "
-                         f"{first['megapixels'] / wall:.3f} | {compute:.1f}{sampled} | "
-                         f"{io:.1f} | {ratio:.3f} | {peak_rss_mb:.0f} |")
+            lines.append(f"| {model} ({weights}) | {size}² | {first['windows']} | {first['precision']} | {wall:.1f} | "
+                         f"{first['megapixels'] / wall:.3f} | {fp32:.1f}{sampled} | {compute:.1f}{sampled} | "
+                         f"{io:.1f} | {ratio:.3f} | {to_fp32:.3f} | {peak_rss_mb:.0f} |")
             print(lines[-1], flush=True)
-            notes.append(f"{model} {size}², per process (wall / compute floor before, after / I/O floor s: ratio): "
-                         + ", ".join("{wall:.1f} / {compute_before:.1f}, {compute_after:.1f} / {io:.1f}: ".format(
-                             **r["seconds"]) + f"{q:.3f}" for r, q in zip(runs, ratios)))
+            notes.append(f"{model} {size}², per process (wall / compute floor before, after / fp32 floor before, "
+                         "after / I/O floor s: ratio): "
+                         + ", ".join("{wall:.1f} / {compute_before:.1f}, {compute_after:.1f} / {fp32_before:.1f}, "
+                                     "{fp32_after:.1f} / {io:.1f}: ".format(**r["seconds"]) + f"{q:.3f}"
+                                     for r, q in zip(runs, ratios)))
     lines += [""] + [f"- {note}" for note in notes]
     if args.floor_sample_rows:
         lines.append(f"\n\\* compute floor timed on {args.floor_sample_rows} tile rows spread over the raster, "

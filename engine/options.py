@@ -107,9 +107,12 @@ class DetectOptions:
         None, kind="float", parameter="POST_SCALE", label="Post raw value meaning 1.0 (empty = by data type)",
         minimum=0.0, above=True, advanced=True, help="The same for the post raster.")
     precision: str = option(
-        "bf16", kind="choice", parameter="PRECISION", label="GPU precision", choices=("bf16", "fp16", "fp32"),
+        "auto", kind="choice", parameter="PRECISION", label="Precision", choices=("auto", "bf16", "fp16", "fp32"),
         advanced=True, evaluate=True,
-        help="Arithmetic on a GPU (autocast): bf16 and fp16 are faster and use less memory; the CPU runs fp32.")
+        help="Arithmetic of the model (autocast; inputs, routing and probabilities stay fp32). auto: bf16 on a GPU, "
+             "and on a CPU that computes bf16 natively (Intel AMX, AVX512-BF16), else fp32; the log says which "
+             "and why. bf16 and fp16 are faster and use less memory; fp16 is for GPUs (a CPU runs fp32). fp32 "
+             "gives the figures a package records.")
     threads: int | None = option(
         None, kind="int", parameter="THREADS", label="CPU threads (empty = all)", minimum=1, advanced=True,
         help="CPU threads PyTorch may use. Default: PyTorch's (all cores). A setting of the whole process: the "

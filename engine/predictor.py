@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from geochange.engine.errors import GeoChangeError, OptionError, PackageError
+from geochange.engine.hardware import cpu_bf16
 from geochange.engine.inputs import normalise
 from geochange.engine.manifest import is_number
 from geochange.engine.package import ModelPackage
@@ -92,19 +93,18 @@ class Predictor:
     """Normalises raw windows as the package's manifest says and returns probabilities.
 
     ``scales``/``sar_db`` per date (``{"pre": ..., "post": ...}``) override how raw values are read
-    (see ``engine.inputs.normalise``); ``precision`` applies on CUDA only (CPU runs fp32), and so do
-    ``cuda_graphs`` (see ``_replay``). ``tta`` (``{"scales", "flip"}``, see ``check_tta``) averages the
+    (see ``engine.inputs.normalise``); ``precision``: the autocast type (``_dtype``; the default, fp32, is
+    the trainer's, whose figures a package records; the front ends' default is ``auto``); ``cuda_graphs``
+    on CUDA only (see ``_replay``). ``tta`` (``{"scales", "flip"}``, see ``check_tta``) averages the
     probability over the window resized by each scale, as is and flipped left-right.
     """
 
-    def __init__(self, package: ModelPackage, device: str | torch.device = "auto", *, precision: str = "bf16",
+    def __init__(self, package: ModelPackage, device: str | torch.device = "auto", *, precision: str = "fp32",
                  tta: dict | None = None, scales: dict | None = None, sar_db: bool = False, cuda_graphs: bool = True,
                  log=lambda m: None):
         self.device = resolve_device(device) if isinstance(device, str) else device
-        if precision not in PRECISIONS:
-            raise GeoChangeError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-        self.dtype = PRECISIONS[precision] if self.device.type == "cuda" else torch.float32
         self.package, self.tta, self.log = package, check_tta(tta), log
+        self.dtype = self._dtype(precision)
         self.scales = dict(scales or {})
         for date, scale in self.scales.items():
             if scale is not None and not (is_number(scale) and scale > 0):  # 0 would turn every pixel to nodata
@@ -118,6 +118,22 @@ class Predictor:
         self._graphs: dict = {}  # input shapes -> (static inputs, graph, static output)
         self.inputs = package.manifest["inputs"]
         self.max_batch: int | None = None  # lowered after a CUDA out-of-memory, kept for later batches
+
+    def _dtype(self, precision: str) -> torch.dtype:
+        """The autocast type of ``precision`` on this device. ``auto``: bf16 on a GPU, and on a CPU that
+        computes in bf16 natively (``hardware.cpu_bf16``), else fp32; fp16 is for GPUs (a CPU runs fp32)."""
+        if precision != "auto" and precision not in PRECISIONS:
+            raise OptionError(f"precision must be auto or one of {', '.join(PRECISIONS)}, not {precision!r}")
+        if self.device.type == "cuda":
+            return PRECISIONS["bf16" if precision == "auto" else precision]
+        if precision == "auto":
+            native, why = cpu_bf16()
+            precision = "bf16" if native else "fp32"
+            self.log(f"precision {precision} on the CPU: {why}")
+        elif precision == "fp16":
+            self.log("precision fp32 on the CPU: fp16 is for GPUs")
+            precision = "fp32"
+        return PRECISIONS[precision]
 
     def _to_device(self, raw: np.ndarray, date: str) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(raw))

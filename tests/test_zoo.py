@@ -96,7 +96,7 @@ def test_evaluate_reproduces_the_trainers_test_figures(name, shared_data, tmp_pa
     tested, options = zoo_tested(name)
     out = tmp_path / "metrics.json"
     assert geochange(["evaluate", "--model", name, "--data", str(shared_data / "ombria_full" / "test"),
-                      "--device", "cpu", "--json", str(out), *options]) == 0
+                      "--device", "cpu", "--precision", "fp32", "--json", str(out), *options]) == 0
     summary = json.loads(out.read_text())
     assert summary["tta"] == tested.get("tta") and summary["tile"] == load_package(name).tile
     assert summary["files"] == [f.rsplit("/", 1)[1] for f in tested["files"]]

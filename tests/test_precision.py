@@ -1,0 +1,50 @@
+"""Precision on the CPU: ``auto`` picks bf16 where the CPU computes it natively, and bf16 changes no model's
+accuracy: for every zoo model (OMBRIA's test tiles) and the TinyCD authors' weights (the LEVIR-CD images),
+the change-class F1 within 0.002 of fp32 and the masks equal on at least 99.5 % of the pixels."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from geochange.engine.evaluate import change_label, dataset_pairs, predict_image
+from geochange.engine.hardware import cpu_bf16
+from geochange.engine.metrics import ConfusionMeter
+from geochange.engine.options import DetectOptions
+from geochange.engine.package import load_package
+from geochange.engine.predictor import Predictor
+from geochange.engine.rasters import read_image
+from geochange.engine.zoo import zoo_index
+
+
+def test_auto_takes_bf16_where_the_cpu_computes_it_and_says_why():
+    native, why = cpu_bf16()
+    logged = []
+    predictor = Predictor(load_package(sorted(zoo_index())[0]), "cpu", precision="auto", log=logged.append)
+    assert str(predictor.dtype) == ("torch.bfloat16" if native else "torch.float32")
+    assert logged == [f"precision {'bf16' if native else 'fp32'} on the CPU: {why}"]
+    logged.clear()
+    assert str(Predictor(predictor.package, "cpu", precision="fp16", log=logged.append).dtype) == "torch.float32"
+    assert logged == ["precision fp32 on the CPU: fp16 is for GPUs"]
+
+
+def masks_and_f1(package, folder, precision: str, tiling) -> tuple[list[np.ndarray], float]:
+    predictor, meter, masks = Predictor(package, "cpu", precision=precision), ConfusionMeter(), []
+    for pre_path, post_path, label_path in dataset_pairs(folder):
+        change, labelled = change_label(read_image(label_path)[0], label_path)
+        masks.append(predict_image(predictor, read_image(pre_path), read_image(post_path), tiling) > package.threshold)
+        meter.add(masks[-1], change, labelled)
+    return masks, meter.summary()["global"]["f1"]
+
+
+CASES = [pytest.param(name, "ombria_full/test", id=name) for name in sorted(zoo_index())] + [
+    pytest.param(None, "levir_cd", id="tinycd_authors")]
+
+
+@pytest.mark.parametrize("name, data", CASES)
+def test_bf16_keeps_the_accuracy_of_fp32(name, data, shared_data, tinycd_package):
+    package = load_package(name or tinycd_package)
+    tiling = DetectOptions(tile=package.tile, overlap=64)  # as evaluate and detect run it
+    full, f1_full = masks_and_f1(package, shared_data / data, "fp32", tiling)
+    half, f1_half = masks_and_f1(package, shared_data / data, "bf16", tiling)
+    agreement = sum(int((a == b).sum()) for a, b in zip(full, half)) / sum(a.size for a in full)
+    assert abs(f1_half - f1_full) <= 0.002 and agreement >= 0.995, (f1_full, f1_half, agreement)
