@@ -21,7 +21,7 @@ from geochange.engine.package import ModelPackage, RouterPackage, load_model
 from geochange.engine.predictor import Predictor, model_tta
 from geochange.engine.process import bound_gdal_cache
 from geochange.engine.progress import Progress
-from geochange.engine.rasters import open_raster, select_bands
+from geochange.engine.rasters import check_two_dates, open_raster, select_bands
 from geochange.engine.routing import RouterPredictor
 from geochange.engine.stream import default_readers, io_executor, on_cpu, stream_rows
 from geochange.engine.windows import WindowPlan
@@ -127,6 +127,7 @@ def prepare(pre_path, post_path, model, options: DetectOptions = DetectOptions()
     else:
         predictor, inputs = predictor_of(package), package.manifest["inputs"]
     with open_raster(pre_path) as pre, open_raster(post_path) as post:
+        check_two_dates(pre_path, post_path)
         common = common_grid(pre, post, on=o.grid, crs=o.crs, resolution=o.resolution, warn=progress.log)
         bands = (select_bands(pre, inputs["pre"], "pre", o.pre_bands and list(o.pre_bands)),
                  select_bands(post, inputs["post"], "post", o.post_bands and list(o.post_bands)))

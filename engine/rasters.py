@@ -33,6 +33,14 @@ def open_raster(path: str | os.PathLike, *, georeferenced: bool = True):
     return src
 
 
+def check_two_dates(pre_path, post_path) -> None:
+    """The pre and the post raster must be two files: one file given twice (a slip of the file dialog, or
+    the same layer picked twice) would only report no change, after the whole run."""
+    if os.path.samefile(pre_path, post_path):
+        raise RasterError(f"{pre_path}: the pre and the post raster are the same file; a change map needs "
+                          "two dates")
+
+
 def corrupt_pixels(path, error: Exception) -> RasterError:
     """The error for pixels that cannot be read, as in a file damaged or cut short after its header."""
     return RasterError(f"{path}: cannot read pixels, the file is corrupt ({error})")

@@ -12,7 +12,7 @@ from qgis.core import (
 from geochange.engine.contracts import MASK_CHANGE, MASK_NO_CHANGE, MASK_NODATA, PROBABILITY_NODATA
 from geochange.engine.options import DETECT, names
 from geochange.qgis_plugin import styles
-from geochange.qgis_plugin.engine_algorithm import EngineAlgorithm, tr
+from geochange.qgis_plugin.engine_algorithm import EngineAlgorithm, same_raster, tr
 from geochange.qgis_plugin.parameters import (ENGINE_NOTES, MODEL_HELP, POLYGON_OUTPUTS_HELP, add_options, chosen_model,
                                               model_parameters, option_help, option_values)
 
@@ -66,6 +66,16 @@ class DetectChangesAlgorithm(EngineAlgorithm):
             "OUTPUT_POLYGONS", tr("Change polygons"), QgsProcessing.TypeVectorPolygon))
         self.addOutput(QgsProcessingOutputNumber("POLYGON_COUNT", tr("Number of change polygons")))
         self.addOutput(QgsProcessingOutputNumber("CHANGED_AREA_M2", tr("Changed area (m²)")))
+
+    def checkParameterValues(self, parameters, context):  # noqa: N802 (QGIS's name)
+        """Refused before the run, in the dialog as in scripts: one raster as both dates (both default to
+        the active layer), which would only report no change after the whole run."""
+        ok, message = super().checkParameterValues(parameters, context)
+        pre, post = (self.parameterAsRasterLayer(parameters, name, context) for name in ("PRE", "POST"))
+        if ok and pre is not None and post is not None and same_raster(pre, post):
+            return False, tr("PRE and POST are the same raster ({}): choose the image from before the event and "
+                             "the one from after it").format(pre.source())
+        return ok, message
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 (QGIS's name)
         outputs = {

@@ -3,6 +3,7 @@ process, and the file paths behind layer and destination parameters."""
 from __future__ import annotations
 
 import html
+import os
 from pathlib import Path
 
 from qgis.core import (
@@ -76,7 +77,7 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
         if layer.providerType() != "gdal":
             raise QgsProcessingException(tr("{}: '{}' is a {} layer; GeoChange reads raster files only")
                                          .format(name, layer.name(), layer.providerType()))
-        return QgsProviderRegistry.instance().decodeUri("gdal", layer.source())["path"]
+        return layer_file(layer)
 
     def layer_name(self, parameters, name, context) -> str:
         layer = self.parameterAsRasterLayer(parameters, name, context)
@@ -96,6 +97,26 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
     def optional_double(self, parameters, name, context) -> float | None:
         value = parameters.get(name)
         return None if value is None or value == "" else self.parameterAsDouble(parameters, name, context)
+
+
+def layer_file(layer) -> str | None:
+    """The file behind a GDAL raster layer (None for a layer of another provider)."""
+    if layer.providerType() != "gdal":
+        return None
+    return QgsProviderRegistry.instance().decodeUri("gdal", layer.source())["path"]
+
+
+def same_raster(a, b) -> bool:
+    """Whether two raster layers show one raster: the same layer, or two layers of one file."""
+    if a.id() == b.id():
+        return True
+    paths = [layer_file(layer) for layer in (a, b)]
+    if not all(paths):
+        return False
+    try:
+        return os.path.samefile(*paths)
+    except OSError:  # not files on this system (a /vsi path...): their names decide
+        return paths[0] == paths[1]
 
 
 def _default_text(parameter) -> str:

@@ -1,5 +1,6 @@
 """Engine v1 end to end: the CLI on the real LEVIR tile, and clear errors on bad pairs."""
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -266,7 +267,8 @@ def test_gdal_block_cache_follows_the_raster_width_not_its_height(tmp_path, rand
                            crs="EPSG:32614", transform=from_origin(630000, 3340000, 0.5, 0.5), tiled=True,
                            blockxsize=512, blockysize=512, compress="deflate") as dst:
             dst.write(np.zeros((3, height, width), np.uint8))
-        prepare(path, path, random_package, DetectOptions(device="cpu"), readers=readers, size_gdal_cache=sized)
+        twin = shutil.copy(path, path.with_name(f"twin_{path.name}"))
+        prepare(path, twin, random_package, DetectOptions(device="cpu"), readers=readers, size_gdal_cache=sized)
         return gdal.GetCacheMax()
 
     before = gdal.GetCacheMax()

@@ -2,6 +2,7 @@
 north-up grid as GDAL's warper reads them; absurd sizes, CRSs and thresholds are one-line errors."""
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -85,8 +86,8 @@ def test_rotated_or_sheared_dates_are_warped_onto_a_north_up_grid(tmp_path, pre_
     (["--threshold", "1.5"], "--threshold must be a number in [0, 1], not 1.5"),
 ])
 def test_cli_refuses_absurd_options_in_one_line(tmp_path, random_package, option, message):
-    pre = write_raster(tmp_path / "pre.tif", NORTH_UP)
-    run = subprocess.run([*GEOCHANGE, "detect", str(pre), str(pre), "--model", str(random_package),
+    pre, post = write_raster(tmp_path / "pre.tif", NORTH_UP), write_raster(tmp_path / "post.tif", NORTH_UP, seed=1)
+    run = subprocess.run([*GEOCHANGE, "detect", str(pre), str(post), "--model", str(random_package),
                           "--out", str(tmp_path / "out"), *option], capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and run.stderr.startswith(f"geochange: error: {message}")
     assert run.stderr.count("\n") == 1
@@ -100,13 +101,13 @@ def test_a_resolution_coarser_than_the_overlap_is_named_as_such(tmp_path):
 
 
 def test_thresholds_outside_0_1_are_refused_by_the_engine(tmp_path, random_package):
-    pre = write_raster(tmp_path / "pre.tif", NORTH_UP)
+    pre, post = write_raster(tmp_path / "pre.tif", NORTH_UP), write_raster(tmp_path / "post.tif", NORTH_UP, seed=1)
     for threshold in (-0.1, 1.5, float("nan")):
         with pytest.raises(OptionError, match=r"--threshold must be a number in \[0, 1\]"):
-            prepare(pre, pre, random_package, DetectOptions(threshold=threshold))
+            prepare(pre, post, random_package, DetectOptions(threshold=threshold))
         with pytest.raises(OptionError, match=r"--threshold must be a number in \[0, 1\]"):
             evaluate_folder(load_package(random_package), tmp_path, threshold=threshold)
-    assert prepare(pre, pre, random_package, DetectOptions(threshold=1)).threshold == 1.0
+    assert prepare(pre, post, random_package, DetectOptions(threshold=1)).threshold == 1.0
 
 
 def test_tiles_below_32_px_are_refused(shared_data, random_package):
@@ -140,10 +141,24 @@ def test_a_batch_beyond_the_machines_memory_is_lowered_and_a_tile_refused(tmp_pa
         def log(self, message):
             messages.append(message)
 
-    setup = prepare(wide, wide, random_package, DetectOptions(tile=1024, batch=10**9), progress=Log())
-    assert 1 <= setup.batch < memory // window and "batch lowered from 1000000000 to" in messages[0]
+    twin = shutil.copy(wide, tmp_path / "twin.vrt")
+    setup = prepare(wide, twin, random_package, DetectOptions(tile=1024, batch=10**9), progress=Log())
+    assert 1 <= setup.batch < memory // window and any("batch lowered from 1000000000 to" in m for m in messages)
     side = math.isqrt(memory // (6 * 4)) + 1  # one window of this side holds more than the memory
     square = empty_raster(tmp_path / "square.vrt", side, side)
     with pytest.raises(OptionError, match=f"a tile of {side} px over a grid {side} px wide needs at least .* GiB, "
                                           "more than this machine's .* lower the tile size"):
-        prepare(square, square, random_package, DetectOptions(tile=side))
+        prepare(square, shutil.copy(square, tmp_path / "square_twin.vrt"), random_package, DetectOptions(tile=side))
+
+
+def test_one_file_as_both_dates_is_refused(tmp_path, random_package):
+    """Given twice, or once through a link, a raster would only report no change after the whole run."""
+    pre = write_raster(tmp_path / "pre.tif", NORTH_UP)
+    (tmp_path / "link.tif").symlink_to(pre)
+    for post in (pre, tmp_path / "link.tif"):
+        run = subprocess.run([*GEOCHANGE, "detect", str(pre), str(post), "--model", str(random_package),
+                              "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2
+        assert run.stderr == f"geochange: error: {pre}: the pre and the post raster are the same file; a change " \
+                             "map needs two dates\n"
+    assert not (tmp_path / "out").exists()

@@ -20,6 +20,7 @@ from qgis.core import (  # noqa: E402
     QgsPalettedRasterRenderer,
     QgsProcessingException,
     QgsProcessingFeedback,
+    QgsRasterLayer,
     QgsSingleBandPseudoColorRenderer,
 )
 
@@ -191,6 +192,19 @@ def test_engine_error_becomes_processing_exception(geochange_provider, levir_cro
     message = str(raised.value)
     assert pickle.name in message and "pickle" in message.lower(), message
     assert list(tmp_path.iterdir()) == []
+
+
+def test_one_raster_as_both_dates_is_refused_before_the_run(geochange_provider, levir_crop, tinycd_package, tmp_path):
+    """By path, as one layer, or as two layers of one file: QGIS's own check refuses it before any engine
+    starts (the dialog shows it at once), and nothing is written."""
+    pre, link, layer = str(levir_crop["pre"]), tmp_path / "link.tif", QgsRasterLayer(str(levir_crop["pre"]), "pre")
+    link.symlink_to(pre)
+    for first, second in ((pre, pre), (layer, layer), (layer, QgsRasterLayer(pre, "again")), (pre, str(link))):
+        parameters = {"PRE": first, "POST": second, "MODEL": str(tinycd_package), "DEVICE": "cpu",
+                      **outputs_in(tmp_path / "out")}
+        with pytest.raises(QgsProcessingException, match="PRE and POST are the same raster"):
+            run_algorithm(ALGORITHM, parameters)
+    assert not (tmp_path / "out").exists()
 
 
 def test_band_mapping_reaches_the_engine(geochange_provider, levir_crop, tinycd_package, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -179,9 +180,10 @@ def test_modules_in_qgis_s_working_folder_never_run_in_the_engine(geochange_prov
 
 def test_engine_errors_name_the_algorithm_s_parameters(geochange_provider, shared_data, tinycd_package, tmp_path):
     sar = str(shared_data / "sen1floods11" / "S1_vv_vh_db.tif")  # two bands, the model wants three
+    twin = str(shutil.copy(sar, tmp_path / "twin.tif"))
     with pytest.raises(QgsProcessingException) as raised:
         run_algorithm("geochange:detectchanges", {
-            "PRE": sar, "POST": sar, "MODEL": str(tinycd_package), "DEVICE": "cpu",
+            "PRE": sar, "POST": twin, "MODEL": str(tinycd_package), "DEVICE": "cpu",
             "OUTPUT_PROBABILITY": str(tmp_path / "p.tif"), "OUTPUT_MASK": str(tmp_path / "m.tif"),
             "OUTPUT_POLYGONS": str(tmp_path / "c.gpkg")})
     assert str(raised.value) == ("S1_vv_vh_db.tif: the pre image has 2 band(s), the model expects 3 (optical); "
