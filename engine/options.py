@@ -76,12 +76,15 @@ class DetectOptions:
         help="Probability above which a pixel counts as changed, in [0, 1]. Default: the threshold stored in the "
              "model package (usually 0.5).")
     min_area: float = option(
-        0.0, kind="float", parameter="MIN_AREA", label="Minimum polygon area (m²)", minimum=0.0, unit=" m²",
-        help="Change polygons smaller than this many square metres (geodesic) are dropped.")
+        20.0, kind="float", parameter="MIN_AREA", label="Minimum polygon area (m²)", minimum=0.0, unit=" m²",
+        help="Change polygons smaller than this many square metres (geodesic, whatever the CRS) are dropped, and "
+             "holes smaller than it filled: the default drops specks of a few pixels at 0.5 m and nothing at "
+             "10 m. Pixels for two rasters without a CRS.")
     simplify: float = option(
-        0.0, kind="float", parameter="SIMPLIFY", label="Simplify tolerance (map units)", minimum=0.0,
-        help="Polygon outlines are simplified with this tolerance, in the units of the output CRS; 0 keeps the "
-             "pixel outlines.")
+        0.5, kind="float", parameter="SIMPLIFY", label="Simplify tolerance (m)", minimum=0.0, unit=" m",
+        help="Polygon outlines are simplified so that they stray at most this many metres from the pixel "
+             "outlines, whatever the CRS (in a geographic CRS, as degrees of latitude); 0 keeps the pixel "
+             "outlines. Pixels for two rasters without a CRS.")
     sar_db: bool = option(
         False, kind="bool", parameter="SAR_DB", label="SAR rasters are in dB",
         help="Float SAR rasters hold backscatter in dB (otherwise linear power is assumed). Only for models "

@@ -17,6 +17,8 @@ from geochange.engine.errors import OutputError, RasterError, gdal_write_errors,
 from geochange.engine.rasters import open_raster
 
 _GEOD = Geod(ellps="WGS84")
+# Metres in a degree of latitude (within 0.5 % anywhere); a degree of longitude is never longer.
+METRES_PER_DEGREE = 111_320.0
 # Output driver by file extension.
 DRIVERS = {".gpkg": "GPKG", ".geojson": "GeoJSON", ".json": "GeoJSON", ".shp": "ESRI Shapefile"}
 
@@ -27,6 +29,18 @@ class ChangePolygon:
     area_m2: float
     mean_prob: float
     max_prob: float
+
+
+def map_units(metres: float, crs) -> float:
+    """A length in metres as units of ``crs`` (None: a pixel grid, whose lengths are pixels, kept as given).
+    In a geographic CRS, degrees of latitude: a simplification then strays at most ``metres`` from the
+    outline in every direction (less east-west, where degrees are shorter)."""
+    if crs is None or metres == 0:
+        return metres
+    crs = CRS.from_user_input(crs)
+    if crs.is_geographic:
+        return metres / METRES_PER_DEGREE
+    return metres / crs.axis_info[0].unit_conversion_factor
 
 
 @functools.lru_cache(maxsize=16)
@@ -121,13 +135,13 @@ class PolygonAssembler:
     pending until the next band shows whether it continues. Holes smaller than ``min_area_m2``
     (geodesic) are filled unless they hold an invalid pixel: a region's own holes in each band as it
     is vectorised, holes enclosed across seams when its parts are merged. Finished regions are mapped
-    to the raster's CRS, dropped when smaller than ``min_area_m2``, and simplified (``simplify`` in map
-    units, topology preserved).
+    to the raster's CRS, dropped when smaller than ``min_area_m2``, and simplified (``simplify`` in metres
+    whatever the CRS, see ``map_units``; in pixels on a pixel grid; topology preserved).
     """
 
     def __init__(self, transform, crs, *, min_area_m2: float = 0.0, simplify: float = 0.0):
         self.transform, self.crs = transform, crs if crs is None or isinstance(crs, str) else crs.to_wkt()
-        self.min_area_m2, self.simplify = min_area_m2, simplify
+        self.min_area_m2, self.simplify = min_area_m2, map_units(simplify, self.crs)
         self._parent: dict[int, int] = {}
         self._pending: dict[int, tuple] = {}  # id -> (pixel polygon, pixels, sum of prob, max prob)
         self._last_row = None  # global ids along the previous band's last row

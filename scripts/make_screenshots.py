@@ -78,7 +78,7 @@ def demo_layers(pre, post, package: Path, folder: Path, device: str, out: Path) 
     from qgis.PyQt.QtGui import QColor
 
     results = processing.runAndLoadResults("geochange:detectchanges", {
-        "PRE": pre, "POST": post, "MODEL": str(package), "DEVICE": device, "MIN_AREA": 20.0, "SIMPLIFY": 0.5e-5,
+        "PRE": pre, "POST": post, "MODEL": str(package), "DEVICE": device, "MIN_AREA": 20.0, "SIMPLIFY": 0.5,
         "OUTPUT_PROBABILITY": str(folder / "change_probability.tif"), "OUTPUT_MASK": str(folder / "change_mask.tif"),
         "OUTPUT_POLYGONS": str(folder / "change_polygons.gpkg")})
     print(f"{results['POLYGON_COUNT']} change polygons, {results['CHANGED_AREA_M2']:,.0f} m2 changed")

@@ -83,9 +83,9 @@ def test_vectorize_at_the_model_threshold_gives_detect_s_polygons(crop_detection
 def test_vectorize_through_qgis_process(qgis_process, crop_detection, tmp_path):
     probability = crop_detection["results"]["OUTPUT_PROBABILITY"]
     in_qgis = run_algorithm("geochange:vectorizechanges", {
-        "INPUT": probability, "THRESHOLD": 0.7, "SIMPLIFY": 1e-5, "OUTPUT": str(tmp_path / "a.gpkg")})
+        "INPUT": probability, "THRESHOLD": 0.7, "SIMPLIFY": 1.0, "OUTPUT": str(tmp_path / "a.gpkg")})
     done = qgis_process("--json", "run", "geochange:vectorizechanges", "--", f"INPUT={probability}",
-                        "THRESHOLD=0.7", "SIMPLIFY=1e-5", f"OUTPUT={tmp_path / 'b.gpkg'}")
+                        "THRESHOLD=0.7", "SIMPLIFY=1.0", f"OUTPUT={tmp_path / 'b.gpkg'}")
     assert done.returncode == 0, done.stdout + done.stderr
     results = json.loads(done.stdout)["results"]
     assert results["POLYGON_COUNT"] == in_qgis["POLYGON_COUNT"] > 0
