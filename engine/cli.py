@@ -64,7 +64,8 @@ def _cmd_import(args) -> int:
 
 def _cmd_info(args) -> int:
     from geochange.engine.errors import PackageError
-    from geochange.engine.package import describe_model, read_metadata
+    from geochange.engine.header import read_metadata
+    from geochange.engine.package import describe_model
     from geochange.engine.zoo import resolve_model
 
     model = resolve_model(args.model)

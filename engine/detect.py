@@ -12,6 +12,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from geochange.engine.bands import select_bands
 from geochange.engine.errors import OptionError, RasterError
 from geochange.engine.grid import Grid, PairReader, common_grid
 from geochange.engine.inputs import model_channels
@@ -21,7 +22,7 @@ from geochange.engine.package import ModelPackage, RouterPackage, load_model
 from geochange.engine.predictor import Predictor, model_tta
 from geochange.engine.process import bound_gdal_cache
 from geochange.engine.progress import Progress
-from geochange.engine.rasters import check_two_dates, open_raster, select_bands
+from geochange.engine.rasters import check_two_dates, open_raster
 from geochange.engine.routing import RouterPredictor
 from geochange.engine.stream import default_readers, io_executor, on_cpu, stream_rows
 from geochange.engine.windows import WindowPlan
@@ -129,8 +130,9 @@ def prepare(pre_path, post_path, model, options: DetectOptions = DetectOptions()
     with open_raster(pre_path) as pre, open_raster(post_path) as post:
         check_two_dates(pre_path, post_path)
         common = common_grid(pre, post, on=o.grid, crs=o.crs, resolution=o.resolution, warn=progress.log)
-        bands = (select_bands(pre, inputs["pre"], "pre", o.pre_bands and list(o.pre_bands)),
-                 select_bands(post, inputs["post"], "post", o.post_bands and list(o.post_bands)))
+        bands = (select_bands(pre.count, inputs["pre"], "pre", o.pre_bands and list(o.pre_bands), Path(pre.name).name),
+                 select_bands(post.count, inputs["post"], "post", o.post_bands and list(o.post_bands),
+                              Path(post.name).name))
         readers = default_readers(predictor) if readers is None else readers
         if size_gdal_cache:
             bound_gdal_cache(blocks_in_use(common.width, tile, [(pre, bands[0]), (post, bands[1])], max(1, readers)))
@@ -145,14 +147,14 @@ def prepare(pre_path, post_path, model, options: DetectOptions = DetectOptions()
 
 
 def write_outputs(setup: DetectSetup, bands: Iterator[tuple[int, np.ndarray, np.ndarray]], *, probability, mask,
-                  polygons, progress: Progress | None = None) -> DetectResult:
+                  polygons, polygon_layer: str = "changes", progress: Progress | None = None) -> DetectResult:
     """Write finished row bands as they come (one band in flight in a writer thread when the run has
     reader threads, else in this thread), then move the outputs to their final names; on any error or
     cancel nothing is left behind."""
     progress = progress or Progress()
     writer = ChangeWriter(setup.grid, probability=probability, mask=mask, polygons=polygons,
                           threshold=setup.threshold, min_area=setup.options.min_area,
-                          simplify=setup.options.simplify,
+                          simplify=setup.options.simplify, polygon_layer=polygon_layer,
                           attributes={"pre": setup.paths[0].name, "post": setup.paths[1].name})
     try:
         any_valid, in_flight = False, None
@@ -178,12 +180,13 @@ def write_outputs(setup: DetectSetup, bands: Iterator[tuple[int, np.ndarray, np.
 
 def detect(pre_path: str | os.PathLike, post_path: str | os.PathLike, model: str | os.PathLike | ModelPackage, *,
            probability: str | os.PathLike, mask: str | os.PathLike, polygons: str | os.PathLike,
-           readers: int | None = None, size_gdal_cache: bool = False, progress: Progress | None = None,
-           **options) -> DetectResult:
+           polygon_layer: str = "changes", readers: int | None = None, size_gdal_cache: bool = False,
+           progress: Progress | None = None, **options) -> DetectResult:
     """Change probability, mask and polygons for a pre/post pair.
 
     Both dates are read on a common grid (``grid`` = ``pre`` or ``post``, or a given ``crs`` and
-    ``resolution``) over the intersection of their footprints. ``options``: the fields of
+    ``resolution``) over the intersection of their footprints. ``polygon_layer``: the name of the polygons'
+    layer, the only one of their file (written whole). ``options``: the fields of
     ``engine.options.DetectOptions`` (tile, overlap, batch, device, threshold, bands, scales...), each
     explained there. ``readers``: reader threads, and a writer thread unless 0 (default:
     ``default_readers``); ``size_gdal_cache``: see ``prepare``.
@@ -196,6 +199,7 @@ def detect(pre_path: str | os.PathLike, post_path: str | os.PathLike, model: str
     try:
         rows = stream_rows(setup.predictor, setup.plan, read, batch=setup.batch, progress=progress,
                            readers=setup.readers)
-        return write_outputs(setup, rows, probability=probability, mask=mask, polygons=polygons, progress=progress)
+        return write_outputs(setup, rows, probability=probability, mask=mask, polygons=polygons,
+                             polygon_layer=polygon_layer, progress=progress)
     finally:
         read.close()

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import numpy as np
 
+from geochange.engine.bands import check_band_counts
 from geochange.engine.errors import GeoChangeError, RasterError
 from geochange.engine.metrics import ConfusionMeter
 from geochange.engine.options import EVALUATE, DetectOptions
 from geochange.engine.package import ModelPackage
 from geochange.engine.predictor import Predictor, model_tta
 from geochange.engine.progress import Progress
-from geochange.engine.rasters import check_band_counts, read_image
+from geochange.engine.rasters import read_image
 from geochange.engine.stream import predict_plan
 from geochange.engine.windows import WindowPlan, check_tiling
 

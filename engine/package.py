@@ -11,12 +11,9 @@ then the header's tensor names and shapes against each architecture built on PyT
 from __future__ import annotations
 
 import contextlib
-import io
 import itertools
 import json
 import os
-import pickletools
-import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,11 +27,11 @@ from torch.nn.modules.module import (register_module_buffer_registration_hook,
 from geochange.engine import models
 from geochange.engine.atomic import atomic_path
 from geochange.engine.errors import OutputError, PackageError
+from geochange.engine.header import METADATA_KEY, read_metadata
 from geochange.engine.manifest import (ROUTER_FORMAT, ROUTER_FORMAT_VERSION, format_manifest, format_router,
                                        is_router, model_tile, printable, validate_manifest, validate_router)
 from geochange.engine.zoo import resolve_model
 
-METADATA_KEY = "geochange"
 # A build may register tensors it then drops (TinyCD builds an EfficientNet and keeps part of it: 805
 # registered, 279 kept); one registering more than this many times the file's tensors cannot fit it.
 BUILD_TENSORS_PER_FILE_TENSOR = 4
@@ -74,51 +71,6 @@ class RouterPackage:
 
 # --- The file ------------------------------------------------------------------------------------
 
-# Bytes of a file parsed to tell a protocol 0/1 pickle: its opening opcodes are enough, and the bound
-# keeps a declared length (2**63 bytes) from being read or allocated.
-PICKLE_SNIFF_BYTES = 2**16
-
-
-def _is_pickle(head: bytes, path: Path) -> bool:
-    """Whether the file opens as a pickle (``pickletools`` parses it, never runs it): protocol 2 and above
-    open with PROTO; protocols 0 and 1 parse to STOP, or cleanly past half of what is read."""
-    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
-        return True
-    with open(path, "rb") as f:
-        prefix = io.BytesIO(f.read(PICKLE_SNIFF_BYTES))
-    position = 0
-    try:
-        for opcode, _, position in pickletools.genops(prefix):
-            if opcode.name == "STOP":
-                return True
-    except Exception:  # noqa: BLE001 (unknown opcodes, absurd lengths, cut short: all end the parse)
-        pass
-    return position > PICKLE_SNIFF_BYTES // 2
-
-
-def check_header(path: Path) -> None:
-    """Name the common wrong files before safetensors gives a terse error."""
-    if not path.is_file():
-        raise PackageError(f"{path}: no such model file")
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head, json_start = f.read(8), f.read(1)
-        # torch.save writes a zip ("PK") or a bare pickle; a safetensors file's JSON header starts at byte 8.
-        pickled = head[:2] == b"PK" or json_start != b"{" and _is_pickle(head, path)
-    except OSError as e:
-        raise PackageError(f"{path}: cannot be read ({e.strerror})") from None
-    if pickled:
-        raise PackageError(f"{path}: this is a PyTorch pickle checkpoint, not a GeoChange package; "
-                           "it is never unpickled. Convert it with `geochange import-weights`.")
-    if len(head) < 8:
-        raise PackageError(f"{path}: not a model package (file of {size} bytes is too short)")
-    (header_len,) = struct.unpack("<Q", head)
-    if header_len > size - 8:
-        raise PackageError(f"{path}: truncated or not a safetensors file (header claims "
-                           f"{header_len} bytes, file has {size})")
-
-
 def _read(path: Path, what):
     """``what(f)`` of the file opened by safetensors, which checks that the header's tensors lie within
     the file; its errors name the file."""
@@ -127,20 +79,6 @@ def _read(path: Path, what):
             return what(f)
     except (SafetensorError, OSError, ValueError) as e:
         raise PackageError(f"{path}: not a valid safetensors file; it is corrupt or truncated ({e})") from None
-
-
-def read_metadata(path: str | os.PathLike):
-    """The manifest in a package's header as stored, of any format and not validated."""
-    path = Path(path)
-    check_header(path)
-    meta = _read(path, lambda f: f.metadata()) or {}
-    if METADATA_KEY not in meta:
-        raise PackageError(f"{path}: a safetensors file without a GeoChange manifest "
-                           f"(header metadata key {METADATA_KEY!r} is missing)")
-    try:
-        return json.loads(meta[METADATA_KEY])
-    except json.JSONDecodeError as e:
-        raise PackageError(f"{path}: the manifest is not valid JSON ({e})") from None
 
 
 def read_shapes(path: Path) -> dict[str, tuple]:

@@ -55,39 +55,6 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
             raise corrupt_pixels(path, e) from None
 
 
-def check_band_count(count: int, spec: dict, date: str, where, hint: str, error=RasterError) -> None:
-    """A date's band count must be the model's: one grey band would otherwise broadcast silently over
-    three channels' normalisation statistics."""
-    if count != spec["bands"]:
-        raise error(f"{where}: the {date} image has {count} band(s), the model expects {spec['bands']} "
-                    f"({spec['modality']}); {hint}")
-
-
-def check_band_counts(pre: np.ndarray, post: np.ndarray, inputs: dict, where, hint: str,
-                      error=RasterError) -> None:
-    """``check_band_count`` for both dates' ``(bands, H, W)`` images."""
-    for date, image in (("pre", pre), ("post", post)):
-        check_band_count(len(image), inputs[date], date, where, hint, error)
-
-
-def select_bands(src, spec: dict, date: str, bands: list[int] | None = None) -> list[int]:
-    """The 1-based band indexes to read for a date: ``bands`` as given, else all of the raster's.
-
-    Their count must be what the model expects for that date.
-    """
-    name = Path(src.name).name
-    if bands is None:
-        check_band_count(src.count, spec, date, name, f"choose them with --{date}-bands")
-        return list(range(1, src.count + 1))
-    outside = [b for b in bands if not 1 <= b <= src.count]
-    if outside:
-        raise RasterError(f"{name}: band(s) {outside} do not exist; the {date} image has {src.count} band(s)")
-    if len(bands) != spec["bands"]:
-        raise RasterError(f"{name}: {len(bands)} {date} band(s) chosen ({bands}), the model expects "
-                          f"{spec['bands']} ({spec['modality']})")
-    return list(bands)
-
-
 def valid_mask(reader, window, data: np.ndarray, bands: list[int]) -> np.ndarray:
     """Pixels valid in every used band: GDAL's mask (nodata value, alpha, mask band) and not NaN."""
     if reader.masked:

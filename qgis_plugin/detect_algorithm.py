@@ -1,20 +1,28 @@
 """Processing algorithm ``geochange:detectchanges``: run a model package on a raster pair."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from qgis.core import (
     QgsProcessing,
+    QgsProcessingException,
     QgsProcessingOutputNumber,
     QgsProcessingParameterRasterDestination,
     QgsProcessingParameterRasterLayer,
     QgsProcessingParameterVectorDestination,
 )
 
+from geochange.engine.bands import select_bands
 from geochange.engine.contracts import MASK_CHANGE, MASK_NO_CHANGE, MASK_NODATA, PROBABILITY_NODATA
+from geochange.engine.errors import GeoChangeError
+from geochange.engine.header import read_metadata
 from geochange.engine.options import DETECT, names
+from geochange.engine.zoo import resolve_model
 from geochange.qgis_plugin import styles
-from geochange.qgis_plugin.engine_algorithm import EngineAlgorithm, same_raster, tr
+from geochange.qgis_plugin.engine_algorithm import EngineAlgorithm, layer_file, overlap, same_raster, tr
 from geochange.qgis_plugin.parameters import (ENGINE_NOTES, MODEL_HELP, POLYGON_OUTPUTS_HELP, add_options, chosen_model,
                                               model_parameters, option_help, option_values)
+from geochange.qgis_plugin.worker_client import parameter_names
 
 
 class DetectChangesAlgorithm(EngineAlgorithm):
@@ -68,14 +76,35 @@ class DetectChangesAlgorithm(EngineAlgorithm):
         self.addOutput(QgsProcessingOutputNumber("CHANGED_AREA_M2", tr("Changed area (m²)")))
 
     def checkParameterValues(self, parameters, context):  # noqa: N802 (QGIS's name)
-        """Refused before the run, in the dialog as in scripts: one raster as both dates (both default to
-        the active layer), which would only report no change after the whole run."""
+        """Checked before the run, in the dialog (at once, not after the engine has started) as in scripts:
+        one raster as both dates (both default to the active layer), which would only report no change
+        after the whole run; the model's file and the band counts it needs; whether the dates overlap."""
         ok, message = super().checkParameterValues(parameters, context)
         pre, post = (self.parameterAsRasterLayer(parameters, name, context) for name in ("PRE", "POST"))
-        if ok and pre is not None and post is not None and same_raster(pre, post):
+        if not ok or pre is None or post is None:
+            return ok, message
+        if same_raster(pre, post):
             return False, tr("PRE and POST are the same raster ({}): choose the image from before the event and "
                              "the one from after it").format(pre.source())
-        return ok, message
+        try:
+            self._check_bands(parameters, context, pre, post)
+        except (GeoChangeError, QgsProcessingException) as error:
+            return False, parameter_names(str(error), self.parameter_flags())
+        if not overlap(pre, post, context):
+            return False, tr("PRE and POST do not overlap: {} ({}) and {} ({})").format(
+                pre.name(), pre.crs().authid() or tr("no CRS"), post.name(), post.crs().authid() or tr("no CRS"))
+        return True, ""
+
+    def _check_bands(self, parameters, context, pre, post) -> None:
+        """The bands each date gives the model (chosen, else all) against the model's manifest; a file that
+        is no package, a pickle above all, is refused as the engine refuses it."""
+        manifest = read_metadata(resolve_model(chosen_model(self, parameters, context)))
+        inputs = (manifest.get("original") or {}).get("manifest", manifest).get("inputs") or {}
+        for date, layer in (("pre", pre), ("post", post)):
+            if isinstance(inputs.get(date), dict) and "bands" in inputs[date]:  # else the engine names the fault
+                chosen = self.parameterAsInts(parameters, f"{date.upper()}_BANDS", context) or None
+                name = Path(layer_file(layer) or layer.name()).name  # the file, as the engine names it
+                select_bands(layer.bandCount(), inputs[date], date, chosen, name)
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 (QGIS's name)
         outputs = {

@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 
 from qgis.core import (
+    QgsCoordinateTransform,
+    QgsCsException,
     QgsProcessingAlgorithm,
     QgsProcessingException,
     QgsProcessingFeedback,
@@ -66,8 +68,12 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
         return self.NOTES
 
     def run_engine(self, task: str, args: dict, feedback, outputs=()) -> dict:
-        options = {**{flag(name): spec(name).metadata["parameter"] for name in self.OPTIONS}, **self.FLAGS}
-        return worker_client.run_task(task, args, feedback or QgsProcessingFeedback(), outputs, options)
+        return worker_client.run_task(task, args, feedback or QgsProcessingFeedback(), outputs,
+                                      self.parameter_flags())
+
+    def parameter_flags(self) -> dict:
+        """How the engine's messages name the algorithm's parameters: ``{"--pre-bands": "PRE_BANDS"}``."""
+        return {**{flag(name): spec(name).metadata["parameter"] for name in self.OPTIONS}, **self.FLAGS}
 
     def raster_path(self, parameters, name, context) -> str:
         """The file behind a raster layer parameter; the engine reads files through GDAL itself."""
@@ -117,6 +123,18 @@ def same_raster(a, b) -> bool:
         return os.path.samefile(*paths)
     except OSError:  # not files on this system (a /vsi path...): their names decide
         return paths[0] == paths[1]
+
+
+def overlap(a, b, context) -> bool:
+    """Whether two raster layers' extents meet (b's taken into a's CRS); true where that cannot be told
+    (a layer without a CRS, a failed transform): the engine then decides."""
+    if not (a.crs().isValid() and b.crs().isValid()):
+        return True
+    try:
+        extent = QgsCoordinateTransform(b.crs(), a.crs(), context.transformContext()).transformBoundingBox(b.extent())
+    except QgsCsException:
+        return True
+    return extent.intersects(a.extent())
 
 
 def _default_text(parameter) -> str:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import rasterio
+from affine import Affine
 
 pytest.importorskip("qgis.core", reason="QGIS Python bindings are not installed")
 from osgeo import gdal, ogr  # noqa: E402  (GDAL's bindings come with QGIS)
@@ -183,15 +185,42 @@ def test_qgis_process_runs_the_algorithm(qgis_process, crop_detection, levir_cro
                                read_band(crop_detection["results"]["OUTPUT_PROBABILITY"]), atol=1e-3)
 
 
-def test_engine_error_becomes_processing_exception(geochange_provider, levir_crop, shared_data, tmp_path):
-    pickle = shared_data / "weights" / "tinycd_levir_official.pth"
-    parameters = {"PRE": str(levir_crop["pre"]), "POST": str(levir_crop["post"]), "MODEL": str(pickle),
-                  "DEVICE": "cpu", **outputs_in(tmp_path)}
-    with pytest.raises(QgsProcessingException) as raised:
+def test_engine_error_becomes_processing_exception(geochange_provider, shared_data, tinycd_package, tmp_path):
+    """Pixels that cannot be read (a file cut short after its header, which QGIS opens) fail in the engine."""
+    tile = shared_data / "levir_tile_georef"
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes((tile / "pre.tif").read_bytes()[:(tile / "pre.tif").stat().st_size * 6 // 10])
+    parameters = {"PRE": str(cut), "POST": str(tile / "post.tif"), "MODEL": str(tinycd_package), "DEVICE": "cpu",
+                  **outputs_in(tmp_path / "out")}
+    with pytest.raises(QgsProcessingException, match="cut.tif: cannot read pixels, the file is corrupt"):
         run_algorithm(ALGORITHM, parameters)
-    message = str(raised.value)
-    assert pickle.name in message and "pickle" in message.lower(), message
-    assert list(tmp_path.iterdir()) == []
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_inputs_the_model_cannot_take_are_refused_before_the_run(geochange_provider, levir_crop, shared_data,
+                                                                  tinycd_package, tmp_path):
+    """A pickle as the model, band counts the model does not take, dates that do not overlap: QGIS's check
+    says so before any engine starts (no engine log line), in the engine's words with QGIS's names."""
+    far = tmp_path / "far.tif"
+    with rasterio.open(levir_crop["post"]) as src:
+        profile, data = src.profile, src.read()
+    with rasterio.open(far, "w", **dict(profile, transform=src.transform * Affine.translation(0, 10**6))) as dst:
+        dst.write(data)
+    sar = shared_data / "sen1floods11" / "S1_vv_vh_db.tif"
+    pickle = shared_data / "weights" / "tinycd_levir_official.pth"
+    pair = {"PRE": str(levir_crop["pre"]), "POST": str(levir_crop["post"])}
+    refusals = [({**pair, "MODEL": str(pickle)}, f"{pickle}: this is a PyTorch pickle checkpoint"),
+                ({**pair, "POST_BANDS": [3, 1]}, r"post.tif: 2 post band\(s\) chosen \(\[3, 1\]\)"),
+                ({**pair, "PRE": str(sar)}, r"S1_vv_vh_db.tif: the pre image has 2 band\(s\), the model expects 3 "
+                                            r"\(optical\); choose them with PRE_BANDS"),
+                ({**pair, "POST": str(far)}, "PRE and POST do not overlap")]
+    for changed, message in refusals:
+        log = Log()
+        parameters = {"MODEL": str(tinycd_package), "DEVICE": "cpu", **changed, **outputs_in(tmp_path / "out")}
+        with pytest.raises(QgsProcessingException, match=message):
+            run_algorithm(ALGORITHM, parameters, log)
+        assert not any(line.startswith("GeoChange engine") for line in log.lines), log.lines
+    assert not (tmp_path / "out").exists()
 
 
 def test_one_raster_as_both_dates_is_refused_before_the_run(geochange_provider, levir_crop, tinycd_package, tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -178,13 +177,11 @@ def test_modules_in_qgis_s_working_folder_never_run_in_the_engine(geochange_prov
     assert results["ARCHITECTURE"] == "tinycd"
 
 
-def test_engine_errors_name_the_algorithm_s_parameters(geochange_provider, shared_data, tinycd_package, tmp_path):
-    sar = str(shared_data / "sen1floods11" / "S1_vv_vh_db.tif")  # two bands, the model wants three
-    twin = str(shutil.copy(sar, tmp_path / "twin.tif"))
+def test_engine_errors_name_the_algorithm_s_parameters(geochange_provider, levir_crop, tinycd_package, tmp_path):
+    """The engine refuses a scale of 0 (QGIS's parameter allows it) as --pre-scale; QGIS shows PRE_SCALE."""
     with pytest.raises(QgsProcessingException) as raised:
         run_algorithm("geochange:detectchanges", {
-            "PRE": sar, "POST": twin, "MODEL": str(tinycd_package), "DEVICE": "cpu",
-            "OUTPUT_PROBABILITY": str(tmp_path / "p.tif"), "OUTPUT_MASK": str(tmp_path / "m.tif"),
-            "OUTPUT_POLYGONS": str(tmp_path / "c.gpkg")})
-    assert str(raised.value) == ("S1_vv_vh_db.tif: the pre image has 2 band(s), the model expects 3 (optical); "
-                                 "choose them with PRE_BANDS")
+            "PRE": str(levir_crop["pre"]), "POST": str(levir_crop["post"]), "MODEL": str(tinycd_package),
+            "DEVICE": "cpu", "PRE_SCALE": 0.0, "OUTPUT_PROBABILITY": str(tmp_path / "p.tif"),
+            "OUTPUT_MASK": str(tmp_path / "m.tif"), "OUTPUT_POLYGONS": str(tmp_path / "c.gpkg")})
+    assert str(raised.value) == "PRE_SCALE must be a number above 0, not 0.0"

@@ -33,10 +33,11 @@ import numpy as np
 import torch
 from rasterio.windows import Window
 
+from geochange.engine.bands import check_band_counts
 from geochange.engine.errors import GeoChangeError
 from geochange.engine.evaluate import change_label, dataset_pairs
 from geochange.engine.inputs import normalise
-from geochange.engine.rasters import check_band_counts, open_raster, read_image
+from geochange.engine.rasters import open_raster, read_image
 from geochange.engine.windows import WindowPlan
 
 IGNORE = 255  # label value of pixels that no loss or metric sees (unlabelled, rotation padding)

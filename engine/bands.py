@@ -1,0 +1,36 @@
+"""Which bands of each date feed the model: the rules the engine applies to a raster file and the QGIS
+plugin to a layer before any engine starts. Standard library only."""
+from __future__ import annotations
+
+from geochange.engine.errors import RasterError
+
+
+def check_band_count(count: int, spec: dict, date: str, where, hint: str, error=RasterError) -> None:
+    """A date's band count must be the model's: one grey band would otherwise broadcast silently over
+    three channels' normalisation statistics."""
+    if count != spec["bands"]:
+        raise error(f"{where}: the {date} image has {count} band(s), the model expects {spec['bands']} "
+                    f"({spec['modality']}); {hint}")
+
+
+def check_band_counts(pre, post, inputs: dict, where, hint: str, error=RasterError) -> None:
+    """``check_band_count`` for both dates' ``(bands, H, W)`` images."""
+    for date, image in (("pre", pre), ("post", post)):
+        check_band_count(len(image), inputs[date], date, where, hint, error)
+
+
+def select_bands(count: int, spec: dict, date: str, bands: list[int] | None, where) -> list[int]:
+    """The 1-based band indexes to read for a date of ``count`` bands: ``bands`` as given, else all.
+
+    Their count must be what the model expects for that date (``spec``, the manifest's input).
+    """
+    if bands is None:
+        check_band_count(count, spec, date, where, f"choose them with --{date}-bands")
+        return list(range(1, count + 1))
+    outside = [b for b in bands if not 1 <= b <= count]
+    if outside:
+        raise RasterError(f"{where}: band(s) {outside} do not exist; the {date} image has {count} band(s)")
+    if len(bands) != spec["bands"]:
+        raise RasterError(f"{where}: {len(bands)} {date} band(s) chosen ({bands}), the model expects "
+                          f"{spec['bands']} ({spec['modality']})")
+    return list(bands)
