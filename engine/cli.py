@@ -113,7 +113,7 @@ def _band_list(text: str) -> list[int]:
 
 
 # How each kind of option is read from the command line (booleans are flags).
-PARSERS = {"int": int, "float": float, "bands": _band_list, "text": str, "crs": str, "choice": str}
+PARSERS = {"int": int, "float": float, "bands": _band_list, "text": str, "crs": str, "choice": str, "vector": str}
 
 
 def add_options(parser: argparse.ArgumentParser, command: str) -> None:

@@ -14,6 +14,7 @@ PROBABILITY_NODATA = -1.0  # float32, the change probability in 0..1 elsewhere
 MASK_NO_CHANGE = 0  # uint8
 MASK_CHANGE = 255
 MASK_NODATA = 127
+POLYGON_LAYER = "changes"  # the polygons' layer in their file, unless the caller names another
 
 # --- Worker processes ------------------------------------------------------------------------------
 

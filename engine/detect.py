@@ -12,7 +12,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from geochange.engine.aoi import AreaOfInterest, area_of_interest
 from geochange.engine.bands import select_bands
+from geochange.engine.contracts import POLYGON_LAYER
 from geochange.engine.errors import OptionError, RasterError
 from geochange.engine.grid import Grid, PairReader, common_grid
 from geochange.engine.inputs import model_channels
@@ -51,9 +53,14 @@ class DetectSetup:
     readers: int  # reader threads (0: read in the model's thread)
     batch: int  # windows per model call, lowered to fit the machine's memory
     options: DetectOptions
+    aoi: AreaOfInterest | None = None
 
     def reader(self) -> PairReader:
-        return PairReader(*self.paths, self.grid, *self.bands)
+        return PairReader(*self.paths, self.grid, *self.bands, aoi=self.aoi)
+
+
+# Pixels up to this many times finer or coarser than the model's are taken without a warning.
+SCALE_TOLERANCE = 2.0
 
 
 def blocks_in_use(width: int, tile: int, dates, readers: int = 1) -> int:
@@ -65,6 +72,19 @@ def blocks_in_use(width: int, tile: int, dates, readers: int = 1) -> int:
     inputs = sum((tile + src.block_shapes[0][0]) * width * sum(np.dtype(src.dtypes[b - 1]).itemsize for b in bands)
                  for src, bands in dates)
     return readers * inputs + 2 * BLOCK * width * (4 + 1) * 4 // 3
+
+
+def warn_scale(grid: Grid, manifest: dict, log) -> None:
+    """Say so when the pixels are more than ``SCALE_TOLERANCE`` times finer or coarser than those the model
+    was trained on (the manifest's ``gsd``): a model finds what it learned at its scale (LEVIR-CD's
+    buildings, 0.5 m pixels, are a pixel or two at 10 m), and how to read both dates at its pixel size."""
+    gsd, size = manifest.get("gsd"), grid.pixel_metres()
+    if gsd is None or size is None or max(size / gsd, gsd / size) <= SCALE_TOLERANCE:
+        return
+    factor, way = (size / gsd, "coarser") if size > gsd else (gsd / size, "finer")
+    log(f"the model was trained on {gsd:g} m pixels and these are {size:.3g} m ({factor:.1f} times "
+        f"{way}): expect it to miss changes; --resolution {gsd * grid.pixel_side / size:.6g} reads both dates "
+        "at the model's pixel size")
 
 
 def physical_memory() -> int | None:
@@ -130,6 +150,11 @@ def prepare(pre_path, post_path, model, options: DetectOptions = DetectOptions()
     with open_raster(pre_path) as pre, open_raster(post_path) as post:
         check_two_dates(pre_path, post_path)
         common = common_grid(pre, post, on=o.grid, crs=o.crs, resolution=o.resolution, warn=progress.log)
+        aoi = None if o.aoi is None else area_of_interest(o.aoi, common)
+        if aoi is not None:
+            common = aoi.crop(common)
+            progress.log(f"area of interest {o.aoi}: the grid cut to its bounds")
+        warn_scale(common, first.manifest, progress.log)
         bands = (select_bands(pre.count, inputs["pre"], "pre", o.pre_bands and list(o.pre_bands), Path(pre.name).name),
                  select_bands(post.count, inputs["post"], "post", o.post_bands and list(o.post_bands),
                               Path(post.name).name))
@@ -143,11 +168,11 @@ def prepare(pre_path, post_path, model, options: DetectOptions = DetectOptions()
     progress.log(f"{common.width}x{common.height} px in {common.crs}: {len(plan)} windows of "
                  f"{min(tile, common.height)}x{min(tile, common.width)} px on {on}")
     return DetectSetup(predictor, common, bands, plan, package.threshold if o.threshold is None else o.threshold,
-                       (Path(pre_path), Path(post_path)), readers, batch, o)
+                       (Path(pre_path), Path(post_path)), readers, batch, o, aoi)
 
 
 def write_outputs(setup: DetectSetup, bands: Iterator[tuple[int, np.ndarray, np.ndarray]], *, probability, mask,
-                  polygons, polygon_layer: str = "changes", progress: Progress | None = None) -> DetectResult:
+                  polygons, polygon_layer: str = POLYGON_LAYER, progress: Progress | None = None) -> DetectResult:
     """Write finished row bands as they come (one band in flight in a writer thread when the run has
     reader threads, else in this thread), then move the outputs to their final names; on any error or
     cancel nothing is left behind."""
@@ -180,7 +205,7 @@ def write_outputs(setup: DetectSetup, bands: Iterator[tuple[int, np.ndarray, np.
 
 def detect(pre_path: str | os.PathLike, post_path: str | os.PathLike, model: str | os.PathLike | ModelPackage, *,
            probability: str | os.PathLike, mask: str | os.PathLike, polygons: str | os.PathLike,
-           polygon_layer: str = "changes", readers: int | None = None, size_gdal_cache: bool = False,
+           polygon_layer: str = POLYGON_LAYER, readers: int | None = None, size_gdal_cache: bool = False,
            progress: Progress | None = None, **options) -> DetectResult:
     """Change probability, mask and polygons for a pre/post pair.
 

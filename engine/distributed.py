@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from geochange.engine.atomic import new_token, temporary_path
+from geochange.engine.contracts import POLYGON_LAYER
 from geochange.engine.detect import DetectResult, prepare, write_outputs
 from geochange.engine.options import DetectOptions
 from geochange.engine.progress import Progress
@@ -45,8 +46,8 @@ def _part_path(parts: Path, rank: int) -> Path:
     return parts / f"rank{rank:04d}.npy"
 
 
-def distributed_detect(pre_path, post_path, model, *, probability, mask, polygons, readers: int | None = None,
-                       size_gdal_cache: bool = False, progress: Progress | None = None,
+def distributed_detect(pre_path, post_path, model, *, probability, mask, polygons, polygon_layer: str = POLYGON_LAYER,
+                       readers: int | None = None, size_gdal_cache: bool = False, progress: Progress | None = None,
                        **options) -> DetectResult | None:
     """``detect`` over all ranks (same arguments); returns the result on rank 0, None on the others.
     ``device`` auto is each rank's GPU (``LOCAL_RANK``) where there are GPUs."""
@@ -91,7 +92,8 @@ def distributed_detect(pre_path, post_path, model, *, probability, mask, polygon
                 dist.barrier()  # rank 0 removes the parts after writing
                 return None
             result = write_outputs(setup, _bands_from_parts(parts, row_starts, plan.height, world),
-                                   probability=probability, mask=mask, polygons=polygons, progress=progress)
+                                   probability=probability, mask=mask, polygons=polygons,
+                                   polygon_layer=polygon_layer, progress=progress)
             dist.barrier()
             return result
         finally:

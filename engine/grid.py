@@ -26,6 +26,8 @@ from rasterio.windows import Window
 from geochange.engine.errors import OptionError, RasterError
 from geochange.engine.rasters import corrupt_pixels, open_raster, valid_mask
 
+# Metres in a degree of latitude (within 0.5 % anywhere); of longitude, times the latitude's cosine.
+METRES_PER_DEGREE = 111_320.0
 # Below this share of either image inside the common extent, a warning is given.
 SMALL_OVERLAP = 0.5
 # Past a million by a million pixels (4 TB of float32 probability), a grid is taken for a mistaken
@@ -47,6 +49,20 @@ class Grid:
     def bounds(self) -> tuple[float, float, float, float]:
         left, top = self.transform.c, self.transform.f
         return left, top + self.height * self.transform.e, left + self.width * self.transform.a, top
+
+    @property
+    def pixel_side(self) -> float:
+        """A pixel's side in the CRS's units (the geometric mean of its width and height)."""
+        return math.sqrt(abs(self.transform.a * self.transform.e))
+
+    def pixel_metres(self) -> float | None:
+        """A pixel's side in metres (in a geographic CRS, at the grid's middle latitude); None for a pixel grid."""
+        if self.crs is None:
+            return None
+        if self.crs.is_geographic:
+            middle = math.radians(self.transform.f + self.height * self.transform.e / 2)
+            return self.pixel_side * METRES_PER_DEGREE * math.sqrt(max(math.cos(middle), 1e-6))
+        return self.pixel_side * self.crs.linear_units_factor[1]
 
     def matches(self, src) -> bool:
         return (src.crs == self.crs and src.width == self.width and src.height == self.height
@@ -201,10 +217,11 @@ def _has_mask(src) -> bool:
 
 
 class PairReader:
-    """Thread-safe window reader of both dates on a common grid: each thread opens its own datasets."""
+    """Thread-safe window reader of both dates on a common grid: each thread opens its own datasets.
+    ``aoi`` (``engine.aoi.AreaOfInterest``): pixels outside it are invalid."""
 
-    def __init__(self, pre_path, post_path, grid: Grid, pre_bands: list[int], post_bands: list[int]):
-        self.paths, self.grid, self.bands = (pre_path, post_path), grid, (pre_bands, post_bands)
+    def __init__(self, pre_path, post_path, grid: Grid, pre_bands: list[int], post_bands: list[int], aoi=None):
+        self.paths, self.grid, self.bands, self.aoi = (pre_path, post_path), grid, (pre_bands, post_bands), aoi
         self._local = threading.local()
         self._opened: list = []
         self._lock = threading.Lock()
@@ -224,10 +241,10 @@ class PairReader:
             data = reader.read(bands, window)
             ok &= valid_mask(reader, window, data, bands)
             out.append(data)
-        if ok.all():
-            return out[0], out[1], ok
-        # Invalid pixels are zeroed so that NaN cannot leak into the model through convolutions.
-        return np.where(ok, out[0], 0), np.where(ok, out[1], 0), ok
+        if not ok.all():  # invalid pixels zeroed, so that NaN cannot leak into the model through convolutions
+            out = [np.where(ok, data, 0) for data in out]
+        # Outside the area of interest the pixels are real: the model sees them, the outputs do not.
+        return out[0], out[1], ok if self.aoi is None else ok & self.aoi.mask(window, self.grid)
 
     def close(self) -> None:
         for item in self._opened:

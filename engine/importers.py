@@ -21,6 +21,7 @@ FORMATS = {
         "architecture": "tinycd",
         "rules": TINYCD_RULES,
         "tile": 256,  # LEVIR-CD and WHU-CD cut into 256 px crops, as the authors train and test
+        "gsd": 0.5,  # LEVIR-CD's pixels (Chen and Shi, Remote Sensing 2020); WHU-CD's are 0.3 m
         "training": {"dataset": "LEVIR-CD", "method": "plain",
                      "metrics": {"f1_change_global_levir_test_published": 0.9105,
                                  "iou_change_global_levir_test_published": 0.8357}},
@@ -39,6 +40,6 @@ def import_weights(fmt: str, source: str | os.PathLike, destination: str | os.Pa
     mapped = map_state_dict(read_checkpoint(source), model.state_dict(), info["rules"], origin=str(source),
                             target=info["architecture"])
     model.load_state_dict(mapped.state, strict=True)
-    manifest = make_manifest(info["architecture"], tile=info["tile"], training=info["training"],
+    manifest = make_manifest(info["architecture"], tile=info["tile"], gsd=info["gsd"], training=info["training"],
                              licence=info["licence"], source=f"{info['source']}: {Path(source).name}")
     return save_package(model, manifest, destination)

@@ -34,8 +34,10 @@ def model_tile(manifest: dict) -> int:
 
 
 def make_manifest(architecture: str, arch_kwargs: dict | None = None, *, inputs: dict | None = None,
-                  threshold: float = 0.5, tile: int | None = None, training: dict | None = None,
-                  licence: str = "", source: str = "") -> dict:
+                  threshold: float = 0.5, tile: int | None = None, gsd: float | None = None,
+                  training: dict | None = None, licence: str = "", source: str = "") -> dict:
+    """A package's manifest; ``tile``: the window it was trained on (px), ``gsd``: the metres per pixel of
+    its training imagery (recorded where known; ``detect`` warns on rasters of another scale)."""
     spec = models.spec(architecture)
     if inputs is None:
         inputs = {"pre": spec.inputs[0], "post": spec.inputs[1]}
@@ -53,6 +55,8 @@ def make_manifest(architecture: str, arch_kwargs: dict | None = None, *, inputs:
     }
     if tile is not None:
         manifest["tile"] = tile
+    if gsd is not None:
+        manifest["gsd"] = gsd
     return manifest
 
 
@@ -181,6 +185,9 @@ def validate_manifest(manifest, where) -> None:
     if "tile" in manifest:
         need(is_count(manifest["tile"]) and manifest["tile"] >= MIN_TILE, where, "tile",
              f"a whole number of pixels, at least {MIN_TILE}", manifest["tile"])
+    if "gsd" in manifest:
+        need(is_number(manifest["gsd"]) and manifest["gsd"] > 0, where, "gsd", "metres per pixel, above 0",
+             manifest["gsd"])
     need(isinstance(manifest.get("training", {}), dict), where, "training", "an object", manifest.get("training"))
     for key in ("licence", "source", "task"):
         need(isinstance(manifest.get(key, ""), str), where, key, "a string", manifest.get(key))
@@ -235,6 +242,8 @@ def format_manifest(manifest: dict) -> str:
                            f"threshold {out.get('threshold', 0.5)}"))
     rows.append(("tile", f"{model_tile(manifest)} px"
                  + ("" if "tile" in manifest else " (none recorded: the default)")))
+    if "gsd" in manifest:
+        rows.append(("pixel size", f"{manifest['gsd']:g} m (of the training imagery)"))
     for key, value in manifest.get("training", {}).items():
         rows.append((f"training.{key}", value if isinstance(value, str) else json.dumps(value)))
     rows += [(key, manifest[key]) for key in ("task", "source", "licence") if manifest.get(key)]

@@ -25,10 +25,10 @@ def option(default, *, kind: str, parameter: str, label: str, help: str, choices
     """A field of ``DetectOptions`` with what the front ends need to offer it.
 
     ``kind``: int, float, bool, choice, bands (1-based band numbers of the raster parameter ``parent``),
-    crs or text. ``parameter``: the QGIS parameter's name (kept by saved models and scripts), ``label``
-    its caption; ``help`` is plain text for both ``--help`` and QGIS's help. ``minimum``: the least value
-    (exclusive when ``above``), in ``unit``; ``maximum``: the largest. A default of None means "unset": the
-    engine then decides (the help says how).
+    crs, vector (a file of polygons) or text. ``parameter``: the QGIS parameter's name (kept by saved
+    models and scripts), ``label`` its caption; ``help`` is plain text for both ``--help`` and QGIS's help.
+    ``minimum``: the least value (exclusive when ``above``), in ``unit``; ``maximum``: the largest. A default
+    of None means "unset": the engine then decides (the help says how).
     """
     return field(default=default, metadata={
         "kind": kind, "parameter": parameter, "label": label, "help": help, "choices": tuple(choices),
@@ -94,6 +94,10 @@ class DetectOptions:
         help="Test-time augmentation: the mean of the change probabilities of every window resized by the "
              "scales the model was tested with, as it is and flipped left-right (0.75, 1 and 1.25 when the "
              "package records none: six passes, often slightly more accurate).")
+    aoi: str | None = option(
+        None, kind="vector", parameter="AOI", label="Area of interest (polygons; empty = everywhere)",
+        help="Polygons (a vector file, or FILE|layername=NAME) that limit the run: only the windows that touch "
+             "them run, so the time follows the area, and pixels outside them are nodata. In any CRS.")
     crs: str | None = option(
         None, kind="crs", parameter="CRS", label="Output CRS (empty = the grid raster's)", advanced=True,
         help="Read both dates in this CRS instead of the grid raster's (e.g. EPSG:32614).")
@@ -173,7 +177,7 @@ def _checked(spec, value):
         if not isinstance(value, bool):
             raise OptionError(f"{name} must be true or false, not {value!r}")
         return value
-    if kind in ("choice", "text", "crs"):
+    if kind in ("choice", "text", "crs", "vector"):
         if not isinstance(value, str) or (meta["choices"] and value not in meta["choices"]):
             expected = f"one of {', '.join(meta['choices'])}" if meta["choices"] else "a text"
             raise OptionError(f"{name} must be {expected}, not {value!r}")

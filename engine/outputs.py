@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from geochange.engine.atomic import AtomicOutputs, remove_quietly
-from geochange.engine.contracts import MASK_CHANGE, MASK_NO_CHANGE, MASK_NODATA, PROBABILITY_NODATA
+from geochange.engine.contracts import MASK_CHANGE, MASK_NO_CHANGE, MASK_NODATA, POLYGON_LAYER, PROBABILITY_NODATA
 from geochange.engine.errors import OutputError, gdal_write_errors, output_error
 from geochange.engine.grid import Grid
 from geochange.engine.vectorize import PolygonAssembler, PolygonWriter
@@ -133,7 +133,7 @@ class StagedRaster:
 
 class ChangeWriter:
     def __init__(self, grid: Grid, *, probability, mask, polygons, threshold: float, min_area: float = 0.0,
-                 simplify: float = 0.0, attributes: dict | None = None):
+                 simplify: float = 0.0, attributes: dict | None = None, polygon_layer: str = POLYGON_LAYER):
         self.grid, self.threshold = grid, threshold
         self._stack = contextlib.ExitStack()
         self._finals = []  # (stage path, temporary path, output, COG options) converted at close
@@ -148,7 +148,7 @@ class ChangeWriter:
             self._mask = self._stage(mask, "uint8", MASK_NODATA, compress="ZSTD", average=False,
                                      cog_options={"COMPRESS": "DEFLATE", "PREDICTOR": 2})
             self._assembler = PolygonAssembler(grid.transform, grid.crs, min_area_m2=min_area, simplify=simplify)
-            self._polygons = PolygonWriter(polygons, grid.crs, self._outputs, extra=attributes)
+            self._polygons = PolygonWriter(polygons, grid.crs, self._outputs, layer=polygon_layer, extra=attributes)
             self._stack.callback(self._polygons.close)
         except BaseException:
             self.abort()

@@ -13,12 +13,12 @@ from pyproj import CRS, Geod, Transformer
 from scipy import ndimage
 
 from geochange.engine.atomic import AtomicOutputs
+from geochange.engine.contracts import POLYGON_LAYER
 from geochange.engine.errors import OutputError, RasterError, gdal_write_errors, output_error
+from geochange.engine.grid import METRES_PER_DEGREE
 from geochange.engine.rasters import open_raster
 
 _GEOD = Geod(ellps="WGS84")
-# Metres in a degree of latitude (within 0.5 % anywhere); a degree of longitude is never longer.
-METRES_PER_DEGREE = 111_320.0
 # Output driver by file extension.
 DRIVERS = {".gpkg": "GPKG", ".geojson": "GeoJSON", ".json": "GeoJSON", ".shp": "ESRI Shapefile"}
 
@@ -282,7 +282,9 @@ class PolygonAssembler:
             return []
         polygons = shapely.transform(np.array(merged, dtype=object), self._to_map)
         if self.simplify > 0:  # topology preserved: a polygon never collapses
-            polygons = shapely.simplify(polygons, self.simplify, preserve_topology=True)
+            # From each ring's canonical first vertex: the result must not depend on where band seams
+            # made the ring start (detect's bands against vectorize's whole raster).
+            polygons = shapely.simplify(shapely.normalize(polygons), self.simplify, preserve_topology=True)
         areas = polygon_areas(polygons, self.crs)
         return [ChangePolygon(polygon, float(area), mean, top)
                 for polygon, area, (mean, top) in zip(polygons, areas, probabilities) if area >= self.min_area_m2]
@@ -303,7 +305,7 @@ class PolygonWriter:
     Fields: ``id, area_m2`` (``area_px`` without a CRS), ``mean_prob, max_prob`` and the string fields of ``extra``.
     """
 
-    def __init__(self, path: str | os.PathLike, crs, outputs: AtomicOutputs, *, layer: str = "changes",
+    def __init__(self, path: str | os.PathLike, crs, outputs: AtomicOutputs, *, layer: str = POLYGON_LAYER,
                  extra: dict | None = None):
         from osgeo import gdal, ogr, osr
 
@@ -386,7 +388,8 @@ def write_polygons(polygons: list[ChangePolygon], path: str | os.PathLike, crs, 
 
 
 def vectorize_probability(probability: str, polygons: str, *, threshold: float = 0.5, band: int = 1,
-                          min_area: float = 0.0, simplify: float = 0.0, progress=None) -> dict:
+                          min_area: float = 0.0, simplify: float = 0.0, polygon_layer: str = POLYGON_LAYER,
+                          progress=None) -> dict:
     """Polygons of ``probability > threshold`` in one band of an existing probability raster.
 
     Pixels that GDAL masks (nodata, e.g. the -1 of ``detect``'s output) or that are NaN are never
@@ -410,6 +413,6 @@ def vectorize_probability(probability: str, polygons: str, *, threshold: float =
         progress.check()
     found = change_polygons(changed, np.where(valid, prob, 0), transform, crs, min_area_m2=min_area,
                             simplify=simplify, valid=valid)
-    write_polygons(found, polygons, crs)
+    write_polygons(found, polygons, crs, layer=polygon_layer)
     return {"polygons": str(polygons), "polygon_count": len(found),
             "changed_area_m2": float(sum(p.area_m2 for p in found))}

@@ -107,27 +107,27 @@ class DetectChangesAlgorithm(EngineAlgorithm):
                 select_bands(layer.bandCount(), inputs[date], date, chosen, name)
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 (QGIS's name)
+        polygons, polygon_layer, polygons_uri = self.polygon_output(parameters, "OUTPUT_POLYGONS", context)
         outputs = {
             "probability": self.output_path(parameters, "OUTPUT_PROBABILITY", context, (".tif", ".tiff")),
             "mask": self.output_path(parameters, "OUTPUT_MASK", context, (".tif", ".tiff")),
-            "polygons": self.output_path(parameters, "OUTPUT_POLYGONS", context, (".gpkg",)),
+            "polygons": polygons,
         }
         args = {"pre": self.raster_path(parameters, "PRE", context),
                 "post": self.raster_path(parameters, "POST", context),
-                "model": chosen_model(self, parameters, context), **outputs,
+                "model": chosen_model(self, parameters, context), **outputs, "polygon_layer": polygon_layer,
                 **option_values(self, parameters, context)}
         result = self.run_engine("detect", args, feedback, outputs.values())
 
         # A pair without a CRS is a pixel grid: areas (and the minimum area) in pixels.
         feedback.pushInfo(tr("{} change polygons, {:.1f} {} changed").format(
             result["polygon_count"], result["changed_area_m2"], result["area_unit"]))
-        pair = tr("{} vs {}").format(self.layer_name(parameters, "PRE", context),
-                                     self.layer_name(parameters, "POST", context))
-        styles.load_styled(context, outputs["probability"], tr("{}: change probability").format(pair),
-                           styles.style_probability)
-        styles.load_styled(context, outputs["mask"], tr("{}: change mask").format(pair), styles.style_mask)
-        styles.load_styled(context, outputs["polygons"], tr("{}: change polygons").format(pair),
-                           styles.style_polygons)
+        pair = styles.pair_name(self.layer_name(parameters, "PRE", context),
+                                self.layer_name(parameters, "POST", context))
+        styles.load_styled(context, [  # in the layer tree from the top
+            (polygons_uri, tr("{}: change polygons").format(pair), styles.style_polygons),
+            (outputs["mask"], tr("{}: change mask").format(pair), styles.style_mask),
+            (outputs["probability"], tr("{}: change probability").format(pair), styles.style_probability)])
         return {"OUTPUT_PROBABILITY": result["probability"], "OUTPUT_MASK": result["mask"],
-                "OUTPUT_POLYGONS": result["polygons"], "POLYGON_COUNT": result["polygon_count"],
+                "OUTPUT_POLYGONS": polygons_uri, "POLYGON_COUNT": result["polygon_count"],
                 "CHANGED_AREA_M2": result["changed_area_m2"]}

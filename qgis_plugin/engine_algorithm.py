@@ -9,6 +9,7 @@ from pathlib import Path
 from qgis.core import (
     QgsCoordinateTransform,
     QgsCsException,
+    QgsDataSourceUri,
     QgsProcessingAlgorithm,
     QgsProcessingException,
     QgsProcessingFeedback,
@@ -19,6 +20,7 @@ from qgis.core import (
 )
 from qgis.PyQt.QtCore import QCoreApplication
 
+from geochange.engine.contracts import POLYGON_LAYER
 from geochange.engine.options import flag, spec
 from geochange.qgis_plugin import worker_client
 
@@ -95,14 +97,46 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
             path = self.parameterAsOutputLayer(parameters, name, context)
         else:
             path = self.parameterAsFileOutput(parameters, name, context)
-        if Path(path).suffix.lower() not in suffixes:
-            raise QgsProcessingException(tr("{}: '{}' must end in {} (the format GeoChange writes)")
-                                         .format(name, path, " or ".join(suffixes)))
-        return path
+        return require_suffix(name, path, suffixes)
+
+    def polygon_output(self, parameters, name, context) -> tuple[str, str, str]:
+        """The GeoPackage of a polygon output, its layer and the layer's URI (the file itself where no layer
+        is named). Accepted: a file (layer ``changes``), ``out.gpkg|layername=NAME``, or what the output
+        widget's *Save to GeoPackage…* gives, ``ogr:dbname='out.gpkg' table="NAME"``."""
+        destination = self.parameterAsOutputLayer(parameters, name, context)
+        if destination.startswith("ogr:"):
+            uri = QgsDataSourceUri(destination[len("ogr:"):])
+            path, layer = uri.database(), uri.table()
+        else:
+            parts = QgsProviderRegistry.instance().decodeUri("ogr", destination)
+            path, layer = parts["path"], parts["layerName"]
+        path = require_suffix(name, path, (".gpkg",))
+        uri = QgsProviderRegistry.instance().encodeUri("ogr", {"path": path, "layerName": layer}) if layer else path
+        # QGIS would add a named layer to the file; the engine writes the whole file, which would delete the rest.
+        if layer and os.path.exists(path):
+            others = sorted({s.name() for s in QgsProviderRegistry.instance().querySublayers(path)} - {layer})
+            if others:
+                raise QgsProcessingException(tr("{}: '{}' holds other layers ({}), which GeoChange would delete: "
+                                                "it writes the whole GeoPackage. Choose a new file")
+                                             .format(name, path, ", ".join(others)))
+        if uri != destination and context.willLoadLayerOnCompletion(destination):
+            # QGIS loads an output by its destination, which it cannot open in the ogr: form.
+            loading = context.layersToLoadOnCompletion()
+            loading[uri] = loading.pop(destination)
+            context.setLayersToLoadOnCompletion(loading)
+        return path, layer or POLYGON_LAYER, uri
 
     def optional_double(self, parameters, name, context) -> float | None:
         value = parameters.get(name)
         return None if value is None or value == "" else self.parameterAsDouble(parameters, name, context)
+
+
+def require_suffix(name: str, path: str, suffixes) -> str:
+    """``path``, refused unless it ends in one of ``suffixes``."""
+    if Path(path).suffix.lower() not in suffixes:
+        raise QgsProcessingException(tr("{}: '{}' must end in {} (the format GeoChange writes)")
+                                     .format(name, path, " or ".join(suffixes)))
+    return path
 
 
 def layer_file(layer) -> str | None:

@@ -6,12 +6,15 @@ from __future__ import annotations
 import html
 
 from qgis.core import (
+    QgsProcessing,
     QgsProcessingException,
+    QgsProcessingFeedback,
     QgsProcessingParameterBand,
     QgsProcessingParameterBoolean,
     QgsProcessingParameterCrs,
     QgsProcessingParameterDefinition,
     QgsProcessingParameterEnum,
+    QgsProcessingParameterFeatureSource,
     QgsProcessingParameterFile,
     QgsProcessingParameterNumber,
     QgsProcessingParameterString,
@@ -90,6 +93,8 @@ def option_parameter(name: str, **overrides) -> QgsProcessingParameterDefinition
                                           allowMultiple=True)
     elif kind == "crs":
         made = QgsProcessingParameterCrs(parameter, label, optional=True)
+    elif kind == "vector":
+        made = QgsProcessingParameterFeatureSource(parameter, label, [QgsProcessing.TypeVectorPolygon], optional=True)
     else:  # text: a free string (the device: the GPU index depends on the machine)
         made = QgsProcessingParameterString(parameter, label, defaultValue=default)
     if meta["advanced"]:
@@ -115,6 +120,13 @@ def option_value(algorithm, parameters, context, name: str):
     if kind == "crs":
         crs = algorithm.parameterAsCrs(parameters, parameter, context)
         return (crs.authid() or crs.toWkt()) if crs.isValid() else None
+    if kind == "vector":  # a file the engine reads (a memory or database layer is written to one first)
+        if parameters.get(parameter) in (None, ""):
+            return None
+        # A feedback object is needed: QGIS 3.22 crashes exporting a layer without one.
+        path, layer = algorithm.parameterAsCompatibleSourceLayerPathAndLayerName(
+            parameters, parameter, context, ["gpkg", "shp", "geojson"], "gpkg", QgsProcessingFeedback())
+        return f"{path}|layername={layer}" if layer else path
     return algorithm.parameterAsString(parameters, parameter, context).strip() or option.default
 
 

@@ -1,17 +1,23 @@
 """How GeoChange's outputs look once loaded into a project, and the hook that applies it.
 
-Probability: a pseudo-colour ramp over 0-1; mask: changed pixels in red, everything else transparent;
-polygons: a red outline over a faint fill, labelled with their area.
+Probability: a pseudo-colour ramp over 0-1 whose legend says "change probability"; mask: changed pixels in
+red, everything else transparent; polygons: a red outline over a faint fill, labelled with their area at
+large scales, areas rounded in the attribute table. A run's layers are kept together in the layer tree in
+the order the algorithm gives, and named after the part of the input names that tells them apart.
 """
 from __future__ import annotations
 
+import re
 from collections import deque
 
 from qgis.core import (
     QgsColorRampShader,
+    QgsEditorWidgetSetup,
     QgsFillSymbol,
     QgsGradientColorRamp,
     QgsGradientStop,
+    QgsLayerTree,
+    QgsMapLayerLegendUtils,
     QgsPalettedRasterRenderer,
     QgsPalLayerSettings,
     QgsProcessingLayerPostProcessorInterface,
@@ -26,6 +32,7 @@ from qgis.core import (
 from qgis.PyQt.QtGui import QColor
 
 from geochange.engine.contracts import MASK_CHANGE, MASK_NO_CHANGE
+from geochange.qgis_plugin.engine_algorithm import tr
 
 CHANGE_COLOUR = QColor(227, 26, 28)
 
@@ -38,7 +45,7 @@ def probability_ramp() -> QgsGradientColorRamp:
     return ramp
 
 
-def style_probability(layer) -> None:
+def style_probability(layer, node) -> None:
     shader_function = QgsColorRampShader(0.0, 1.0, probability_ramp(), QgsColorRampShader.Interpolated)
     shader_function.classifyColorRamp(11, 1)
     shader = QgsRasterShader(0.0, 1.0)
@@ -47,10 +54,12 @@ def style_probability(layer) -> None:
     renderer.setClassificationMin(0.0)
     renderer.setClassificationMax(1.0)
     layer.setRenderer(renderer)
+    # The legend's title, the band's name ("Band 1 (Gray)") unless the layer's tree node relabels it.
+    QgsMapLayerLegendUtils.setLegendNodeUserLabel(node, 0, tr("change probability"))
     layer.triggerRepaint()
 
 
-def style_mask(layer) -> None:
+def style_mask(layer, node) -> None:
     classes = [QgsPalettedRasterRenderer.Class(MASK_CHANGE, CHANGE_COLOUR, "change")]
     renderer = QgsPalettedRasterRenderer(layer.dataProvider(), 1, classes)
     # Paletted renderers leave values outside their classes undrawn; the transparency entry states it
@@ -69,7 +78,12 @@ def style_mask(layer) -> None:
 AREA_LABELS = {"area_m2": "format_number(\"area_m2\", 0) || ' m²'", "area_px": "format_number(\"area_px\", 0) || ' px'"}
 
 
-def style_polygons(layer) -> None:
+# Labels from 1:10,000 on, where a label ("12,345 m²", some 12 mm: 120 m) spans about a hectare's polygon;
+# further out the labels would outgrow most polygons and cover the changes.
+LABEL_MINIMUM_SCALE = 10_000
+
+
+def style_polygons(layer, node) -> None:
     symbol = QgsFillSymbol.createSimple({
         "color": f"{CHANGE_COLOUR.red()},{CHANGE_COLOUR.green()},{CHANGE_COLOUR.blue()},40",
         "outline_color": CHANGE_COLOUR.name(), "outline_width": "0.6", "outline_width_unit": "MM"})
@@ -83,37 +97,92 @@ def style_polygons(layer) -> None:
     buffer.setColor(QColor(255, 255, 255, 220))
     text.setBuffer(buffer)
     label = QgsPalLayerSettings()
-    label.fieldName = next((text for field, text in AREA_LABELS.items() if layer.fields().indexOf(field) >= 0),
-                           AREA_LABELS["area_m2"])
+    area = next((field for field in AREA_LABELS if layer.fields().indexOf(field) >= 0), "area_m2")
+    label.fieldName = AREA_LABELS[area]
     label.isExpression = True
     label.setFormat(text)
     label.placement = QgsPalLayerSettings.OverPoint
+    label.scaleVisibility = True
+    label.minimumScale = LABEL_MINIMUM_SCALE  # the most zoomed-out scale that shows them
     layer.setLabeling(QgsVectorLayerSimpleLabeling(label))
     layer.setLabelsEnabled(True)
+    # Whole units in the attribute table (the file keeps the computed areas).
+    layer.setEditorWidgetSetup(layer.fields().indexOf(area), QgsEditorWidgetSetup("Range", {"Precision": 0}))
     layer.triggerRepaint()
 
 
+def stack(project, layer_ids: list[str]) -> None:
+    """Put the layers' tree nodes in the given order (the first on top) in one group, where the top-most
+    of them is."""
+    root = project.layerTreeRoot()
+    nodes = [root.findLayer(layer_id) for layer_id in layer_ids]
+    parent = nodes[0].parent()
+    children = [child.layerId() if QgsLayerTree.isLayer(child) else None for child in parent.children()]
+    top = min(children.index(layer_id) for layer_id in layer_ids if layer_id in children)
+    if children[top:top + len(layer_ids)] == layer_ids:
+        return
+    # A node moves as a copy: the project keeps a layer while the tree still shows it.
+    parent.insertChildNodes(top, [node.clone() for node in nodes])
+    for node in nodes:
+        node.parent().removeChildNode(node)
+
+
 class _Styler(QgsProcessingLayerPostProcessorInterface):
-    def __init__(self, style):
+    """Styles a loaded output, then stacks its algorithm's outputs loaded so far (``loaded``: position in
+    the algorithm's order -> layer id), since QGIS loads them in its own order, each at the tree's
+    insertion point (3.22: in the order of their destinations' names)."""
+
+    def __init__(self, style, position: int, loaded: dict):
         super().__init__()
-        self._style = style
+        self._style, self._position, self._loaded = style, position, loaded
 
     def postProcessLayer(self, layer, context, feedback):  # noqa: N802 (QGIS's name)
-        self._style(layer)
+        project = layer.project()
+        self._style(layer, project.layerTreeRoot().findLayer(layer.id()))
+        self._loaded[self._position] = layer.id()
+        stack(project, [self._loaded[position] for position in sorted(self._loaded)])
 
 
 # QGIS owns the post-processors once set, but calls their Python override only while the wrapper lives.
 _alive: deque = deque(maxlen=256)
 
 
-def load_styled(context, path: str, name: str, style) -> None:
-    """Give the output ``path`` the layer name ``name`` and ``style``, if it is to be loaded into a
-    project when the algorithm completes (the toolbox's "Open output file", runAndLoadResults)."""
-    if not context.willLoadLayerOnCompletion(path):
-        return
-    details = context.layerToLoadOnCompletionDetails(path)
-    details.name = name
-    details.forceName = True  # keep this name even when the user prefers file names for layers
-    styler = _Styler(style)
-    _alive.append(styler)
-    details.setPostProcessor(styler)
+def load_styled(context, outputs: list[tuple[str, str, object]]) -> None:
+    """Give each output ``(path, layer name, style)`` that is to be loaded into a project when the
+    algorithm completes (the toolbox's "Open output file", runAndLoadResults) its name and style
+    (``style(layer, tree node)``), and keep the outputs together in the layer tree, the first on top."""
+    loaded: dict = {}
+    for position, (path, name, style) in enumerate(outputs):
+        if not context.willLoadLayerOnCompletion(path):
+            continue
+        details = context.layerToLoadOnCompletionDetails(path)
+        details.name = name
+        details.forceName = True  # keep this name even when the user prefers file names for layers
+        styler = _Styler(style, position, loaded)
+        _alive.append(styler)
+        details.setPostProcessor(styler)
+
+
+# Shared start and end of two input names, in characters, from which a layer's name shows the rest.
+SHARED_NAME = 8
+
+
+def pair_name(pre: str, post: str) -> str:
+    """"PRE vs POST", or, when the names share a long start or end (a product, a tile), what tells them
+    apart first and the shared part after: "06_01 vs 08_15 (S2_2019_…_T33UXP)". Names are cut between
+    words (runs of letters and digits) only."""
+    a, b = (re.split(r"([\W_]+)", name) for name in (pre, post))  # words at even indices, separators between
+    limit = min(len(a), len(b)) - 1  # leave each name a word of its own
+    head = 0
+    while head < limit and a[head] == b[head]:
+        head += 1
+    head -= head % 2  # the shared start ends with a separator
+    tail = 0
+    while head + tail < limit and a[-1 - tail] == b[-1 - tail]:
+        tail += 1
+    tail -= tail % 2
+    start, end = "".join(a[:head]), "".join(a[len(a) - tail:])
+    own_a, own_b = "".join(a[head:len(a) - tail]), "".join(b[head:len(b) - tail])
+    if pre == post or len(start + end) < SHARED_NAME or not (own_a and own_b):
+        return tr("{} vs {}").format(pre, post)
+    return tr("{} vs {} ({}…{})").format(own_a, own_b, start, end)

@@ -53,15 +53,16 @@ class VectorizeChangesAlgorithm(EngineAlgorithm):
         self.addOutput(QgsProcessingOutputNumber("CHANGED_AREA_M2", tr("Changed area (m²)")))
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 (QGIS's name)
-        polygons = self.output_path(parameters, "OUTPUT", context, (".gpkg",))
+        polygons, polygon_layer, polygons_uri = self.polygon_output(parameters, "OUTPUT", context)
         threshold = self.parameterAsDouble(parameters, "THRESHOLD", context)
         args = {"probability": self.raster_path(parameters, "INPUT", context), "polygons": polygons,
-                "band": self.parameterAsInt(parameters, "BAND", context) or 1, "threshold": threshold,
+                "polygon_layer": polygon_layer, "band": self.parameterAsInt(parameters, "BAND", context) or 1,
+                "threshold": threshold,
                 **{name: option_value(self, parameters, context, name) for name in ("min_area", "simplify")}}
         result = self.run_engine("vectorize", args, feedback, [polygons])
         feedback.pushInfo(tr("{} change polygons, {:.1f} m² changed").format(
             result["polygon_count"], result["changed_area_m2"]))
         name = tr("{}: change polygons (p > {:g})").format(self.layer_name(parameters, "INPUT", context), threshold)
-        styles.load_styled(context, polygons, name, styles.style_polygons)
-        return {"OUTPUT": result["polygons"], "POLYGON_COUNT": result["polygon_count"],
+        styles.load_styled(context, [(polygons_uri, name, styles.style_polygons)])
+        return {"OUTPUT": polygons_uri, "POLYGON_COUNT": result["polygon_count"],
                 "CHANGED_AREA_M2": result["changed_area_m2"]}

@@ -162,3 +162,28 @@ def test_one_file_as_both_dates_is_refused(tmp_path, random_package):
         assert run.stderr == f"geochange: error: {pre}: the pre and the post raster are the same file; a change " \
                              "map needs two dates\n"
     assert not (tmp_path / "out").exists()
+
+
+def test_pixels_far_from_the_model_s_are_pointed_out(levir_crop, tinycd_package):
+    """The TinyCD authors' model saw 0.5 m LEVIR-CD pixels: at 10 m the run says so, and how to read both
+    dates at 0.5 m; at the crop's own ~0.55 m it says nothing."""
+    class Log(Progress):
+        def __init__(self):
+            self.lines = []
+
+        def log(self, message):
+            self.lines.append(message)
+
+    native, coarse = Log(), Log()
+    prepare(levir_crop["pre"], levir_crop["post"], tinycd_package, DetectOptions(device="cpu"), progress=native)
+    prepare(levir_crop["pre"], levir_crop["post"], tinycd_package,
+            DetectOptions(device="cpu", resolution=10 / 111_320), progress=coarse)
+    assert not any("the model was trained on" in line for line in native.lines), native.lines
+    [warning] = [line for line in coarse.lines if "the model was trained on 0.5 m pixels" in line]
+    assert "(18.6 times coarser)" in warning
+    # The resolution it suggests (degrees here) gives the model's 0.5 m pixels: no warning then.
+    suggested, at_model = float(warning.split("--resolution ")[1].split()[0]), Log()
+    setup = prepare(levir_crop["pre"], levir_crop["post"], tinycd_package,
+                    DetectOptions(device="cpu", resolution=suggested), progress=at_model)
+    assert setup.grid.pixel_metres() == pytest.approx(0.5, rel=1e-4)
+    assert not any("the model was trained on" in line for line in at_model.lines)

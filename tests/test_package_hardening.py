@@ -177,6 +177,7 @@ def _bands_text(m):
     (_num_experts, "manifest field arch_kwargs.num_experts must be a whole number above 0, not 0"),
     (_bands_text, "manifest field inputs.pre.bands must be a whole number above 0, not '3'"),
     (lambda m: m.update(tile=16), "manifest field tile must be a whole number of pixels, at least 32, not 16"),
+    (lambda m: m.update(gsd=0), "manifest field gsd must be metres per pixel, above 0, not 0"),
     (lambda m: [m], "the manifest must be a JSON object, not list"),
 ])
 def test_malformed_manifests_are_one_line_errors(capsys, tmp_path, change, field):

@@ -19,11 +19,15 @@ pytest.importorskip("qgis.core", reason="QGIS Python bindings are not installed"
 from osgeo import gdal, ogr  # noqa: E402  (GDAL's bindings come with QGIS)
 from qgis.core import (  # noqa: E402
     QgsApplication,
+    QgsFeature,
+    QgsGeometry,
     QgsPalettedRasterRenderer,
     QgsProcessingException,
     QgsProcessingFeedback,
     QgsRasterLayer,
+    QgsRectangle,
     QgsSingleBandPseudoColorRenderer,
+    QgsVectorLayer,
 )
 
 from conftest import run_algorithm  # noqa: E402
@@ -234,6 +238,22 @@ def test_one_raster_as_both_dates_is_refused_before_the_run(geochange_provider, 
         with pytest.raises(QgsProcessingException, match="PRE and POST are the same raster"):
             run_algorithm(ALGORITHM, parameters)
     assert not (tmp_path / "out").exists()
+
+
+def test_an_area_of_interest_from_a_memory_layer(geochange_provider, levir_crop, tinycd_package, tmp_path):
+    """A layer that is no file (drawn in QGIS) is written out for the engine: the outputs cover its bounds."""
+    with rasterio.open(levir_crop["pre"]) as src:
+        left, bottom, right, top = src.bounds
+        size = (src.width, src.height)
+    aoi = QgsVectorLayer("Polygon?crs=EPSG:4326", "aoi", "memory")
+    feature = QgsFeature()
+    feature.setGeometry(QgsGeometry.fromRect(QgsRectangle(left, bottom, (left + right) / 2, (bottom + top) / 2)))
+    aoi.dataProvider().addFeatures([feature])
+    results = run_algorithm(ALGORITHM, {"PRE": str(levir_crop["pre"]), "POST": str(levir_crop["post"]),
+                                        "MODEL": str(tinycd_package), "DEVICE": "cpu", "AOI": aoi,
+                                        **outputs_in(tmp_path)})
+    with rasterio.open(results["OUTPUT_MASK"]) as mask:
+        assert (mask.width, mask.height) == pytest.approx((size[0] / 2, size[1] / 2), abs=1)
 
 
 def test_band_mapping_reaches_the_engine(geochange_provider, levir_crop, tinycd_package, tmp_path):

@@ -37,7 +37,7 @@ def test_a_finished_run_goes_into_the_zoo_in_fp16(finished_run, tmp_path):
     with pytest.raises(ConfigError, match="only a finished run"):
         export_run(tmp_path, "nothing", task="t", data_licence="l", zoo=zoo)
     record = export_run(finished_run, "tiny_buildings", task="buildings: optical before and after",
-                        data_licence="LEVIR-CD: research only", zoo=zoo)
+                        data_licence="LEVIR-CD: research only", gsd=0.5, zoo=zoo)
     assert zoo_index(zoo) == {"tiny_buildings": record}
     path = zoo_path("tiny_buildings", zoo)
     with safe_open(str(path), framework="pt") as f:
@@ -45,7 +45,7 @@ def test_a_finished_run_goes_into_the_zoo_in_fp16(finished_run, tmp_path):
     assert floats and set(floats) == {torch.float16}
     package = load_package(path)
     assert all(p.dtype == torch.float32 for p in package.model.parameters())  # loaded as fp32
-    assert package.manifest["task"] == "buildings: optical before and after"
+    assert package.manifest["task"] == "buildings: optical before and after" and package.manifest["gsd"] == 0.5
     # The figures recorded are the fp16 weights' own, within 0.002 of the run's fp32 test.
     run_test = json.loads((finished_run / "results.json").read_text())["test"]["global"]
     shipped = package.manifest["training"]["metrics"]["test"]["global"]

@@ -69,7 +69,7 @@ def _cmd_mtkd(args) -> int:
 def _cmd_export(args) -> int:
     from geochange.trainer.export import export_run
 
-    record = export_run(args.run_dir, args.name, task=args.task, data_licence=args.data_licence,
+    record = export_run(args.run_dir, args.name, task=args.task, data_licence=args.data_licence, gsd=args.gsd,
                         **({"zoo": Path(args.zoo)} if args.zoo else {}))
     print(f"{args.name}: {record['file']}, {record['bytes']:,} bytes, sha256 {record['sha256']}")
     return 0
@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True, help='what the model is for, e.g. "flood: optical before, SAR after"')
     p.add_argument("--data-licence", required=True, help="the licence of the training data")
     p.add_argument("--zoo", help="the zoo folder (default: zoo/ beside the engine)")
+    p.add_argument("--gsd", type=float, help="metres per pixel of the training imagery (default: the run "
+                                             "config's data.gsd; for runs made before it was recorded)")
     p.set_defaults(run=_cmd_export)
     return parser
 

@@ -106,6 +106,8 @@ SCHEMA: dict = {
         "batch": (int, 8, _positive),  # global batch, split over the processes
         "workers": (int, 4, _non_negative),
         "optical_sar": (bool, False),  # forbids the exchange of dates
+        # Metres per pixel of the training imagery, recorded in the package: detect warns on other scales.
+        "gsd": ((int, float, type(None)), None, lambda v: None if v is None or v > 0 else "must be positive"),
     },
     "augment": {
         # padding: what fills the corners, 0 in the images and ignored in the label (Open-CD), or the

@@ -33,7 +33,8 @@ def check_figures(package, cfg: dict) -> dict:
     return {"tiles": [item.id for item in items], "f1": summary["global"]["f1"]}
 
 
-def export_run(run_dir: str | Path, name: str, *, task: str, data_licence: str, zoo: Path = ZOO) -> dict:
+def export_run(run_dir: str | Path, name: str, *, task: str, data_licence: str, gsd: float | None = None,
+               zoo: Path = ZOO) -> dict:
     """Write ``zoo/NAME.safetensors`` from ``run_dir``'s best package and record it in the index; returns
     the record. The fp16 package is tested on the run's test split as the run was tested, and refused if
     any of ``CHECKED`` moves by more than ``FP16_TOLERANCE``."""
@@ -48,6 +49,11 @@ def export_run(run_dir: str | Path, name: str, *, task: str, data_licence: str, 
     manifest["task"] = task
     # Runs made before packages recorded their tile: the crop they were trained on.
     manifest.setdefault("tile", manifest["training"]["config"]["augment"]["crop"]["size"])
+    gsd = gsd if gsd is not None else manifest["training"]["config"]["data"].get("gsd")
+    if gsd is not None:
+        if not gsd > 0:
+            raise ConfigError(f"--gsd: metres per pixel must be above 0, not {gsd:g}")
+        manifest["gsd"] = float(gsd)
     manifest["licence"] = f"weights: this project's; data: {data_licence}"
     tensors = {k: v.half() if v.dtype == torch.float32 else v
                for k, v in read_tensors(run / "best.safetensors").items()}

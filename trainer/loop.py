@@ -267,7 +267,8 @@ class Trainer:
             training["distill_weight"] = self.distill_weight
         # The window it sees in training: detect uses it unless told otherwise.
         return make_manifest(self.cfg["model"]["architecture"], self.cfg["model"]["kwargs"],
-                             inputs=self.inputs, tile=self.cfg["augment"]["crop"]["size"], training=training,
+                             inputs=self.inputs, tile=self.cfg["augment"]["crop"]["size"],
+                             gsd=self.cfg["data"]["gsd"], training=training,
                              source=f"geochange trainer, run {self.cfg['name']}")
 
     # -- one step --

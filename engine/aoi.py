@@ -1,0 +1,93 @@
+"""An area of interest: polygons from a vector file that limit a run to the part of the grid they cover.
+
+The grid is cut to the polygons' bounds (so the windows, and the time, follow the area, not the raster),
+and pixels outside the polygons count as invalid: nodata in the outputs, and windows without a pixel
+inside are never run.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import shapely
+from affine import Affine
+from pyproj import CRS, Transformer
+from rasterio.features import geometry_mask
+from rasterio.windows import Window
+
+from geochange.engine.errors import RasterError
+from geochange.engine.grid import Grid
+
+
+def split_layer(source: str) -> tuple[str, str | None]:
+    """``FILE`` or QGIS's ``FILE|layername=NAME``: the file and the layer (None: the file's first)."""
+    path, _, options = str(source).partition("|")
+    layer = next((value for key, _, value in (o.partition("=") for o in options.split("|")) if key == "layername"),
+                 None)
+    return path, layer
+
+
+def read_polygons(source: str) -> tuple[object, CRS | None]:
+    """The union of the polygons of a vector layer, in its CRS (None where the layer has none)."""
+    from osgeo import ogr
+
+    path, name = split_layer(source)
+    if not Path(path).is_file():
+        raise RasterError(f"{path}: no such file (the area of interest)")
+    dataset = ogr.Open(path)
+    layer = None if dataset is None else (dataset.GetLayerByName(name) if name else dataset.GetLayer(0))
+    if layer is None:
+        raise RasterError(f"{source}: not a vector layer GDAL can read (the area of interest)")
+    geometries = []
+    for feature in layer:
+        geometry = feature.GetGeometryRef()
+        if geometry is not None:
+            geometries.append(shapely.from_wkb(bytes(geometry.ExportToWkb())))
+    polygons = [g for g in geometries if g.geom_type in ("Polygon", "MultiPolygon") and not g.is_empty]
+    if not polygons:
+        raise RasterError(f"{source}: no polygon in the area of interest ({len(geometries)} other features)")
+    srs = layer.GetSpatialRef()
+    return shapely.union_all(shapely.make_valid(polygons)), CRS.from_wkt(srs.ExportToWkt()) if srs else None
+
+
+@dataclass(frozen=True)
+class AreaOfInterest:
+    """Polygons in the grid's CRS; ``mask(window, grid)``: the window's pixels whose centres lie inside."""
+
+    geometry: object
+    source: str
+
+    def mask(self, window: Window, grid: Grid) -> np.ndarray:
+        transform = grid.transform * Affine.translation(window.col_off, window.row_off)
+        return geometry_mask([self.geometry], (int(window.height), int(window.width)), transform, invert=True)
+
+    def crop(self, grid: Grid) -> Grid:
+        """``grid`` cut to the pixels that the polygons' bounds touch, on the same pixel lattice."""
+        left, bottom, right, top = self.geometry.bounds
+        inverse = ~grid.transform
+        cols, rows = zip(*(inverse * corner for corner in ((left, top), (right, bottom), (left, bottom), (right, top))))
+        col0, row0 = max(0, math.floor(min(cols))), max(0, math.floor(min(rows)))
+        col1, row1 = min(grid.width, math.ceil(max(cols))), min(grid.height, math.ceil(max(rows)))
+        if col1 <= col0 or row1 <= row0:
+            raise RasterError(f"{self.source}: the area of interest does not overlap the rasters")
+        return Grid(grid.crs, grid.transform * Affine.translation(col0, row0), col1 - col0, row1 - row0)
+
+
+def area_of_interest(source: str, grid: Grid) -> AreaOfInterest:
+    """The polygons of ``source`` in the grid's CRS (taken to be in it where the file names no CRS)."""
+    if grid.crs is None:
+        raise RasterError(f"{source}: an area of interest needs georeferenced rasters; these have no CRS")
+    geometry, crs = read_polygons(source)
+    if crs is not None and CRS.from_user_input(grid.crs) != crs:
+        to_grid = Transformer.from_crs(crs, CRS.from_user_input(grid.crs), always_xy=True)
+        geometry = shapely.transform(shapely.segmentize(geometry, _step(geometry)), to_grid.transform,
+                                     interleaved=False)
+    return AreaOfInterest(geometry, str(source))
+
+
+def _step(geometry) -> float:
+    """Vertices added along edges before reprojecting, so that long straight edges follow the curve."""
+    left, bottom, right, top = geometry.bounds
+    return max(right - left, top - bottom, 1e-9) / 64
