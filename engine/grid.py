@@ -24,10 +24,9 @@ from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
 from geochange.engine.errors import OptionError, RasterError
+from geochange.engine.measures import METRES_PER_DEGREE
 from geochange.engine.rasters import corrupt_pixels, open_raster, valid_mask
 
-# Metres in a degree of latitude (within 0.5 % anywhere); of longitude, times the latitude's cosine.
-METRES_PER_DEGREE = 111_320.0
 # Below this share of either image inside the common extent, a warning is given.
 SMALL_OVERLAP = 0.5
 # Past a million by a million pixels (4 TB of float32 probability), a grid is taken for a mistaken

@@ -2,23 +2,22 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import shapely
-from pyproj import CRS, Geod, Transformer
+from pyproj import CRS
 from scipy import ndimage
 
 from geochange.engine.atomic import AtomicOutputs
 from geochange.engine.contracts import POLYGON_LAYER
 from geochange.engine.errors import OutputError, RasterError, gdal_write_errors, output_error
-from geochange.engine.grid import METRES_PER_DEGREE
+from geochange.engine.measures import map_units, polygon_areas, ring_areas, rings_of
 from geochange.engine.rasters import open_raster
 
-_GEOD = Geod(ellps="WGS84")
 # Output driver by file extension.
 DRIVERS = {".gpkg": "GPKG", ".geojson": "GeoJSON", ".json": "GeoJSON", ".shp": "ESRI Shapefile"}
 
@@ -29,54 +28,6 @@ class ChangePolygon:
     area_m2: float
     mean_prob: float
     max_prob: float
-
-
-def map_units(metres: float, crs) -> float:
-    """A length in metres as units of ``crs`` (None: a pixel grid, whose lengths are pixels, kept as given).
-    In a geographic CRS, degrees of latitude: a simplification then strays at most ``metres`` from the
-    outline in every direction (less east-west, where degrees are shorter)."""
-    if crs is None or metres == 0:
-        return metres
-    crs = CRS.from_user_input(crs)
-    if crs.is_geographic:
-        return metres / METRES_PER_DEGREE
-    return metres / crs.axis_info[0].unit_conversion_factor
-
-
-@functools.lru_cache(maxsize=16)
-def _to_lonlat(crs_text: str) -> Transformer | None:
-    """The transformer to longitude/latitude of a CRS (None for EPSG:4326), built once per CRS:
-    building one costs as much as the area of a polygon."""
-    crs = CRS.from_user_input(crs_text)
-    return None if crs.to_epsg() == 4326 else Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
-
-
-def ring_areas(rings, crs) -> np.ndarray:
-    """Area enclosed by each ring on the WGS84 ellipsoid in m2, whatever the CRS (projected areas are
-    distorted); one transform of all the coordinates, one geodesic sum per ring. Without a CRS (a pixel
-    grid), the planar area in pixels."""
-    if crs is None:
-        return np.abs(shapely.area(shapely.polygons(rings)))
-    coords, ring = shapely.get_coordinates(rings, return_index=True)
-    x, y = coords[:, 0], coords[:, 1]
-    to_lonlat = _to_lonlat(crs if isinstance(crs, str) else crs.to_wkt())
-    if to_lonlat is not None:
-        x, y = to_lonlat.transform(x, y)
-    bounds = np.searchsorted(ring, np.arange(len(rings) + 1))
-    return np.array([abs(_GEOD.polygon_area_perimeter(x[a:b], y[a:b])[0]) for a, b in zip(bounds[:-1], bounds[1:])])
-
-
-def _rings(polygons) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every ring of ``polygons``, the index of its polygon, and whether it is that polygon's exterior."""
-    rings, owner = shapely.get_rings(polygons, return_index=True)
-    return rings, owner, np.diff(owner, prepend=-1) != 0  # each polygon's rings come exterior first
-
-
-def polygon_areas(polygons, crs) -> np.ndarray:
-    """Geodesic area of each polygon in m2: its exterior's less its holes'."""
-    rings, owner, exterior = _rings(polygons)
-    areas = ring_areas(rings, crs)
-    return np.bincount(owner, weights=np.where(exterior, areas, -areas), minlength=len(polygons))
 
 
 def _pixel_polygons(labels: np.ndarray, mask: np.ndarray, row_start: int) -> tuple[np.ndarray, np.ndarray]:
@@ -216,7 +167,7 @@ class PolygonAssembler:
                         valid: np.ndarray | None) -> np.ndarray:
         """``polygons`` (one band's, pixel coordinates) without their small holes that hold no invalid
         pixel; keeps a point of each other patch of unchanged pixels that holds one (see __init__)."""
-        rings, owner, exterior = _rings(polygons)
+        rings, owner, exterior = rings_of(polygons)
         holes = np.flatnonzero(~exterior)
         fill = np.zeros(len(rings), bool)
         fill[holes] = self._small(rings[holes])
@@ -248,7 +199,7 @@ class PolygonAssembler:
     def _merged(self, parts: list):
         """One polygon of the parts of a region cut at band seams (pixel coordinates), the small holes
         enclosed across the seams filled unless one of the kept points lies in them."""
-        rings, _, exterior = _rings(parts)
+        rings, _, exterior = rings_of(parts)
         union_rings = shapely.get_rings(_united_exteriors(rings[exterior], self._seams))
         shell, across = union_rings[0], union_rings[1:]
         if self.min_area_m2 > 0 and len(across):
@@ -370,9 +321,14 @@ class PolygonWriter:
             raise output_error(self.path, f"{self.count} polygons were written, {count or 0} read back")
 
     def close(self) -> None:
-        """Close an aborted file, removed after: what GDAL reports closing it does not matter."""
-        with contextlib.suppress(OutputError), gdal_write_errors(self.path):
-            self._layer = self._ds = None
+        """Close an aborted file, removed after: what GDAL reports closing it does not matter. Where GDAL's
+        exceptions are on, its dataset's destructor raises them, which Python reports as ignored: not here."""
+        hook, sys.unraisablehook = sys.unraisablehook, lambda unraisable: None
+        try:
+            with contextlib.suppress(OutputError), gdal_write_errors(self.path):
+                self._layer = self._ds = None
+        finally:
+            sys.unraisablehook = hook
 
 
 def write_polygons(polygons: list[ChangePolygon], path: str | os.PathLike, crs, **options) -> Path:

@@ -6,8 +6,8 @@ from pyproj import CRS, Transformer
 from rasterio.transform import from_origin
 import shapely
 
-from geochange.engine.grid import METRES_PER_DEGREE
-from geochange.engine.vectorize import PolygonAssembler, change_polygons, map_units, write_polygons
+from geochange.engine.measures import METRES_PER_DEGREE, map_units
+from geochange.engine.vectorize import PolygonAssembler, change_polygons, write_polygons
 
 
 def hand_mask():
