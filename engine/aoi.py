@@ -29,17 +29,18 @@ def split_layer(source: str) -> tuple[str, str | None]:
     return path, layer
 
 
-def read_polygons(source: str) -> tuple[object, CRS | None]:
-    """The union of the polygons of a vector layer, in its CRS (None where the layer has none)."""
+def read_polygons(source: str, role: str = "the area of interest") -> tuple[object, CRS | None]:
+    """The union of the polygons of a vector layer, in its CRS (None where the layer has none); ``role``: what
+    the layer is, for the messages."""
     from osgeo import ogr
 
     path, name = split_layer(source)
     if not Path(path).is_file():
-        raise RasterError(f"{path}: no such file (the area of interest)")
+        raise RasterError(f"{path}: no such file ({role})")
     dataset = ogr.Open(path)
     layer = None if dataset is None else (dataset.GetLayerByName(name) if name else dataset.GetLayer(0))
     if layer is None:
-        raise RasterError(f"{source}: not a vector layer GDAL can read (the area of interest)")
+        raise RasterError(f"{source}: not a vector layer GDAL can read ({role})")
     geometries = []
     for feature in layer:
         geometry = feature.GetGeometryRef()
@@ -47,7 +48,7 @@ def read_polygons(source: str) -> tuple[object, CRS | None]:
             geometries.append(shapely.from_wkb(bytes(geometry.ExportToWkb())))
     polygons = [g for g in geometries if g.geom_type in ("Polygon", "MultiPolygon") and not g.is_empty]
     if not polygons:
-        raise RasterError(f"{source}: no polygon in the area of interest ({len(geometries)} other features)")
+        raise RasterError(f"{source}: no polygon in {role} ({len(geometries)} other features)")
     srs = layer.GetSpatialRef()
     return shapely.union_all(shapely.make_valid(polygons)), CRS.from_wkt(srs.ExportToWkt()) if srs else None
 
@@ -75,11 +76,12 @@ class AreaOfInterest:
         return Grid(grid.crs, grid.transform * Affine.translation(col0, row0), col1 - col0, row1 - row0)
 
 
-def area_of_interest(source: str, grid: Grid) -> AreaOfInterest:
-    """The polygons of ``source`` in the grid's CRS (taken to be in it where the file names no CRS)."""
+def area_of_interest(source: str, grid: Grid, role: str = "the area of interest") -> AreaOfInterest:
+    """The polygons of ``source`` in the grid's CRS (taken to be in it where the file names no CRS); ``role``:
+    what they are, for the messages (other polygons, e.g. a reference map, are placed on a grid the same way)."""
     if grid.crs is None:
-        raise RasterError(f"{source}: an area of interest needs georeferenced rasters; these have no CRS")
-    geometry, crs = read_polygons(source)
+        raise RasterError(f"{source}: {role} needs georeferenced rasters; these have no CRS")
+    geometry, crs = read_polygons(source, role)
     if crs is not None and CRS.from_user_input(grid.crs) != crs:
         to_grid = Transformer.from_crs(crs, CRS.from_user_input(grid.crs), always_xy=True)
         geometry = shapely.transform(shapely.segmentize(geometry, _step(geometry)), to_grid.transform,

@@ -25,12 +25,6 @@ def _temporary_name(stem: str, token: str, suffix: str) -> str:
     return f".{stem}.{token}.partial{suffix}"
 
 
-def temporary_path(final: Path, token: str, suffix: str) -> Path:
-    """A run's temporary of ``final`` with its own ``suffix`` (a folder of parts...): named as every
-    temporary is, so the clean-up of a killed run's temporaries finds it too."""
-    return final.with_name(_temporary_name(final.stem, token, suffix))
-
-
 class AtomicOutputs:
     """Outputs that take their final names together, or not at all.
 
@@ -62,7 +56,7 @@ class AtomicOutputs:
             for left in temporaries(final):
                 if not left.name.startswith(ours):
                     remove_quietly(left)
-        temporary = temporary_path(final, new_token(), final.suffix)
+        temporary = final.with_name(_temporary_name(final.stem, new_token(), final.suffix))
         self._outputs.append((temporary, final))
         return temporary
 

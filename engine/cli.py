@@ -1,4 +1,4 @@
-"""The ``geochange`` command line: detect, evaluate, import-weights, info, models; train and mtkd
+"""The ``geochange`` command line: detect, evaluate, assess, import-weights, info, models; train and mtkd
 come from the trainer through the ``geochange.commands`` entry points."""
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from geochange.engine.contracts import OBJECT_IOU
 from geochange.engine.errors import GeoChangeError
 from geochange.engine.options import DETECT, EVALUATE, DetectOptions, flag, names, specs
 from geochange.engine.progress import cancel_on_sigterm
@@ -52,6 +53,20 @@ def _cmd_evaluate(args) -> int:
     if args.json:
         with atomic_path(args.json) as tmp:
             tmp.write_text(json.dumps({"model": str(args.model), "data": str(args.data), **summary}, indent=2))
+    return 0
+
+
+def _cmd_assess(args) -> int:
+    from geochange.engine.assess import assess, format_assessment
+    from geochange.engine.atomic import atomic_path
+
+    summary = assess(args.prediction, args.reference, aoi=args.aoi, ignore_value=args.ignore_value,
+                     object_iou=args.object_iou, out_raster=args.out_raster)
+    print(format_assessment(summary))
+    if args.json:
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(json.dumps({"prediction": args.prediction, "reference": args.reference, **summary},
+                                      indent=2))
     return 0
 
 
@@ -157,6 +172,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="label value of unlabelled pixels, left out of every metric (e.g. 255 beside 0/1)")
     add_options(p, EVALUATE)
     p.set_defaults(run=_cmd_evaluate)
+
+    p = sub.add_parser("assess", help="accuracy of a change mask or polygons against reference polygons or raster")
+    p.add_argument("--prediction", required=True, help="change mask (geochange detect's) or change polygons")
+    p.add_argument("--reference", required=True, help="reference raster (0 and 1 or 255 = change) or polygons "
+                                                      "(inside = change), on any grid (reprojected)")
+    p.add_argument("--aoi", help="polygons (FILE or FILE|layername=NAME) outside which nothing is assessed")
+    p.add_argument("--ignore-value", type=float, help="reference raster value of unlabelled pixels, left out")
+    p.add_argument("--object-iou", type=float, default=OBJECT_IOU,
+                   help=f"IoU at which a predicted object matches a reference object (default {OBJECT_IOU})")
+    p.add_argument("--out-raster", help="also write a GeoTIFF of TN 0, TP 1, FP 2, FN 3, not assessed 255")
+    p.add_argument("--json", help="also write the figures as JSON here")
+    p.set_defaults(run=_cmd_assess)
 
     p = sub.add_parser("import-weights", help="convert a foreign checkpoint into a model package")
     p.add_argument("--format", required=True, help="checkpoint format (tinycd)")

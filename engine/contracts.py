@@ -15,6 +15,12 @@ MASK_NO_CHANGE = 0  # uint8
 MASK_CHANGE = 255
 MASK_NODATA = 127
 POLYGON_LAYER = "changes"  # the polygons' layer in their file, unless the caller names another
+# The accuracy assessment's raster (uint8), ``geochange assess``: each pixel's agreement with the reference.
+ASSESS_TN, ASSESS_TP, ASSESS_FP, ASSESS_FN = 0, 1, 2, 3
+ASSESS_NOT_ASSESSED = 255  # outside the area of interest, nodata, or the ignore value
+# IoU at which two objects are the same: 0.5, as object detection counts (PASCAL VOC, COCO's AP50). Above
+# it, an object matches at most one object of the other map, so found/missed and true/false stay one-to-one.
+OBJECT_IOU = 0.5
 
 # --- Worker processes ------------------------------------------------------------------------------
 
@@ -23,7 +29,7 @@ POLYGON_LAYER = "changes"  # the polygons' layer in their file, unless the calle
 ENGINE_WORKER = "geochange.engine.worker"
 TRAINER_WORKER = "geochange.trainer.worker"
 WORKERS = {"detect": ENGINE_WORKER, "vectorize": ENGINE_WORKER, "evaluate": ENGINE_WORKER, "info": ENGINE_WORKER,
-           "train": TRAINER_WORKER}
+           "assess": ENGINE_WORKER, "train": TRAINER_WORKER}
 
 # --- The worker protocol ---------------------------------------------------------------------------
 # stdin: one job, {"task": NAME, "args": {...}}. stdout: one JSON object a line, with one of the keys

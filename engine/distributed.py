@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from geochange.engine.atomic import new_token, temporary_path
+from geochange.engine.atomic import new_token
 from geochange.engine.contracts import POLYGON_LAYER
 from geochange.engine.detect import DetectResult, prepare, write_outputs
 from geochange.engine.options import DetectOptions
@@ -67,7 +67,8 @@ def distributed_detect(pre_path, post_path, model, *, probability, mask, polygon
         mine = rank_tile_rows(len(row_starts), world, rank)
         token = [new_token() if rank == 0 else None]
         dist.broadcast_object_list(token, src=0)
-        parts = temporary_path(Path(probability), token[0], ".parts")
+        # Not named as the outputs' temporaries: rank 0's writer would take them for a dead run's.
+        parts = Path(probability).parent / f".{Path(probability).stem}.{token[0]}.parts"
         parts.mkdir(parents=True, exist_ok=True)
         try:
             if len(mine):

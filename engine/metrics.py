@@ -55,6 +55,17 @@ def scores(cm: np.ndarray) -> dict:
     }
 
 
+def kappa(cm: np.ndarray) -> float:
+    """Cohen's kappa of a confusion matrix: the agreement beyond what chance gives with the same class shares,
+    ``(po - pe) / (1 - pe)``; it discounts the high OA of maps where almost nothing changed."""
+    n = float(cm.sum())
+    if not n:
+        return float("nan")
+    agreed = np.trace(cm) / n
+    chance = float(np.sum(cm.sum(axis=0) * cm.sum(axis=1))) / n**2
+    return _ratio(agreed - chance, 1.0 - chance)
+
+
 METRIC_NAMES = ("precision", "recall", "f1", "iou", "oa", "mIoU", "mF1", "mPrecision", "mAcc")
 
 

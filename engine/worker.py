@@ -38,6 +38,7 @@ NEEDS = {
     "vectorize": ("numpy", "rasterio", "shapely", "scipy", "pyproj", "osgeo"),
     "evaluate": ENGINE,
     "info": ("torch", "timm", "safetensors"),
+    "assess": ("numpy", "rasterio", "shapely", "scipy", "pyproj", "osgeo"),
 }
 PIP_NAMES = {"skimage": "scikit-image", "osgeo": "GDAL", "yaml": "pyyaml", "numpy": "numpy<2"}
 
@@ -125,13 +126,21 @@ def run_evaluate(args: dict, emit) -> dict:
     return summary
 
 
+def run_assess(args: dict, emit) -> dict:
+    from geochange.engine.assess import assess
+
+    args = dict(args)
+    return assess(args.pop("prediction"), args.pop("reference"), **args)
+
+
 def run_info(args: dict, emit) -> dict:
     from geochange.engine.package import describe_model
 
     return describe_model(args["model"])
 
 
-TASKS = {"detect": run_detect, "vectorize": run_vectorize, "evaluate": run_evaluate, "info": run_info}
+TASKS = {"detect": run_detect, "vectorize": run_vectorize, "evaluate": run_evaluate, "info": run_info,
+         "assess": run_assess}
 
 
 def _engine_origin() -> str:

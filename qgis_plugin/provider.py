@@ -4,6 +4,7 @@ from __future__ import annotations
 from qgis.core import QgsProcessingProvider
 from qgis.PyQt.QtGui import QIcon
 
+from geochange.qgis_plugin.assess_algorithm import AssessAccuracyAlgorithm
 from geochange.qgis_plugin.detect_algorithm import DetectChangesAlgorithm
 from geochange.qgis_plugin.evaluate_algorithm import EvaluateModelAlgorithm
 from geochange.qgis_plugin.info_algorithm import ModelInfoAlgorithm
@@ -12,7 +13,7 @@ from geochange.qgis_plugin.vectorize_algorithm import VectorizeChangesAlgorithm
 from geochange.qgis_plugin.worker_client import PLUGIN_ROOT, PYTHON_ENV, PYTHON_SETTING
 
 ALGORITHMS = (DetectChangesAlgorithm, VectorizeChangesAlgorithm, TrainModelAlgorithm, EvaluateModelAlgorithm,
-              ModelInfoAlgorithm)
+              ModelInfoAlgorithm, AssessAccuracyAlgorithm)
 
 
 def _processing_config():

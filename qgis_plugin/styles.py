@@ -1,9 +1,10 @@
 """How GeoChange's outputs look once loaded into a project, and the hook that applies it.
 
 Probability: a pseudo-colour ramp over 0-1 whose legend says "change probability"; mask: changed pixels in
-red, everything else transparent; polygons: a red outline over a faint fill, labelled with their area at
-large scales, areas rounded in the attribute table. A run's layers are kept together in the layer tree in
-the order the algorithm gives, and named after the part of the input names that tells them apart.
+red, everything else transparent; an accuracy assessment's agreement: TP green, FP red, FN blue; polygons: a
+red outline over a faint fill, labelled with their area at large scales, areas rounded in the attribute table.
+A run's layers are kept together in the layer tree in the order the algorithm gives, and named after the part
+of the input names that tells them apart.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from qgis.core import (
 )
 from qgis.PyQt.QtGui import QColor
 
-from geochange.engine.contracts import MASK_CHANGE, MASK_NO_CHANGE
+from geochange.engine.contracts import ASSESS_FN, ASSESS_FP, ASSESS_TP, MASK_CHANGE, MASK_NO_CHANGE
 from geochange.qgis_plugin.engine_algorithm import tr
 
 CHANGE_COLOUR = QColor(227, 26, 28)
@@ -71,6 +72,18 @@ def style_mask(layer, node) -> None:
     transparency.setTransparentSingleValuePixelList([pixel])
     renderer.setRasterTransparency(transparency)
     layer.setRenderer(renderer)
+    layer.triggerRepaint()
+
+
+# The agreement raster of *Assess change accuracy*: errors in strong colours, agreement on change in green.
+AGREEMENT_CLASSES = ((ASSESS_TP, QColor(26, 152, 80), "true positive"), (ASSESS_FP, CHANGE_COLOUR, "false positive"),
+                     (ASSESS_FN, QColor(33, 102, 172), "false negative"))
+
+
+def style_agreement(layer, node) -> None:
+    """TP, FP and FN in their colours; true negatives and pixels not assessed (no class) left undrawn."""
+    classes = [QgsPalettedRasterRenderer.Class(value, colour, tr(label)) for value, colour, label in AGREEMENT_CLASSES]
+    layer.setRenderer(QgsPalettedRasterRenderer(layer.dataProvider(), 1, classes))
     layer.triggerRepaint()
 
 

@@ -1,6 +1,7 @@
 """Shared fixtures: the real data beside the project, and packages made from it once per session."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -197,3 +198,50 @@ def crop_detection(geochange_provider, levir_crop, tinycd_package, tmp_path_fact
     results = run_algorithm("geochange:detectchanges", parameters, load=True)
     added = [QgsProject.instance().mapLayer(i) for i in set(QgsProject.instance().mapLayers()) - before]
     return {"parameters": parameters, "results": results, "layers": {layer.name(): layer for layer in added}}
+
+
+# --- Accuracy assessment ---------------------------------------------------------------------------
+
+def write_polygons(path, geometries: list[dict], epsg: int):
+    """A GeoPackage layer of GeoJSON-like polygons in EPSG:``epsg``."""
+    from osgeo import ogr, osr
+
+    ogr.UseExceptions()
+    srs = osr.SpatialReference()
+    srs.ImportFromEPSG(epsg)
+    srs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+    source = ogr.GetDriverByName("GPKG").CreateDataSource(str(path))
+    layer = source.CreateLayer("reference", srs, ogr.wkbPolygon)
+    for geometry in geometries:
+        feature = ogr.Feature(layer.GetLayerDefn())
+        feature.SetGeometry(ogr.CreateGeometryFromJson(json.dumps(geometry)))
+        layer.CreateFeature(feature)
+    source = None
+    return path
+
+
+@pytest.fixture(scope="session")
+def levir_maps(shared_data, tmp_path_factory) -> dict:
+    """The tile's label; a detect-style mask made from it (one object erased, a false square, a nodata
+    strip); the label as polygons in Web Mercator (the label is in EPSG:4326)."""
+    import numpy as np
+    import rasterio
+    from rasterio.features import shapes
+    from rasterio.warp import transform_geom
+
+    from geochange.engine.contracts import MASK_CHANGE, MASK_NODATA
+
+    folder = tmp_path_factory.mktemp("assess")
+    label_path = shared_data / "levir_tile_georef" / "label.tif"
+    with rasterio.open(label_path) as src:
+        profile, label, crs, transform = src.profile, src.read(1), src.crs, src.transform
+    mask = np.where(label > 0, MASK_CHANGE, 0).astype(np.uint8)
+    rows, cols = np.nonzero(label)
+    mask[max(rows[0] - 20, 0):rows[0] + 20, max(cols[0] - 20, 0):cols[0] + 20] = 0  # an object (partly) missed
+    mask[40:70, 40:70] = MASK_CHANGE  # a false detection, if the label has no change there
+    mask[:, -16:] = MASK_NODATA
+    with rasterio.open(folder / "mask.tif", "w", **dict(profile, nodata=MASK_NODATA)) as dst:
+        dst.write(mask, 1)
+    geometries = [transform_geom(crs, "EPSG:3857", g) for g, v in shapes(label, label > 0, transform=transform)]
+    return {"label": label_path, "label_array": label, "mask": folder / "mask.tif", "mask_array": mask,
+            "polygons": write_polygons(folder / "reference.gpkg", geometries, 3857), "folder": folder}

@@ -7,8 +7,6 @@ import rasterio
 from osgeo import ogr
 from rasterio.windows import Window
 
-from geochange.engine.atomic import new_token, temporary_path
-from geochange.engine.detect import detect
 from geochange.engine.distributed import _halo_start, rank_tile_rows
 
 
@@ -71,15 +69,3 @@ def test_a_rank_s_error_ends_every_rank_and_leaves_nothing(tinycd_package, share
     assert "geochange: error: " in run.stderr and "cut.tif: cannot read pixels, the file is corrupt" in run.stderr
     assert not out.exists() or list(out.iterdir()) == []  # no part files, no temporaries
 
-
-def test_the_parts_a_killed_run_left_go_with_its_other_temporaries(tinycd_package, levir_crop, tmp_path):
-    """A SIGKILLed torchrun cannot remove its part files: they are named as the run's temporaries, so
-    the next run into that folder removes them as it removes any dead run's temporaries."""
-    out = tmp_path / "out"
-    parts = temporary_path(out / "change_probability.tif", new_token(), ".parts")
-    parts.mkdir(parents=True)
-    np.save(parts / "rank0000.npy", np.zeros((4, 4), np.float32))
-    names = ["change_mask.tif", "change_polygons.gpkg", "change_probability.tif"]
-    detect(levir_crop["pre"], levir_crop["post"], tinycd_package, device="cpu", probability=out / names[2],
-           mask=out / names[0], polygons=out / names[1])
-    assert sorted(p.name for p in out.iterdir()) == names

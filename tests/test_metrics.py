@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from geochange.engine.metrics import ConfusionMeter, confusion, scores
+from geochange.engine.metrics import ConfusionMeter, confusion, kappa, scores
 
 
 def test_confusion_and_scores_by_hand():
@@ -40,3 +40,10 @@ def test_global_and_per_image_differ_and_nan_is_skipped():
     assert out["per_image"]["oa"] == pytest.approx((0.75 + 1.0) / 2)
     assert out["global"]["oa"] == pytest.approx(7 / 8)
     assert math.isnan(scores(np.array([[4, 0], [0, 0]]))["precision"])
+
+
+def test_kappa_by_hand():
+    cm = np.array([[50, 10], [5, 35]])  # TN FP / FN TP, 100 pixels
+    # po = 85/100; chance: truth shares 60/40, predicted 55/45 -> pe = (60*55 + 40*45) / 100**2 = 0.51
+    assert kappa(cm) == pytest.approx((0.85 - 0.51) / (1 - 0.51))
+    assert kappa(np.array([[3, 0], [0, 0]])) != kappa(np.array([[3, 0], [0, 0]]))  # one class only: undefined

@@ -55,7 +55,7 @@ def small_dataset(shared_data, tmp_path_factory) -> Path:
 def test_every_algorithm_is_registered_with_a_complete_help(geochange_provider):
     ids = {a.id() for a in geochange_provider.algorithms()}
     assert ids == {"geochange:detectchanges", "geochange:vectorizechanges", "geochange:trainmodel",
-                   "geochange:evaluatemodel", "geochange:modelinfo"}
+                   "geochange:evaluatemodel", "geochange:modelinfo", "geochange:assessaccuracy"}
     for algorithm in geochange_provider.algorithms():
         text = algorithm.shortHelpString()
         assert len(text) > 300
@@ -159,6 +159,33 @@ def test_evaluate_leaves_out_the_ignore_value_and_names_its_parameter(geochange_
     results = run_algorithm("geochange:evaluatemodel", {**parameters, "IGNORE_VALUE": 255})
     table = read_csv(tmp_path / "m.csv")
     assert results["IMAGES"] == 1 and sum(int(table[k][1]) for k in ("tp", "fp", "fn", "tn")) == 256 * 156
+
+
+# --- Assess change accuracy ------------------------------------------------------------------------
+
+def test_assess_against_a_raster_and_a_polygon_layer_gives_the_engine_s_figures(geochange_provider, levir_maps,
+                                                                              tmp_path):
+    from qgis.core import QgsPalettedRasterRenderer, QgsProject, QgsVectorLayer
+
+    from geochange.engine.assess import assess
+
+    names = {"F1": "f1", "IOU": "iou", "KAPPA": "kappa", "PRECISION": "precision", "RECALL": "recall", "OA": "oa"}
+    polygons = QgsVectorLayer(str(levir_maps["polygons"]), "reference", "ogr")
+    for reference, engine_reference in ((str(levir_maps["label"]), str(levir_maps["label"])),
+                                        (polygons, f"{levir_maps['polygons']}|layername=reference")):
+        folder = tmp_path / polygons.name() if reference is polygons else tmp_path / "raster"
+        before = set(QgsProject.instance().mapLayers())
+        results = run_algorithm("geochange:assessaccuracy", {
+            "PREDICTION": str(levir_maps["mask"]), "REFERENCE": reference, "OUTPUT": str(folder / "accuracy.csv"),
+            "OUTPUT_RASTER": str(folder / "tpfpfn.tif")}, load=True)
+        engine = assess(str(levir_maps["mask"]), engine_reference)
+        assert {name: results[name] for name in names} == pytest.approx(
+            {name: engine["global"][key] for name, key in names.items()})
+        table = read_csv(folder / "accuracy.csv")
+        assert int(table["fp"][1]) == engine["confusion"]["fp"]
+        assert int(table["objects.found"][1]) == engine["objects"]["found"]
+        added = [QgsProject.instance().mapLayer(i) for i in set(QgsProject.instance().mapLayers()) - before]
+        assert [type(layer.renderer()) for layer in added] == [QgsPalettedRasterRenderer]
 
 
 # --- Train a model ---------------------------------------------------------------------------------

@@ -1,0 +1,101 @@
+"""Accuracy assessment (engine/assess.py, ``geochange assess``) on the georeferenced LEVIR-CD tile: a change
+mask against the label as a raster and as polygons in another CRS, object counts, exclusions, refusals."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import rasterio
+
+from conftest import write_polygons
+from geochange.engine.assess import assess, object_counts
+from geochange.engine.cli import main
+from geochange.engine.contracts import (ASSESS_FN, ASSESS_FP, ASSESS_NOT_ASSESSED, ASSESS_TP, MASK_CHANGE,
+                                        MASK_NODATA)
+from geochange.engine.errors import RasterError
+from geochange.engine.metrics import confusion, kappa, scores
+
+
+def test_a_raster_or_polygon_reference_gives_the_figures_of_engine_metrics(levir_maps):
+    mask, label = levir_maps["mask_array"], levir_maps["label_array"]
+    direct = confusion(mask == MASK_CHANGE, label > 0, mask != MASK_NODATA)
+    by_raster = assess(str(levir_maps["mask"]), str(levir_maps["label"]))
+    (tn, fp), (fn, tp) = direct.tolist()
+    assert by_raster["confusion"] == {"tn": tn, "fp": fp, "fn": fn, "tp": tp} and fp > 0 and fn > 0
+    assert by_raster["global"] == pytest.approx({**scores(direct), "kappa": kappa(direct)})
+    assert by_raster["pixels_assessed"] == np.count_nonzero(mask != MASK_NODATA)
+
+    by_polygons = assess(str(levir_maps["mask"]), str(levir_maps["polygons"]))  # rasterised back from EPSG:3857
+    for name, count in by_raster["confusion"].items():
+        assert by_polygons["confusion"][name] == pytest.approx(count, abs=20), name  # boundary pixels at most
+    assert by_polygons["global"]["f1"] == pytest.approx(by_raster["global"]["f1"], abs=1e-3)
+    assert by_polygons["objects"]["reference"] == by_raster["objects"]["reference"]
+
+
+def test_polygons_as_the_prediction_use_the_reference_raster_s_grid(levir_maps):
+    summary = assess(str(levir_maps["polygons"]), str(levir_maps["label"]))
+    c = summary["confusion"]
+    assert summary["pixels_assessed"] == levir_maps["label_array"].size
+    assert c["fp"] + c["fn"] <= 20 and summary["global"]["kappa"] > 0.99
+    assert summary["objects"]["missed"] == summary["objects"]["false"] == 0
+
+
+def test_object_counts_by_hand():
+    truth = np.zeros((12, 12), bool)
+    truth[1:5, 1:5] = True  # 16 px, found: the prediction below covers 12 of them, IoU 12/16
+    truth[8:11, 8:11] = True  # 9 px, missed: 2 px predicted, IoU 2/9
+    predicted = np.zeros_like(truth)
+    predicted[1:4, 1:5] = True
+    predicted[8, 8:10] = True
+    predicted[1:3, 9:11] = True  # a false detection, no reference object there
+    counts = object_counts(truth, predicted, 0.5)
+    assert counts == {"iou_threshold": 0.5, "reference": 2, "found": 1, "missed": 1, "predicted": 3, "true": 1,
+                      "false": 2}
+    assert object_counts(truth, predicted, 0.8)["found"] == 0  # 12/16 = 0.75 falls short of 0.8
+
+
+def test_the_area_of_interest_and_the_ignore_value_leave_pixels_out(levir_maps, tmp_path):
+    label = (levir_maps["label_array"] > 0).astype(np.uint8)  # a 0/1 label with 255 where nothing is labelled
+    label[:100] = 255
+    with rasterio.open(levir_maps["label"]) as src:
+        profile, (left, bottom, right, top) = src.profile, src.bounds
+    with rasterio.open(tmp_path / "sparse.tif", "w", **profile) as dst:
+        dst.write(label, 1)
+    with pytest.raises(RasterError, match="give --ignore-value 255"):
+        assess(str(levir_maps["mask"]), str(tmp_path / "sparse.tif"))
+    sparse = assess(str(levir_maps["mask"]), str(tmp_path / "sparse.tif"), ignore_value=255)
+    assert sparse["pixels_assessed"] == np.count_nonzero((label != 255) & (levir_maps["mask_array"] != MASK_NODATA))
+
+    middle = (left + right) / 2  # the left half, in the label's CRS
+    aoi = write_polygons(tmp_path / "aoi.gpkg", [{"type": "Polygon", "coordinates": [
+        [(left, bottom), (middle, bottom), (middle, top), (left, top), (left, bottom)]]}], 4326)
+    half = assess(str(levir_maps["mask"]), str(levir_maps["label"]), aoi=str(aoi),
+                  out_raster=str(tmp_path / "agreement.tif"))
+    assert half["pixels_assessed"] == 1024 * 512
+    with rasterio.open(tmp_path / "agreement.tif") as src:
+        agreement = src.read(1)
+        assert src.nodata == ASSESS_NOT_ASSESSED and src.crs == profile["crs"]
+    assert (agreement[:, 512:] == ASSESS_NOT_ASSESSED).all()
+    c = half["confusion"]
+    assert [np.count_nonzero(agreement == v) for v in (ASSESS_TP, ASSESS_FP, ASSESS_FN)] == [c["tp"], c["fp"], c["fn"]]
+
+
+def test_two_polygon_maps_are_refused_with_a_reason(levir_maps):
+    with pytest.raises(RasterError, match="both are polygons; give the prediction or the reference as a raster"):
+        assess(str(levir_maps["polygons"]), str(levir_maps["polygons"]))
+
+
+def test_the_command_line_writes_json_and_the_raster_and_refuses_in_one_line(levir_maps, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["assess", "--prediction", str(levir_maps["mask"]), "--reference", str(levir_maps["polygons"]),
+                 "--out-raster", str(out / "tpfpfn.tif"), "--json", str(out / "metrics.json")]) == 0
+    written = json.loads((out / "metrics.json").read_text())
+    assert written["reference"] == str(levir_maps["polygons"]) and written["objects"]["reference"] > 100
+    assert "kappa" in capsys.readouterr().out
+    with rasterio.open(out / "tpfpfn.tif") as src:
+        assert src.dtypes == ("uint8",)
+
+    assert main(["assess", "--prediction", str(tmp_path / "none.tif"), "--reference", str(levir_maps["label"])]) == 2
+    error = capsys.readouterr().err
+    assert error == f"geochange: error: {tmp_path / 'none.tif'}: no such file\n"
