@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import sys
 from pathlib import Path
 
 
@@ -56,14 +57,24 @@ def output_error(path, detail: str) -> OutputError:
     return OutputError(f"{path}: cannot be written: {lines[0][:300] if lines else 'no reason given'}")
 
 
+def _gdal_destructor_error(unraisable) -> bool:
+    """Whether Python is about to print an error raised in a GDAL dataset's destructor as ignored."""
+    return isinstance(unraisable.exc_value, RuntimeError) and getattr(unraisable.object, "__name__", "").startswith(
+        "delete_")
+
+
 @contextlib.contextmanager
 def gdal_write_errors(path):
     """A block of GDAL calls writing ``path``: a failure GDAL reports in it raises ``OutputError``
     once it ends, even where the call that failed returned no error (a flush in a destructor, a
-    driver that goes on). GDAL keeps error handlers per thread: threads do not see each other's."""
+    driver that goes on). GDAL keeps error handlers per thread: threads do not see each other's.
+    Where GDAL's exceptions are on, a destructor (closing a file) also raises what the handler has
+    recorded; Python can only print that as ignored, which it is not: not printed."""
     from osgeo import gdal
 
     failures = []
+    previous = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: None if _gdal_destructor_error(unraisable) else previous(unraisable)
     gdal.PushErrorHandler(lambda kind, number, message: failures.append(message) if kind >= gdal.CE_Failure else None)
     try:
         yield
@@ -71,5 +82,6 @@ def gdal_write_errors(path):
         failures.append(str(error))
     finally:
         gdal.PopErrorHandler()
+        sys.unraisablehook = previous
     if failures:
         raise output_error(path, failures[0])

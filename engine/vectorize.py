@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -321,14 +320,9 @@ class PolygonWriter:
             raise output_error(self.path, f"{self.count} polygons were written, {count or 0} read back")
 
     def close(self) -> None:
-        """Close an aborted file, removed after: what GDAL reports closing it does not matter. Where GDAL's
-        exceptions are on, its dataset's destructor raises them, which Python reports as ignored: not here."""
-        hook, sys.unraisablehook = sys.unraisablehook, lambda unraisable: None
-        try:
-            with contextlib.suppress(OutputError), gdal_write_errors(self.path):
-                self._layer = self._ds = None
-        finally:
-            sys.unraisablehook = hook
+        """Close an aborted file, removed after: what GDAL reports closing it does not matter."""
+        with contextlib.suppress(OutputError), gdal_write_errors(self.path):
+            self._layer = self._ds = None
 
 
 def write_polygons(polygons: list[ChangePolygon], path: str | os.PathLike, crs, **options) -> Path:
