@@ -136,11 +136,10 @@ def option_help(names) -> dict:
             for name in names}
 
 
-def add_options(algorithm, **overrides) -> None:
-    """Add the parameters of the algorithm's engine options (``OPTIONS``), in their order;
-    ``overrides``: ``{name: {"default": ...}}`` where the algorithm differs from the engine."""
+def add_options(algorithm) -> None:
+    """Add the parameters of the algorithm's engine options (``OPTIONS``), in their order."""
     for name in algorithm.OPTIONS:
-        algorithm.addParameter(option_parameter(name, **overrides.get(name, {})))
+        algorithm.addParameter(option_parameter(name))
 
 
 def option_values(algorithm, parameters, context) -> dict:
