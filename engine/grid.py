@@ -24,7 +24,7 @@ from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
 from geochange.engine.errors import OptionError, RasterError
-from geochange.engine.measures import METRES_PER_DEGREE
+from geochange.engine.measures import METRES_PER_DEGREE, metres_per_unit
 from geochange.engine.rasters import corrupt_pixels, open_raster, valid_mask
 
 # Below this share of either image inside the common extent, a warning is given.
@@ -61,7 +61,7 @@ class Grid:
         if self.crs.is_geographic:
             middle = math.radians(self.transform.f + self.height * self.transform.e / 2)
             return self.pixel_side * METRES_PER_DEGREE * math.sqrt(max(math.cos(middle), 1e-6))
-        return self.pixel_side * self.crs.linear_units_factor[1]
+        return self.pixel_side * metres_per_unit(self.crs)
 
     def matches(self, src) -> bool:
         return (src.crs == self.crs and src.width == self.width and src.height == self.height

@@ -13,16 +13,17 @@ METRES_PER_DEGREE = 111_320.0
 _GEOD = Geod(ellps="WGS84")
 
 
+def metres_per_unit(crs) -> float:
+    """Metres in one unit of ``crs``: its linear unit's, or a degree of latitude's in a geographic CRS."""
+    crs = CRS.from_user_input(crs)
+    return METRES_PER_DEGREE if crs.is_geographic else crs.axis_info[0].unit_conversion_factor
+
+
 def map_units(metres: float, crs) -> float:
     """A length in metres as units of ``crs`` (None: a pixel grid, whose lengths are pixels, kept as given).
     In a geographic CRS, degrees of latitude: a simplification then strays at most ``metres`` from the
     outline in every direction (less east-west, where degrees are shorter)."""
-    if crs is None or metres == 0:
-        return metres
-    crs = CRS.from_user_input(crs)
-    if crs.is_geographic:
-        return metres / METRES_PER_DEGREE
-    return metres / crs.axis_info[0].unit_conversion_factor
+    return metres if crs is None or metres == 0 else metres / metres_per_unit(crs)
 
 
 @functools.lru_cache(maxsize=16)
