@@ -3,14 +3,16 @@
 The export is OpenVINO's IR (``.xml`` + ``.bin``, fp32 weights) of the model traced by PyTorch with free batch
 and window sides, checked against PyTorch before it is kept, and named by ``backends.model_digest`` (the
 architecture and every tensor) and both libraries' versions: another package, or a new OpenVINO, exports
-again. Windows run one at a time, each window shape compiled when first met (about a second), in bf16
-(OpenVINO's inference precision hint) where the run's precision is bf16, else fp32: on this project's CPU four
-512 px windows took no longer one by one than as a batch (TinyCD and M2CD-MiT-b0, 2 threads), and a compiled
-shape of one window holds a third of the memory of a batch of four's (TinyCD 137 against 346 MB, M2CD 388
-against 1177 MB); a run also meets one shape, not two (its tile rows' last, smaller batch).
+again; the most recently used exports are kept, up to ``CACHE_BYTES``. Windows run one at a time, each
+window shape compiled when first met (about a second), in bf16 (OpenVINO's inference precision hint) where
+the run's precision is bf16, else fp32: on this project's CPU four 512 px windows took no longer one by one
+than as a batch (TinyCD and M2CD-MiT-b0, 2 threads), and a compiled shape of one window holds a third of the
+memory of a batch of four's (TinyCD 137 against 346 MB, M2CD 388 against 1177 MB); a run also meets one
+shape, not two (its tile rows' last, smaller batch).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import warnings
@@ -26,6 +28,9 @@ from geochange.engine.predictor import to_probability
 
 # Largest difference of a change probability between the export and PyTorch, both fp32, on a test input.
 VERIFY_TOLERANCE = 0.01
+# The exports kept: the most recently used, up to this many bytes (each new package, a test's random one
+# included, adds one: M2CD-MiT-b0's is 14 MB, a ConvNeXt-B model's 1 GB).
+CACHE_BYTES = 4 * 2**30
 
 
 def exported_model(package, log) -> Path:
@@ -34,6 +39,7 @@ def exported_model(package, log) -> Path:
     path = user_cache_dir("openvino") / f"{name}-{model_digest(package)[:32]}-ov{ov.get_version().split('-')[0]}-" \
                                         f"torch{torch.__version__.split('+')[0]}.xml"
     if path.exists():
+        os.utime(path)  # used: the last to go
         log(f"{name}: OpenVINO export from the cache ({path})")
         return path
     start = time.perf_counter()
@@ -51,8 +57,23 @@ def exported_model(package, log) -> Path:
     ov.save_model(model, partial, compress_to_fp16=False)
     os.replace(partial.with_suffix(".bin"), path.with_suffix(".bin"))
     os.replace(partial, path)
+    with contextlib.suppress(OSError):  # another run pruning at the same time
+        prune(path.parent)
     log(f"{name}: exported to OpenVINO and checked against PyTorch in {time.perf_counter() - start:.0f} s ({path})")
     return path
+
+
+def prune(folder: Path) -> None:
+    """Remove the least recently used exports in ``folder`` beyond ``CACHE_BYTES`` (the newest always stays)."""
+    def size(xml: Path) -> int:
+        return sum(p.stat().st_size for p in (xml, xml.with_suffix(".bin")) if p.exists())
+
+    total = 0
+    for i, xml in enumerate(sorted(folder.glob("[!.]*.xml"), key=lambda p: p.stat().st_mtime, reverse=True)):
+        total += size(xml)
+        if i and total > CACHE_BYTES:
+            xml.unlink(missing_ok=True)  # the .xml first: no export is left without its weights
+            xml.with_suffix(".bin").unlink(missing_ok=True)
 
 
 def _verify(model, package) -> None:

@@ -93,6 +93,26 @@ def test_openvino_exports_once_agrees_with_pytorch_and_refuses_an_export_that_do
     assert not list((tmp_path / "other" / "openvino").iterdir())  # nothing kept, no partial file left
 
 
+def test_the_export_cache_keeps_the_most_recently_used_up_to_its_size(tmp_path, monkeypatch):
+    pytest.importorskip("openvino")
+    import os
+
+    from geochange.engine import exported
+
+    for age, name in enumerate(["newest", "middle", "oldest"]):
+        for suffix in (".xml", ".bin"):
+            (tmp_path / f"{name}{suffix}").write_bytes(b"x" * 50)
+            os.utime(tmp_path / f"{name}{suffix}", (1e9 - age, 1e9 - age))
+    (tmp_path / ".partial.xml").write_bytes(b"x")  # another run's export in progress
+    monkeypatch.setattr(exported, "CACHE_BYTES", 250)
+    exported.prune(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".partial.xml", "middle.bin", "middle.xml", "newest.bin",
+                                                          "newest.xml"]
+    monkeypatch.setattr(exported, "CACHE_BYTES", 0)
+    exported.prune(tmp_path)  # the newest stays whatever its size
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".partial.xml", "newest.bin", "newest.xml"]
+
+
 class Toy(torch.nn.Module):
     def __init__(self):
         super().__init__()
