@@ -3,9 +3,11 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := qgis python3-qgis qgis-providers python3-rasterio gdal-bin
-# torch/torchvision come from this machine's local wheels; numpy<2 keeps Debian's rasterio/GDAL importable.
-TORCH := torch==2.14.1 torchvision==0.29.1
-PY_DEPS := "numpy<2" "timm>=1.0,<2" "shapely>=2" scikit-image scipy safetensors tqdm pyyaml pytest ruff
+# The engine's and trainer's packages are listed once, in requirements.txt (pyproject.toml and QGIS's set-up
+# algorithm read it too); these are the development tools.
+DEV_DEPS := pytest ruff
+# pyproject.toml's optional extras, installed here so that the tests cover them: OpenVINO, the CPU runtime.
+EXTRAS := openvino
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup system-packages demo test bench clean plugin
@@ -22,10 +24,9 @@ system-packages:
 	fi
 
 # The venv sees Debian's site-packages (qgis, osgeo, rasterio); re-run only when the dependencies change.
-$(VENV)/.deps-installed: pyproject.toml Makefile
+$(VENV)/.deps-installed: pyproject.toml requirements.txt Makefile
 	@[ -x $(PY) ] || /usr/bin/python3 -m venv --system-site-packages $(VENV)
-	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q $(PY_DEPS)
+	$(PY) -m pip install -q -r requirements.txt $(DEV_DEPS) $(EXTRAS)
 	$(PY) -m pip install -q --no-deps -e .
 	@touch $@
 
@@ -47,7 +48,7 @@ bench: setup
 VERSION := $(shell sed -n 's/^version=//p' metadata.txt)
 DIST := dist
 PLUGIN_BUILD := build/plugin
-PLUGIN_FILES := __init__.py metadata.txt icon.png engine trainer qgis_plugin $(wildcard zoo)
+PLUGIN_FILES := __init__.py metadata.txt icon.png requirements.txt engine trainer qgis_plugin $(wildcard zoo)
 
 plugin:
 	@rm -rf $(PLUGIN_BUILD) && mkdir -p $(PLUGIN_BUILD)/geochange $(DIST)

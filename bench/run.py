@@ -6,9 +6,11 @@ that measures, one after the other:
 - fp32 floor: the model's eager fp32 forward alone over the windows of the wall run, each batch read
   into memory before it is timed, batched the same way (at 16384² over tile rows spread across the
   raster, scaled to all rows): what an engine running the model as trained costs at best;
-- compute floor: the same in the run's precision (``--precision``, default auto as ``detect``'s);
-- wall: ``detect`` end to end (read, warp-free grid, model, blend, COG + polygons) and the process's
-  peak RSS when it ends (the floors' is no higher: the same model on one batch in memory);
+- compute floor: the same on the run's own path, the fast path's floor (``--precision`` and ``--backend``,
+  default auto as ``detect``'s: OpenVINO in bf16 on a CPU with AVX512-BF16 where OpenVINO is installed);
+- wall: ``detect`` end to end (read, warp-free grid, model, blend, COG + polygons) and its own peak RSS
+  (``wall_peak_rss_mb``: the floors timed before it, whose eager fp32 forward may take more, are not
+  counted);
 - both floors again: each floor is the mean of its two timings, which bracket the wall run;
 - I/O floor: the same pipeline with the model replaced by a replay of the wall run's own probability
   raster (read, blend, write the same rasters, vectorise the same polygons: a model with random
@@ -18,6 +20,8 @@ machine's speed drifts by up to 20 % between processes, and the floors of separa
 ratio swing by as much; within a process the floor still moved by up to 22 % between its two timings.
 TinyCD runs with its authors' LEVIR weights when they are beside the project, so that its mask and
 polygons are those of a real run; other models run with random weights.
+The set-up (``prepare``: the model loaded, an export made or read from the cache) and the first tile row (a
+compile per window shape) are timed apart, before the rest, and are no part of the figures.
 With ``--repeats N`` the fastest run of each kind is reported (peak RSS: the largest) and the ratios
 (wall / the larger of the compute and I/O floors; wall / the fp32 floor) are the medians of the N
 processes' own.
@@ -30,7 +34,7 @@ import json
 import math
 import os
 import platform
-import resource
+import ctypes
 import subprocess
 import sys
 import time
@@ -104,6 +108,11 @@ def _child(job: dict) -> dict:
     from geochange.engine.manifest import make_manifest
     from geochange.engine.package import ModelPackage, load_package
     from geochange.engine.process import configure_process
+    from geochange.engine.progress import Progress
+
+    class Log(Progress):
+        def log(self, message):
+            print(message, file=sys.stderr, flush=True)  # the parent shows a failed run's
 
     torch.manual_seed(0)
     configure_process(threads=job["threads"])  # as the command line's runs are
@@ -113,18 +122,21 @@ def _child(job: dict) -> dict:
         package = ModelPackage(create(job["model"]).eval(),
                                make_manifest(job["model"], inputs={"pre": optical_input(3), "post": optical_input(3)}))
     options = DetectOptions(tile=job["tile"], overlap=job["overlap"], device=job["device"], precision=job["precision"],
-                            threshold=0.5)
-    setup = prepare(job["pre"], job["post"], package, options, size_gdal_cache=True)
+                            backend=job["backend"], threshold=0.5)
+    start = time.perf_counter()
+    setup = prepare(job["pre"], job["post"], package, options, size_gdal_cache=True, progress=Log())
+    setup_seconds = time.perf_counter() - start
     plan, batch = setup.plan, job["batch"]
 
     # The first tile row through the pipeline (its rows not written) before any timing: one-time set-up
     # (CUDA's, cuDNN's tuning and the graph capture of each batch size, a few seconds) is no part of the
     # figures. (M2CD's first full run on a CPU still grows its heap: 0.6-1.2 s of first page faults at
     # 1024², counted in its wall time.)
-    read = setup.reader()
+    read, start = setup.reader(), time.perf_counter()
     for _ in stream_rows(setup.predictor, plan, read, batch=batch, tile_rows=range(1)):
         pass
     read.close()
+    first_row_seconds = time.perf_counter() - start
     out = Path(job["out"])
 
     def pipeline(predictor, folder: str) -> float:
@@ -161,16 +173,29 @@ def _child(job: dict) -> dict:
 
     # Timed just before and just after the wall run, so that a drift of the machine's speed over the
     # minutes of a process weighs on both sides of the ratio alike.
-    seconds = {"fp32_before": compute_floor(fp32), "compute_before": compute_floor(model),
-               "wall": pipeline(model, "wall")}
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the floors' are no higher
+    seconds = {"fp32_before": compute_floor(fp32), "compute_before": compute_floor(model)}
+    seconds["wall"], peak_rss_mb = wall_peak_rss_mb(lambda: pipeline(model, "wall"))
     seconds["compute_after"] = compute_floor(model)
     seconds["fp32_after"] = compute_floor(fp32)
     for kind in ("compute", "fp32"):
         seconds[kind] = (seconds[f"{kind}_before"] + seconds[f"{kind}_after"]) / 2
     seconds["io"] = pipeline(prediction_replay(out / "wall" / "p.tif", plan, model.device), "io")
+    seconds.update(setup=setup_seconds, first_row=first_row_seconds)
+    runs = getattr(model, "original", model)  # a router's members share its path
     return {"seconds": seconds, "windows": len(plan), "peak_rss_mb": peak_rss_mb,
-            "megapixels": plan.height * plan.width / 1e6, "precision": str(model.dtype).removeprefix("torch.")}
+            "megapixels": plan.height * plan.width / 1e6, "precision": str(runs.dtype).removeprefix("torch."),
+            "backend": runs.backend}
+
+
+def wall_peak_rss_mb(run) -> tuple:
+    """``run()``'s result and the process's peak resident memory (MB) while it ran: the memory the process
+    holds free (glibc keeps it, see ``engine.process``) is given back first, and the kernel's peak count
+    restarted (Linux)."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")
+    result = run()
+    status = Path("/proc/self/status").read_text().splitlines()
+    return result, next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
 
 
 def authors_package(model: str) -> Path | None:
@@ -195,9 +220,17 @@ def machine(device: str) -> str:
     if device.startswith("cuda"):
         import torch
         return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    import importlib.metadata
+
+    import torch
+
+    from geochange.engine.backends import openvino_installed
+    from geochange.engine.hardware import cpu_flags
+
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    return f"{cpu}, {os.cpu_count()} cores"
+    openvino = f", OpenVINO {importlib.metadata.version('openvino')}" if openvino_installed() else ""
+    return f"{cpu} ({' '.join(cpu_flags())}), {os.cpu_count()} cores, torch {torch.__version__}{openvino}"
 
 
 def main() -> None:
@@ -207,6 +240,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["tinycd", "m2cd_mit_b0"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="auto", help="the run's (default auto, as detect's)")
+    parser.add_argument("--backend", default="auto", help="the run's on a CPU (default auto, as detect's)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--tile", type=int, default=512)
     parser.add_argument("--overlap", type=int, default=64)
@@ -222,11 +256,11 @@ def main() -> None:
         print(json.dumps(_child(json.loads(args.child))))
         return
     lines = [f"\n## {date.today()}: {machine(args.device)}, device {args.device}, precision {args.precision}, "
-             f"{args.threads} threads, tile {args.tile}, overlap {args.overlap}, batch {args.batch}, "
-             f"fastest of {args.repeats} run(s) each, median ratios\n",
-             "| model | size | windows | precision | wall s | Mpx/s | fp32 floor s | compute floor s | I/O floor s "
-             "| wall / max(floors) | wall / fp32 floor | peak RSS MB |",
-             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"backend {args.backend}, {args.threads} threads, tile {args.tile}, overlap {args.overlap}, "
+             f"batch {args.batch}, fastest of {args.repeats} run(s) each, median ratios\n",
+             "| model | size | windows | backend, precision | wall s | Mpx/s | fp32 floor s | compute floor s "
+             "| I/O floor s | wall / max(floors) | wall / fp32 floor | peak RSS MB | set-up s, first row s |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     print(lines[0])
     notes = []
     for size in args.sizes:
@@ -237,7 +271,8 @@ def main() -> None:
             package = authors_package(model)
             job = {"model": model, "package": package and str(package), "pre": str(pre), "post": str(post),
                    "out": str(HERE / "data" / "out"), "tile": args.tile, "overlap": args.overlap,
-                   "batch": args.batch, "device": args.device, "precision": args.precision, "threads": args.threads,
+                   "batch": args.batch, "device": args.device, "precision": args.precision, "backend": args.backend,
+                   "threads": args.threads,
                    "sample_rows": args.floor_sample_rows}
             runs = [measure(job) for _ in range(args.repeats)]
             wall, io, compute, fp32 = (min(r["seconds"][kind] for r in runs)
@@ -248,9 +283,10 @@ def main() -> None:
             peak_rss_mb, first = max(r["peak_rss_mb"] for r in runs), runs[0]
             sampled = "*" if args.floor_sample_rows else ""
             weights = "authors' weights" if package else "random weights"
-            lines.append(f"| {model} ({weights}) | {size}² | {first['windows']} | {first['precision']} | {wall:.1f} | "
-                         f"{first['megapixels'] / wall:.3f} | {fp32:.1f}{sampled} | {compute:.1f}{sampled} | "
-                         f"{io:.1f} | {ratio:.3f} | {to_fp32:.3f} | {peak_rss_mb:.0f} |")
+            lines.append(f"| {model} ({weights}) | {size}² | {first['windows']} | {first['backend']}, "
+                         f"{first['precision']} | {wall:.1f} | {first['megapixels'] / wall:.3f} | "
+                         f"{fp32:.1f}{sampled} | {compute:.1f}{sampled} | {io:.1f} | {ratio:.3f} | {to_fp32:.3f} | "
+                         f"{peak_rss_mb:.0f} | {first['seconds']['setup']:.1f}, {first['seconds']['first_row']:.1f} |")
             print(lines[-1], flush=True)
             notes.append(f"{model} {size}², per process (wall / compute floor before, after / fp32 floor before, "
                          "after / I/O floor s: ratio): "

@@ -149,6 +149,15 @@ def atomic_path(path: str | os.PathLike):
             raise output_error(path, error.strerror or str(error)) from None
 
 
+def scratch_path(final: str | os.PathLike) -> Path:
+    """A file for a run's intermediate data beside ``final``, named as ``final``'s temporaries are (with its
+    own token), so that the next run into the folder removes it if this one is killed; the run removes it
+    itself (``remove_quietly``), and makes it only once it holds the folder (``AtomicOutputs(exclusive=True)``),
+    whose ``path`` would take it for a dead run's."""
+    final = Path(final)
+    return final.with_name(_temporary_name(final.stem, new_token(), ".scratch" + final.suffix))
+
+
 def temporaries(final: Path) -> list[Path]:
     """The temporaries of ``final`` in its folder (``.NAME.xxxxxxxx.partial.EXT``) and their side files
     (``.partial.stage.tif``, ``.partial.gpkg-journal`` ...)."""

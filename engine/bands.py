@@ -2,7 +2,15 @@
 plugin to a layer before any engine starts. Standard library only."""
 from __future__ import annotations
 
-from geochange.engine.errors import RasterError
+from geochange.engine.errors import OptionError, RasterError
+
+
+def band_list(text: str) -> list[int]:
+    """1-based band numbers written as text: ``3,2,1``."""
+    try:
+        return [int(b) for b in text.split(",")]
+    except ValueError:
+        raise OptionError(f"bands must be comma-separated numbers like 3,2,1, not {text!r}") from None
 
 
 def check_band_count(count: int, spec: dict, date: str, where, hint: str, error=RasterError) -> None:

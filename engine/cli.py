@@ -3,17 +3,15 @@ come from the trainer through the ``geochange.commands`` entry points."""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
 
-from geochange.engine.contracts import OBJECT_IOU
+from geochange.engine.contracts import OBJECT_IOU, output_names
 from geochange.engine.errors import GeoChangeError
-from geochange.engine.options import DETECT, EVALUATE, DetectOptions, flag, names, specs
+from geochange.engine.options import DETECT, EVALUATE, DetectOptions, flag, names, number_or_word, specs
 from geochange.engine.progress import cancel_on_sigterm
-
-OUTPUT_NAMES = {"probability": "change_probability.tif", "mask": "change_mask.tif",
-                "polygons": "change_polygons.gpkg"}
 
 
 def _cmd_detect(args) -> int:
@@ -25,10 +23,10 @@ def _cmd_detect(args) -> int:
     options = parsed_options(args, DETECT)
     configure_process(threads=options.pop("threads"))
     out = Path(args.out)
-    names = dict(OUTPUT_NAMES, polygons=f"change_polygons.{args.vector_format}")
+    names = output_names(args.vector_format)
     run = distributed_detect if launched_by_torchrun() else detect
     result = run(args.pre, args.post, args.model, **{k: out / v for k, v in names.items()}, size_gdal_cache=True,
-                 progress=TqdmProgress(), **options)
+                 progress=TqdmProgress(unit="%"), **options)
     if result is None:  # a rank other than 0 of a torchrun
         return 0
     unit = "m2" if result.grid.crs is not None else "px (no CRS: a pixel grid)"
@@ -36,6 +34,26 @@ def _cmd_detect(args) -> int:
     for path in (result.probability, result.mask, result.polygons):
         print(path)
     return 0
+
+
+def _cmd_detect_many(args) -> int:
+    from collections import Counter
+
+    from geochange.engine.contracts import PAIR_DONE, PAIR_FAILED, PAIR_SKIPPED, SUMMARY_FILES
+    from geochange.engine.many import detect_many
+    from geochange.engine.pairs import pairs_from
+    from geochange.engine.progress import TqdmProgress
+
+    rows = detect_many(pairs_from(args.pairs, args.pre_glob, args.post_glob), args.model, args.out,
+                       scheduler=args.scheduler, workers=args.workers, force=args.force,
+                       vector_format=args.vector_format, progress=TqdmProgress("pairs", unit="pair"),
+                       **parsed_options(args, DETECT))
+    counts = Counter(row["status"] for row in rows)
+    print(f"{len(rows)} pairs: {counts[PAIR_DONE]} done, {counts[PAIR_SKIPPED]} complete already, "
+          f"{counts[PAIR_FAILED]} failed")
+    for name in SUMMARY_FILES:
+        print(Path(args.out) / name)
+    return 1 if counts[PAIR_FAILED] else 0
 
 
 def _cmd_evaluate(args) -> int:
@@ -121,10 +139,12 @@ def _cmd_models(args) -> int:
 
 
 def _band_list(text: str) -> list[int]:
+    from geochange.engine.bands import band_list
+
     try:
-        return [int(b) for b in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bands must be comma-separated numbers like 3,2,1, not {text!r}") from None
+        return band_list(text)
+    except GeoChangeError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 # How each kind of option is read from the command line (booleans are flags).
@@ -141,8 +161,8 @@ def add_options(parser: argparse.ArgumentParser, command: str) -> None:
             parser.add_argument(name, action="store_true", help=text)
             continue
         shown = f" (default {spec.default})" if spec.default is not None else ""
-        parser.add_argument(name, type=PARSERS[meta["kind"]], default=spec.default, choices=meta["choices"] or None,
-                            help=text + shown)
+        kind = functools.partial(number_or_word, words=meta["words"]) if meta["words"] else PARSERS[meta["kind"]]
+        parser.add_argument(name, type=kind, default=spec.default, choices=meta["choices"] or None, help=text + shown)
 
 
 def parsed_options(args: argparse.Namespace, command: str) -> dict:
@@ -163,6 +183,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(p, DETECT)
     p.add_argument("--vector-format", choices=["gpkg", "geojson", "shp"], default="gpkg")
     p.set_defaults(run=_cmd_detect)
+
+    p = sub.add_parser("detect-many", help="detection over many raster pairs on a Dask cluster, with a summary")
+    p.add_argument("pairs", nargs="?", help="CSV file of the pairs: columns pre, post, optionally name (the pair's "
+                                            "folder under --out; default: the post file's name) and aoi; paths "
+                                            "relative to the CSV's folder")
+    p.add_argument("--pre-glob", help="instead of a CSV: the pre rasters, a glob pattern (quoted), e.g. 'before/*.tif'")
+    p.add_argument("--post-glob", help="the post rasters, e.g. 'after/*.tif': files pair where the text the "
+                                       "wildcards match is the same, which names the pair")
+    p.add_argument("--model", required=True, help="model package (.safetensors) or a zoo model's name")
+    p.add_argument("--out", required=True, help="output folder: a folder a pair, summary.gpkg and summary.csv")
+    p.add_argument("--scheduler", help="a Dask scheduler's address (tcp://HOST:8786): run on its cluster, whose "
+                                       "workers see the same paths. Default: a cluster on this machine")
+    p.add_argument("--workers", type=int, help="workers of the cluster on this machine (default: one a GPU, else "
+                                               "one a core, as many as the memory holds at a worker's measured peak)")
+    p.add_argument("--force", action="store_true", help="run the pairs whose outputs are complete again")
+    add_options(p, DETECT)
+    p.add_argument("--vector-format", choices=["gpkg", "geojson", "shp"], default="gpkg")
+    p.set_defaults(run=_cmd_detect_many)
 
     p = sub.add_parser("evaluate", help="metrics of a model on a folder dataset A/ B/ label/")
     p.add_argument("--model", required=True, help="model package (.safetensors) or a zoo model's name")

@@ -15,6 +15,16 @@ MASK_NO_CHANGE = 0  # uint8
 MASK_CHANGE = 255
 MASK_NODATA = 127
 POLYGON_LAYER = "changes"  # the polygons' layer in their file, unless the caller names another
+# A detection's outputs in a folder: the command line's --out, each pair's folder of detect-many.
+OUTPUT_NAMES = {"probability": "change_probability.tif", "mask": "change_mask.tif",
+                "polygons": "change_polygons.gpkg"}
+
+
+def output_names(vector_format: str = "gpkg") -> dict:
+    """``OUTPUT_NAMES`` with the polygons in ``vector_format`` (gpkg, geojson or shp)."""
+    return dict(OUTPUT_NAMES, polygons=f"change_polygons.{vector_format}")
+
+
 # The accuracy assessment's raster (uint8), ``geochange assess``: each pixel's agreement with the reference.
 ASSESS_TN, ASSESS_TP, ASSESS_FP, ASSESS_FN = 0, 1, 2, 3
 ASSESS_NOT_ASSESSED = 255  # outside the area of interest, nodata, or the ignore value
@@ -29,7 +39,14 @@ OBJECT_IOU = 0.5
 ENGINE_WORKER = "geochange.engine.worker"
 TRAINER_WORKER = "geochange.trainer.worker"
 WORKERS = {"detect": ENGINE_WORKER, "vectorize": ENGINE_WORKER, "evaluate": ENGINE_WORKER, "info": ENGINE_WORKER,
-           "assess": ENGINE_WORKER, "train": TRAINER_WORKER}
+           "assess": ENGINE_WORKER, "check": ENGINE_WORKER, "detect_many": ENGINE_WORKER, "train": TRAINER_WORKER}
+
+# --- Detection over many pairs (``geochange detect-many``) ------------------------------------------
+# Beside the pairs' folders in the output folder: one row a pair (its footprint in EPSG:4326 in the GeoPackage).
+SUMMARY_FILES = ("summary.gpkg", "summary.csv")
+SUMMARY_LAYER = "pairs"
+# A pair's status: detected in this run, complete from an earlier run, failed (its error recorded), not yet run.
+PAIR_DONE, PAIR_SKIPPED, PAIR_FAILED, PAIR_PENDING = "done", "skipped", "failed", "pending"
 
 # --- The worker protocol ---------------------------------------------------------------------------
 # stdin: one job, {"task": NAME, "args": {...}}. stdout: one JSON object a line, with one of the keys

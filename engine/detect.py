@@ -4,6 +4,7 @@ memory (the batch, GDAL's block cache) to the machine.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,18 +14,21 @@ import numpy as np
 import torch
 
 from geochange.engine.aoi import AreaOfInterest, area_of_interest
+from geochange.engine.atomic import scratch_path
 from geochange.engine.bands import select_bands
 from geochange.engine.contracts import POLYGON_LAYER
 from geochange.engine.errors import OptionError, RasterError
 from geochange.engine.grid import Grid, PairReader, common_grid
 from geochange.engine.inputs import model_channels
-from geochange.engine.options import DetectOptions
+from geochange.engine.options import MODEL_RESOLUTION, DetectOptions
 from geochange.engine.outputs import BLOCK, ChangeWriter
 from geochange.engine.package import ModelPackage, RouterPackage, load_model
-from geochange.engine.predictor import Predictor, model_tta
+from geochange.engine.backends import resolve_backend
+from geochange.engine.predictor import Predictor, model_tta, resolve_device, resolve_precision
 from geochange.engine.process import bound_gdal_cache
-from geochange.engine.progress import Progress
+from geochange.engine.progress import Phases, Progress
 from geochange.engine.rasters import check_two_dates, open_raster
+from geochange.engine.resample import model_grid, on_output_grid
 from geochange.engine.routing import RouterPredictor
 from geochange.engine.stream import default_readers, io_executor, on_cpu, stream_rows
 from geochange.engine.windows import WindowPlan
@@ -45,22 +49,29 @@ class DetectSetup:
     """Everything a run needs once the inputs are checked: model, common grid, bands, window plan."""
 
     predictor: Predictor | RouterPredictor
-    grid: Grid
+    grid: Grid  # the outputs'
     bands: tuple[list[int], list[int]]
-    plan: WindowPlan
+    plan: WindowPlan  # over the grid the model reads on
     threshold: float
     paths: tuple[Path, Path]
     readers: int  # reader threads (0: read in the model's thread)
     batch: int  # windows per model call, lowered to fit the machine's memory
     options: DetectOptions
     aoi: AreaOfInterest | None = None
+    model_grid: Grid | None = None  # where the model reads on another grid (--resolution model)
 
-    def reader(self) -> PairReader:
-        return PairReader(*self.paths, self.grid, *self.bands, aoi=self.aoi)
+    def reader(self, grid: Grid | None = None) -> PairReader:
+        """Both dates' windows on ``grid``, by default the one the model reads on."""
+        return PairReader(*self.paths, grid or self.model_grid or self.grid, *self.bands, aoi=self.aoi)
 
 
 # Pixels up to this many times finer or coarser than the model's are taken without a warning.
 SCALE_TOLERANCE = 2.0
+# Seconds a megapixel of each part of a run takes (bench/results.md: TinyCD in bf16 at 4096² and 16384²), the
+# weights of its progress: the windows' pixels (overlaps counted) read and run on this project's CPU, and
+# on an H100, where four reader threads set the pace; the output rows staged and vectorised; read back from
+# the model's grid (--resolution model); the COG copies at the end.
+SECONDS_PER_MPX = {"windows on cpu": 1.45, "windows on gpu": 0.1, "rows": 0.065, "resample": 0.05, "finish": 0.05}
 
 
 def blocks_in_use(width: int, tile: int, dates, readers: int = 1) -> int:
@@ -83,8 +94,9 @@ def warn_scale(grid: Grid, manifest: dict, log) -> None:
         return
     factor, way = (size / gsd, "coarser") if size > gsd else (gsd / size, "finer")
     log(f"the model was trained on {gsd:g} m pixels and these are {size:.3g} m ({factor:.1f} times "
-        f"{way}): expect it to miss changes; --resolution {gsd * grid.pixel_side / size:.6g} reads both dates "
-        "at the model's pixel size")
+        f"{way}): expect it to miss changes; --resolution {MODEL_RESOLUTION} reads both dates at the model's "
+        f"pixel size and brings the results back onto this grid (--resolution {grid.side_of(gsd):.6g} makes "
+        "the outputs' pixels the model's)")
 
 
 def physical_memory() -> int | None:
@@ -136,8 +148,14 @@ def prepare(pre_path, post_path, model, options: DetectOptions = DetectOptions()
     if tta:
         progress.log(f"test-time augmentation: scales {tta['scales']}" + " x left-right flip" * tta["flip"])
 
+    # Decided once for every member of a router package, and said once.
+    device = resolve_device(o.device)
+    precision = resolve_precision(o.precision, device, progress.log)
+    backend, why = resolve_backend(o.backend, device)
+    progress.log(f"backend {backend}: {why}")
+
     def predictor_of(member: ModelPackage) -> Predictor:
-        return Predictor(member, o.device, precision=o.precision, tta=tta, sar_db=o.sar_db,
+        return Predictor(member, device, precision=precision, backend=backend, tta=tta, sar_db=o.sar_db,
                          scales={"pre": o.pre_scale, "post": o.post_scale}, log=progress.log)
 
     if isinstance(package, RouterPackage):
@@ -149,53 +167,90 @@ def prepare(pre_path, post_path, model, options: DetectOptions = DetectOptions()
         predictor, inputs = predictor_of(package), package.manifest["inputs"]
     with open_raster(pre_path) as pre, open_raster(post_path) as post:
         check_two_dates(pre_path, post_path)
-        common = common_grid(pre, post, on=o.grid, crs=o.crs, resolution=o.resolution, warn=progress.log)
+        at_model = o.resolution == MODEL_RESOLUTION  # the outputs on the grid raster's pixels, the model on its own
+        common = common_grid(pre, post, on=o.grid, crs=o.crs, resolution=None if at_model else o.resolution,
+                             warn=progress.log)
         aoi = None if o.aoi is None else area_of_interest(o.aoi, common)
         if aoi is not None:
             common = aoi.crop(common)
             progress.log(f"area of interest {o.aoi}: the grid cut to its bounds")
-        warn_scale(common, first.manifest, progress.log)
+        read_on = model_grid(common, first.manifest.get("gsd")) if at_model else common
+        if at_model:
+            progress.log(f"both dates read at the model's {first.manifest['gsd']:g} m pixels "
+                         + (f"({read_on.pixel_side:.6g} CRS units a side), its probability resampled onto the "
+                            f"{common.width}x{common.height} px output grid" if read_on != common
+                            else "(the grid's own)"))
+        else:
+            warn_scale(common, first.manifest, progress.log)
         bands = (select_bands(pre.count, inputs["pre"], "pre", o.pre_bands and list(o.pre_bands), Path(pre.name).name),
                  select_bands(post.count, inputs["post"], "post", o.post_bands and list(o.post_bands),
                               Path(post.name).name))
         readers = default_readers(predictor) if readers is None else readers
         if size_gdal_cache:
-            bound_gdal_cache(blocks_in_use(common.width, tile, [(pre, bands[0]), (post, bands[1])], max(1, readers)))
-    plan = WindowPlan(common.height, common.width, tile, o.overlap)
+            bound_gdal_cache(blocks_in_use(max(common.width, read_on.width), tile, [(pre, bands[0]), (post, bands[1])],
+                                           max(1, readers)))
+    plan = WindowPlan(read_on.height, read_on.width, tile, o.overlap)
     batch = fit_batch(plan, o.batch, model_channels(inputs["pre"]) + model_channels(inputs["post"]), progress.log)
     threads = torch.get_num_threads()
     on = f"cpu, {threads} thread{'s' * (threads != 1)}" if on_cpu(predictor) else predictor.device
-    progress.log(f"{common.width}x{common.height} px in {common.crs}: {len(plan)} windows of "
-                 f"{min(tile, common.height)}x{min(tile, common.width)} px on {on}")
+    progress.log(f"{read_on.width}x{read_on.height} px in {read_on.crs}: {len(plan)} windows of "
+                 f"{min(tile, read_on.height)}x{min(tile, read_on.width)} px on {on}")
     return DetectSetup(predictor, common, bands, plan, package.threshold if o.threshold is None else o.threshold,
-                       (Path(pre_path), Path(post_path)), readers, batch, o, aoi)
+                       (Path(pre_path), Path(post_path)), readers, batch, o, aoi,
+                       None if read_on == common else read_on)
+
+
+def run_progress(setup: DetectSetup, progress: Progress) -> Phases:
+    """A run's progress in three parts, weighed by the time each takes (``SECONDS_PER_MPX``): the windows
+    (read and run, ``stream_rows``), the output grid's rows written (rasters staged, polygons; read back
+    from the model's grid first under --resolution model), the outputs finished (``ChangeWriter.close``)."""
+    plan, grid, seconds = setup.plan, setup.grid, SECONDS_PER_MPX
+    windows = len(plan) * min(plan.tile, plan.height) * min(plan.tile, plan.width) / 1e6
+    window = seconds["windows on cpu" if on_cpu(setup.predictor) else "windows on gpu"]
+    row = seconds["rows"] + seconds["resample"] * (setup.model_grid is not None)
+    pixels = grid.width * grid.height / 1e6
+    return Phases(progress, {"windows": windows * window, "rows": pixels * row, "finish": pixels * seconds["finish"]})
 
 
 def write_outputs(setup: DetectSetup, bands: Iterator[tuple[int, np.ndarray, np.ndarray]], *, probability, mask,
-                  polygons, polygon_layer: str = POLYGON_LAYER, progress: Progress | None = None) -> DetectResult:
+                  polygons, polygon_layer: str = POLYGON_LAYER, progress: Phases | None = None) -> DetectResult:
     """Write finished row bands as they come (one band in flight in a writer thread when the run has
     reader threads, else in this thread), then move the outputs to their final names; on any error or
-    cancel nothing is left behind."""
-    progress = progress or Progress()
+    cancel nothing is left behind. ``bands`` are on the grid the model reads on; ``progress``: the run's
+    (``run_progress``), whose rows and finish parts this moves."""
+    progress = progress or run_progress(setup, Progress())
+    rows, finish = progress.part("rows"), progress.part("finish")
     writer = ChangeWriter(setup.grid, probability=probability, mask=mask, polygons=polygons,
                           threshold=setup.threshold, min_area=setup.options.min_area,
                           simplify=setup.options.simplify, polygon_layer=polygon_layer,
                           attributes={"pre": setup.paths[0].name, "post": setup.paths[1].name})
+
+    def written(future, end: int) -> None:
+        future.result()
+        rows.update(end, setup.grid.height)
+
     try:
-        any_valid, in_flight = False, None
-        with io_executor(int(setup.readers > 0), "geochange-write") as sink:
-            for start, prob, valid in bands:
-                any_valid |= bool(valid.any())
+        with contextlib.ExitStack() as stack:
+            if setup.model_grid is not None:  # made once the writer holds the folder: its scratch file is safe
+                bands = stack.enter_context(contextlib.closing(on_output_grid(
+                    bands, setup.model_grid, setup.reader(setup.grid), scratch_path(probability), Path(probability))))
+            any_valid, in_flight = False, None  # the band in the writer thread, and the row it ends at
+            with io_executor(int(setup.readers > 0), "geochange-write") as sink:
+                for start, prob, valid in bands:
+                    rows.check()
+                    any_valid |= bool(valid.any())
+                    if in_flight is not None:
+                        written(*in_flight)
+                    in_flight = sink.submit(writer.write_rows, start, prob, valid), start + len(prob)
+                    if in_flight[0].done():  # written in this thread
+                        in_flight = written(*in_flight)
                 if in_flight is not None:
-                    in_flight.result()
-                in_flight = sink.submit(writer.write_rows, start, prob, valid)
-            if in_flight is not None:
-                in_flight.result()
+                    written(*in_flight)
         if not any_valid:
             raise RasterError(f"no pixel is valid in both {setup.paths[0].name} and {setup.paths[1].name} "
                               "(nodata everywhere)")
-        progress.check()
-        writer.close()
+        finish.check()
+        writer.close(finish)
     except BaseException:
         writer.abort()
         raise
@@ -220,11 +275,12 @@ def detect(pre_path: str | os.PathLike, post_path: str | os.PathLike, model: str
     progress = progress or Progress()
     setup = prepare(pre_path, post_path, model, DetectOptions.of(options), readers=readers,
                     size_gdal_cache=size_gdal_cache, progress=progress)
+    phases = run_progress(setup, progress)
     read = setup.reader()
     try:
-        rows = stream_rows(setup.predictor, setup.plan, read, batch=setup.batch, progress=progress,
+        rows = stream_rows(setup.predictor, setup.plan, read, batch=setup.batch, progress=phases.part("windows"),
                            readers=setup.readers)
         return write_outputs(setup, rows, probability=probability, mask=mask, polygons=polygons,
-                             polygon_layer=polygon_layer, progress=progress)
+                             polygon_layer=polygon_layer, progress=phases)
     finally:
         read.close()

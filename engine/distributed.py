@@ -17,7 +17,7 @@ import numpy as np
 
 from geochange.engine.atomic import new_token
 from geochange.engine.contracts import POLYGON_LAYER
-from geochange.engine.detect import DetectResult, prepare, write_outputs
+from geochange.engine.detect import DetectResult, prepare, run_progress, write_outputs
 from geochange.engine.options import DetectOptions
 from geochange.engine.progress import Progress
 from geochange.engine.stream import stream_rows
@@ -63,6 +63,7 @@ def distributed_detect(pre_path, post_path, model, *, probability, mask, polygon
     try:
         setup = prepare(pre_path, post_path, model, options, readers=readers, size_gdal_cache=size_gdal_cache,
                         progress=progress)
+        phases = run_progress(setup, progress)  # rank 0's windows stand for every rank's
         plan, row_starts = setup.plan, setup.plan.rows
         mine = rank_tile_rows(len(row_starts), world, rank)
         token = [new_token() if rank == 0 else None]
@@ -80,7 +81,7 @@ def distributed_detect(pre_path, post_path, model, *, probability, mask, polygon
                 try:
                     halo = _halo_start(row_starts, min(plan.tile, plan.height), mine.start)
                     for start, prob, valid in stream_rows(setup.predictor, plan, read, batch=setup.batch,
-                                                          progress=progress, readers=setup.readers,
+                                                          progress=phases.part("windows"), readers=setup.readers,
                                                           tile_rows=range(halo, mine.stop)):
                         if start >= first_row:
                             part[start - first_row:start - first_row + len(prob)] = np.where(valid, prob, np.nan)
@@ -94,7 +95,7 @@ def distributed_detect(pre_path, post_path, model, *, probability, mask, polygon
                 return None
             result = write_outputs(setup, _bands_from_parts(parts, row_starts, plan.height, world),
                                    probability=probability, mask=mask, polygons=polygons,
-                                   polygon_layer=polygon_layer, progress=progress)
+                                   polygon_layer=polygon_layer, progress=phases)
             dist.barrier()
             return result
         finally:

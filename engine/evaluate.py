@@ -87,8 +87,8 @@ def evaluate_folder(package: ModelPackage, root: str | os.PathLike, *, ignore_va
     threshold = package.threshold if options.threshold is None else options.threshold
     options = replace(options, tile=package.tile if options.tile is None else options.tile)
     check_tiling(options.tile, options.overlap)  # before any image: most fit in a tile and never make a plan
-    predictor = Predictor(package, options.device, precision=options.precision,
-                          tta=model_tta(package.manifest) if options.tta else None)
+    predictor = Predictor(package, options.device, precision=options.precision, backend=options.backend,
+                          tta=model_tta(package.manifest) if options.tta else None, log=progress.log)
     meter = ConfusionMeter()
     pairs = dataset_pairs(root)
     for i, (path_a, path_b, path_label) in enumerate(pairs):

@@ -63,9 +63,19 @@ class Grid:
             return self.pixel_side * METRES_PER_DEGREE * math.sqrt(max(math.cos(middle), 1e-6))
         return self.pixel_side * metres_per_unit(self.crs)
 
+    def side_of(self, metres: float) -> float:
+        """The pixel side, in the CRS's units, that measures ``metres`` as ``pixel_metres`` measures this grid's
+        (georeferenced grids only)."""
+        return metres * self.pixel_side / self.pixel_metres()
+
     def matches(self, src) -> bool:
         return (src.crs == self.crs and src.width == self.width and src.height == self.height
                 and src.transform.almost_equals(self.transform))
+
+
+def too_large(width: float, height: float) -> bool:
+    """Whether a grid of this many pixels is past ``MAX_PIXELS`` or ``MAX_SIDE``."""
+    return width * height > MAX_PIXELS or max(width, height) > MAX_SIDE
 
 
 def north_up(transform: Affine) -> bool:
@@ -139,7 +149,7 @@ def common_grid(pre, post, *, on: str = "pre", crs: str | None = None,
         row1 = math.floor((bottom - t.f) / t.e + 1e-6)
         return Grid(target, t * Affine.translation(col0, row0), col1 - col0, row1 - row0)
     width, height = (right - left) // res_x, (top - bottom) // res_y
-    if width * height > MAX_PIXELS or max(width, height) > MAX_SIDE:
+    if too_large(width, height):
         raise OptionError(f"the common grid would be {width:.4g} x {height:.4g} px at a resolution of "
                           f"{res_x:.4g} x {res_y:.4g} in {target} (at most {MAX_PIXELS:.0e} px and "
                           f"{MAX_SIDE} px a side); choose a coarser resolution")

@@ -12,6 +12,8 @@ import torch
 
 # Instruction sets that compute in bf16, in the order a reason names them.
 BF16_FEATURES = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX512-BF16"}
+# Those that set a model's speed on a CPU, as a benchmark names the machine by them.
+SPEED_FEATURES = ("avx2", "fma3", "avx512_f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8")
 
 
 @functools.lru_cache(maxsize=1)
@@ -36,3 +38,9 @@ def cpu_bf16(caps: dict | None = None) -> tuple[bool, str]:
     if found:
         return True, f"{cpu_name(caps)} has {' and '.join(found)}"
     return False, f"{cpu_name(caps)} has neither {' nor '.join(BF16_FEATURES.values())}"
+
+
+def cpu_flags(caps: dict | None = None) -> list[str]:
+    """The ``SPEED_FEATURES`` of the CPU of ``caps``, default this one."""
+    caps = cpu_capabilities() if caps is None else caps
+    return [flag for flag in SPEED_FEATURES if caps.get(flag)]

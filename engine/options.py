@@ -17,22 +17,26 @@ from geochange.engine.errors import OptionError
 MIN_TILE = 32
 # Where the engine's fields are for: detection, and evaluation on a folder dataset.
 DETECT, EVALUATE = "detect", "evaluate"
+# The resolution that reads both dates at the model's pixel size (its package's gsd).
+MODEL_RESOLUTION = "model"
 
 
 def option(default, *, kind: str, parameter: str, label: str, help: str, choices: tuple = (),
            minimum: float | None = None, maximum: float | None = None, above: bool = False, unit: str = "",
-           advanced: bool = False, parent: str | None = None, evaluate: bool = False):
+           words: tuple = (), advanced: bool = False, parent: str | None = None, evaluate: bool = False):
     """A field of ``DetectOptions`` with what the front ends need to offer it.
 
     ``kind``: int, float, bool, choice, bands (1-based band numbers of the raster parameter ``parent``),
     crs, vector (a file of polygons) or text. ``parameter``: the QGIS parameter's name (kept by saved
     models and scripts), ``label`` its caption; ``help`` is plain text for both ``--help`` and QGIS's help.
-    ``minimum``: the least value (exclusive when ``above``), in ``unit``; ``maximum``: the largest. A default
+    ``minimum``: the least value (exclusive when ``above``), in ``unit``; ``maximum``: the largest; ``words``: texts
+    a number option also takes (the front ends then offer it as text, see ``number_or_word``). A default
     of None means "unset": the engine then decides (the help says how).
     """
     return field(default=default, metadata={
         "kind": kind, "parameter": parameter, "label": label, "help": help, "choices": tuple(choices),
-        "minimum": minimum, "maximum": maximum, "above": above, "unit": unit, "advanced": advanced, "parent": parent,
+        "minimum": minimum, "maximum": maximum, "above": above, "unit": unit, "words": tuple(words),
+        "advanced": advanced, "parent": parent,
         "commands": (DETECT, EVALUATE) if evaluate else (DETECT,)})
 
 
@@ -101,10 +105,15 @@ class DetectOptions:
     crs: str | None = option(
         None, kind="crs", parameter="CRS", label="Output CRS (empty = the grid raster's)", advanced=True,
         help="Read both dates in this CRS instead of the grid raster's (e.g. EPSG:32614).")
-    resolution: float | None = option(
-        None, kind="float", parameter="RESOLUTION", label="Output pixel size (empty = the grid raster's)",
-        minimum=0.0, above=True, advanced=True,
-        help="Pixel size of the common grid, in the units of its CRS. Default: the grid raster's.")
+    resolution: float | str | None = option(
+        None, kind="float", parameter="RESOLUTION",
+        label="Output pixel size (empty = the grid raster's; model = read at the model's)", minimum=0.0, above=True,
+        words=(MODEL_RESOLUTION,), advanced=True,
+        help="Pixel size of the common grid, in the units of its CRS. Default: the grid raster's. model: both dates "
+             "are read at the pixel size the model was trained on (the ground sampling distance its package "
+             "records, in metres), the model runs there, and its probability is resampled (bilinear) onto the "
+             "grid raster's grid, where the mask and polygons are made: for rasters whose pixels are far finer or "
+             "coarser than the model's.")
     pre_scale: float | None = option(
         None, kind="float", parameter="PRE_SCALE", label="Pre raw value meaning 1.0 (empty = by data type)",
         minimum=0.0, above=True, advanced=True,
@@ -120,6 +129,14 @@ class DetectOptions:
              "and on a CPU that computes bf16 natively (Intel AMX, AVX512-BF16), else fp32; the log says which "
              "and why. bf16 and fp16 are faster and use less memory; fp16 is for GPUs (a CPU runs fp32). fp32 "
              "gives the figures a package records.")
+    backend: str = option(
+        "auto", kind="choice", parameter="BACKEND", label="CPU runtime",
+        choices=("auto", "eager", "compile", "openvino"), advanced=True, evaluate=True,
+        help="What runs the model on a CPU. auto: OpenVINO where it is installed (measured two to three times "
+             "faster than PyTorch's fp32 on an AVX512-BF16 CPU), else PyTorch; eager: PyTorch; compile: "
+             "torch.compile graphs (each window shape compiled the first time, a minute or more; cached on disk); "
+             "openvino: OpenVINO (the model exported once, checked against PyTorch and cached). A model that "
+             "cannot run so runs in PyTorch and the log says why. On a GPU the model runs in PyTorch (CUDA graphs).")
     threads: int | None = option(
         None, kind="int", parameter="THREADS", label="CPU threads (empty = all)", minimum=1, advanced=True,
         help="CPU threads PyTorch may use. Default: PyTorch's (all cores). A setting of the whole process: the "
@@ -173,6 +190,8 @@ def _checked(spec, value):
             raise OptionError(f"{name} needs a value (default {spec.default})")
         return None
     kind = meta["kind"]
+    if value in meta["words"]:
+        return value
     if kind == "bool":
         if not isinstance(value, bool):
             raise OptionError(f"{name} must be true or false, not {value!r}")
@@ -199,8 +218,21 @@ def _checked(spec, value):
     else:
         bounds, fits = "", number
     if not fits:
-        raise OptionError(f"{name} must be a {'whole ' * (kind == 'int')}number{bounds}, not {value!r}")
+        words = "".join(f" or {word}" for word in meta["words"])
+        raise OptionError(f"{name} must be a {'whole ' * (kind == 'int')}number{bounds}{words}, not {value!r}")
     return int(value) if kind == "int" else float(value)
+
+
+def number_or_word(text: str, words) -> float | str:
+    """A command line's or a QGIS text field's value of a number option that also takes ``words``: the word, else
+    the number; else the text as it is, which the option's check refuses, naming the option."""
+    text = text.strip()
+    if text in words:
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def _is_int(value) -> bool:

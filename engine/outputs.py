@@ -18,6 +18,7 @@ from geochange.engine.atomic import AtomicOutputs, remove_quietly
 from geochange.engine.contracts import MASK_CHANGE, MASK_NO_CHANGE, MASK_NODATA, POLYGON_LAYER, PROBABILITY_NODATA
 from geochange.engine.errors import OutputError, gdal_write_errors, output_error
 from geochange.engine.grid import Grid
+from geochange.engine.progress import Progress
 from geochange.engine.vectorize import PolygonAssembler, PolygonWriter
 
 BLOCK = 512
@@ -51,10 +52,10 @@ class StagedRaster:
     pixel: GDAL's AVERAGE and NEAREST where the sides halve evenly. (Where a side is odd, its last
     pixel stands alone here; GDAL spreads the overview's pixels over it, at most one pixel apart. Where
     nodata is spread unevenly, GDAL's AVERAGE of a level is the mean of the means of the level below,
-    not of the valid pixels.)"""
+    not of the valid pixels.) ``overviews=False``: none, for a raster only read back whole (``resample``)."""
 
     def __init__(self, path: Path, grid: Grid, dtype: str, nodata: float, *, average: bool, compress: str,
-                 name: Path | None = None):
+                 name: Path | None = None, overviews: bool = True):
         from osgeo import gdal, gdal_array
 
         self.dtype, self.nodata, self.average, self.height = np.dtype(dtype), nodata, average, grid.height
@@ -72,7 +73,8 @@ class StagedRaster:
                 self._ds.SetProjection(grid.crs.to_wkt())
             band = self._ds.GetRasterBand(1)
             band.SetNoDataValue(nodata)
-            if self._ds.BuildOverviews("NONE", overview_factors(grid.width, grid.height)) != 0:  # empty levels
+            factors = overview_factors(grid.width, grid.height) if overviews else []
+            if factors and self._ds.BuildOverviews("NONE", factors) != 0:  # empty levels
                 raise output_error(self.name, f"cannot add overviews: {gdal.GetLastErrorMsg()}")
         self._levels = [band] + [band.GetOverview(i) for i in range(band.GetOverviewCount())]
         self._next_row = [0] * len(self._levels)
@@ -183,24 +185,39 @@ class ChangeWriter:
     def changed_area_m2(self) -> float:
         return self._polygons.area_m2
 
-    def close(self) -> None:
-        """Finish the polygons, convert the rasters to COGs and move everything to its final name."""
+    def close(self, progress: Progress | None = None) -> None:
+        """Finish the polygons, convert the rasters to COGs and move everything to its final name.
+        ``progress``: the polygons, then each conversion as GDAL reports it; a cancel stops a conversion."""
         from osgeo import gdal
 
+        progress = progress or Progress()
+        steps = 1 + len(self._finals)
         try:
             self._prob.finish()
             self._mask.finish()
             self._polygons.write(self._assembler.finish())
             self._polygons.finish()
-            for stage, temporary, output, options in self._finals:
+            progress.update(1, steps)
+            for step, (stage, temporary, output, options) in enumerate(self._finals, start=1):
                 options = dict(options, BLOCKSIZE=BLOCK, OVERVIEWS="FORCE_USE_EXISTING", BIGTIFF="IF_SAFER",
                                NUM_THREADS="ALL_CPUS")
-                with gdal_write_errors(output):
-                    copy = gdal.GetDriverByName("COG").CreateCopy(
-                        str(temporary), gdal.Open(str(stage)), options=[f"{k}={v}" for k, v in options.items()])
-                    if copy is None:
-                        raise output_error(output, gdal.GetLastErrorMsg())
-                    del copy  # flushes and closes the file
+
+                def report(fraction, message, data, step=step):  # GDAL stops the copy where this gives 0
+                    progress.update(step + fraction, steps)
+                    return not progress.cancelled()
+
+                try:
+                    with gdal_write_errors(output):
+                        copy = gdal.GetDriverByName("COG").CreateCopy(
+                            str(temporary), gdal.Open(str(stage)),
+                            options=[f"{k}={v}" for k, v in options.items()], callback=report)
+                        if copy is None:
+                            raise output_error(output, gdal.GetLastErrorMsg())
+                        del copy  # flushes and closes the file
+                except OutputError:
+                    progress.check()  # the copy stopped by a cancel
+                    raise
+                progress.update(step + 1, steps)
         except BaseException:
             self.abort()
             raise

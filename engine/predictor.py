@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from geochange.engine.backends import model_forward, resolve_backend
 from geochange.engine.errors import GeoChangeError, OptionError, PackageError
 from geochange.engine.hardware import cpu_bf16
 from geochange.engine.inputs import normalise
@@ -40,6 +41,24 @@ def resolve_device(name: str = "auto") -> torch.device:
     elif device.type != "cpu":
         raise GeoChangeError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
     return device
+
+
+def resolve_precision(precision: str, device: torch.device, log=lambda m: None) -> str:
+    """The precision that runs on ``device`` for ``precision``. ``auto``: bf16 on a GPU, and on a CPU that
+    computes in bf16 natively (``hardware.cpu_bf16``), else fp32; fp16 is for GPUs (a CPU runs fp32). On a CPU,
+    ``log`` hears why."""
+    if precision != "auto" and precision not in PRECISIONS:
+        raise OptionError(f"precision must be auto or one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if device.type == "cuda":
+        return "bf16" if precision == "auto" else precision
+    if precision == "auto":
+        native, why = cpu_bf16()
+        precision = "bf16" if native else "fp32"
+        log(f"precision {precision} on the CPU: {why}")
+    elif precision == "fp16":
+        log("precision fp32 on the CPU: fp16 is for GPUs")
+        precision = "fp32"
+    return precision
 
 
 def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -93,18 +112,22 @@ class Predictor:
     """Normalises raw windows as the package's manifest says and returns probabilities.
 
     ``scales``/``sar_db`` per date (``{"pre": ..., "post": ...}``) override how raw values are read
-    (see ``engine.inputs.normalise``); ``precision``: the autocast type (``_dtype``; the default, fp32, is
-    the trainer's, whose figures a package records; the front ends' default is ``auto``); ``cuda_graphs``
-    on CUDA only (see ``_replay``). ``tta`` (``{"scales", "flip"}``, see ``check_tta``) averages the
-    probability over the window resized by each scale, as is and flipped left-right.
+    (see ``engine.inputs.normalise``); ``precision``: the autocast type (``resolve_precision``; the default,
+    fp32, is the trainer's, whose figures a package records; the front ends' default is ``auto``); ``backend``:
+    what runs the model on a CPU (``engine.backends``; the default, eager, is the trainer's, the front ends'
+    is ``auto``); ``cuda_graphs`` on CUDA only (see ``_replay``). ``tta`` (``{"scales", "flip"}``, see
+    ``check_tta``) averages the probability over the window resized by each scale, as is and flipped left-right.
     """
 
     def __init__(self, package: ModelPackage, device: str | torch.device = "auto", *, precision: str = "fp32",
                  tta: dict | None = None, scales: dict | None = None, sar_db: bool = False, cuda_graphs: bool = True,
-                 log=lambda m: None):
+                 backend: str = "eager", log=lambda m: None):
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.package, self.tta, self.log = package, check_tta(tta), log
-        self.dtype = self._dtype(precision)
+        self.dtype = PRECISIONS[resolve_precision(precision, self.device, log)]
+        chosen, why = resolve_backend(backend, self.device)
+        if backend == "auto":
+            log(f"backend {chosen}: {why}")
         self.scales = dict(scales or {})
         for date, scale in self.scales.items():
             if scale is not None and not (is_number(scale) and scale > 0):  # 0 would turn every pixel to nodata
@@ -114,26 +137,12 @@ class Predictor:
         self.model = package.model.to(self.device).eval()
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.forward = model_forward(package, chosen, self.dtype, log)  # (pre, post) -> logits
+        self.backend = "eager" if self.forward is package.model else chosen  # what runs
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._graphs: dict = {}  # input shapes -> (static inputs, graph, static output)
         self.inputs = package.manifest["inputs"]
         self.max_batch: int | None = None  # lowered after a CUDA out-of-memory, kept for later batches
-
-    def _dtype(self, precision: str) -> torch.dtype:
-        """The autocast type of ``precision`` on this device. ``auto``: bf16 on a GPU, and on a CPU that
-        computes in bf16 natively (``hardware.cpu_bf16``), else fp32; fp16 is for GPUs (a CPU runs fp32)."""
-        if precision != "auto" and precision not in PRECISIONS:
-            raise OptionError(f"precision must be auto or one of {', '.join(PRECISIONS)}, not {precision!r}")
-        if self.device.type == "cuda":
-            return PRECISIONS["bf16" if precision == "auto" else precision]
-        if precision == "auto":
-            native, why = cpu_bf16()
-            precision = "bf16" if native else "fp32"
-            self.log(f"precision {precision} on the CPU: {why}")
-        elif precision == "fp16":
-            self.log("precision fp32 on the CPU: fp16 is for GPUs")
-            precision = "fp32"
-        return PRECISIONS[precision]
 
     def _to_device(self, raw: np.ndarray, date: str) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(raw))
@@ -145,7 +154,7 @@ class Predictor:
         # No autocast weight cache: a CUDA graph must not capture casts of tensors made outside it.
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32,
                             cache_enabled=False):
-            return to_probability(self.model(pre, post).float(), self.package.activation)
+            return to_probability(self.forward(pre, post).float(), self.package.activation)
 
     def _replay(self, pre: torch.Tensor, post: torch.Tensor) -> torch.Tensor:
         """``_probability`` through a CUDA graph captured once per input shape.

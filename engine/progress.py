@@ -9,12 +9,14 @@ from geochange.engine.errors import Cancelled
 class Progress:
     """Silent progress; front ends override ``update``/``log``/``cancelled``.
 
-    The engine calls ``update`` after every batch and ``check`` before every batch, so a cancel
-    takes effect within one batch.
+    A detection reports each window read and each window run, and its phases after them (``Phases``);
+    it calls ``check`` before every batch of windows and every band of rows written, and during the
+    outputs' conversion, so a cancel takes effect within one batch.
     """
 
-    def update(self, done: int, total: int) -> None:
-        """``done`` of ``total`` work units (windows) are finished."""
+    def update(self, done: float, total: float) -> None:
+        """``done`` of ``total`` is finished (windows, images, pairs, or a detection's percent; ``done``
+        may be a fraction of a unit, and never goes back)."""
 
     def log(self, message: str) -> None:
         """A line for the user (warnings, summary)."""
@@ -27,19 +29,65 @@ class Progress:
             raise Cancelled()
 
 
+class Phases:
+    """One run's progress made of parts that advance on their own (a detection's windows, its rows
+    written, its outputs finished), each weighing its share of the run's time. ``part(name)`` is a part's
+    own ``Progress``; the run's, the parts' fractions weighted by their shares, goes to ``progress`` in
+    percent. Parts may advance side by side (rows are written while later windows run); the run's
+    percent never goes back and is exactly 100 once every part is complete. Parts are advanced from one
+    thread."""
+
+    STEP = 0.1  # percent: finer moves are held back (GDAL reports a COG copy block by block)
+
+    def __init__(self, progress: Progress, shares: dict[str, float]):
+        self.progress, self.shares = progress, dict(shares)
+        self._fractions = dict.fromkeys(self.shares, 0.0)
+        self._reported: float | None = None
+
+    def part(self, name: str) -> Progress:
+        return _Part(self, name)
+
+    def _advance(self, name: str, done: float, total: float) -> None:
+        fraction = min(done / total, 1.0) if total > 0 else 1.0
+        self._fractions[name] = max(self._fractions[name], fraction)
+        # Summed in the shares' order, so that complete parts give the shares' sum exactly: 100 %.
+        percent = 100 * (sum(self.shares[n] * f for n, f in self._fractions.items()) / sum(self.shares.values()))
+        first, last = self._reported is None, percent == 100 and self._reported != 100
+        if first or last or percent >= self._reported + self.STEP:
+            self._reported = percent
+            self.progress.update(percent, 100)
+
+
+class _Part(Progress):
+    """One part of ``Phases``: its ``update`` moves the run's progress; log and cancel are the run's."""
+
+    def __init__(self, phases: Phases, name: str):
+        self._phases, self._name = phases, name
+
+    def update(self, done: float, total: float) -> None:
+        self._phases._advance(self._name, done, total)
+
+    def log(self, message: str) -> None:
+        self._phases.progress.log(message)
+
+    def cancelled(self) -> bool:
+        return self._phases.progress.cancelled()
+
+
 class TqdmProgress(Progress):
     """Progress bar on stderr for the CLI."""
 
-    def __init__(self, description: str = "detect"):
-        self._description = description
+    def __init__(self, description: str = "detect", unit: str = "win"):
+        self._description, self._unit = description, unit
         self._bar = None
 
-    def update(self, done: int, total: int) -> None:
+    def update(self, done: float, total: float) -> None:
         if self._bar is None:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, desc=self._description, unit="win")
-        self._bar.n = done
+            shape = "{l_bar}{bar}| [{elapsed}<{remaining}]" if self._unit == "%" else None  # no "37.2/100"
+            self._bar = tqdm(total=total, desc=self._description, unit=self._unit, bar_format=shape)
+        self._bar.n = round(done, 1)  # a detection's percent: tenths are enough
         self._bar.refresh()
         if done >= total:
             self._bar.close()

@@ -8,6 +8,7 @@ instead (see ``default_readers``).
 """
 from __future__ import annotations
 
+import functools
 import os
 from collections import deque
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
@@ -23,6 +24,9 @@ from geochange.engine.windows import WindowPlan
 
 # read(window) -> (pre raw, post raw, valid) arrays of one window; must be thread-safe.
 WindowReader = Callable[[object], tuple]
+# A window's reading, as a share of the window in the progress: about 10 ms of both dates' pixels against
+# 370 ms of model on this project's CPU for a 512 px window (bench/results.md); the rest is the model's.
+READ_SHARE = 0.03
 
 
 class InlineExecutor(Executor):
@@ -61,8 +65,10 @@ def stream_rows(predictor: Callable, plan: WindowPlan, read: WindowReader, *, ba
 
     Batches never span two tile rows, so a window's batch is the same whatever ``tile_rows`` (a
     subset of consecutive tile rows, for one rank of a distributed run) is given. Windows without a
-    valid pixel are not run; ``predictor(pre, post, valid)`` gets the others' stacked arrays. At most
-    ``readers + prefetch`` batches are read ahead; ``readers=0`` reads in this thread.
+    valid pixel are not run; ``predictor(pre, post, valid)`` gets the others' stacked arrays. Reader
+    threads read up to ``readers + prefetch`` batches ahead; ``readers=0`` reads each batch in this
+    thread when its turn comes. ``progress`` counts windows, each one as it is read (``READ_SHARE`` of a
+    window; reader threads' windows when their batch comes) and as it is blended.
     """
     if batch < 1:
         raise OptionError(f"batch must be at least 1 window, not {batch}")
@@ -72,29 +78,40 @@ def stream_rows(predictor: Callable, plan: WindowPlan, read: WindowReader, *, ba
     tile_rows = tile_rows if tile_rows is not None else range(len(row_starts))
     batches = [(i, windows[j:j + batch]) for i in tile_rows
                for windows in [plan.row_windows(i)] for j in range(0, len(windows), batch)]
-    total, done = len(tile_rows) * len(cols), 0
+    total, counts = len(tile_rows) * len(cols), {"read": 0, "blended": 0}
     blender = RowBlender(plan, top=row_starts[tile_rows[0]]) if len(tile_rows) else None
     progress.update(0, total)
 
-    def load(chunk):
-        return [(window, *read(window)) for window in chunk]
+    def count(step: str) -> None:  # in this thread only
+        counts[step] += 1
+        progress.update(counts["blended"] + (counts["read"] - counts["blended"]) * READ_SHARE, total)
 
+    def load(chunk, on_read):
+        items = []
+        for window in chunk:
+            items.append((window, *read(window)))
+            on_read()
+        return items
+
+    ahead = readers + prefetch if readers else 0  # batches being read beside the one the model runs
+    on_read = (lambda: None) if readers else functools.partial(count, "read")
     with io_executor(readers, "geochange-read") as pool:
-        pending = deque(pool.submit(load, chunk) for _, chunk in batches[:readers + prefetch])
-        queued = len(pending)
+        pending, queued = deque(), 0
         try:
             for index, (tile_row, _) in enumerate(batches):
                 progress.check()
-                items = pending.popleft().result()
-                if queued < len(batches):
-                    pending.append(pool.submit(load, batches[queued][1]))
+                while queued < min(index + 1 + ahead, len(batches)):
+                    pending.append(pool.submit(load, batches[queued][1], on_read))
                     queued += 1
+                items = pending.popleft().result()
+                if readers:  # read in threads: counted here, in this thread
+                    for _ in items:
+                        count("read")
                 run = [item for item in items if np.any(item[3])]
                 probs = iter(predictor(*(np.stack([i[k] for i in run]) for k in (1, 2, 3)))) if run else None
                 for window, _, _, valid in items:
                     blender.add(window, next(probs) if np.any(valid) else None, valid)
-                done += len(items)
-                progress.update(done, total)
+                    count("blended")
                 if index + 1 == len(batches) or batches[index + 1][0] != tile_row:
                     # Tile row complete: rows above the next tile row are final.
                     end = row_starts[tile_row + 1] if tile_row + 1 < len(row_starts) else plan.height

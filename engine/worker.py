@@ -39,6 +39,8 @@ NEEDS = {
     "evaluate": ENGINE,
     "info": ("torch", "timm", "safetensors"),
     "assess": ("numpy", "rasterio", "shapely", "scipy", "pyproj", "osgeo"),
+    "check": ENGINE,
+    "detect_many": (*ENGINE, "dask", "distributed"),
 }
 PIP_NAMES = {"skimage": "scikit-image", "osgeo": "GDAL", "yaml": "pyyaml", "numpy": "numpy<2"}
 
@@ -139,8 +141,34 @@ def run_info(args: dict, emit) -> dict:
     return describe_model(args["model"])
 
 
+def run_check(args: dict, emit) -> dict:
+    """What an environment gives the engine (the set-up's last step), once its dependencies have imported."""
+    import torch
+
+    return {"python": sys.executable, "torch": torch.__version__, "cuda": torch.cuda.is_available(),
+            "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
+
+
+def run_detect_many(args: dict, emit) -> dict:
+    """``detect-many``: the pairs of a CSV file (``table``) or of two glob patterns; returns the summary's
+    files, the pairs counted by status and the failed pairs' errors."""
+    from collections import Counter
+
+    from geochange.engine.contracts import PAIR_FAILED, SUMMARY_FILES
+    from geochange.engine.many import detect_many
+    from geochange.engine.pairs import pairs_from
+
+    args = dict(args)
+    pairs = pairs_from(args.pop("table", None), args.pop("pre_glob", None), args.pop("post_glob", None))
+    out = Path(args.pop("out"))
+    rows = detect_many(pairs, args.pop("model"), out, progress=json_progress(emit), **args)
+    return {"summary": str(out / SUMMARY_FILES[0]), "table": str(out / SUMMARY_FILES[1]),
+            "counts": dict(Counter(row["status"] for row in rows)),
+            "failed": {row["name"]: row["error"] for row in rows if row["status"] == PAIR_FAILED}}
+
+
 TASKS = {"detect": run_detect, "vectorize": run_vectorize, "evaluate": run_evaluate, "info": run_info,
-         "assess": run_assess}
+         "assess": run_assess, "check": run_check, "detect_many": run_detect_many}
 
 
 def _engine_origin() -> str:

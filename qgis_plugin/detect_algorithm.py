@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from qgis import utils as qgis_utils
 from qgis.core import (
     QgsProcessing,
     QgsProcessingException,
@@ -10,19 +11,44 @@ from qgis.core import (
     QgsProcessingParameterRasterDestination,
     QgsProcessingParameterRasterLayer,
     QgsProcessingParameterVectorDestination,
+    QgsProject,
+    QgsRasterLayer,
 )
+from qgis.PyQt.QtCore import QCoreApplication, QThread
 
 from geochange.engine.bands import select_bands
 from geochange.engine.contracts import MASK_CHANGE, MASK_NO_CHANGE, MASK_NODATA, PROBABILITY_NODATA
-from geochange.engine.errors import GeoChangeError
+from geochange.engine.errors import GeoChangeError, OptionError
 from geochange.engine.header import read_metadata
-from geochange.engine.options import DETECT, names
+from geochange.engine.options import DETECT, DetectOptions, names
 from geochange.engine.zoo import resolve_model
 from geochange.qgis_plugin import styles
 from geochange.qgis_plugin.engine_algorithm import EngineAlgorithm, layer_file, overlap, same_raster, tr
 from geochange.qgis_plugin.parameters import (ENGINE_NOTES, MODEL_HELP, POLYGON_OUTPUTS_HELP, add_options, chosen_model,
-                                              model_parameters, option_help, option_values)
+                                              model_parameters, option_help, option_value, option_values)
 from geochange.qgis_plugin.worker_client import parameter_names
+
+
+def dialog_pair(project, active) -> tuple | None:
+    """The (pre, post) raster layers a dialog starts with: post the active layer, as Processing's own default
+    (the top raster layer of the layer panel when the active layer is no raster); pre the nearest raster of
+    another file below it in the layer panel (images are usually added in date order, the later one above),
+    else above it. None without two rasters: Processing's defaults then stand."""
+    rasters = [layer for layer in (node.layer() for node in project.layerTreeRoot().findLayers())
+               if isinstance(layer, QgsRasterLayer)]
+    ids = [layer.id() for layer in rasters]
+    at = ids.index(active.id()) if active is not None and active.id() in ids else 0
+    others = [layer for layer in rasters[at + 1:] + rasters[:at][::-1] if not same_raster(layer, rasters[at])]
+    return (others[0], rasters[at]) if others else None
+
+
+def _open_project_pair() -> tuple | None:
+    """``dialog_pair`` of the QGIS desktop's project and active layer; None elsewhere (scripts, qgis_process,
+    an algorithm made in a worker thread, where the project must not be read)."""
+    app = QCoreApplication.instance()
+    if qgis_utils.iface is None or app is None or QThread.currentThread() != app.thread():
+        return None
+    return dialog_pair(QgsProject.instance(), qgis_utils.iface.activeLayer())
 
 
 class DetectChangesAlgorithm(EngineAlgorithm):
@@ -63,8 +89,14 @@ class DetectChangesAlgorithm(EngineAlgorithm):
         return tr("change,detection,deep learning,difference,bitemporal,pytorch").split(",")
 
     def initAlgorithm(self, config=None):  # noqa: N802 (QGIS's name)
-        self.addParameter(QgsProcessingParameterRasterLayer("PRE", tr("Pre-change raster")))
-        self.addParameter(QgsProcessingParameterRasterLayer("POST", tr("Post-change raster")))
+        dates = [QgsProcessingParameterRasterLayer("PRE", tr("Pre-change raster")),
+                 QgsProcessingParameterRasterLayer("POST", tr("Post-change raster"))]
+        # Processing's dialog would start both dates on the active layer. The dialog's defaults only: a script
+        # that leaves PRE out is still refused.
+        for parameter, layer in zip(dates, _open_project_pair() or ()):
+            parameter.setGuiDefaultValueOverride(layer.id())
+        for parameter in dates:
+            self.addParameter(parameter)
         for parameter in model_parameters():
             self.addParameter(parameter)
         add_options(self)
@@ -77,12 +109,16 @@ class DetectChangesAlgorithm(EngineAlgorithm):
 
     def checkParameterValues(self, parameters, context):  # noqa: N802 (QGIS's name)
         """Checked before the run, in the dialog (at once, not after the engine has started) as in scripts:
-        one raster as both dates (both default to the active layer), which would only report no change
-        after the whole run; the model's file and the band counts it needs; whether the dates overlap."""
+        one raster as both dates (what a dialog shows in a project of one raster file), which would only report
+        no change after the whole run; the model's file and the band counts it needs; whether the dates overlap."""
         ok, message = super().checkParameterValues(parameters, context)
         pre, post = (self.parameterAsRasterLayer(parameters, name, context) for name in ("PRE", "POST"))
         if not ok or pre is None or post is None:
             return ok, message
+        try:  # a text field (a number or "model"): the engine's check, before the run
+            DetectOptions(resolution=option_value(self, parameters, context, "resolution"))
+        except OptionError as error:
+            return False, parameter_names(str(error), self.parameter_flags())
         if same_raster(pre, post):
             return False, tr("PRE and POST are the same raster ({}): choose the image from before the event and "
                              "the one from after it").format(pre.source())

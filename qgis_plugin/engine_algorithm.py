@@ -45,7 +45,7 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
     OPTIONS: list = []
     FLAGS: dict = {}  # the same for the algorithm's other engine arguments: {"--ignore-value": "IGNORE_VALUE"}
 
-    GROUPS = {"detection": "Change detection", "models": "Models"}
+    GROUPS = {"detection": "Change detection", "models": "Models", "setup": "Set-up"}
 
     def name(self):
         return self.NAME

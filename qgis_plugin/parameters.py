@@ -20,7 +20,7 @@ from qgis.core import (
     QgsProcessingParameterString,
 )
 
-from geochange.engine.options import spec
+from geochange.engine.options import number_or_word, spec
 from geochange.engine.zoo import zoo_index
 from geochange.qgis_plugin.engine_algorithm import tr
 
@@ -61,15 +61,15 @@ def model_parameters() -> list:
                                        fileFilter=tr(MODEL_FILTER), optional=True)]
 
 
-def chosen_model(algorithm, parameters, context) -> str:
-    """The zoo model's name, else the model file; one of them is needed."""
+def chosen_model(algorithm, parameters, context, required: bool = True) -> str | None:
+    """The zoo model's name, else the model file; one of them is needed where ``required`` (else None)."""
     choice = algorithm.parameterAsEnumString(parameters, "ZOO_MODEL", context)
     if choice and choice != NO_ZOO_MODEL:
         return choice
     model = algorithm.parameterAsFile(parameters, "MODEL", context)
-    if not model:
+    if not model and required:
         raise QgsProcessingException(tr("Choose a model from the zoo (ZOO_MODEL) or give a model file (MODEL)"))
-    return model
+    return model or None
 
 
 def option_parameter(name: str, **overrides) -> QgsProcessingParameterDefinition:
@@ -77,7 +77,9 @@ def option_parameter(name: str, **overrides) -> QgsProcessingParameterDefinition
     option = spec(name)
     meta, default = option.metadata, overrides.get("default", option.default)
     parameter, label, kind, optional = meta["parameter"], tr(meta["label"]), meta["kind"], default is None
-    if kind in ("int", "float"):
+    if meta["words"]:  # a number or a word (the resolution's "model"): QGIS 3.22's number fields take no word
+        made = QgsProcessingParameterString(parameter, label, defaultValue=default, optional=optional)
+    elif kind in ("int", "float"):
         bounds = {key: meta[key] for key in ("minimum", "maximum") if meta[key] is not None}
         number = QgsProcessingParameterNumber.Integer if kind == "int" else QgsProcessingParameterNumber.Double
         made = QgsProcessingParameterNumber(parameter, label, number, defaultValue=default, optional=optional,
@@ -106,6 +108,9 @@ def option_value(algorithm, parameters, context, name: str):
     """The engine's value of option ``name`` from its parameter (None where an optional one is empty)."""
     option = spec(name)
     parameter, kind = option.metadata["parameter"], option.metadata["kind"]
+    if option.metadata["words"]:  # a saved number comes back as its text
+        text = algorithm.parameterAsString(parameters, parameter, context).strip()
+        return number_or_word(text, option.metadata["words"]) if text else option.default
     if kind in ("int", "float"):
         if option.default is None and parameters.get(parameter) in (None, ""):
             return None

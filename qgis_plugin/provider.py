@@ -8,12 +8,14 @@ from geochange.qgis_plugin.assess_algorithm import AssessAccuracyAlgorithm
 from geochange.qgis_plugin.detect_algorithm import DetectChangesAlgorithm
 from geochange.qgis_plugin.evaluate_algorithm import EvaluateModelAlgorithm
 from geochange.qgis_plugin.info_algorithm import ModelInfoAlgorithm
+from geochange.qgis_plugin.many_algorithm import SCHEDULER_SETTING, DetectManyPairsAlgorithm
+from geochange.qgis_plugin.setup_algorithm import SetupEngineAlgorithm
 from geochange.qgis_plugin.train_algorithm import TrainModelAlgorithm
 from geochange.qgis_plugin.vectorize_algorithm import VectorizeChangesAlgorithm
-from geochange.qgis_plugin.worker_client import PLUGIN_ROOT, PYTHON_ENV, PYTHON_SETTING
+from geochange.qgis_plugin.worker_client import PLUGIN_ROOT, PYTHON_ENV, PYTHON_SETTING, SETUP_ALGORITHM
 
-ALGORITHMS = (DetectChangesAlgorithm, VectorizeChangesAlgorithm, TrainModelAlgorithm, EvaluateModelAlgorithm,
-              ModelInfoAlgorithm, AssessAccuracyAlgorithm)
+ALGORITHMS = (DetectChangesAlgorithm, DetectManyPairsAlgorithm, VectorizeChangesAlgorithm, TrainModelAlgorithm,
+              EvaluateModelAlgorithm, ModelInfoAlgorithm, AssessAccuracyAlgorithm, SetupEngineAlgorithm)
 
 
 def _processing_config():
@@ -45,16 +47,22 @@ class GeoChangeProvider(QgsProcessingProvider):
             config.settingIcons[self.name()] = self.icon()
             config.addSetting(setting(
                 self.name(), PYTHON_SETTING,
-                self.tr("Python interpreter for the engine (empty: ${}, else the .venv beside the plugin, "
-                        "else QGIS's Python)").format(PYTHON_ENV), "", valuetype=setting.FILE))
+                self.tr("Python interpreter for the engine (set by '{}'; empty: ${}, else the .venv beside the "
+                        "plugin, else QGIS's Python)").format(SETUP_ALGORITHM, PYTHON_ENV), "",
+                valuetype=setting.FILE))
+            config.addSetting(setting(
+                self.name(), SCHEDULER_SETTING,
+                self.tr("Dask scheduler for Detect changes in many pairs (tcp://HOST:8786; empty: a cluster "
+                        "on this computer)"), ""))
             config.readSettings()
         self.refreshAlgorithms()
         return True
 
     def unload(self):
         config, _ = _processing_config()
-        if config is not None and PYTHON_SETTING in config.settings:
-            config.removeSetting(PYTHON_SETTING)
+        for name in (PYTHON_SETTING, SCHEDULER_SETTING):
+            if config is not None and name in config.settings:
+                config.removeSetting(name)
 
     def loadAlgorithms(self):  # noqa: N802 (QGIS's name)
         for algorithm in ALGORITHMS:

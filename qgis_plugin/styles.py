@@ -2,7 +2,8 @@
 
 Probability: a pseudo-colour ramp over 0-1 whose legend says "change probability"; mask: changed pixels in
 red, everything else transparent; an accuracy assessment's agreement: TP green, FP red, FN blue; polygons: a
-red outline over a faint fill, labelled with their area at large scales, areas rounded in the attribute table.
+red outline over a faint fill, labelled with their area at large scales, areas rounded in the attribute table;
+the summary of many pairs: each footprint outlined in its status's colour.
 A run's layers are kept together in the layer tree in the order the algorithm gives, and named after the part
 of the input names that tells them apart.
 """
@@ -12,6 +13,7 @@ import re
 from collections import deque
 
 from qgis.core import (
+    QgsCategorizedSymbolRenderer,
     QgsColorRampShader,
     QgsEditorWidgetSetup,
     QgsFillSymbol,
@@ -24,6 +26,7 @@ from qgis.core import (
     QgsProcessingLayerPostProcessorInterface,
     QgsRasterShader,
     QgsRasterTransparency,
+    QgsRendererCategory,
     QgsSingleBandPseudoColorRenderer,
     QgsSingleSymbolRenderer,
     QgsTextBufferSettings,
@@ -32,7 +35,8 @@ from qgis.core import (
 )
 from qgis.PyQt.QtGui import QColor
 
-from geochange.engine.contracts import ASSESS_FN, ASSESS_FP, ASSESS_TP, MASK_CHANGE, MASK_NO_CHANGE
+from geochange.engine.contracts import (ASSESS_FN, ASSESS_FP, ASSESS_TP, MASK_CHANGE, MASK_NO_CHANGE, PAIR_DONE,
+                                        PAIR_FAILED, PAIR_PENDING, PAIR_SKIPPED)
 from geochange.qgis_plugin.engine_algorithm import tr
 
 CHANGE_COLOUR = QColor(227, 26, 28)
@@ -121,6 +125,19 @@ def style_polygons(layer, node) -> None:
     layer.setLabelsEnabled(True)
     # Whole units in the attribute table (the file keeps the computed areas).
     layer.setEditorWidgetSetup(layer.fields().indexOf(area), QgsEditorWidgetSetup("Range", {"Precision": 0}))
+    layer.triggerRepaint()
+
+
+# The summary of detect-many: each pair's footprint outlined in the colour of its status.
+SUMMARY_COLOURS = ((PAIR_DONE, QColor(26, 152, 80)), (PAIR_SKIPPED, QColor(33, 102, 172)), (PAIR_FAILED, CHANGE_COLOUR),
+                   (PAIR_PENDING, QColor(150, 150, 150)))
+
+
+def style_summary(layer, node) -> None:
+    categories = [QgsRendererCategory(status, QgsFillSymbol.createSimple({
+        "color": "0,0,0,0", "outline_color": colour.name(), "outline_width": "0.8", "outline_width_unit": "MM"}),
+        tr(status)) for status, colour in SUMMARY_COLOURS]
+    layer.setRenderer(QgsCategorizedSymbolRenderer("status", categories))
     layer.triggerRepaint()
 
 

@@ -8,6 +8,7 @@ out-of-memory kill) ends only the child.
 """
 from __future__ import annotations
 
+import functools
 import os
 import queue
 import re
@@ -29,6 +30,8 @@ PLUGIN_ROOT = Path(__file__).resolve().parent.parent
 PYTHON_SETTING = "GEOCHANGE_PYTHON"
 PYTHON_SETTING_KEY = "Processing/Configuration/" + PYTHON_SETTING
 PYTHON_ENV = "GEOCHANGE_PYTHON"
+# The algorithm that makes the engine's environment (setup_algorithm.py), which the missing-dependency error names.
+SETUP_ALGORITHM = "Set up the GeoChange engine"
 # Seconds a cancelled engine gets to clean up before it is killed.
 CANCEL_GRACE_S = 20.0
 # Loads the package ``geochange`` from this plugin's folder whatever the folder is called and whatever
@@ -36,10 +39,12 @@ CANCEL_GRACE_S = 20.0
 # the current folder (QGIS's, anyone's) first on sys.path: it is dropped before anything is imported,
 # so that a ``json.py`` or ``concurrent.py`` there never runs. (Not ``-I``: it would also drop the
 # PYTHONPATH and user site-packages that QGIS's own Python may need; not ``-P``: Python 3.11+ only.)
-BOOTSTRAP = """\
+DROP_CURRENT_FOLDER = """\
 import sys
 if sys.path and sys.path[0] == "":
     del sys.path[0]
+"""
+BOOTSTRAP = DROP_CURRENT_FOLDER + """\
 import importlib.util, runpy
 root, module = sys.argv.pop(1), sys.argv.pop(1)
 spec = importlib.util.spec_from_file_location("geochange", root + "/__init__.py",
@@ -54,16 +59,69 @@ SIGNAL_MEANINGS = {"SIGSEGV": "segmentation fault", "SIGABRT": "aborted", "SIGKI
                    "SIGBUS": "bus error", "SIGFPE": "arithmetic fault", "SIGILL": "illegal instruction"}
 
 
+# QGIS's own interpreter. Inside QGIS, ``sys.executable`` is not it: an embedded Python takes for its executable
+# the first "python3" on PATH (a pyenv shim, another installation's Python), and on Windows and macOS it may be
+# QGIS itself. What is QGIS's is the running interpreter's installation: ``sys.exec_prefix`` (a virtual
+# environment where one hosts QGIS) then ``sys.base_exec_prefix``, which hold bin/python3.X on Linux and macOS
+# (Debian: /usr/bin/python3.11; QGIS.app: Contents/MacOS/bin/python3.X or its Python.framework's) and python.exe
+# on Windows (OSGeo4W and the standalone installer: apps\Python3X\python.exe). ``sys.executable`` is the last
+# candidate. Each candidate is run: it is QGIS's when it is this very Python version (``sys.version_info``) and
+# imports GDAL's bindings (``osgeo``), as QGIS does.
+PROBE = DROP_CURRENT_FOLDER + """print("%d.%d.%d" % sys.version_info[:3], flush=True)
+import osgeo
+print("osgeo")
+"""
+PROBE_TIMEOUT_S = 60.0
+# Child processes get no console window of their own on Windows.
+NO_WINDOW = getattr(subprocess, "CREATE_NO_WINDOW", 0)
+
+
+def interpreter_problem(python: Path) -> str | None:
+    """Why ``python`` cannot stand for QGIS's own interpreter (see ``PROBE``); None when it can. Run with QGIS's
+    environment, which QGIS's interpreter keeps in the engine's process."""
+    if not python.is_file():
+        return "no such file"
+    try:
+        done = subprocess.run([str(python), "-c", PROBE], capture_output=True, text=True, timeout=PROBE_TIMEOUT_S,
+                              creationflags=NO_WINDOW)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"cannot be run ({e})"
+    lines, version = done.stdout.split(), "{}.{}.{}".format(*sys.version_info[:3])
+    if not lines:
+        return f"is no Python (exit status {done.returncode}: {done.stderr.strip()[-200:]})"
+    if lines[0] != version:
+        return f"is Python {lines[0]}, QGIS runs {version}"
+    return None if lines[-1] == "osgeo" else "cannot import GDAL's bindings (osgeo)"
+
+
+def _candidates() -> list[Path]:
+    homes = dict.fromkeys(Path(prefix) for prefix in (sys.exec_prefix, sys.base_exec_prefix))
+    names = (["python.exe", "python3.exe"] if os.name == "nt" else
+             ["bin/python{}.{}".format(*sys.version_info[:2]), "bin/python3"])
+    return list(dict.fromkeys([home / name for home in homes for name in names] + [Path(sys.executable)]))
+
+
+@functools.lru_cache(maxsize=None)
+def _qgis_python() -> tuple[Path | None, tuple[str, ...]]:
+    """QGIS's interpreter (None if no candidate passes) and why each one before it failed."""
+    refused = []
+    for candidate in _candidates():
+        problem = interpreter_problem(candidate)
+        if problem is None:
+            return candidate, tuple(refused)
+        refused.append(f"{candidate} {problem}")
+    return None, tuple(refused)
+
+
 def qgis_python() -> Path:
-    """The Python interpreter QGIS itself embeds (QGIS's ``sys.executable`` is often QGIS)."""
-    executable = Path(sys.executable)
-    if executable.name.lower().startswith("python"):
-        return executable
-    folder = Path(sys.base_exec_prefix)
-    candidates = ([folder / "python.exe", folder / "python3.exe"] if os.name == "nt" else
-                  [folder / "bin" / f"python{sys.version_info.major}.{sys.version_info.minor}",
-                   folder / "bin" / "python3"])
-    return next((c for c in candidates if c.exists()), candidates[-1])
+    """The Python interpreter QGIS itself runs (see ``PROBE``), found once per session."""
+    python, refused = _qgis_python()
+    if python is None:
+        raise QgsProcessingException(
+            "Cannot find the Python interpreter QGIS runs (Python {}.{}.{} with GDAL's bindings): {}. Choose an "
+            "interpreter in Settings > Options > Processing > Providers > GeoChange.".format(
+                *sys.version_info[:3], "; ".join(refused)))
+    return python
 
 
 def worker_python() -> tuple[Path, str]:
@@ -73,15 +131,35 @@ def worker_python() -> tuple[Path, str]:
         return Path(configured), "the GeoChange setting 'Python interpreter for the engine'"
     if os.environ.get(PYTHON_ENV, "").strip():
         return Path(os.environ[PYTHON_ENV].strip()), f"the environment variable {PYTHON_ENV}"
-    venv = PLUGIN_ROOT / ".venv" / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    venv = venv_python(PLUGIN_ROOT / ".venv")
     if venv.exists():
         return venv, "the .venv beside the plugin"
     return qgis_python(), "QGIS's own Python"
 
 
-def _worker_environment(python: Path) -> dict:
+def venv_python(folder: Path) -> Path:
+    """The interpreter of the virtual environment in ``folder``."""
+    return folder / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+def record_worker_python(python: Path) -> None:
+    """Make ``python`` the engine's interpreter: the setting ``worker_python`` reads first, written through
+    Processing's registry where it is loaded, so that its Options page shows the new value (and does not
+    write back the old one)."""
+    try:
+        from processing.core.ProcessingConfig import ProcessingConfig
+    except ImportError:  # Processing's Python plugin is not loaded: the setting is QgsSettings' alone
+        ProcessingConfig = None  # noqa: N806 (the class's name)
+    if ProcessingConfig is not None and PYTHON_SETTING in ProcessingConfig.settings:
+        ProcessingConfig.setSettingValue(PYTHON_SETTING, str(python))
+    else:
+        QgsSettings().setValue(PYTHON_SETTING_KEY, str(python))
+
+
+def engine_environment(python: Path) -> dict:
+    """The environment of a child process run by ``python``."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8")
-    if python != qgis_python():
+    if python != _qgis_python()[0]:
         # QGIS may point these at its own Python (e.g. on Windows); another interpreter must not inherit them.
         env.pop("PYTHONHOME", None)
         env.pop("PYTHONPATH", None)
@@ -98,7 +176,9 @@ def missing_dependency_message(error: contracts.EngineError, origin: str) -> str
         f"GeoChange needs Python packages that the interpreter running its engine lacks: "
         f"{', '.join(missing)}.",
         f"Interpreter: {python} (Python {error.version}), chosen by {origin}.",
-        "Install them into that interpreter with:",
+        f"Run '{SETUP_ALGORITHM}' (Processing Toolbox > GeoChange > Set-up) once: it makes an environment with "
+        "all of them on QGIS's Python and chooses it for every GeoChange algorithm.",
+        "Or install them into that interpreter yourself:",
         f"    {python} -m pip install {packages}",
     ]
     if not error.venv:
@@ -139,7 +219,8 @@ def _crash_message(task: str, returncode: int, python: Path, stderr: deque) -> s
     return text
 
 
-def _read_lines(stream, tag: str, lines: queue.Queue) -> None:
+def read_lines(stream, tag: str, lines: queue.Queue) -> None:
+    """Put each line of ``stream`` on ``lines`` as ``(tag, line)``, then ``(tag, None)`` at its end."""
     for line in stream:
         lines.put((tag, line.rstrip("\n")))
     lines.put((tag, None))
@@ -151,21 +232,24 @@ def parameter_names(message: str, options: dict) -> str:
     return re.sub(r"--[a-z][a-z0-9-]*", lambda m: options.get(m.group(), m.group()), message)
 
 
-def run_task(task: str, args: dict, feedback, outputs=(), options=None) -> dict:
+def run_task(task: str, args: dict, feedback, outputs=(), options=None,
+             interpreter: tuple[Path, str] | None = None) -> dict:
     """Run ``task`` with ``args`` in the engine process; its result dict, or QgsProcessingException.
 
     ``outputs`` are the files the task writes: if the process dies without cleaning up, their
     temporaries are removed here. ``options`` maps the command-line options that engine messages
-    name to the algorithm's parameters (see ``parameter_names``).
+    name to the algorithm's parameters (see ``parameter_names``). ``interpreter``: ``(python, where it comes
+    from)`` instead of ``worker_python``'s choice.
     """
-    python, origin = worker_python()
+    python, origin = interpreter or worker_python()
     if not python.exists():
         raise QgsProcessingException(f"The Python interpreter for the GeoChange engine, {python} (chosen by "
                                      f"{origin}), does not exist.")
     try:
         process = subprocess.Popen([str(python), "-c", BOOTSTRAP, str(PLUGIN_ROOT), contracts.WORKERS[task]],
                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                   encoding="utf-8", errors="replace", env=_worker_environment(python))
+                                   encoding="utf-8", errors="replace", env=engine_environment(python),
+                                   creationflags=NO_WINDOW)
     except OSError as e:
         raise QgsProcessingException(f"Cannot start the GeoChange engine with {python} ({origin}): {e}") from e
     with process:  # closes the pipes however this ends
@@ -176,7 +260,7 @@ def _follow(process, task, args, feedback, outputs, python, origin, options) -> 
     feedback.pushDebugInfo(f"GeoChange engine process {process.pid}: {python} ({origin}), task {task}")
     lines: queue.Queue = queue.Queue()
     for stream, tag in ((process.stdout, "out"), (process.stderr, "err")):
-        threading.Thread(target=_read_lines, args=(stream, tag, lines), daemon=True).start()
+        threading.Thread(target=read_lines, args=(stream, tag, lines), daemon=True).start()
     try:
         process.stdin.write(contracts.job_text(task, args))
         process.stdin.close()

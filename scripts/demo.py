@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from geochange.engine.atomic import atomic_path
-from geochange.engine.cli import OUTPUT_NAMES
-from geochange.engine.contracts import MASK_CHANGE
+from geochange.engine.contracts import MASK_CHANGE, OUTPUT_NAMES
 from geochange.engine.detect import detect
 from geochange.engine.errors import RasterError
 from geochange.engine.evaluate import change_label

@@ -7,6 +7,10 @@
 - ``docs/demo_layers.png``: the demo run through QGIS (``runAndLoadResults``, as the toolbox runs it):
   the post image under the styled change probability and the change polygons labelled with their area,
   rendered by QGIS's map renderer.
+- ``docs/assessment.png``: *Assess change accuracy* of that run's change mask against the tile's label, its
+  TP/FP/FN raster as QGIS styles it, over the post image.
+
+Pictures are saved in 256 indexed colours, which keeps them a fraction of their full-colour size.
 """
 from __future__ import annotations
 
@@ -66,16 +70,40 @@ def detect_dialog(pre, post, package: Path, out: Path) -> Path:
     dialog.show()
     for _ in range(5):
         QApplication.processEvents()
-    dialog.grab().save(str(out))
+    save_small(dialog.grab().toImage(), out)
     dialog.close()
+    return out
+
+
+def save_small(image, out: Path) -> None:
+    from qgis.PyQt.QtCore import Qt
+    from qgis.PyQt.QtGui import QImage
+
+    image.convertToFormat(QImage.Format_Indexed8, Qt.ThresholdDither).save(str(out), "PNG", 0)
+
+
+def render(layers: list, out: Path) -> Path:
+    """``layers`` (the first on top) drawn over the last one's extent, 1024 px wide."""
+    from qgis.core import QgsMapRendererParallelJob, QgsMapSettings
+    from qgis.PyQt.QtCore import QSize
+    from qgis.PyQt.QtGui import QColor
+
+    settings = QgsMapSettings()
+    settings.setLayers(layers)
+    settings.setDestinationCrs(layers[-1].crs())
+    settings.setExtent(layers[-1].extent())
+    settings.setOutputSize(QSize(1024, 1024))
+    settings.setBackgroundColor(QColor(255, 255, 255))
+    job = QgsMapRendererParallelJob(settings)
+    job.start()
+    job.waitForFinished()
+    save_small(job.renderedImage(), out)
     return out
 
 
 def demo_layers(pre, post, package: Path, folder: Path, device: str, out: Path) -> Path:
     import processing
-    from qgis.core import QgsMapRendererParallelJob, QgsMapSettings, QgsProject
-    from qgis.PyQt.QtCore import QSize
-    from qgis.PyQt.QtGui import QColor
+    from qgis.core import QgsProject
 
     results = processing.runAndLoadResults("geochange:detectchanges", {
         "PRE": pre, "POST": post, "MODEL": str(package), "DEVICE": device, "MIN_AREA": 20.0, "SIMPLIFY": 0.5,
@@ -86,18 +114,22 @@ def demo_layers(pre, post, package: Path, folder: Path, device: str, out: Path) 
     probability = layers["pre vs post: change probability"]
     probability.renderer().setOpacity(0.55)  # the imagery and the polygon outlines stay visible
     # Drawn top first: polygons over the probability over the post image (the mask stays in the project).
-    shown = [layers["pre vs post: change polygons"], probability, layers["post"]]
-    settings = QgsMapSettings()
-    settings.setLayers(shown)
-    settings.setDestinationCrs(layers["post"].crs())
-    settings.setExtent(layers["post"].extent())
-    settings.setOutputSize(QSize(1024, 1024))
-    settings.setBackgroundColor(QColor(255, 255, 255))
-    job = QgsMapRendererParallelJob(settings)
-    job.start()
-    job.waitForFinished()
-    job.renderedImage().save(str(out))
-    return out
+    return render([layers["pre vs post: change polygons"], probability, layers["post"]], out)
+
+
+def assessment(post, label: Path, folder: Path, out: Path) -> Path:
+    """The demo's change mask (loaded by ``demo_layers``) assessed against the label, as the toolbox runs it."""
+    import processing
+    from qgis.core import QgsProject
+
+    layers = {layer.name(): layer for layer in QgsProject.instance().mapLayers().values()}
+    results = processing.runAndLoadResults("geochange:assessaccuracy", {
+        "PREDICTION": layers["pre vs post: change mask"].id(), "REFERENCE": str(label),
+        "OUTPUT": str(folder / "accuracy.html"), "OUTPUT_RASTER": str(folder / "tpfpfn.tif")})
+    print("assessment: " + ", ".join(f"{name} {results[name]:.4f}" for name in ("F1", "IOU", "KAPPA")))
+    agreement = next(layer for layer in QgsProject.instance().mapLayers().values()
+                     if layer.name() == "pre vs post: change mask: TP/FP/FN")
+    return render([agreement, QgsProject.instance().mapLayer(post)], out)
 
 
 def main(argv=None) -> int:
@@ -117,6 +149,7 @@ def main(argv=None) -> int:
         package = demo_package(args.data)
         print(detect_dialog(pre.id(), post.id(), package, REPO / "docs" / "detect_dialog.png"))
         print(demo_layers(pre.id(), post.id(), package, folder, args.device, REPO / "docs" / "demo_layers.png"))
+        print(assessment(post.id(), tile / "label.tif", folder, REPO / "docs" / "assessment.png"))
         QgsProject.instance().clear()
         plugin.unload()
         app.exitQgis()

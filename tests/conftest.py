@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -132,6 +133,19 @@ def qgis_process(qgis_plugins_dir, tmp_path_factory):
     enabled = run("plugins", "enable", "geochange", timeout=120)
     assert enabled.returncode == 0, enabled.stdout + enabled.stderr
     return run
+
+
+@pytest.fixture(scope="session")
+def plugin_zip(tmp_path_factory) -> Path:
+    """``make plugin``'s zip, for "Install from ZIP"."""
+    folder = tmp_path_factory.mktemp("dist")
+    done = subprocess.run(["make", "-s", "plugin", f"DIST={folder}", f"PLUGIN_BUILD={folder / 'build'}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    version = re.search(r'^version = "(.+)"', (REPO / "pyproject.toml").read_text(), re.M).group(1)
+    path = folder / f"geochange-{version}.zip"
+    assert done.stdout.strip().endswith(path.name) and path.is_file()
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -183,7 +183,7 @@ def test_cli_refuses_an_overlap_as_large_as_the_tile_and_follows_threads(shared_
     assert run.returncode == 2 and "error: --batch must be a whole number at least 1 window, not 0" in run.stderr
     with pytest.raises(GeoChangeError, match="--batch must be a whole number at least 1 window, not 0"):
         detect(tile / "pre.tif", tile / "post.tif", random_package, **outputs(tmp_path / "api"), batch=0)
-    with pytest.raises(GeoChangeError, match="--resolution must be a number above 0, not -1"):
+    with pytest.raises(GeoChangeError, match="--resolution must be a number above 0 or model, not -1"):
         detect(tile / "pre.tif", tile / "post.tif", random_package, **outputs(tmp_path / "api"), resolution=-1.0)
     assert not (tmp_path / "api").exists() or not any((tmp_path / "api").iterdir())
     run = subprocess.run([*GEOCHANGE, "detect", str(tile / "pre.tif"), str(tile / "post.tif"), "--model",
@@ -290,21 +290,22 @@ def test_cancel_leaves_no_output(tmp_path, random_package, readers):
     data = np.random.default_rng(0).integers(0, 255, (3, 200, 200), dtype=np.uint8)
     pre, post = write_raster(tmp_path / "a.tif", data), write_raster(tmp_path / "b.tif", data[::-1].copy())
 
-    class CancelAfterFirstBatch(Progress):
-        calls, done, total = 0, 0, 0
+    class CancelOnceUnderWay(Progress):
+        percent = 0.0
 
         def update(self, done, total):
-            self.calls, self.done, self.total = self.calls + 1, done, total
+            self.percent = 100 * done / total
 
         def cancelled(self):
-            return self.calls > 1
+            return self.percent > 0
 
-    out, progress = tmp_path / "out", CancelAfterFirstBatch()
+    out, progress = tmp_path / "out", CancelOnceUnderWay()
     with pytest.raises(Cancelled):
         detect(pre, post, random_package, **outputs(out), tile=64, overlap=16, batch=2, readers=readers,
                progress=progress)
     assert not out.exists() or list(out.iterdir()) == []
-    assert (progress.done, progress.total) == (2, 16)  # the cancel came before the second batch
+    # The cancel came before the second batch: the first's 2 of 16 windows are 95 % of the run's time here.
+    assert 0 < progress.percent < 100 * 3 / 16
 
 
 def test_cli_stopped_by_sigterm_cancels_and_leaves_nothing(tmp_path, shared_data, random_package):
@@ -422,3 +423,116 @@ def test_the_default_tile_is_the_one_the_package_records(tinycd_package, shared_
     assert np.array_equal(probabilities["recorded"], probabilities["given"])
     assert np.array_equal(probabilities["none recorded"], probabilities["512"])
     assert not np.array_equal(probabilities["recorded"], probabilities["512"])
+
+
+class Fractions(Progress):
+    def __init__(self):
+        self.values = []
+
+    def update(self, done, total):
+        self.values.append(done / total)
+
+
+@pytest.mark.parametrize("readers", [0, 2])
+def test_progress_moves_window_by_window_and_ends_at_one(shared_data, random_package, tmp_path, readers):
+    """The 1024² tile in 9 windows of 512 px, run in 3 batches of 3: an update as each window is read (in
+    this thread, or as its batch comes from a reader thread) and as it is run, then as rows are written and
+    the outputs finished; never back, from 0 to exactly 1."""
+    tile, progress = shared_data / "levir_tile_georef", Fractions()
+    detect(tile / "pre.tif", tile / "post.tif", random_package, **outputs(tmp_path), tile=512, overlap=64,
+           readers=readers, progress=progress)
+    values = progress.values
+    assert values[0] == 0 and values[-1] == 1 and all(a <= b for a, b in zip(values, values[1:]))
+    assert len(set(values)) >= 2 * 9 + 2, values
+
+
+def test_a_single_window_shows_the_phases_of_its_run(levir_crop, random_package, tmp_path):
+    """One window: read, run, its rows written, the polygons and the two COGs finished; measured 2.8, 92.7,
+    96.8, 97.9 and 98.9 % before 100."""
+    progress = Fractions()
+    detect(levir_crop["pre"], levir_crop["post"], random_package, **outputs(tmp_path), tile=256, progress=progress)
+    inner = [value for value in progress.values if 0 < value < 1]
+    assert len(inner) >= 4 and inner[0] < 0.1 and progress.values[-1] == 1, progress.values
+
+
+@pytest.fixture(scope="module")
+def levir_2m(shared_data, tmp_path_factory) -> dict:
+    """The LEVIR tile's dates at 4 times coarser pixels (about 2.2 m), each the mean of the 4 x 4 it covers."""
+    from rasterio.enums import Resampling
+
+    folder, paths = tmp_path_factory.mktemp("levir_2m"), {}
+    for name in ("pre", "post"):
+        with rasterio.open(shared_data / "levir_tile_georef" / f"{name}.tif") as src:
+            shape = (src.count, src.height // 4, src.width // 4)
+            profile = {"driver": "GTiff", "count": src.count, "dtype": src.dtypes[0], "crs": src.crs,
+                       "width": shape[2], "height": shape[1], "transform": src.transform * src.transform.scale(4, 4)}
+            paths[name] = folder / f"{name}_2m.tif"
+            with rasterio.open(paths[name], "w", **profile) as dst:
+                dst.write(src.read(out_shape=shape, resampling=Resampling.average))
+    return paths
+
+
+def test_resolution_model_finds_at_coarse_pixels_what_the_model_finds_at_its_own(levir_run, levir_2m, tinycd_package,
+                                                                                tmp_path):
+    """At 2.2 m (4.4 times the model's 0.5 m) the LEVIR model finds nothing, and says why; read at its pixel
+    size it finds most buildings of the native run, none elsewhere, on the 2.2 m grid."""
+    import shapely
+
+    native_out = levir_run[0]
+    pair = [str(levir_2m["pre"]), str(levir_2m["post"])]
+    common = ["--model", str(tinycd_package), "--tile", "512", "--overlap", "64", "--batch", "2", "--device", "cpu"]
+    plain = subprocess.run([*GEOCHANGE, "detect", *pair, *common, "--out", str(tmp_path / "plain")],
+                           capture_output=True, text=True, timeout=600)
+    assert plain.returncode == 0, plain.stderr
+    assert "0 change polygons" in plain.stdout and "(4.4 times coarser)" in plain.stdout
+    assert "--resolution model reads both dates at the model's pixel size" in plain.stdout
+    run = subprocess.run([*GEOCHANGE, "detect", *pair, *common, "--resolution", "model", "--out", str(tmp_path / "m")],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert "both dates read at the model's 0.5 m pixels" in run.stdout and "1137x1137 px in EPSG:4326" in run.stdout
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["change_mask.tif", "change_polygons.gpkg",
+                                                                  "change_probability.tif"]
+    with rasterio.open(tmp_path / "m" / "change_mask.tif") as m, rasterio.open(levir_2m["pre"]) as pre:
+        assert (m.crs, m.transform, m.shape) == (pre.crs, pre.transform, pre.shape)
+        assert set(np.unique(m.read(1))) == {0, 255}
+
+    def polygons(folder):
+        source = ogr.Open(str(folder / "change_polygons.gpkg"))
+        return [shapely.from_wkb(bytes(f.GetGeometryRef().ExportToWkb())) for f in source.GetLayer(0)]
+
+    native, coarse = polygons(native_out), polygons(tmp_path / "m")
+    found = shapely.STRtree(coarse).query(native, predicate="intersects")[0]
+    true = shapely.STRtree(native).query(coarse, predicate="intersects")[0]
+    # Measured: 95 of the 130 native polygons found by 96 polygons, each of which touches a native one.
+    assert len(set(found)) >= 0.65 * len(native) and len(set(true)) >= 0.95 * len(coarse)
+
+
+def test_a_cancel_during_the_cog_copies_stops_them_and_leaves_nothing(tmp_path):
+    from rasterio.crs import CRS
+
+    from geochange.engine.grid import Grid
+    from geochange.engine.outputs import ChangeWriter
+
+    grid = Grid(CRS.from_epsg(32614), from_origin(630000, 3340000, 0.5, 0.5), 2048, 2048)
+    out = tmp_path / "out"
+    writer = ChangeWriter(grid, **outputs(out), threshold=0.5)
+    probability = np.zeros((2048, 2048), np.float32)
+    probability[100:300, 100:300] = 0.9
+    writer.write_rows(0, probability, np.ones(probability.shape, bool))
+
+    class CancelInTheFirstCopy(Progress):
+        def __init__(self):
+            self.copying, self.seen = False, []
+
+        def update(self, done, total):  # steps: the polygons, then each raster's copy
+            self.seen.append((done, total))
+            self.copying = done > 1
+
+        def cancelled(self):
+            return self.copying
+
+    progress = CancelInTheFirstCopy()
+    with pytest.raises(Cancelled):
+        writer.close(progress)
+    assert any(1 < done < 2 for done, _ in progress.seen), progress.seen  # GDAL reported the copy as it went
+    assert not out.exists() or list(out.iterdir()) == []

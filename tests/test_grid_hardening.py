@@ -180,9 +180,9 @@ def test_pixels_far_from_the_model_s_are_pointed_out(levir_crop, tinycd_package)
             DetectOptions(device="cpu", resolution=10 / 111_320), progress=coarse)
     assert not any("the model was trained on" in line for line in native.lines), native.lines
     [warning] = [line for line in coarse.lines if "the model was trained on 0.5 m pixels" in line]
-    assert "(18.6 times coarser)" in warning
+    assert "(18.6 times coarser)" in warning and "--resolution model reads both dates at the model's" in warning
     # The resolution it suggests (degrees here) gives the model's 0.5 m pixels: no warning then.
-    suggested, at_model = float(warning.split("--resolution ")[1].split()[0]), Log()
+    suggested, at_model = float(warning.split("(--resolution ")[1].split()[0]), Log()
     setup = prepare(levir_crop["pre"], levir_crop["post"], tinycd_package,
                     DetectOptions(device="cpu", resolution=suggested), progress=at_model)
     assert setup.grid.pixel_metres() == pytest.approx(0.5, rel=1e-4)

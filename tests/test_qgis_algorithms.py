@@ -54,8 +54,9 @@ def small_dataset(shared_data, tmp_path_factory) -> Path:
 
 def test_every_algorithm_is_registered_with_a_complete_help(geochange_provider):
     ids = {a.id() for a in geochange_provider.algorithms()}
-    assert ids == {"geochange:detectchanges", "geochange:vectorizechanges", "geochange:trainmodel",
-                   "geochange:evaluatemodel", "geochange:modelinfo", "geochange:assessaccuracy"}
+    assert ids == {"geochange:detectchanges", "geochange:detectmanypairs", "geochange:vectorizechanges",
+                   "geochange:trainmodel", "geochange:evaluatemodel", "geochange:modelinfo",
+                   "geochange:assessaccuracy", "geochange:setupengine"}
     for algorithm in geochange_provider.algorithms():
         text = algorithm.shortHelpString()
         assert len(text) > 300
@@ -255,6 +256,63 @@ def test_train_in_qgis_then_resume_through_qgis_process(geochange_provider, qgis
     assert manifest_of(tmp_path / "smoke3.safetensors")["training"]["iteration"] == results["BEST_ITERATION"]
     with open(work / "train_log.csv", newline="") as f:
         assert [row["iteration"] for row in csv.DictReader(f)] == ["1", "2", "3"]  # resumed, not restarted
+
+
+def test_the_train_dialog_offers_the_registry_s_architectures(geochange_provider):
+    from geochange.engine.architectures import architecture_names
+    from geochange.engine.models import list_models
+    from geochange.qgis_plugin.train_algorithm import FROM_START
+
+    assert architecture_names() == tuple(list_models())  # read from the source without torch: the registry's
+    algorithm = geochange_provider.algorithm("trainmodel")
+    assert algorithm.parameterDefinition("ARCHITECTURE").options() == [FROM_START, *list_models()]
+
+
+def test_train_from_the_dialog_without_a_configuration(geochange_provider, small_dataset, tmp_path):
+    """Dataset folder, architecture, iterations, crop and batch: the trainer's defaults do the rest, and the
+    package is one the engine loads, recording what the dialog chose."""
+    from geochange.engine.package import load_package
+
+    dialog = {"DATASET": str(small_dataset), "VAL_SHARE": 0.5, "ARCHITECTURE": "tinycd", "ITERATIONS": 2,
+              "CROP_SIZE": 64, "BATCH_SIZE": 2, "OVERRIDES": "data.workers=0",
+              "OUTPUT": str(tmp_path / "mine.safetensors")}
+    for left_out in ("DATASET", "ITERATIONS", "ARCHITECTURE"):  # refused at once, naming what is missing
+        with pytest.raises(QgsProcessingException, match=r"Without a training configuration \(CONFIG\), give a "
+                                                         r"dataset \(DATASET\), the ITERATIONS, and an ARCHITECTURE"):
+            run_algorithm("geochange:trainmodel", {k: v for k, v in dialog.items() if k != left_out})
+    results = run_algorithm("geochange:trainmodel", dialog)
+    assert results["BEST_ITERATION"] == 2 and Path(results["WORK_FOLDER"]) == tmp_path / "runs" / "mine"
+    package = load_package(tmp_path / "mine.safetensors")
+    manifest = package.manifest
+    assert manifest["architecture"] == "tinycd" and manifest["tile"] == 64
+    config = manifest["training"]["config"]
+    assert (config["name"], config["schedule"]["iterations"], config["schedule"]["warmup"], config["data"]["batch"],
+            config["augment"]["crop"]["size"]) == ("mine", 2, 0, 2, 64)
+    assert config["data"]["datasets"] == [{"root": str(small_dataset), "split": {"val": 0.5, "seed": 0}}]
+    assert (manifest["training"]["data"]["train"], manifest["training"]["data"]["val"]) == (1, 1)
+
+
+def test_fine_tune_a_zoo_model_from_the_dialog(geochange_provider, shared_data, tmp_path):
+    """A zoo model to start from gives the architecture and its inputs (here an optical-SAR pair)."""
+    from geochange.engine.package import load_package
+    from geochange.engine.zoo import zoo_path
+
+    if "tinycd_flood" not in zoo_index():
+        pytest.skip("the zoo has no tinycd_flood")
+    tiles = shared_data / "ombria_full" / "test"
+    root = tmp_path / "floods"
+    for folder in ("A", "B", "label"):
+        (root / folder).mkdir(parents=True)
+        for name in sorted(p.name for p in (tiles / "A").iterdir())[:3]:
+            (root / folder / name).symlink_to(tiles / folder / name)
+    results = run_algorithm("geochange:trainmodel", {
+        "DATASET": str(root), "VAL_SHARE": 0.34, "ZOO_MODEL": "tinycd_flood", "ITERATIONS": 1, "CROP_SIZE": 64,
+        "BATCH_SIZE": 2, "OVERRIDES": "data.workers=0", "OUTPUT": str(tmp_path / "floods.safetensors")})
+    assert results["BEST_ITERATION"] == 1
+    manifest = load_package(tmp_path / "floods.safetensors").manifest
+    assert manifest["architecture"] == "tinycd"
+    assert manifest["inputs"]["post"]["modality"] == "sar" and manifest["inputs"]["post"]["replicate"] == 3
+    assert manifest["training"]["config"]["model"]["init"] == str(zoo_path("tinycd_flood").resolve())
 
 
 # --- Inside a Processing model ---------------------------------------------------------------------

@@ -7,7 +7,6 @@ import json
 import re
 import subprocess
 import zipfile
-from pathlib import Path
 
 import pytest
 
@@ -20,18 +19,6 @@ METADATA_KEYS = {"name", "qgisMinimumVersion", "version", "description", "about"
                  "tracker", "tags", "icon", "experimental", "hasProcessingProvider"}
 
 
-@pytest.fixture(scope="module")
-def plugin_zip(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("dist")
-    done = subprocess.run(["make", "-s", "plugin", f"DIST={folder}", f"PLUGIN_BUILD={folder / 'build'}"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stdout + done.stderr
-    version = re.search(r'^version = "(.+)"', (REPO / "pyproject.toml").read_text(), re.M).group(1)
-    path = folder / f"geochange-{version}.zip"
-    assert done.stdout.strip().endswith(path.name) and path.is_file()
-    return path
-
-
 def test_the_zip_holds_one_plugin_folder_of_runtime_files(plugin_zip):
     with zipfile.ZipFile(plugin_zip) as zf:
         names = zf.namelist()
@@ -40,8 +27,9 @@ def test_the_zip_holds_one_plugin_folder_of_runtime_files(plugin_zip):
         metadata.read_string(zf.read("geochange/metadata.txt").decode("utf-8"))
         icon = zf.read("geochange/" + metadata["general"]["icon"])
     assert {n.split("/")[0] for n in names} == {"geochange"}
-    for needed in ("__init__.py", "metadata.txt", "qgis_plugin/provider.py", "qgis_plugin/worker_client.py",
-                   "engine/worker.py", "engine/detect.py", "engine/models/tinycd.py", "trainer/__init__.py"):
+    for needed in ("__init__.py", "metadata.txt", "requirements.txt", "qgis_plugin/provider.py",
+                   "qgis_plugin/worker_client.py", "engine/worker.py", "engine/detect.py", "engine/models/tinycd.py",
+                   "trainer/__init__.py"):
         assert f"geochange/{needed}" in names
     for name in names:  # no tests, venv, benchmarks, docs, scripts, caches or packaging leftovers
         assert not re.search(r"(^|/)(tests|\.venv|bench|docs|scripts|build|dist|__pycache__|demo_out)/|\.pyc$",

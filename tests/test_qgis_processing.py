@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -240,6 +241,101 @@ def test_one_raster_as_both_dates_is_refused_before_the_run(geochange_provider, 
     assert not (tmp_path / "out").exists()
 
 
+class DesktopInterface:
+    """What the dialog's defaults read of the QGIS desktop's ``iface``."""
+
+    def __init__(self, active):
+        self.active = active
+
+    def activeLayer(self):  # noqa: N802 (QGIS's name)
+        return self.active
+
+
+def test_the_dialog_starts_pre_on_another_raster_than_post(geochange_provider, levir_crop, monkeypatch):
+    """Post is the active raster (Processing's default), pre the nearest raster of another file below it in the
+    layer panel, else above; the layers of one file, a vector active layer and scripts are taken care of."""
+    from qgis import utils
+    from qgis.core import QgsProject
+
+    from geochange.qgis_plugin.detect_algorithm import dialog_pair
+
+    def layers(project, *names_and_files):
+        """Layers put in the layer panel in the order given, from the top."""
+        made = [QgsRasterLayer(str(levir_crop[file]), name) if file else
+                QgsVectorLayer("Polygon?crs=EPSG:4326", name, "memory") for name, file in names_and_files]
+        for layer in reversed(made):
+            project.addMapLayer(layer, False)
+            project.layerTreeRoot().insertLayer(0, layer)
+        return made
+
+    def names(pair):
+        return pair and [layer.name() for layer in pair]
+
+    project = QgsProject()  # its own: the session's project holds other tests' layers
+    notes, post, post_again, pre = layers(project, ("notes", None), ("post", "post"), ("post again", "post"),
+                                          ("pre", "pre"))
+    assert names(dialog_pair(project, post)) == ["pre", "post"]  # "post again" is post's file
+    assert names(dialog_pair(project, pre)) == ["post again", "pre"]  # nothing below: above
+    assert names(dialog_pair(project, notes)) == ["pre", "post"]  # no raster active: the top one
+    assert names(dialog_pair(project, None)) == ["pre", "post"]
+    project.removeMapLayer(pre.id())
+    assert dialog_pair(project, post) is None  # one file: Processing's defaults stand
+
+    # Through the algorithm as the toolbox makes it: the desktop's project and active layer.
+    desktop = QgsProject.instance()
+    post, pre = layers(desktop, ("post", "post"), ("pre", "pre"))
+    try:
+        monkeypatch.setattr(utils, "iface", DesktopInterface(post))
+        algorithm = QgsApplication.processingRegistry().createAlgorithmById(ALGORITHM)
+        assert [algorithm.parameterDefinition(name).guiDefaultValueOverride() for name in ("PRE", "POST")] == [
+            pre.id(), post.id()]
+        monkeypatch.setattr(utils, "iface", None)  # scripts and qgis_process: PRE stays required
+        algorithm = QgsApplication.processingRegistry().createAlgorithmById(ALGORITHM)
+        assert algorithm.parameterDefinition("PRE").defaultValueForGui() is None
+    finally:
+        desktop.removeMapLayers([pre.id(), post.id()])
+
+
+DIALOG = """
+import os, sys
+os.environ["QT_QPA_PLATFORM"] = "offscreen"
+os.environ["GDAL_PAM_ENABLED"] = "NO"
+sys.path.insert(0, {plugins!r})
+from qgis.core import QgsApplication, QgsProject, QgsRasterLayer
+app = QgsApplication([], True, {profile!r})
+app.initQgis()
+sys.path.append("/usr/share/qgis/python/plugins")
+from processing.core.Processing import Processing
+Processing.initialize()
+import geochange
+plugin = geochange.classFactory(None)
+plugin.initProcessing()
+pre, post = QgsRasterLayer({pre!r}, "pre"), QgsRasterLayer({post!r}, "post")
+QgsProject.instance().addMapLayers([pre, post])  # the panel from the top: post, pre
+from qgis.gui import QgsMapCanvas
+class Desktop:
+    canvas = QgsMapCanvas()
+    def activeLayer(self): return post
+    def mapCanvas(self): return self.canvas
+    def browserModel(self): return None
+import qgis.utils, processing.gui.ParametersPanel
+qgis.utils.iface = processing.gui.ParametersPanel.iface = Desktop()
+from processing.gui.AlgorithmDialog import AlgorithmDialog
+dialog = AlgorithmDialog(QgsApplication.processingRegistry().createAlgorithmById("geochange:detectchanges"))
+for name in ("PRE", "POST"):
+    print(name, QgsProject.instance().mapLayer(dialog.mainWidget().wrappers[name].parameterValue()).name())
+"""
+
+
+def test_the_toolbox_dialog_shows_those_defaults(qgis_plugins_dir, levir_crop, tmp_path):
+    """Processing's own dialog (QGIS 3.22's widgets take the parameters' GUI defaults), with the active layer
+    given as the desktop gives it; without the defaults both dates would show it."""
+    script = DIALOG.format(plugins=str(qgis_plugins_dir), profile=str(tmp_path), pre=str(levir_crop["pre"]),
+                           post=str(levir_crop["post"]))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0 and "PRE pre\nPOST post\n" in done.stdout, done.stdout + done.stderr
+
+
 def test_an_area_of_interest_from_a_memory_layer(geochange_provider, levir_crop, tinycd_package, tmp_path):
     """A layer that is no file (drawn in QGIS) is written out for the engine: the outputs cover its bounds."""
     with rasterio.open(levir_crop["pre"]) as src:
@@ -340,3 +436,47 @@ def test_cancel_leaves_no_output(geochange_provider, levir_crop, tinycd_package,
     # The engine process caught the SIGTERM and unwound (its finally blocks ran), it was not killed.
     assert "stopped cleanly" in str(raised.value)
     assert list(tmp_path.iterdir()) == []
+
+
+class Progress(QgsProcessingFeedback):
+    """The percentages and lines the engine gives the algorithm's feedback."""
+
+    def __init__(self):
+        super().__init__()
+        self.percents: list[float] = []
+        self.lines: list[str] = []
+        self.progressChanged.connect(self.percents.append)
+
+    def pushInfo(self, text):  # noqa: N802 (QGIS's name)
+        self.lines.append(text)
+
+
+def test_the_feedback_moves_window_by_window_and_through_a_single_window(geochange_provider, levir_crop,
+                                                                         tinycd_package, tmp_path):
+    """9 windows of 128 px: at least one move a window, never back, ending at 100; one window of 256 px:
+    values between 0 and 100 (its reading, the model, the rows written, the outputs finished)."""
+    for name, tile, windows in (("nine", 128, 9), ("one", 256, 1)):
+        feedback = Progress()
+        run_algorithm(ALGORITHM, {"PRE": str(levir_crop["pre"]), "POST": str(levir_crop["post"]),
+                                  "MODEL": str(tinycd_package), "DEVICE": "cpu", "TILE_SIZE": tile, "OVERLAP": 32,
+                                  **outputs_in(tmp_path / name)}, feedback)
+        percents = feedback.percents
+        assert percents[-1] == 100 and all(a <= b for a, b in zip(percents, percents[1:])), percents
+        assert len({p for p in percents if 0 < p < 100}) >= max(windows, 3), percents
+
+
+def test_the_resolution_parameter_takes_model(geochange_provider, levir_crop, tinycd_package, tmp_path):
+    """RESOLUTION model reads the crop's ~0.55 m pixels at the model's 0.5 m and writes on the crop's grid; a
+    text that is neither a number nor model is refused before the run, in QGIS's names."""
+    feedback = Progress()
+    parameters = {"PRE": str(levir_crop["pre"]), "POST": str(levir_crop["post"]), "MODEL": str(tinycd_package),
+                  "DEVICE": "cpu", "RESOLUTION": "model", **outputs_in(tmp_path / "model")}
+    results = run_algorithm(ALGORITHM, parameters, feedback)
+    assert any(line.startswith("both dates read at the model's 0.5 m pixels") for line in feedback.lines)
+    mask, label = gdal.Open(results["OUTPUT_MASK"]), gdal.Open(str(levir_crop["label"]))
+    assert (mask.RasterXSize, mask.RasterYSize) == (label.RasterXSize, label.RasterYSize)
+    assert np.allclose(mask.GetGeoTransform(), label.GetGeoTransform())
+    assert change_f1(read_band(results["OUTPUT_MASK"]), read_band(levir_crop["label"])) >= 0.85
+    with pytest.raises(QgsProcessingException, match="RESOLUTION must be a number above 0 or model, not 'fine'"):
+        run_algorithm(ALGORITHM, {**parameters, "RESOLUTION": "fine", **outputs_in(tmp_path / "fine")})
+    assert not (tmp_path / "fine").exists()

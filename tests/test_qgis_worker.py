@@ -111,6 +111,7 @@ def test_qgis_process_loads_without_torch_and_says_what_to_install(qgis_process,
     assert "lacks: numpy, torch, timm, safetensors, rasterio, shapely, scipy, pyproj, osgeo" in text, text
     assert (f'{python_without_torch} -m pip install "numpy<2" torch timm safetensors rasterio shapely '
             "scipy pyproj") in text
+    assert "Run 'Set up the GeoChange engine' (Processing Toolbox > GeoChange > Set-up) once" in text
     assert "python3-gdal" in text  # GDAL's bindings come from the system
     assert "chosen by the environment variable GEOCHANGE_PYTHON" in text
     assert "Processing > Providers > GeoChange" in text

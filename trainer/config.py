@@ -312,9 +312,21 @@ def apply_override(raw: dict, path: list[str], value) -> None:
             node = node[part]
 
 
-def load(path: str | os.PathLike, overrides: list[str] = ()) -> dict:
-    """Read a YAML config, apply ``key=value`` overrides, validate."""
-    path = Path(path)
+def load(path: str | os.PathLike | None, overrides: list[str] = ()) -> dict:
+    """Read a YAML config, apply ``key=value`` overrides, validate. ``path`` None: no file, the overrides over the
+    defaults (they must give the required keys)."""
+    raw = {} if path is None else _read(Path(path))
+    for text in overrides:
+        apply_override(raw, *parse_override(text))
+    try:
+        return validate(raw)
+    except ConfigError as e:
+        if path is None:
+            raise
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def _read(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
     try:
@@ -323,12 +335,7 @@ def load(path: str | os.PathLike, overrides: list[str] = ()) -> dict:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a config must be a mapping of sections")
-    for text in overrides:
-        apply_override(raw, *parse_override(text))
-    try:
-        return validate(raw)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+    return raw
 
 
 def derive(cfg: dict, update: dict) -> dict:

@@ -67,7 +67,8 @@ class TrainingFollower:
 
 
 def run_train(args: dict, emit) -> dict:
-    """Train a config (with ``--set`` style overrides) and copy the best package to ``package``."""
+    """Train a config (with ``--set`` style overrides; without one, the overrides over the defaults) and copy
+    the best package to ``package``."""
     from geochange.engine.process import configure_process
     from geochange.trainer.config import load
     from geochange.trainer.loop import Trainer
@@ -75,9 +76,9 @@ def run_train(args: dict, emit) -> dict:
     overrides = list(args.get("overrides", []))
     if args.get("work_dir"):
         overrides.append(f"work_dir={json.dumps(str(args['work_dir']))}")
-    config = Path(args["config"]).resolve()
-    # Relative paths in the config (datasets, weights, work_dir) are taken from the config's folder.
-    configure_process(folder=config.parent)
+    config = Path(args["config"]).resolve() if args.get("config") else None
+    # Relative paths (datasets, weights, work_dir) are taken from the config's folder, else the package's.
+    configure_process(folder=(config or Path(args["package"]).resolve()).parent)
     cfg = load(config, overrides)
     trainer = Trainer(cfg)
     emit(log_line(f"training {cfg['name']} ({cfg['model']['architecture']}) for {cfg['schedule']['iterations']} "

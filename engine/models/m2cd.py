@@ -49,7 +49,7 @@ class MiTMoEEncoder(nn.Module):
         self.backbone = timm.create_model(variant, pretrained=False, in_chans=in_chans, num_classes=0,
                                           mlp_ratios=4, drop_path_rate=drop_path_rate)
         self.widths = tuple(info["num_chs"] for info in self.backbone.feature_info)
-        self.moe = nn.ModuleList(MixtureOfExperts(c, num_experts, top_k, every_expert_on_gpu=True)
+        self.moe = nn.ModuleList(MixtureOfExperts(c, num_experts, top_k, every_expert_in_graphs=True)
                                  for c in self.widths) if moe else None
 
     def forward(self, x: torch.Tensor, branches: int = 1) -> tuple[list[torch.Tensor], torch.Tensor]:

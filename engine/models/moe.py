@@ -69,16 +69,16 @@ class MixtureOfExperts(nn.Module):
     load-balancing loss, computed for each of ``branches`` equal consecutive blocks of the batch (the
     Siamese paths run as one batch, the authors' loss is per path) and summed.
     Training adds the learned Gaussian noise to the gate logits; evaluation gates on the clean
-    logits, so it is deterministic. ``every_expert_on_gpu``: at inference on a GPU, mix with
-    ``_mix_all`` (see there).
+    logits, so it is deterministic. ``every_expert_in_graphs``: at inference in a static graph (a CUDA
+    graph, torch.compile, a model traced for export), mix with ``_mix_all`` (see there).
     """
 
     def __init__(self, channels: int, num_experts: int = 4, top_k: int = 2, hidden_ratio: int = 4,
-                 noisy: bool = True, balance_weight: float = 0.01, every_expert_on_gpu: bool = False):
+                 noisy: bool = True, balance_weight: float = 0.01, every_expert_in_graphs: bool = False):
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be in 1..{num_experts}, got {top_k}")
-        self.num_experts, self.top_k, self.every_expert_on_gpu = num_experts, top_k, every_expert_on_gpu
+        self.num_experts, self.top_k, self.every_expert_in_graphs = num_experts, top_k, every_expert_in_graphs
         self.noisy, self.balance_weight = noisy, balance_weight
         self.gate = CosineTopKGate(channels, num_experts)
         self.noise = nn.Parameter(torch.zeros(channels, num_experts))  # std = softplus(x @ noise) + 0.01
@@ -169,5 +169,8 @@ class MixtureOfExperts(nn.Module):
         per_branch = (branches, -1, self.num_experts)
         balance = load_balancing_loss(routing.gates.view(per_branch).sum(1),
                                       routing.load.view(per_branch).sum(1), self.balance_weight)
-        mix = self._mix_all if self.every_expert_on_gpu and x.is_cuda and not self.training else self._mix
+        # A GPU runs as a captured CUDA graph; a trace (for export) or torch.compile's graph would freeze
+        # ``_mix``'s group sizes or break at them.
+        static = x.is_cuda or torch.jit.is_tracing() or torch.compiler.is_compiling()
+        mix = self._mix_all if self.every_expert_in_graphs and static and not self.training else self._mix
         return mix(tokens, routing).view(shape), balance

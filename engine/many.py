@@ -1,0 +1,524 @@
+"""Detection over many pairs on a Dask cluster (``geochange detect-many``).
+
+Each pair is one task that runs ``detect`` into ``OUT/<name>/`` (the same atomic outputs), then writes
+the pair's record (``done.json``) last: a re-run skips a pair whose record matches the model, its inputs as
+they are now, the options and the outputs on disk. A worker process keeps the model it loaded for its
+next pairs. A pair's own error (a bad file, no overlap) is recorded in its row and the others go on; a
+worker that dies has its pairs run again elsewhere (Dask), and its temporaries are removed by the run that
+takes its pair over. The summary of every pair (``summary.gpkg``, ``summary.csv``) is rewritten,
+atomically, each time a pair finishes.
+
+Without a scheduler address the pairs run on this machine (``local_layout``, ``_local_client``); with one,
+on that scheduler's cluster, whose workers must import this engine (``geochange`` installed) and see the
+same paths: the inputs, the model and the output folder.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from geochange.engine.aoi import split_layer
+from geochange.engine.atomic import AtomicOutputs, atomic_path, folder_lock
+from geochange.engine.contracts import (PAIR_DONE, PAIR_FAILED, PAIR_PENDING, PAIR_SKIPPED, SUMMARY_FILES,
+                                        SUMMARY_LAYER, output_names)
+from geochange.engine.errors import GeoChangeError, OptionError, PackageError, gdal_write_errors, output_error
+from geochange.engine.options import DETECT, DetectOptions, names
+from geochange.engine.pairs import Pair, checked
+from geochange.engine.progress import Progress
+
+SUMMARY_GPKG, SUMMARY_CSV = SUMMARY_FILES
+RECORD = "done.json"  # in a pair's folder, written last: the pair is complete
+# Options that say where a pair runs, not what it gives: a re-run with others keeps complete pairs.
+PLACEMENT = ("device", "threads")
+# The summary's fields, in order (strings unless named here), then the footprint (the GeoPackage's
+# geometry, the CSV's last column as WKT).
+SUMMARY_FIELDS = ("name", "status", "error", "pre", "post", "polygons", "changed_area", "area_unit", "seconds",
+                  "model_sha256")
+NUMBERS = {"polygons": "integer", "changed_area": "real", "seconds": "real"}
+OUTLINE_POINTS = 16  # points a side of a footprint, so that it bends as the projection to EPSG:4326 does
+# A local worker's memory limit is the machine's available memory shared among the workers, whose number
+# the first pair's measured peak bounds: peak x HEADROOM each. Why 1.25: the peak follows the tile and
+# batch, hardly the raster (make bench: TinyCD's peak RSS at 16384² was 0.96 to 1.08 x that at 4096²,
+# bench/results.md), and the pair measured is the widest (it fills the largest batches).
+HEADROOM = 1.25
+# Dask's settings for the local cluster. A worker's memory is its model's and its pair's, nothing Dask
+# could spill, and glibc keeps freed memory (engine/process.py): a worker paused at 80 % would never
+# resume, so only the terminate threshold (95 % of the limit: Dask restarts the worker and its pair runs
+# again) stays. Pairs take seconds to hours: each worker holds only the pair it runs, so a free worker
+# takes the next instead of waiting behind a busy one.
+LOCAL_CONFIG = {"distributed.worker.memory.target": False, "distributed.worker.memory.spill": False,
+                "distributed.worker.memory.pause": False, "distributed.scheduler.worker-saturation": 1.0}
+ENGINE_ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- One pair, on a worker ---------------------------------------------------------------------------------
+
+def _stamp(path: str | None) -> list | None:
+    """What tells a file's version apart: its path, size and modification time (None: no such file)."""
+    if path is None:
+        return None
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return [str(path), status.st_size, status.st_mtime_ns]
+
+
+def _outputs(job: dict) -> dict[str, str]:
+    """``{kind: path}`` of a pair's outputs (``detect``'s keyword arguments)."""
+    return {kind: str(Path(job["folder"]) / name) for kind, name in output_names(job["vector_format"]).items()}
+
+
+def identity(job: dict) -> dict:
+    """What a pair's outputs follow from: the model, the inputs as they are now, the options that change the
+    result; as JSON reads it back from a record (tuples as lists)."""
+    aoi = job["options"]["aoi"]
+    return json.loads(json.dumps({
+        "model_sha256": job["sha256"],
+        "inputs": {"pre": _stamp(job["pre"]), "post": _stamp(job["post"]), "aoi": aoi and _stamp(split_layer(aoi)[0])},
+        "options": {k: v for k, v in job["options"].items() if k not in PLACEMENT},
+        "vector_format": job["vector_format"]}))
+
+
+def complete(job: dict) -> dict | None:
+    """The row a pair's record holds where the pair is complete: the record matches ``identity`` and the
+    outputs on disk are those the record names; else None."""
+    try:
+        record = json.loads((Path(job["folder"]) / RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    outputs = {kind: _stamp(path) for kind, path in _outputs(job).items()}
+    if None in outputs.values() or record.get("outputs") != outputs or record.get("identity") != identity(job):
+        return None
+    return record.get("row")
+
+
+def write_record(job: dict, before: dict, row: dict) -> None:
+    """The pair's record, the last of its files: its ``identity`` taken ``before`` its run, its outputs' stamps
+    and its row."""
+    outputs = {kind: _stamp(path) for kind, path in _outputs(job).items()}
+    with atomic_path(Path(job["folder"]) / RECORD) as temporary:
+        temporary.write_text(json.dumps({"identity": before, "outputs": outputs, "row": row}, indent=1),
+                             encoding="utf-8")
+
+
+def _row(job: dict, status: str, **values) -> dict:
+    """A pair's summary row (``SUMMARY_FIELDS`` and its ``footprint``), unset fields None."""
+    return {**dict.fromkeys(SUMMARY_FIELDS), "footprint": None, "name": job["name"], "status": status,
+            "pre": job["pre"], "post": job["post"], "model_sha256": job["sha256"], **values}
+
+
+def _lonlat_outline(bounds, crs) -> str | None:
+    """The rectangle ``bounds`` of ``crs`` as a polygon in EPSG:4326 (WKT); None without a CRS (a pixel grid)."""
+    if crs is None:
+        return None
+    import shapely
+    from rasterio.warp import transform_geom
+
+    left, bottom, right, top = bounds
+    outline = shapely.segmentize(shapely.box(left, bottom, right, top),
+                                 max(right - left, top - bottom) / OUTLINE_POINTS)
+    return shapely.geometry.shape(transform_geom(crs, "EPSG:4326", shapely.geometry.mapping(outline))).wkt
+
+
+def _input_outlines(job: dict) -> str | None:
+    """A failed pair's footprint: the outlines of those of its rasters that open (None: neither does)."""
+    import shapely
+    from rasterio.errors import RasterioError
+
+    from geochange.engine.rasters import open_raster
+
+    outlines = []
+    for path in (job["pre"], job["post"]):
+        try:
+            with open_raster(path) as src:
+                outlines.append(_lonlat_outline(src.bounds, src.crs))
+        except (GeoChangeError, RasterioError, ValueError):
+            continue
+    outlines = [shapely.from_wkt(wkt) for wkt in outlines if wkt]
+    return shapely.union_all(outlines).wkt if outlines else None
+
+
+_models: dict = {}  # (path, sha256) -> the package this worker process loaded, kept for its next pairs
+_loading = threading.Lock()  # loaded once, however many of the worker's threads ask at once
+_gpu = threading.Lock()  # a worker's pairs take its GPU one after the other (CUDA graphs are captured per run)
+
+
+def _model(path: str, digest: str):
+    from geochange.engine.package import load_model
+    from geochange.engine.zoo import sha256
+
+    with _loading:
+        if (path, digest) not in _models:
+            if not Path(path).is_file():
+                raise PackageError(f"{path}: no such model file on the worker at {socket.gethostname()}")
+            if sha256(Path(path)) != digest:
+                raise PackageError(f"{path}: the model file on the worker at {socket.gethostname()} is not the one "
+                                   "the run started with (another sha256): every worker must see the same file")
+            _models.clear()
+            _models[(path, digest)] = load_model(path)
+        return _models[(path, digest)]
+
+
+def _on_gpu(device: str):
+    """A lock that keeps the worker's pairs off its GPU together (none on the CPU)."""
+    import torch
+
+    return _gpu if device != "cpu" and torch.cuda.is_available() else contextlib.nullcontext()
+
+
+def _peak_rss() -> int | None:
+    """This process's peak resident memory in bytes (None where the system does not say)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+class _Log(Progress):
+    """A pair's log lines (the grid, the precision, warnings), kept for the client, which shows them."""
+
+    def __init__(self):
+        self.lines = []
+
+    def log(self, message: str) -> None:
+        self.lines.append(message)
+
+
+def run_pair(job: dict) -> dict:
+    """One pair's detection, as a Dask task: ``job`` holds the pair, the model (path and sha256), the options
+    and the pair's folder. Returns its summary row, its log and the worker's peak memory (``peak_bytes``). The pair's
+    own error is its row's, not the task's: Dask runs a task again only where its worker died."""
+    from geochange.engine.detect import detect
+    from geochange.engine.process import configure_process
+
+    started, folder, options = time.perf_counter(), Path(job["folder"]), dict(job["options"])
+    progress = _Log()
+    try:
+        before = identity(job)  # an input changed during the run makes the next run redo the pair
+        (folder / RECORD).unlink(missing_ok=True)  # the outputs may change from here on
+        package = _model(job["model"], job["sha256"])
+        configure_process(threads=options.pop("threads"))
+        with _on_gpu(options["device"]):
+            result = detect(job["pre"], job["post"], package, size_gdal_cache=True, progress=progress,
+                            **_outputs(job), **options)
+        row = _row(job, PAIR_DONE, polygons=result.polygon_count, changed_area=result.changed_area_m2,
+                   area_unit="m2" if result.grid.crs is not None else "px",
+                   footprint=_lonlat_outline(result.grid.bounds, result.grid.crs),
+                   seconds=round(time.perf_counter() - started, 3))
+        write_record(job, before, row)
+    except Exception as error:  # the pair's failure, recorded; a bug's too, with its kind
+        row = _row(job, PAIR_FAILED, error=str(error) if isinstance(error, GeoChangeError) else
+                   f"{type(error).__name__}: {error}", footprint=_input_outlines(job),
+                   seconds=round(time.perf_counter() - started, 3))
+    return {**row, "peak_bytes": _peak_rss(), "log": progress.lines}
+
+
+# --- The summary -----------------------------------------------------------------------------------------
+
+def write_summary(rows: list[dict], out: Path) -> None:
+    """``summary.gpkg`` (layer ``pairs``: each pair's footprint in EPSG:4326 and ``SUMMARY_FIELDS``) and
+    ``summary.csv`` (the same, the footprint as WKT), renamed together when both are written."""
+    from osgeo import ogr, osr
+
+    kinds = {"integer": ogr.OFTInteger64, "real": ogr.OFTReal}
+    with AtomicOutputs() as outputs:
+        gpkg, table = outputs.path(out / SUMMARY_GPKG), outputs.path(out / SUMMARY_CSV)
+        with gdal_write_errors(out / SUMMARY_GPKG):
+            srs = osr.SpatialReference()
+            srs.ImportFromEPSG(4326)
+            srs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+            source = ogr.GetDriverByName("GPKG").CreateDataSource(str(gpkg))
+            if source is None:
+                raise output_error(out / SUMMARY_GPKG, "cannot create a GeoPackage")
+            layer = source.CreateLayer(SUMMARY_LAYER, srs, ogr.wkbMultiPolygon)
+            for field in SUMMARY_FIELDS:
+                layer.CreateField(ogr.FieldDefn(field, kinds.get(NUMBERS.get(field), ogr.OFTString)))
+            layer.StartTransaction()
+            for row in rows:
+                feature = ogr.Feature(layer.GetLayerDefn())
+                for field in SUMMARY_FIELDS:
+                    if row[field] is not None:
+                        feature.SetField(field, row[field])
+                if row["footprint"]:
+                    feature.SetGeometry(ogr.ForceToMultiPolygon(ogr.CreateGeometryFromWkt(row["footprint"])))
+                layer.CreateFeature(feature)
+            layer.CommitTransaction()
+            layer = source = None  # flushed and closed here, where a failure is caught
+        try:
+            with open(table, "w", newline="", encoding="utf-8") as f:
+                writer = csv.writer(f)
+                writer.writerow([*SUMMARY_FIELDS, "footprint"])
+                writer.writerows([row[field] for field in (*SUMMARY_FIELDS, "footprint")] for row in rows)
+        except OSError as error:
+            raise output_error(out / SUMMARY_CSV, error.strerror or str(error)) from None
+
+
+# --- The local cluster -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Layout:
+    """A local cluster: ``workers`` processes of one Dask thread each (a pair at a time), each pair's
+    PyTorch on ``threads`` threads; ``gpus``: worker i's GPU (none: the CPU)."""
+
+    workers: int
+    threads: int
+    gpus: tuple[int, ...] = ()
+
+
+def local_layout(cores: int, gpus: list[int], *, workers: int | None = None, threads: int | None = None,
+                 peak: int | None = None, memory: int | None = None, pairs: int | None = None) -> Layout:
+    """The local cluster for ``cores`` cores and ``gpus``: one worker per GPU, else one per core, and no more
+    than the ``pairs`` to run; threads sharing the cores, never more threads in all than cores. Where a
+    worker's ``peak`` memory is measured, no more workers than ``memory`` holds at that peak plus ``HEADROOM``
+    (unless ``workers`` is given). ``workers``/``threads`` as asked (refused where they would oversubscribe
+    the machine)."""
+    if workers is not None and workers < 1:
+        raise OptionError(f"--workers must be at least 1, not {workers}")
+    if gpus:
+        count = workers or len(gpus)
+        if count > len(gpus):
+            raise OptionError(f"--workers {count}: one GPU a worker, and this machine has {len(gpus)}")
+    else:
+        count = workers or max(1, cores // (threads or 1))
+    if peak and memory and workers is None:
+        count = max(1, min(count, int(memory // (peak * HEADROOM))))
+    count = min(count, pairs or count)
+    threads = threads or max(1, cores // count)
+    if count * threads > cores:
+        raise OptionError(f"{count} worker(s) x --threads {threads} would take more than this machine's {cores} "
+                          "cores: lower --workers or --threads")
+    return Layout(count, threads, tuple(gpus[:count]))
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _gpus(device: str) -> list[int]:
+    """The GPUs the run's ``device`` asks for on this machine (empty: the CPU)."""
+    if device == "cpu":
+        return []
+    from geochange.engine.predictor import resolve_device
+
+    chosen = resolve_device(device)  # checked: a GPU asked for and absent is refused here
+    if chosen.type == "cpu":
+        return []
+    import torch
+
+    return [chosen.index] if chosen.index is not None else list(range(torch.cuda.device_count()))
+
+
+def _check_workers_import_this_engine() -> None:
+    """The local workers are new processes, started with this process's ``sys.path``, that import the engine
+    as the package ``geochange``: it must be this copy (the QGIS worker loads the plugin's folder by its path,
+    which a new process does not inherit)."""
+    found = subprocess.run([sys.executable, "-c", "import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
+                            "import geochange; print(geochange.__file__)", json.dumps(sys.path)],
+                           capture_output=True, text=True, timeout=120)
+    where = Path(found.stdout.strip()).resolve().parent if found.returncode == 0 else None
+    if where != ENGINE_ROOT:
+        raise GeoChangeError(f"detect-many's worker processes import the package geochange, which {sys.executable} "
+                             f"finds {'at ' + str(where) if where else 'nowhere'}, not at {ENGINE_ROOT}: install "
+                             f"this copy there ({sys.executable} -m pip install --no-deps -e {ENGINE_ROOT})")
+
+
+@contextlib.contextmanager
+def _local_client(layout: Layout, memory_limit: int):
+    """A Dask client of a cluster of ``layout`` on this machine (127.0.0.1), each worker limited to
+    ``memory_limit`` bytes and seeing only its own GPU. A ``SpecCluster``, LocalCluster's base: LocalCluster
+    gives every worker the same environment, and each needs its own ``CUDA_VISIBLE_DEVICES``."""
+    from distributed import Client, Nanny, Scheduler, SpecCluster
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # device numbers as this process sees them
+    ids = visible.split(",") if visible else None
+
+    def worker(gpu: int | None) -> dict:
+        env = {} if gpu is None else {"CUDA_VISIBLE_DEVICES": ids[gpu] if ids else str(gpu)}
+        return {"cls": Nanny, "options": {"nthreads": 1, "memory_limit": memory_limit, "host": "127.0.0.1",
+                                          "env": env, "silence_logs": logging.ERROR, "dashboard": False}}
+
+    gpus = layout.gpus or (None,) * layout.workers
+    # No dashboard (it needs bokeh); Dask's HTTP endpoints on a free port, not on 8787, which may be taken.
+    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard": False,
+                                               "dashboard_address": "127.0.0.1:0"}}
+    with SpecCluster(scheduler=scheduler,
+                     workers={i: worker(gpu) for i, gpu in enumerate(gpus)}, silence_logs=logging.ERROR) as cluster, \
+            Client(cluster) as client:
+        yield client
+
+
+# --- The run ---------------------------------------------------------------------------------------------
+
+def make_job(pair: Pair, model: Path, digest: str, out: Path, options: DetectOptions, vector_format: str) -> dict:
+    """What a worker needs to run ``pair`` (``run_pair``), every path absolute: the model and its sha256, the
+    pair's folder under ``out``, the options (the pair's area of interest, else the run's)."""
+    aoi = pair.aoi or options.aoi
+    if aoi:  # FILE or FILE|layername=NAME
+        file = split_layer(aoi)[0]
+        aoi = os.path.abspath(file) + aoi[len(file):]
+    return {"name": pair.name, "pre": os.path.abspath(pair.pre), "post": os.path.abspath(pair.post),
+            "folder": str(out / pair.name), "model": str(model), "sha256": digest, "vector_format": vector_format,
+            "options": {**{name: getattr(options, name) for name in names(DETECT)}, "aoi": aoi}}
+
+
+def _outcome(future, job: dict) -> dict:
+    """A finished task's row; a task that itself failed (its workers died: out of memory, a crash; a worker
+    that cannot import the engine) is its pair's failure."""
+    try:
+        return future.result()
+    except Exception as error:
+        return _row(job, PAIR_FAILED, error=f"the task failed on the cluster: {type(error).__name__}: {error}")
+
+
+def _submit(client, job: dict, threads: int | None = None):
+    options = job["options"] if threads is None else {**job["options"], "threads": threads}
+    return client.submit(run_pair, {**job, "options": options}, key=f"geochange-{job['name']}-{uuid.uuid4().hex}",
+                         pure=False)
+
+
+def _run_all(client, jobs: list[dict], record, threads: int | None = None) -> None:
+    """Every job on the client's cluster, each row recorded as its task ends; on an error or a cancel here,
+    the tasks not yet finished are cancelled."""
+    from distributed import as_completed
+
+    futures = {_submit(client, job, threads): job for job in jobs}
+    try:
+        for future in as_completed(futures):
+            record(_outcome(future, futures[future]))
+    finally:
+        client.cancel(list(futures))
+
+
+def _widest_first(jobs: list[dict]) -> list[dict]:
+    """The jobs by their pre raster's width, widest first (those that do not open last)."""
+    from geochange.engine.rasters import open_raster
+
+    def width(job):
+        try:
+            with open_raster(job["pre"]) as src:
+                return src.width
+        except GeoChangeError:
+            return 0
+    return sorted(jobs, key=width, reverse=True)
+
+
+def _on_this_machine(jobs: list[dict], record, options: DetectOptions, workers: int | None, progress) -> None:
+    """The jobs on a local cluster. Where it would have several workers, one worker first runs the widest
+    pairs until one succeeds, whose peak memory sets how many workers the memory holds (``local_layout``);
+    then the cluster of that many runs the rest."""
+    import dask
+    import psutil
+
+    _check_workers_import_this_engine()
+    cores, gpus, memory = _cores(), _gpus(options.device), psutil.virtual_memory().available
+    widest = local_layout(cores, gpus, workers=workers, threads=options.threads, pairs=len(jobs))
+    device = "cuda" if gpus else options.device  # a worker sees its GPU only, as cuda
+    jobs = [{**job, "options": {**job["options"], "device": device}} for job in _widest_first(jobs)]
+    peak = None
+    with dask.config.set(LOCAL_CONFIG):
+        if widest.workers > 1:
+            alone = Layout(1, options.threads or (widest.threads if gpus else cores), widest.gpus[:1])
+            progress.log(f"measuring a worker's memory on the widest pair: 1 worker x {alone.threads} thread(s)")
+            with _local_client(alone, memory) as client:
+                while jobs and peak is None:
+                    row = _outcome(_submit(client, jobs[0], alone.threads), jobs.pop(0))
+                    record(row)
+                    peak = row.get("peak_bytes") if row["status"] == PAIR_DONE else None
+        if not jobs:
+            return
+        layout = local_layout(cores, gpus, workers=workers, threads=options.threads, peak=peak, memory=memory,
+                              pairs=len(jobs))
+        limit = memory // layout.workers
+        progress.log(f"local Dask cluster: {layout.workers} worker(s) x {layout.threads} thread(s)"
+                     + (f" on GPU(s) {', '.join(map(str, layout.gpus))}" if layout.gpus else "")
+                     + f", {limit / 2**30:.1f} GiB of memory each"
+                     + (f" (a worker's measured peak: {peak / 2**30:.2f} GiB)" if peak else ""))
+        with _local_client(layout, limit) as client:
+            _run_all(client, jobs, record, layout.threads)
+
+
+def _on_scheduler(address: str, jobs: list[dict], record, progress) -> None:
+    from distributed import Client
+
+    try:
+        client = Client(address, timeout="20s")
+    except (OSError, TimeoutError) as error:
+        raise OptionError(f"--scheduler {address}: no Dask scheduler answers there ({error})") from None
+    with client:
+        progress.log(f"Dask cluster at {address}: {len(client.scheduler_info()['workers'])} worker(s)")
+        _run_all(client, jobs, record)
+
+
+def _line(row: dict) -> str:
+    if row["status"] == PAIR_FAILED:
+        return f"{row['name']}: failed: {row['error']}"
+    unit = " m²" if row["area_unit"] == "m2" else " px"
+    return (f"{row['name']}: {row['status']}, {row['polygons']} change polygons, {row['changed_area']:,.0f}{unit} "
+            f"changed ({row['seconds']:.1f} s)")
+
+
+def detect_many(pairs: list[Pair], model, out, *, scheduler: str | None = None, workers: int | None = None,
+                force: bool = False, vector_format: str = "gpkg", progress: Progress | None = None,
+                **options) -> list[dict]:
+    """Detect changes in every pair into ``out/<name>/`` and summarise them in ``out/summary.gpkg`` and
+    ``summary.csv``; returns the summary's rows, in the pairs' order.
+
+    ``scheduler``: a Dask scheduler's address; without it, a cluster on this machine of ``workers`` workers
+    (default: as the cores, GPUs and memory allow, see ``local_layout``). ``force``: run complete pairs
+    again. ``options``: ``DetectOptions``' fields, for every pair (a pair's ``aoi`` wins over the run's).
+    """
+    from geochange.engine.zoo import resolve_model, sha256
+
+    progress, o = progress or Progress(), DetectOptions.of(options)
+    if scheduler and workers is not None:
+        raise OptionError("--workers sizes the cluster of this machine; the cluster at --scheduler has its own")
+    model = resolve_model(model).resolve()
+    digest, out = sha256(model), Path(os.path.abspath(out))
+
+    jobs = [make_job(pair, model, digest, out, o, vector_format) for pair in checked(list(pairs), "the pairs")]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise output_error(out, error.strerror or str(error)) from None
+    with folder_lock(out):  # one run at a time writes the summary
+        rows = {}
+        for job in jobs:
+            kept = None if force else complete(job)
+            rows[job["name"]] = {**kept, "status": PAIR_SKIPPED} if kept else _row(job, PAIR_PENDING)
+        todo = [job for job in jobs if rows[job["name"]]["status"] == PAIR_PENDING]
+        write_summary(list(rows.values()), out)
+        progress.log(f"{len(jobs)} pairs, {len(jobs) - len(todo)} complete already; model {model.name} "
+                     f"(sha256 {digest[:12]}...)")
+        progress.update(len(jobs) - len(todo), len(jobs))
+
+        shown = set()  # log lines shown once, with the first pair that gave them: most repeat for every pair
+
+        def record(row: dict) -> None:
+            rows[row["name"]] = {k: v for k, v in row.items() if k not in ("peak_bytes", "log")}
+            write_summary(list(rows.values()), out)
+            for line in row.get("log", ()):
+                if line not in shown:
+                    shown.add(line)
+                    progress.log(f"{row['name']}: {line}")
+            progress.log(_line(row))
+            progress.update(sum(r["status"] != PAIR_PENDING for r in rows.values()), len(jobs))
+
+        if todo:
+            if scheduler:
+                _on_scheduler(scheduler, todo, record, progress)
+            else:
+                _on_this_machine(todo, record, o, workers, progress)
+    return list(rows.values())

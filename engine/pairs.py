@@ -1,0 +1,138 @@
+"""A list of raster pairs for ``detect-many``: read from a CSV file, or made by pairing the files of two
+glob patterns by the text their wildcards match. Each pair has a name, the folder of its outputs."""
+from __future__ import annotations
+
+import csv
+import glob
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from geochange.engine.aoi import split_layer
+from geochange.engine.contracts import SUMMARY_FILES
+from geochange.engine.errors import OptionError
+
+REQUIRED_COLUMNS = ("pre", "post")
+COLUMNS = (*REQUIRED_COLUMNS, "name", "aoi")
+SHOWN = 5  # unpaired files named in an error, the rest counted
+
+
+@dataclass(frozen=True)
+class Pair:
+    name: str  # the folder of its outputs under the run's output folder
+    pre: str
+    post: str
+    aoi: str | None = None  # FILE or FILE|layername=NAME; None: the run's --aoi, if any
+
+
+def read_pairs(path: str | os.PathLike) -> list[Pair]:
+    """Pairs from a CSV file with the columns ``pre``, ``post`` and optionally ``name`` and ``aoi``
+    (paths relative to the CSV's folder). A pair without a name is named after its post file."""
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
+            reader = csv.DictReader(f)
+            rows = [(reader.line_num, row) for row in reader]
+        columns = [column.strip() for column in reader.fieldnames or []]
+    except FileNotFoundError:
+        raise OptionError(f"{path}: no such pairs file") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise OptionError(f"{path}: not a readable CSV file of pairs ({error})") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    unknown = [c for c in columns if c not in COLUMNS]
+    if missing or unknown:
+        raise OptionError(f"{path}: the columns must be {', '.join(REQUIRED_COLUMNS)} and optionally name, aoi; "
+                          f"found {', '.join(columns) or 'none'}")
+    folder = Path(os.path.abspath(path)).parent
+    pairs = []
+    for line, row in rows:
+        row = {key.strip(): (value or "").strip() for key, value in row.items() if key is not None}
+        if not row["pre"] or not row["post"]:
+            raise OptionError(f"{path}, line {line}: a pair needs both a pre and a post file")
+        pre, post = (str(folder / row[date]) for date in REQUIRED_COLUMNS)
+        aoi = row.get("aoi") or None
+        if aoi is not None:
+            file, _ = split_layer(aoi)
+            aoi = str(folder / file) + aoi[len(file):]
+        pairs.append(Pair(row.get("name") or Path(post).stem, pre, post, aoi))
+    return checked(pairs, str(path))
+
+
+def _capturing(pattern: str) -> re.Pattern:
+    """``pattern`` (glob's ``*``, ``?`` and ``[...]``) as a regular expression with a group per wildcard. A
+    class of one character is that character (``glob.escape`` writes a folder's ``[`` as ``[[]``)."""
+    parts, i = [], 0
+    while i < len(pattern):
+        char = pattern[i]
+        if char == "*":
+            parts.append(r"([^/]*)")
+        elif char == "?":
+            parts.append(r"([^/])")
+        elif char == "[" and "]" in pattern[i + 2:]:
+            end = pattern.index("]", i + 2)
+            body = pattern[i + 1:end]
+            if len(body) == 1:
+                parts.append(re.escape(body))
+            else:
+                parts.append(f"([{'^' + body[1:] if body.startswith('!') else body}])")
+            i = end
+        else:
+            parts.append(re.escape(char))
+        i += 1
+    return re.compile("".join(parts))
+
+
+def _by_key(pattern: str, option: str) -> dict[str, str]:
+    """The files ``pattern`` matches, by the text its wildcards match (joined by ``_``)."""
+    expression = _capturing(pattern)
+    if not expression.groups:
+        raise OptionError(f"{option} {pattern!r} has no wildcard (*, ? or [...]): the text the wildcards match "
+                          "pairs the files")
+    files = {}
+    for path in sorted(glob.glob(pattern)):
+        match = expression.fullmatch(path)
+        if match and os.path.isfile(path):
+            files["_".join(match.groups())] = os.path.abspath(path)
+    if not files:
+        raise OptionError(f"{option} {pattern!r} matches no file")
+    return files
+
+
+def glob_pairs(pre_glob: str, post_glob: str) -> list[Pair]:
+    """Pairs of the files the two patterns match, paired by the text their wildcards match, which
+    names the pair: ``before/*.tif`` and ``after/*.tif`` pair files of the same name, ``tiles/*/pre.tif``
+    and ``tiles/*/post.tif`` the files of each tile's folder. A file without a partner is an error."""
+    pre, post = _by_key(pre_glob, "--pre-glob"), _by_key(post_glob, "--post-glob")
+    for files, other, option in ((pre, post, "--post-glob"), (post, pre, "--pre-glob")):
+        alone = [files[key] for key in files if key not in other]
+        if alone:
+            raise OptionError(f"{len(alone)} file(s) without a partner in {option} (paired by the text the "
+                              f"wildcards match): {', '.join(alone[:SHOWN])}" + " ..." * (len(alone) > SHOWN))
+    return checked([Pair(key, pre[key], post[key]) for key in pre], f"{pre_glob} and {post_glob}")
+
+
+def pairs_from(table: str | None = None, pre_glob: str | None = None, post_glob: str | None = None) -> list[Pair]:
+    """The pairs of a CSV file (``read_pairs``) or of two glob patterns (``glob_pairs``): one or the other."""
+    if table and not (pre_glob or post_glob):
+        return read_pairs(table)
+    if pre_glob and post_glob and not table:
+        return glob_pairs(pre_glob, post_glob)
+    raise OptionError("give the pairs as a CSV file, or as both --pre-glob and --post-glob")
+
+
+def checked(pairs: list[Pair], where: str) -> list[Pair]:
+    """``pairs``, refused where empty, or where a name is no plain folder name or is given twice."""
+    if not pairs:
+        raise OptionError(f"{where}: no pairs")
+    seen = {}
+    for pair in pairs:
+        name = pair.name
+        if (not name or name.startswith(".") or any(c in name for c in "/\\\0") or name in SUMMARY_FILES):
+            raise OptionError(f"{where}: {name!r} cannot name a pair's output folder (a plain name, not starting "
+                              f"with a dot, nor {' or '.join(SUMMARY_FILES)})")
+        if name in seen:
+            raise OptionError(f"{where}: two pairs are named {name!r} ({seen[name]} and {pair.post}); give each "
+                              "a name of its own (the CSV's name column)")
+        seen[name] = pair.post
+    return pairs

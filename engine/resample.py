@@ -1,0 +1,74 @@
+"""Detection at the model's pixel size (``--resolution model``): the grid the model reads both dates on, at
+the ground sampling distance its package records, and its probability brought back onto the output grid.
+
+The model's rows are staged, as they are released, in a float32 GeoTIFF beside the probability output
+(named as its temporaries are: the next run into the folder removes a killed run's); once the last is in,
+the output grid's rows are read from it through a bilinear ``WarpedVRT``, band by band, so that memory
+follows the rasters' widths as in any run. Where the output's pixels are coarser, GDAL widens the
+bilinear kernel: an output pixel is the weighted mean of the model's pixels under it.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from affine import Affine
+from rasterio.enums import Resampling
+from rasterio.vrt import WarpedVRT
+from rasterio.windows import Window
+
+from geochange.engine.atomic import remove_quietly
+from geochange.engine.contracts import PROBABILITY_NODATA
+from geochange.engine.errors import OptionError
+from geochange.engine.grid import Grid, PairReader, too_large
+from geochange.engine.outputs import BLOCK, StagedRaster
+from geochange.engine.rasters import open_raster
+
+
+def model_grid(grid: Grid, gsd: float | None) -> Grid:
+    """``grid``'s extent in square pixels that measure ``gsd`` metres (the model's, see ``Grid.side_of``), from
+    its top-left corner, covering it whole; ``grid`` itself where its pixels measure that already."""
+    if gsd is None:
+        raise OptionError("--resolution model: this model records no ground sampling distance (gsd, the metres "
+                          "per pixel of its training imagery); give --resolution in the CRS's units instead")
+    if grid.crs is None:
+        raise OptionError("--resolution model needs georeferenced rasters: without a CRS a pixel has no size "
+                          "in metres")
+    side, t = grid.side_of(gsd), grid.transform
+    if math.isclose(side, t.a, rel_tol=1e-9) and math.isclose(side, -t.e, rel_tol=1e-9):
+        return grid
+    # A hair less than a whole pixel is taken as whole: the float sides of an exact multiple.
+    width, height = math.ceil(grid.width * t.a / side - 1e-6), math.ceil(grid.height * -t.e / side - 1e-6)
+    if too_large(width, height):
+        raise OptionError(f"--resolution model: at the model's {gsd:g} m pixels the grid would be {width} x {height} "
+                          "px, too large; cut the area with --aoi, or give --resolution in the CRS's units")
+    return Grid(grid.crs, Affine(side, 0, t.c, 0, -side, t.f), width, height)
+
+
+def on_output_grid(bands: Iterator[tuple[int, np.ndarray, np.ndarray]], model: Grid, reader: PairReader,
+                   scratch: Path, name: Path) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """``(first row, probability, valid)`` bands of the output grid (``reader.grid``) from those of ``model``:
+    the probability resampled (NaN where no model pixel came back), valid where both dates are at the
+    output's pixels (``reader``, which the area of interest limits too). ``scratch``: where the model's rows
+    are staged; it and ``reader`` are closed however the bands end. ``name``: the output that write errors name."""
+    grid, staged = reader.grid, None
+    try:
+        staged = StagedRaster(scratch, model, "float32", PROBABILITY_NODATA, average=False, compress="NONE",
+                              name=name, overviews=False)
+        for start, probability, valid in bands:
+            staged.write(start, np.where(valid & np.isfinite(probability), probability, PROBABILITY_NODATA), valid)
+        staged.finish()
+        with open_raster(scratch) as src, WarpedVRT(
+                src, crs=grid.crs, transform=grid.transform, width=grid.width, height=grid.height,
+                resampling=Resampling.bilinear, nodata=PROBABILITY_NODATA) as warped:
+            for top in range(0, grid.height, BLOCK):
+                window = Window(0, top, grid.width, min(BLOCK, grid.height - top))
+                probability = warped.read(1, window=window)
+                yield top, np.where(probability == PROBABILITY_NODATA, np.nan, probability), reader(window)[2]
+    finally:
+        if staged is not None:
+            staged.close()
+        reader.close()
+        remove_quietly(scratch)

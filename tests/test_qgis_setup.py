@@ -1,0 +1,136 @@
+"""The first run after "Install from ZIP": QGIS's own interpreter found whatever PATH holds, the
+missing-dependency error pointing to *Set up the GeoChange engine*, that algorithm making the engine's
+environment with real pip installs, then *Detect changes* running in it."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("qgis.core", reason="QGIS Python bindings are not installed")
+from qgis.core import QgsProcessingException, QgsProcessingFeedback, QgsSettings  # noqa: E402
+
+from conftest import QGIS_PROCESS, qgis_process_environment, run_algorithm  # noqa: E402
+
+# A pyenv shim with no Python behind it: the first "python3" on PATH, which an embedded Python (QGIS) takes
+# for its sys.executable.
+SHIM = "#!/bin/sh\necho 'pyenv: python3: command not found' >&2\nexit 127\n"
+
+
+@pytest.fixture
+def shim(tmp_path) -> Path:
+    folder = tmp_path / "shims"
+    folder.mkdir()
+    (folder / "python3").write_text(SHIM)
+    (folder / "python3").chmod(0o755)
+    return folder / "python3"
+
+
+def test_qgis_s_python_is_found_from_its_installation_not_from_path(geochange_provider, shim, monkeypatch):
+    from geochange.qgis_plugin import worker_client
+
+    monkeypatch.setattr(sys, "executable", str(shim))
+    worker_client._qgis_python.cache_clear()
+    try:
+        python = worker_client.qgis_python()
+        assert python.parent == Path(sys.exec_prefix) / "bin" and python.name == "python{}.{}".format(
+            *sys.version_info[:2])
+        # Nothing but the shim: the error says what each candidate is.
+        monkeypatch.setattr(worker_client, "_candidates", lambda: [shim])
+        worker_client._qgis_python.cache_clear()
+        with pytest.raises(QgsProcessingException, match=f"Cannot find the Python interpreter QGIS runs .*: {shim} "
+                                                         "is no Python \\(exit status 127: pyenv"):
+            worker_client.qgis_python()
+    finally:
+        worker_client._qgis_python.cache_clear()
+    # Another Python of the same version that lacks QGIS's GDAL is not QGIS's either.
+    assert worker_client.interpreter_problem(Path("/nowhere/python3")) == "no such file"
+
+
+class CancelAtPip(QgsProcessingFeedback):
+    """Presses Cancel once pip has started."""
+
+    def __init__(self):
+        super().__init__()
+        self.commands = []
+
+    def pushCommandInfo(self, text):  # noqa: N802 (QGIS's name)
+        self.commands.append(text)
+        if " -m pip install " in text:
+            self.cancel()
+
+
+def test_the_set_up_refuses_a_folder_of_other_files_and_can_be_cancelled(geochange_provider, tmp_path):
+    from geochange.qgis_plugin.worker_client import PYTHON_SETTING_KEY
+
+    (tmp_path / "documents").mkdir()
+    (tmp_path / "documents" / "thesis.odt").write_text("mine")
+    with pytest.raises(QgsProcessingException, match="FOLDER: .*documents holds files and is no Python environment"):
+        run_algorithm("geochange:setupengine", {"FOLDER": str(tmp_path / "documents")})
+    assert (tmp_path / "documents" / "thesis.odt").read_text() == "mine"
+
+    before = QgsSettings().value(PYTHON_SETTING_KEY, "")
+    feedback = CancelAtPip()
+    with pytest.raises(QgsProcessingException, match="set-up cancelled by the user"):
+        run_algorithm("geochange:setupengine", {"FOLDER": str(tmp_path / "env")}, feedback)
+    assert " -m venv --system-site-packages " in feedback.commands[0]
+    assert (tmp_path / "env" / "pyvenv.cfg").is_file()  # made, then pip was stopped
+    assert QgsSettings().value(PYTHON_SETTING_KEY, "") == before  # the engine's interpreter is unchanged
+
+
+def results_of(done) -> dict:
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(done.stdout)["results"]
+
+
+@pytest.mark.slow
+def test_first_run_after_install_from_zip_sets_up_the_engine_then_detects(plugin_zip, shim, tinycd_package,
+                                                                          shared_data, tmp_path):
+    """A fresh profile and user, the plugin unzipped as QGIS's installer does (no .venv beside it), a PATH
+    whose python3 is a broken shim: Detect changes says to run the set-up; the set-up (PyTorch from pip's
+    configured index, the only one this offline machine reaches; CPU) makes the environment in the per-user
+    default folder; Detect changes then runs in it."""
+    if not os.access(QGIS_PROCESS, os.X_OK):
+        pytest.skip(f"{QGIS_PROCESS} not found (set GEOCHANGE_QGIS_PROCESS)")
+    plugins = tmp_path / "plugins"
+    with zipfile.ZipFile(plugin_zip) as zf:
+        zf.extractall(plugins)
+    home = tmp_path / "home"
+    env = qgis_process_environment(home, plugins)
+    env["PATH"] = f"{shim.parent}:/usr/bin:/bin"
+
+    def qgis_process(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run([QGIS_PROCESS, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+    enabled = qgis_process("plugins", "enable", "geochange", timeout=120)
+    assert enabled.returncode == 0, enabled.stdout + enabled.stderr
+    tile = shared_data / "levir_tile_georef"
+    detect = ["run", "geochange:detectchanges", "--", f"PRE={tile / 'pre.tif'}", f"POST={tile / 'post.tif'}",
+              f"MODEL={tinycd_package}", "DEVICE=cpu", f"OUTPUT_PROBABILITY={tmp_path / 'p.tif'}",
+              f"OUTPUT_MASK={tmp_path / 'm.tif'}", f"OUTPUT_POLYGONS={tmp_path / 'c.gpkg'}"]
+
+    refused = qgis_process(*detect)
+    text = refused.stdout + refused.stderr
+    assert refused.returncode != 0 and "lacks: " in text and "torch" in text, text
+    python3 = "/usr/bin/python{}.{}".format(*sys.version_info[:2])
+    assert f"Interpreter: {python3} " in text and "chosen by QGIS's own Python" in text, text
+    assert "Run 'Set up the GeoChange engine' (Processing Toolbox > GeoChange > Set-up) once" in text
+
+    set_up = results_of(qgis_process("--json", "run", "geochange:setupengine", "--", "TORCH=pip's configured index",
+                                     timeout=1200))
+    folder = home / "data" / "geochange" / "engine-python{}.{}".format(*sys.version_info[:2])  # XDG_DATA_HOME
+    assert set_up["PYTHON"] == str(folder / "bin" / "python")
+    assert set_up["TORCH_VERSION"].startswith("2.14.1") and set_up["CUDA"] is False
+    config = (folder / "pyvenv.cfg").read_text()
+    assert "home = /usr/bin\n" in config and "include-system-site-packages = true" in config
+
+    done = qgis_process(*detect, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"on Python {'.'.join(map(str, sys.version_info[:3]))} ({folder / 'bin' / 'python'})" in done.stdout
+    count = next(line for line in done.stdout.splitlines() if line.startswith("POLYGON_COUNT"))
+    assert int(float(count.split(":")[1])) > 0, done.stdout
