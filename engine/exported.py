@@ -13,6 +13,7 @@ shape, not two (its tile rows' last, smaller batch).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 import warnings
@@ -31,6 +32,13 @@ VERIFY_TOLERANCE = 0.01
 # The exports kept: the most recently used, up to this many bytes (each new package, a test's random one
 # included, adds one: M2CD-MiT-b0's is 14 MB, a ConvNeXt-B model's 1 GB).
 CACHE_BYTES = 4 * 2**30
+
+
+@functools.cache
+def core() -> ov.Core:
+    """The process's one OpenVINO Core: a second Core in a process, once models run, can crash it later
+    (a segfault in this project's test suite after some forty exports and runs; ultralytics PR 25864)."""
+    return ov.Core()
 
 
 def exported_model(package, log) -> Path:
@@ -83,7 +91,7 @@ def _verify(model, package) -> None:
     inputs = [torch.randn(2, channels, 96, 128, generator=generator) for channels in input_channels(package)]
     with torch.no_grad():
         expected = to_probability(package.model(*inputs).float(), package.activation)
-    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    compiled = core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     got = to_probability(torch.from_numpy(compiled([x.numpy() for x in inputs])[0]), package.activation)
     difference = float((got - expected).abs().max())
     if not difference <= VERIFY_TOLERANCE:  # NaN too
@@ -95,8 +103,7 @@ class OpenVINOForward:
     threads as torch."""
 
     def __init__(self, package, dtype: torch.dtype, log):
-        self.core = ov.Core()
-        self.model = self.core.read_model(exported_model(package, log))
+        self.model = core().read_model(exported_model(package, log))
         self.config = {"INFERENCE_PRECISION_HINT": "bf16" if dtype == torch.bfloat16 else "f32",
                        "INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY"}
         self.compiled: dict = {}
@@ -106,7 +113,7 @@ class OpenVINOForward:
         if key not in self.compiled:
             model = self.model.clone()
             model.reshape({model.inputs[0]: list(key[0]), model.inputs[1]: list(key[1])})
-            self.compiled[key] = self.core.compile_model(model, "CPU", self.config)
+            self.compiled[key] = core().compile_model(model, "CPU", self.config)
         run = self.compiled[key]
         return torch.from_numpy(np.concatenate([run([np.ascontiguousarray(x[i:i + 1].numpy()) for x in (pre, post)],
                                                     share_inputs=True)[0] for i in range(len(pre))]))

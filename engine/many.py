@@ -1,12 +1,10 @@
 """Detection over many pairs on a Dask cluster (``geochange detect-many``).
 
-Each pair is one task that runs ``detect`` into ``OUT/<name>/`` (the same atomic outputs), then writes
-the pair's record (``done.json``) last: a re-run skips a pair whose record matches the model, its inputs as
-they are now, the options and the outputs on disk. A worker process keeps the model it loaded for its
-next pairs. A pair's own error (a bad file, no overlap) is recorded in its row and the others go on; a
-worker that dies has its pairs run again elsewhere (Dask), and its temporaries are removed by the run that
-takes its pair over. The summary of every pair (``summary.gpkg``, ``summary.csv``) is rewritten,
-atomically, each time a pair finishes.
+Each pair is one task (``engine.pair_task``) that runs ``detect`` into ``OUT/<name>/`` and records it; a
+re-run skips the pairs that are complete. A pair's own error (a bad file, no overlap) is recorded in its
+row and the others go on; a worker that dies has its pairs run again elsewhere (Dask), and its temporaries
+are removed by the run that takes its pair over. The summary of every pair (``summary.gpkg``,
+``summary.csv``) is rewritten, atomically, each time a pair finishes.
 
 Without a scheduler address the pairs run on this machine (``local_layout``, ``_local_client``); with one,
 on that scheduler's cluster, whose workers must import this engine (``geochange`` installed) and see the
@@ -19,34 +17,22 @@ import csv
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
-import threading
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from geochange.engine.aoi import split_layer
-from geochange.engine.atomic import AtomicOutputs, atomic_path, folder_lock
-from geochange.engine.contracts import (PAIR_DONE, PAIR_FAILED, PAIR_PENDING, PAIR_SKIPPED, SUMMARY_FILES,
-                                        SUMMARY_LAYER, output_names)
-from geochange.engine.errors import GeoChangeError, OptionError, PackageError, gdal_write_errors, output_error
+from geochange.engine.atomic import AtomicOutputs, folder_lock
+from geochange.engine.contracts import PAIR_DONE, PAIR_FAILED, PAIR_PENDING, PAIR_SKIPPED, SUMMARY_FILES, SUMMARY_LAYER
+from geochange.engine.errors import GeoChangeError, OptionError, gdal_write_errors, output_error
 from geochange.engine.options import DETECT, DetectOptions, names
+from geochange.engine.pair_task import NUMBERS, SUMMARY_FIELDS, complete, pair_row, run_pair
 from geochange.engine.pairs import Pair, checked
 from geochange.engine.progress import Progress
 
 SUMMARY_GPKG, SUMMARY_CSV = SUMMARY_FILES
-RECORD = "done.json"  # in a pair's folder, written last: the pair is complete
-# Options that say where a pair runs, not what it gives: a re-run with others keeps complete pairs.
-PLACEMENT = ("device", "threads")
-# The summary's fields, in order (strings unless named here), then the footprint (the GeoPackage's
-# geometry, the CSV's last column as WKT).
-SUMMARY_FIELDS = ("name", "status", "error", "pre", "post", "polygons", "changed_area", "area_unit", "seconds",
-                  "model_sha256")
-NUMBERS = {"polygons": "integer", "changed_area": "real", "seconds": "real"}
-OUTLINE_POINTS = 16  # points a side of a footprint, so that it bends as the projection to EPSG:4326 does
 # A local worker's memory limit is the machine's available memory shared among the workers, whose number
 # the first pair's measured peak bounds: peak x HEADROOM each. Why 1.25: the peak follows the tile and
 # batch, hardly the raster (make bench: TinyCD's peak RSS at 16384² was 0.96 to 1.08 x that at 4096²,
@@ -60,170 +46,6 @@ HEADROOM = 1.25
 LOCAL_CONFIG = {"distributed.worker.memory.target": False, "distributed.worker.memory.spill": False,
                 "distributed.worker.memory.pause": False, "distributed.scheduler.worker-saturation": 1.0}
 ENGINE_ROOT = Path(__file__).resolve().parents[1]
-
-
-# --- One pair, on a worker ---------------------------------------------------------------------------------
-
-def _stamp(path: str | None) -> list | None:
-    """What tells a file's version apart: its path, size and modification time (None: no such file)."""
-    if path is None:
-        return None
-    try:
-        status = os.stat(path)
-    except OSError:
-        return None
-    return [str(path), status.st_size, status.st_mtime_ns]
-
-
-def _outputs(job: dict) -> dict[str, str]:
-    """``{kind: path}`` of a pair's outputs (``detect``'s keyword arguments)."""
-    return {kind: str(Path(job["folder"]) / name) for kind, name in output_names(job["vector_format"]).items()}
-
-
-def identity(job: dict) -> dict:
-    """What a pair's outputs follow from: the model, the inputs as they are now, the options that change the
-    result; as JSON reads it back from a record (tuples as lists)."""
-    aoi = job["options"]["aoi"]
-    return json.loads(json.dumps({
-        "model_sha256": job["sha256"],
-        "inputs": {"pre": _stamp(job["pre"]), "post": _stamp(job["post"]), "aoi": aoi and _stamp(split_layer(aoi)[0])},
-        "options": {k: v for k, v in job["options"].items() if k not in PLACEMENT},
-        "vector_format": job["vector_format"]}))
-
-
-def complete(job: dict) -> dict | None:
-    """The row a pair's record holds where the pair is complete: the record matches ``identity`` and the
-    outputs on disk are those the record names; else None."""
-    try:
-        record = json.loads((Path(job["folder"]) / RECORD).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    outputs = {kind: _stamp(path) for kind, path in _outputs(job).items()}
-    if None in outputs.values() or record.get("outputs") != outputs or record.get("identity") != identity(job):
-        return None
-    return record.get("row")
-
-
-def write_record(job: dict, before: dict, row: dict) -> None:
-    """The pair's record, the last of its files: its ``identity`` taken ``before`` its run, its outputs' stamps
-    and its row."""
-    outputs = {kind: _stamp(path) for kind, path in _outputs(job).items()}
-    with atomic_path(Path(job["folder"]) / RECORD) as temporary:
-        temporary.write_text(json.dumps({"identity": before, "outputs": outputs, "row": row}, indent=1),
-                             encoding="utf-8")
-
-
-def _row(job: dict, status: str, **values) -> dict:
-    """A pair's summary row (``SUMMARY_FIELDS`` and its ``footprint``), unset fields None."""
-    return {**dict.fromkeys(SUMMARY_FIELDS), "footprint": None, "name": job["name"], "status": status,
-            "pre": job["pre"], "post": job["post"], "model_sha256": job["sha256"], **values}
-
-
-def _lonlat_outline(bounds, crs) -> str | None:
-    """The rectangle ``bounds`` of ``crs`` as a polygon in EPSG:4326 (WKT); None without a CRS (a pixel grid)."""
-    if crs is None:
-        return None
-    import shapely
-    from rasterio.warp import transform_geom
-
-    left, bottom, right, top = bounds
-    outline = shapely.segmentize(shapely.box(left, bottom, right, top),
-                                 max(right - left, top - bottom) / OUTLINE_POINTS)
-    return shapely.geometry.shape(transform_geom(crs, "EPSG:4326", shapely.geometry.mapping(outline))).wkt
-
-
-def _input_outlines(job: dict) -> str | None:
-    """A failed pair's footprint: the outlines of those of its rasters that open (None: neither does)."""
-    import shapely
-    from rasterio.errors import RasterioError
-
-    from geochange.engine.rasters import open_raster
-
-    outlines = []
-    for path in (job["pre"], job["post"]):
-        try:
-            with open_raster(path) as src:
-                outlines.append(_lonlat_outline(src.bounds, src.crs))
-        except (GeoChangeError, RasterioError, ValueError):
-            continue
-    outlines = [shapely.from_wkt(wkt) for wkt in outlines if wkt]
-    return shapely.union_all(outlines).wkt if outlines else None
-
-
-_models: dict = {}  # (path, sha256) -> the package this worker process loaded, kept for its next pairs
-_loading = threading.Lock()  # loaded once, however many of the worker's threads ask at once
-_gpu = threading.Lock()  # a worker's pairs take its GPU one after the other (CUDA graphs are captured per run)
-
-
-def _model(path: str, digest: str):
-    from geochange.engine.package import load_model
-    from geochange.engine.zoo import sha256
-
-    with _loading:
-        if (path, digest) not in _models:
-            if not Path(path).is_file():
-                raise PackageError(f"{path}: no such model file on the worker at {socket.gethostname()}")
-            if sha256(Path(path)) != digest:
-                raise PackageError(f"{path}: the model file on the worker at {socket.gethostname()} is not the one "
-                                   "the run started with (another sha256): every worker must see the same file")
-            _models.clear()
-            _models[(path, digest)] = load_model(path)
-        return _models[(path, digest)]
-
-
-def _on_gpu(device: str):
-    """A lock that keeps the worker's pairs off its GPU together (none on the CPU)."""
-    import torch
-
-    return _gpu if device != "cpu" and torch.cuda.is_available() else contextlib.nullcontext()
-
-
-def _peak_rss() -> int | None:
-    """This process's peak resident memory in bytes (None where the system does not say)."""
-    try:
-        import resource
-    except ImportError:  # Windows
-        return None
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-
-
-class _Log(Progress):
-    """A pair's log lines (the grid, the precision, warnings), kept for the client, which shows them."""
-
-    def __init__(self):
-        self.lines = []
-
-    def log(self, message: str) -> None:
-        self.lines.append(message)
-
-
-def run_pair(job: dict) -> dict:
-    """One pair's detection, as a Dask task: ``job`` holds the pair, the model (path and sha256), the options
-    and the pair's folder. Returns its summary row, its log and the worker's peak memory (``peak_bytes``). The pair's
-    own error is its row's, not the task's: Dask runs a task again only where its worker died."""
-    from geochange.engine.detect import detect
-    from geochange.engine.process import configure_process
-
-    started, folder, options = time.perf_counter(), Path(job["folder"]), dict(job["options"])
-    progress = _Log()
-    try:
-        before = identity(job)  # an input changed during the run makes the next run redo the pair
-        (folder / RECORD).unlink(missing_ok=True)  # the outputs may change from here on
-        package = _model(job["model"], job["sha256"])
-        configure_process(threads=options.pop("threads"))
-        with _on_gpu(options["device"]):
-            result = detect(job["pre"], job["post"], package, size_gdal_cache=True, progress=progress,
-                            **_outputs(job), **options)
-        row = _row(job, PAIR_DONE, polygons=result.polygon_count, changed_area=result.changed_area_m2,
-                   area_unit="m2" if result.grid.crs is not None else "px",
-                   footprint=_lonlat_outline(result.grid.bounds, result.grid.crs),
-                   seconds=round(time.perf_counter() - started, 3))
-        write_record(job, before, row)
-    except Exception as error:  # the pair's failure, recorded; a bug's too, with its kind
-        row = _row(job, PAIR_FAILED, error=str(error) if isinstance(error, GeoChangeError) else
-                   f"{type(error).__name__}: {error}", footprint=_input_outlines(job),
-                   seconds=round(time.perf_counter() - started, 3))
-    return {**row, "peak_bytes": _peak_rss(), "log": progress.lines}
 
 
 # --- The summary -----------------------------------------------------------------------------------------
@@ -380,7 +202,7 @@ def _outcome(future, job: dict) -> dict:
     try:
         return future.result()
     except Exception as error:
-        return _row(job, PAIR_FAILED, error=f"the task failed on the cluster: {type(error).__name__}: {error}")
+        return pair_row(job, PAIR_FAILED, error=f"the task failed on the cluster: {type(error).__name__}: {error}")
 
 
 def _submit(client, job: dict, threads: int | None = None):
@@ -497,7 +319,7 @@ def detect_many(pairs: list[Pair], model, out, *, scheduler: str | None = None, 
         rows = {}
         for job in jobs:
             kept = None if force else complete(job)
-            rows[job["name"]] = {**kept, "status": PAIR_SKIPPED} if kept else _row(job, PAIR_PENDING)
+            rows[job["name"]] = {**kept, "status": PAIR_SKIPPED} if kept else pair_row(job, PAIR_PENDING)
         todo = [job for job in jobs if rows[job["name"]]["status"] == PAIR_PENDING]
         write_summary(list(rows.values()), out)
         progress.log(f"{len(jobs)} pairs, {len(jobs) - len(todo)} complete already; model {model.name} "

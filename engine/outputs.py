@@ -76,7 +76,8 @@ class StagedRaster:
             factors = overview_factors(grid.width, grid.height) if overviews else []
             if factors and self._ds.BuildOverviews("NONE", factors) != 0:  # empty levels
                 raise output_error(self.name, f"cannot add overviews: {gdal.GetLastErrorMsg()}")
-        self._levels = [band] + [band.GetOverview(i) for i in range(band.GetOverviewCount())]
+            # Inside: on a full disk the overviews' directory write fails here, where GDAL's exceptions are on.
+            self._levels = [band] + [band.GetOverview(i) for i in range(band.GetOverviewCount())]
         self._next_row = [0] * len(self._levels)
         self._carry = [None] * len(self._levels)  # per overview level, an odd row waiting for its pair
 

@@ -48,9 +48,10 @@ def test_sparse_expert_routing_runs_eagerly_and_says_why(random_package, monkeyp
     assert graph_refusal(package.model) is None
     monkeypatch.setattr(backends, "graph_refusal", lambda model: "a reason")
     logged = []
-    for backend in ("compile", "openvino"):
+    backends_here = ("compile", "openvino") if backends.openvino_installed() else ("compile",)
+    for backend in backends_here:
         assert Predictor(package, "cpu", backend=backend, log=logged.append).backend == "eager"
-    assert logged == ["tinycd runs eagerly: a reason"] * 2
+    assert logged == ["tinycd runs eagerly: a reason"] * len(backends_here)
 
 
 def test_the_digest_follows_every_tensor(random_package):

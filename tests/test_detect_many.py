@@ -21,7 +21,8 @@ import pytest
 from conftest import run_algorithm
 from geochange.engine.contracts import PAIR_DONE, PAIR_FAILED, PAIR_PENDING, PAIR_SKIPPED, SUMMARY_LAYER
 from geochange.engine.errors import OptionError
-from geochange.engine.many import RECORD, Layout, complete, identity, local_layout, make_job, write_record
+from geochange.engine.many import Layout, local_layout, make_job
+from geochange.engine.pair_task import RECORD, complete, identity, write_record
 from geochange.engine.options import DetectOptions
 from geochange.engine.pairs import Pair, glob_pairs, pairs_from, read_pairs
 
