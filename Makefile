@@ -6,8 +6,6 @@ APT_PACKAGES := qgis python3-qgis qgis-providers python3-rasterio gdal-bin
 # The engine's and trainer's packages are listed once, in requirements.txt (pyproject.toml and QGIS's set-up
 # algorithm read it too); these are the development tools.
 DEV_DEPS := pytest ruff
-# pyproject.toml's optional extras, installed here so that the tests cover them: OpenVINO, the CPU runtime.
-EXTRAS := openvino
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup system-packages demo test bench clean plugin
@@ -26,7 +24,7 @@ system-packages:
 # The venv sees Debian's site-packages (qgis, osgeo, rasterio); re-run only when the dependencies change.
 $(VENV)/.deps-installed: pyproject.toml requirements.txt Makefile
 	@[ -x $(PY) ] || /usr/bin/python3 -m venv --system-site-packages $(VENV)
-	$(PY) -m pip install -q -r requirements.txt $(DEV_DEPS) $(EXTRAS)
+	$(PY) -m pip install -q -r requirements.txt $(DEV_DEPS)
 	$(PY) -m pip install -q --no-deps -e .
 	@touch $@
 

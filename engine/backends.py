@@ -1,8 +1,8 @@
 """Which runtime runs a model's forward on the CPU: eager PyTorch, torch.compile graphs (``engine.compiled``)
 or OpenVINO (``engine.exported``), chosen once per run.
 
-``auto``, the front ends' default, takes OpenVINO where it is installed (``pip install geochange[openvino]``;
-``make setup`` installs it) and eager PyTorch elsewhere: on this project's CPU OpenVINO's forward took
+``auto``, the front ends' default, takes OpenVINO where it is installed (requirements.txt lists it: ``make setup``
+and QGIS's set-up install it) and eager PyTorch elsewhere: on this project's CPU OpenVINO's forward took
 a fraction of torch's own best (torch.compile in bf16), and torch.compile costs a minute or more per window
 shape the first time (bench/results.md). ``compile`` and ``openvino`` are asked for by name. A model that
 cannot become one static graph, or whose compile or export fails, runs eagerly and the log says why. On a
@@ -104,8 +104,9 @@ def model_forward(package, backend: str, dtype: torch.dtype, log):
     if backend == "compile":
         from geochange.engine.compiled import CompiledForward
         return CompiledForward(package, log)
-    from geochange.engine.exported import OpenVINOForward
     try:
+        from geochange.engine.exported import OpenVINOForward  # an installed OpenVINO may still fail to import
+
         return OpenVINOForward(package, dtype, log)
     except Exception as error:  # the converter's errors have no common type; any of them leaves eager
         log(f"{name} runs eagerly: OpenVINO could not run it ({str(error).strip().splitlines()[0]})")

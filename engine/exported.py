@@ -62,9 +62,14 @@ def exported_model(package, log) -> Path:
     _verify(model, package)
     # The .bin first, then the .xml that names a complete export: a run killed between leaves no .xml.
     partial = path.with_name(f".{path.stem}.{new_token()}.partial.xml")
-    ov.save_model(model, partial, compress_to_fp16=False)
-    os.replace(partial.with_suffix(".bin"), path.with_suffix(".bin"))
-    os.replace(partial, path)
+    try:
+        ov.save_model(model, partial, compress_to_fp16=False)
+        os.replace(partial.with_suffix(".bin"), path.with_suffix(".bin"))
+        os.replace(partial, path)
+    except BaseException:  # a full disk, a cancel: nothing half-written stays in the cache
+        for leftover in (partial, partial.with_suffix(".bin")):
+            leftover.unlink(missing_ok=True)
+        raise
     with contextlib.suppress(OSError):  # another run pruning at the same time
         prune(path.parent)
     log(f"{name}: exported to OpenVINO and checked against PyTorch in {time.perf_counter() - start:.0f} s ({path})")

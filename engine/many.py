@@ -36,7 +36,7 @@ SUMMARY_GPKG, SUMMARY_CSV = SUMMARY_FILES
 # A local worker's memory limit is the machine's available memory shared among the workers, whose number
 # the first pair's measured peak bounds: peak x HEADROOM each. Why 1.25: the peak follows the tile and
 # batch, hardly the raster (make bench: TinyCD's peak RSS at 16384² was 0.96 to 1.08 x that at 4096²,
-# bench/results.md), and the pair measured is the widest (it fills the largest batches).
+# bench/results.md), and the pair measured is the widest that succeeds (the widest fill the largest batches).
 HEADROOM = 1.25
 # Dask's settings for the local cluster. A worker's memory is its model's and its pair's, nothing Dask
 # could spill, and glibc keeps freed memory (engine/process.py): a worker paused at 80 % would never
@@ -125,7 +125,8 @@ def local_layout(cores: int, gpus: list[int], *, workers: int | None = None, thr
     return Layout(count, threads, tuple(gpus[:count]))
 
 
-def _cores() -> int:
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the system has one)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -146,10 +147,15 @@ def _gpus(device: str) -> list[int]:
 def _check_workers_import_this_engine() -> None:
     """The local workers are new processes, started with this process's ``sys.path``, that import the engine
     as the package ``geochange``: it must be this copy (the QGIS worker loads the plugin's folder by its path,
-    which a new process does not inherit)."""
-    found = subprocess.run([sys.executable, "-c", "import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
-                            "import geochange; print(geochange.__file__)", json.dumps(sys.path)],
-                           capture_output=True, text=True, timeout=120)
+    which a new process does not inherit: its parent folder goes on ``sys.path``, last, for them)."""
+    if ENGINE_ROOT.name == "geochange" and str(ENGINE_ROOT.parent) not in sys.path:
+        sys.path.append(str(ENGINE_ROOT.parent))
+    try:
+        found = subprocess.run([sys.executable, "-c", "import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
+                                "import geochange; print(geochange.__file__)", json.dumps(sys.path)],
+                               capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        raise GeoChangeError(f"detect-many: {sys.executable} did not import the engine within 120 s") from None
     where = Path(found.stdout.strip()).resolve().parent if found.returncode == 0 else None
     if where != ENGINE_ROOT:
         raise GeoChangeError(f"detect-many's worker processes import the package geochange, which {sys.executable} "
@@ -245,7 +251,7 @@ def _on_this_machine(jobs: list[dict], record, options: DetectOptions, workers: 
     import psutil
 
     _check_workers_import_this_engine()
-    cores, gpus, memory = _cores(), _gpus(options.device), psutil.virtual_memory().available
+    cores, gpus, memory = available_cores(), _gpus(options.device), psutil.virtual_memory().available
     widest = local_layout(cores, gpus, workers=workers, threads=options.threads, pairs=len(jobs))
     device = "cuda" if gpus else options.device  # a worker sees its GPU only, as cuda
     jobs = [{**job, "options": {**job["options"], "device": device}} for job in _widest_first(jobs)]
@@ -255,10 +261,12 @@ def _on_this_machine(jobs: list[dict], record, options: DetectOptions, workers: 
             alone = Layout(1, options.threads or (widest.threads if gpus else cores), widest.gpus[:1])
             progress.log(f"measuring a worker's memory on the widest pair: 1 worker x {alone.threads} thread(s)")
             with _local_client(alone, memory) as client:
-                while jobs and peak is None:
+                done = False  # where the system does not say a process's peak (Windows), none bounds the workers
+                while jobs and not done:
                     row = _outcome(_submit(client, jobs[0], alone.threads), jobs.pop(0))
                     record(row)
-                    peak = row.get("peak_bytes") if row["status"] == PAIR_DONE else None
+                    done = row["status"] == PAIR_DONE
+                    peak = row.get("peak_bytes") if done else None
         if not jobs:
             return
         layout = local_layout(cores, gpus, workers=workers, threads=options.threads, peak=peak, memory=memory,
@@ -277,7 +285,7 @@ def _on_scheduler(address: str, jobs: list[dict], record, progress) -> None:
 
     try:
         client = Client(address, timeout="20s")
-    except (OSError, TimeoutError) as error:
+    except (OSError, TimeoutError, ValueError) as error:  # ValueError: no address Dask can read
         raise OptionError(f"--scheduler {address}: no Dask scheduler answers there ({error})") from None
     with client:
         progress.log(f"Dask cluster at {address}: {len(client.scheduler_info()['workers'])} worker(s)")

@@ -16,6 +16,9 @@ from geochange.engine.errors import OptionError
 REQUIRED_COLUMNS = ("pre", "post")
 COLUMNS = (*REQUIRED_COLUMNS, "name", "aoi")
 SHOWN = 5  # unpaired files named in an error, the rest counted
+# What a wildcard does not match: the folder separators (Windows's glob joins its matches with \, whatever the
+# pattern's separator).
+NOT_SEPARATOR = "[^" + re.escape(os.sep + (os.altsep or "")) + "]"
 
 
 @dataclass(frozen=True)
@@ -66,9 +69,9 @@ def _capturing(pattern: str) -> re.Pattern:
     while i < len(pattern):
         char = pattern[i]
         if char == "*":
-            parts.append(r"([^/]*)")
+            parts.append(f"({NOT_SEPARATOR}*)")
         elif char == "?":
-            parts.append(r"([^/])")
+            parts.append(f"({NOT_SEPARATOR})")
         elif char == "[" and "]" in pattern[i + 2:]:
             end = pattern.index("]", i + 2)
             body = pattern[i + 1:end]
@@ -85,13 +88,13 @@ def _capturing(pattern: str) -> re.Pattern:
 
 def _by_key(pattern: str, option: str) -> dict[str, str]:
     """The files ``pattern`` matches, by the text its wildcards match (joined by ``_``)."""
-    expression = _capturing(pattern)
+    expression = _capturing(os.path.normpath(pattern))  # matched against normalised paths: one separator
     if not expression.groups:
         raise OptionError(f"{option} {pattern!r} has no wildcard (*, ? or [...]): the text the wildcards match "
                           "pairs the files")
     files = {}
     for path in sorted(glob.glob(pattern)):
-        match = expression.fullmatch(path)
+        match = expression.fullmatch(os.path.normpath(path))
         if match and os.path.isfile(path):
             files["_".join(match.groups())] = os.path.abspath(path)
     if not files:

@@ -58,6 +58,8 @@ TORCH_BUILDS = {"CPU": "https://download.pytorch.org/whl/cpu",
                 PIP_INDEX: None}
 PIP_INSTALL = ("-m", "pip", "install", "--progress-bar", "off", "--disable-pip-version-check", "--no-input")
 QUOTED_LINES = 25  # of a failed command's output, in its error
+# Written into an environment this algorithm made: only such a one is ever made again (cleared).
+MADE_HERE = "made-by-geochange-setup.txt"
 
 
 def default_folder() -> Path:
@@ -180,7 +182,7 @@ class SetupEngineAlgorithm(EngineAlgorithm):
         feedback.setProgress(5)
         torch = [line for line in requirements() if requirement_name(line) in TORCH_PACKAGES]
         run_command([str(python), *PIP_INSTALL, *torch, *(["--index-url", index] if index else []),
-                     *(["--force-reinstall"] if replace else [])], feedback, engine_environment(python),
+                     *(["--force-reinstall", "--no-deps"] if replace else [])], feedback, engine_environment(python),
                     tr("pip could not install PyTorch ({})").format(build))
         feedback.pushInfo(tr("Installing the engine's other packages ({})").format(REQUIREMENTS))
         feedback.setProgress(60)
@@ -208,6 +210,10 @@ class SetupEngineAlgorithm(EngineAlgorithm):
             if problem is None:
                 feedback.pushInfo(tr("Completing the environment in {}").format(folder))
                 return
+            if not (folder / MADE_HERE).is_file():
+                raise QgsProcessingException(tr("{} holds a Python environment this algorithm did not make, and its "
+                                                "Python cannot serve ({}: {}): choose another folder (this one is "
+                                                "left as it is)").format(folder, python, problem))
             feedback.pushInfo(tr("Making the environment in {} again: its Python {}").format(folder, problem))
             clear = ["--clear"]
         base = qgis_python()
@@ -215,3 +221,5 @@ class SetupEngineAlgorithm(EngineAlgorithm):
         run_command([str(base), "-m", "venv", "--system-site-packages", *clear, str(folder)], feedback,
                     engine_environment(base), tr("QGIS's Python could not make a virtual environment in {}")
                     .format(folder))
+        (folder / MADE_HERE).write_text("Made by GeoChange's 'Set up the GeoChange engine', which may make it again.\n",
+                                        encoding="utf-8")

@@ -306,8 +306,9 @@ def _follow(process, task, args, feedback, outputs, python, origin, options) -> 
         remove_left_temporaries(outputs)
     if cancelled_at is not None:
         how = "stopped cleanly" if error is not None and error.cancelled else "was ended"
-        raise QgsProcessingException(f"GeoChange: cancelled by the user; the engine process {how} and no "
-                                     "output was written.")
+        written = ("the pairs finished before the cancel are complete in their folders, and a re-run does the "
+                   "others" if task == "detect_many" else "no output was written")
+        raise QgsProcessingException(f"GeoChange: cancelled by the user; the engine process {how} and {written}.")
     if error is None:
         raise QgsProcessingException(_crash_message(task, returncode, python, stderr_tail))
     if error.kind == contracts.MISSING_DEPENDENCY:

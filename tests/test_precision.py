@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from geochange.engine.backends import openvino_installed
 from geochange.engine.evaluate import change_label, dataset_pairs, predict_image
 from geochange.engine.hardware import cpu_bf16
 from geochange.engine.metrics import ConfusionMeter
@@ -31,6 +32,8 @@ def test_auto_takes_bf16_where_the_cpu_computes_it_and_says_why():
 
 def masks_and_f1(package, folder, precision: str, backend: str, tiling) -> tuple[list[np.ndarray], float]:
     predictor, meter, masks = Predictor(package, "cpu", precision=precision, backend=backend), ConfusionMeter(), []
+    if backend == "auto" and openvino_installed():  # the default path is OpenVINO's, not a fallback to eager
+        assert predictor.backend == "openvino"
     for pre_path, post_path, label_path in dataset_pairs(folder):
         change, labelled = change_label(read_image(label_path)[0], label_path)
         masks.append(predict_image(predictor, read_image(pre_path), read_image(post_path), tiling) > package.threshold)

@@ -82,6 +82,15 @@ def test_the_set_up_refuses_a_folder_of_other_files_and_can_be_cancelled(geochan
     assert (tmp_path / "env" / "pyvenv.cfg").is_file()  # made, then pip was stopped
     assert QgsSettings().value(PYTHON_SETTING_KEY, "") == before  # the engine's interpreter is unchanged
 
+    # Another's environment whose Python is gone is not remade (cleared): only one this algorithm made.
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "pyvenv.cfg").write_text("home = /nowhere\n")
+    (tmp_path / "theirs" / "notes.txt").write_text("mine")
+    with pytest.raises(QgsProcessingException, match="theirs holds a Python environment this algorithm did not make, "
+                                                     "and its Python cannot serve \\(.*: no such file\\): choose"):
+        run_algorithm("geochange:setupengine", {"FOLDER": str(tmp_path / "theirs")})
+    assert (tmp_path / "theirs" / "notes.txt").read_text() == "mine"
+
 
 def results_of(done) -> dict:
     assert done.returncode == 0, done.stdout + done.stderr
@@ -132,5 +141,14 @@ def test_first_run_after_install_from_zip_sets_up_the_engine_then_detects(plugin
     done = qgis_process(*detect, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"on Python {'.'.join(map(str, sys.version_info[:3]))} ({folder / 'bin' / 'python'})" in done.stdout
+    assert "backend openvino: " in done.stdout, done.stdout  # the set-up installed the CPU runtime too
     count = next(line for line in done.stdout.splitlines() if line.startswith("POLYGON_COUNT"))
     assert int(float(count.split(":")[1])) > 0, done.stdout
+
+    # Many pairs on a local Dask cluster: its worker processes import the plugin's folder too.
+    table = tmp_path / "pairs.csv"
+    table.write_text(f"name,pre,post\nlevir,{tile / 'pre.tif'},{tile / 'post.tif'}\n")
+    many = results_of(qgis_process("--json", "run", "geochange:detectmanypairs", "--", f"PAIRS={table}",
+                                   f"MODEL={tinycd_package}", "DEVICE=cpu", "WORKERS=1",
+                                   f"OUTPUT={tmp_path / 'many'}", timeout=600))
+    assert (many["DONE"], many["FAILED"]) == (1, 0), many
