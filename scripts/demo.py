@@ -110,7 +110,7 @@ def main(argv=None) -> int:
         import_weights("tinycd", args.data / "weights" / "tinycd_levir_official.pth", package)
     outputs = {k: args.out / v for k, v in OUTPUT_NAMES.items()}
     result = detect(tile / "pre.tif", tile / "post.tif", package, **outputs, device=args.device,
-                    min_area=20.0, simplify=0.5, progress=TqdmProgress())
+                    min_area=20.0, simplify=0.5, progress=TqdmProgress(unit="%"))
     picture = overview(tile / "pre.tif", tile / "post.tif", result.polygons, args.out / "overview.png")
     print(f"{result.polygon_count} change polygons, {result.changed_area_m2:,.0f} m2 changed")
     for path in (*outputs.values(), picture):
