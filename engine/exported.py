@@ -36,8 +36,9 @@ CACHE_BYTES = 4 * 2**30
 
 @functools.cache
 def core() -> ov.Core:
-    """The process's one OpenVINO Core: a second Core in a process, once models run, can crash it later
-    (a segfault in this project's test suite after some forty exports and runs; ultralytics PR 25864)."""
+    """The process's one OpenVINO Core: with a Core made for each model, a long process crashed later in
+    unrelated Python code (this project's test suite, its fresh-clone run; ultralytics PR 25864 reports
+    the same); with one, it did not."""
     return ov.Core()
 
 
