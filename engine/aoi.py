@@ -7,6 +7,7 @@ inside are never run.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,12 @@ def split_layer(source: str) -> tuple[str, str | None]:
     layer = next((value for key, _, value in (o.partition("=") for o in options.split("|")) if key == "layername"),
                  None)
     return path, layer
+
+
+def absolute_layer(source: str, folder: str | os.PathLike) -> str:
+    """``source`` (``FILE`` or ``FILE|layername=NAME``) with its file made absolute, read from ``folder``."""
+    file = split_layer(source)[0]
+    return os.path.abspath(os.path.join(folder, file)) + source[len(file):]
 
 
 def read_polygons(source: str, role: str = "the area of interest") -> tuple[object, CRS | None]:

@@ -23,7 +23,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from geochange.engine.aoi import split_layer
+from geochange.engine.aoi import absolute_layer
 from geochange.engine.atomic import AtomicOutputs, folder_lock
 from geochange.engine.contracts import PAIR_DONE, PAIR_FAILED, PAIR_PENDING, PAIR_SKIPPED, SUMMARY_FILES, SUMMARY_LAYER
 from geochange.engine.errors import GeoChangeError, OptionError, gdal_write_errors, output_error
@@ -195,8 +195,7 @@ def make_job(pair: Pair, model: Path, digest: str, out: Path, options: DetectOpt
     pair's folder under ``out``, the options (the pair's area of interest, else the run's)."""
     aoi = pair.aoi or options.aoi
     if aoi:  # FILE or FILE|layername=NAME
-        file = split_layer(aoi)[0]
-        aoi = os.path.abspath(file) + aoi[len(file):]
+        aoi = absolute_layer(aoi, os.getcwd())
     return {"name": pair.name, "pre": os.path.abspath(pair.pre), "post": os.path.abspath(pair.post),
             "folder": str(out / pair.name), "model": str(model), "sha256": digest, "vector_format": vector_format,
             "options": {**{name: getattr(options, name) for name in names(DETECT)}, "aoi": aoi}}

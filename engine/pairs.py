@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from geochange.engine.aoi import split_layer
+from geochange.engine.aoi import absolute_layer
 from geochange.engine.contracts import SUMMARY_FILES
 from geochange.engine.errors import OptionError
 
@@ -56,8 +56,7 @@ def read_pairs(path: str | os.PathLike) -> list[Pair]:
         pre, post = (str(folder / row[date]) for date in REQUIRED_COLUMNS)
         aoi = row.get("aoi") or None
         if aoi is not None:
-            file, _ = split_layer(aoi)
-            aoi = str(folder / file) + aoi[len(file):]
+            aoi = absolute_layer(aoi, folder)
         pairs.append(Pair(row.get("name") or Path(post).stem, pre, post, aoi))
     return checked(pairs, str(path))
 
