@@ -10,6 +10,7 @@ GPU the model runs eagerly, as CUDA graphs (``Predictor``).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -75,14 +76,25 @@ def graph_refusal(model: torch.nn.Module) -> str | None:
 
 
 def model_digest(package) -> str:
-    """sha256 of what a model's graph is made from: its architecture and arguments, the channels of its
-    inputs, and every tensor (name, type, shape and bytes)."""
+    """sha256 of what a model's graph is made from: the code of the architectures, the model's architecture
+    and arguments, the channels of its inputs, and every tensor (name, type, shape and bytes). With the code
+    in it, an export made before a change of a model's forward is not run after it."""
     manifest = package.manifest
-    digest = hashlib.sha256(json.dumps([manifest["architecture"], manifest["arch_kwargs"], input_channels(package)],
-                                       sort_keys=True).encode())
+    digest = hashlib.sha256(architectures_code_digest().encode())
+    digest.update(json.dumps([manifest["architecture"], manifest["arch_kwargs"], input_channels(package)],
+                             sort_keys=True).encode())
     for name, tensor in package.model.state_dict().items():
         digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@functools.cache
+def architectures_code_digest() -> str:
+    """sha256 of the sources of ``engine/models``, where every architecture's forward is written."""
+    digest = hashlib.sha256()
+    for source in sorted(Path(__file__).with_name("models").glob("*.py")):
+        digest.update(source.name.encode() + b"\0" + source.read_bytes())
     return digest.hexdigest()
 
 

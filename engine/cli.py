@@ -133,8 +133,9 @@ def _cmd_models(args) -> int:
         paper_gflops = paper.get("gflops", float("nan")) if paper.get("gflops_input", 256) == 256 else float("nan")
         print(f"{name:<18}{count_params(model, s.training_only) / 1e6:>10.3f}"
               f"{paper.get('params_m', float('nan')):>9.3f}{gflops:>12.3f}{paper_gflops:>9.3f}  {s.description}")
-    print("params: the inference model (training-only heads left out); GFLOPs: multiply-adds, "
-          "torch.utils.flop_counter / 2")
+    print("params: the inference model (training-only heads left out); GFLOPs: multiply-adds as the model "
+          "runs, torch.utils.flop_counter / 2 (the M2CD and Changer heads fuse each level before resizing it, "
+          "the same function with fewer than the papers count: README, Models)")
     return 0
 
 

@@ -23,6 +23,23 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture
+def published_heads(monkeypatch):
+    """The heads' fuse run as the authors run it (levels resized, concatenated, then the 1x1 conv), the form
+    their published FLOPs count; ``heads.fuse_resized`` computes the same function with fewer."""
+    import torch
+    import torch.nn.functional as F
+
+    from geochange.engine.models import changer, heads
+
+    def resized_then_fused(fuse, parts, size):
+        return fuse(torch.cat([F.interpolate(p, size=size, mode="bilinear", align_corners=False) for p in parts],
+                              dim=1))
+
+    for module in (heads, changer):
+        monkeypatch.setattr(module, "fuse_resized", resized_then_fused)
+
+
 @pytest.fixture(scope="session")
 def tinycd_package(shared_data, tmp_path_factory) -> Path:
     """The TinyCD authors' LEVIR weights imported into a GeoChange package."""

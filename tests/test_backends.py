@@ -62,6 +62,13 @@ def test_the_digest_follows_every_tensor(random_package):
     assert model_digest(one) != model_digest(two)
 
 
+def test_the_digest_follows_the_architectures_code(random_package, monkeypatch):
+    package = load_package(random_package)
+    before = model_digest(package)
+    monkeypatch.setattr(backends, "architectures_code_digest", lambda: "a changed forward")
+    assert model_digest(package) != before
+
+
 def test_openvino_exports_once_agrees_with_pytorch_and_refuses_an_export_that_does_not(random_package, tmp_path,
                                                                                        monkeypatch):
     pytest.importorskip("openvino")

@@ -59,6 +59,7 @@ def test_parameter_count_matches_paper(name, request):
     assert round(measured, 3) == published
 
 
+@pytest.mark.usefixtures("published_heads")
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_flops_within_10_percent_at_256(name, request):
     published = PUBLISHED[name]["gflops_256"]
@@ -66,6 +67,7 @@ def test_flops_within_10_percent_at_256(name, request):
     assert abs(measured - published) / published < 0.10, (measured, published)
 
 
+@pytest.mark.usefixtures("published_heads")
 def test_flops_at_512_grow_faster_than_pixels(request):
     """JL1-CD's 8.523 G at 512 is the same count as M2CD's 1.741 G at 256: the spatial-reduction
     attention's products grow with tokens^2, so 4x the pixels cost ~4.9x the FLOPs."""
@@ -96,6 +98,7 @@ class _MMEngineExtras(TorchDispatchMode):
         return out
 
 
+@pytest.mark.usefixtures("published_heads")
 @pytest.mark.parametrize("name,size", [("changer_mit_b0", 256), ("changer_mit_b0", 512),
                                        ("changer_mit_b1", 256)])
 def test_published_flops_reproduced_with_mmengine_counting(name, size, request):

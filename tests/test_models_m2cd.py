@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 
 from geochange.engine.models import create, spec
+from geochange.engine.models.heads import ConvBNReLU, fuse_resized
 from geochange.engine.models.m2cd import ConvNeXtMoEBlock
 from geochange.engine.models.moe import MixtureOfExperts
 from geochange.engine.models.stats import count_gflops, count_params
@@ -80,6 +82,7 @@ def test_parameter_counts_match_table_i(name):
         assert abs(params + unused - published) <= 500, (params, unused)
 
 
+@pytest.mark.usefixtures("published_heads")
 @pytest.mark.parametrize("name", MIT)
 def test_gflops_match_table_i(mit_models, name):
     gflops = count_gflops(mit_models[name], size=256)
@@ -171,6 +174,7 @@ def test_eval_is_deterministic(mit_models):
 
 
 @heavy
+@pytest.mark.usefixtures("published_heads")
 @pytest.mark.parametrize("name", CONVNEXT)
 def test_convnext_forward_and_gflops(name):
     torch.manual_seed(0)
@@ -181,6 +185,22 @@ def test_convnext_forward_and_gflops(name):
     blocks = [m for m in model.modules() if isinstance(m, ConvNeXtMoEBlock)]
     assert len(blocks) == (9 if name == "m2cd_convnext_t" else 18)
     assert blocks[0].moe.num_experts == (8 if name == "m2cd_convnext_t" else 4)
+
+
+def test_a_fuse_of_resized_levels_equals_the_concatenation_it_replaces():
+    torch.manual_seed(0)
+    fuse = ConvBNReLU(3 * 8, 16).eval()
+    fuse[1].running_mean.normal_()
+    fuse[1].running_var.uniform_(0.5, 2.0)
+    parts = [torch.randn(2, 8, 24, 40), torch.randn(2, 8, 12, 20), torch.randn(2, 8, 5, 7)]
+    with torch.no_grad():
+        literal = fuse(torch.cat([F.interpolate(p, size=(48, 80), mode="bilinear", align_corners=False)
+                                  for p in parts], dim=1))
+        torch.testing.assert_close(fuse_resized(fuse, parts, (48, 80)), literal, rtol=0, atol=1e-5)
+        # at the first part's own size (the Changer's levels), as well
+        literal = fuse(torch.cat([F.interpolate(p, size=(24, 40), mode="bilinear", align_corners=False)
+                                  for p in parts], dim=1))
+        torch.testing.assert_close(fuse_resized(fuse, parts, (24, 40)), literal, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("head", ["upernet", "fcn"])

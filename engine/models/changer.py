@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from . import register
 from .backbone_weights import load_backbone_weights
-from .heads import ConvBNReLU, classifier_conv, resize
+from .heads import ConvBNReLU, classifier_conv, fuse_resized, resize
 from ..inputs import optical_input
 
 
@@ -95,9 +95,7 @@ class LevelFusion(nn.Module):
         self.fuse = ConvBNReLU(channels * len(in_channels), channels // 2)
 
     def forward(self, levels: list[torch.Tensor]) -> torch.Tensor:
-        size = levels[0].shape[-2:]
-        projected = [resize(proj(x), size) for proj, x in zip(self.projections, levels)]
-        return self.fuse(torch.cat(projected, dim=1))
+        return fuse_resized(self.fuse, [proj(x) for proj, x in zip(self.projections, levels)], levels[0].shape[-2:])
 
 
 def warp(x: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,23 @@ def classifier_conv(channels: int, num_classes: int) -> nn.Conv2d:
 
 def resize(x: torch.Tensor, size) -> torch.Tensor:
     """Bilinear, pixel-area aligned (``align_corners=False``): mmseg's resize of features and logits."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x  # what interpolating to the same size returns, without the copy
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def fuse_resized(fuse: ConvBNReLU, parts: list[torch.Tensor], size) -> torch.Tensor:
+    """``fuse(torch.cat([resize(p, size) for p in parts], dim=1))``, the 1x1 conv run on each part at its own
+    size before the resize: each part's slice of the conv's weight, resized, then summed.
+
+    The same function (to rounding): a 1x1 conv mixes channels, a bilinear resize mixes pixels with the
+    same weights in every channel, so they commute. It saves the conv's work on the upsampled pixels and
+    the concatenation: M2CD-MiT-b0's SegFormer head fuses 1,024 channels at half the input size, 34 GFLOP
+    a 512 px window against 2.9 in this form.
+    """
+    conv, norm, act = fuse
+    weights = conv.weight.split([p.shape[1] for p in parts], dim=1)  # the conv has no bias (the BN has)
+    return act(norm(sum(resize(F.conv2d(p, w), size) for p, w in zip(parts, weights))))
 
 
 class SegFormerHead(nn.Module):
@@ -46,8 +62,8 @@ class SegFormerHead(nn.Module):
 
     def forward(self, levels: list[torch.Tensor]) -> torch.Tensor:
         size = [2 * s for s in levels[0].shape[-2:]]
-        x = torch.cat([resize(proj(x), size) for proj, x in zip(self.projections, levels)], dim=1)
-        return self.classifier(self.fuse(x))
+        x = fuse_resized(self.fuse, [proj(x) for proj, x in zip(self.projections, levels)], size)
+        return self.classifier(x)
 
 
 class PyramidPooling(nn.Module):
