@@ -7,7 +7,7 @@ from rasterio.transform import from_origin
 import shapely
 
 from geochange.engine.measures import METRES_PER_DEGREE, map_units
-from geochange.engine.vectorize import PolygonAssembler, change_polygons, write_polygons
+from geochange.engine.vectorize import PolygonAssembler, change_polygons, simplified, write_polygons
 
 
 def hand_mask():
@@ -59,6 +59,21 @@ def test_min_area_and_simplify():
     smooth = change_polygons(diagonal, diagonal.astype(np.float32), transform, "EPSG:32614", simplify=1.0)[0]
     assert len(smooth.geometry.exterior.coords) < len(rough.geometry.exterior.coords) / 5
     assert smooth.geometry.is_valid
+
+
+def test_simplifying_keeps_every_polygon_whole_where_ring_by_ring_simplification_would_not():
+    """Douglas-Peucker on each ring is checked: a hole it would push across the straightened outline, or
+    shrink to nothing, sends that polygon through the topology-preserving simplifier."""
+    outline = [(0, 0), (10, 0), (10, 10), (5, 11), (0, 10)]  # a bump of 1 under a tolerance of 1.5
+    crossing = shapely.Polygon(outline, [[(4, 7), (6, 7), (6, 10.5), (4, 10.5)]])  # reaches into the bump
+    speck = shapely.Polygon(outline, [[(2, 2), (2.5, 2), (2.5, 2.5)]])
+    plain = shapely.Polygon([(0, 0), (10, 0), (10, 10), (5, 10.5), (0, 10)])
+    polygons = np.array([crossing, speck, plain])
+    assert [len(p.interiors) for p in shapely.simplify(polygons, 1.5, preserve_topology=False)] == [0, 0, 0]
+    out = simplified(polygons, 1.5)
+    assert [p.geom_type for p in out] == ["Polygon"] * 3 and shapely.is_valid(out).all()
+    assert [len(p.interiors) for p in out] == [1, 1, 0]
+    assert out[2].equals_exact(shapely.Polygon([(0, 0), (10, 0), (10, 10), (0, 10)]), 0)  # the bump went
 
 
 def test_the_simplify_tolerance_is_in_metres_whatever_the_crs():
