@@ -79,7 +79,7 @@ def blocks_in_use(width: int, tile: int, dates, readers: int = 1) -> int:
     a tile row of windows (which straddles a block row), once per reader thread (each has its own
     datasets), and the outputs' under a band of rows (two block rows of float32 and uint8, a third
     more for their overviews). A warped date is counted at the grid's resolution: an estimate, which
-    the cache's factor of two and its 256 MB floor absorb."""
+    the cache's margin and its 256 MB floor absorb."""
     inputs = sum((tile + src.block_shapes[0][0]) * width * sum(np.dtype(src.dtypes[b - 1]).itemsize for b in bands)
                  for src, bands in dates)
     return readers * inputs + 2 * BLOCK * width * (4 + 1) * 4 // 3
