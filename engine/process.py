@@ -37,9 +37,10 @@ def _keep_freed_memory() -> None:
 
     A CPU forward allocates activations of hundreds of MB; by default glibc serves each from a fresh
     ``mmap`` and unmaps it on free, so every batch page-faults its memory in again, mostly as system
-    time. Any finite threshold leaves some model paging: M2CD-MiT-b0's head concatenates 1 GiB for 4
-    windows of 512 px, and a 2 GiB trim threshold let glibc trim it again. So both thresholds are set
-    to "never" (once): memory is reused from the heap; RSS stays at its peak.
+    time. Any finite threshold left some model paging: M2CD-MiT-b0's head concatenated 1 GiB for 4
+    windows of 512 px (before ``heads.fuse_resized``), and a 2 GiB trim threshold let glibc trim it
+    again. So both thresholds are set to "never" (once): memory is reused from the heap; RSS stays at
+    its peak.
     """
     if not sys.platform.startswith("linux"):
         return
