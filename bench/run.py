@@ -30,6 +30,7 @@ Results go to ``bench/results.md`` (appended per machine and device).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -92,6 +93,8 @@ def prediction_replay(probability_path: Path, plan, device):
             window = rasterio.windows.Window(0, row, src.width, min(4096, src.height - row))
             values[row:row + window.height] = src.read(1, window=window)
         values.flush()
+    with contextlib.suppress(OSError):  # the map stays readable on Linux; no 1 GiB file is left behind
+        scratch.unlink()
     cache = gdal.GetCacheMax()
     gdal.SetCacheMax(0)  # the copy's blocks out of the cache: the floor starts as the wall run did
     gdal.SetCacheMax(cache)

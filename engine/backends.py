@@ -76,9 +76,9 @@ def graph_refusal(model: torch.nn.Module) -> str | None:
 
 
 def model_digest(package) -> str:
-    """sha256 of what a model's graph is made from: the code of the architectures, the model's architecture
-    and arguments, the channels of its inputs, and every tensor (name, type, shape and bytes). With the code
-    in it, an export made before a change of a model's forward is not run after it."""
+    """sha256 of what a model's graph is made from: the architectures' code (and timm's version), the model's
+    architecture and arguments, the channels of its inputs, and every tensor (name, type, shape and bytes).
+    With the code in it, an export made before a change of a model's forward is not run after it."""
     manifest = package.manifest
     digest = hashlib.sha256(architectures_code_digest().encode())
     digest.update(json.dumps([manifest["architecture"], manifest["arch_kwargs"], input_channels(package)],
@@ -91,8 +91,11 @@ def model_digest(package) -> str:
 
 @functools.cache
 def architectures_code_digest() -> str:
-    """sha256 of the sources of ``engine/models``, where every architecture's forward is written."""
-    digest = hashlib.sha256()
+    """sha256 of the code of every architecture's forward: the sources of ``engine/models`` and the version
+    of timm, whose backbones they build on."""
+    import timm
+
+    digest = hashlib.sha256(f"timm {timm.__version__}".encode())
     for source in sorted(Path(__file__).with_name("models").glob("*.py")):
         digest.update(source.name.encode() + b"\0" + source.read_bytes())
     return digest.hexdigest()

@@ -1,14 +1,14 @@
 """A model's forward run by OpenVINO on the CPU: exported from the package once, kept in this user's cache.
 
-The export is OpenVINO's IR (``.xml`` + ``.bin``, fp32 weights) of the model traced by PyTorch with free batch
-and window sides, checked against PyTorch before it is kept, and named by ``backends.model_digest`` (the
-architecture and every tensor) and both libraries' versions: another package, or a new OpenVINO, exports
-again; the most recently used exports are kept, up to ``CACHE_BYTES``. Windows run one at a time, each
-window shape compiled when first met (about a second), in bf16 (OpenVINO's inference precision hint) where
-the run's precision is bf16, else fp32: on this project's CPU four 512 px windows took no longer one by one
-than as a batch (TinyCD and M2CD-MiT-b0, 2 threads), and a compiled shape of one window holds a third of the
-memory of a batch of four's (TinyCD 137 against 346 MB, M2CD 388 against 1177 MB); a run also meets one
-shape, not two (its tile rows' last, smaller batch).
+The export is OpenVINO's IR (``.xml`` + ``.bin``, fp32 weights) of the model traced by PyTorch with free batch and
+window sides, checked against PyTorch before it is kept, and named by ``backends.model_digest`` (the architectures'
+code, the architecture and every tensor) and both libraries' versions: another package, a changed forward or a new
+OpenVINO exports again; the most recently used exports are kept, up to ``CACHE_BYTES``. Windows run one at a time,
+each window shape compiled when first met (about a second), in bf16 (OpenVINO's inference precision hint) where the
+run's precision is bf16, else fp32: on this project's CPU four 512 px windows took no longer one by one than as a
+batch (TinyCD and M2CD-MiT-b0, 2 threads), and a compiled shape of one window holds a third of the memory of a
+batch of four's (TinyCD 137 against 346 MB, M2CD 388 against 1177 MB); a run also meets one shape, not two (its
+tile rows' last, smaller batch).
 """
 from __future__ import annotations
 

@@ -57,8 +57,8 @@ def _keep_freed_memory() -> None:
 def bound_gdal_cache(in_use: int) -> None:
     """GDAL's block cache: a quarter more than the bytes of blocks a run keeps in use (``in_use``), at
     least 256 MB. Smaller, and blocks are evicted and decoded again before their last window is read;
-    larger costs memory for little: at 16384² (TinyCD, a 2-core AMD EPYC) twice ``in_use`` (405 MB)
-    took 150 MB more than this (256 MB) for an I/O floor of 26.5-27.6 s against 28.8-30.1 s."""
+    larger costs memory for little: at 16384² (TinyCD, a 2-core AMD EPYC) twice ``in_use`` (405 MiB)
+    took 150 MiB more than this (256 MiB) for an I/O floor of 26.5-27.6 s against 28.8-30.1 s."""
     from osgeo import gdal
 
     gdal.SetCacheMax(max(MIN_GDAL_CACHE_BYTES, in_use * 5 // 4))

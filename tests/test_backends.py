@@ -101,6 +101,22 @@ def test_openvino_exports_once_agrees_with_pytorch_and_refuses_an_export_that_do
     assert not list((tmp_path / "other" / "openvino").iterdir())  # nothing kept, no partial file left
 
 
+@pytest.mark.parametrize("name,arch_kwargs", [("m2cd_mit_b0", {}), ("m2cd_mit_b0", {"head": "upernet"}),
+                                               ("changer_mit_b0", {})])
+def test_the_heads_export_for_every_window_size(name, arch_kwargs, tmp_path, monkeypatch):
+    """Traced at 64 px, checked at 96 x 128: a shortcut taken for the trace's sizes only (a resize to the same
+    size, UPerNet's pooling to 2 x 2 at 64 px) would differ there, and the export be refused."""
+    pytest.importorskip("openvino")
+    from geochange.engine.exported import exported_model
+    from geochange.engine.manifest import make_manifest
+    from geochange.engine.models import create
+
+    monkeypatch.setenv("GEOCHANGE_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    package = ModelPackage(create(name, **arch_kwargs).eval(), make_manifest(name, arch_kwargs))
+    assert exported_model(package, lambda message: None).exists()
+
+
 def test_the_export_cache_keeps_the_most_recently_used_up_to_its_size(tmp_path, monkeypatch):
     pytest.importorskip("openvino")
     import os

@@ -313,7 +313,10 @@ def test_cli_stopped_by_sigterm_cancels_and_leaves_nothing(tmp_path, shared_data
     tile, out = shared_data / "levir_tile_georef", tmp_path / "out"
     run = subprocess.Popen([*GEOCHANGE, "detect", str(tile / "pre.tif"), str(tile / "post.tif"), "--model",
                             str(random_package), "--out", str(out), "--tile", "128", "--overlap", "16",
-                            "--batch", "1", "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            "--batch", "1", "--threads", "1",
+                            # Slow enough (seconds) that the signal comes mid-run: OpenVINO's run of this
+                            # tile, its export cached, could end before it.
+                            "--backend", "eager", "--tta"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True)
     deadline = time.monotonic() + 120
     while not (out.exists() and any(out.iterdir())) and time.monotonic() < deadline:

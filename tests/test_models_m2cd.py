@@ -201,6 +201,8 @@ def test_a_fuse_of_resized_levels_equals_the_concatenation_it_replaces():
         literal = fuse(torch.cat([F.interpolate(p, size=(24, 40), mode="bilinear", align_corners=False)
                                   for p in parts], dim=1))
         torch.testing.assert_close(fuse_resized(fuse, parts, (24, 40)), literal, rtol=0, atol=1e-5)
+        with pytest.raises(ValueError, match="1x1 conv without bias"):  # a 3x3 conv does not commute so
+            fuse_resized(ConvBNReLU(3 * 8, 16, kernel_size=3).eval(), parts, (48, 80))
 
 
 @pytest.mark.parametrize("head", ["upernet", "fcn"])
