@@ -27,10 +27,6 @@ def classifier_conv(channels: int, num_classes: int) -> nn.Conv2d:
 
 def resize(x: torch.Tensor, size) -> torch.Tensor:
     """Bilinear, pixel-area aligned (``align_corners=False``): mmseg's resize of features and logits."""
-    # Interpolating to the same size returns the same values; skipped for the copy, but not in a trace
-    # (for OpenVINO), which would keep the skip for input sizes where the sides differ.
-    if tuple(x.shape[-2:]) == tuple(size) and not torch.jit.is_tracing():
-        return x
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
