@@ -8,13 +8,15 @@ each window shape compiled when first met (about a second), in bf16 (OpenVINO's 
 run's precision is bf16, else fp32: on this project's CPU four 512 px windows took no longer one by one than as a
 batch (TinyCD and M2CD-MiT-b0, 2 threads), and a compiled shape of one window holds a third of the memory of a
 batch of four's (TinyCD 137 against 346 MB, M2CD 388 against 1177 MB); a run also meets one shape, not two (its
-tile rows' last, smaller batch).
+tile rows' last, smaller batch). The compiled shapes of the last export stay for the process's next runs of it
+(``compiled_model``): detect-many's pairs on a worker compile once.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import os
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -29,6 +31,10 @@ from geochange.engine.predictor import to_probability
 
 # Largest difference of a change probability between the export and PyTorch, both fp32, on a test input.
 VERIFY_TOLERANCE = 0.01
+# The compiled shapes of the last export compiled, by (export, window shapes, settings): each worker of detect-many
+# keeps its model's for its next pairs. Another export drops them.
+_compiled: dict = {}
+_compiling = threading.Lock()  # a worker may run pairs in several threads
 # The exports kept: the most recently used, up to this many bytes (each new package, a test's random one
 # included, adds one: M2CD-MiT-b0's is 14 MB, a ConvNeXt-B model's 1 GB).
 CACHE_BYTES = 4 * 2**30
@@ -104,22 +110,41 @@ def _verify(model, package) -> None:
         raise ValueError(f"its export gives probabilities up to {difference:.3g} away from PyTorch's")
 
 
+def compiled_model(path: Path, model: ov.Model, shapes: tuple, config: dict) -> ov.CompiledModel:
+    """``model``, the export at ``path``, compiled for inputs of ``shapes`` with ``config``, kept for the process's
+    next runs of the same export; compiling another export drops the others'. Each caller runs it through its own
+    requests."""
+    key = (str(path), shapes, tuple(sorted(config.items())))
+    with _compiling:
+        if key not in _compiled:
+            if any(other[0] != key[0] for other in _compiled):
+                _compiled.clear()
+            model = model.clone()
+            model.reshape({model.inputs[0]: list(shapes[0]), model.inputs[1]: list(shapes[1])})
+            _compiled[key] = core().compile_model(model, "CPU", config)
+        return _compiled[key]
+
+
 class OpenVINOForward:
     """``(pre, post) -> logits`` through OpenVINO, a window at a time, compiled for each window shape on as many
     threads as torch."""
 
     def __init__(self, package, dtype: torch.dtype, log):
-        self.model = core().read_model(exported_model(package, log))
+        self.path = exported_model(package, log)
+        self.model = core().read_model(self.path)  # here, so that an unreadable export leaves PyTorch to run
         self.config = {"INFERENCE_PRECISION_HINT": "bf16" if dtype == torch.bfloat16 else "f32",
                        "INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY"}
-        self.compiled: dict = {}
+        self.requests: dict = {}  # window shapes -> this forward's own request (a request runs one window at once)
 
     def __call__(self, pre: torch.Tensor, post: torch.Tensor) -> torch.Tensor:
         key = ((1, *pre.shape[1:]), (1, *post.shape[1:]))
-        if key not in self.compiled:
-            model = self.model.clone()
-            model.reshape({model.inputs[0]: list(key[0]), model.inputs[1]: list(key[1])})
-            self.compiled[key] = core().compile_model(model, "CPU", self.config)
-        run = self.compiled[key]
-        return torch.from_numpy(np.concatenate([run([np.ascontiguousarray(x[i:i + 1].numpy()) for x in (pre, post)],
-                                                    share_inputs=True)[0] for i in range(len(pre))]))
+        if key not in self.requests:
+            self.requests[key] = compiled_model(self.path, self.model, key, self.config).create_infer_request()
+        request, logits = self.requests[key], None
+        for i in range(len(pre)):
+            request.infer([np.ascontiguousarray(x[i:i + 1].numpy()) for x in (pre, post)], share_inputs=True)
+            window = request.get_output_tensor(0).data  # the request's buffer, which the next window overwrites
+            if logits is None:
+                logits = np.empty((len(pre), *window.shape[1:]), window.dtype)
+            logits[i] = window[0]
+        return torch.from_numpy(logits)

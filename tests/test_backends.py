@@ -87,7 +87,7 @@ def test_openvino_exports_once_agrees_with_pytorch_and_refuses_an_export_that_do
     np.testing.assert_allclose(fast(pre, post), eager(pre, post), atol=1e-3)
     small = pair(1, 64)  # a second window shape, compiled when met
     np.testing.assert_allclose(fast(*small), eager(*small), atol=1e-3)
-    assert sorted(fast.forward.compiled) == [((1, 3, 64, 64),) * 2, ((1, 3, 96, 96),) * 2]  # a window at a time
+    assert sorted(fast.forward.requests) == [((1, 3, 64, 64),) * 2, ((1, 3, 96, 96),) * 2]  # a window at a time
     logged.clear()
     Predictor(load_package(random_package), "cpu", backend="openvino", log=logged.append)
     assert logged == [f"tinycd: OpenVINO export from the cache ({xml})"]
@@ -115,6 +115,47 @@ def test_the_heads_export_for_every_window_size(name, arch_kwargs, tmp_path, mon
     torch.manual_seed(0)
     package = ModelPackage(create(name, **arch_kwargs).eval(), make_manifest(name, arch_kwargs))
     assert exported_model(package, lambda message: None).exists()
+
+
+def test_a_process_compiles_an_export_once_for_all_its_runs_each_with_its_own_requests(random_package, tmp_path,
+                                                                                      monkeypatch):
+    """detect-many's pairs on a worker: the next run of the same export compiles nothing; runs in two threads at
+    once each get their own windows' logits; another export drops the compiled shapes of the first."""
+    pytest.importorskip("openvino")
+    import threading
+
+    from geochange.engine import exported
+    from geochange.engine.manifest import make_manifest
+    from geochange.engine.models import create
+
+    monkeypatch.setenv("GEOCHANGE_CACHE_DIR", str(tmp_path))
+    package = load_package(random_package)
+    one, two = (Predictor(package, "cpu", backend="openvino") for _ in range(2))
+    inputs = [pair(2, 64), tuple(x[::-1].copy() for x in pair(2, 64))]  # two batches, of other windows
+    eager = Predictor(package, "cpu")
+    expected = [eager(*x) for x in inputs]
+    np.testing.assert_allclose(one(*inputs[0]), expected[0], atol=1e-3)
+    compiled = dict(exported._compiled)
+    got = {}
+
+    def run(name, predictor, x):
+        got[name] = [predictor(*x) for _ in range(3)]
+
+    threads = [threading.Thread(target=run, args=(i, p, x)) for i, (p, x) in enumerate(zip((one, two), inputs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for i in range(2):
+        for result in got[i]:
+            np.testing.assert_allclose(result, expected[i], atol=1e-3)
+    assert exported._compiled.keys() == compiled.keys()
+    assert all(exported._compiled[key] is compiled[key] for key in compiled)  # compiled once, run by both
+
+    torch.manual_seed(1)
+    other = ModelPackage(create("tinycd").eval(), make_manifest("tinycd", {}))
+    Predictor(other, "cpu", backend="openvino")(*inputs[0])
+    assert len(exported._compiled) == 1 and not exported._compiled.keys() & compiled.keys()
 
 
 def test_the_export_cache_keeps_the_most_recently_used_up_to_its_size(tmp_path, monkeypatch):
