@@ -8,8 +8,8 @@ each window shape compiled when first met (about a second), in bf16 (OpenVINO's 
 run's precision is bf16, else fp32: on this project's CPU four 512 px windows took no longer one by one than as a
 batch (TinyCD and M2CD-MiT-b0, 2 threads), and a compiled shape of one window holds a third of the memory of a
 batch of four's (TinyCD 137 against 346 MB, M2CD 388 against 1177 MB); a run also meets one shape, not two (its
-tile rows' last, smaller batch). The compiled shapes of the last export stay for the process's next runs of it
-(``compiled_model``): detect-many's pairs on a worker compile once.
+tile rows' last, smaller batch). The last compiled shape stays for the process's next run (``compiled_model``):
+detect-many's pairs on a worker compile a model of one network once (a router's members, each pair again).
 """
 from __future__ import annotations
 
@@ -31,10 +31,11 @@ from geochange.engine.predictor import to_probability
 
 # Largest difference of a change probability between the export and PyTorch, both fp32, on a test input.
 VERIFY_TOLERANCE = 0.01
-# The compiled shapes of the last export compiled, by (export, window shapes, settings): each worker of detect-many
-# keeps its model's for its next pairs. Another export drops them.
+# The last model compiled, by (export, window shapes, settings) -> compiled model: each worker of detect-many keeps
+# its model's for its next pairs. Only the last: a run's requests keep its own alive, and a worker's memory, which
+# detect-many budgets from a pair's peak, then holds no more compiled models than a pair does.
 _compiled: dict = {}
-_compiling = threading.Lock()  # a worker may run pairs in several threads
+_compiling = threading.Lock()  # a worker may run pairs in several threads, which compile one at a time
 # The exports kept: the most recently used, up to this many bytes (each new package, a test's random one
 # included, adds one: M2CD-MiT-b0's is 14 MB, a ConvNeXt-B model's 1 GB).
 CACHE_BYTES = 4 * 2**30
@@ -111,14 +112,13 @@ def _verify(model, package) -> None:
 
 
 def compiled_model(path: Path, model: ov.Model, shapes: tuple, config: dict) -> ov.CompiledModel:
-    """``model``, the export at ``path``, compiled for inputs of ``shapes`` with ``config``, kept for the process's
-    next runs of the same export; compiling another export drops the others'. Each caller runs it through its own
-    requests."""
+    """``model``, the export at ``path``, compiled for inputs of ``shapes`` with ``config``, kept until another is
+    compiled (so the process's next run of the same model and shape compiles nothing). Each caller runs it through
+    its own requests."""
     key = (str(path), shapes, tuple(sorted(config.items())))
     with _compiling:
         if key not in _compiled:
-            if any(other[0] != key[0] for other in _compiled):
-                _compiled.clear()
+            _compiled.clear()
             model = model.clone()
             model.reshape({model.inputs[0]: list(shapes[0]), model.inputs[1]: list(shapes[1])})
             _compiled[key] = core().compile_model(model, "CPU", config)

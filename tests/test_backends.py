@@ -119,8 +119,8 @@ def test_the_heads_export_for_every_window_size(name, arch_kwargs, tmp_path, mon
 
 def test_a_process_compiles_an_export_once_for_all_its_runs_each_with_its_own_requests(random_package, tmp_path,
                                                                                       monkeypatch):
-    """detect-many's pairs on a worker: the next run of the same export compiles nothing; runs in two threads at
-    once each get their own windows' logits; another export drops the compiled shapes of the first."""
+    """detect-many's pairs on a worker: the next run of the same model and window compiles nothing; runs in two
+    threads at once each get their own windows' logits; only the last compiled model is kept."""
     pytest.importorskip("openvino")
     import threading
 
@@ -152,10 +152,15 @@ def test_a_process_compiles_an_export_once_for_all_its_runs_each_with_its_own_re
     assert exported._compiled.keys() == compiled.keys()
     assert all(exported._compiled[key] is compiled[key] for key in compiled)  # compiled once, run by both
 
+    assert len(compiled) == 1
+    one(*pair(1, 32))  # another window shape: compiled, and the only one kept
+    assert len(exported._compiled) == 1 and not exported._compiled.keys() & compiled.keys()
+    np.testing.assert_allclose(one(*inputs[0]), expected[0], atol=1e-3)  # its own request still runs the first
+
     torch.manual_seed(1)
     other = ModelPackage(create("tinycd").eval(), make_manifest("tinycd", {}))
     Predictor(other, "cpu", backend="openvino")(*inputs[0])
-    assert len(exported._compiled) == 1 and not exported._compiled.keys() & compiled.keys()
+    assert [key[0] for key in exported._compiled] != [key[0] for key in compiled]
 
 
 def test_the_export_cache_keeps_the_most_recently_used_up_to_its_size(tmp_path, monkeypatch):
