@@ -3,6 +3,7 @@ come from the trainer through the ``geochange.commands`` entry points."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import sys
@@ -25,8 +26,9 @@ def _cmd_detect(args) -> int:
     out = Path(args.out)
     names = output_names(args.vector_format)
     run = distributed_detect if launched_by_torchrun() else detect
-    result = run(args.pre, args.post, args.model, **{k: out / v for k, v in names.items()}, size_gdal_cache=True,
-                 progress=TqdmProgress(unit="%"), **options)
+    with contextlib.closing(TqdmProgress(unit="%")) as progress:
+        result = run(args.pre, args.post, args.model, **{k: out / v for k, v in names.items()}, size_gdal_cache=True,
+                     progress=progress, **options)
     if result is None:  # a rank other than 0 of a torchrun
         return 0
     unit = "m2" if result.grid.crs is not None else "px (no CRS: a pixel grid)"
@@ -44,10 +46,10 @@ def _cmd_detect_many(args) -> int:
     from geochange.engine.pairs import pairs_from
     from geochange.engine.progress import TqdmProgress
 
-    rows = detect_many(pairs_from(args.pairs, args.pre_glob, args.post_glob), args.model, args.out,
-                       scheduler=args.scheduler, workers=args.workers, force=args.force,
-                       vector_format=args.vector_format, progress=TqdmProgress("pairs", unit="pair"),
-                       **parsed_options(args, DETECT))
+    with contextlib.closing(TqdmProgress("pairs", unit="pair")) as progress:
+        rows = detect_many(pairs_from(args.pairs, args.pre_glob, args.post_glob), args.model, args.out,
+                           scheduler=args.scheduler, workers=args.workers, force=args.force,
+                           vector_format=args.vector_format, progress=progress, **parsed_options(args, DETECT))
     counts = Counter(row["status"] for row in rows)
     print(f"{len(rows)} pairs: {counts[PAIR_DONE]} done, {counts[PAIR_SKIPPED]} complete already, "
           f"{counts[PAIR_FAILED]} failed")
@@ -65,8 +67,9 @@ def _cmd_evaluate(args) -> int:
     from geochange.engine.progress import TqdmProgress
 
     configure_process()
-    summary = evaluate_folder(load_package(args.model), args.data, ignore_value=args.ignore_value,
-                              progress=TqdmProgress("evaluate"), **parsed_options(args, EVALUATE))
+    with contextlib.closing(TqdmProgress("evaluate")) as progress:
+        summary = evaluate_folder(load_package(args.model), args.data, ignore_value=args.ignore_value,
+                                  progress=progress, **parsed_options(args, EVALUATE))
     print(format_summary(summary))
     if args.json:
         with atomic_path(args.json) as tmp:

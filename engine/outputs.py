@@ -10,6 +10,7 @@ disk) raises ``OutputError`` naming the output.
 from __future__ import annotations
 
 import contextlib
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -68,16 +69,26 @@ class StagedRaster:
                          "BIGTIFF=YES"])
             if self._ds is None:
                 raise output_error(self.name, gdal.GetLastErrorMsg())
-            self._ds.SetGeoTransform(grid.transform.to_gdal())
-            if grid.crs is not None:  # a pixel grid is written without a CRS
-                self._ds.SetProjection(grid.crs.to_wkt())
-            band = self._ds.GetRasterBand(1)
-            band.SetNoDataValue(nodata)
-            factors = overview_factors(grid.width, grid.height) if overviews else []
-            if factors and self._ds.BuildOverviews("NONE", factors) != 0:  # empty levels
-                raise output_error(self.name, f"cannot add overviews: {gdal.GetLastErrorMsg()}")
-            # Inside: on a full disk the overviews' directory write fails here, where GDAL's exceptions are on.
-            self._levels = [band] + [band.GetOverview(i) for i in range(band.GetOverviewCount())]
+            band = None
+            try:
+                self._ds.SetGeoTransform(grid.transform.to_gdal())
+                if grid.crs is not None:  # a pixel grid is written without a CRS
+                    self._ds.SetProjection(grid.crs.to_wkt())
+                band = self._ds.GetRasterBand(1)
+                band.SetNoDataValue(nodata)
+                factors = overview_factors(grid.width, grid.height) if overviews else []
+                if factors and self._ds.BuildOverviews("NONE", factors) != 0:  # empty levels
+                    raise output_error(self.name, f"cannot add overviews: {gdal.GetLastErrorMsg()}")
+                # Inside: on a full disk the overviews' directory write fails here, where GDAL's exceptions are on.
+                self._levels = [band] + [band.GetOverview(i) for i in range(band.GetOverviewCount())]
+            except BaseException as error:
+                # The half-made file closed now: collected later, outside this block, its failing flush would be
+                # printed as an ignored exception where GDAL's exceptions are on. Its bands keep it open, in this
+                # frame and in the frames of the failed call, which the traceback keeps.
+                traceback.clear_frames(error.__traceback__)
+                band = None
+                self.close()
+                raise
         self._next_row = [0] * len(self._levels)
         self._carry = [None] * len(self._levels)  # per overview level, an odd row waiting for its pair
 

@@ -97,6 +97,11 @@ class TqdmProgress(Progress):
 
         tqdm.write(message)
 
+    def close(self) -> None:
+        """End the bar where it stands, so that a failed run's error starts a line of its own and is the last."""
+        if self._bar is not None:
+            self._bar.close()
+
 
 def cancel_on_sigterm() -> None:
     """Make SIGTERM (a job scheduler's or torchrun's stop, QGIS's cancel of a worker) a cancel: it

@@ -2,6 +2,7 @@
 line naming the file, earlier outputs stay as they were and nothing is left behind (issue 14, 3, 7, 9).
 The disks are small tmpfs mounts, which need root: the tests skip elsewhere."""
 import contextlib
+import gc
 import os
 import signal
 import subprocess
@@ -147,6 +148,34 @@ def test_a_staged_raster_on_a_full_disk_fails_when_it_is_finished(disk, dtype, n
         staged.finish()
 
 
+def test_a_staged_raster_that_a_full_disk_refuses_closes_its_file(disk, gdal_exceptions, monkeypatch):
+    """GDAL fails to write the overviews at creation: the half-made file is closed there, not when Python collects
+    it later, where GDAL's exceptions (if on) would make its failing flush an "Exception ignored" printed in
+    whatever ran then (under the run's one-line error, in the command line)."""
+    ignored = []
+    monkeypatch.setattr(sys, "unraisablehook", ignored.append)
+    fill(disk)
+    with pytest.raises(GeoChangeError, match=f"{disk / 's.tif'}: no space left") as error:
+        StagedRaster(disk / "s.tif", GRID, "float32", -1.0, average=True, compress="NONE")
+    del error  # and with it the frames of the failed creation
+    gc.collect()
+    assert [str(hook.exc_value) for hook in ignored] == []
+
+
+@pytest.mark.parametrize("free", [0, 2**14, 2**16, 2**18])
+def test_a_run_on_a_full_disk_leaves_no_file_open(free, disk, levir_crop, tinycd_package, capsys, gdal_exceptions,
+                                                  monkeypatch):
+    """Whichever output the disk refuses first, every file the run opened is closed by the time it fails."""
+    ignored = []
+    monkeypatch.setattr(sys, "unraisablehook", ignored.append)
+    filler = fill(disk)
+    os.truncate(filler, filler.stat().st_size - free)
+    line = one_line_error(capsys, "detect", levir_crop["pre"], levir_crop["post"], "--model", tinycd_package,
+                          "--device", "cpu", "--tile", "128", "--out", disk / "out")
+    gc.collect()
+    assert "no space left" in line and [str(hook.exc_value) for hook in ignored] == []
+
+
 @pytest.mark.parametrize("name", ["c.gpkg", "c.geojson", "c.shp"])
 def test_polygons_on_a_full_disk_fail_in_every_format(disk, name):
     """GeoJSON's writer says nothing when its writes fail: the file is read back."""
@@ -257,3 +286,6 @@ def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path, levir_crop, tiny
                                      "this folder; wait until it ends or choose another folder")
     assert "result" in first
     assert sorted(p.name for p in out.iterdir()) == ["c.gpkg", "m.tif", "p.tif"]
+
+
+
