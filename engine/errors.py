@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import sys
+import traceback
 from pathlib import Path
 
 
@@ -85,3 +86,21 @@ def gdal_write_errors(path):
         sys.unraisablehook = previous
     if failures:
         raise output_error(path, failures[0])
+
+
+@contextlib.contextmanager
+def closed_on_failure(close):
+    """A block opening a file with GDAL, which ``close`` closes: where the block fails, the file is closed before
+    the error goes on. Left to Python, it would close when the error is dropped, with the frames of its traceback
+    (and of the errors chained to it), which hold the file's objects: after the error's one line, GDAL would print
+    what its flush on a full disk could not write, or Python an ignored exception where GDAL's exceptions are on.
+    So those frames are cleared first (the caller's own, still running, holds none: it keeps them on ``self``)."""
+    try:
+        yield
+    except BaseException as error:
+        chained = error
+        while chained is not None:
+            traceback.clear_frames(chained.__traceback__)
+            chained = chained.__cause__ or chained.__context__
+        close()
+        raise

@@ -10,14 +10,13 @@ disk) raises ``OutputError`` naming the output.
 from __future__ import annotations
 
 import contextlib
-import traceback
 from pathlib import Path
 
 import numpy as np
 
 from geochange.engine.atomic import AtomicOutputs, remove_quietly
 from geochange.engine.contracts import MASK_CHANGE, MASK_NO_CHANGE, MASK_NODATA, POLYGON_LAYER, PROBABILITY_NODATA
-from geochange.engine.errors import OutputError, gdal_write_errors, output_error
+from geochange.engine.errors import OutputError, closed_on_failure, gdal_write_errors, output_error
 from geochange.engine.grid import Grid
 from geochange.engine.progress import Progress
 from geochange.engine.vectorize import PolygonAssembler, PolygonWriter
@@ -61,7 +60,8 @@ class StagedRaster:
 
         self.dtype, self.nodata, self.average, self.height = np.dtype(dtype), nodata, average, grid.height
         self.name = name or path  # the output that errors name
-        with gdal_write_errors(self.name):
+        self._ds, self._levels = None, []
+        with closed_on_failure(self.close), gdal_write_errors(self.name):
             self._ds = gdal.GetDriverByName("GTiff").Create(
                 str(path), grid.width, grid.height, 1, gdal_array.NumericTypeCodeToGDALTypeCode(self.dtype),
                 # BigTIFF always: GDAL's size estimate at creation leaves out the overviews added after it.
@@ -69,26 +69,16 @@ class StagedRaster:
                          "BIGTIFF=YES"])
             if self._ds is None:
                 raise output_error(self.name, gdal.GetLastErrorMsg())
-            band = None
-            try:
-                self._ds.SetGeoTransform(grid.transform.to_gdal())
-                if grid.crs is not None:  # a pixel grid is written without a CRS
-                    self._ds.SetProjection(grid.crs.to_wkt())
-                band = self._ds.GetRasterBand(1)
-                band.SetNoDataValue(nodata)
-                factors = overview_factors(grid.width, grid.height) if overviews else []
-                if factors and self._ds.BuildOverviews("NONE", factors) != 0:  # empty levels
-                    raise output_error(self.name, f"cannot add overviews: {gdal.GetLastErrorMsg()}")
-                # Inside: on a full disk the overviews' directory write fails here, where GDAL's exceptions are on.
-                self._levels = [band] + [band.GetOverview(i) for i in range(band.GetOverviewCount())]
-            except BaseException as error:
-                # The half-made file closed now: collected later, outside this block, its failing flush would be
-                # printed as an ignored exception where GDAL's exceptions are on. Its bands keep it open, in this
-                # frame and in the frames of the failed call, which the traceback keeps.
-                traceback.clear_frames(error.__traceback__)
-                band = None
-                self.close()
-                raise
+            self._ds.SetGeoTransform(grid.transform.to_gdal())
+            if grid.crs is not None:  # a pixel grid is written without a CRS
+                self._ds.SetProjection(grid.crs.to_wkt())
+            self._levels = [self._ds.GetRasterBand(1)]
+            self._levels[0].SetNoDataValue(nodata)
+            factors = overview_factors(grid.width, grid.height) if overviews else []
+            if factors and self._ds.BuildOverviews("NONE", factors) != 0:  # empty levels
+                raise output_error(self.name, f"cannot add overviews: {gdal.GetLastErrorMsg()}")
+            # Inside: on a full disk the overviews' directory write fails here, where GDAL's exceptions are on.
+            self._levels += [self._levels[0].GetOverview(i) for i in range(self._levels[0].GetOverviewCount())]
         self._next_row = [0] * len(self._levels)
         self._carry = [None] * len(self._levels)  # per overview level, an odd row waiting for its pair
 

@@ -13,7 +13,7 @@ from scipy import ndimage
 
 from geochange.engine.atomic import AtomicOutputs
 from geochange.engine.contracts import POLYGON_LAYER
-from geochange.engine.errors import OutputError, RasterError, gdal_write_errors, output_error
+from geochange.engine.errors import OutputError, RasterError, closed_on_failure, gdal_write_errors, output_error
 from geochange.engine.measures import map_units, polygon_areas, ring_areas, rings_of
 from geochange.engine.rasters import open_raster
 
@@ -295,7 +295,8 @@ class PolygonWriter:
         self.area_field = "area_m2" if crs is not None else "area_px"
         self.extra = dict(extra or {})
         self._temporary = outputs.path(self.path)
-        with gdal_write_errors(self.path):
+        self._ds = self._layer = None
+        with closed_on_failure(self.close), gdal_write_errors(self.path):
             self._ds = ogr.GetDriverByName(driver_name).CreateDataSource(str(self._temporary))
             if self._ds is None:
                 raise output_error(self.path, f"cannot create a {driver_name} file: {gdal.GetLastErrorMsg()}")

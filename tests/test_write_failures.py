@@ -148,32 +148,35 @@ def test_a_staged_raster_on_a_full_disk_fails_when_it_is_finished(disk, dtype, n
         staged.finish()
 
 
-def test_a_staged_raster_that_a_full_disk_refuses_closes_its_file(disk, gdal_exceptions, monkeypatch):
-    """GDAL fails to write the overviews at creation: the half-made file is closed there, not when Python collects
-    it later, where GDAL's exceptions (if on) would make its failing flush an "Exception ignored" printed in
-    whatever ran then (under the run's one-line error, in the command line)."""
+@pytest.mark.parametrize("grid", [GRID, Grid(GRID.crs, GRID.transform, 256, 256)], ids=["overviews", "none"])
+def test_a_staged_raster_that_a_full_disk_refuses_closes_its_file(grid, disk, gdal_exceptions, capfd, monkeypatch):
+    """GDAL fails to write the file at creation: the half-made file is closed there, not when Python drops the error
+    later, where GDAL would print what its flush could not write after the run's one-line error (or Python an
+    ignored exception, where GDAL's exceptions are on)."""
     ignored = []
     monkeypatch.setattr(sys, "unraisablehook", ignored.append)
     fill(disk)
     with pytest.raises(GeoChangeError, match=f"{disk / 's.tif'}: no space left") as error:
-        StagedRaster(disk / "s.tif", GRID, "float32", -1.0, average=True, compress="NONE")
+        StagedRaster(disk / "s.tif", grid, "float32", -1.0, average=True, compress="NONE")
+    capfd.readouterr()
     del error  # and with it the frames of the failed creation
     gc.collect()
-    assert [str(hook.exc_value) for hook in ignored] == []
+    assert (capfd.readouterr().err, [str(hook.exc_value) for hook in ignored]) == ("", [])
 
 
 @pytest.mark.parametrize("free", [0, 2**14, 2**16, 2**18])
-def test_a_run_on_a_full_disk_leaves_no_file_open(free, disk, levir_crop, tinycd_package, capsys, gdal_exceptions,
+def test_a_run_on_a_full_disk_leaves_no_file_open(free, disk, levir_crop, tinycd_package, capfd, gdal_exceptions,
                                                   monkeypatch):
-    """Whichever output the disk refuses first, every file the run opened is closed by the time it fails."""
+    """Whichever output the disk refuses first (the probability, the polygons), its error is the run's last line:
+    every file the run opened is closed by then (GDAL would print its failing flushes on stderr after it)."""
     ignored = []
     monkeypatch.setattr(sys, "unraisablehook", ignored.append)
     filler = fill(disk)
     os.truncate(filler, filler.stat().st_size - free)
-    line = one_line_error(capsys, "detect", levir_crop["pre"], levir_crop["post"], "--model", tinycd_package,
+    line = one_line_error(capfd, "detect", levir_crop["pre"], levir_crop["post"], "--model", tinycd_package,
                           "--device", "cpu", "--tile", "128", "--out", disk / "out")
     gc.collect()
-    assert "no space left" in line and [str(hook.exc_value) for hook in ignored] == []
+    assert "no space left" in line and (capfd.readouterr().err, [str(hook.exc_value) for hook in ignored]) == ("", [])
 
 
 @pytest.mark.parametrize("name", ["c.gpkg", "c.geojson", "c.shp"])
