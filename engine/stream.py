@@ -2,7 +2,8 @@
 
 Reader threads (GDAL releases the GIL) fill a bounded queue of window batches; the model runs on
 them in the main thread; blended rows collect in a rolling buffer one tile high (``blending``), and
-each band of rows that no later window can touch is yielded to the caller (``detect`` writes it).
+each band of rows that no later window can touch is yielded to the caller (``detect`` writes it, in a
+writer thread).
 Beside a CPU model, whose threads take every core, reading runs in the main thread between batches
 instead (see ``default_readers``).
 """
@@ -46,7 +47,7 @@ def on_cpu(predictor) -> bool:
 
 
 def default_readers(predictor) -> int:
-    """Reader threads beside this model (0: read, and write, in the model's thread)."""
+    """Reader threads beside this model (0: read in the model's thread)."""
     # Up to four reader threads keep a GPU fed. Beside a CPU model none: its threads take every
     # core, and a reader holding one stalls each parallel region of the model until it lets go,
     # so the reading costs the model more than it would cost done between batches (figures in

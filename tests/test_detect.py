@@ -4,6 +4,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -15,7 +16,9 @@ from rasterio.transform import from_origin
 from geochange.engine.contracts import MASK_NODATA, PROBABILITY_NODATA
 from geochange.engine.detect import detect, prepare, write_outputs
 from geochange.engine.errors import Cancelled, GeoChangeError, RasterError
+from geochange.engine.grid import PairReader
 from geochange.engine.metrics import confusion, scores
+from geochange.engine.outputs import ChangeWriter
 from geochange.engine.options import DetectOptions
 from geochange.engine.progress import Progress
 from geochange.engine.stream import stream_rows
@@ -435,6 +438,26 @@ class Fractions(Progress):
 
     def update(self, done, total):
         self.values.append(done / total)
+
+
+def test_a_cpu_run_reads_in_the_models_thread_and_writes_in_a_writer_thread(shared_data, tmp_path, random_package,
+                                                                             monkeypatch):
+    seen = {"read": set(), "written": set()}
+
+    def watched(method, step):
+        def run(*args, **kwargs):
+            seen[step].add(threading.current_thread().name)
+            return method(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(PairReader, "__call__", watched(PairReader.__call__, "read"))
+    monkeypatch.setattr(ChangeWriter, "write_rows", watched(ChangeWriter.write_rows, "written"))
+    tile = shared_data / "levir_tile_georef"
+    result = detect(tile / "pre.tif", tile / "post.tif", random_package, **outputs(tmp_path), tile=128, overlap=16,
+                    device="cpu")
+    assert seen["read"] == {threading.main_thread().name}
+    assert len(seen["written"]) == 1 and seen["written"].pop().startswith("geochange-write")
+    assert result.polygons.exists()
 
 
 @pytest.mark.parametrize("readers", [0, 2])

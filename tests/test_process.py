@@ -2,6 +2,9 @@
 folder) are made by the programs that own their process, never by a library call."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -59,3 +62,30 @@ def test_the_command_line_and_the_workers_tune_their_process(tmp_path, pair, ran
     finally:
         gdal.SetCacheMax(cache)
     assert calls == [{"threads": 1}, {}, {"threads": 1}, {}, {}, {"folder": tmp_path.resolve()}]
+
+
+HEAPS_AFTER_A_THREAD = """
+import ctypes, sys, tempfile, threading
+from geochange.engine.process import configure_process
+if sys.argv[1] == "configured":
+    configure_process()
+thread = threading.Thread(target=lambda: [bytearray(2**20) for _ in range(8)])
+thread.start()
+thread.join()
+libc = ctypes.CDLL("libc.so.6")
+libc.fopen.restype = ctypes.c_void_p
+with tempfile.NamedTemporaryFile(suffix=".xml") as report:
+    stream = ctypes.c_void_p(libc.fopen(report.name.encode(), b"w"))
+    libc.malloc_info(0, stream)
+    libc.fclose(stream)
+    print(open(report.name).read().count("<heap nr="))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_a_tuned_process_gives_its_threads_one_heap():
+    # The writer thread frees memory the model's thread then reuses: with a heap per thread, 16384² runs
+    # peaked 230 MiB higher.
+    heaps = {state: subprocess.run([sys.executable, "-c", HEAPS_AFTER_A_THREAD, state], capture_output=True,
+                                   text=True, check=True).stdout.strip() for state in ("as started", "configured")}
+    assert heaps == {"as started": "2", "configured": "1"}
