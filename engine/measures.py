@@ -49,6 +49,41 @@ def ring_areas(rings, crs) -> np.ndarray:
     return np.array([abs(_GEOD.polygon_area_perimeter(x[a:b], y[a:b])[0]) for a, b in zip(bounds[:-1], bounds[1:])])
 
 
+# Rings bounded by a pixel's area instead of measured one by one (``rings_below``): only where a pixel's area,
+# sampled at 3 x 3 points over their extent, varies by at most SPREAD (a raster's projection and latitude vary
+# smoothly; a continent-wide raster's do not), and then within MARGIN of those samples either way.
+PIXEL_AREA_SPREAD, PIXEL_AREA_MARGIN = 0.01, 0.05
+BOUNDED_FROM = 32  # fewer rings are measured: it costs less than sampling a pixel's area
+
+
+def rings_below(rings, limit: float, to_map, crs) -> np.ndarray:
+    """Whether each ring, in pixel coordinates, encloses less than ``limit`` m2 once mapped by ``to_map``
+    (``ring_areas``). Rings far from the limit, such as a noisy mask's specks, are decided by their area in
+    pixels times bounds on a pixel's; only those near it are measured (pyproj's geodesic sum: 15 us a ring,
+    0.3 s for the 19,000 holes of a random M2CD's mask at 4096²)."""
+    bounds = None if crs is None or len(rings) < BOUNDED_FROM else pixel_area_bounds(rings, to_map, crs)
+    if bounds is None:
+        return ring_areas(shapely.transform(rings, to_map), crs) < limit
+    pixels = np.abs(shapely.area(shapely.polygons(rings)))
+    below = pixels * bounds[1] < limit
+    unsure = ~below & (pixels * bounds[0] < limit)
+    below[unsure] = ring_areas(shapely.transform(rings[unsure], to_map), crs) < limit
+    return below
+
+
+def pixel_area_bounds(rings, to_map, crs) -> tuple[float, float] | None:
+    """(least, most) m2 a pixel covers within the extent of ``rings`` (pixel coordinates), or None where its
+    area varies too much over it to be bounded from samples (``PIXEL_AREA_SPREAD``)."""
+    min_x, min_y, max_x, max_y = shapely.total_bounds(rings)
+    x, y = np.meshgrid(np.linspace(min_x, max_x, 3), np.linspace(min_y, max_y, 3))
+    corners = np.stack([x.ravel(), y.ravel()], axis=1)[:, None] + np.array([[0, 0], [1, 0], [1, 1], [0, 1], [0, 0]])
+    areas = ring_areas(shapely.linearrings(to_map(corners.reshape(-1, 2)).reshape(-1, 5, 2)), crs)
+    least, most = areas.min(), areas.max()
+    if not most <= least * (1 + PIXEL_AREA_SPREAD):
+        return None
+    return least * (1 - PIXEL_AREA_MARGIN), most * (1 + PIXEL_AREA_MARGIN)
+
+
 def rings_of(polygons) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every ring of ``polygons``, the index of its polygon, and whether it is that polygon's exterior."""
     rings, owner = shapely.get_rings(polygons, return_index=True)

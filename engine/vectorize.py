@@ -14,7 +14,7 @@ from scipy import ndimage
 from geochange.engine.atomic import AtomicOutputs
 from geochange.engine.contracts import POLYGON_LAYER
 from geochange.engine.errors import OutputError, RasterError, closed_on_failure, gdal_write_errors, output_error
-from geochange.engine.measures import map_units, polygon_areas, ring_areas, rings_of
+from geochange.engine.measures import map_units, polygon_areas, rings_below, rings_of
 from geochange.engine.rasters import open_raster
 
 # Output driver by file extension.
@@ -183,7 +183,7 @@ class PolygonAssembler:
 
     def _small(self, holes: np.ndarray) -> np.ndarray:
         """Whether each hole ring (pixel coordinates) encloses less than the minimum area."""
-        return ring_areas(shapely.transform(holes, self._to_map), self.crs) < self.min_area_m2
+        return rings_below(holes, self.min_area_m2, self._to_map, self.crs)
 
     def _fill_own_holes(self, polygons: np.ndarray, row_start: int, mask: np.ndarray,
                         valid: np.ndarray | None) -> np.ndarray:

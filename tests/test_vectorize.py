@@ -6,6 +6,7 @@ from pyproj import CRS, Transformer
 from rasterio.transform import from_origin
 import shapely
 
+from geochange.engine import measures
 from geochange.engine.measures import METRES_PER_DEGREE, map_units
 from geochange.engine.vectorize import PolygonAssembler, change_polygons, simplified, write_polygons
 
@@ -229,3 +230,33 @@ def test_holes_and_specks_below_min_area_are_dropped():
     polygons = change_polygons(mask, mask.astype(float), from_origin(630000, 3340000, 0.5, 0.5), "EPSG:32614",
                                min_area_m2=2.0)
     assert len(polygons) == 1 and len(polygons[0].geometry.interiors) == 1
+
+
+@pytest.mark.parametrize("crs,transform,bounded", [
+    ("EPSG:32614", from_origin(630000, 3340000, 0.5, 0.5), True),  # UTM, LEVIR's
+    ("EPSG:4326", from_origin(-97.98, 30.21, 5e-6, 5e-6), True),  # degrees, LEVIR's location
+    ("EPSG:3413", from_origin(-2e6, 1e6, 30, 30), True),  # polar stereographic
+    ("EPSG:3857", from_origin(0, 8e6, 10, 10), True),  # web Mercator at 58° N
+    ("EPSG:4326", from_origin(-20, 70, 0.2, 0.2), False),  # degrees from 70° N to 50° S: every ring measured
+])
+def test_holes_are_told_small_as_their_geodesic_areas_tell_whatever_the_crs(crs, transform, bounded, monkeypatch):
+    rng = np.random.default_rng(0)
+    corner = rng.integers(0, [4000, 600], (3000, 2))
+    boxes = shapely.box(*corner.T, *(corner + rng.integers(1, 16, (3000, 2))).T)
+    rings = shapely.get_exterior_ring(boxes)
+    to_map = PolygonAssembler(transform, crs)._to_map
+    square = shapely.get_exterior_ring(shapely.box([2000], [300], [2001], [301]))
+    pixel = measures.ring_areas(shapely.transform(square, to_map), crs)[0]
+    limit = 60 * pixel  # rings of 1 to 225 pixels: many near the limit
+    expected = measures.ring_areas(shapely.transform(rings, to_map), crs) < limit
+    measured = []
+    ring_areas = measures.ring_areas
+    monkeypatch.setattr(measures, "ring_areas", lambda rings, crs: measured.append(len(rings)) or ring_areas(rings,
+                                                                                                           crs))
+    assert (measures.rings_below(rings, limit, to_map, crs) == expected).all()
+    assert 0 < expected.sum() < len(rings)
+    if bounded:  # the pixel's area sampled (9 squares), then only the rings within 10 % of the limit
+        near = np.abs(shapely.area(boxes) * pixel / limit - 1) < 0.1
+        assert measured[0] == 9 and 0 < measured[1] <= near.sum() < len(rings) / 5
+    else:
+        assert measured == [9, len(rings)]
