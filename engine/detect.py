@@ -281,7 +281,8 @@ def detect(pre_path: str | os.PathLike, post_path: str | os.PathLike, model: str
     try:
         rows = stream_rows(setup.predictor, setup.plan, read, batch=setup.batch, progress=phases.part("windows"),
                            readers=setup.readers)
-        return write_outputs(setup, rows, probability=probability, mask=mask, polygons=polygons,
-                             polygon_layer=polygon_layer, progress=phases)
+        with contextlib.closing(rows):  # its reader threads stopped before their datasets close
+            return write_outputs(setup, rows, probability=probability, mask=mask, polygons=polygons,
+                                 polygon_layer=polygon_layer, progress=phases)
     finally:
         read.close()

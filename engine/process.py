@@ -22,9 +22,9 @@ def configure_process(*, threads: int | None = None, folder: Path | None = None)
     times each convolution's algorithms once for the size it meets, as windows and training crops share
     one size; torch computes on ``threads`` (default: its own choice, every core). ``folder``: the
     working folder, which relative paths are read from."""
+    _keep_freed_memory()  # before torch's import: threads it starts then share the one heap
     import torch
 
-    _keep_freed_memory()
     torch.backends.cudnn.benchmark = True
     if threads:
         torch.set_num_threads(threads)
@@ -54,7 +54,8 @@ def _keep_freed_memory() -> None:
     never = -1  # mallopt takes an int that glibc reads as size_t: -1 is SIZE_MAX
     libc.mallopt(m_mmap_threshold, never)
     libc.mallopt(m_trim_threshold, never)
-    libc.mallopt(m_arena_max, 1)  # for threads started after this
+    if "MALLOC_ARENA_MAX" not in os.environ:  # the user's own choice stands
+        libc.mallopt(m_arena_max, 1)  # for threads that first allocate after this
 
 
 def bound_gdal_cache(in_use: int) -> None:

@@ -135,8 +135,9 @@ class PolygonAssembler:
 
     def _to_map(self, xy: np.ndarray) -> np.ndarray:
         """Pixel coordinates ``(N, 2)`` (col, row) to the raster's CRS."""
-        t = self.transform
-        return xy @ np.array([[t.a, t.d], [t.b, t.e]]) + [t.c, t.f]
+        t, x, y = self.transform, xy[:, 0], xy[:, 1]
+        # Not a matrix product, which BLAS may spread over threads that then spin beside the model's.
+        return np.column_stack([t.a * x + t.b * y + t.c, t.d * x + t.e * y + t.f])
 
     def add_band(self, row_start: int, mask: np.ndarray, probability: np.ndarray,
                  valid: np.ndarray | None = None) -> list[ChangePolygon]:

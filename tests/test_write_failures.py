@@ -94,9 +94,10 @@ def gdal_exceptions(request):
 
 
 def test_a_disk_full_for_part_of_a_run_fails_it_and_keeps_the_earlier_outputs(disk, levir_crop, tinycd_package,
-                                                                               gdal_exceptions):
-    """The disk fills after the first batch and is freed halfway: the polygons written meanwhile are
-    lost, so the run must fail, not report success with a GeoPackage missing them."""
+                                                                               gdal_exceptions, monkeypatch):
+    """The disk fills after the first batch and is freed once the first band of rows is written (in the
+    writer thread): the polygons written meanwhile are lost, so the run must fail, not report success with
+    a GeoPackage missing them."""
     out = disk / "out"
     earlier_outputs(out)
 
@@ -106,10 +107,18 @@ def test_a_disk_full_for_part_of_a_run_fails_it_and_keeps_the_earlier_outputs(di
         def update(self, done, total):
             if done and self.filler is None:
                 self.filler = fill(disk)
-            elif done >= total / 2 and self.filler.exists():
-                self.filler.unlink()
 
     progress = FullForAWhile()
+    write_rows = ChangeWriter.write_rows
+
+    def on_a_full_disk(writer, *band):
+        try:
+            return write_rows(writer, *band)
+        finally:
+            if progress.filler is not None:
+                progress.filler.unlink(missing_ok=True)
+
+    monkeypatch.setattr(ChangeWriter, "write_rows", on_a_full_disk)
     try:
         with pytest.raises(GeoChangeError, match="no space left") as error:
             detect_into(out, levir_crop, tinycd_package, progress=progress)
