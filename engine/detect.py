@@ -217,8 +217,9 @@ def write_outputs(setup: DetectSetup, bands: Iterator[tuple[int, np.ndarray, np.
                   polygons, polygon_layer: str = POLYGON_LAYER, progress: Phases | None = None) -> DetectResult:
     """Write finished row bands as they come (one band in flight in a writer thread, while the model runs
     the next windows), then move the outputs to their final names; on any error or cancel nothing is left
-    behind. Beside a CPU model too, whose threads take every core: M2CD-MiT-b0's 4096² runs took less time
-    with the writer beside the model than writing between batches (bench/results.md). ``bands`` are on the
+    behind. Beside a CPU model too, whose threads take every core: M2CD-MiT-b0's 4096² runs, alternating in
+    one process, took less time with the writer beside the model than writing between batches, five times of
+    five (bench/results.md). ``bands`` are on the
     grid the model reads on; ``progress``: the run's (``run_progress``), whose rows and finish parts this
     moves."""
     progress = progress or run_progress(setup, Progress())

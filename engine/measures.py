@@ -78,8 +78,8 @@ def pixel_area_bounds(rings, to_map, crs) -> tuple[float, float] | None:
     """(least, most) m2 a pixel covers within the extent of ``rings`` (pixel coordinates), or None where its
     area varies too much over it to be bounded from samples (``PIXEL_AREA_SPREAD``)."""
     min_x, min_y, max_x, max_y = shapely.total_bounds(rings)
-    # Pixels' top-left corners: the rings' own pixels, none beyond the raster.
-    x, y = np.meshgrid(np.linspace(min_x, max(min_x, max_x - 1), 3), np.linspace(min_y, max(min_y, max_y - 1), 3))
+    # Pixels' top-left corners within the rings' extent: no pixel beyond the raster.
+    x, y = np.meshgrid(np.linspace(min_x, max_x - 1, 3), np.linspace(min_y, max_y - 1, 3))
     corners = np.stack([x.ravel(), y.ravel()], axis=1)[:, None] + np.array([[0, 0], [1, 0], [1, 1], [0, 1], [0, 0]])
     areas = ring_areas(shapely.linearrings(to_map(corners.reshape(-1, 2)).reshape(-1, 5, 2)), crs)
     least, most = areas.min(), areas.max()

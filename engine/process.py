@@ -22,7 +22,7 @@ def configure_process(*, threads: int | None = None, folder: Path | None = None)
     times each convolution's algorithms once for the size it meets, as windows and training crops share
     one size; torch computes on ``threads`` (default: its own choice, every core). ``folder``: the
     working folder, which relative paths are read from."""
-    _keep_freed_memory()  # before torch's import: threads it starts then share the one heap
+    _keep_freed_memory()  # first: only threads that allocate after it share the one heap
     import torch
 
     torch.backends.cudnn.benchmark = True

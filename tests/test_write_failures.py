@@ -21,7 +21,7 @@ from geochange.engine.errors import Cancelled, GeoChangeError
 from geochange.engine.grid import Grid
 from geochange.engine.outputs import ChangeWriter, StagedRaster
 from geochange.engine.progress import Progress
-from geochange.engine.vectorize import change_polygons, write_polygons
+from geochange.engine.vectorize import PolygonWriter, change_polygons, write_polygons
 
 GEOCHANGE = [sys.executable, "-m", "geochange.engine"]
 EARLIER = {"p.tif": b"earlier probability", "m.tif": b"earlier mask", "c.gpkg": b"earlier polygons"}
@@ -95,9 +95,9 @@ def gdal_exceptions(request):
 
 def test_a_disk_full_for_part_of_a_run_fails_it_and_keeps_the_earlier_outputs(disk, levir_crop, tinycd_package,
                                                                                gdal_exceptions, monkeypatch):
-    """The disk fills after the first batch and is freed once the first band of rows is written (in the
-    writer thread): the polygons written meanwhile are lost, so the run must fail, not report success with
-    a GeoPackage missing them."""
+    """The disk fills after the first batch and is freed once polygons have been written onto it (in the
+    writer thread): those polygons are lost, so the run must fail, not report success with a GeoPackage
+    missing them."""
     out = disk / "out"
     earlier_outputs(out)
 
@@ -109,16 +109,16 @@ def test_a_disk_full_for_part_of_a_run_fails_it_and_keeps_the_earlier_outputs(di
                 self.filler = fill(disk)
 
     progress = FullForAWhile()
-    write_rows = ChangeWriter.write_rows
+    write = PolygonWriter.write
 
-    def on_a_full_disk(writer, *band):
+    def on_a_full_disk(writer, polygons):
         try:
-            return write_rows(writer, *band)
+            return write(writer, polygons)
         finally:
-            if progress.filler is not None:
+            if polygons and progress.filler is not None:
                 progress.filler.unlink(missing_ok=True)
 
-    monkeypatch.setattr(ChangeWriter, "write_rows", on_a_full_disk)
+    monkeypatch.setattr(PolygonWriter, "write", on_a_full_disk)
     try:
         with pytest.raises(GeoChangeError, match="no space left") as error:
             detect_into(out, levir_crop, tinycd_package, progress=progress)
