@@ -219,9 +219,8 @@ def write_outputs(setup: DetectSetup, bands: Iterator[tuple[int, np.ndarray, np.
     the next windows), then move the outputs to their final names; on any error or cancel nothing is left
     behind. Beside a CPU model too, whose threads take every core: M2CD-MiT-b0's 4096² runs, alternating in
     one process, took less time with the writer beside the model than writing between batches, five times of
-    five (bench/results.md). ``bands`` are on the
-    grid the model reads on; ``progress``: the run's (``run_progress``), whose rows and finish parts this
-    moves."""
+    five (bench/results.md). ``bands`` are on the grid the model reads on; ``progress``: the run's
+    (``run_progress``), whose rows and finish parts this moves."""
     progress = progress or run_progress(setup, Progress())
     rows, finish = progress.part("rows"), progress.part("finish")
     writer = ChangeWriter(setup.grid, probability=probability, mask=mask, polygons=polygons,
