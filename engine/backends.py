@@ -5,8 +5,8 @@ or OpenVINO (``engine.exported``), chosen once per run.
 and QGIS's set-up install it) and eager PyTorch elsewhere: on this project's CPU OpenVINO's forward took
 a fraction of torch's own best (torch.compile in bf16), and torch.compile costs a minute or more per window
 shape the first time (bench/results.md). ``compile`` and ``openvino`` are asked for by name. A model that
-cannot become one static graph, or whose compile or export fails, runs eagerly and the log says why. On a
-GPU the model runs eagerly, as CUDA graphs (``Predictor``).
+torch.compile cannot make one graph (M2CD-ConvNeXt's sparse expert routing), or whose compile or export fails,
+runs eagerly and the log says why. On a GPU the model runs eagerly, as CUDA graphs (``Predictor``).
 """
 from __future__ import annotations
 
@@ -67,8 +67,9 @@ def resolve_backend(backend: str, device: torch.device) -> tuple[str, str]:
     return backend, "asked for"
 
 
-def graph_refusal(model: torch.nn.Module) -> str | None:
-    """Why ``model`` cannot run as one static graph, or None."""
+def compile_refusal(model: torch.nn.Module) -> str | None:
+    """Why torch.compile cannot make ``model`` one graph, or None. (An export for OpenVINO can: a trace keeps
+    the sparse expert routing's group sizes free, ``MixtureOfExperts._mix_traced``.)"""
     if any(isinstance(m, MixtureOfExperts) and not m.every_expert_in_graphs for m in model.modules()):
         # Its every-expert form would cost 1.6 to 2.5 times the experts' compute (M2CD-ConvNeXt).
         return "its sparse expert routing sizes the experts' groups from the gates, on the host"
@@ -112,11 +113,11 @@ def model_forward(package, backend: str, dtype: torch.dtype, log):
     if backend == "eager":
         return package.model
     name = package.manifest["architecture"]
-    refusal = graph_refusal(package.model)
-    if refusal:
-        log(f"{name} runs eagerly: {refusal}")
-        return package.model
     if backend == "compile":
+        refusal = compile_refusal(package.model)
+        if refusal:
+            log(f"{name} runs eagerly: {refusal}")
+            return package.model
         from geochange.engine.compiled import CompiledForward
         return CompiledForward(package, log)
     try:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from geochange.engine import backends
-from geochange.engine.backends import graph_refusal, model_digest, resolve_backend
+from geochange.engine.backends import compile_refusal, model_digest, resolve_backend
 from geochange.engine.compiled import CompiledForward
 from geochange.engine.detect import prepare
 from geochange.engine.errors import OptionError
@@ -41,17 +41,32 @@ def test_auto_takes_openvino_where_installed_and_a_gpu_runs_eagerly(monkeypatch)
         resolve_backend("onnx", cpu)
 
 
-def test_sparse_expert_routing_runs_eagerly_and_says_why(random_package, monkeypatch):
-    assert "sparse expert routing" in graph_refusal(torch.nn.Sequential(MixtureOfExperts(16)))
-    assert graph_refusal(torch.nn.Sequential(MixtureOfExperts(16, every_expert_in_graphs=True))) is None
+def test_sparse_expert_routing_is_not_compiled_and_says_why(random_package, monkeypatch):
+    assert "sparse expert routing" in compile_refusal(torch.nn.Sequential(MixtureOfExperts(16)))
+    assert compile_refusal(torch.nn.Sequential(MixtureOfExperts(16, every_expert_in_graphs=True))) is None
     package = load_package(random_package)
-    assert graph_refusal(package.model) is None
-    monkeypatch.setattr(backends, "graph_refusal", lambda model: "a reason")
+    assert compile_refusal(package.model) is None
+    monkeypatch.setattr(backends, "compile_refusal", lambda model: "a reason")
     logged = []
-    backends_here = ("compile", "openvino") if backends.openvino_installed() else ("compile",)
-    for backend in backends_here:
-        assert Predictor(package, "cpu", backend=backend, log=logged.append).backend == "eager"
-    assert logged == ["tinycd runs eagerly: a reason"] * len(backends_here)
+    assert Predictor(package, "cpu", backend="compile", log=logged.append).backend == "eager"
+    assert logged == ["tinycd runs eagerly: a reason"]
+
+
+def test_sparse_expert_routing_runs_in_openvino(tmp_path, monkeypatch):
+    """M2CD-ConvNeXt's mixtures route each token to its k experts: exported with that routing (not every
+    expert, as compile needs), OpenVINO gives eager PyTorch's probabilities."""
+    pytest.importorskip("openvino")
+    from geochange.engine.manifest import make_manifest
+    from geochange.engine.models import create
+
+    monkeypatch.setenv("GEOCHANGE_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    package = ModelPackage(create("m2cd_convnext_t").eval(), make_manifest("m2cd_convnext_t"))
+    assert not any(m.every_expert_in_graphs for m in package.model.modules() if isinstance(m, MixtureOfExperts))
+    exported = Predictor(package, "cpu", backend="openvino")
+    assert exported.backend == "openvino"
+    windows = pair(batch=1, side=128)
+    np.testing.assert_allclose(exported(*windows), Predictor(package, "cpu")(*windows), atol=1e-4)
 
 
 def test_the_digest_follows_every_tensor(random_package):

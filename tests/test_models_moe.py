@@ -1,6 +1,8 @@
-"""The mixture of experts: top-k gating, its noise, the balancing loss, the mixed output, gradients."""
+"""The mixture of experts: top-k gating, its noise, the balancing loss, the mixed output, its trace for export,
+gradients."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from geochange.engine.models.moe import MixtureOfExperts, load_balancing_loss
@@ -71,6 +73,31 @@ def test_mixture_output_is_the_gated_sum_of_the_chosen_experts():
     dense = torch.stack([expert(tokens) for expert in moe.experts], dim=1)  # (T, E, C)
     expected = (routing.gates.unsqueeze(-1) * dense).sum(dim=1)
     torch.testing.assert_close(y.reshape(-1, 16), expected)
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.trace.* is deprecated:FutureWarning")
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the balancing loss's shape test, unused here
+def test_a_trace_keeps_the_routed_experts_groups_free_for_export():
+    """Traced on one set of tokens and run on another, routed otherwise, the trace gives the sparse mixture:
+    no expert's group size is frozen at the trace's, and the tokens that fill a group up to its step add
+    nothing. An expert overflowing (as in fp16) reaches its own tokens only."""
+    torch.manual_seed(0)
+    moe = MixtureOfExperts(16, num_experts=4, top_k=2).eval().requires_grad_(False)
+    traced_on, run_on = torch.randn(1, 30, 16), torch.randn(2, 250, 16)
+    with torch.no_grad():
+        traced = torch.jit.trace(lambda x: moe(x)[0], traced_on)
+        assert "aten::nonzero" in str(traced.graph)  # the trace took the routed path, not every expert
+
+        def group_sizes(x):
+            return torch.bincount(moe.gate_tokens(x.reshape(-1, 16)).indices.reshape(-1), minlength=4).tolist()
+
+        assert group_sizes(traced_on) != group_sizes(run_on)
+        step = 2 * 500 // MixtureOfExperts.GROUP_STEPS  # (tokens x k) / steps
+        assert any(size % step for size in group_sizes(run_on))  # a group filled up with others' tokens
+        torch.testing.assert_close(traced(run_on), moe(run_on)[0], rtol=1e-6, atol=1e-6)
+        moe.experts[0].fc2.bias.fill_(float("inf"))
+        out, reached = traced(run_on).reshape(-1, 16), moe.gate_tokens(run_on.reshape(-1, 16)).gates[:, 0] > 0
+        assert out[reached].isinf().all(dim=1).all() and out[~reached].isfinite().all()
 
 
 def test_gradients_reach_every_expert_the_gate_and_the_temperature():

@@ -70,8 +70,11 @@ class MixtureOfExperts(nn.Module):
     Siamese paths run as one batch, the authors' loss is per path) and summed.
     Training adds the learned Gaussian noise to the gate logits; evaluation gates on the clean
     logits, so it is deterministic. ``every_expert_in_graphs``: at inference in a static graph (a CUDA
-    graph, torch.compile, a model traced for export), mix with ``_mix_all`` (see there).
+    graph, torch.compile), mix with ``_mix_all`` (see there). Traced for export, every mixture routes
+    (``_mix_traced``).
     """
+
+    GROUP_STEPS = 64  # an exported expert's group sizes: multiples of this fraction of the assignments
 
     def __init__(self, channels: int, num_experts: int = 4, top_k: int = 2, hidden_ratio: int = 4,
                  noisy: bool = True, balance_weight: float = 0.01, every_expert_in_graphs: bool = False):
@@ -162,6 +165,41 @@ class MixtureOfExperts(nn.Module):
             mixed = mixed + torch.where(gate > 0, out * gate, 0)  # not inf x 0 = NaN
         return mixed
 
+    def _mix_traced(self, x: torch.Tensor, routing: TokenRouting) -> torch.Tensor:
+        """What ``_mix`` returns (each token through its k experts), in operations whose shapes a trace for
+        export keeps free: each expert's tokens found with ``nonzero`` rather than counted on the host, each
+        token's k outputs gathered from where their expert's group put them rather than scattered back.
+
+        Each group is filled up to a multiple of 1/``GROUP_STEPS`` of the assignments with tokens not routed to
+        the expert, whose outputs nothing gathers: OpenVINO builds kernels for each new group size, and with
+        exact sizes nearly every window brought new ones (M2CD-MiT-b0, 512 px windows, bf16: 35 ms a window
+        more than on sizes seen before, and memory growing by 5 MB a window). Figures: bench/results.md.
+        """
+        k, steps = self.top_k, self.GROUP_STEPS
+        assignment = routing.indices.reshape(-1)  # assignment a = token * k + slot -> its expert
+        # (A, E) in 0/1 integers: with booleans (~, &, |, a cumsum of them), OpenVINO 2026.4's export was wrong.
+        chosen = F.one_hot(assignment, self.num_experts)
+        count = chosen.sum(dim=0)
+        total = count.sum()
+        step = torch.div(total, steps, rounding_mode="floor").clamp(min=1)
+        size = torch.minimum(torch.div(count + step - 1, step, rounding_mode="floor") * step, total)
+        ranks, outputs = [], []
+        for e, expert in enumerate(self.experts):
+            spare = 1 - chosen[:, e]  # the first ``size - count`` of these fill the group
+            member = chosen[:, e] + spare * (spare.cumsum(dim=0) <= size[e] - count[e]).to(spare.dtype)
+            ranks.append(member.cumsum(dim=0) - 1)
+            tokens = torch.div(member.nonzero().squeeze(1), k, rounding_mode="floor")
+            outputs.append(expert(x.index_select(0, tokens)))
+        # Where each assignment's output lies among the groups' outputs, concatenated in expert order.
+        position = (torch.stack(ranks, dim=1) + size.cumsum(dim=0) - size).gather(1, assignment[:, None])
+        position = position.view(-1, k)
+        outputs = torch.cat(outputs)
+        weights = routing.weights.to(outputs.dtype)
+        mixed = 0
+        for slot in range(k):
+            mixed = mixed + outputs.index_select(0, position[:, slot]) * weights[:, slot:slot + 1]
+        return mixed
+
     def forward(self, x: torch.Tensor, branches: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
@@ -169,8 +207,9 @@ class MixtureOfExperts(nn.Module):
         per_branch = (branches, -1, self.num_experts)
         balance = load_balancing_loss(routing.gates.view(per_branch).sum(1),
                                       routing.load.view(per_branch).sum(1), self.balance_weight)
-        # A GPU runs as a captured CUDA graph; a trace (for export) or torch.compile's graph would freeze
-        # ``_mix``'s group sizes or break at them.
-        static = x.is_cuda or torch.jit.is_tracing() or torch.compiler.is_compiling()
+        if torch.jit.is_tracing() and not self.training:  # export: a trace would freeze ``_mix``'s group sizes
+            return self._mix_traced(tokens, routing).view(shape), balance
+        # A GPU runs as a captured CUDA graph, and torch.compile's graph would break at ``_mix``'s group sizes.
+        static = x.is_cuda or torch.compiler.is_compiling()
         mix = self._mix_all if self.every_expert_in_graphs and static and not self.training else self._mix
         return mix(tokens, routing).view(shape), balance
