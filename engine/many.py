@@ -65,20 +65,24 @@ def write_summary(rows: list[dict], out: Path) -> None:
             source = ogr.GetDriverByName("GPKG").CreateDataSource(str(gpkg))
             if source is None:
                 raise output_error(out / SUMMARY_GPKG, "cannot create a GeoPackage")
-            layer = source.CreateLayer(SUMMARY_LAYER, srs, ogr.wkbMultiPolygon)
-            for field in SUMMARY_FIELDS:
-                layer.CreateField(ogr.FieldDefn(field, kinds.get(NUMBERS.get(field), ogr.OFTString)))
-            layer.StartTransaction()
-            for row in rows:
-                feature = ogr.Feature(layer.GetLayerDefn())
+            try:
+                layer = source.CreateLayer(SUMMARY_LAYER, srs, ogr.wkbMultiPolygon)
                 for field in SUMMARY_FIELDS:
-                    if row[field] is not None:
-                        feature.SetField(field, row[field])
-                if row["footprint"]:
-                    feature.SetGeometry(ogr.ForceToMultiPolygon(ogr.CreateGeometryFromWkt(row["footprint"])))
-                layer.CreateFeature(feature)
-            layer.CommitTransaction()
-            layer = source = None  # flushed and closed here, where a failure is caught
+                    layer.CreateField(ogr.FieldDefn(field, kinds.get(NUMBERS.get(field), ogr.OFTString)))
+                layer.StartTransaction()
+                for row in rows:
+                    feature = ogr.Feature(layer.GetLayerDefn())
+                    for field in SUMMARY_FIELDS:
+                        if row[field] is not None:
+                            feature.SetField(field, row[field])
+                    if row["footprint"]:
+                        feature.SetGeometry(ogr.ForceToMultiPolygon(ogr.CreateGeometryFromWkt(row["footprint"])))
+                    layer.CreateFeature(feature)
+                layer.CommitTransaction()
+            finally:
+                # Flushed and closed here, where a failure is caught, also after one (GDAL's exceptions on): not
+                # when the error leaving with this frame is dropped, which would print the failing flush then.
+                layer = source = None
         try:
             with open(table, "w", newline="", encoding="utf-8") as f:
                 writer = csv.writer(f)

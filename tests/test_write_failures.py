@@ -19,7 +19,9 @@ from geochange.engine.cli import main
 from geochange.engine.detect import detect
 from geochange.engine.errors import Cancelled, GeoChangeError
 from geochange.engine.grid import Grid
+from geochange.engine.many import write_summary
 from geochange.engine.outputs import ChangeWriter, StagedRaster
+from geochange.engine.pair_task import SUMMARY_FIELDS
 from geochange.engine.progress import Progress
 from geochange.engine.vectorize import PolygonWriter, change_polygons, write_polygons
 
@@ -56,6 +58,15 @@ def fill(disk):
             f.write(bytes(2**16))
     assert os.statvfs(disk).f_bavail == 0
     return filler
+
+
+def open_files() -> list[str]:
+    """The paths of this process's open files."""
+    paths = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):  # the listing's own, closed since
+            paths.append(os.readlink(f"/proc/self/fd/{fd}"))
+    return paths
 
 
 def detect_into(out, levir_crop, package, **options):
@@ -186,6 +197,27 @@ def test_a_run_on_a_full_disk_leaves_no_file_open(free, disk, levir_crop, tinycd
                           "--device", "cpu", "--tile", "128", "--out", disk / "out")
     gc.collect()
     assert "no space left" in line and (capfd.readouterr().err, [str(hook.exc_value) for hook in ignored]) == ("", [])
+
+
+@pytest.mark.parametrize("free", [2**15, 2**17])
+def test_a_summary_on_a_full_disk_fails_and_leaves_no_file_open(free, disk, gdal_exceptions, capfd, monkeypatch):
+    """detect-many's summary GeoPackage refused midway: its file is closed before the error leaves, not when the
+    error is dropped (GDAL would print its failing flush later), and nothing is left."""
+    ignored = []
+    monkeypatch.setattr(sys, "unraisablehook", ignored.append)
+    square = "POLYGON ((0 0, 1 0, 1 1, 0 1, 0 0))"
+    rows = [{**dict.fromkeys(SUMMARY_FIELDS), "name": f"pair {i}", "footprint": square} for i in range(20000)]
+    (disk / "out").mkdir()
+    filler = fill(disk)
+    os.truncate(filler, filler.stat().st_size - free)
+    with pytest.raises(GeoChangeError, match=f"{disk / 'out' / 'summary.gpkg'}: no space left") as error:
+        write_summary(rows, disk / "out")
+    assert [path for path in open_files() if path.startswith(str(disk))] == []
+    assert list((disk / "out").iterdir()) == []
+    capfd.readouterr()
+    del error
+    gc.collect()
+    assert (capfd.readouterr().err, [str(hook.exc_value) for hook in ignored]) == ("", [])
 
 
 @pytest.mark.parametrize("name", ["c.gpkg", "c.geojson", "c.shp"])
