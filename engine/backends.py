@@ -5,7 +5,7 @@ or OpenVINO (``engine.exported``), chosen once per run.
 and QGIS's set-up install it) and eager PyTorch elsewhere: on this project's CPU OpenVINO's forward took
 a fraction of torch's own best (torch.compile in bf16), and torch.compile costs a minute or more per window
 shape the first time (bench/results.md). ``compile`` and ``openvino`` are asked for by name. A model that
-torch.compile cannot make one graph (M2CD-ConvNeXt's sparse expert routing), or whose compile or export fails,
+torch.compile cannot make into one graph (M2CD-ConvNeXt's sparse expert routing), or whose compile or export fails,
 runs eagerly and the log says why. On a GPU the model runs eagerly, as CUDA graphs (``Predictor``).
 """
 from __future__ import annotations

@@ -7,9 +7,10 @@ OpenVINO exports again; the most recently used exports are kept, up to ``CACHE_B
 each window shape compiled when first met (about a second), in bf16 (OpenVINO's inference precision hint) where the
 run's precision is bf16, else fp32: on this project's CPU four 512 px windows took no longer one by one than as a
 batch (TinyCD and M2CD-MiT-b0, 2 threads), and a compiled shape of one window holds a third of the memory of a
-batch of four's (TinyCD 137 against 346 MB, M2CD 388 against 1177 MB); a run also meets one shape, not two (its
-tile rows' last, smaller batch). The last compiled shape stays for the process's next run (``compiled_model``):
-detect-many's pairs on a worker compile a model of one network once (a router's members, each pair again).
+batch of four's (TinyCD 137 against 346 MB, M2CD with every expert on every token 388 against 1177 MB); a run
+also meets one shape, not two (its tile rows' last, smaller batch). The last compiled shape stays for the process's
+next run (``compiled_model``): detect-many's pairs on a worker compile a model of one network once (a router's
+members, each pair again).
 """
 from __future__ import annotations
 

@@ -52,19 +52,27 @@ def test_sparse_expert_routing_is_not_compiled_and_says_why(random_package, monk
     assert logged == ["tinycd runs eagerly: a reason"]
 
 
+@pytest.mark.heavy
 def test_sparse_expert_routing_runs_in_openvino(tmp_path, monkeypatch):
     """M2CD-ConvNeXt's mixtures route each token to its k experts: exported with that routing (not every
     expert, as compile needs), OpenVINO gives eager PyTorch's probabilities."""
     pytest.importorskip("openvino")
     from geochange.engine.manifest import make_manifest
     from geochange.engine.models import create
+    from geochange.engine.models.m2cd import ConvNeXtMoEBlock
 
     monkeypatch.setenv("GEOCHANGE_CACHE_DIR", str(tmp_path))
     torch.manual_seed(0)
-    package = ModelPackage(create("m2cd_convnext_t").eval(), make_manifest("m2cd_convnext_t"))
-    assert not any(m.every_expert_in_graphs for m in package.model.modules() if isinstance(m, MixtureOfExperts))
+    model = create("m2cd_convnext_t").eval()
+    with torch.no_grad():  # the blocks' scale starts at 1e-6, under which a wrong mixture would not show
+        for block in model.modules():
+            if isinstance(block, ConvNeXtMoEBlock):
+                block.gamma.fill_(1.0)
+    package = ModelPackage(model, make_manifest("m2cd_convnext_t"))
+    assert not any(m.every_expert_in_graphs for m in model.modules() if isinstance(m, MixtureOfExperts))
     exported = Predictor(package, "cpu", backend="openvino")
     assert exported.backend == "openvino"
+    assert "NonZero" in {op.get_type_name() for op in exported.forward.model.get_ops()}  # routed, in the graph
     windows = pair(batch=1, side=128)
     np.testing.assert_allclose(exported(*windows), Predictor(package, "cpu")(*windows), atol=1e-4)
 

@@ -88,12 +88,16 @@ def test_a_trace_keeps_the_routed_experts_groups_free_for_export():
         traced = torch.jit.trace(lambda x: moe(x)[0], traced_on)
         assert "aten::nonzero" in str(traced.graph)  # the trace took the routed path, not every expert
 
-        def group_sizes(x):
-            return torch.bincount(moe.gate_tokens(x.reshape(-1, 16)).indices.reshape(-1), minlength=4).tolist()
-
-        assert group_sizes(traced_on) != group_sizes(run_on)
+        routing = moe.gate_tokens(run_on.reshape(-1, 16))
+        routed = torch.bincount(routing.indices.reshape(-1), minlength=4).tolist()
+        run = []  # the rows each expert runs on
+        hooks = [expert.register_forward_hook(lambda module, args, out: run.append(len(args[0])))
+                 for expert in moe.experts]
+        moe._mix_traced(run_on.reshape(-1, 16), routing)
+        for hook in hooks:
+            hook.remove()
         step = 2 * 500 // MixtureOfExperts.GROUP_STEPS  # (tokens x k) / steps
-        assert any(size % step for size in group_sizes(run_on))  # a group filled up with others' tokens
+        assert all(n % step == 0 and n >= routed_n for n, routed_n in zip(run, routed)) and run != routed
         torch.testing.assert_close(traced(run_on), moe(run_on)[0], rtol=1e-6, atol=1e-6)
         moe.experts[0].fc2.bias.fill_(float("inf"))
         out, reached = traced(run_on).reshape(-1, 16), moe.gate_tokens(run_on.reshape(-1, 16)).gates[:, 0] > 0

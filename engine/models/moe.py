@@ -74,7 +74,7 @@ class MixtureOfExperts(nn.Module):
     (``_mix_traced``).
     """
 
-    GROUP_STEPS = 64  # an exported expert's group sizes: multiples of this fraction of the assignments
+    GROUP_STEPS = 64  # an exported expert's group sizes: multiples of 1/GROUP_STEPS of the assignments
 
     def __init__(self, channels: int, num_experts: int = 4, top_k: int = 2, hidden_ratio: int = 4,
                  noisy: bool = True, balance_weight: float = 0.01, every_expert_in_graphs: bool = False):
@@ -173,7 +173,7 @@ class MixtureOfExperts(nn.Module):
         Each group is filled up to a multiple of 1/``GROUP_STEPS`` of the assignments with tokens not routed to
         the expert, whose outputs nothing gathers: OpenVINO builds kernels for each new group size, and with
         exact sizes nearly every window brought new ones (M2CD-MiT-b0, 512 px windows, bf16: 35 ms a window
-        more than on sizes seen before, and memory growing by 5 MB a window). Figures: bench/results.md.
+        more than on sizes seen before, and memory growing by 8 MB a window). Figures: bench/results.md.
         """
         k, steps = self.top_k, self.GROUP_STEPS
         assignment = routing.indices.reshape(-1)  # assignment a = token * k + slot -> its expert
