@@ -63,14 +63,17 @@ def rings_below(rings, limit: float, to_map, crs) -> np.ndarray:
     0.2 s for the holes of a random M2CD's mask at 4096², 0.016 s bounded, with the same outcome). The two
     can differ only where ``ring_areas`` strays from the pixels' area by over ``PIXEL_AREA_MARGIN``: a long,
     thin hole in degrees, whose straight edges it measures as geodesics."""
+    def measured(some) -> np.ndarray:
+        return ring_areas(shapely.transform(some, to_map), crs) < limit
+
     bounds = None if crs is None or len(rings) < BOUNDED_FROM else pixel_area_bounds(rings, to_map, crs)
     if bounds is None:
-        return ring_areas(shapely.transform(rings, to_map), crs) < limit
+        return measured(rings)
     pixels = np.abs(shapely.area(shapely.polygons(rings)))
     below = pixels * bounds[1] < limit
     unsure = ~below & (pixels * bounds[0] < limit)
     if unsure.any():
-        below[unsure] = ring_areas(shapely.transform(rings[unsure], to_map), crs) < limit
+        below[unsure] = measured(rings[unsure])
     return below
 
 
