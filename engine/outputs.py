@@ -2,7 +2,7 @@
 
 Probability and mask are staged as tiled GeoTIFFs whose overviews are built as the rows arrive, and
 copied into Cloud-Optimised GeoTIFFs when the last row is in (the copy compresses on every core: the
-probability with ZSTD, the mask with DEFLATE); polygons are assembled across band seams and appended to
+probability and the mask with ZSTD); polygons are assembled across band seams and appended to
 the vector file. Nothing appears under a final name before ``close()``, which renames all three
 together; ``abort()`` (error, cancel) removes every temporary. Whatever GDAL fails to write (a full
 disk) raises ``OutputError`` naming the output.
@@ -146,11 +146,12 @@ class ChangeWriter:
             # Exclusive: a second run into the same folders is refused, and a killed run's temporaries go.
             self._outputs = self._stack.enter_context(AtomicOutputs(exclusive=True))
             # The probability is staged uncompressed (its low bits are noise, which no codec shrinks
-            # much) and copied with ZSTD level 1: DEFLATE level 1's size, faster. The mask compresses well.
+            # much) and copied with ZSTD level 1: DEFLATE level 1's size, faster. The mask too: a mosaic of LEVIR's
+            # label (4096²) took 12 ms and 250 kB, against 85 ms and 222 kB in DEFLATE with a predictor.
             self._prob = self._stage(probability, "float32", PROBABILITY_NODATA, compress="NONE", average=True,
                                      cog_options={"COMPRESS": "ZSTD", "PREDICTOR": 3, "LEVEL": 1})
             self._mask = self._stage(mask, "uint8", MASK_NODATA, compress="ZSTD", average=False,
-                                     cog_options={"COMPRESS": "DEFLATE", "PREDICTOR": 2})
+                                     cog_options={"COMPRESS": "ZSTD", "LEVEL": 1})
             self._assembler = PolygonAssembler(grid.transform, grid.crs, min_area_m2=min_area, simplify=simplify)
             self._polygons = PolygonWriter(polygons, grid.crs, self._outputs, layer=polygon_layer, extra=attributes)
             self._stack.callback(self._polygons.close)

@@ -47,7 +47,7 @@ def test_cli_detect_on_levir_tile_matches_label(levir_run):
         mask = m.read(1)
         assert m.crs == pre.crs and m.transform == pre.transform and m.nodata == MASK_NODATA
         assert set(np.unique(mask)) <= {0, 255}
-        assert m.profile["tiled"] and m.profile["compress"] == "deflate"
+        assert m.profile["tiled"] and m.profile["compress"] == "zstd"
         f1 = scores(confusion(mask == 255, lab.read(1) > 0))["f1"]
     assert f1 >= 0.92
     with rasterio.open(out / "change_probability.tif") as p:
