@@ -146,8 +146,9 @@ class ChangeWriter:
             # Exclusive: a second run into the same folders is refused, and a killed run's temporaries go.
             self._outputs = self._stack.enter_context(AtomicOutputs(exclusive=True))
             # The probability is staged uncompressed (its low bits are noise, which no codec shrinks
-            # much) and copied with ZSTD level 1: DEFLATE level 1's size, faster. The mask too: a mosaic of LEVIR's
-            # label (4096²) took 12 ms and 250 kB, against 85 ms and 222 kB in DEFLATE with a predictor.
+            # much) and copied with ZSTD level 1: DEFLATE level 1's size, faster. The mask (staged in ZSTD) is
+            # copied with ZSTD level 1 too: a mosaic of LEVIR's label (4096²) took 12 ms and 250 kB, against 85 ms
+            # and 222 kB in DEFLATE with a predictor.
             self._prob = self._stage(probability, "float32", PROBABILITY_NODATA, compress="NONE", average=True,
                                      cog_options={"COMPRESS": "ZSTD", "PREDICTOR": 3, "LEVEL": 1})
             self._mask = self._stage(mask, "uint8", MASK_NODATA, compress="ZSTD", average=False,
