@@ -60,6 +60,21 @@ def fill(disk):
     return filler
 
 
+@pytest.fixture
+def dropped_errors(monkeypatch) -> list:
+    """The exceptions Python ignores from here on (raised where an object is dropped: a failing flush)."""
+    ignored = []
+    monkeypatch.setattr(sys, "unraisablehook", ignored.append)
+    return ignored
+
+
+def printed_later(capfd, dropped_errors) -> tuple[str, list[str]]:
+    """What was printed on stderr and what Python ignored once every dropped object is collected: ("", []) where
+    every file was closed before its error left."""
+    gc.collect()
+    return capfd.readouterr().err, [str(hook.exc_value) for hook in dropped_errors]
+
+
 def open_files() -> list[str]:
     """The paths of this process's open files."""
     paths = []
@@ -169,42 +184,34 @@ def test_a_staged_raster_on_a_full_disk_fails_when_it_is_finished(disk, dtype, n
 
 
 @pytest.mark.parametrize("grid", [GRID, Grid(GRID.crs, GRID.transform, 256, 256)], ids=["overviews", "none"])
-def test_a_staged_raster_that_a_full_disk_refuses_closes_its_file(grid, disk, gdal_exceptions, capfd, monkeypatch):
+def test_a_staged_raster_that_a_full_disk_refuses_closes_its_file(grid, disk, gdal_exceptions, capfd, dropped_errors):
     """GDAL fails to write the file at creation: the half-made file is closed there, not when Python drops the error
     later, where GDAL would print what its flush could not write after the run's one-line error (or Python an
     ignored exception, where GDAL's exceptions are on)."""
-    ignored = []
-    monkeypatch.setattr(sys, "unraisablehook", ignored.append)
     fill(disk)
     with pytest.raises(GeoChangeError, match=f"{disk / 's.tif'}: no space left") as error:
         StagedRaster(disk / "s.tif", grid, "float32", -1.0, average=True, compress="NONE")
     capfd.readouterr()
     del error  # and with it the frames of the failed creation
-    gc.collect()
-    assert (capfd.readouterr().err, [str(hook.exc_value) for hook in ignored]) == ("", [])
+    assert printed_later(capfd, dropped_errors) == ("", [])
 
 
 @pytest.mark.parametrize("free", [0, 2**14, 2**16, 2**18])
 def test_a_run_on_a_full_disk_leaves_no_file_open(free, disk, levir_crop, tinycd_package, capfd, gdal_exceptions,
-                                                  monkeypatch):
+                                                  dropped_errors):
     """Whichever output the disk refuses first (the probability, the polygons), its error is the run's last line:
     every file the run opened is closed by then (GDAL would print its failing flushes on stderr after it)."""
-    ignored = []
-    monkeypatch.setattr(sys, "unraisablehook", ignored.append)
     filler = fill(disk)
     os.truncate(filler, filler.stat().st_size - free)
     line = one_line_error(capfd, "detect", levir_crop["pre"], levir_crop["post"], "--model", tinycd_package,
                           "--device", "cpu", "--tile", "128", "--out", disk / "out")
-    gc.collect()
-    assert "no space left" in line and (capfd.readouterr().err, [str(hook.exc_value) for hook in ignored]) == ("", [])
+    assert "no space left" in line and printed_later(capfd, dropped_errors) == ("", [])
 
 
 @pytest.mark.parametrize("free", [2**15, 2**17])
-def test_a_summary_on_a_full_disk_fails_and_leaves_no_file_open(free, disk, gdal_exceptions, capfd, monkeypatch):
+def test_a_summary_on_a_full_disk_fails_and_leaves_no_file_open(free, disk, gdal_exceptions, capfd, dropped_errors):
     """detect-many's summary GeoPackage refused midway: its file is closed before the error leaves, not when the
     error is dropped (GDAL would print its failing flush later), and nothing is left."""
-    ignored = []
-    monkeypatch.setattr(sys, "unraisablehook", ignored.append)
     square = "POLYGON ((0 0, 1 0, 1 1, 0 1, 0 0))"
     rows = [{**dict.fromkeys(SUMMARY_FIELDS), "name": f"pair {i}", "footprint": square} for i in range(20000)]
     (disk / "out").mkdir()
@@ -216,8 +223,7 @@ def test_a_summary_on_a_full_disk_fails_and_leaves_no_file_open(free, disk, gdal
     assert list((disk / "out").iterdir()) == []
     capfd.readouterr()
     del error
-    gc.collect()
-    assert (capfd.readouterr().err, [str(hook.exc_value) for hook in ignored]) == ("", [])
+    assert printed_later(capfd, dropped_errors) == ("", [])
 
 
 @pytest.mark.parametrize("name", ["c.gpkg", "c.geojson", "c.shp"])
