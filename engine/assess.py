@@ -95,8 +95,10 @@ def object_counts(truth: np.ndarray, predicted: np.ndarray, iou: float) -> dict:
             "predicted": n_prediction, "true": true, "false": n_prediction - true}
 
 
-def write_agreement(path, grid: Grid, truth: np.ndarray, predicted: np.ndarray, assessed: np.ndarray) -> None:
-    """The TP/FP/FN raster (``contracts.ASSESS_*``), written atomically as a tiled, compressed GeoTIFF."""
+def write_agreement(path, grid: Grid, truth: np.ndarray, predicted: np.ndarray, assessed: np.ndarray,
+                    inputs=()) -> None:
+    """The TP/FP/FN raster (``contracts.ASSESS_*``), written atomically as a tiled, compressed GeoTIFF; none of the
+    files read (``inputs``) may be ``path``."""
     import rasterio
 
     agreement = np.full(truth.shape, ASSESS_TN, np.uint8)
@@ -107,7 +109,7 @@ def write_agreement(path, grid: Grid, truth: np.ndarray, predicted: np.ndarray, 
     profile = {"driver": "GTiff", "dtype": "uint8", "count": 1, "width": grid.width, "height": grid.height,
                "crs": grid.crs, "transform": grid.transform, "nodata": ASSESS_NOT_ASSESSED, "tiled": True,
                "compress": "deflate"}
-    with atomic_path(path) as tmp, rasterio.open(tmp, "w", **profile) as dst:
+    with atomic_path(path, inputs=inputs) as tmp, rasterio.open(tmp, "w", **profile) as dst:
         dst.write(agreement, 1)
 
 
@@ -138,7 +140,7 @@ def assess(prediction: str, reference: str, *, aoi: str | None = None, ignore_va
     cm = confusion(predicted, truth, assessed)
     (tn, fp), (fn, tp) = cm.tolist()
     if out_raster:
-        write_agreement(out_raster, grid, truth, predicted, assessed)
+        write_agreement(out_raster, grid, truth, predicted, assessed, inputs=(prediction, reference, aoi))
     return {"confusion": {"tn": tn, "fp": fp, "fn": fn, "tp": tp},
             "global": {**{k: float(v) for k, v in scores(cm).items()}, "kappa": kappa(cm)},
             "objects": object_counts(truth & assessed, predicted & assessed, object_iou),

@@ -13,6 +13,11 @@ from pathlib import Path
 from geochange.engine.errors import OutputError, output_error
 
 _TOKEN_DIGITS = 8  # hex digits of the token that tells one run's temporaries from another's
+# Files beside an output that describe its data (a shapefile's by its stem; GDAL's and SQLite's by its name): an
+# earlier output's go with it, or readers would take its CRS, encoding, index, statistics or journal for the new
+# one's. A user's own files beside it (a QGIS style, .qml) stay.
+_SIDE_FILES_BY_STEM = {".shp": (".shx", ".dbf", ".prj", ".cpg", ".qix", ".sbn", ".sbx")}
+_SIDE_FILES_BY_NAME = (".aux.xml", ".ovr", ".msk", "-wal", "-shm", "-journal")
 
 
 def new_token() -> str:
@@ -34,11 +39,13 @@ class AtomicOutputs:
     and any exception (a cancel included) removes the temporaries, leaving the targets untouched, and
     the folders made for them. ``exclusive``: each output folder is locked until the outputs are
     renamed or removed (a second such run into it is refused), and the temporaries of the same names
-    that a killed run left there are removed.
+    that a killed run left there are removed. ``inputs``: the files the run reads; an output naming one of
+    them, or a file another output names, is refused (its rename would replace what the run read).
     """
 
-    def __init__(self, *, exclusive: bool = False):
+    def __init__(self, *, exclusive: bool = False, inputs=()):
         self._outputs: list[tuple[Path, Path]] = []  # (temporary, final)
+        self._inputs = [Path(i) for i in inputs if i is not None]
         self._exclusive = exclusive
         self._made: list[Path] = []  # folders made here
         self._locks = contextlib.ExitStack()
@@ -46,6 +53,7 @@ class AtomicOutputs:
 
     def path(self, final: str | os.PathLike) -> Path:
         final = Path(final)
+        self._refuse_clash(final)
         self._make_folder(final.parent)
         folder = Path(os.path.realpath(final.parent))  # one lock a folder, however its path is spelt
         if self._exclusive and folder not in self._locked:
@@ -59,6 +67,15 @@ class AtomicOutputs:
         temporary = final.with_name(_temporary_name(final.stem, new_token(), final.suffix))
         self._outputs.append((temporary, final))
         return temporary
+
+    def _refuse_clash(self, final: Path) -> None:
+        for source in self._inputs:
+            if same_file(final, source):
+                raise OutputError(f"{final}: this output is also an input of the run ({source}); "
+                                  "choose another name for it")
+        for _, other in self._outputs:
+            if os.path.realpath(other) == os.path.realpath(final):
+                raise OutputError(f"{final}: named for two outputs of the run; give each its own file")
 
     def _make_folder(self, folder: Path) -> None:
         missing = [p for p in (folder, *folder.parents) if not os.path.lexists(p)]
@@ -88,10 +105,11 @@ class AtomicOutputs:
                         folder.rmdir()
 
     def commit(self) -> None:
-        """Rename every temporary (and its side files) to its final name. SIGINT and SIGTERM wait
-        until the renames are over; if one of them came, or a rename fails, those done are undone and
-        the files they replaced put back, so a run that does not end well leaves the targets as they were."""
-        moves = []
+        """Rename every temporary (and its side files) to its final name, removing the side files of an earlier
+        output there that the new one has not. SIGINT and SIGTERM wait until the renames are over; if one of
+        them came, or a rename fails, those done are undone and the files they replaced put back, so a run that
+        does not end well leaves the targets as they were."""
+        moves = []  # (temporary, its final name), or (None, an earlier output's side file to remove)
         for temporary, final in self._outputs:
             stem = temporary.name[:len(temporary.name) - len(final.suffix)]  # ".NAME.TOKEN.partial"
             for part in sorted({temporary, *temporary.parent.glob(glob.escape(stem) + ".*")}):
@@ -101,6 +119,12 @@ class AtomicOutputs:
                 if target.is_dir():
                     raise OutputError(f"{target}: a folder is in the way of this output")
                 moves.append((part, target))
+        targets = {target for _, target in moves}
+        for _, final in self._outputs:
+            sides = [final.stem + suffix for suffix in _SIDE_FILES_BY_STEM.get(final.suffix.lower(), ())]
+            for side in (final.with_name(name) for name in sides + [final.name + s for s in _SIDE_FILES_BY_NAME]):
+                if side not in targets and os.path.lexists(side):
+                    moves.append((None, side))
         token = new_token()
         with _signals_held() as caught:
             done = []  # (temporary, target, where the target's old file went)
@@ -111,12 +135,13 @@ class AtomicOutputs:
                         replaced = target.with_name(f".{target.name}.{token}.replaced")
                         os.replace(target, replaced)
                     done.append((part, target, replaced))
-                    os.replace(part, target)
+                    if part is not None:
+                        os.replace(part, target)
                 if caught:
                     raise InterruptedError("a signal came while the outputs were renamed")
             except BaseException as error:
                 for part, target, replaced in reversed(done):
-                    if not os.path.lexists(part):
+                    if part is not None and not os.path.lexists(part):
                         os.replace(target, part)
                     if replaced is not None:
                         os.replace(replaced, target)
@@ -135,11 +160,20 @@ class AtomicOutputs:
         self._outputs = []
 
 
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name one existing file (however spelt: links, ``..``)."""
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):  # either missing (an output not written yet), or not a path
+        return False
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike):
+def atomic_path(path: str | os.PathLike, inputs=()):
     """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds. An
-    OSError in the block (writing the temporary: a full disk) is an ``OutputError`` naming ``path``."""
-    with AtomicOutputs() as outputs:
+    OSError in the block (writing the temporary: a full disk) is an ``OutputError`` naming ``path``.
+    ``inputs``: see ``AtomicOutputs``."""
+    with AtomicOutputs(inputs=inputs) as outputs:
         temporary = outputs.path(path)
         try:
             yield temporary

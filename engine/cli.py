@@ -72,7 +72,7 @@ def _cmd_evaluate(args) -> int:
                                   progress=progress, **parsed_options(args, EVALUATE))
     print(format_summary(summary))
     if args.json:
-        with atomic_path(args.json) as tmp:
+        with atomic_path(args.json, inputs=(args.model,)) as tmp:
             tmp.write_text(json.dumps({"model": str(args.model), "data": str(args.data), **summary}, indent=2))
     return 0
 
@@ -85,7 +85,7 @@ def _cmd_assess(args) -> int:
                      object_iou=args.object_iou, out_raster=args.out_raster)
     print(format_assessment(summary))
     if args.json:
-        with atomic_path(args.json) as tmp:
+        with atomic_path(args.json, inputs=(args.prediction, args.reference, args.aoi)) as tmp:
             tmp.write_text(json.dumps({"prediction": args.prediction, "reference": args.reference, **summary},
                                       indent=2))
     return 0

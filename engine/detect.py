@@ -226,7 +226,8 @@ def write_outputs(setup: DetectSetup, bands: Iterator[tuple[int, np.ndarray, np.
     writer = ChangeWriter(setup.grid, probability=probability, mask=mask, polygons=polygons,
                           threshold=setup.threshold, min_area=setup.options.min_area,
                           simplify=setup.options.simplify, polygon_layer=polygon_layer,
-                          attributes={"pre": setup.paths[0].name, "post": setup.paths[1].name})
+                          attributes={"pre": setup.paths[0].name, "post": setup.paths[1].name},
+                          inputs=(*setup.paths, setup.options.aoi))
 
     def written(future, end: int) -> None:
         future.result()

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from geochange.engine import models
+from geochange.engine.atomic import same_file
 from geochange.engine.checkpoints import map_state_dict, read_checkpoint
 from geochange.engine.errors import OptionError
 from geochange.engine.manifest import make_manifest
@@ -35,6 +36,8 @@ def import_weights(fmt: str, source: str | os.PathLike, destination: str | os.Pa
     """Convert a foreign checkpoint of format ``fmt`` into a package at ``destination``."""
     if fmt not in FORMATS:
         raise OptionError(f"--format: unknown format {fmt!r}; known: {', '.join(sorted(FORMATS))}")
+    if same_file(source, destination):  # the checkpoint would be replaced by its package
+        raise OptionError(f"{destination}: the package would replace the checkpoint it is made from; name another file")
     info = FORMATS[fmt]
     model = models.create(info["architecture"])
     mapped = map_state_dict(read_checkpoint(source), model.state_dict(), info["rules"], origin=str(source),

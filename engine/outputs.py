@@ -137,14 +137,16 @@ class StagedRaster:
 
 class ChangeWriter:
     def __init__(self, grid: Grid, *, probability, mask, polygons, threshold: float, min_area: float = 0.0,
-                 simplify: float = 0.0, attributes: dict | None = None, polygon_layer: str = POLYGON_LAYER):
+                 simplify: float = 0.0, attributes: dict | None = None, polygon_layer: str = POLYGON_LAYER,
+                 inputs=()):
         self.grid, self.threshold = grid, threshold
         self._stack = contextlib.ExitStack()
         self._finals = []  # (stage path, temporary path, output, COG options) converted at close
         try:
             # Entered first, left last: the files are closed and the stages removed before the renames.
             # Exclusive: a second run into the same folders is refused, and a killed run's temporaries go.
-            self._outputs = self._stack.enter_context(AtomicOutputs(exclusive=True))
+            # ``inputs``: the files the run reads, which no output may replace.
+            self._outputs = self._stack.enter_context(AtomicOutputs(exclusive=True, inputs=inputs))
             # The probability is staged uncompressed (its low bits are noise, which no codec shrinks
             # much) and copied with ZSTD level 1: DEFLATE level 1's size, faster. The mask (staged in ZSTD) is
             # copied with ZSTD level 1 too: a mosaic of LEVIR's label (4096²) took 12 ms and 250 kB, against 85 ms

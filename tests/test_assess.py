@@ -13,7 +13,7 @@ from geochange.engine.assess import assess, object_counts
 from geochange.engine.cli import main
 from geochange.engine.contracts import (ASSESS_FN, ASSESS_FP, ASSESS_NOT_ASSESSED, ASSESS_TP, MASK_CHANGE,
                                         MASK_NODATA)
-from geochange.engine.errors import RasterError
+from geochange.engine.errors import OutputError, RasterError
 from geochange.engine.metrics import confusion, kappa, scores
 
 
@@ -99,3 +99,12 @@ def test_the_command_line_writes_json_and_the_raster_and_refuses_in_one_line(lev
     assert main(["assess", "--prediction", str(tmp_path / "none.tif"), "--reference", str(levir_maps["label"])]) == 2
     error = capsys.readouterr().err
     assert error == f"geochange: error: {tmp_path / 'none.tif'}: no such file\n"
+
+
+def test_an_agreement_raster_named_as_an_input_is_refused(levir_maps, tmp_path):
+    """Written over the prediction, it would replace the map being assessed."""
+    prediction = tmp_path / "mask.tif"
+    prediction.write_bytes(levir_maps["mask"].read_bytes())
+    with pytest.raises(OutputError, match=f"^{prediction}: this output is also an input of the run"):
+        assess(str(prediction), str(levir_maps["polygons"]), out_raster=str(prediction))
+    assert prediction.read_bytes() == levir_maps["mask"].read_bytes()

@@ -2,6 +2,7 @@
 north-up grid as GDAL's warper reads them; absurd sizes, CRSs and thresholds are one-line errors."""
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,10 +15,11 @@ from osgeo import gdal, osr
 from rasterio.enums import Resampling
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
-from shapely.geometry import Polygon
+from shapely.geometry import Polygon, box, mapping
 
-from geochange.engine.detect import prepare
-from geochange.engine.errors import OptionError
+from conftest import write_polygons
+from geochange.engine.detect import detect, prepare
+from geochange.engine.errors import OptionError, OutputError
 from geochange.engine.evaluate import evaluate_folder
 from geochange.engine.grid import PairReader, common_grid
 from geochange.engine.options import DetectOptions
@@ -162,6 +164,35 @@ def test_one_file_as_both_dates_is_refused(tmp_path, random_package):
         assert run.stderr == f"geochange: error: {pre}: the pre and the post raster are the same file; a change " \
                              "map needs two dates\n"
     assert not (tmp_path / "out").exists()
+
+
+def test_an_output_that_names_an_input_or_another_output_is_refused(tmp_path, random_package):
+    """An output named as a date's raster or the area of interest would replace it when the run ends; two outputs
+    named alike would leave one of them. Refused before any window runs, with every file as it was."""
+    pre, post = write_raster(tmp_path / "pre.tif", NORTH_UP), write_raster(tmp_path / "post.tif", NORTH_UP, seed=1)
+    aoi = write_polygons(tmp_path / "aoi.gpkg", [mapping(box(630010, 3339880, 630100, 3339990))], 32614)
+    (tmp_path / "link.tif").symlink_to(pre)
+    before = {path: path.read_bytes() for path in (pre, post, aoi)}
+    outputs = {"probability": tmp_path / "p.tif", "mask": tmp_path / "m.tif", "polygons": tmp_path / "c.gpkg"}
+    for role, taken in (("probability", tmp_path / "link.tif"), ("mask", post), ("polygons", aoi)):
+        with pytest.raises(OutputError, match=f"^{re.escape(str(taken))}: this output is also an input of the run "):
+            detect(pre, post, random_package, **dict(outputs, **{role: taken}), aoi=str(aoi))
+    twice = tmp_path / "elsewhere" / ".." / "p.tif"  # the probability's file, spelt otherwise
+    with pytest.raises(OutputError, match=f"^{re.escape(str(twice))}: named for two outputs of the run"):
+        detect(pre, post, random_package, **dict(outputs, mask=twice))
+    assert {path: path.read_bytes() for path in (pre, post, aoi)} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["aoi.gpkg", "link.tif", "post.tif", "pre.tif"]
+
+    # On the command line, a date read from the output folder under an output's name.
+    out = tmp_path / "out"
+    out.mkdir()
+    earlier = shutil.copy(pre, out / "change_probability.tif")
+    run = subprocess.run([*GEOCHANGE, "detect", str(earlier), str(post), "--model", str(random_package),
+                          "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr == f"geochange: error: {earlier}: this output is also an input of the run ({earlier}); " \
+                         "choose another name for it\n"
+    assert earlier.read_bytes() == before[pre] and sorted(p.name for p in out.iterdir()) == ["change_probability.tif"]
 
 
 def test_pixels_far_from_the_model_s_are_pointed_out(levir_crop, tinycd_package):

@@ -146,9 +146,14 @@ def _write_all_rows(out, polygons="c.shp") -> ChangeWriter:
     return writer
 
 
+# An earlier run's outputs, with side files a new run does not write (the shapefile's encoding, GDAL's statistics)
+# and a user's style for the polygons.
+STALE, USERS = ("c.cpg", "p.tif.aux.xml"), ("c.qml",)
+
+
 def _old_outputs(out) -> dict:
     out.mkdir()
-    old = {name: f"old {name}".encode() for name in ("p.tif", "m.tif", "c.shp", "c.dbf", "c.shx")}
+    old = {name: f"old {name}".encode() for name in ("p.tif", "m.tif", "c.shp", "c.dbf", "c.shx", *STALE, *USERS)}
     for name, content in old.items():
         (out / name).write_bytes(content)
     return old
@@ -183,7 +188,7 @@ def test_a_failed_rename_puts_every_output_back_as_it_was(tmp_path, monkeypatch)
 
 def test_a_signal_during_the_renames_cancels_the_whole_run(tmp_path, monkeypatch):
     out = tmp_path / "out"
-    out.mkdir()
+    old = _old_outputs(out)
     writer = _write_all_rows(out)
     _replace_failing_at(monkeypatch, "c.dbf", lambda: signal.raise_signal(signal.SIGTERM))
     previous = signal.getsignal(signal.SIGTERM)
@@ -193,7 +198,8 @@ def test_a_signal_during_the_renames_cancels_the_whole_run(tmp_path, monkeypatch
             writer.close()
     finally:
         signal.signal(signal.SIGTERM, previous)
-    assert list(out.iterdir()) == []  # the renames already done were undone
+    # The renames already done were undone, the earlier side files (moved aside after every rename) put back.
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == old
 
 
 def test_outputs_replace_earlier_ones_together(tmp_path):
@@ -201,8 +207,10 @@ def test_outputs_replace_earlier_ones_together(tmp_path):
     old = _old_outputs(out)
     writer = _write_all_rows(out)
     writer.close()
-    assert sorted(p.name for p in out.iterdir()) == ["c.dbf", "c.prj", "c.shp", "c.shx", "m.tif", "p.tif"]
-    assert all((out / name).read_bytes() != content for name, content in old.items())
+    # The earlier side files gone with their outputs (a LATIN1 .cpg would misread the new .dbf); the style kept.
+    assert sorted(p.name for p in out.iterdir()) == ["c.dbf", "c.prj", "c.qml", "c.shp", "c.shx", "m.tif", "p.tif"]
+    assert all((out / name).read_bytes() != content for name, content in old.items() if name not in STALE + USERS)
+    assert (out / "c.qml").read_bytes() == old["c.qml"]
     with rasterio.open(out / "p.tif") as src:
         assert src.shape == (ODD.height, ODD.width)
 

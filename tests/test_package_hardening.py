@@ -201,6 +201,14 @@ def test_import_weights_into_a_folder_is_refused(capsys, shared_data, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_import_weights_over_its_own_checkpoint_is_refused(capsys, shared_data, tmp_path):
+    source = tmp_path / "tinycd.pth"
+    source.write_bytes((shared_data / "weights" / "tinycd_levir_official.pth").read_bytes())
+    code, _, err = run_cli(capsys, "import-weights", "--format", "tinycd", source, source)
+    assert code == 2 and err == (f"geochange: error: {source}: the package would replace the checkpoint it is made "
+                                 "from; name another file\n")
+    assert source.read_bytes() == (shared_data / "weights" / "tinycd_levir_official.pth").read_bytes()
+
 # --- 10: messages -----------------------------------------------------------------------------------
 
 def test_a_gcp_only_raster_says_so_and_how_to_warp_it(tmp_path):
