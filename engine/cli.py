@@ -61,7 +61,7 @@ def _cmd_detect_many(args) -> int:
 def _cmd_evaluate(args) -> int:
     from geochange.engine.atomic import atomic_path
     from geochange.engine.evaluate import evaluate_folder
-    from geochange.engine.metrics import format_summary
+    from geochange.engine.metrics import format_summary, metrics_json
     from geochange.engine.package import load_package
     from geochange.engine.process import configure_process
     from geochange.engine.progress import TqdmProgress
@@ -73,21 +73,21 @@ def _cmd_evaluate(args) -> int:
     print(format_summary(summary))
     if args.json:
         with atomic_path(args.json, inputs=(args.model,)) as tmp:
-            tmp.write_text(json.dumps({"model": str(args.model), "data": str(args.data), **summary}, indent=2))
+            tmp.write_text(metrics_json({"model": str(args.model), "data": str(args.data), **summary}))
     return 0
 
 
 def _cmd_assess(args) -> int:
     from geochange.engine.assess import assess, format_assessment
     from geochange.engine.atomic import atomic_path
+    from geochange.engine.metrics import metrics_json
 
     summary = assess(args.prediction, args.reference, aoi=args.aoi, ignore_value=args.ignore_value,
                      object_iou=args.object_iou, out_raster=args.out_raster)
     print(format_assessment(summary))
     if args.json:
         with atomic_path(args.json, inputs=(args.prediction, args.reference, args.aoi)) as tmp:
-            tmp.write_text(json.dumps({"prediction": args.prediction, "reference": args.reference, **summary},
-                                      indent=2))
+            tmp.write_text(metrics_json({"prediction": args.prediction, "reference": args.reference, **summary}))
     return 0
 
 

@@ -16,20 +16,27 @@ import torch
 from geochange.engine.backends import user_cache_dir
 
 
-def _cache_in_user_folder() -> None:
+def _cache_in_user_folder(log) -> None:
     """Point inductor, which reads its cache folder from the environment, at the user's cache folder, unless
-    the caller chose one: importing timm (or torch._dynamo) already sets the variable to inductor's default."""
+    the caller chose one: importing timm (or torch._dynamo) already sets the variable to inductor's default.
+    Where that folder cannot be made (a read-only home), inductor's default stays."""
     from torch._inductor.runtime.runtime_utils import default_cache_dir
 
-    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, os.path.abspath(default_cache_dir())):
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(user_cache_dir("inductor"))
+    default = os.path.abspath(default_cache_dir())
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default):
+        try:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(user_cache_dir("inductor"))
+        except OSError as error:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = default
+            log(f"compiled code kept in {default}, emptied at each boot: the user's cache folder cannot be made "
+                f"({error.strerror or error})")
 
 
 class CompiledForward:
     """``(pre, post) -> logits`` through a graph compiled for each input shape (and autocast state)."""
 
     def __init__(self, package, log):
-        _cache_in_user_folder()
+        _cache_in_user_folder(log)
         self.model, self.log = package.model, log
         self.name = package.manifest["architecture"]
         self.compiled = torch.compile(package.model, dynamic=False)

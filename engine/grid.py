@@ -18,7 +18,8 @@ from affine import Affine
 from rasterio.crs import CRS
 from rasterio.enums import Resampling
 from rasterio.env import Env
-from rasterio.errors import CRSError, RasterioIOError
+from rasterio._err import CPLE_BaseError  # GDAL's errors as rasterio raises them (not public)
+from rasterio.errors import CRSError, RasterioError, RasterioIOError
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window
@@ -99,6 +100,14 @@ def _extent(src) -> tuple[float, float, float, float]:
     return min(xs), min(ys), max(xs), max(ys)
 
 
+def _crs_name(crs: CRS) -> str:
+    """A CRS as a user knows it: its EPSG code, or its name (not a page of WKT)."""
+    import pyproj
+
+    code = crs.to_epsg()
+    return f"EPSG:{code}" if code else f'"{pyproj.CRS.from_wkt(crs.to_wkt()).name}"'
+
+
 def _area(b) -> float:
     return max(b[2] - b[0], 0.0) * max(b[3] - b[1], 0.0)
 
@@ -124,8 +133,16 @@ def common_grid(pre, post, *, on: str = "pre", crs: str | None = None,
     except CRSError:  # whose message, "The WKT could not be parsed", misleads for an EPSG code
         raise OptionError(f"crs {crs!r} is not a coordinate reference system GDAL knows "
                           "(an EPSG code, WKT or PROJ string)") from None
-    res_x, res_y = (resolution, resolution) if resolution else _resolution(reference, target)
-    footprints = [transform_bounds(src.crs, target, *_extent(src), densify_pts=21) for src in (pre, post)]
+    try:
+        with Env():  # GDAL's complaint goes to rasterio's log: the error below says it
+            res_x, res_y = (resolution, resolution) if resolution else _resolution(reference, target)
+            footprints = [transform_bounds(src.crs, target, *_extent(src), densify_pts=21) for src in (pre, post)]
+    except (CPLE_BaseError, RasterioError):  # e.g. a local (engineering) CRS, tied to no place on Earth
+        names = " and ".join(f"{Path(src.name).name} (CRS {_crs_name(src.crs)})" for src in (pre, post)
+                             if src.crs != target)
+        raise RasterError(f"{names}: GDAL knows no transformation to {_crs_name(target)}, the grid's CRS (a local "
+                          "CRS is tied to no place on Earth); reproject the rasters to one CRS, or give both the "
+                          "same CRS if they share one frame") from None
     left, bottom = max(footprints[0][0], footprints[1][0]), max(footprints[0][1], footprints[1][1])
     right, top = min(footprints[0][2], footprints[1][2]), min(footprints[0][3], footprints[1][3])
     if resolution and right - left > 0 and top - bottom > 0 and (right - left < res_x or top - bottom < res_y):
@@ -193,10 +210,9 @@ class GridReader:
         if on_lattice:
             self.dataset, self.offset = src, (int(round(row)), int(round(col)))
         else:
-            # Without a nodata value or mask, an alpha band marks what lies outside the source.
             self.dataset = self._stack.enter_context(WarpedVRT(
                 src, crs=grid.crs, transform=grid.transform, width=grid.width, height=grid.height,
-                resampling=Resampling.bilinear, add_alpha=src.nodata is None and not _has_mask(src)))
+                resampling=Resampling.bilinear, add_alpha=warp_needs_alpha(src)))
             self.offset = (0, 0)
 
     def window(self, window: Window) -> Window:
@@ -223,6 +239,12 @@ def _has_mask(src) -> bool:
     from rasterio.enums import MaskFlags
 
     return any(MaskFlags.all_valid not in flags for flags in src.mask_flag_enums)
+
+
+def warp_needs_alpha(src) -> bool:
+    """Whether a ``WarpedVRT`` of ``src`` needs an alpha band to mark what lies outside it: not where a nodata
+    value, a mask or an alpha band of its own marks it (GDAL refuses a second alpha band)."""
+    return src.nodata is None and not _has_mask(src)
 
 
 class PairReader:

@@ -313,12 +313,13 @@ def detect_many(pairs: list[Pair], model, out, *, scheduler: str | None = None, 
     (default: as the cores, GPUs and memory allow, see ``local_layout``). ``force``: run complete pairs
     again. ``options``: ``DetectOptions``' fields, for every pair (a pair's ``aoi`` wins over the run's).
     """
-    from geochange.engine.zoo import resolve_model, sha256
+    from geochange.engine.package import read_package
+    from geochange.engine.zoo import sha256
 
     progress, o = progress or Progress(), DetectOptions.of(options)
     if scheduler and workers is not None:
         raise OptionError("--workers sizes the cluster of this machine; the cluster at --scheduler has its own")
-    model = resolve_model(model).resolve()
+    model = read_package(model)[0].resolve()  # a wrong file refused here, not by each pair in the cluster
     digest, out = sha256(model), Path(os.path.abspath(out))
 
     jobs = [make_job(pair, model, digest, out, o, vector_format) for pair in checked(list(pairs), "the pairs")]

@@ -7,6 +7,8 @@ per-image means.
 """
 from __future__ import annotations
 
+import json
+import math
 import warnings
 
 import numpy as np
@@ -105,3 +107,18 @@ def format_summary(summary: dict) -> str:
     for name in METRIC_NAMES:
         lines.append(f"{name:<12}{summary['global'][name]:>10.4f}{summary['per_image'][name]:>12.4f}")
     return "\n".join(lines)
+
+
+def metrics_json(data) -> str:
+    """``data`` as JSON text, a metric undefined on the data (NaN) as ``null``: JSON has no NaN, and strict
+    readers (jq, a browser's ``JSON.parse``) refuse Python's."""
+    def finite(value):
+        if isinstance(value, float):
+            return value if math.isfinite(value) else None
+        if isinstance(value, dict):
+            return {key: finite(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(item) for item in value]
+        return value
+
+    return json.dumps(finite(data), indent=2, allow_nan=False)

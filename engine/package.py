@@ -118,7 +118,7 @@ def read_manifest(path: str | os.PathLike) -> dict:
     return manifest
 
 
-def _read_package(path: str | os.PathLike) -> tuple[Path, dict]:
+def read_package(path: str | os.PathLike) -> tuple[Path, dict]:
     """A package of either kind (a file, or a zoo model's name): its path and its manifest, validated as
     its format says, read once."""
     path = resolve_model(path)
@@ -227,7 +227,7 @@ def load_router(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> ModelPackage | RouterPackage:
     """A model package or a router package (a file, or a zoo model's name), as its manifest's format says."""
-    path, manifest = _read_package(path)
+    path, manifest = read_package(path)
     load = _load_router_package if is_router(manifest) else _load_model_package
     return load(path, manifest, device)
 
@@ -270,7 +270,7 @@ def describe_model(path) -> dict:
     """What a model package or an O-P router package holds, without loading its tensors: the manifest,
     a readable text, the architecture (with the registry's description and published figures) and the
     default threshold. A router is described by its original model (M_O) and lists its teachers."""
-    path, manifest = _read_package(path)
+    path, manifest = read_package(path)
     if is_router(manifest):
         lead = manifest["original"]["manifest"]
         text = format_router(manifest)

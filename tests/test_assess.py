@@ -7,13 +7,15 @@ import json
 import numpy as np
 import pytest
 import rasterio
+from rasterio.crs import CRS
 
 from conftest import write_polygons
-from geochange.engine.assess import assess, object_counts
+from geochange.engine.assess import assess, object_counts, raster_on
 from geochange.engine.cli import main
 from geochange.engine.contracts import (ASSESS_FN, ASSESS_FP, ASSESS_NOT_ASSESSED, ASSESS_TP, MASK_CHANGE,
                                         MASK_NODATA)
 from geochange.engine.errors import OutputError, RasterError
+from geochange.engine.grid import Grid
 from geochange.engine.metrics import confusion, kappa, scores
 
 
@@ -108,3 +110,33 @@ def test_an_agreement_raster_named_as_an_input_is_refused(levir_maps, tmp_path):
     with pytest.raises(OutputError, match=f"^{prediction}: this output is also an input of the run"):
         assess(str(prediction), str(levir_maps["polygons"]), out_raster=str(prediction))
     assert prediction.read_bytes() == levir_maps["mask"].read_bytes()
+
+
+def test_a_raster_with_its_own_alpha_band_is_read_on_another_grid(tmp_path):
+    """Its alpha band marks what lies outside it (GDAL refuses to add a second); a label exported from QGIS as
+    RGBA, say."""
+    from affine import Affine
+
+    path = tmp_path / "rgba.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=64, height=64, count=4, dtype="uint8", crs="EPSG:32633",
+                       transform=Affine(1, 0, 500000, 0, -1, 5000000), photometric="RGB", alpha="YES") as dst:
+        dst.write(np.full((4, 64, 64), 255, np.uint8))
+    values, valid = raster_on(str(path), Grid(CRS.from_epsg(32633), Affine(1, 0, 500040, 0, -1, 4999990), 64, 64))
+    assert valid.sum() == 24 * 54 and valid[:54, :24].all() and (values[valid] == 255).all()
+
+
+def test_metrics_undefined_on_the_data_are_null_in_the_json(levir_maps, tmp_path):
+    """No change in either map: precision, recall and F1 are undefined; strict JSON readers refuse NaN."""
+    with rasterio.open(levir_maps["mask"]) as src:
+        profile = src.profile
+    empty = tmp_path / "empty.tif"
+    with rasterio.open(empty, "w", **profile) as dst:
+        dst.write(np.zeros((profile["height"], profile["width"]), np.uint8), 1)
+    out = tmp_path / "metrics.json"
+    assert main(["assess", "--prediction", str(empty), "--reference", str(empty), "--json", str(out)]) == 0
+
+    def refuse(constant):
+        raise ValueError(f"{constant} in the JSON")
+
+    written = json.loads(out.read_text(), parse_constant=refuse)
+    assert written["global"]["f1"] is None and written["global"]["precision"] is None and written["global"]["oa"] == 1

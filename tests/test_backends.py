@@ -3,6 +3,8 @@ against PyTorch and kept in the user's cache, torch.compile's graphs per shape w
 eager PyTorch wherever a runtime cannot run a model. (Their accuracy on real data: test_precision.py.)"""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -238,6 +240,22 @@ def test_compile_makes_a_graph_per_shape_keeps_its_code_in_the_user_cache_and_fa
         torch.testing.assert_close(forward(x, x), package.model(x, x))
         forward(x, x)
     assert logged == ["toy runs eagerly: torch.compile failed (no C++ compiler found)"]
+
+
+def test_compile_keeps_inductor_s_folder_where_the_user_cache_cannot_be_made(tmp_path, monkeypatch):
+    from torch._inductor.runtime.runtime_utils import default_cache_dir
+
+    blocked = tmp_path / "a file"
+    blocked.write_text("")
+    monkeypatch.setenv("GEOCHANGE_CACHE_DIR", str(blocked))  # its "inductor" folder cannot be made
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    logged = []
+    CompiledForward(ModelPackage(Toy().eval(), {"architecture": "toy"}), logged.append)
+    default = os.path.abspath(default_cache_dir())
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == default
+    assert logged == [f"compiled code kept in {default}, emptied at each boot: the user's cache folder cannot be "
+                      "made (Not a directory)"]
 
 
 def test_a_router_decides_its_precision_and_backend_once(tinycd_package, shared_data, tmp_path):

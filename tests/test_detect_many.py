@@ -9,6 +9,7 @@ import filecmp
 import glob
 import json
 import os
+import pickle
 import re
 import signal
 import subprocess
@@ -20,8 +21,8 @@ import pytest
 
 from conftest import run_algorithm
 from geochange.engine.contracts import PAIR_DONE, PAIR_FAILED, PAIR_PENDING, PAIR_SKIPPED, SUMMARY_LAYER
-from geochange.engine.errors import OptionError
-from geochange.engine.many import Layout, local_layout, make_job
+from geochange.engine.errors import OptionError, PackageError
+from geochange.engine.many import Layout, detect_many, local_layout, make_job
 from geochange.engine.pair_task import RECORD, complete, identity, write_record
 from geochange.engine.options import DetectOptions
 from geochange.engine.pairs import Pair, glob_pairs, pairs_from, read_pairs
@@ -255,8 +256,25 @@ def test_two_globs_pair_files_by_what_the_wildcards_match(tmp_path, monkeypatch)
         glob_pairs("before/t1.tif", "after/*.tif")
     with pytest.raises(OptionError, match="matches no file"):
         glob_pairs("nowhere/*.tif", "after/*.tif")
+    for path in ("deep/a_b/c.tif", "deep/a/b_c.tif"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).touch()
+    with pytest.raises(OptionError, match=re.escape(f"--pre-glob 'deep/*/*.tif': {tmp_path / 'deep/a/b_c.tif'} and "
+                                                    f"{tmp_path / 'deep/a_b/c.tif'} both name pair 'a_b_c'")):
+        glob_pairs("deep/*/*.tif", "after/*.tif")
     with pytest.raises(OptionError, match="as a CSV file, or as both --pre-glob and --post-glob"):
         pairs_from("p.csv", "before/*.tif", None)
+
+
+def test_a_wrong_model_is_refused_before_any_cluster_starts(tmp_path):
+    """Not by each pair on the workers, after the cluster started."""
+    pickled = tmp_path / "model.pth"
+    pickled.write_bytes(pickle.dumps({"weight": [1.0]}))
+    pairs = [Pair("a", str(tmp_path / "pre.tif"), str(tmp_path / "post.tif"))]
+    for model, problem in ((pickled, "this is a PyTorch pickle checkpoint"), (tmp_path, "no such model file")):
+        with pytest.raises(PackageError, match=re.escape(f"{model}: {problem}")):
+            detect_many(pairs, model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_local_cluster_s_layout():

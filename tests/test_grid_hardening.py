@@ -12,6 +12,7 @@ import pytest
 import rasterio
 from affine import Affine
 from osgeo import gdal, osr
+from rasterio.crs import CRS
 from rasterio.enums import Resampling
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
@@ -19,7 +20,7 @@ from shapely.geometry import Polygon, box, mapping
 
 from conftest import write_polygons
 from geochange.engine.detect import detect, prepare
-from geochange.engine.errors import OptionError, OutputError
+from geochange.engine.errors import OptionError, OutputError, RasterError
 from geochange.engine.evaluate import evaluate_folder
 from geochange.engine.grid import PairReader, common_grid
 from geochange.engine.options import DetectOptions
@@ -100,6 +101,22 @@ def test_a_resolution_coarser_than_the_overlap_is_named_as_such(tmp_path):
     with rasterio.open(pre) as a, pytest.raises(OptionError, match="resolution 1000 is coarser than the "
                                                                    "overlap of the two rasters \\(128 x 128 in"):
         common_grid(a, a, resolution=1000.0)
+
+
+def test_a_crs_gdal_cannot_transform_is_named_in_one_line(tmp_path, capfd):
+    """A drone survey in a local (engineering) CRS beside a UTM image: no transformation exists between them."""
+    utm = write_raster(tmp_path / "utm.tif", NORTH_UP)
+    local = write_raster(tmp_path / "local.tif", NORTH_UP, seed=1)
+    with rasterio.open(local, "r+") as dst:
+        dst.crs = CRS.from_wkt('LOCAL_CS["drone",UNIT["metre",1],AXIS["Easting",EAST],AXIS["Northing",NORTH]]')
+    with rasterio.open(utm) as a, rasterio.open(local) as b:
+        with pytest.raises(RasterError, match='^local.tif \\(CRS "drone"\\): GDAL knows no transformation to '
+                                              "EPSG:32614, the grid's CRS"):
+            common_grid(a, b)
+        with pytest.raises(RasterError, match='^utm.tif \\(CRS EPSG:32614\\): GDAL knows no transformation to '
+                                              '"drone", the grid\'s CRS'):
+            common_grid(b, a)
+    assert "ERROR" not in capfd.readouterr().err  # GDAL's own complaint kept off the terminal
 
 
 def test_thresholds_outside_0_1_are_refused_by_the_engine(tmp_path, random_package):

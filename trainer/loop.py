@@ -17,7 +17,6 @@ and packages are written by process 0.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import shlex
@@ -38,6 +37,7 @@ from geochange.engine.atomic import atomic_path
 from geochange.engine.errors import CheckpointError
 from geochange.engine.hardware import cpu_bf16, cpu_name
 from geochange.engine.manifest import make_manifest
+from geochange.engine.metrics import metrics_json
 from geochange.engine.package import load_package, save_package
 from geochange.engine.predictor import resolve_device
 from geochange.trainer.augment import Augment
@@ -421,7 +421,7 @@ class Trainer:
                 manifest["training"]["metrics"]["test"] = results["test"]
                 save_package(package.model, manifest, self.package_path)
             with atomic_path(self.work_dir / "results.json") as tmp:
-                tmp.write_text(json.dumps(results, indent=2))
+                tmp.write_text(metrics_json(results))
         if self.world > 1:
             dist.barrier()
         return results

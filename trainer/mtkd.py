@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from geochange.engine.atomic import atomic_path
+from geochange.engine.metrics import metrics_json
 from geochange.engine.zoo import sha256
 from geochange.engine.package import load_package, load_router, save_router
 from geochange.engine.routing import change_area_ratio, route
@@ -273,7 +274,7 @@ class Pipeline:
                                                self.cfg["train"]["car_thresholds"])
             results["test"]["routed"] = dict(zip(self.names, predictor.routed.tolist()))
         with atomic_path(self.root / "router_results.json") as tmp:
-            tmp.write_text(json.dumps(results, indent=2))
+            tmp.write_text(metrics_json(results))
         return results
 
     def run(self, resume: bool = True) -> dict:
