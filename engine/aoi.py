@@ -89,8 +89,19 @@ def area_of_interest(source: str, grid: Grid, role: str = "the area of interest"
     if grid.crs is None:
         raise RasterError(f"{source}: {role} needs georeferenced rasters; these have no CRS")
     geometry, crs = read_polygons(source, role)
-    if crs is not None and CRS.from_user_input(grid.crs) != crs:
-        to_grid = Transformer.from_crs(crs, CRS.from_user_input(grid.crs), always_xy=True)
+    grid_crs = CRS.from_user_input(grid.crs)
+    if crs is not None and grid_crs != crs:
+        # Cut to the grid's surroundings first: a continent's outline reaches where the grid's projection is
+        # undefined (a UTM zone's far side), whose points it maps to infinity.
+        left, bottom, right, top = Transformer.from_crs(grid_crs, crs, always_xy=True).transform_bounds(
+            *grid.bounds, densify_pts=21)
+        if left < right:  # else across the antimeridian in degrees: kept whole
+            margin = max(right - left, top - bottom)
+            geometry = shapely.intersection(geometry, shapely.box(left - margin, bottom - margin, right + margin,
+                                                                  top + margin))
+            if geometry.is_empty:
+                raise RasterError(f"{source}: {role} does not overlap the rasters")
+        to_grid = Transformer.from_crs(crs, grid_crs, always_xy=True)
         geometry = shapely.transform(shapely.segmentize(geometry, _step(geometry)), to_grid.transform,
                                      interleaved=False)
     return AreaOfInterest(geometry, str(source))

@@ -5,12 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import rasterio
+from affine import Affine
 from osgeo import ogr, osr
-from pyproj import Transformer
+from pyproj import CRS, Transformer
 
+from geochange.engine.aoi import area_of_interest
 from geochange.engine.contracts import MASK_NODATA
 from geochange.engine.detect import detect
 from geochange.engine.errors import RasterError
+from geochange.engine.grid import Grid
 from geochange.engine.progress import Progress
 
 
@@ -80,3 +83,14 @@ def test_an_area_of_interest_must_hold_polygons_that_meet_the_rasters(levir_crop
         with pytest.raises(RasterError, match=message):
             detect(levir_crop["pre"], levir_crop["post"], random_package, device="cpu", aoi=str(aoi), **names)
     assert not (tmp_path / "p.tif").exists()
+
+
+def test_an_area_of_interest_reaching_beyond_the_grid_s_projection_is_cut_to_the_grid(tmp_path):
+    """A world outline in degrees over a UTM grid: its far side, 90 degrees from the zone, has no UTM
+    coordinates (pyproj gives infinity); only the grid's surroundings are placed on it."""
+    grid = Grid(CRS.from_epsg(32614), Affine(0.5, 0, 630000, 0, -0.5, 3340000), 256, 256)
+    world = write_layer(tmp_path / "world.gpkg", [[(-180, -89), (180, -89), (180, 89), (-180, 89), (-180, -89)]], 4326)
+    assert area_of_interest(str(world), grid).crop(grid) == grid
+    far = write_layer(tmp_path / "far.gpkg", [[(0, 0), (0, 1), (1, 1), (0, 0)]], 4326)
+    with pytest.raises(RasterError, match="far.gpkg: the area of interest does not overlap the rasters"):
+        area_of_interest(str(far), grid)
