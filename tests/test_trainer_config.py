@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch.nn as nn
 
-from geochange.trainer.config import ConfigError, load, validate
+from geochange.trainer.config import ConfigError, derive, load, validate
 from geochange.trainer.mtkd import DEFAULT_LAMBDA
 from geochange.trainer.optim import lr_factor, param_groups
 
@@ -76,7 +76,8 @@ def test_errors_name_every_bad_key():
     raw = {"name": "x", "model": {"architecture": "tinycd"},
            "data": {"datasets": [{"root": "d"}], "batch": "two"},
            "optim": {"lrr": 1e-3}, "augment": {"exchange": 2, "blur": {"kernels": [3, 7]},
-                                               "rotate": {"padding": "wrap"}}}
+                                               "rotate": {"padding": "wrap"}},
+           "train": {"checkpoint_interval": 0}, "test": {"scales": [0.75, "big"]}}
     with pytest.raises(ConfigError) as e:
         validate(raw)
     text = str(e.value)
@@ -85,6 +86,9 @@ def test_errors_name_every_bad_key():
     assert "augment.exchange: must be between 0 and 1" in text
     assert "augment.blur.kernels: must be a non-empty list of kernel sizes among [3, 5]" in text
     assert "augment.rotate.padding: must be one of constant, reflect" in text
+    # Found here, not by a division by zero at the first step or by the test after the whole schedule.
+    assert "train.checkpoint_interval: must be positive (got 0)" in text
+    assert "test.scales: must be a non-empty list of scales in (0, 4] (got [0.75, 'big'])" in text
     with pytest.raises(ConfigError, match="model.architecture: unknown architecture"):
         validate({**MINIMAL, "model": {"architecture": "nope"}, "data": {"datasets": [{"root": "d"}]}})
     with pytest.raises(ConfigError, match="data.datasets.0.layout: unknown key"):
@@ -108,10 +112,25 @@ def test_overrides_and_yaml_numbers(tmp_path):
     assert cfg["schedule"]["iterations"] == 2000 and isinstance(cfg["schedule"]["iterations"], int)
     assert cfg["optim"]["betas"] == [0.9, 0.99]
     assert cfg["work_dir"] == "runs/c" and cfg["train"]["checkpoint_interval"] == cfg["train"]["val_interval"]
+    # YAML 1.1 reads an unquoted off as false: amp's "off" all the same.
+    assert load(path, ["train.amp=off"])["train"]["amp"] == "off"
+    with pytest.raises(ConfigError, match="train.amp: expected str, got True"):
+        load(path, ["train.amp=on"])
     with pytest.raises(ConfigError, match="not an index"):
         load(path, ["data.datasets.5.root=x"])
     with pytest.raises(ConfigError, match="expected key=value"):
         load(path, ["data.batch"])
+
+
+def test_a_derived_config_s_checkpoints_follow_its_own_validation():
+    """MTKD's teachers and student validate at their own interval; the best weights are kept at checkpoints."""
+    base = validate({"name": "x", "model": {"architecture": "tinycd"}, "data": {"datasets": [{"root": "d"}]},
+                     "train": {"val_interval": 5000}})
+    assert derive(base, {"train": {"val_interval": 1000}})["train"]["checkpoint_interval"] == 1000
+    assert derive(base, {"train": {"val_interval": 1000, "checkpoint_interval": 3000}})["train"][
+        "checkpoint_interval"] == 3000
+    given = derive(base, {"train": {"checkpoint_interval": 2500}})
+    assert derive(given, {"train": {"val_interval": 1000}})["train"]["checkpoint_interval"] == 2500  # chosen: kept
 
 
 class _Toy(nn.Module):

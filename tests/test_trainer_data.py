@@ -53,6 +53,10 @@ def test_named_split_list_files_and_split_folders(shared_data, tmp_path):
     (root / "test.txt").write_text(names[3])
     listed = build_splits([{"root": str(root), "lists": {"train": "train.txt", "test": "test.txt"}}])
     assert [len(listed[s]) for s in ("train", "val", "test")] == [3, 0, 1]
+    # Lists of val and test only are names too, not ratios (a dataset that trains nothing).
+    (root / "val.txt").write_text(names[0])
+    listed = build_splits([{"root": str(root), "lists": {"val": "val.txt", "test": "test.txt"}}])
+    assert [len(listed[s]) for s in ("train", "val", "test")] == [0, 1, 1]
     # {train,val}/{A,B,label} subfolders are found without a split spec.
     for split, chosen in (("train", names[:2]), ("val", names[2:3])):
         for folder in ("A", "B", "label"):

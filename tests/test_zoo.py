@@ -14,7 +14,7 @@ from geochange.engine.package import load_package
 from geochange.engine.zoo import describe_zoo, format_zoo, zoo_index, zoo_path
 from geochange.trainer.config import ConfigError
 from geochange.trainer.data import build_splits
-from geochange.trainer.export import check_figures, export_run
+from geochange.trainer.export import check_figures, export_run, fp16_moves
 from geochange.trainer.loop import Trainer
 from conftest import REPO
 from trainer_setup import small_config
@@ -59,6 +59,18 @@ def test_a_finished_run_goes_into_the_zoo_in_fp16(finished_run, tmp_path):
         f.write(b"\0")
     with pytest.raises(PackageError, match="does not match its record"):
         zoo_path("tiny_buildings", zoo)
+
+
+def test_fp16_moves_count_a_figure_undefined_on_one_side_only_as_a_move():
+    """results.json writes an undefined figure as null (JSON has no NaN); the fp16 weights' own is NaN."""
+    nan = float("nan")
+    run = {"f1": None, "iou": None, "mIoU": 0.5, "oa": 0.9}
+    assert fp16_moves({"f1": nan, "iou": nan, "mIoU": 0.501, "oa": 0.9}, run) == pytest.approx(
+        {"f1": 0.0, "iou": 0.0, "mIoU": 0.001, "oa": 0.0})
+    moved = fp16_moves({"f1": 0.0, "iou": 0.0, "mIoU": 0.5, "oa": 0.9}, run)
+    assert moved["f1"] != moved["f1"] and not abs(moved["f1"]) <= 0.002  # NaN: refused by any tolerance
+    moved = fp16_moves({"f1": nan, "iou": nan, "mIoU": 0.5, "oa": 0.9}, dict(run, f1=0.1, iou=0.05))
+    assert not all(abs(v) <= 0.002 for v in moved.values())
 
 
 def test_an_unknown_model_name_lists_the_zoo(capsys):

@@ -72,6 +72,12 @@ def _thresholds(v):
     return None if ok else "must be a non-empty ascending list of CAR thresholds in (0, 1)"
 
 
+def _tta_scales(v):
+    ok = isinstance(v, list) and v and all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x <= 4
+                                           for x in v)
+    return None if ok else "must be a non-empty list of scales in (0, 4]"
+
+
 def _ohem(v):
     if v is None:
         return None
@@ -159,7 +165,7 @@ SCHEMA: dict = {
     },
     "train": {
         "val_interval": (int, 1000, _positive),
-        "checkpoint_interval": ((int, type(None)), None),  # default: val_interval
+        "checkpoint_interval": ((int, type(None)), None, _positive),  # default: val_interval
         "log_interval": (int, 50, _positive),
         "amp": (str, "auto", _one_of("auto", "off", "bf16", "fp16")),
         "car_thresholds": (list, [0.05, 0.2], _thresholds),  # bins of the per-CAR validation table
@@ -167,7 +173,7 @@ SCHEMA: dict = {
     },
     "test": {
         "tta": (bool, True),
-        "scales": (list, [0.75, 1.0, 1.25]),
+        "scales": (list, [0.75, 1.0, 1.25], _tta_scales),
         "flip": (bool, True),
     },
 }
@@ -228,6 +234,8 @@ def _apply_schema(schema: dict, given: dict, path: str, errors: list) -> dict:
             continue
         types = types if isinstance(types, tuple) else (types,)
         value = _coerce(given[key], types)
+        if value is False and str in types and check and check[0]("off") is None:  # YAML 1.1 reads off as false
+            value = "off"
         if not isinstance(value, types) or isinstance(value, bool) and bool not in types:
             names = "/".join(t.__name__ for t in types).replace("NoneType", "null")
             errors.append(f"{where}: expected {names}, got {value!r}")
@@ -339,5 +347,10 @@ def _read(path: Path) -> dict:
 
 
 def derive(cfg: dict, update: dict) -> dict:
-    """A validated config: ``cfg`` with the partial config ``update`` merged over it."""
-    return validate(deep_merge(cfg, update))
+    """A validated config: ``cfg`` with the partial config ``update`` merged over it. A checkpoint interval that
+    followed the validation interval follows ``update``'s (the best weights are kept at checkpoints)."""
+    merged = deep_merge(cfg, update)
+    train = cfg["train"]
+    if "checkpoint_interval" not in update.get("train", {}) and train["checkpoint_interval"] == train["val_interval"]:
+        merged["train"]["checkpoint_interval"] = None
+    return validate(merged)

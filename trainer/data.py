@@ -241,6 +241,7 @@ class Item:
 
 
 def _split_names(names: list[str], split: dict, where: str) -> dict[str, list[str]]:
+    """``names`` split by ratios ``{val, test, seed}`` (the rest train) or as named ``{train, val, test}``."""
     if set(split) <= {"val", "test", "seed"}:
         order = np.random.default_rng(split.get("seed", 0)).permutation(len(names))
         shuffled = [names[i] for i in order]
@@ -248,6 +249,11 @@ def _split_names(names: list[str], split: dict, where: str) -> dict[str, list[st
         n_test = round(split.get("test", 0) * len(names))
         return {"val": sorted(shuffled[:n_val]), "test": sorted(shuffled[n_val:n_val + n_test]),
                 "train": sorted(shuffled[n_val + n_test:])}
+    return _named_splits(names, split, where)
+
+
+def _named_splits(names: list[str], split: dict, where: str) -> dict[str, list[str]]:
+    """The splits ``split`` names (each a list of ``names``; a split not given is empty)."""
     known = set(names)
     unknown = [n for part in split.values() for n in part if n not in known]
     if unknown:
@@ -285,7 +291,7 @@ def _folder_splits(spec: dict) -> dict[str, list[Item]]:
             if not path.is_file():
                 raise DataError(f"{path}: no such list file")
             names[s] = [Path(line.strip()).name for line in path.read_text().splitlines() if line.strip()]
-        parts = _split_names(list(source.paths), names, str(root))
+        parts = _named_splits(list(source.paths), names, str(root))  # {val, test} too: names, not ratios
     elif "split" in spec:
         parts = _split_names(list(source.paths), spec["split"], str(root))
     else:

@@ -7,6 +7,7 @@ test figures before it is recorded in ``zoo/index.json``.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -22,6 +23,20 @@ from geochange.trainer.evaluation import test_predictions, test_predictor
 FP16_TOLERANCE = 0.002
 CHECKED = ("f1", "iou", "mIoU", "oa")
 CHECK_EVERY = 10
+
+
+def fp16_moves(measured: dict, tested: dict) -> dict:
+    """How far each of ``CHECKED`` moved from the run's test figures (``results.json``'s ``global``, where an
+    undefined figure is null) to the fp16 weights' (NaN where undefined): 0 where both are undefined, NaN where
+    only one is, which no tolerance accepts."""
+    def figure(value) -> float:
+        return math.nan if value is None else float(value)
+
+    moves = {}
+    for key in CHECKED:
+        now, then = figure(measured[key]), figure(tested[key])
+        moves[key] = 0.0 if math.isnan(now) and math.isnan(then) else now - then
+    return moves
 
 
 def check_figures(package, cfg: dict) -> dict:
@@ -65,8 +80,8 @@ def export_run(run_dir: str | Path, name: str, *, task: str, data_licence: str, 
         measured = test_predictions(test_predictor(half, "cpu", cfg["test"]),
                                     build_splits(cfg["data"]["datasets"])["test"], cfg["test"],
                                     cfg["train"]["car_thresholds"])
-        moved = {k: measured["global"][k] - tested["global"][k] for k in CHECKED}
-        if any(abs(v) > FP16_TOLERANCE for v in moved.values()):
+        moved = fp16_moves(measured["global"], tested["global"])
+        if not all(abs(v) <= FP16_TOLERANCE for v in moved.values()):  # NaN: a figure undefined on one side
             raise ConfigError(f"{name}: fp16 weights move the test figures by {moved} (at most "
                               f"{FP16_TOLERANCE}); not exported")
         manifest["training"]["metrics"]["test"] = measured  # the figures of the weights shipped
