@@ -56,8 +56,9 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
 
 def valid_mask(reader, window, data: np.ndarray, bands: list[int]) -> np.ndarray:
-    """Pixels valid in every used band: GDAL's mask (nodata value, alpha, mask band) and not NaN."""
-    if reader.masked:
+    """Pixels valid in every used band: GDAL's mask (nodata value, alpha, mask band) and not NaN. ``reader``: a
+    ``GridReader``, or a dataset (whose masks are then always read)."""
+    if getattr(reader, "masked", True):
         valid = reader.read_masks(bands, window=window).all(axis=0)
     else:  # no nodata, alpha or mask band: GDAL's all-valid mask and its test cost a third of a read
         valid = np.ones(data.shape[1:], bool)

@@ -2,13 +2,16 @@
 (label raster or polygons), the seeded stream, and the augmentations of methods.md."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
 
 from geochange.trainer.augment import Augment
 from geochange.trainer.config import SCHEMA, validate
-from geochange.trainer.data import IGNORE, DataError, RasterSource, StreamSampler, TrainStream, build_splits
+from geochange.trainer.data import (IGNORE, DataError, RasterSource, StreamSampler, TrainStream, build_splits,
+                                    train_loader, worker_error)
 from geochange.engine.inputs import optical_input, sar_input
 from geochange.engine.routing import change_area_ratio
 
@@ -266,3 +269,73 @@ def test_a_label_s_change_area_ratio_leaves_ignored_pixels_out():
     label[1, 5:] = IGNORE
     assert change_area_ratio(label == 1, label != IGNORE).tolist() == [0.5, 0.4]
     assert "datasets" in SCHEMA["data"]
+
+
+def _write_raster(path, data, nodata=None):
+    import rasterio
+    from affine import Affine
+
+    with rasterio.open(path, "w", driver="GTiff", width=data.shape[-1], height=data.shape[-2], count=data.shape[0],
+                       dtype=data.dtype, crs="EPSG:32633", transform=Affine(10, 0, 500000, 0, -10, 5000000),
+                       nodata=nodata) as dst:
+        dst.write(data)
+    return str(path)
+
+
+def test_nodata_and_nan_in_a_raster_pair_are_pixels_no_loss_sees(tmp_path):
+    """A date's nodata value or NaN: the label ignores the pixel, and the model's input holds no NaN there."""
+    pre = np.full((3, 64, 64), 100, np.uint8)
+    pre[:, :8] = 0  # the nodata value
+    post = np.full((1, 64, 64), 0.5, np.float32)
+    post[:, :, :4] = np.nan
+    spec = {"pre": _write_raster(tmp_path / "pre.tif", pre, nodata=0),
+            "post": _write_raster(tmp_path / "post.tif", post),
+            "label": _write_raster(tmp_path / "label.tif", np.ones((1, 64, 64), np.uint8)),
+            "chip": 64, "split": {"val": 0.0}}
+    [item] = build_splits([spec])["train"]
+    pre_chip, post_chip, label = item.load()
+    ignored = np.zeros((64, 64), bool)
+    ignored[:8] = True
+    ignored[:, :4] = True
+    assert np.array_equal(label == IGNORE, ignored) and (label[~ignored] == 1).all()
+    assert np.isfinite(post_chip).all() and (post_chip[:, ~ignored] == 0.5).all() and post_chip.dtype == np.float32
+
+
+def test_training_data_of_another_type_than_its_spec_is_refused_in_one_line(tmp_path):
+    """Trained dividing uint16 by the spec's 255, the model would be given uint16 divided by 10000 when it runs."""
+    label = _write_raster(tmp_path / "label.tif", np.ones((1, 64, 64), np.uint8))
+    wide = _write_raster(tmp_path / "pre16.tif", np.full((3, 64, 64), 900, np.uint16))
+    spec = {"pre": wide, "post": wide, "label": label, "chip": 64, "split": {"val": 0.0}}
+    stream = TrainStream(build_splits([spec])["train"], Augment(augment_config(crop={"size": 64})), OPTICAL, seed=0)
+    message = "pre16/r0_c0_h64_w64: the pre image is uint16, but data.inputs.pre says uint8 (scale 255); set its " \
+              "dtype and scale to the data's"
+    with pytest.raises(DataError, match=f"^{re.escape(message)}$"):
+        stream[0]
+    # Raised in a loader's worker, torch wraps it in the worker's traceback; the trainer gives its own line back.
+    with pytest.raises(DataError) as wrapped:
+        next(iter(train_loader(stream, 0, 1, workers=1)))
+    assert "Original Traceback" in str(wrapped.value) and str(worker_error(wrapped.value)) == message
+    sar = _write_raster(tmp_path / "sar.tif", np.full((1, 64, 64), -12.0, np.float32))
+    spec = {"pre": wide, "post": sar, "label": label, "chip": 64, "split": {"val": 0.0}}
+    inputs = {"pre": optical_input(3, 10000.0, "uint16"), "post": {**sar_input(3), "dtype": "float32"}}
+    stream = TrainStream(build_splits([spec])["train"], Augment(augment_config(crop={"size": 64})), inputs, seed=0)
+    with pytest.raises(DataError, match="the post image is float SAR, which the trained model would read as dB"):
+        stream[0]
+
+
+def test_grid_chips_of_one_split_share_no_pixel_with_another_s(shared_data):
+    """Chips of 256 px every 128 px overlap their neighbours by half: held-out chips take their pixels alone."""
+    tile = shared_data / "levir_tile_georef"
+    spec = {"pre": str(tile / "pre.tif"), "post": str(tile / "post.tif"), "label": str(tile / "label.tif"),
+            "chip": 256, "stride": 128, "split": {"val": 0.1, "test": 0.1, "seed": 0}}
+    split = build_splits([spec])
+    windows = {s: [RasterSource.window(i.key) for i in split[s]] for s in ("train", "val", "test")}
+    assert all(windows.values())
+
+    def meet(a, b):
+        return (a.row_off < b.row_off + b.height and b.row_off < a.row_off + a.height and
+                a.col_off < b.col_off + b.width and b.col_off < a.col_off + a.width)
+
+    for first, second in (("train", "val"), ("train", "test"), ("test", "val")):
+        assert not any(meet(a, b) for a in windows[first] for b in windows[second])
+    assert len(windows["train"]) < 49 - len(windows["val"]) - len(windows["test"])  # 7 x 7 chips, some dropped

@@ -26,6 +26,7 @@ unbroken single-process run.
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from geochange.engine.bands import check_band_counts
 from geochange.engine.errors import GeoChangeError
 from geochange.engine.evaluate import change_label, dataset_pairs
 from geochange.engine.inputs import normalise
-from geochange.engine.rasters import open_raster, read_image
+from geochange.engine.rasters import open_raster, read_image, valid_mask
 from geochange.engine.windows import WindowPlan
 
 IGNORE = 255  # label value of pixels that no loss or metric sees (unlabelled, rotation padding)
@@ -170,6 +171,7 @@ class RasterSource:
         with open_raster(self.pre) as a, open_raster(self.post) as b:
             pre = a.read(self.bands["pre"], window=window)
             post = b.read(self.bands["post"], window=window)
+            valid = valid_mask(a, window, pre, self.bands["pre"]) & valid_mask(b, window, post, self.bands["post"])
         if self.polygons is None:
             with open_raster(self.label) as lab:
                 raw = lab.read(1, window=window)
@@ -180,7 +182,11 @@ class RasterSource:
             raw = rasterize(self.polygons, out_shape=(int(window.height), int(window.width)),
                             transform=window_transform(window, self.transform), fill=0, default_value=1,
                             dtype="uint8")
-        return pre, post, binary_label(raw, f"{self.label} ({key})", self.ignore_value)
+        label = binary_label(raw, f"{self.label} ({key})", self.ignore_value)
+        if not valid.all():  # nodata or NaN in a date: no loss there, and no NaN into the model
+            label[~valid] = IGNORE
+            pre, post = (np.where(valid, image, 0).astype(image.dtype) for image in (pre, post))
+        return pre, post, label
 
 
 def _check_same_grid(a, b) -> None:
@@ -299,20 +305,29 @@ def _folder_splits(spec: dict) -> dict[str, list[Item]]:
     return {s: [Item(source, k) for k in parts.get(s, [])] for s in SPLITS}
 
 
+def _boxes(windows: list[Window]) -> np.ndarray:
+    """``(n, 4)``: each window's first row and column, and the row and column past its last."""
+    return np.array([[w.row_off, w.col_off, w.row_off + w.height, w.col_off + w.width] for w in windows]).reshape(-1, 4)
+
+
+def _overlaps(window: Window, boxes: np.ndarray) -> bool:
+    """Whether ``window`` shares a pixel with any of ``boxes`` (``_boxes``)."""
+    r, c, r1, c1 = window.row_off, window.col_off, window.row_off + window.height, window.col_off + window.width
+    return bool(((r < boxes[:, 2]) & (boxes[:, 0] < r1) & (c < boxes[:, 3]) & (boxes[:, 1] < c1)).any())
+
+
 def _random_windows(source: RasterSource, chip: int, count: int, exclude: list[Window],
                     rng: np.random.Generator) -> list[str]:
     """``count`` chips at random positions overlapping none of ``exclude`` (the held-out chips)."""
-    h, w = min(chip, source.height), min(chip, source.width)
-    held = np.array([[x.row_off, x.col_off, x.row_off + x.height, x.col_off + x.width] for x in exclude]
-                    ).reshape(-1, 4)
+    h, w, held = min(chip, source.height), min(chip, source.width), _boxes(exclude)
     keys = []
     for _ in range(count * 100):
         if len(keys) == count:
             break
         r, c = int(rng.integers(0, source.height - h + 1)), int(rng.integers(0, source.width - w + 1))
-        overlaps = (r < held[:, 2]) & (held[:, 0] < r + h) & (c < held[:, 3]) & (held[:, 1] < c + w)
-        if not overlaps.any():
-            keys.append(RasterSource.key(Window(c, r, w, h)))
+        window = Window(c, r, w, h)
+        if not _overlaps(window, held):
+            keys.append(RasterSource.key(window))
     if len(keys) < count:
         raise DataError(f"{source.name}: only {len(keys)} of {count} random chips avoid the held-out chips")
     return keys
@@ -329,10 +344,16 @@ def _raster_splits(spec: dict) -> dict[str, list[Item]]:
     plan = WindowPlan(source.height, source.width, tile=chip, overlap=chip - stride)
     keys = [RasterSource.key(w) for w in plan.windows()]
     parts = _split_names(keys, spec["split"], source.name)
+    # Grid chips overlap (a stride under the chip; the last chip flush with the far edge): no pixel in two splits.
+    val = [RasterSource.window(k) for k in parts["val"]]
+    parts["test"] = [k for k in parts["test"] if not _overlaps(RasterSource.window(k), _boxes(val))]
+    held = val + [RasterSource.window(k) for k in parts["test"]]
     if spec.get("sampler", "grid") == "random":
-        held = [RasterSource.window(k) for s in ("val", "test") for k in parts[s]]
         parts["train"] = _random_windows(source, chip, spec.get("samples", len(parts["train"])), held,
                                          np.random.default_rng([spec["split"].get("seed", 0), 1]))
+    else:
+        boxes = _boxes(held)
+        parts["train"] = [k for k in parts["train"] if not _overlaps(RasterSource.window(k), boxes)]
     return {s: [Item(source, k) for k in parts.get(s, [])] for s in SPLITS}
 
 
@@ -371,12 +392,41 @@ class TrainStream(torch.utils.data.Dataset):
         item = self.item_at(k)
         pre, post, label = item.load()
         check_band_counts(pre, post, self.inputs, item.id, "set data.inputs or bands", DataError)
+        for date, image in (("pre", pre), ("post", post)):
+            _check_units(image, self.inputs[date], date, item.id)
         rng = np.random.default_rng([self.seed, k, 0])
         pre, post, label = self.augment(pre, post, label, self.inputs, rng)
         # Augmented dates are float but still in the training data's units: its scale applies.
         return {"pre": normalise(pre[None], self.inputs["pre"], scale=self.inputs["pre"]["scale"])[0],
                 "post": normalise(post[None], self.inputs["post"], scale=self.inputs["post"]["scale"])[0],
                 "label": torch.from_numpy(np.ascontiguousarray(label)), "position": k}
+
+
+def _check_units(image: np.ndarray, spec: dict, date: str, where: str) -> None:
+    """Training divides a date by its input spec's scale. The package's users read a date of the spec's type the
+    same way, one of another type by that type's usual scale, and float SAR from dB (``engine.inputs.normalise``):
+    data of another type, or float SAR, would train a model that then reads its own kind of data otherwise."""
+    dtype, expected = str(image.dtype), spec.get("dtype", "uint8")
+    if spec["modality"] == "sar" and image.dtype.kind == "f":
+        raise DataError(f"{where}: the {date} image is float SAR, which the trained model would read as dB mapped from "
+                        f"{spec.get('db_range')} and training would divide by {spec['scale']:g}; store it as integers "
+                        f"(e.g. gdal_translate -ot UInt16 -scale) and set data.inputs.{date}'s dtype and scale")
+    if dtype != expected:
+        raise DataError(f"{where}: the {date} image is {dtype}, but data.inputs.{date} says {expected} (scale "
+                        f"{spec['scale']:g}); set its dtype and scale to the data's")
+
+
+def worker_error(error: GeoChangeError) -> GeoChangeError:
+    """``error`` as raised in the loader's worker: torch raises it again in the main process with the worker's
+    whole traceback as its message; the user gets the message's own lines."""
+    text, name = str(error), type(error).__name__
+    if "Original Traceback" not in text:
+        return error
+    lines = text.splitlines()
+    last = max((i for i, line in enumerate(lines) if re.match(rf"[\w.]*{name}: ", line)), default=None)
+    if last is None:
+        return error
+    return type(error)("\n".join([lines[last].split(f"{name}: ", 1)[1], *lines[last + 1:]]).strip())
 
 
 class StreamSampler(torch.utils.data.Sampler):

@@ -17,6 +17,7 @@ and packages are written by process 0.
 from __future__ import annotations
 
 import csv
+import datetime
 import math
 import os
 import shlex
@@ -34,7 +35,7 @@ from tqdm import tqdm
 
 from geochange.engine import models
 from geochange.engine.atomic import atomic_path
-from geochange.engine.errors import CheckpointError
+from geochange.engine.errors import CheckpointError, GeoChangeError
 from geochange.engine.hardware import cpu_bf16, cpu_name
 from geochange.engine.manifest import make_manifest
 from geochange.engine.metrics import metrics_json
@@ -42,7 +43,7 @@ from geochange.engine.package import load_package, save_package
 from geochange.engine.predictor import resolve_device
 from geochange.trainer.augment import Augment
 from geochange.trainer.config import ConfigError
-from geochange.trainer.data import SPLITS, TrainStream, build_splits, train_loader
+from geochange.trainer.data import SPLITS, TrainStream, build_splits, train_loader, worker_error
 from geochange.trainer.evaluation import evaluate_items, predictor_for, test_predictions, test_predictor, whole_image
 from geochange.trainer.losses import distillation_logits, distillation_loss, simulate_sar_speckle, training_losses
 from geochange.trainer.optim import build_optimizer, set_learning_rate
@@ -58,7 +59,9 @@ def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device_name != "cpu" and torch.cuda.is_available()
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        # The other processes wait at a barrier while the first validates and tests alone (a large test split
+        # with TTA takes hours): NCCL's default of 10 minutes would end the run there, and every resume with it.
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(hours=12))
     if use_cuda:
         torch.cuda.set_device(local)
         return dist.get_rank(), world, torch.device("cuda", local)
@@ -385,7 +388,11 @@ class Trainer:
         try:
             while self.iteration < stop:
                 factor = set_learning_rate(self.optimizer, self.iteration, cfg["schedule"])
-                values = self.train_step(next(batches))
+                try:
+                    batch = next(batches)
+                except GeoChangeError as error:  # a bad item found in a loader worker
+                    raise worker_error(error) from None
+                values = self.train_step(batch)
                 self.iteration += 1
                 bar.update(1)
                 it = self.iteration
