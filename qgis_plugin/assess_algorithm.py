@@ -2,21 +2,23 @@
 from __future__ import annotations
 
 from qgis.core import (
+    QgsMapLayerType,
     QgsProcessing,
     QgsProcessingException,
+    QgsProcessingFeedback,
     QgsProcessingOutputNumber,
     QgsProcessingParameterFileDestination,
     QgsProcessingParameterMapLayer,
     QgsProcessingParameterNumber,
     QgsProcessingParameterRasterDestination,
-    QgsProviderRegistry,
+    QgsProcessingUtils,
 )
 
 from geochange.engine.contracts import OBJECT_IOU
 from geochange.qgis_plugin import styles
-from geochange.qgis_plugin.engine_algorithm import EngineAlgorithm, layer_file, tr
+from geochange.qgis_plugin.engine_algorithm import EngineAlgorithm, raster_file, tr
 from geochange.qgis_plugin.evaluate_algorithm import COUNTS, METRICS
-from geochange.qgis_plugin.parameters import option_parameter, option_value
+from geochange.qgis_plugin.parameters import option_parameter, option_value, vector_source
 from geochange.qgis_plugin.tables import TABLE_FILTER, TABLE_SUFFIXES, write_table
 
 FIGURES = {**{key: METRICS[key] for key in ("precision", "recall", "f1", "iou", "oa")},
@@ -82,17 +84,16 @@ class AssessAccuracyAlgorithm(EngineAlgorithm):
 
     def layer_source(self, parameters, name, context) -> str:
         """The file the engine reads behind a raster or polygon layer (``FILE|layername=NAME`` for a layer of a
-        GeoPackage)."""
+        GeoPackage). Polygons as the layer shows them: a filtered, memory or database layer is written to a file
+        first (the engine would read every feature of the file)."""
         layer = self.parameterAsLayer(parameters, name, context)
         if layer is None:
             raise QgsProcessingException(tr("{}: no such layer or file").format(name))
-        if layer.providerType() == "gdal":
-            return layer_file(layer)
-        if layer.providerType() == "ogr":
-            parts = QgsProviderRegistry.instance().decodeUri("ogr", layer.source())
-            return f"{parts['path']}|layername={parts['layerName']}" if parts.get("layerName") else parts["path"]
-        raise QgsProcessingException(tr("{}: '{}' is a {} layer; save it to a file first")
-                                     .format(name, layer.name(), layer.providerType()))
+        if layer.type() == QgsMapLayerType.VectorLayer:
+            # A feedback object is needed: QGIS 3.22 crashes exporting a layer without one.
+            return vector_source(*QgsProcessingUtils.convertToCompatibleFormatAndLayerName(
+                layer, False, name, ["gpkg", "shp", "geojson"], "gpkg", context, QgsProcessingFeedback()))
+        return raster_file(layer, name)
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 (QGIS's name)
         prediction = self.layer_source(parameters, "PREDICTION", context)

@@ -35,7 +35,7 @@ def dialog_pair(project, active) -> tuple | None:
     another file below it in the layer panel (images are usually added in date order, the later one above),
     else above it. None without two rasters: Processing's defaults then stand."""
     rasters = [layer for layer in (node.layer() for node in project.layerTreeRoot().findLayers())
-               if isinstance(layer, QgsRasterLayer)]
+               if isinstance(layer, QgsRasterLayer) and layer_file(layer)]  # no basemap, no GeoPackage table
     ids = [layer.id() for layer in rasters]
     at = ids.index(active.id()) if active is not None and active.id() in ids else 0
     others = [layer for layer in rasters[at + 1:] + rasters[:at][::-1] if not same_raster(layer, rasters[at])]

@@ -82,10 +82,7 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
         layer = self.parameterAsRasterLayer(parameters, name, context)
         if layer is None:
             raise QgsProcessingException(self.invalidRasterError(parameters, name))
-        if layer.providerType() != "gdal":
-            raise QgsProcessingException(tr("{}: '{}' is a {} layer; GeoChange reads raster files only")
-                                         .format(name, layer.name(), layer.providerType()))
-        return layer_file(layer)
+        return raster_file(layer, name)
 
     def layer_name(self, parameters, name, context) -> str:
         layer = self.parameterAsRasterLayer(parameters, name, context)
@@ -140,10 +137,29 @@ def require_suffix(name: str, path: str, suffixes) -> str:
 
 
 def layer_file(layer) -> str | None:
-    """The file behind a GDAL raster layer (None for a layer of another provider)."""
+    """The raster file a GDAL layer shows whole, which the engine can read (None for a layer of another provider,
+    and for a GeoPackage's raster table, a file in an archive or one opened with options: the engine would read the
+    file itself, or not find it)."""
     if layer.providerType() != "gdal":
         return None
-    return QgsProviderRegistry.instance().decodeUri("gdal", layer.source())["path"]
+    parts = QgsProviderRegistry.instance().decodeUri("gdal", layer.source())
+    if parts.get("layerName") or parts.get("vsiPrefix") or parts.get("openOptions"):
+        return None
+    return parts["path"]
+
+
+def raster_file(layer, name: str) -> str:
+    """``layer_file``, or the reason the engine cannot read the layer."""
+    path = layer_file(layer)
+    if path is not None:
+        return path
+    if layer.providerType() != "gdal":
+        raise QgsProcessingException(tr("{}: '{}' is a {} layer; GeoChange reads raster files only")
+                                     .format(name, layer.name(), layer.providerType()))
+    raise QgsProcessingException(tr("{}: '{}' is part of a file ({}): a GeoPackage's raster table, a file inside an "
+                                    "archive or one opened with options; GeoChange reads whole raster files: save it "
+                                    "as a GeoTIFF first (Raster > Conversion > Translate)")
+                                 .format(name, layer.name(), layer.source()))
 
 
 def same_raster(a, b) -> bool:
@@ -151,8 +167,8 @@ def same_raster(a, b) -> bool:
     if a.id() == b.id():
         return True
     paths = [layer_file(layer) for layer in (a, b)]
-    if not all(paths):
-        return False
+    if not all(paths):  # two tables of one GeoPackage are two rasters
+        return a.source() == b.source()
     try:
         return os.path.samefile(*paths)
     except OSError:  # not files on this system (a /vsi path...): their names decide

@@ -6,6 +6,7 @@ from __future__ import annotations
 import html
 
 from qgis.core import (
+    QgsCoordinateReferenceSystem,
     QgsProcessing,
     QgsProcessingException,
     QgsProcessingFeedback,
@@ -124,15 +125,24 @@ def option_value(algorithm, parameters, context, name: str):
         return algorithm.parameterAsInts(parameters, parameter, context) or None
     if kind == "crs":
         crs = algorithm.parameterAsCrs(parameters, parameter, context)
-        return (crs.authid() or crs.toWkt()) if crs.isValid() else None
+        if not crs.isValid():
+            return None
+        # A user-defined CRS's id (USER:100000) is QGIS's own: GDAL is given its definition.
+        authid = crs.authid()
+        return authid if authid and not authid.startswith("USER:") else crs.toWkt(
+            QgsCoordinateReferenceSystem.WKT_PREFERRED_GDAL)
     if kind == "vector":  # a file the engine reads (a memory or database layer is written to one first)
         if parameters.get(parameter) in (None, ""):
             return None
         # A feedback object is needed: QGIS 3.22 crashes exporting a layer without one.
-        path, layer = algorithm.parameterAsCompatibleSourceLayerPathAndLayerName(
-            parameters, parameter, context, ["gpkg", "shp", "geojson"], "gpkg", QgsProcessingFeedback())
-        return f"{path}|layername={layer}" if layer else path
+        return vector_source(*algorithm.parameterAsCompatibleSourceLayerPathAndLayerName(
+            parameters, parameter, context, ["gpkg", "shp", "geojson"], "gpkg", QgsProcessingFeedback()))
     return algorithm.parameterAsString(parameters, parameter, context).strip() or option.default
+
+
+def vector_source(path: str, layer: str) -> str:
+    """A vector file's layer as the engine takes it: ``FILE|layername=NAME``, or ``FILE`` for its only layer."""
+    return f"{path}|layername={layer}" if layer else path
 
 
 def option_help(names) -> dict:

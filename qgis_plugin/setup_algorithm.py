@@ -163,7 +163,8 @@ class SetupEngineAlgorithm(EngineAlgorithm):
         """A folder holding anything else is refused: remaking an environment clears its folder."""
         ok, message = super().checkParameterValues(parameters, context)
         folder = self.folder(parameters, context)
-        if ok and folder.is_dir() and not (folder / "pyvenv.cfg").is_file() and any(folder.iterdir()):
+        if (ok and folder.is_dir() and not (folder / "pyvenv.cfg").is_file() and not (folder / MADE_HERE).is_file()
+                and any(folder.iterdir())):
             return False, tr("FOLDER: {} holds files and is no Python environment: choose a new or empty "
                              "folder").format(folder)
         return ok, message
@@ -175,8 +176,10 @@ class SetupEngineAlgorithm(EngineAlgorithm):
         self._make_environment(folder, python, feedback)
         index = TORCH_BUILDS[build]
         installed = installed_version(python, "torch")
-        # pip would keep another build of the pinned version as it is: a change of build is a reinstall.
-        replace = index is not None and installed is not None and not installed.endswith("+" + index.split("/")[-1])
+        # pip would keep another build of the pinned version as it is: a change of build is a reinstall (pip's own
+        # index has the builds without a local label, "2.14.1", where PyTorch's index has "2.14.1+cpu").
+        replace = installed is not None and (not installed.endswith("+" + index.split("/")[-1]) if index
+                                             else "+" in installed)
         feedback.pushInfo(tr("Installing PyTorch ({}) from {}{}").format(
             build, index or PIP_INDEX, tr(" in place of {}").format(installed) if replace else ""))
         feedback.setProgress(5)
@@ -218,8 +221,12 @@ class SetupEngineAlgorithm(EngineAlgorithm):
             clear = ["--clear"]
         base = qgis_python()
         feedback.pushInfo(tr("QGIS's Python: {} (Python {}.{}.{})").format(base, *sys.version_info[:3]))
+        # Marked before venv runs: venv writes the folder's pyvenv.cfg before it installs pip, so one that fails
+        # there (no ensurepip on Debian without python3-venv; a cancel) leaves an environment this algorithm
+        # must be free to make again.
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / MADE_HERE).write_text("Made by GeoChange's 'Set up the GeoChange engine', which may make it again.\n",
+                                        encoding="utf-8")
         run_command([str(base), "-m", "venv", "--system-site-packages", *clear, str(folder)], feedback,
                     engine_environment(base), tr("QGIS's Python could not make a virtual environment in {}")
                     .format(folder))
-        (folder / MADE_HERE).write_text("Made by GeoChange's 'Set up the GeoChange engine', which may make it again.\n",
-                                        encoding="utf-8")

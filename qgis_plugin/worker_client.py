@@ -117,6 +117,7 @@ def qgis_python() -> Path:
     """The Python interpreter QGIS itself runs (see ``PROBE``), found once per session."""
     python, refused = _qgis_python()
     if python is None:
+        _qgis_python.cache_clear()  # the next call looks again (a probe may time out while QGIS starts)
         raise QgsProcessingException(
             "Cannot find the Python interpreter QGIS runs (Python {}.{}.{} with GDAL's bindings): {}. Choose an "
             "interpreter in Settings > Options > Processing > Providers > GeoChange.".format(

@@ -189,6 +189,57 @@ def test_assess_against_a_raster_and_a_polygon_layer_gives_the_engine_s_figures(
         assert [type(layer.renderer()) for layer in added] == [QgsPalettedRasterRenderer]
 
 
+def test_assess_reads_a_filtered_layer_as_shown_and_refuses_a_geopackage_raster_table(geochange_provider, levir_maps,
+                                                                                      tmp_path):
+    """A reference filtered in QGIS's query builder is the features it shows, not every feature of its file; a
+    raster table of a GeoPackage is not read as the whole file."""
+    from osgeo import gdal
+    from qgis.core import QgsRasterLayer, QgsVectorLayer
+
+    from geochange.engine.assess import assess
+
+    polygons = QgsVectorLayer(str(levir_maps["polygons"]), "reference", "ogr")
+    assert polygons.setSubsetString("fid <= 10") and polygons.featureCount() == 10
+    results = run_algorithm("geochange:assessaccuracy", {
+        "PREDICTION": str(levir_maps["mask"]), "REFERENCE": polygons, "OUTPUT": str(tmp_path / "accuracy.csv"),
+        "OUTPUT_RASTER": str(tmp_path / "tpfpfn.tif")})
+    # The features shown, written by GDAL (the dataset returned is closed as soon as it is dropped).
+    assert gdal.VectorTranslate(str(tmp_path / "shown.gpkg"), str(levir_maps["polygons"]), where="fid <= 10")
+    engine = assess(str(levir_maps["mask"]), str(tmp_path / "shown.gpkg"))
+    everything = assess(str(levir_maps["mask"]), str(levir_maps["polygons"]))
+    assert engine["confusion"]["tp"] < everything["confusion"]["tp"]
+    assert {name: results[name] for name in ("PRECISION", "RECALL", "F1")} == pytest.approx(
+        {name: engine["global"][name.lower()] for name in ("PRECISION", "RECALL", "F1")})
+
+    assert gdal.Translate(str(tmp_path / "rasters.gpkg"), str(levir_maps["mask"]), format="GPKG",
+                          creationOptions=["RASTER_TABLE=mask_2019"])
+    layer = QgsRasterLayer(f"GPKG:{tmp_path / 'rasters.gpkg'}:mask_2019", "mask_2019", "gdal")
+    assert layer.isValid()
+    with pytest.raises(QgsProcessingException, match="PREDICTION: 'mask_2019' is part of a file .* save it as a "
+                                                     "GeoTIFF first"):
+        run_algorithm("geochange:assessaccuracy", {"PREDICTION": layer, "REFERENCE": polygons,
+                                                   "OUTPUT": str(tmp_path / "other.csv"),
+                                                   "OUTPUT_RASTER": str(tmp_path / "other.tif")})
+
+
+def test_a_user_defined_crs_reaches_the_engine_as_its_definition(geochange_provider):
+    """QGIS's id of a custom CRS (USER:100000) means nothing to GDAL."""
+    from qgis.core import QgsApplication, QgsCoordinateReferenceSystem, QgsProcessingContext
+    from rasterio.crs import CRS
+
+    from geochange.qgis_plugin.parameters import option_value
+
+    custom = QgsCoordinateReferenceSystem.fromProj("+proj=tmerc +lat_0=0 +lon_0=13.5 +k=0.9996 +x_0=500000 "
+                                                   "+y_0=0 +datum=WGS84 +units=m +no_defs")
+    assert QgsApplication.createDatabase()  # the profile's CRS database, where a user's CRS is kept
+    assert custom.saveAsUserCrs("survey grid") > 0 and custom.authid().startswith("USER:")
+    algorithm = QgsApplication.processingRegistry().createAlgorithmById("geochange:detectchanges")
+    value = option_value(algorithm, {"CRS": custom}, QgsProcessingContext(), "crs")
+    assert not value.startswith("USER:") and CRS.from_user_input(value).to_dict()["lon_0"] == 13.5
+    utm = QgsCoordinateReferenceSystem("EPSG:32633")
+    assert option_value(algorithm, {"CRS": utm}, QgsProcessingContext(), "crs") == "EPSG:32633"
+
+
 # --- Train a model ---------------------------------------------------------------------------------
 
 SMOKE_CONFIG = """\

@@ -296,6 +296,34 @@ def test_the_dialog_starts_pre_on_another_raster_than_post(geochange_provider, l
         desktop.removeMapLayers([pre.id(), post.id()])
 
 
+def test_two_tables_of_one_geopackage_are_two_rasters_the_engine_cannot_read_whole(geochange_provider, levir_crop,
+                                                                                   tinycd_package, tmp_path):
+    """Not "the same raster" (the file is the same), refused by the engine's own message (the engine would read
+    the whole file), and never a dialog's default."""
+    from qgis.core import QgsProject
+
+    from geochange.qgis_plugin.detect_algorithm import dialog_pair
+    from geochange.qgis_plugin.engine_algorithm import same_raster
+
+    rasters = tmp_path / "dates.gpkg"
+    for date, table, extra in (("pre", "pre_2019", []), ("post", "post_2020", ["APPEND_SUBDATASET=YES"])):
+        assert gdal.Translate(str(rasters), str(levir_crop[date]), format="GPKG",
+                              creationOptions=[f"RASTER_TABLE={table}", *extra])
+    pre, post = (QgsRasterLayer(f"GPKG:{rasters}:{table}", table, "gdal") for table in ("pre_2019", "post_2020"))
+    assert pre.isValid() and post.isValid()
+    assert not same_raster(pre, post) and same_raster(pre, QgsRasterLayer(pre.source(), "again", "gdal"))
+    with pytest.raises(QgsProcessingException, match="PRE: 'pre_2019' is part of a file .* GeoChange reads whole "
+                                                     "raster files: save it as a GeoTIFF first"):
+        run_algorithm(ALGORITHM, {"PRE": pre, "POST": post, "MODEL": str(tinycd_package),
+                                  "OUTPUT_PROBABILITY": str(tmp_path / "p.tif"), "OUTPUT_MASK": str(tmp_path / "m.tif"),
+                                  "OUTPUT_POLYGONS": str(tmp_path / "c.gpkg")})
+    project = QgsProject()
+    plain = QgsRasterLayer(str(levir_crop["post"]), "post")
+    for layer in (pre, post, plain):
+        project.addMapLayer(layer)
+    assert dialog_pair(project, plain) is None  # one raster file whole; the tables are no candidates
+
+
 DIALOG = """
 import os, sys
 os.environ["QT_QPA_PLATFORM"] = "offscreen"

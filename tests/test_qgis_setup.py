@@ -65,6 +65,27 @@ class CancelAtPip(QgsProcessingFeedback):
             self.cancel()
 
 
+class CancelAtVenv(CancelAtPip):
+    def pushCommandInfo(self, text):  # noqa: N802 (QGIS's name)
+        self.commands.append(text)
+        if " -m venv " in text:
+            self.cancel()
+
+
+def test_a_set_up_stopped_while_it_makes_the_environment_is_its_own_to_make_again(geochange_provider, tmp_path):
+    """The folder is marked as this algorithm's before venv runs (venv writes pyvenv.cfg before it installs pip:
+    one that fails there, or a cancel, left a folder the next set-up refused as another's)."""
+    from geochange.qgis_plugin.setup_algorithm import MADE_HERE
+
+    with pytest.raises(QgsProcessingException, match="set-up cancelled by the user"):
+        run_algorithm("geochange:setupengine", {"FOLDER": str(tmp_path / "env")}, CancelAtVenv())
+    assert (tmp_path / "env" / MADE_HERE).is_file()
+    feedback = CancelAtPip()
+    with pytest.raises(QgsProcessingException, match="set-up cancelled by the user"):
+        run_algorithm("geochange:setupengine", {"FOLDER": str(tmp_path / "env")}, feedback)
+    assert " -m venv --system-site-packages " in feedback.commands[0] and (tmp_path / "env" / "pyvenv.cfg").is_file()
+
+
 def test_the_set_up_refuses_a_folder_of_other_files_and_can_be_cancelled(geochange_provider, tmp_path):
     from geochange.qgis_plugin.worker_client import PYTHON_SETTING_KEY
 
