@@ -105,9 +105,12 @@ def run_command(command: list[str], feedback, env: dict, failure: str) -> None:
                     process.wait(CANCEL_GRACE_S)
                 except subprocess.TimeoutExpired:
                     process.kill()
+                # pip stopped mid-install leaves its packages half-replaced: where the engine already runs from
+                # this environment (a set-up run again to change PyTorch's build), it may not run until completed.
                 raise QgsProcessingException(tr("GeoChange: set-up cancelled by the user; the environment may be "
-                                                "incomplete (run the set-up again to complete it) and the "
-                                                "engine's interpreter is unchanged."))
+                                                "incomplete, and if the engine already ran from it, it may not run "
+                                                "until the set-up is run again to complete it. The engine's "
+                                                "interpreter setting is unchanged."))
             try:
                 _, line = lines.get(timeout=0.1)
             except queue.Empty:
