@@ -15,6 +15,7 @@ import numpy as np
 import shapely
 from affine import Affine
 from pyproj import CRS, Transformer
+from pyproj.exceptions import ProjError
 from rasterio.features import geometry_mask
 from rasterio.windows import Window
 
@@ -93,9 +94,12 @@ def area_of_interest(source: str, grid: Grid, role: str = "the area of interest"
     if crs is not None and grid_crs != crs:
         # Cut to the grid's surroundings first: a continent's outline reaches where the grid's projection is
         # undefined (a UTM zone's far side), whose points it maps to infinity.
-        left, bottom, right, top = Transformer.from_crs(grid_crs, crs, always_xy=True).transform_bounds(
-            *grid.bounds, densify_pts=21)
-        if left < right:  # else across the antimeridian in degrees: kept whole
+        try:
+            left, bottom, right, top = Transformer.from_crs(grid_crs, crs, always_xy=True).transform_bounds(
+                *grid.bounds, densify_pts=21)
+        except ProjError:  # the grid reaches where the polygons' CRS is undefined: kept whole
+            left = right = math.nan
+        if left < right:  # else across the antimeridian in degrees, or unknown: kept whole
             margin = max(right - left, top - bottom)
             geometry = shapely.intersection(geometry, shapely.box(left - margin, bottom - margin, right + margin,
                                                                   top + margin))

@@ -18,7 +18,7 @@ from rasterio.windows import Window
 from scipy import ndimage
 
 from geochange.engine.aoi import area_of_interest, split_layer
-from geochange.engine.atomic import atomic_path
+from geochange.engine.atomic import atomic_path, check_outputs
 from geochange.engine.contracts import (ASSESS_FN, ASSESS_FP, ASSESS_NOT_ASSESSED, ASSESS_TN, ASSESS_TP, MASK_NODATA,
                                         OBJECT_IOU)
 from geochange.engine.errors import OptionError, RasterError
@@ -95,10 +95,8 @@ def object_counts(truth: np.ndarray, predicted: np.ndarray, iou: float) -> dict:
             "predicted": n_prediction, "true": true, "false": n_prediction - true}
 
 
-def write_agreement(path, grid: Grid, truth: np.ndarray, predicted: np.ndarray, assessed: np.ndarray,
-                    inputs=()) -> None:
-    """The TP/FP/FN raster (``contracts.ASSESS_*``), written atomically as a tiled, compressed GeoTIFF; none of the
-    files read (``inputs``) may be ``path``."""
+def write_agreement(path, grid: Grid, truth: np.ndarray, predicted: np.ndarray, assessed: np.ndarray) -> None:
+    """The TP/FP/FN raster (``contracts.ASSESS_*``), written atomically as a tiled, compressed GeoTIFF."""
     import rasterio
 
     agreement = np.full(truth.shape, ASSESS_TN, np.uint8)
@@ -109,7 +107,7 @@ def write_agreement(path, grid: Grid, truth: np.ndarray, predicted: np.ndarray, 
     profile = {"driver": "GTiff", "dtype": "uint8", "count": 1, "width": grid.width, "height": grid.height,
                "crs": grid.crs, "transform": grid.transform, "nodata": ASSESS_NOT_ASSESSED, "tiled": True,
                "compress": "deflate"}
-    with atomic_path(path, inputs=inputs) as tmp, rasterio.open(tmp, "w", **profile) as dst:
+    with atomic_path(path) as tmp, rasterio.open(tmp, "w", **profile) as dst:
         dst.write(agreement, 1)
 
 
@@ -119,6 +117,7 @@ def assess(prediction: str, reference: str, *, aoi: str | None = None, ignore_va
     ``reference``; the TP/FP/FN raster written to ``out_raster`` if given."""
     if not 0 < object_iou <= 1:
         raise OptionError(f"--object-iou must be in (0, 1], not {object_iou:g}")
+    check_outputs((out_raster,), (prediction, reference, aoi))
     if is_raster(prediction):
         grid = grid_of(prediction)
         # The mask's nodata is 127 (contracts.MASK_NODATA), read as a label's unlabelled value.
@@ -140,7 +139,7 @@ def assess(prediction: str, reference: str, *, aoi: str | None = None, ignore_va
     cm = confusion(predicted, truth, assessed)
     (tn, fp), (fn, tp) = cm.tolist()
     if out_raster:
-        write_agreement(out_raster, grid, truth, predicted, assessed, inputs=(prediction, reference, aoi))
+        write_agreement(out_raster, grid, truth, predicted, assessed)
     return {"confusion": {"tn": tn, "fp": fp, "fn": fn, "tp": tp},
             "global": {**{k: float(v) for k, v in scores(cm).items()}, "kappa": kappa(cm)},
             "objects": object_counts(truth & assessed, predicted & assessed, object_iou),

@@ -45,7 +45,7 @@ class AtomicOutputs:
 
     def __init__(self, *, exclusive: bool = False, inputs=()):
         self._outputs: list[tuple[Path, Path]] = []  # (temporary, final)
-        self._inputs = [Path(i) for i in inputs if i is not None]
+        self._inputs = inputs
         self._exclusive = exclusive
         self._made: list[Path] = []  # folders made here
         self._locks = contextlib.ExitStack()
@@ -53,7 +53,7 @@ class AtomicOutputs:
 
     def path(self, final: str | os.PathLike) -> Path:
         final = Path(final)
-        self._refuse_clash(final)
+        check_outputs([*(final for _, final in self._outputs), final], self._inputs)
         self._make_folder(final.parent)
         folder = Path(os.path.realpath(final.parent))  # one lock a folder, however its path is spelt
         if self._exclusive and folder not in self._locked:
@@ -67,15 +67,6 @@ class AtomicOutputs:
         temporary = final.with_name(_temporary_name(final.stem, new_token(), final.suffix))
         self._outputs.append((temporary, final))
         return temporary
-
-    def _refuse_clash(self, final: Path) -> None:
-        for source in self._inputs:
-            if same_file(final, source):
-                raise OutputError(f"{final}: this output is also an input of the run ({source}); "
-                                  "choose another name for it")
-        for _, other in self._outputs:
-            if os.path.realpath(other) == os.path.realpath(final):
-                raise OutputError(f"{final}: named for two outputs of the run; give each its own file")
 
     def _make_folder(self, folder: Path) -> None:
         missing = [p for p in (folder, *folder.parents) if not os.path.lexists(p)]
@@ -160,6 +151,22 @@ class AtomicOutputs:
         self._outputs = []
 
 
+def check_outputs(outputs, inputs=()) -> None:
+    """Refuse an output that names one of the files a run reads (``inputs``: paths, or vector layers as
+    ``FILE|layername=NAME``; None for one not given), whose rename would replace it, or that another output names.
+    Called before a run, so that nothing runs for outputs it cannot write, and again as each output is made."""
+    files = [str(source).partition("|")[0] for source in inputs if source is not None]
+    seen = set()
+    for final in (Path(output) for output in outputs if output is not None):
+        for source in files:
+            if same_file(final, source):
+                raise OutputError(f"{final}: this output is also an input of the run ({source}); "
+                                  "choose another name for it")
+        if os.path.realpath(final) in seen:
+            raise OutputError(f"{final}: named for two outputs of the run; give each its own file")
+        seen.add(os.path.realpath(final))
+
+
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     """Whether two paths name one existing file (however spelt: links, ``..``)."""
     try:
@@ -169,11 +176,10 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, inputs=()):
+def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds. An
-    OSError in the block (writing the temporary: a full disk) is an ``OutputError`` naming ``path``.
-    ``inputs``: see ``AtomicOutputs``."""
-    with AtomicOutputs(inputs=inputs) as outputs:
+    OSError in the block (writing the temporary: a full disk) is an ``OutputError`` naming ``path``."""
+    with AtomicOutputs() as outputs:
         temporary = outputs.path(path)
         try:
             yield temporary

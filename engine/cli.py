@@ -59,7 +59,7 @@ def _cmd_detect_many(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from geochange.engine.atomic import atomic_path
+    from geochange.engine.atomic import atomic_path, check_outputs
     from geochange.engine.evaluate import evaluate_folder
     from geochange.engine.metrics import format_summary, metrics_json
     from geochange.engine.package import load_package
@@ -67,26 +67,28 @@ def _cmd_evaluate(args) -> int:
     from geochange.engine.progress import TqdmProgress
 
     configure_process()
+    check_outputs((args.json,), (args.model,))
     with contextlib.closing(TqdmProgress("evaluate")) as progress:
         summary = evaluate_folder(load_package(args.model), args.data, ignore_value=args.ignore_value,
                                   progress=progress, **parsed_options(args, EVALUATE))
     print(format_summary(summary))
     if args.json:
-        with atomic_path(args.json, inputs=(args.model,)) as tmp:
+        with atomic_path(args.json) as tmp:
             tmp.write_text(metrics_json({"model": str(args.model), "data": str(args.data), **summary}))
     return 0
 
 
 def _cmd_assess(args) -> int:
     from geochange.engine.assess import assess, format_assessment
-    from geochange.engine.atomic import atomic_path
+    from geochange.engine.atomic import atomic_path, check_outputs
     from geochange.engine.metrics import metrics_json
 
+    check_outputs((args.out_raster, args.json), (args.prediction, args.reference, args.aoi))
     summary = assess(args.prediction, args.reference, aoi=args.aoi, ignore_value=args.ignore_value,
                      object_iou=args.object_iou, out_raster=args.out_raster)
     print(format_assessment(summary))
     if args.json:
-        with atomic_path(args.json, inputs=(args.prediction, args.reference, args.aoi)) as tmp:
+        with atomic_path(args.json) as tmp:
             tmp.write_text(metrics_json({"prediction": args.prediction, "reference": args.reference, **summary}))
     return 0
 

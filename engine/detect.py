@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from geochange.engine.aoi import AreaOfInterest, area_of_interest
-from geochange.engine.atomic import scratch_path
+from geochange.engine.atomic import check_outputs, scratch_path
 from geochange.engine.bands import select_bands
 from geochange.engine.contracts import POLYGON_LAYER
 from geochange.engine.errors import OptionError, RasterError
@@ -275,6 +275,7 @@ def detect(pre_path: str | os.PathLike, post_path: str | os.PathLike, model: str
     Every output is written under a temporary name and renamed only when all succeeded.
     """
     progress = progress or Progress()
+    check_outputs((probability, mask, polygons), (pre_path, post_path, options.get("aoi")))
     setup = prepare(pre_path, post_path, model, DetectOptions.of(options), readers=readers,
                     size_gdal_cache=size_gdal_cache, progress=progress)
     phases = run_progress(setup, progress)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from geochange.engine.atomic import new_token
+from geochange.engine.atomic import check_outputs, new_token
 from geochange.engine.contracts import POLYGON_LAYER
 from geochange.engine.detect import DetectResult, prepare, run_progress, write_outputs
 from geochange.engine.options import DetectOptions
@@ -61,6 +61,7 @@ def distributed_detect(pre_path, post_path, model, *, probability, mask, polygon
         options = replace(options, device=f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}")
     progress = (progress or Progress()) if rank == 0 else Progress()
     try:
+        check_outputs((probability, mask, polygons), (pre_path, post_path, options.aoi))  # on every rank: all stop
         setup = prepare(pre_path, post_path, model, options, readers=readers, size_gdal_cache=size_gdal_cache,
                         progress=progress)
         phases = run_progress(setup, progress)  # rank 0's windows stand for every rank's

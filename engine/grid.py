@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyproj
 from affine import Affine
 from rasterio.crs import CRS
-from rasterio.enums import Resampling
+from rasterio.enums import ColorInterp, Resampling
 from rasterio.env import Env
 from rasterio._err import CPLE_BaseError  # GDAL's errors as rasterio raises them (not public)
 from rasterio.errors import CRSError, RasterioError, RasterioIOError
@@ -102,10 +103,13 @@ def _extent(src) -> tuple[float, float, float, float]:
 
 def _crs_name(crs: CRS) -> str:
     """A CRS as a user knows it: its EPSG code, or its name (not a page of WKT)."""
-    import pyproj
-
     code = crs.to_epsg()
     return f"EPSG:{code}" if code else f'"{pyproj.CRS.from_wkt(crs.to_wkt()).name}"'
+
+
+def _is_local(crs: CRS) -> bool:
+    """An engineering CRS (a site's own frame, a drone survey's), which GDAL cannot place on Earth."""
+    return pyproj.CRS.from_wkt(crs.to_wkt()).is_engineering
 
 
 def _area(b) -> float:
@@ -137,12 +141,13 @@ def common_grid(pre, post, *, on: str = "pre", crs: str | None = None,
         with Env():  # GDAL's complaint goes to rasterio's log: the error below says it
             res_x, res_y = (resolution, resolution) if resolution else _resolution(reference, target)
             footprints = [transform_bounds(src.crs, target, *_extent(src), densify_pts=21) for src in (pre, post)]
-    except (CPLE_BaseError, RasterioError):  # e.g. a local (engineering) CRS, tied to no place on Earth
-        names = " and ".join(f"{Path(src.name).name} (CRS {_crs_name(src.crs)})" for src in (pre, post)
-                             if src.crs != target)
-        raise RasterError(f"{names}: GDAL knows no transformation to {_crs_name(target)}, the grid's CRS (a local "
-                          "CRS is tied to no place on Earth); reproject the rasters to one CRS, or give both the "
-                          "same CRS if they share one frame") from None
+    except (CPLE_BaseError, RasterioError) as error:  # e.g. a local (engineering) CRS, tied to no place on Earth
+        moved = [src for src in (pre, post) if src.crs != target]
+        names = " and ".join(f"{Path(src.name).name} (CRS {_crs_name(src.crs)})" for src in moved or (pre, post))
+        local = any(_is_local(crs) for crs in (pre.crs, post.crs, target))
+        why = "a local CRS is tied to no place on Earth" if local else str(error).splitlines()[0]
+        raise RasterError(f"{names}: GDAL cannot transform to {_crs_name(target)}, the grid's CRS ({why}); reproject "
+                          "the rasters to one CRS, or give both the same CRS if they share one frame") from None
     left, bottom = max(footprints[0][0], footprints[1][0]), max(footprints[0][1], footprints[1][1])
     right, top = min(footprints[0][2], footprints[1][2]), min(footprints[0][3], footprints[1][3])
     if resolution and right - left > 0 and top - bottom > 0 and (right - left < res_x or top - bottom < res_y):
@@ -242,9 +247,10 @@ def _has_mask(src) -> bool:
 
 
 def warp_needs_alpha(src) -> bool:
-    """Whether a ``WarpedVRT`` of ``src`` needs an alpha band to mark what lies outside it: not where a nodata
-    value, a mask or an alpha band of its own marks it (GDAL refuses a second alpha band)."""
-    return src.nodata is None and not _has_mask(src)
+    """Whether a ``WarpedVRT`` of ``src`` needs an alpha band to mark what lies outside it and what its mask band
+    masks: not where its nodata value does (the warper writes it there) nor where it has an alpha band, which the
+    VRT carries (GDAL refuses a second). Without one, a VRT of a raster with a mask band is valid everywhere."""
+    return src.nodata is None and ColorInterp.alpha not in src.colorinterp
 
 
 class PairReader:

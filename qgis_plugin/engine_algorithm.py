@@ -156,10 +156,11 @@ def raster_file(layer, name: str) -> str:
     if layer.providerType() != "gdal":
         raise QgsProcessingException(tr("{}: '{}' is a {} layer; GeoChange reads raster files only")
                                      .format(name, layer.name(), layer.providerType()))
+    path = QgsProviderRegistry.instance().decodeUri("gdal", layer.source())["path"]  # the source may hold a token
     raise QgsProcessingException(tr("{}: '{}' is part of a file ({}): a GeoPackage's raster table, a file inside an "
                                     "archive or one opened with options; GeoChange reads whole raster files: save it "
                                     "as a GeoTIFF first (Raster > Conversion > Translate)")
-                                 .format(name, layer.name(), layer.source()))
+                                 .format(name, layer.name(), path))
 
 
 def same_raster(a, b) -> bool:

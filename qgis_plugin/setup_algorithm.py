@@ -226,10 +226,13 @@ class SetupEngineAlgorithm(EngineAlgorithm):
         feedback.pushInfo(tr("QGIS's Python: {} (Python {}.{}.{})").format(base, *sys.version_info[:3]))
         # Marked before venv runs: venv writes the folder's pyvenv.cfg before it installs pip, so one that fails
         # there (no ensurepip on Debian without python3-venv; a cancel) leaves an environment this algorithm
-        # must be free to make again.
+        # must be free to make again. Marked after it too: --clear empties the folder, the mark with it.
+        mark = "Made by GeoChange's 'Set up the GeoChange engine', which may make it again.\n"
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / MADE_HERE).write_text("Made by GeoChange's 'Set up the GeoChange engine', which may make it again.\n",
-                                        encoding="utf-8")
-        run_command([str(base), "-m", "venv", "--system-site-packages", *clear, str(folder)], feedback,
-                    engine_environment(base), tr("QGIS's Python could not make a virtual environment in {}")
-                    .format(folder))
+        (folder / MADE_HERE).write_text(mark, encoding="utf-8")
+        try:
+            run_command([str(base), "-m", "venv", "--system-site-packages", *clear, str(folder)], feedback,
+                        engine_environment(base), tr("QGIS's Python could not make a virtual environment in {}")
+                        .format(folder))
+        finally:
+            (folder / MADE_HERE).write_text(mark, encoding="utf-8")

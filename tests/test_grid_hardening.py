@@ -22,7 +22,7 @@ from conftest import write_polygons
 from geochange.engine.detect import detect, prepare
 from geochange.engine.errors import OptionError, OutputError, RasterError
 from geochange.engine.evaluate import evaluate_folder
-from geochange.engine.grid import PairReader, common_grid
+from geochange.engine.grid import Grid, GridReader, PairReader, common_grid
 from geochange.engine.options import DetectOptions
 from geochange.engine.package import load_package
 from geochange.engine.progress import Progress
@@ -103,6 +103,23 @@ def test_a_resolution_coarser_than_the_overlap_is_named_as_such(tmp_path):
         common_grid(a, a, resolution=1000.0)
 
 
+def test_a_raster_with_a_mask_band_read_off_its_lattice_is_masked_outside_it_too(tmp_path):
+    """Its mask band masks what it masks, and the warped read marks what lies outside the raster: a warped VRT
+    of such a raster without an alpha band of its own is valid everywhere."""
+    path = tmp_path / "masked.tif"
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(
+            path, "w", driver="GTiff", width=64, height=64, count=1, dtype="uint8", crs="EPSG:32633",
+            transform=Affine(1, 0, 500000, 0, -1, 5000000)) as dst:
+        dst.write(np.full((1, 64, 64), 200, np.uint8))
+        dst.write_mask(np.where(np.arange(64) < 50, 255, 0).astype(np.uint8)[None].repeat(64, axis=0))
+    finer = Grid(CRS.from_epsg(32633), Affine(0.5, 0, 500040, 0, -0.5, 4999990), 128, 128)  # half-metre pixels
+    with rasterio.open(path) as src:
+        reader = GridReader(src, finer)
+        valid = reader.read_masks([1], Window(0, 0, 128, 128))[0] > 0
+        reader.close()
+    assert valid.sum() == 20 * 108 and valid[:108, :20].all()
+
+
 def test_a_crs_gdal_cannot_transform_is_named_in_one_line(tmp_path, capfd):
     """A drone survey in a local (engineering) CRS beside a UTM image: no transformation exists between them."""
     utm = write_raster(tmp_path / "utm.tif", NORTH_UP)
@@ -110,11 +127,11 @@ def test_a_crs_gdal_cannot_transform_is_named_in_one_line(tmp_path, capfd):
     with rasterio.open(local, "r+") as dst:
         dst.crs = CRS.from_wkt('LOCAL_CS["drone",UNIT["metre",1],AXIS["Easting",EAST],AXIS["Northing",NORTH]]')
     with rasterio.open(utm) as a, rasterio.open(local) as b:
-        with pytest.raises(RasterError, match='^local.tif \\(CRS "drone"\\): GDAL knows no transformation to '
-                                              "EPSG:32614, the grid's CRS"):
+        with pytest.raises(RasterError, match=re.escape('local.tif (CRS "drone"): GDAL cannot transform to EPSG:32614, '
+                                                        "the grid's CRS (a local CRS is tied to no place on Earth)")):
             common_grid(a, b)
-        with pytest.raises(RasterError, match='^utm.tif \\(CRS EPSG:32614\\): GDAL knows no transformation to '
-                                              '"drone", the grid\'s CRS'):
+        with pytest.raises(RasterError, match=re.escape('utm.tif (CRS EPSG:32614): GDAL cannot transform to "drone", '
+                                                        "the grid's CRS (a local CRS")):
             common_grid(b, a)
     assert "ERROR" not in capfd.readouterr().err  # GDAL's own complaint kept off the terminal
 
@@ -197,6 +214,9 @@ def test_an_output_that_names_an_input_or_another_output_is_refused(tmp_path, ra
     twice = tmp_path / "elsewhere" / ".." / "p.tif"  # the probability's file, spelt otherwise
     with pytest.raises(OutputError, match=f"^{re.escape(str(twice))}: named for two outputs of the run"):
         detect(pre, post, random_package, **dict(outputs, mask=twice))
+    with pytest.raises(OutputError, match=f"^{re.escape(str(aoi))}: this output is also an input of the run "):
+        # The area of interest as QGIS gives it.
+        detect(pre, post, random_package, **dict(outputs, polygons=aoi), aoi=f"{aoi}|layername=reference")
     assert {path: path.read_bytes() for path in (pre, post, aoi)} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["aoi.gpkg", "link.tif", "post.tif", "pre.tif"]
 

@@ -339,3 +339,6 @@ def test_grid_chips_of_one_split_share_no_pixel_with_another_s(shared_data):
     for first, second in (("train", "val"), ("train", "test"), ("test", "val")):
         assert not any(meet(a, b) for a in windows[first] for b in windows[second])
     assert len(windows["train"]) < 49 - len(windows["val"]) - len(windows["test"])  # 7 x 7 chips, some dropped
+    with pytest.raises(DataError, match="train chips shares pixels with a chip held out for val or test \\(chip 256, "
+                                        "stride 16\\)"):
+        build_splits([{**spec, "stride": 16, "split": {"val": 0.3, "test": 0.3, "seed": 0}}])

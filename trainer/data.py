@@ -344,6 +344,7 @@ def _raster_splits(spec: dict) -> dict[str, list[Item]]:
     plan = WindowPlan(source.height, source.width, tile=chip, overlap=chip - stride)
     keys = [RasterSource.key(w) for w in plan.windows()]
     parts = _split_names(keys, spec["split"], source.name)
+    before = {split: len(names) for split, names in parts.items()}
     # Grid chips overlap (a stride under the chip; the last chip flush with the far edge): no pixel in two splits.
     val = [RasterSource.window(k) for k in parts["val"]]
     parts["test"] = [k for k in parts["test"] if not _overlaps(RasterSource.window(k), _boxes(val))]
@@ -354,6 +355,11 @@ def _raster_splits(spec: dict) -> dict[str, list[Item]]:
     else:
         boxes = _boxes(held)
         parts["train"] = [k for k in parts["train"] if not _overlaps(RasterSource.window(k), boxes)]
+    for split in ("train", "test"):
+        if before[split] and not parts[split]:
+            raise DataError(f"{source.name}: each of its {before[split]} {split} chips shares pixels with a chip held "
+                            f"out for {'val' if split == 'test' else 'val or test'} (chip {chip}, stride {stride}); "
+                            "use a stride nearer the chip, or fewer held-out chips")
     return {s: [Item(source, k) for k in parts.get(s, [])] for s in SPLITS}
 
 
