@@ -85,7 +85,8 @@ def test_a_set_up_stopped_while_it_makes_the_environment_is_its_own_to_make_agai
         run_algorithm("geochange:setupengine", {"FOLDER": str(tmp_path / "env")}, feedback)
     assert " -m venv --system-site-packages " in feedback.commands[0] and (tmp_path / "env" / "pyvenv.cfg").is_file()
     # Made again (its Python gone): venv --clear empties the folder, and the mark is written again after it.
-    (tmp_path / "env" / "pyvenv.cfg").write_text("home = /nowhere\n")
+    for python in (tmp_path / "env" / "bin").glob("python*"):
+        python.unlink()
     feedback = CancelAtPip()
     with pytest.raises(QgsProcessingException, match="set-up cancelled by the user"):
         run_algorithm("geochange:setupengine", {"FOLDER": str(tmp_path / "env")}, feedback)
