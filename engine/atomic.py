@@ -53,7 +53,7 @@ class AtomicOutputs:
 
     def path(self, final: str | os.PathLike) -> Path:
         final = Path(final)
-        check_outputs([*(final for _, final in self._outputs), final], self._inputs)
+        check_outputs([*(earlier for _, earlier in self._outputs), final], self._inputs)
         self._make_folder(final.parent)
         folder = Path(os.path.realpath(final.parent))  # one lock a folder, however its path is spelt
         if self._exclusive and folder not in self._locked:

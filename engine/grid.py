@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pyproj
 from affine import Affine
+from rasterio._err import CPLE_BaseError  # GDAL's errors as rasterio raises them (not public)
 from rasterio.crs import CRS
 from rasterio.enums import ColorInterp, Resampling
 from rasterio.env import Env
-from rasterio._err import CPLE_BaseError  # GDAL's errors as rasterio raises them (not public)
 from rasterio.errors import CRSError, RasterioError, RasterioIOError
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
