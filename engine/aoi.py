@@ -95,11 +95,12 @@ def area_of_interest(source: str, grid: Grid, role: str = "the area of interest"
         # Cut to the grid's surroundings first: a continent's outline reaches where the grid's projection is
         # undefined (a UTM zone's far side), whose points it maps to infinity.
         try:
-            left, bottom, right, top = Transformer.from_crs(grid_crs, crs, always_xy=True).transform_bounds(
-                *grid.bounds, densify_pts=21)
+            bounds = Transformer.from_crs(grid_crs, crs, always_xy=True).transform_bounds(*grid.bounds,
+                                                                                          densify_pts=21)
         except ProjError:  # the grid reaches where the polygons' CRS is undefined: kept whole
-            left = right = math.nan
-        if left < right:  # else across the antimeridian in degrees, or unknown: kept whole
+            bounds = None
+        if bounds is not None and bounds[0] < bounds[2]:  # else across the antimeridian in degrees: kept whole
+            left, bottom, right, top = bounds
             margin = max(right - left, top - bottom)
             geometry = shapely.intersection(geometry, shapely.box(left - margin, bottom - margin, right + margin,
                                                                   top + margin))

@@ -27,7 +27,7 @@ from rasterio.windows import Window
 
 from geochange.engine.errors import OptionError, RasterError
 from geochange.engine.measures import METRES_PER_DEGREE, metres_per_unit
-from geochange.engine.rasters import corrupt_pixels, open_raster, valid_mask
+from geochange.engine.rasters import corrupt_pixels, has_mask, open_raster, valid_mask
 
 # Below this share of either image inside the common extent, a warning is given.
 SMALL_OVERLAP = 0.5
@@ -211,7 +211,7 @@ class GridReader:
             src.crs == grid.crs and north_up(t) and math.isclose(t.a, g.a) and math.isclose(t.e, g.e)
             and abs(col - round(col)) < 1e-6 and abs(row - round(row)) < 1e-6)
         # Whether GDAL masks any pixel: a warped read marks what lies outside the source.
-        self.masked = not on_lattice or _has_mask(src)
+        self.masked = not on_lattice or has_mask(src)
         if on_lattice:
             self.dataset, self.offset = src, (int(round(row)), int(round(col)))
         else:
@@ -238,12 +238,6 @@ class GridReader:
 
     def close(self):
         self._stack.close()
-
-
-def _has_mask(src) -> bool:
-    from rasterio.enums import MaskFlags
-
-    return any(MaskFlags.all_valid not in flags for flags in src.mask_flag_enums)
 
 
 def warp_needs_alpha(src) -> bool:
@@ -276,7 +270,7 @@ class PairReader:
         out, ok = [], np.ones((int(window.height), int(window.width)), bool)
         for reader, bands in zip(self._readers(), self.bands):
             data = reader.read(bands, window)
-            ok &= valid_mask(reader, window, data, bands)
+            ok &= valid_mask(reader, window, data, bands, reader.masked)
             out.append(data)
         if not ok.all():  # invalid pixels zeroed, so that NaN cannot leak into the model through convolutions
             out = [np.where(ok, data, 0) for data in out]

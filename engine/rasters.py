@@ -55,10 +55,17 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
             raise corrupt_pixels(path, e) from None
 
 
-def valid_mask(reader, window, data: np.ndarray, bands: list[int]) -> np.ndarray:
-    """Pixels valid in every used band: GDAL's mask (nodata value, alpha, mask band) and not NaN. ``reader``: a
-    ``GridReader``, or a dataset (whose masks are then always read)."""
-    if getattr(reader, "masked", True):
+def has_mask(src) -> bool:
+    """Whether GDAL masks any pixel of ``src`` (a nodata value, an alpha or a mask band)."""
+    from rasterio.enums import MaskFlags
+
+    return any(MaskFlags.all_valid not in flags for flags in src.mask_flag_enums)
+
+
+def valid_mask(reader, window, data: np.ndarray, bands: list[int], masked: bool) -> np.ndarray:
+    """Pixels valid in every used band: GDAL's mask (nodata value, alpha, mask band; read only where ``masked``,
+    ``has_mask``) and not NaN. ``reader``: a ``GridReader`` or a dataset."""
+    if masked:
         valid = reader.read_masks(bands, window=window).all(axis=0)
     else:  # no nodata, alpha or mask band: GDAL's all-valid mask and its test cost a third of a read
         valid = np.ones(data.shape[1:], bool)

@@ -9,7 +9,7 @@ import pytest
 import rasterio
 from rasterio.crs import CRS
 
-from conftest import write_polygons
+from conftest import write_masked_raster, write_polygons
 from geochange.engine.assess import assess, object_counts, raster_on
 from geochange.engine.cli import main
 from geochange.engine.contracts import (ASSESS_FN, ASSESS_FP, ASSESS_NOT_ASSESSED, ASSESS_TP, MASK_CHANGE,
@@ -124,12 +124,7 @@ def test_a_raster_with_its_own_alpha_band_is_read_on_another_grid(tmp_path):
     values, valid = raster_on(str(path), Grid(CRS.from_epsg(32633), Affine(1, 0, 500040, 0, -1, 4999990), 64, 64))
     assert valid.sum() == 24 * 54 and valid[:54, :24].all() and (values[valid] == 255).all()
     # A mask band instead (no alpha, no nodata): it, and what lies outside the raster, are masked too.
-    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(
-            tmp_path / "masked.tif", "w", driver="GTiff", width=64, height=64, count=1, dtype="uint8",
-            crs="EPSG:32633", transform=Affine(1, 0, 500000, 0, -1, 5000000)) as dst:
-        dst.write(np.full((1, 64, 64), 255, np.uint8))
-        dst.write_mask(np.where(np.arange(64) < 50, 255, 0).astype(np.uint8)[None].repeat(64, axis=0))
-    values, valid = raster_on(str(tmp_path / "masked.tif"),
+    values, valid = raster_on(str(write_masked_raster(tmp_path / "masked.tif")),
                               Grid(CRS.from_epsg(32633), Affine(1, 0, 500040, 0, -1, 4999990), 64, 64))
     assert valid.sum() == 10 * 54 and valid[:54, :10].all()
 

@@ -18,7 +18,7 @@ from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 from shapely.geometry import Polygon, box, mapping
 
-from conftest import write_polygons
+from conftest import write_masked_raster, write_polygons
 from geochange.engine.detect import detect, prepare
 from geochange.engine.errors import OptionError, OutputError, RasterError
 from geochange.engine.evaluate import evaluate_folder
@@ -106,12 +106,7 @@ def test_a_resolution_coarser_than_the_overlap_is_named_as_such(tmp_path):
 def test_a_raster_with_a_mask_band_read_off_its_lattice_is_masked_outside_it_too(tmp_path):
     """Its mask band masks what it masks, and the warped read marks what lies outside the raster: a warped VRT
     of such a raster without an alpha band of its own is valid everywhere."""
-    path = tmp_path / "masked.tif"
-    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(
-            path, "w", driver="GTiff", width=64, height=64, count=1, dtype="uint8", crs="EPSG:32633",
-            transform=Affine(1, 0, 500000, 0, -1, 5000000)) as dst:
-        dst.write(np.full((1, 64, 64), 200, np.uint8))
-        dst.write_mask(np.where(np.arange(64) < 50, 255, 0).astype(np.uint8)[None].repeat(64, axis=0))
+    path = write_masked_raster(tmp_path / "masked.tif")
     finer = Grid(CRS.from_epsg(32633), Affine(0.5, 0, 500040, 0, -0.5, 4999990), 128, 128)  # half-metre pixels
     with rasterio.open(path) as src:
         reader = GridReader(src, finer)

@@ -38,7 +38,7 @@ from geochange.engine.bands import check_band_counts
 from geochange.engine.errors import GeoChangeError
 from geochange.engine.evaluate import change_label, dataset_pairs
 from geochange.engine.inputs import normalise
-from geochange.engine.rasters import open_raster, read_image, valid_mask
+from geochange.engine.rasters import has_mask, open_raster, read_image, valid_mask
 from geochange.engine.windows import WindowPlan
 
 IGNORE = 255  # label value of pixels that no loss or metric sees (unlabelled, rotation padding)
@@ -150,6 +150,7 @@ class RasterSource:
             self.transform, self.crs = a.transform, a.crs
             self.bands = {"pre": bands.get("pre") or list(range(1, a.count + 1)),
                           "post": bands.get("post") or list(range(1, b.count + 1))}
+            self.masked = {"pre": has_mask(a), "post": has_mask(b)}  # else no chip reads its masks
         self.polygons = None if _is_raster(label) else _read_polygons(label, self.crs)
         if self.polygons is None:
             with open_raster(label) as lab, open_raster(pre) as a:
@@ -171,7 +172,8 @@ class RasterSource:
         with open_raster(self.pre) as a, open_raster(self.post) as b:
             pre = a.read(self.bands["pre"], window=window)
             post = b.read(self.bands["post"], window=window)
-            valid = valid_mask(a, window, pre, self.bands["pre"]) & valid_mask(b, window, post, self.bands["post"])
+            valid = (valid_mask(a, window, pre, self.bands["pre"], self.masked["pre"])
+                     & valid_mask(b, window, post, self.bands["post"], self.masked["post"]))
         if self.polygons is None:
             with open_raster(self.label) as lab:
                 raw = lab.read(1, window=window)
@@ -347,7 +349,8 @@ def _raster_splits(spec: dict) -> dict[str, list[Item]]:
     before = {split: len(names) for split, names in parts.items()}
     # Grid chips overlap (a stride under the chip; the last chip flush with the far edge): no pixel in two splits.
     val = [RasterSource.window(k) for k in parts["val"]]
-    parts["test"] = [k for k in parts["test"] if not _overlaps(RasterSource.window(k), _boxes(val))]
+    val_boxes = _boxes(val)
+    parts["test"] = [k for k in parts["test"] if not _overlaps(RasterSource.window(k), val_boxes)]
     held = val + [RasterSource.window(k) for k in parts["test"]]
     if spec.get("sampler", "grid") == "random":
         parts["train"] = _random_windows(source, chip, spec.get("samples", len(parts["train"])), held,
