@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import shapely
+import shapely.affinity
 from affine import Affine
 from pyproj import CRS, Transformer
 from pyproj.exceptions import ProjError
@@ -109,6 +110,11 @@ def area_of_interest(source: str, grid: Grid, role: str = "the area of interest"
         to_grid = Transformer.from_crs(crs, grid_crs, always_xy=True)
         geometry = shapely.transform(shapely.segmentize(geometry, _step(geometry)), to_grid.transform,
                                      interleaved=False)
+    left, _, right, _ = grid.bounds
+    if grid_crs.is_geographic and not -180 <= left <= right <= 180:
+        # A grid across the antimeridian, continued past ±180° (``grid.common_grid``): the polygons a turn east and
+        # west too, where longitudes kept in -180°..180° by their file or PROJ lie on it.
+        geometry = shapely.union_all([shapely.affinity.translate(geometry, turn) for turn in (-360, 0, 360)])
     return AreaOfInterest(geometry, str(source))
 
 

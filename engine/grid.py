@@ -116,6 +116,30 @@ def _area(b) -> float:
     return max(b[2] - b[0], 0.0) * max(b[3] - b[1], 0.0)
 
 
+def _one_longitude_range(footprints, reference: int) -> list:
+    """Geographic footprints in one run of longitudes: one across the antimeridian (GDAL gives it with left >
+    right) continued past 180°, each then moved by whole turns to lie nearest the reference's, whose pixel
+    lattice the grid keeps. The grid may then reach past 180° (or -180°): GDAL reads and writes such rasters."""
+    unwrapped = [(left, bottom, right + 360 if right < left else right, top) for left, bottom, right, top in footprints]
+    middle = (unwrapped[reference][0] + unwrapped[reference][2]) / 2
+    return [(left + turn, bottom, right + turn, top) for left, bottom, right, top in unwrapped
+            for turn in [360 * round((middle - (left + right) / 2) / 360)]]
+
+
+def wrapped_longitudes(src, grid: Grid) -> CRS | None:
+    """For a warped read of a geographic ``src`` where it or a geographic grid reaches past ±180°: its CRS with
+    longitudes wrapped around its middle (PROJ's ``lon_wrap``), so that the grid's pixels find its own; GDAL's
+    warper puts every longitude in -180°..180° and missed half of a raster across the antimeridian. None where
+    the plain CRS does."""
+    if grid.crs is None or src.crs is None or not src.crs.is_geographic:
+        return None
+    left, _, right, _ = _extent(src)
+    ranges = [(left, right)] + ([(grid.bounds[0], grid.bounds[2])] if grid.crs.is_geographic else [])
+    if all(-180 <= low and high <= 180 for low, high in ranges):
+        return None
+    return CRS.from_proj4(f"{src.crs.to_proj4()} +lon_wrap={(left + right) / 2}")
+
+
 def common_grid(pre, post, *, on: str = "pre", crs: str | None = None,
                 resolution: float | None = None, warn=lambda message: None) -> Grid:
     """The grid both dates are read on: ``on`` the ``pre`` or ``post`` image's CRS and resolution,
@@ -148,6 +172,8 @@ def common_grid(pre, post, *, on: str = "pre", crs: str | None = None,
         why = "a local CRS is tied to no place on Earth" if local else str(error).splitlines()[0]
         raise RasterError(f"{names}: GDAL cannot transform to {_crs_name(target)}, the grid's CRS ({why}); reproject "
                           "the rasters to one CRS, or give both the same CRS if they share one frame") from None
+    if target.is_geographic:
+        footprints = _one_longitude_range(footprints, 0 if on == "pre" else 1)
     left, bottom = max(footprints[0][0], footprints[1][0]), max(footprints[0][1], footprints[1][1])
     right, top = min(footprints[0][2], footprints[1][2]), min(footprints[0][3], footprints[1][3])
     if resolution and right - left > 0 and top - bottom > 0 and (right - left < res_x or top - bottom < res_y):
@@ -207,17 +233,19 @@ class GridReader:
         self.path = src.name
         t, g = src.transform, grid.transform
         col, row = (0, 0) if grid.crs is None else ~t * (g.c, g.f)  # the grid's origin in the dataset's pixels
+        wrapped = wrapped_longitudes(src, grid)
         on_lattice = grid.crs is None or (  # a pixel grid is the dataset's own
             src.crs == grid.crs and north_up(t) and math.isclose(t.a, g.a) and math.isclose(t.e, g.e)
-            and abs(col - round(col)) < 1e-6 and abs(row - round(row)) < 1e-6)
+            and abs(col - round(col)) < 1e-6 and abs(row - round(row)) < 1e-6
+            and (wrapped is None or -grid.width < col < src.width))  # not the same lattice a turn of the Earth away
         # Whether GDAL masks any pixel: a warped read marks what lies outside the source.
         self.masked = not on_lattice or has_mask(src)
         if on_lattice:
             self.dataset, self.offset = src, (int(round(row)), int(round(col)))
         else:
             self.dataset = self._stack.enter_context(WarpedVRT(
-                src, crs=grid.crs, transform=grid.transform, width=grid.width, height=grid.height,
-                resampling=Resampling.bilinear, add_alpha=warp_needs_alpha(src)))
+                src, src_crs=wrapped or src.crs, crs=grid.crs, transform=grid.transform, width=grid.width,
+                height=grid.height, resampling=Resampling.bilinear, add_alpha=warp_needs_alpha(src)))
             self.offset = (0, 0)
 
     def window(self, window: Window) -> Window:

@@ -19,6 +19,7 @@ from rasterio.windows import Window
 from shapely.geometry import Polygon, box, mapping
 
 from conftest import write_masked_raster, write_polygons
+from geochange.engine.assess import raster_on
 from geochange.engine.detect import detect, prepare
 from geochange.engine.errors import OptionError, OutputError, RasterError
 from geochange.engine.evaluate import evaluate_folder
@@ -129,6 +130,68 @@ def test_a_crs_gdal_cannot_transform_is_named_in_one_line(tmp_path, capfd):
                                                         "the grid's CRS (a local CRS")):
             common_grid(b, a)
     assert "ERROR" not in capfd.readouterr().err  # GDAL's own complaint kept off the terminal
+
+
+# Fiji across the antimeridian: 0.2° x 0.1° at 17° S, in degrees east of 180° (as GDAL keeps them), in degrees
+# west of -180°, and in UTM zone 1 south, whose 25 x 12.5 km cover the same place.
+FIJI_EAST = ("EPSG:4326", Affine(0.0005, 0, 179.9, 0, -0.0005, -16.9), 400, 200)
+FIJI_WEST = ("EPSG:4326", Affine(0.0005, 0, -180.1, 0, -0.0005, -16.9), 400, 200)
+FIJI_UTM = ("EPSG:32701", Affine(50, 0, 169716.64, 0, -50, 8128908.16), 500, 250)
+
+
+def write_constant(path, place, value):
+    crs, transform, width, height = place
+    with rasterio.open(path, "w", driver="GTiff", width=width, height=height, count=3, dtype="uint8", crs=crs,
+                       transform=transform) as dst:
+        dst.write(np.full((3, height, width), value, np.uint8))
+    return path
+
+
+@pytest.mark.parametrize("pre_place, post_place, on, valid_share", [
+    (FIJI_EAST, FIJI_UTM, "pre", 0.985),  # today: "the two rasters do not overlap"
+    (FIJI_WEST, FIJI_UTM, "pre", 0.985),
+    (FIJI_EAST, FIJI_WEST, "pre", 1.0),  # one place, its longitudes a turn apart
+    (FIJI_EAST, FIJI_UTM, "post", 0.98),  # today: half of the pre missing, its east read as lying at -180°
+    (FIJI_WEST, FIJI_UTM, "post", 0.98),
+], ids=["east of 180, UTM", "west of -180, UTM", "east and west of 180", "UTM grid, east", "UTM grid, west"])
+def test_a_pair_across_the_antimeridian_is_read_where_it_overlaps(tmp_path, pre_place, post_place, on, valid_share):
+    pre, post = write_constant(tmp_path / "pre.tif", pre_place, 100), write_constant(tmp_path / "post.tif",
+                                                                                     post_place, 200)
+    with rasterio.open(pre) as a, rasterio.open(post) as b:
+        grid = common_grid(a, b, on=on)
+        reference = a if on == "pre" else b
+        # On the reference's own lattice, within it: in its own run of longitudes.
+        col, row = ~reference.transform * (grid.transform.c, grid.transform.f)
+        assert grid.transform.a == reference.transform.a and col == pytest.approx(round(col)) and 0 <= col < 2
+        assert row == pytest.approx(round(row)) and 0 <= row < 2 and grid.width >= 0.85 * reference.width
+    read = PairReader(pre, post, grid, [1, 2, 3], [1, 2, 3])
+    try:
+        pre_pixels, post_pixels, valid = read(Window(0, 0, grid.width, grid.height))
+    finally:
+        read.close()
+    assert valid.mean() >= valid_share
+    assert (pre_pixels[:, valid] == 100).all() and (post_pixels[:, valid] == 200).all()
+
+
+def test_a_detection_across_the_antimeridian_writes_its_outputs_there(tmp_path, random_package):
+    pre, post = write_constant(tmp_path / "pre.tif", FIJI_EAST, 100), write_constant(tmp_path / "post.tif",
+                                                                                     FIJI_UTM, 200)
+    out = tmp_path / "out"
+    out.mkdir()
+    result = detect(pre, post, random_package, probability=out / "p.tif", mask=out / "m.tif",
+                    polygons=out / "c.gpkg", threshold=0.0)  # every valid pixel changed: one polygon
+    with rasterio.open(out / "p.tif") as probability:
+        assert probability.bounds == pytest.approx((179.9, -17.0, 180.1, -16.9))
+        assert (probability.read_masks(1) > 0).mean() >= 0.985
+    assert result.polygon_count == 1
+    assert result.changed_area_m2 == pytest.approx(0.985 * 21.29e3 * 11.12e3, rel=0.03)
+    # An area of interest and a reference map in longitudes west of -180° lie on the grid east of 180° too.
+    aoi = write_polygons(tmp_path / "aoi.gpkg", [mapping(box(-180.0, -17.0, -179.95, -16.9))], 4326)
+    east = detect(pre, post, random_package, probability=out / "p2.tif", mask=out / "m2.tif",
+                  polygons=out / "c2.gpkg", threshold=0.0, aoi=str(aoi))
+    assert east.changed_area_m2 == pytest.approx(0.25 * 21.29e3 * 11.12e3, rel=0.03)
+    values, covered = raster_on(str(write_constant(tmp_path / "reference.tif", FIJI_WEST, 1)), result.grid)
+    assert covered.all() and (values == 1).all()
 
 
 def test_thresholds_outside_0_1_are_refused_by_the_engine(tmp_path, random_package):
