@@ -49,6 +49,13 @@ def input_scale(dtype: str, spec: dict, override: float | None = None) -> float:
     return DEFAULT_SCALES.get(dtype, 1.0)
 
 
+def backscatter_unit_interval(x: torch.Tensor, spec: dict, sar_db: bool) -> torch.Tensor:
+    """SAR backscatter, dB (``sar_db``) or linear power, mapped from the spec's ``db_range`` onto [0, 1]."""
+    db = x if sar_db else 10.0 * torch.log10(x.clamp_min(1e-6))
+    low, high = spec.get("db_range", DEFAULT_DB_RANGE)
+    return ((db - low) / (high - low)).clamp(0.0, 1.0)
+
+
 def normalise(raw: np.ndarray | torch.Tensor, spec: dict, *, scale: float | None = None,
               sar_db: bool = False) -> torch.Tensor:
     """``(N, bands, H, W)`` raw values -> float32 model input ``(N, channels, H, W)``.
@@ -60,9 +67,7 @@ def normalise(raw: np.ndarray | torch.Tensor, spec: dict, *, scale: float | None
     dtype = str(raw.dtype).replace("torch.", "")
     x = raw.float()
     if spec["modality"] == "sar" and raw.is_floating_point() and scale is None:
-        db = x if sar_db else 10.0 * torch.log10(x.clamp_min(1e-6))
-        low, high = spec.get("db_range", DEFAULT_DB_RANGE)
-        x = ((db - low) / (high - low)).clamp(0.0, 1.0)
+        x = backscatter_unit_interval(x, spec, sar_db)
     else:
         x = x / input_scale(dtype, spec, scale)
     if "replicate" in spec:

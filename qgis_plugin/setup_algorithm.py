@@ -88,6 +88,15 @@ def installed_version(python: Path, package: str) -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
+def other_build(installed: str | None, index: str | None) -> bool:
+    """Whether the ``installed`` PyTorch version (None: none) is another build than ``index`` (None: pip's own)
+    gives: pip would keep it as it is, the pinned version being installed, so a change of build is a reinstall.
+    PyTorch's indexes label their builds ("2.14.1+cpu"), pip's own index has them unlabelled ("2.14.1")."""
+    if installed is None:
+        return False
+    return not installed.endswith("+" + index.split("/")[-1]) if index else "+" in installed
+
+
 def run_command(command: list[str], feedback, env: dict, failure: str) -> None:
     """Run ``command`` with its output in the log; QgsProcessingException, with ``failure`` and the output's
     last lines, if it fails; Cancel stops it (SIGTERM, then a kill after ``CANCEL_GRACE_S``)."""
@@ -179,10 +188,7 @@ class SetupEngineAlgorithm(EngineAlgorithm):
         self._make_environment(folder, python, feedback)
         index = TORCH_BUILDS[build]
         installed = installed_version(python, "torch")
-        # pip would keep another build of the pinned version as it is: a change of build is a reinstall (pip's own
-        # index has the builds without a local label, "2.14.1", where PyTorch's index has "2.14.1+cpu").
-        replace = installed is not None and (not installed.endswith("+" + index.split("/")[-1]) if index
-                                             else "+" in installed)
+        replace = other_build(installed, index)
         feedback.pushInfo(tr("Installing PyTorch ({}) from {}{}").format(
             build, index or PIP_INDEX, tr(" in place of {}").format(installed) if replace else ""))
         feedback.setProgress(5)

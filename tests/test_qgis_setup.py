@@ -77,18 +77,24 @@ def test_a_set_up_stopped_while_it_makes_the_environment_is_its_own_to_make_agai
     one that fails there, or a cancel, left a folder the next set-up refused as another's)."""
     from geochange.qgis_plugin.setup_algorithm import MADE_HERE
 
-    with pytest.raises(QgsProcessingException, match="set-up cancelled by the user"):
+    with pytest.raises(QgsProcessingException, match="set-up cancelled by the user; the environment may be incomplete, "
+                                                     "and if the engine already ran from it, it may not run until the "
+                                                     "set-up is run again"):
         run_algorithm("geochange:setupengine", {"FOLDER": str(tmp_path / "env")}, CancelAtVenv())
     assert (tmp_path / "env" / MADE_HERE).is_file()
     feedback = CancelAtPip()
-    with pytest.raises(QgsProcessingException, match="set-up cancelled by the user"):
+    with pytest.raises(QgsProcessingException, match="set-up cancelled by the user; the environment may be incomplete, "
+                                                     "and if the engine already ran from it, it may not run until the "
+                                                     "set-up is run again"):
         run_algorithm("geochange:setupengine", {"FOLDER": str(tmp_path / "env")}, feedback)
     assert " -m venv --system-site-packages " in feedback.commands[0] and (tmp_path / "env" / "pyvenv.cfg").is_file()
     # Made again (its Python gone): venv --clear empties the folder, and the mark is written again after it.
     for python in (tmp_path / "env" / "bin").glob("python*"):
         python.unlink()
     feedback = CancelAtPip()
-    with pytest.raises(QgsProcessingException, match="set-up cancelled by the user"):
+    with pytest.raises(QgsProcessingException, match="set-up cancelled by the user; the environment may be incomplete, "
+                                                     "and if the engine already ran from it, it may not run until the "
+                                                     "set-up is run again"):
         run_algorithm("geochange:setupengine", {"FOLDER": str(tmp_path / "env")}, feedback)
     assert " -m venv --system-site-packages --clear " in feedback.commands[0]
     assert (tmp_path / "env" / MADE_HERE).is_file()
@@ -105,7 +111,9 @@ def test_the_set_up_refuses_a_folder_of_other_files_and_can_be_cancelled(geochan
 
     before = QgsSettings().value(PYTHON_SETTING_KEY, "")
     feedback = CancelAtPip()
-    with pytest.raises(QgsProcessingException, match="set-up cancelled by the user"):
+    with pytest.raises(QgsProcessingException, match="set-up cancelled by the user; the environment may be incomplete, "
+                                                     "and if the engine already ran from it, it may not run until the "
+                                                     "set-up is run again"):
         run_algorithm("geochange:setupengine", {"FOLDER": str(tmp_path / "env")}, feedback)
     assert " -m venv --system-site-packages " in feedback.commands[0]
     assert (tmp_path / "env" / "pyvenv.cfg").is_file()  # made, then pip was stopped
@@ -119,6 +127,21 @@ def test_the_set_up_refuses_a_folder_of_other_files_and_can_be_cancelled(geochan
                                                      "and its Python cannot serve \\(.*: no such file\\): choose"):
         run_algorithm("geochange:setupengine", {"FOLDER": str(tmp_path / "theirs")})
     assert (tmp_path / "theirs" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("installed, build, again", [
+    (None, "CPU", False),
+    ("2.14.1+cpu", "CPU", False),
+    ("2.14.1+cu126", "CPU", True),
+    ("2.14.1+cpu", "CUDA 12.8", True),
+    ("2.14.1", "CPU", True),  # pip's own index's build, then PyTorch's CPU one
+    ("2.14.1+cu130", "pip's configured index", True),
+    ("2.14.1", "pip's configured index", False),
+])
+def test_pytorch_is_installed_again_only_for_another_build(geochange_provider, installed, build, again):
+    from geochange.qgis_plugin.setup_algorithm import TORCH_BUILDS, other_build
+
+    assert other_build(installed, TORCH_BUILDS[build]) is again
 
 
 def results_of(done) -> dict:

@@ -12,7 +12,7 @@ from geochange.trainer.augment import Augment
 from geochange.trainer.config import SCHEMA, validate
 from geochange.trainer.data import (IGNORE, DataError, RasterSource, StreamSampler, TrainStream, build_splits,
                                     train_loader, worker_error)
-from geochange.engine.inputs import optical_input, sar_input
+from geochange.engine.inputs import normalise, optical_input, sar_input
 from geochange.engine.routing import change_area_ratio
 
 OPTICAL = {"pre": optical_input(3), "post": optical_input(3)}
@@ -315,12 +315,52 @@ def test_training_data_of_another_type_than_its_spec_is_refused_in_one_line(tmp_
     with pytest.raises(DataError) as wrapped:
         next(iter(train_loader(stream, 0, 1, workers=1)))
     assert "Original Traceback" in str(wrapped.value) and str(worker_error(wrapped.value)) == message
-    sar = _write_raster(tmp_path / "sar.tif", np.full((1, 64, 64), -12.0, np.float32))
-    spec = {"pre": wide, "post": sar, "label": label, "chip": 64, "split": {"val": 0.0}}
-    inputs = {"pre": optical_input(3, 10000.0, "uint16"), "post": {**sar_input(3), "dtype": "float32"}}
-    stream = TrainStream(build_splits([spec])["train"], Augment(augment_config(crop={"size": 64})), inputs, seed=0)
-    with pytest.raises(DataError, match="the post image is float SAR, which the trained model would read as dB"):
-        stream[0]
+
+
+@pytest.mark.parametrize("sar_db, value", [(True, -12.0), (False, 0.05)])  # dB, and linear power (-13 dB)
+def test_float_sar_trains_as_the_engine_reads_it(tmp_path, sar_db, value):
+    """Float SAR backscatter is mapped from the spec's dB window, read as dB or linear power as data.sar_db says,
+    whatever the spec's type: the model's input is the one detect gives it with --sar-db or without."""
+    label = _write_raster(tmp_path / "label.tif", np.ones((1, 64, 64), np.uint8))
+    optical = _write_raster(tmp_path / "pre.tif", np.full((3, 64, 64), 100, np.uint8))
+    sar = _write_raster(tmp_path / "sar.tif", np.full((1, 64, 64), value, np.float32))
+    spec = {"pre": optical, "post": sar, "label": label, "chip": 64, "split": {"val": 0.0}}
+    inputs = {"pre": optical_input(3), "post": sar_input(3)}  # trained on 8-bit SAR images by default
+    augment = Augment(augment_config(crop={"size": 64}))
+    engine = normalise(torch.full((1, 1, 64, 64), value), inputs["post"], sar_db=sar_db)[0]
+    for reading, close in ((sar_db, True), (not sar_db, False)):
+        chip = TrainStream(build_splits([spec])["train"], augment, inputs, seed=0, sar_db=reading)[0]["post"]
+        assert torch.allclose(chip[:, 32, 32], engine[:, 32, 32], atol=1e-5) is close
+
+
+def test_an_ombria_tile_in_db_trains_and_validates_as_its_8_bit_image(shared_data, tmp_path):
+    """OMBRIA's 8-bit SAR is backscatter mapped from -25..0 dB: the same tile stored as float dB gives the model the
+    same input in training and in the trainer's validation (the engine's predictor, told data.sar_db)."""
+    from geochange.engine.evaluate import predict_image
+    from geochange.engine.manifest import make_manifest
+    from geochange.engine.models import create
+    from geochange.engine.rasters import read_image
+    from geochange.trainer.evaluation import predictor_for
+
+    tile = {d: shared_data / "ombria" / d / "test_0013.png" for d in ("A", "B", "label")}
+    optical, sar, label = (read_image(path) for path in tile.values())
+    paths = {"pre": _write_raster(tmp_path / "pre.tif", optical), "label": _write_raster(tmp_path / "label.tif", label),
+             "8 bit": _write_raster(tmp_path / "sar8.tif", sar),
+             "dB": _write_raster(tmp_path / "sar_db.tif", (sar / 255.0 * 25.0 - 25.0).astype(np.float32))}
+    inputs = {"pre": optical_input(3), "post": sar_input(3)}
+    augment = Augment(augment_config(crop={"size": 128}))
+    chips, items = {}, {}
+    for kind in ("8 bit", "dB"):
+        spec = {"pre": paths["pre"], "post": paths[kind], "label": paths["label"], "chip": 256, "split": {"val": 0.0}}
+        items[kind] = build_splits([spec])["train"]
+        stream = TrainStream(items[kind], augment, inputs, seed=0, sar_db=True)
+        chips[kind] = [stream[k]["post"] for k in range(3)]
+    for eight_bit, db in zip(chips["8 bit"], chips["dB"]):
+        assert torch.allclose(eight_bit, db, atol=1e-5)
+    manifest = make_manifest("m2cd_mit_b0")
+    predictor = predictor_for(create("m2cd_mit_b0").eval(), manifest, "cpu", sar_db=True)
+    probability = {kind: predict_image(predictor, *items[kind][0].load()[:2]) for kind in ("8 bit", "dB")}
+    assert np.abs(probability["8 bit"] - probability["dB"]).max() < 1e-4
 
 
 def test_grid_chips_of_one_split_share_no_pixel_with_another_s(shared_data):

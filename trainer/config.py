@@ -112,6 +112,8 @@ SCHEMA: dict = {
         "batch": (int, 8, _positive),  # global batch, split over the processes
         "workers": (int, 4, _non_negative),
         "optical_sar": (bool, False),  # forbids the exchange of dates
+        # Float SAR dates hold dB (else linear power), as detect's --sar-db says of the rasters it is given.
+        "sar_db": (bool, False),
         # Metres per pixel of the training imagery, recorded in the package: detect warns on other scales.
         "gsd": ((int, float, type(None)), None, lambda v: None if v is None or v > 0 else "must be positive"),
     },

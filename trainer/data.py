@@ -37,7 +37,7 @@ from rasterio.windows import Window
 from geochange.engine.bands import check_band_counts
 from geochange.engine.errors import GeoChangeError
 from geochange.engine.evaluate import change_label, dataset_pairs
-from geochange.engine.inputs import normalise
+from geochange.engine.inputs import backscatter_unit_interval, normalise
 from geochange.engine.rasters import has_mask, open_raster, read_image, valid_mask
 from geochange.engine.windows import WindowPlan
 
@@ -381,10 +381,10 @@ def build_splits(datasets: list[dict]) -> dict[str, list[Item]]:
 class TrainStream(torch.utils.data.Dataset):
     """Position ``k`` of the endless seeded stream over ``items`` (see the module docstring)."""
 
-    def __init__(self, items: list[Item], augment, inputs: dict, seed: int):
+    def __init__(self, items: list[Item], augment, inputs: dict, seed: int, sar_db: bool = False):
         if not items:
             raise DataError("the training split is empty")
-        self.items, self.augment, self.inputs, self.seed = items, augment, inputs, seed
+        self.items, self.augment, self.inputs, self.seed, self.sar_db = items, augment, inputs, seed, sar_db
 
     @functools.lru_cache(maxsize=2)
     def _permutation(self, epoch: int) -> np.ndarray:
@@ -403,6 +403,8 @@ class TrainStream(torch.utils.data.Dataset):
         check_band_counts(pre, post, self.inputs, item.id, "set data.inputs or bands", DataError)
         for date, image in (("pre", pre), ("post", post)):
             _check_units(image, self.inputs[date], date, item.id)
+        pre, post = (in_spec_units(image, self.inputs[date], self.sar_db) for date, image in (("pre", pre),
+                                                                                             ("post", post)))
         rng = np.random.default_rng([self.seed, k, 0])
         pre, post, label = self.augment(pre, post, label, self.inputs, rng)
         # Augmented dates are float but still in the training data's units: its scale applies.
@@ -413,16 +415,23 @@ class TrainStream(torch.utils.data.Dataset):
 
 def _check_units(image: np.ndarray, spec: dict, date: str, where: str) -> None:
     """Training divides a date by its input spec's scale. The package's users read a date of the spec's type the
-    same way, one of another type by that type's usual scale, and float SAR from dB (``engine.inputs.normalise``):
-    data of another type, or float SAR, would train a model that then reads its own kind of data otherwise."""
+    same way, one of another type by that type's usual scale (``engine.inputs.normalise``): data of another type
+    would train a model that then reads its own kind of data otherwise. Float SAR is read from its backscatter
+    whatever the spec's type (``in_spec_units``)."""
     dtype, expected = str(image.dtype), spec.get("dtype", "uint8")
-    if spec["modality"] == "sar" and image.dtype.kind == "f":
-        raise DataError(f"{where}: the {date} image is float SAR, which the trained model would read as dB mapped from "
-                        f"{spec.get('db_range')} and training would divide by {spec['scale']:g}; store it as integers "
-                        f"(e.g. gdal_translate -ot UInt16 -scale) and set data.inputs.{date}'s dtype and scale")
-    if dtype != expected:
+    if dtype != expected and not (spec["modality"] == "sar" and image.dtype.kind == "f"):
         raise DataError(f"{where}: the {date} image is {dtype}, but data.inputs.{date} says {expected} (scale "
                         f"{spec['scale']:g}); set its dtype and scale to the data's")
+
+
+def in_spec_units(image: np.ndarray, spec: dict, sar_db: bool) -> np.ndarray:
+    """A date in the units its spec's scale divides. Float SAR (dB with ``sar_db``, else linear power) is mapped
+    from the spec's dB window onto [0, 1], as the package's users read it (``engine.inputs.normalise``), times that
+    scale, so that augmentation and normalising treat it as integer SAR. Other dates as they are."""
+    if spec["modality"] != "sar" or image.dtype.kind != "f":
+        return image
+    unit = backscatter_unit_interval(torch.from_numpy(image).float(), spec, sar_db)
+    return (unit * float(spec["scale"])).numpy()
 
 
 def worker_error(error: GeoChangeError) -> GeoChangeError:

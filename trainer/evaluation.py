@@ -27,9 +27,11 @@ METRIC_DEFINITION = ("global: TP/FP/TN/FN summed over the split, then per class 
                      "averaged (the JL1-CD competition's way); car_bins: the same per ground-truth CAR bin")
 
 
-def predictor_for(model: torch.nn.Module, manifest: dict, device, tta: dict | None = None) -> Predictor:
-    """The engine's predictor around an in-memory model (it normalises as the manifest says)."""
-    return Predictor(ModelPackage(model=model, manifest=manifest), device, tta=tta)
+def predictor_for(model: torch.nn.Module, manifest: dict, device, tta: dict | None = None,
+                  sar_db: bool = False) -> Predictor:
+    """The engine's predictor around an in-memory model (it normalises as the manifest says; float SAR in dB with
+    ``sar_db``, the config's ``data.sar_db``)."""
+    return Predictor(ModelPackage(model=model, manifest=manifest), device, tta=tta, sar_db=sar_db)
 
 
 def whole_image(predictor) -> PredictFn:
@@ -43,12 +45,14 @@ def test_tta(test: dict) -> dict | None:
     return {"scales": test["scales"], "flip": test["flip"]} if test["tta"] else None
 
 
-def test_predictor(package: ModelPackage | RouterPackage, device, test: dict) -> Predictor | RouterPredictor:
-    """The predictor of the trainer's test: a package (or an O-P router) with the TTA ``test`` asks for."""
+def test_predictor(package: ModelPackage | RouterPackage, device, test: dict,
+                   sar_db: bool = False) -> Predictor | RouterPredictor:
+    """The predictor of the trainer's test: a package (or an O-P router) with the TTA ``test`` asks for (float SAR
+    in dB with ``sar_db``)."""
     tta = test_tta(test)
 
     def make(member: ModelPackage) -> Predictor:
-        return Predictor(member, device, tta=tta)
+        return Predictor(member, device, tta=tta, sar_db=sar_db)
     return RouterPredictor(package, make) if isinstance(package, RouterPackage) else make(package)
 
 

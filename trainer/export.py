@@ -43,8 +43,8 @@ def check_figures(package, cfg: dict) -> dict:
     """F1 on every tenth test tile, tested as the run was: a check quick enough for every test run that
     the shipped weights still give what they gave."""
     items = build_splits(cfg["data"]["datasets"])["test"][::CHECK_EVERY]
-    summary = test_predictions(test_predictor(package, "cpu", cfg["test"]), items, cfg["test"],
-                               cfg["train"]["car_thresholds"])
+    predictor = test_predictor(package, "cpu", cfg["test"], cfg["data"].get("sar_db", False))
+    summary = test_predictions(predictor, items, cfg["test"], cfg["train"]["car_thresholds"])
     return {"tiles": [item.id for item in items], "f1": summary["global"]["f1"]}
 
 
@@ -77,7 +77,7 @@ def export_run(run_dir: str | Path, name: str, *, task: str, data_licence: str, 
     try:
         half = load_package(trial)
         cfg = manifest["training"]["config"]
-        measured = test_predictions(test_predictor(half, "cpu", cfg["test"]),
+        measured = test_predictions(test_predictor(half, "cpu", cfg["test"], cfg["data"].get("sar_db", False)),
                                     build_splits(cfg["data"]["datasets"])["test"], cfg["test"],
                                     cfg["train"]["car_thresholds"])
         moved = fp16_moves(measured["global"], tested["global"])

@@ -223,7 +223,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.teacher, self.distill_weight = teacher, distill_weight
         self.method = method or ("o2sp" if cfg["loss"]["o2sp"] > 0 else "plain")
-        self.stream = TrainStream(self.splits["train"], Augment(cfg["augment"]), self.inputs, cfg["seed"])
+        self.stream = TrainStream(self.splits["train"], Augment(cfg["augment"]), self.inputs, cfg["seed"],
+                                  cfg["data"]["sar_db"])
         self.iteration = 0
         self.recipe = recipe()
         self.best = {"mIoU": -math.inf, "iteration": None, "val": None}
@@ -318,7 +319,8 @@ class Trainer:
     def validate(self, log: MetricLog) -> dict | None:
         summary = None
         if self.main and self.splits["val"]:
-            predict = whole_image(predictor_for(self.module, self.manifest({}), self.device))
+            predict = whole_image(predictor_for(self.module, self.manifest({}), self.device,
+                                                sar_db=self.cfg["data"]["sar_db"]))
             summary = evaluate_items(predict, self.splits["val"], self.cfg["train"]["car_thresholds"])
             log.validation(self.iteration, summary)
             score = summary["global"]["mIoU"]
@@ -421,8 +423,8 @@ class Trainer:
             results = {"best_iteration": self.best["iteration"],
                        "val": package.manifest["training"]["metrics"].get("val"), "test": None}
             if self.splits["test"]:
-                results["test"] = test_predictions(test_predictor(package, self.device, self.cfg["test"]),
-                                                   self.splits["test"], self.cfg["test"],
+                predictor = test_predictor(package, self.device, self.cfg["test"], self.cfg["data"]["sar_db"])
+                results["test"] = test_predictions(predictor, self.splits["test"], self.cfg["test"],
                                                    self.cfg["train"]["car_thresholds"])
                 manifest = package.manifest
                 manifest["training"]["metrics"]["test"] = results["test"]

@@ -269,7 +269,8 @@ class Pipeline:
                            [(n, members[n]) for n in self.names], self.thresholds)
         results = {"router": str(path), "test": None}
         if self.splits["test"]:
-            predictor = test_predictor(load_router(path), self.cfg["device"], self.cfg["test"])
+            predictor = test_predictor(load_router(path), self.cfg["device"], self.cfg["test"],
+                                       self.cfg["data"]["sar_db"])
             results["test"] = test_predictions(predictor, self.splits["test"], self.cfg["test"],
                                                self.cfg["train"]["car_thresholds"])
             results["test"]["routed"] = dict(zip(self.names, predictor.routed.tolist()))
