@@ -21,7 +21,7 @@ from rasterio.features import geometry_mask
 from rasterio.windows import Window
 
 from geochange.engine.errors import RasterError
-from geochange.engine.grid import Grid
+from geochange.engine.grid import Grid, lon_wrap_proj4
 
 
 def split_layer(source: str) -> tuple[str, str | None]:
@@ -91,6 +91,11 @@ def area_of_interest(source: str, grid: Grid, role: str = "the area of interest"
     if grid.crs is None:
         raise RasterError(f"{source}: {role} needs georeferenced rasters; these have no CRS")
     geometry, crs = read_polygons(source, role)
+    if grid.past_antimeridian:
+        geometry = _on_grid_past_antimeridian(geometry, crs, grid)
+        if geometry.is_empty:
+            raise RasterError(f"{source}: {role} does not overlap the rasters")
+        return AreaOfInterest(geometry, str(source))
     grid_crs = CRS.from_user_input(grid.crs)
     if crs is not None and grid_crs != crs:
         # Cut to the grid's surroundings first: a continent's outline reaches where the grid's projection is
@@ -107,15 +112,26 @@ def area_of_interest(source: str, grid: Grid, role: str = "the area of interest"
                                                                   top + margin))
             if geometry.is_empty:
                 raise RasterError(f"{source}: {role} does not overlap the rasters")
-        to_grid = Transformer.from_crs(crs, grid_crs, always_xy=True)
-        geometry = shapely.transform(shapely.segmentize(geometry, _step(geometry)), to_grid.transform,
-                                     interleaved=False)
-    left, _, right, _ = grid.bounds
-    if grid_crs.is_geographic and not -180 <= left <= right <= 180:
-        # A grid across the antimeridian, continued past ±180° (``grid.common_grid``): the polygons a turn east and
-        # west too, where longitudes kept in -180°..180° by their file or PROJ lie on it.
-        geometry = shapely.union_all([shapely.affinity.translate(geometry, turn) for turn in (-360, 0, 360)])
+        geometry = _transformed(geometry, crs, grid_crs)
     return AreaOfInterest(geometry, str(source))
+
+
+def _on_grid_past_antimeridian(geometry, crs, grid: Grid):
+    """Polygons on a geographic grid that reaches past ±180° (``grid.common_grid``): in the grid's CRS with its
+    longitudes wrapped around the grid's middle, so that an outline across the antimeridian stays whole; then a
+    turn east and west too, for polygons taken to be in the grid's CRS whose longitudes lie the other side; cut to
+    the grid, whose pixels they are for."""
+    left, bottom, right, top = grid.bounds
+    if crs is not None:
+        geometry = _transformed(geometry, crs, CRS.from_user_input(lon_wrap_proj4(grid.crs, (left + right) / 2)))
+    geometry = shapely.union_all([shapely.affinity.translate(geometry, turn) for turn in (-360, 0, 360)])
+    return shapely.intersection(geometry, shapely.box(left, bottom, right, top))
+
+
+def _transformed(geometry, crs, to: CRS):
+    """``geometry`` from ``crs`` into ``to``, its edges first cut into steps that follow the curve."""
+    transformer = Transformer.from_crs(crs, to, always_xy=True)
+    return shapely.transform(shapely.segmentize(geometry, _step(geometry)), transformer.transform, interleaved=False)
 
 
 def _step(geometry) -> float:

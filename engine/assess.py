@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 from rasterio.enums import Resampling
-from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 from scipy import ndimage
 
@@ -23,7 +22,7 @@ from geochange.engine.contracts import (ASSESS_FN, ASSESS_FP, ASSESS_NOT_ASSESSE
                                         OBJECT_IOU)
 from geochange.engine.errors import OptionError, RasterError
 from geochange.engine.evaluate import change_label
-from geochange.engine.grid import Grid, warp_needs_alpha, wrapped_longitudes
+from geochange.engine.grid import Grid, warped_on
 from geochange.engine.metrics import confusion, kappa, scores
 from geochange.engine.rasters import open_raster
 
@@ -52,9 +51,7 @@ def raster_on(path: str, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
         if grid.matches(src):
             return src.read(1), src.read_masks(1) > 0
         # The mask marks the grid's pixels that the raster's footprint (and its data) covers.
-        with WarpedVRT(src, src_crs=wrapped_longitudes(src, grid) or src.crs, crs=grid.crs, transform=grid.transform,
-                       width=grid.width, height=grid.height,
-                       resampling=Resampling.nearest, add_alpha=warp_needs_alpha(src)) as vrt:
+        with warped_on(src, grid, Resampling.nearest) as vrt:
             return vrt.read(1), vrt.read_masks(1) > 0
 
 

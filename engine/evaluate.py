@@ -77,7 +77,7 @@ def evaluate_folder(package: ModelPackage, root: str | os.PathLike, *, ignore_va
     the names of the images evaluated.
 
     ``options``: the evaluate fields of ``engine.options.DetectOptions`` (tile, overlap, batch, device,
-    threshold, tta, precision). Images up to the tile (default: the package's) are predicted whole, as the
+    threshold, tta, precision, sar_db). Images up to the tile (default: the package's) are predicted whole, as the
     papers and the trainer test; larger ones tile by tile. ``tta``: the test-time augmentation the package
     was tested with (else the default, see ``predictor.model_tta``). Label pixels equal to
     ``ignore_value`` count in no metric.
@@ -88,7 +88,8 @@ def evaluate_folder(package: ModelPackage, root: str | os.PathLike, *, ignore_va
     options = replace(options, tile=package.tile if options.tile is None else options.tile)
     check_tiling(options.tile, options.overlap)  # before any image: most fit in a tile and never make a plan
     predictor = Predictor(package, options.device, precision=options.precision, backend=options.backend,
-                          tta=model_tta(package.manifest) if options.tta else None, log=progress.log)
+                          tta=model_tta(package.manifest) if options.tta else None, sar_db=options.sar_db,
+                          log=progress.log)
     meter = ConfusionMeter()
     pairs = dataset_pairs(root)
     for i, (path_a, path_b, path_label) in enumerate(pairs):

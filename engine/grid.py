@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyproj
 from affine import Affine
+from osgeo import osr
 from rasterio._err import CPLE_BaseError  # GDAL's errors as rasterio raises them (not public)
 from rasterio.crs import CRS
 from rasterio.enums import ColorInterp, Resampling
@@ -69,6 +70,12 @@ class Grid:
         """The pixel side, in the CRS's units, that measures ``metres`` as ``pixel_metres`` measures this grid's
         (georeferenced grids only)."""
         return metres * self.pixel_side / self.pixel_metres()
+
+    @property
+    def past_antimeridian(self) -> bool:
+        """A geographic grid reaching past 180° or -180° (a pair across the antimeridian, ``common_grid``)."""
+        left, _, right, _ = self.bounds
+        return self.crs is not None and self.crs.is_geographic and not -180 <= left <= right <= 180
 
     def matches(self, src) -> bool:
         return (src.crs == self.crs and src.width == self.width and src.height == self.height
@@ -126,18 +133,30 @@ def _one_longitude_range(footprints, reference: int) -> list:
             for turn in [360 * round((middle - (left + right) / 2) / 360)]]
 
 
+def lon_wrap_proj4(crs, middle: float) -> str:
+    """A geographic ``crs`` as a PROJ string whose longitudes PROJ wraps around ``middle`` (``lon_wrap``). GDAL's
+    export keeps the datum's shift to WGS84, which rasterio's (``+init=epsg:N``) loses."""
+    srs = osr.SpatialReference()
+    srs.ImportFromWkt(crs.to_wkt())
+    return f"{srs.ExportToProj4()} +lon_wrap={middle}"
+
+
 def wrapped_longitudes(src, grid: Grid) -> CRS | None:
-    """For a warped read of a geographic ``src`` where it or a geographic grid reaches past ±180°: its CRS with
-    longitudes wrapped around its middle (PROJ's ``lon_wrap``), so that the grid's pixels find its own; GDAL's
-    warper puts every longitude in -180°..180° and missed half of a raster across the antimeridian. None where
-    the plain CRS does."""
+    """For a warped read of a geographic ``src`` where it or the grid reaches past ±180°: its CRS with longitudes
+    wrapped around its middle, so that the grid's pixels find its own; GDAL's warper puts every longitude in
+    -180°..180° and missed half of a raster across the antimeridian. None where the plain CRS does."""
     if grid.crs is None or src.crs is None or not src.crs.is_geographic:
         return None
     left, _, right, _ = _extent(src)
-    ranges = [(left, right)] + ([(grid.bounds[0], grid.bounds[2])] if grid.crs.is_geographic else [])
-    if all(-180 <= low and high <= 180 for low, high in ranges):
+    if -180 <= left and right <= 180 and not grid.past_antimeridian:
         return None
-    return CRS.from_proj4(f"{src.crs.to_proj4()} +lon_wrap={(left + right) / 2}")
+    return CRS.from_proj4(lon_wrap_proj4(src.crs, (left + right) / 2))
+
+
+def warped_on(src, grid: Grid, resampling: Resampling) -> WarpedVRT:
+    """``src`` warped onto ``grid``, with an alpha band where it needs one (``warp_needs_alpha``)."""
+    return WarpedVRT(src, src_crs=wrapped_longitudes(src, grid) or src.crs, crs=grid.crs, transform=grid.transform,
+                     width=grid.width, height=grid.height, resampling=resampling, add_alpha=warp_needs_alpha(src))
 
 
 def common_grid(pre, post, *, on: str = "pre", crs: str | None = None,
@@ -233,19 +252,16 @@ class GridReader:
         self.path = src.name
         t, g = src.transform, grid.transform
         col, row = (0, 0) if grid.crs is None else ~t * (g.c, g.f)  # the grid's origin in the dataset's pixels
-        wrapped = wrapped_longitudes(src, grid)
         on_lattice = grid.crs is None or (  # a pixel grid is the dataset's own
             src.crs == grid.crs and north_up(t) and math.isclose(t.a, g.a) and math.isclose(t.e, g.e)
             and abs(col - round(col)) < 1e-6 and abs(row - round(row)) < 1e-6
-            and (wrapped is None or -grid.width < col < src.width))  # not the same lattice a turn of the Earth away
+            and -grid.width < col < src.width)  # it meets the grid: not the same lattice a turn of the Earth away
         # Whether GDAL masks any pixel: a warped read marks what lies outside the source.
         self.masked = not on_lattice or has_mask(src)
         if on_lattice:
             self.dataset, self.offset = src, (int(round(row)), int(round(col)))
         else:
-            self.dataset = self._stack.enter_context(WarpedVRT(
-                src, src_crs=wrapped or src.crs, crs=grid.crs, transform=grid.transform, width=grid.width,
-                height=grid.height, resampling=Resampling.bilinear, add_alpha=warp_needs_alpha(src)))
+            self.dataset = self._stack.enter_context(warped_on(src, grid, Resampling.bilinear))
             self.offset = (0, 0)
 
     def window(self, window: Window) -> Window:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from geochange.engine.errors import RasterError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # The value meaning 1.0 for inputs whose type differs from the training data's: 8-bit images,
@@ -50,7 +52,11 @@ def input_scale(dtype: str, spec: dict, override: float | None = None) -> float:
 
 
 def backscatter_unit_interval(x: torch.Tensor, spec: dict, sar_db: bool) -> torch.Tensor:
-    """SAR backscatter, dB (``sar_db``) or linear power, mapped from the spec's ``db_range`` onto [0, 1]."""
+    """SAR backscatter, dB (``sar_db``) or linear power, mapped from the spec's ``db_range`` onto [0, 1]. Power is
+    never negative: a negative value (invalid pixels are zeroed before) says dB, which as power would map to 0."""
+    if not sar_db and bool((x < 0).any()):
+        raise RasterError(f"the float SAR date holds negative values (down to {float(x.min()):.4g}): backscatter in "
+                          "dB, not linear power; say so (detect's --sar-db, the trainer's data.sar_db)")
     db = x if sar_db else 10.0 * torch.log10(x.clamp_min(1e-6))
     low, high = spec.get("db_range", DEFAULT_DB_RANGE)
     return ((db - low) / (high - low)).clamp(0.0, 1.0)

@@ -90,7 +90,7 @@ class DetectOptions:
              "outlines, whatever the CRS (in a geographic CRS, as degrees of latitude); 0 keeps the pixel "
              "outlines. Pixels for two rasters without a CRS.")
     sar_db: bool = option(
-        False, kind="bool", parameter="SAR_DB", label="SAR rasters are in dB",
+        False, kind="bool", parameter="SAR_DB", label="SAR rasters are in dB", evaluate=True,
         help="Float SAR rasters hold backscatter in dB (otherwise linear power is assumed). Only for models "
              "whose manifest marks a date as SAR.")
     tta: bool = option(

@@ -17,6 +17,7 @@ from qgis.core import (
     QgsProcessingParameterEnum,
     QgsProcessingParameterNumber,
     QgsProviderRegistry,
+    QgsRectangle,
 )
 from qgis.PyQt.QtCore import QCoreApplication
 
@@ -185,7 +186,10 @@ def overlap(a, b, context) -> bool:
         extent = QgsCoordinateTransform(b.crs(), a.crs(), context.transformContext()).transformBoundingBox(b.extent())
     except QgsCsException:
         return True
-    return extent.intersects(a.extent())
+    # In degrees, a turn of the Earth apart may be one place across the antimeridian: the engine lines them up.
+    turns = (-360, 0, 360) if a.crs().isGeographic() else (0,)
+    return any(QgsRectangle(extent.xMinimum() + turn, extent.yMinimum(), extent.xMaximum() + turn,
+                            extent.yMaximum()).intersects(a.extent()) for turn in turns)
 
 
 def _default_text(parameter) -> str:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from affine import Affine
 
 from geochange.engine.shared_data import shared_data_dir
 
@@ -291,3 +292,22 @@ def levir_maps(shared_data, tmp_path_factory) -> dict:
     geometries = [transform_geom(crs, "EPSG:3857", g) for g, v in shapes(label, label > 0, transform=transform)]
     return {"label": label_path, "label_array": label, "mask": folder / "mask.tif", "mask_array": mask,
             "polygons": write_polygons(folder / "reference.gpkg", geometries, 3857), "folder": folder}
+
+
+# Fiji across the antimeridian: 0.2° x 0.1° at 17° S, in degrees east of 180° (as GDAL keeps them), in degrees
+# west of -180°, and in UTM zone 1 south, whose 25 x 12.5 km cover the same place.
+FIJI_EAST = ("EPSG:4326", Affine(0.0005, 0, 179.9, 0, -0.0005, -16.9), 400, 200)
+FIJI_WEST = ("EPSG:4326", Affine(0.0005, 0, -180.1, 0, -0.0005, -16.9), 400, 200)
+FIJI_UTM = ("EPSG:32701", Affine(50, 0, 169716.64, 0, -50, 8128908.16), 500, 250)
+
+
+def write_constant(path, place, value):
+    """A 3-band uint8 GeoTIFF at ``place`` (one of the places above), every pixel ``value``."""
+    import numpy as np
+    import rasterio
+
+    crs, transform, width, height = place
+    with rasterio.open(path, "w", driver="GTiff", width=width, height=height, count=3, dtype="uint8", crs=crs,
+                       transform=transform) as dst:
+        dst.write(np.full((3, height, width), value, np.uint8))
+    return path

@@ -10,7 +10,7 @@ from shapely import wkb
 
 from geochange.engine.contracts import MASK_NODATA
 from geochange.engine.detect import detect, prepare
-from geochange.engine.errors import GeoChangeError
+from geochange.engine.errors import GeoChangeError, RasterError
 from geochange.engine.grid import common_grid
 from geochange.engine.inputs import optical_input, sar_input
 from geochange.engine.manifest import make_manifest
@@ -119,6 +119,8 @@ def test_sar_db_and_linear_inputs_give_the_same_model_input():
     db = torch.tensor([[[[-20.0, -10.0], [0.0, -30.0]]]])
     from geochange.engine.inputs import normalise
     assert torch.allclose(normalise(db, spec, sar_db=True), normalise(10 ** (db / 10), spec), atol=1e-5)
+    with pytest.raises(RasterError, match=r"negative values \(down to -30\): backscatter in dB, not linear power"):
+        normalise(db, spec)  # dB read as power: every pixel would map to 0
     grey = torch.tensor([[[[0, 255]]]], dtype=torch.uint8)
     x = normalise(grey, spec)
     assert x.shape == (1, 3, 1, 2)  # replicated to three channels

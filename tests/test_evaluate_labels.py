@@ -129,3 +129,31 @@ def test_the_trainer_reads_labels_the_same_way(shared_data):
     raw = read_image(taizhou / "label_sparse.tif")[0]
     assert sorted(np.unique(labels)) == [0, 1, IGNORE]
     assert [np.count_nonzero(labels == v) for v in (0, 1, IGNORE)] == [np.count_nonzero(raw == v) for v in (0, 1, 255)]
+
+
+def test_float_db_sar_is_evaluated_as_its_8_bit_image_with_sar_db(shared_data, tmp_path):
+    """The zoo's flood model on OMBRIA tiles whose 8-bit SAR (backscatter mapped from -25..0 dB) is stored as float
+    dB: with --sar-db the same metrics as the 8-bit tiles; without, an error that says dB, not a blank date."""
+    from geochange.engine.zoo import zoo_path
+
+    ombria = shared_data / "ombria"
+    names = sorted(p.stem for p in (ombria / "A").iterdir())[:2]
+    model = load_package(zoo_path("m2cd_mit_b0_flood"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)  # plain images, as the dataset's PNGs
+        for kind in ("8bit", "db"):
+            for folder in ("A", "B", "label"):
+                (tmp_path / kind / folder).mkdir(parents=True)
+                for name in names:
+                    image = read_image(ombria / folder / f"{name}.png")
+                    if folder == "B" and kind == "db":
+                        image = (image / 255.0 * 25.0 - 25.0).astype(np.float32)
+                    with rasterio.open(tmp_path / kind / folder / f"{name}.tif", "w", driver="GTiff",
+                                       count=image.shape[0], height=image.shape[1], width=image.shape[2],
+                                       dtype=image.dtype) as dst:
+                        dst.write(image)
+        eight_bit = evaluate_folder(model, tmp_path / "8bit", device="cpu", precision="fp32", backend="eager")
+        db = evaluate_folder(model, tmp_path / "db", device="cpu", precision="fp32", backend="eager", sar_db=True)
+        with pytest.raises(RasterError, match="negative values .*: backscatter in dB, not linear power"):
+            evaluate_folder(model, tmp_path / "db", device="cpu", precision="fp32", backend="eager")
+    assert eight_bit["global"]["f1"] == pytest.approx(db["global"]["f1"], abs=1e-4) and eight_bit["global"]["f1"] > 0

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import rasterio
+import shapely
 from affine import Affine
 from osgeo import gdal, osr
 from rasterio.crs import CRS
@@ -18,7 +19,7 @@ from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 from shapely.geometry import Polygon, box, mapping
 
-from conftest import write_masked_raster, write_polygons
+from conftest import FIJI_EAST, FIJI_UTM, FIJI_WEST, write_constant, write_masked_raster, write_polygons
 from geochange.engine.assess import raster_on
 from geochange.engine.detect import detect, prepare
 from geochange.engine.errors import OptionError, OutputError, RasterError
@@ -132,21 +133,6 @@ def test_a_crs_gdal_cannot_transform_is_named_in_one_line(tmp_path, capfd):
     assert "ERROR" not in capfd.readouterr().err  # GDAL's own complaint kept off the terminal
 
 
-# Fiji across the antimeridian: 0.2° x 0.1° at 17° S, in degrees east of 180° (as GDAL keeps them), in degrees
-# west of -180°, and in UTM zone 1 south, whose 25 x 12.5 km cover the same place.
-FIJI_EAST = ("EPSG:4326", Affine(0.0005, 0, 179.9, 0, -0.0005, -16.9), 400, 200)
-FIJI_WEST = ("EPSG:4326", Affine(0.0005, 0, -180.1, 0, -0.0005, -16.9), 400, 200)
-FIJI_UTM = ("EPSG:32701", Affine(50, 0, 169716.64, 0, -50, 8128908.16), 500, 250)
-
-
-def write_constant(path, place, value):
-    crs, transform, width, height = place
-    with rasterio.open(path, "w", driver="GTiff", width=width, height=height, count=3, dtype="uint8", crs=crs,
-                       transform=transform) as dst:
-        dst.write(np.full((3, height, width), value, np.uint8))
-    return path
-
-
 @pytest.mark.parametrize("pre_place, post_place, on, valid_share", [
     (FIJI_EAST, FIJI_UTM, "pre", 0.985),  # today: "the two rasters do not overlap"
     (FIJI_WEST, FIJI_UTM, "pre", 0.985),
@@ -171,6 +157,53 @@ def test_a_pair_across_the_antimeridian_is_read_where_it_overlaps(tmp_path, pre_
         read.close()
     assert valid.mean() >= valid_share
     assert (pre_pixels[:, valid] == 100).all() and (post_pixels[:, valid] == 200).all()
+
+
+def test_a_date_in_another_datum_across_the_antimeridian_keeps_its_datum_shift(tmp_path):
+    """Fiji 1986 (EPSG:4720) is not WGS84: read with its longitudes wrapped it is placed as GDAL places it (where
+    the plain warp reaches it, west of 180°), and east of 180° too."""
+    data = np.tile(np.arange(400, dtype=np.float32), (1, 200, 1))  # each column its index
+    crs, transform, width, height = FIJI_EAST
+    path = tmp_path / "fiji1986.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=width, height=height, count=1, dtype="float32",
+                       crs="EPSG:4720", transform=transform) as dst:
+        dst.write(data)
+    grid, window = Grid(CRS.from_string(crs), transform, width, height), Window(0, 0, width, height)
+    with rasterio.open(path) as src:
+        reader = GridReader(src, grid)
+        ours, inside = reader.read([1], window)[0], reader.read_masks([1], window)[0] > 0
+        reader.close()
+        with WarpedVRT(src, crs=grid.crs, transform=transform, width=width, height=height,
+                       resampling=Resampling.bilinear, add_alpha=True) as vrt:
+            plain, reached = vrt.read(1), vrt.read(2) > 0
+    assert inside.all() and 0.4 < reached.mean() < 0.6
+    np.testing.assert_allclose(ours[reached], plain[reached], atol=1e-3)
+    assert abs(ours[100, 100] - 100) > 0.2  # the datum shift moves it by about 16 m (0.3 px)
+
+
+@pytest.mark.parametrize("polygon_crs, corners, columns", [
+    ("EPSG:32701", ((179.95, -16.98), (180.05, -16.92)), (100, 300)),  # across 180° in UTM: today a GEOS error
+    ("EPSG:4269", ((-180.0, -17.0), (-179.95, -16.9)), (200, 300)),  # NAD83, west of -180°: today "does not overlap"
+    ("EPSG:4326", ((-180.0, -17.0), (-179.95, -16.9)), (200, 300)),
+])
+def test_an_area_of_interest_lies_on_a_grid_past_the_antimeridian(tmp_path, polygon_crs, corners, columns):
+    from pyproj import Transformer
+
+    from geochange.engine.aoi import area_of_interest
+
+    (west, south), (east, north) = corners
+    ring = box(west, south, east, north).exterior
+    to_file = Transformer.from_crs("EPSG:4326", polygon_crs, always_xy=True)
+    polygon = Polygon([to_file.transform(x, y) for x, y in shapely.segmentize(ring, 0.001).coords])
+    path = write_polygons(tmp_path / "aoi.gpkg", [mapping(polygon)], int(polygon_crs.split(":")[1]))
+    crs, transform, width, height = FIJI_EAST
+    grid = Grid(CRS.from_string(crs), transform, width, height)
+    aoi = area_of_interest(str(path), grid)
+    inside = aoi.mask(Window(0, 0, width, height), grid)
+    assert inside[100, columns[0] + 2:columns[1] - 2].all() and not inside[:, :columns[0] - 2].any()
+    assert not inside[:, columns[1] + 2:].any()
+    cropped = aoi.crop(grid)  # the run's grid follows the area
+    assert abs(cropped.width - (columns[1] - columns[0])) <= 2
 
 
 def test_a_detection_across_the_antimeridian_writes_its_outputs_there(tmp_path, random_package):

@@ -24,6 +24,7 @@ from qgis.core import (  # noqa: E402
     QgsFeature,
     QgsGeometry,
     QgsPalettedRasterRenderer,
+    QgsProcessingContext,
     QgsProcessingException,
     QgsProcessingFeedback,
     QgsRasterLayer,
@@ -32,7 +33,7 @@ from qgis.core import (  # noqa: E402
     QgsVectorLayer,
 )
 
-from conftest import run_algorithm  # noqa: E402
+from conftest import FIJI_EAST, FIJI_WEST, run_algorithm, write_constant  # noqa: E402
 
 gdal.UseExceptions()
 ogr.UseExceptions()
@@ -227,6 +228,21 @@ def test_inputs_the_model_cannot_take_are_refused_before_the_run(geochange_provi
             run_algorithm(ALGORITHM, parameters, log)
         assert not any(line.startswith("GeoChange engine") for line in log.lines), log.lines
     assert not (tmp_path / "out").exists()
+
+
+def test_dates_in_degrees_a_turn_apart_are_left_to_the_engine(geochange_provider, tmp_path):
+    """One place across the antimeridian, once in degrees east of 180° and once west of -180°: QGIS's check does
+    not call them apart (the engine lines them up), but it still refuses dates that are apart."""
+    from geochange.qgis_plugin.engine_algorithm import overlap
+
+    east, west = (QgsRasterLayer(str(write_constant(tmp_path / f"{name}.tif", place, 1)), name)
+                  for name, place in (("east", FIJI_EAST), ("west", FIJI_WEST)))
+    crs, transform, width, height = FIJI_EAST
+    far = QgsRasterLayer(str(write_constant(tmp_path / "far.tif", (crs, transform * Affine.translation(0, 10**4),
+                                                                    width, height), 1)), "far")
+    context = QgsProcessingContext()
+    assert overlap(east, west, context) and overlap(west, east, context)
+    assert not overlap(east, far, context)
 
 
 def test_one_raster_as_both_dates_is_refused_before_the_run(geochange_provider, levir_crop, tinycd_package, tmp_path):

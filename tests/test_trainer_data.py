@@ -12,6 +12,7 @@ from geochange.trainer.augment import Augment
 from geochange.trainer.config import SCHEMA, validate
 from geochange.trainer.data import (IGNORE, DataError, RasterSource, StreamSampler, TrainStream, build_splits,
                                     train_loader, worker_error)
+from geochange.engine.errors import RasterError
 from geochange.engine.inputs import normalise, optical_input, sar_input
 from geochange.engine.routing import change_area_ratio
 
@@ -301,6 +302,20 @@ def test_nodata_and_nan_in_a_raster_pair_are_pixels_no_loss_sees(tmp_path):
     assert np.isfinite(post_chip).all() and (post_chip[:, ~ignored] == 0.5).all() and post_chip.dtype == np.float32
 
 
+def test_nan_in_a_folder_dataset_s_float_tile_is_a_pixel_no_loss_sees(tmp_path):
+    """Float SAR tiles (Sen1Floods11's dB) mark nodata with NaN: ignored by the loss and the metrics, and zeroed."""
+    sar = np.full((1, 64, 64), -12.0, np.float32)
+    sar[0, :8] = np.nan
+    for folder, image in (("A", np.full((3, 64, 64), 100, np.uint8)), ("B", sar),
+                          ("label", np.ones((1, 64, 64), np.uint8))):
+        (tmp_path / folder).mkdir()
+        _write_raster(tmp_path / folder / "tile.tif", image)
+    [item] = build_splits([{"root": str(tmp_path), "split": {"val": 0.0}}])["train"]
+    pre, post, label = item.load()
+    assert (label[:8] == IGNORE).all() and (label[8:] == 1).all()
+    assert np.isfinite(post).all() and (post[0, :8] == 0).all() and (post[0, 8:] == -12).all()
+
+
 def test_training_data_of_another_type_than_its_spec_is_refused_in_one_line(tmp_path):
     """Trained dividing uint16 by the spec's 255, the model would be given uint16 divided by 10000 when it runs."""
     label = _write_raster(tmp_path / "label.tif", np.ones((1, 64, 64), np.uint8))
@@ -328,9 +343,14 @@ def test_float_sar_trains_as_the_engine_reads_it(tmp_path, sar_db, value):
     inputs = {"pre": optical_input(3), "post": sar_input(3)}  # trained on 8-bit SAR images by default
     augment = Augment(augment_config(crop={"size": 64}))
     engine = normalise(torch.full((1, 1, 64, 64), value), inputs["post"], sar_db=sar_db)[0]
-    for reading, close in ((sar_db, True), (not sar_db, False)):
-        chip = TrainStream(build_splits([spec])["train"], augment, inputs, seed=0, sar_db=reading)[0]["post"]
-        assert torch.allclose(chip[:, 32, 32], engine[:, 32, 32], atol=1e-5) is close
+    chip = TrainStream(build_splits([spec])["train"], augment, inputs, seed=0, sar_db=sar_db)[0]["post"]
+    assert torch.allclose(chip[:, 32, 32], engine[:, 32, 32], atol=1e-5)
+    other = TrainStream(build_splits([spec])["train"], augment, inputs, seed=0, sar_db=not sar_db)
+    if sar_db:  # dB read as power: refused, not trained on a blank date
+        with pytest.raises(RasterError, match="negative values .*backscatter in dB, not linear power"):
+            other[0]
+    else:
+        assert not torch.allclose(other[0]["post"][:, 32, 32], engine[:, 32, 32], atol=1e-5)
 
 
 def test_an_ombria_tile_in_db_trains_and_validates_as_its_8_bit_image(shared_data, tmp_path):

@@ -131,7 +131,8 @@ class FolderSource:
             if self._decoded_bytes + size > DECODED_BYTES:
                 return pair
             self._decoded[key], self._decoded_bytes = pair, self._decoded_bytes + size
-        return tuple(array.copy() for array in self._decoded[key])
+        pre, post, label = (array.copy() for array in self._decoded[key])
+        return without_invalid(pre, post, label, np.isfinite(pre).all(0) & np.isfinite(post).all(0))
 
 
 class RasterSource:
@@ -184,11 +185,16 @@ class RasterSource:
             raw = rasterize(self.polygons, out_shape=(int(window.height), int(window.width)),
                             transform=window_transform(window, self.transform), fill=0, default_value=1,
                             dtype="uint8")
-        label = binary_label(raw, f"{self.label} ({key})", self.ignore_value)
-        if not valid.all():  # nodata or NaN in a date: no loss there, and no NaN into the model
-            label[~valid] = IGNORE
-            pre, post = (np.where(valid, image, 0).astype(image.dtype) for image in (pre, post))
-        return pre, post, label
+        return without_invalid(pre, post, binary_label(raw, f"{self.label} ({key})", self.ignore_value), valid)
+
+
+def without_invalid(pre: np.ndarray, post: np.ndarray, label: np.ndarray, valid: np.ndarray) -> tuple:
+    """A chip whose pixels invalid in a date (nodata, NaN: not ``valid``) are ignored by the loss and the metrics,
+    and zeroed so that no NaN reaches the model."""
+    if not valid.all():
+        label[~valid] = IGNORE
+        pre, post = (np.where(valid, image, 0).astype(image.dtype) for image in (pre, post))
+    return pre, post, label
 
 
 def _check_same_grid(a, b) -> None:
