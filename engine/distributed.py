@@ -18,6 +18,7 @@ import numpy as np
 from geochange.engine.atomic import check_outputs, new_token
 from geochange.engine.contracts import POLYGON_LAYER
 from geochange.engine.detect import DetectResult, prepare, run_progress, write_outputs
+from geochange.engine.errors import OutputError
 from geochange.engine.options import DetectOptions
 from geochange.engine.progress import Progress
 from geochange.engine.stream import stream_rows
@@ -110,10 +111,13 @@ def _bands_from_parts(parts: Path, row_starts: list[int], height: int, world: in
     """The rows of every rank's part, cut at the tile rows as a single process releases them."""
     ends = row_starts[1:] + [height]
     for rank in range(world):
-        path = _part_path(parts, rank)
-        if not path.exists():
-            continue
         rows = rank_tile_rows(len(row_starts), world, rank)
+        if not len(rows):
+            continue
+        path = _part_path(parts, rank)
+        if not path.exists():  # e.g. ranks on nodes that do not share the output folder
+            raise OutputError(f"{path}: rank {rank}'s rows are not there; every rank must write into the output "
+                              "folder rank 0 reads (a folder all nodes share)")
         part = np.load(path, mmap_mode="r")
         offset = row_starts[rows.start]
         for i in rows:

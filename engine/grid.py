@@ -183,7 +183,8 @@ def common_grid(pre, post, *, on: str = "pre", crs: str | None = None,
     try:
         with Env():  # GDAL's complaint goes to rasterio's log: the error below says it
             res_x, res_y = (resolution, resolution) if resolution else _resolution(reference, target)
-            footprints = [transform_bounds(src.crs, target, *_extent(src), densify_pts=21) for src in (pre, post)]
+            footprints = [_extent(src) if src.crs == target else  # a local CRS transforms not even to itself
+                          transform_bounds(src.crs, target, *_extent(src), densify_pts=21) for src in (pre, post)]
     except (CPLE_BaseError, RasterioError) as error:  # e.g. a local (engineering) CRS, tied to no place on Earth
         moved = [src for src in (pre, post) if src.crs != target]
         names = " and ".join(f"{Path(src.name).name} (CRS {_crs_name(src.crs)})" for src in moved or (pre, post))

@@ -26,7 +26,7 @@ from pathlib import Path
 from geochange.engine.aoi import absolute_layer
 from geochange.engine.atomic import AtomicOutputs, folder_lock
 from geochange.engine.contracts import PAIR_DONE, PAIR_FAILED, PAIR_PENDING, PAIR_SKIPPED, SUMMARY_FILES, SUMMARY_LAYER
-from geochange.engine.errors import GeoChangeError, OptionError, gdal_write_errors, output_error
+from geochange.engine.errors import Cancelled, GeoChangeError, OptionError, gdal_write_errors, output_error
 from geochange.engine.options import DETECT, DetectOptions, names
 from geochange.engine.pair_task import NUMBERS, SUMMARY_FIELDS, complete, pair_row, run_pair
 from geochange.engine.pairs import Pair, checked
@@ -210,6 +210,8 @@ def _outcome(future, job: dict) -> dict:
     that cannot import the engine) is its pair's failure."""
     try:
         return future.result()
+    except Cancelled:  # this process was asked to stop while it waited: the run stops, the pair is no failure
+        raise
     except Exception as error:
         return pair_row(job, PAIR_FAILED, error=f"the task failed on the cluster: {type(error).__name__}: {error}")
 
@@ -254,7 +256,10 @@ def _on_this_machine(jobs: list[dict], record, options: DetectOptions, workers: 
     import psutil
 
     _check_workers_import_this_engine()
-    cores, gpus, memory = available_cores(), _gpus(options.device), psutil.virtual_memory().available
+    from distributed.system import MEMORY_LIMIT  # the machine's, or its container's (cgroup) where lower
+
+    cores, gpus = available_cores(), _gpus(options.device)
+    memory = min(psutil.virtual_memory().available, MEMORY_LIMIT)
     widest = local_layout(cores, gpus, workers=workers, threads=options.threads, pairs=len(jobs))
     device = "cuda" if gpus else options.device  # a worker sees its GPU only, as cuda
     jobs = [{**job, "options": {**job["options"], "device": device}} for job in _widest_first(jobs)]

@@ -27,22 +27,27 @@ def map_units(metres: float, crs) -> float:
 
 
 @functools.lru_cache(maxsize=16)
-def _to_lonlat(crs_text: str) -> Transformer | None:
-    """The transformer to longitude/latitude of a CRS (None for EPSG:4326), built once per CRS:
-    building one costs as much as the area of a polygon."""
+def _to_lonlat(crs_text: str) -> Transformer | float | None:
+    """The transformer to longitude/latitude of a CRS (None for EPSG:4326), built once per CRS: building one costs
+    as much as the area of a polygon. For a local (engineering) CRS, tied to no place on Earth, its metres per
+    unit: areas are planar there."""
     crs = CRS.from_user_input(crs_text)
+    if crs.is_engineering:
+        return metres_per_unit(crs)
     return None if crs.to_epsg() == 4326 else Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
 
 
 def ring_areas(rings, crs) -> np.ndarray:
     """Area enclosed by each ring on the WGS84 ellipsoid in m2, whatever the CRS (projected areas are
     distorted); one transform of all the coordinates, one geodesic sum per ring. Without a CRS (a pixel
-    grid), the planar area in pixels."""
+    grid), the planar area in pixels; in a local CRS, the planar area in m2."""
     if crs is None:
         return np.abs(shapely.area(shapely.polygons(rings)))
+    to_lonlat = _to_lonlat(crs if isinstance(crs, str) else crs.to_wkt())
+    if isinstance(to_lonlat, float):  # a local CRS: planar, in its unit
+        return np.abs(shapely.area(shapely.polygons(rings))) * to_lonlat ** 2
     coords, ring = shapely.get_coordinates(rings, return_index=True)
     x, y = coords[:, 0], coords[:, 1]
-    to_lonlat = _to_lonlat(crs if isinstance(crs, str) else crs.to_wkt())
     if to_lonlat is not None:
         x, y = to_lonlat.transform(x, y)
     bounds = np.searchsorted(ring, np.arange(len(rings) + 1))

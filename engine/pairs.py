@@ -6,6 +6,7 @@ import csv
 import glob
 import os
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,7 +83,8 @@ def _capturing(pattern: str) -> re.Pattern:
         else:
             parts.append(re.escape(char))
         i += 1
-    return re.compile("".join(parts))
+    # Windows' glob matches case-blind (*.tif finds a Landsat scene's .TIF): so must its pairing.
+    return re.compile("".join(parts), re.IGNORECASE if os.name == "nt" else 0)
 
 
 def _by_key(pattern: str, option: str) -> dict[str, str]:
@@ -128,17 +130,24 @@ def pairs_from(table: str | None = None, pre_glob: str | None = None, post_glob:
 
 
 def checked(pairs: list[Pair], where: str) -> list[Pair]:
-    """``pairs``, refused where empty, or where a name is no plain folder name or is given twice."""
+    """``pairs``, refused where empty, or where a name is no plain folder name (nor a summary file's, or one of its
+    side files': those are replaced with the summary) or is given twice: names that differ only in case or in
+    their Unicode composition are one folder on Windows and macOS."""
     if not pairs:
         raise OptionError(f"{where}: no pairs")
     seen = {}
     for pair in pairs:
         name = pair.name
-        if (not name or name.startswith(".") or any(c in name for c in "/\\\0") or name in SUMMARY_FILES):
+        if (not name or name.startswith(".") or any(c in name for c in "/\\\0")
+                or any(name.startswith(summary) for summary in SUMMARY_FILES)):
             raise OptionError(f"{where}: {name!r} cannot name a pair's output folder (a plain name, not starting "
-                              f"with a dot, nor {' or '.join(SUMMARY_FILES)})")
-        if name in seen:
-            raise OptionError(f"{where}: two pairs are named {name!r} ({seen[name]} and {pair.post}); give each "
-                              "a name of its own (the CSV's name column)")
-        seen[name] = pair.post
+                              f"with a dot, nor with {' or '.join(SUMMARY_FILES)})")
+        folder = unicodedata.normalize("NFC", name).casefold()
+        if folder in seen:
+            first, post = seen[folder]
+            alike = "named" if first == name else f"named {first!r} and"
+            raise OptionError(f"{where}: two pairs are {alike} {name!r} ({post} and {pair.post}), one output folder "
+                              "(where case does not count, as on Windows and macOS); give each a name of its own "
+                              "(the CSV's name column)")
+        seen[folder] = name, pair.post
     return pairs

@@ -23,28 +23,35 @@ from geochange.engine.atomic import remove_quietly
 from geochange.engine.contracts import PROBABILITY_NODATA
 from geochange.engine.errors import OptionError
 from geochange.engine.grid import Grid, PairReader, too_large
+from geochange.engine.measures import METRES_PER_DEGREE
 from geochange.engine.outputs import BLOCK, StagedRaster
 from geochange.engine.rasters import open_raster
 
 
 def model_grid(grid: Grid, gsd: float | None) -> Grid:
-    """``grid``'s extent in square pixels that measure ``gsd`` metres (the model's, see ``Grid.side_of``), from
-    its top-left corner, covering it whole; ``grid`` itself where its pixels measure that already."""
+    """``grid``'s extent in pixels that measure ``gsd`` metres a side (the model's), from its top-left corner,
+    covering it whole; ``grid`` itself where its pixels measure that already. In a geographic CRS they are square
+    on the ground at the grid's middle latitude, not in degrees (at 60°, half as many degrees wide as high)."""
     if gsd is None:
         raise OptionError("--resolution model: this model records no ground sampling distance (gsd, the metres "
                           "per pixel of its training imagery); give --resolution in the CRS's units instead")
     if grid.crs is None:
         raise OptionError("--resolution model needs georeferenced rasters: without a CRS a pixel has no size "
                           "in metres")
-    side, t = grid.side_of(gsd), grid.transform
-    if math.isclose(side, t.a, rel_tol=1e-9) and math.isclose(side, -t.e, rel_tol=1e-9):
+    t = grid.transform
+    if grid.crs.is_geographic:  # square on the ground at the grid's middle latitude: a degree east is shorter there
+        middle = math.radians(t.f + grid.height * t.e / 2)
+        x_side, y_side = (gsd / (METRES_PER_DEGREE * max(math.cos(middle), 1e-6)), gsd / METRES_PER_DEGREE)
+    else:
+        x_side = y_side = grid.side_of(gsd)
+    if math.isclose(x_side, t.a, rel_tol=1e-9) and math.isclose(y_side, -t.e, rel_tol=1e-9):
         return grid
     # A hair less than a whole pixel is taken as whole: the float sides of an exact multiple.
-    width, height = math.ceil(grid.width * t.a / side - 1e-6), math.ceil(grid.height * -t.e / side - 1e-6)
+    width, height = math.ceil(grid.width * t.a / x_side - 1e-6), math.ceil(grid.height * -t.e / y_side - 1e-6)
     if too_large(width, height):
         raise OptionError(f"--resolution model: at the model's {gsd:g} m pixels the grid would be {width} x {height} "
                           "px, too large; cut the area with --aoi, or give --resolution in the CRS's units")
-    return Grid(grid.crs, Affine(side, 0, t.c, 0, -side, t.f), width, height)
+    return Grid(grid.crs, Affine(x_side, 0, t.c, 0, -y_side, t.f), width, height)
 
 
 def on_output_grid(bands: Iterator[tuple[int, np.ndarray, np.ndarray]], model: Grid, reader: PairReader,

@@ -9,15 +9,19 @@ from pathlib import Path
 import numpy as np
 import shapely
 from pyproj import CRS
+from rasterio.windows import Window
 from scipy import ndimage
 
 from geochange.engine.atomic import AtomicOutputs
 from geochange.engine.contracts import POLYGON_LAYER
 from geochange.engine.errors import OutputError, RasterError, closed_on_failure, gdal_write_errors, output_error
+from geochange.engine.grid import PIXEL_TRANSFORM
 from geochange.engine.measures import map_units, polygon_areas, rings_below, rings_of
 from geochange.engine.rasters import open_raster
 
 # Output driver by file extension.
+# Rows of a probability raster that ``vectorize_probability`` reads at a time (at least one block's).
+VECTORIZE_ROWS = 512
 DRIVERS = {".gpkg": "GPKG", ".geojson": "GeoJSON", ".json": "GeoJSON", ".shp": "ESRI Shapefile"}
 
 
@@ -255,11 +259,11 @@ class PolygonAssembler:
         if not merged:
             return []
         polygons = shapely.transform(np.array(merged, dtype=object), self._to_map)
+        areas = polygon_areas(polygons, self.crs)  # the changed pixels' area: the simplified outline's differs
         if self.simplify > 0:  # topology preserved: a polygon never collapses
             # From each ring's canonical first vertex: the result must not depend on where band seams
             # made the ring start (detect's bands against vectorize's whole raster).
             polygons = simplified(shapely.normalize(polygons), self.simplify)
-        areas = polygon_areas(polygons, self.crs)
         return [ChangePolygon(polygon, float(area), mean, top)
                 for polygon, area, (mean, top) in zip(polygons, areas, probabilities) if area >= self.min_area_m2]
 
@@ -293,6 +297,10 @@ class PolygonWriter:
             srs = osr.SpatialReference()
             srs.ImportFromWkt(CRS.from_user_input(crs).to_wkt())
             srs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+            if driver_name == "GeoJSON" and srs.GetAuthorityCode(None) is None and srs.AutoIdentifyEPSG() != 0:
+                raise OutputError(f"{self.path}: GeoJSON names a CRS by its code only, and this one ({srs.GetName()}) "
+                                  "has none: readers would take the polygons for longitudes and latitudes; write a "
+                                  "GeoPackage or a shapefile, or choose a grid CRS with an EPSG code")
         self.area_field = "area_m2" if crs is not None else "area_px"
         self.extra = dict(extra or {})
         self._temporary = outputs.path(self.path)
@@ -368,26 +376,41 @@ def vectorize_probability(probability: str, polygons: str, *, threshold: float =
     """Polygons of ``probability > threshold`` in one band of an existing probability raster.
 
     Pixels that GDAL masks (nodata, e.g. the -1 of ``detect``'s output) or that are NaN are never
-    changed; polygons and their statistics are those ``detect`` would have written.
+    changed; polygons and their statistics are those ``detect`` would have written. The raster is read in bands
+    of rows, as ``detect`` writes it: the memory follows its width, not its size.
     """
     with open_raster(probability) as src:
         if not 1 <= band <= src.count:
             raise RasterError(f"{Path(probability).name}: band {band} does not exist "
                               f"(the raster has {src.count})")
-        if src.crs is None:
-            raise RasterError(f"{Path(probability).name}: the raster has no CRS; polygon areas "
-                              "cannot be computed")
-        prob = src.read(band).astype(np.float32)
-        valid = src.read_masks(band) > 0
-        transform, crs = src.transform, src.crs
-    valid &= np.isfinite(prob)
-    changed = valid & (prob > threshold)  # strict, as detect's mask is
+        transform = src.transform
+        if src.crs is None:  # detect's outputs on a pixel grid: areas, --min-area and --simplify in pixels
+            if not (transform.is_identity or transform.almost_equals(PIXEL_TRANSFORM)):
+                raise RasterError(f"{Path(probability).name}: the raster has a geotransform but no CRS; polygon "
+                                  "areas cannot be computed: give it its CRS (gdal_edit.py -a_srs)")
+            transform = PIXEL_TRANSFORM
+        assembler = PolygonAssembler(transform, src.crs, min_area_m2=min_area, simplify=simplify)
+        block = src.block_shapes[band - 1][0]
+        rows = max(1, VECTORIZE_ROWS // block) * block  # whole blocks of rows: each block decoded once
+        changed_pixels = valid_pixels = 0
+        with AtomicOutputs() as outputs:
+            writer = PolygonWriter(polygons, src.crs, outputs, layer=polygon_layer)
+            try:
+                for row_start in range(0, src.height, rows):
+                    window = Window(0, row_start, src.width, min(rows, src.height - row_start))
+                    prob = src.read(band, window=window).astype(np.float32)
+                    valid = (src.read_masks(band, window=window) > 0) & np.isfinite(prob)
+                    changed = valid & (prob > threshold)  # strict, as detect's mask is
+                    changed_pixels += np.count_nonzero(changed)
+                    valid_pixels += np.count_nonzero(valid)
+                    writer.write(assembler.add_band(row_start, changed, np.where(valid, prob, 0), valid))
+                    if progress is not None:
+                        progress.check()
+                writer.write(assembler.finish())
+                writer.finish()
+            finally:
+                writer.close()
     if progress is not None:
-        progress.log(f"{np.count_nonzero(changed)} of {np.count_nonzero(valid)} valid pixels above "
-                     f"{threshold:g}")
-        progress.check()
-    found = change_polygons(changed, np.where(valid, prob, 0), transform, crs, min_area_m2=min_area,
-                            simplify=simplify, valid=valid)
-    write_polygons(found, polygons, crs, layer=polygon_layer)
-    return {"polygons": str(polygons), "polygon_count": len(found),
-            "changed_area_m2": float(sum(p.area_m2 for p in found))}
+        progress.log(f"{changed_pixels} of {valid_pixels} valid pixels above {threshold:g}")
+    return {"polygons": str(polygons), "polygon_count": writer.count, "changed_area_m2": writer.area_m2,
+            "area_unit": "m2" if writer.area_field == "area_m2" else "px"}

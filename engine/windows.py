@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from rasterio.windows import Window
 
 from geochange.engine.errors import OptionError
-from geochange.engine.options import MIN_TILE
+from geochange.engine.options import MIN_TILE, flag
 
 
 def _starts(size: int, tile: int, stride: int) -> list[int]:
@@ -20,9 +20,9 @@ def _starts(size: int, tile: int, stride: int) -> list[int]:
 
 def check_tiling(tile: int, overlap: int) -> None:
     if tile < MIN_TILE:
-        raise OptionError(f"tile size must be at least {MIN_TILE} px, not {tile}")
+        raise OptionError(f"{flag('tile')} must be at least {MIN_TILE} px, not {tile}")
     if not 0 <= overlap < tile:
-        raise OptionError(f"overlap must be in [0, tile) = [0, {tile}), not {overlap}")
+        raise OptionError(f"{flag('overlap')} must be in [0, tile) = [0, {tile}), not {overlap}")
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,8 @@ class VectorizeChangesAlgorithm(EngineAlgorithm):
     PARAMETER_HELP = {
         **option_help(["min_area", "simplify"]),
         **POLYGON_OUTPUTS_HELP,
-        "INPUT": "The change-probability raster; it must have a CRS (areas are computed on the ellipsoid).",
+        "INPUT": "The change-probability raster. With a CRS, areas are computed on the ellipsoid; without one (the "
+                 "outputs of a pair of plain images), in pixels, as are the minimum area and the tolerance.",
         "BAND": "The band holding the probabilities (empty: band 1).",
         "THRESHOLD": "Probability above which a pixel counts as changed.",
         "OUTPUT": "GeoPackage of the changed areas with <code>area_m2</code>, <code>mean_prob</code> and "
@@ -60,8 +61,8 @@ class VectorizeChangesAlgorithm(EngineAlgorithm):
                 "threshold": threshold,
                 **{name: option_value(self, parameters, context, name) for name in ("min_area", "simplify")}}
         result = self.run_engine("vectorize", args, feedback, [polygons])
-        feedback.pushInfo(tr("{} change polygons, {:.1f} m² changed").format(
-            result["polygon_count"], result["changed_area_m2"]))
+        feedback.pushInfo(tr("{} change polygons, {:.1f} {} changed").format(
+            result["polygon_count"], result["changed_area_m2"], "m²" if result["area_unit"] == "m2" else "px"))
         name = tr("{}: change polygons (p > {:g})").format(self.layer_name(parameters, "INPUT", context), threshold)
         styles.load_styled(context, [(polygons_uri, name, styles.style_polygons)])
         return {"OUTPUT": polygons_uri, "POLYGON_COUNT": result["polygon_count"],

@@ -209,8 +209,9 @@ def _crash_message(task: str, returncode: int, python: Path, stderr: deque) -> s
         how = f"was killed by {name}" + (f" ({SIGNAL_MEANINGS[name]})" if name in SIGNAL_MEANINGS else "")
     else:
         how = f"exited with status {returncode} without a result"
-    text = (f"The GeoChange engine process ({python}) {how} while running '{task}'. QGIS is unaffected and "
-            "nothing was written under the output names.")
+    written = ("the pairs it finished are complete in their folders" if task == "detect_many"
+               else "nothing was written under the output names")
+    text = f"The GeoChange engine process ({python}) {how} while running '{task}'. QGIS is unaffected and {written}."
     lines = list(stderr)
     # Python's fault handler reports the crash and the stacks of its threads: quote that report.
     fatal = [i for i, line in enumerate(lines) if line.startswith("Fatal Python error")]

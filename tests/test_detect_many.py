@@ -227,6 +227,9 @@ def test_a_csv_of_pairs(tmp_path):
     for text, problem in (("pre,after\na,b\n", "the columns must be pre, post"),
                           ("pre,post\na,b/x.tif\nc,d/x.tif\n", "two pairs are named 'x'"),
                           ("pre,post,name\na,b,summary.csv\n", "cannot name a pair's output folder"),
+                          ("pre,post,name\na,b,summary.gpkg-wal\n", "cannot name a pair's output folder"),
+                          ("pre,post,name\na,b,Tile1\nc,d,tile1\n", "two pairs are named 'Tile1' and 'tile1'"),
+                          ("pre,post,name\na,b,caf\u00e9\nc,d,cafe\u0301\n", "one output folder (where case"),
                           ("pre,post,name\na,b,../up\n", "cannot name a pair's output folder"),
                           ("pre,post\na,\n", "line 2: a pair needs both"), ("pre,post\n", "no pairs")):
         table.write_text(text)
@@ -234,6 +237,28 @@ def test_a_csv_of_pairs(tmp_path):
             read_pairs(table)
     with pytest.raises(OptionError, match="no such pairs file"):
         read_pairs(tmp_path / "none.csv")
+
+
+def test_a_cancel_while_a_pair_runs_stops_the_run(tmp_path):
+    """The signal's Cancelled, raised in this process while it waits for a task, is no failure of the pair: the run
+    stops (before, the pair was recorded as failed and the next one started)."""
+    from geochange.engine.errors import Cancelled
+    from geochange.engine.many import _outcome
+
+    class Waiting:
+        def result(self):
+            raise Cancelled("cancelled: the engine process was asked to stop")
+
+    class Died:
+        def result(self):
+            raise OSError("the worker died")
+
+    job = make_job(Pair("p", "a.tif", "b.tif"), tmp_path / "m.safetensors", "0" * 64, tmp_path, DetectOptions(),
+                   "gpkg")
+    with pytest.raises(Cancelled):
+        _outcome(Waiting(), job)
+    row = _outcome(Died(), job)
+    assert row["status"] == PAIR_FAILED and row["error"] == "the task failed on the cluster: OSError: the worker died"
 
 
 def test_two_globs_pair_files_by_what_the_wildcards_match(tmp_path, monkeypatch):

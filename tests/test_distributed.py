@@ -1,13 +1,16 @@
 """torchrun with two CPU processes (gloo) gives exactly the outputs of one process."""
+import itertools
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 import rasterio
 from osgeo import ogr
 from rasterio.windows import Window
 
-from geochange.engine.distributed import _halo_start, rank_tile_rows
+from geochange.engine.distributed import _bands_from_parts, _halo_start, _part_path, rank_tile_rows
+from geochange.engine.errors import OutputError
 
 
 def test_tile_rows_are_split_without_gap_or_overlap():
@@ -17,6 +20,17 @@ def test_tile_rows_are_split_without_gap_or_overlap():
             assert sum(rows, []) == list(range(count))
     assert _halo_start([0, 96, 192, 288], 128, 2) == 1
     assert _halo_start([0, 40, 80, 120], 128, 3) == 0  # overlap over half a tile: two rows above
+
+
+def test_a_rank_s_rows_missing_from_the_shared_folder_are_an_error(tmp_path):
+    """Rank 0 writes every rank's rows: where one rank's part is not there (nodes that share no output folder),
+    the run fails rather than write outputs with a gap."""
+    row_starts = [0, 96, 192, 288]  # two tile rows for each of two ranks
+    np.save(_part_path(tmp_path, 0), np.zeros((192, 8), np.float32))
+    bands = _bands_from_parts(tmp_path, row_starts, 384, 2)
+    assert [start for start, _, _ in itertools.islice(bands, 2)] == [0, 96]
+    with pytest.raises(OutputError, match="rank 1's rows are not there; every rank must write into the output folder"):
+        next(bands)
 
 
 def crop(src_path, dst_path, window):

@@ -227,6 +227,21 @@ def test_a_detection_across_the_antimeridian_writes_its_outputs_there(tmp_path, 
     assert covered.all() and (values == 1).all()
 
 
+def test_two_dates_in_one_local_crs_are_paired_and_measured_in_its_unit(tmp_path, random_package):
+    """A drone survey's two flights in the site's own frame: no transformation is needed, and areas are planar
+    in its metres (before: "GDAL cannot transform", then a raw PROJ error where polygons were measured)."""
+    site = CRS.from_wkt('LOCAL_CS["site grid",UNIT["metre",1],AXIS["Easting",EAST],AXIS["Northing",NORTH]]')
+    dates = [write_raster(tmp_path / f"{name}.tif", NORTH_UP, seed=seed) for seed, name in enumerate(("pre", "post"))]
+    for path in dates:
+        with rasterio.open(path, "r+") as dst:
+            dst.crs = site
+    out = tmp_path / "out"
+    out.mkdir()
+    result = detect(*dates, random_package, probability=out / "p.tif", mask=out / "m.tif", polygons=out / "c.gpkg",
+                    threshold=0.0)  # every pixel changed: the whole 128 m square
+    assert result.polygon_count == 1 and result.changed_area_m2 == pytest.approx(128 * 128)
+
+
 def test_thresholds_outside_0_1_are_refused_by_the_engine(tmp_path, random_package):
     pre, post = write_raster(tmp_path / "pre.tif", NORTH_UP), write_raster(tmp_path / "post.tif", NORTH_UP, seed=1)
     for threshold in (-0.1, 1.5, float("nan")):
@@ -238,7 +253,7 @@ def test_thresholds_outside_0_1_are_refused_by_the_engine(tmp_path, random_packa
 
 
 def test_tiles_below_32_px_are_refused(shared_data, random_package):
-    with pytest.raises(OptionError, match="tile size must be at least 32 px, not 31"):
+    with pytest.raises(OptionError, match="--tile must be at least 32 px, not 31"):
         WindowPlan(256, 256, 31, 0)
     assert len(WindowPlan(256, 256, 32, 0)) == 64
     # Also where every image fits in the tile and is predicted whole, without a window plan.

@@ -82,10 +82,22 @@ def test_a_crash_of_the_worker_is_reported_and_qgis_survives(geochange_provider,
     assert "killed by SIGSEGV (segmentation fault)" in message and "QGIS is unaffected" in message, message
     assert "Segmentation fault" in message  # the engine's own last words (faulthandler) are quoted
     assert list(tmp_path.iterdir()) == []  # its temporaries were removed for it
+    assert "nothing was written under the output names" in message
     # This process (QGIS) goes on: the next run works.
     again = run_algorithm("geochange:vectorizechanges", {
         "INPUT": crop_detection["results"]["OUTPUT_PROBABILITY"], "OUTPUT": str(tmp_path / "after.gpkg")})
     assert again["POLYGON_COUNT"] == crop_detection["results"]["POLYGON_COUNT"]
+
+
+def test_a_crash_during_many_pairs_says_the_finished_pairs_are_kept():
+    from collections import deque
+
+    from geochange.qgis_plugin.worker_client import _crash_message
+
+    message = _crash_message("detect_many", -9, Path("/venv/bin/python"), deque())
+    assert message == ("The GeoChange engine process (/venv/bin/python) was killed by SIGKILL (killed, e.g. out of "
+                       "memory) while running 'detect_many'. QGIS is unaffected and the pairs it finished "
+                       "are complete in their folders.")
 
 
 @pytest.fixture(scope="module")

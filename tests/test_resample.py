@@ -56,9 +56,12 @@ def test_the_model_s_grid_covers_the_output_grid_from_its_corner():
     assert model_grid(utm, 2.0) is utm  # its pixels are the model's already
     coarse = model_grid(utm, 3.0)  # 202 m by 100 m in pixels of 3 m: covered whole, a part of a pixel over
     assert (coarse.width, coarse.height) == (68, 34)
-    # In degrees: square pixels whose ground size (as the scale warning measures it) is the model's.
-    wgs84 = Grid(CRS.from_epsg(4326), from_origin(-97.0, 30.0, 2e-5, 2e-5), 300, 300)
-    assert model_grid(wgs84, 0.5).pixel_metres() == pytest.approx(0.5, rel=1e-6)
+    # In degrees: pixels square on the ground at the middle latitude, whose size (as the scale warning measures it)
+    # is the model's: at 60°, half as many degrees wide as high.
+    nordic = Grid(CRS.from_epsg(4326), from_origin(10.0, 60.003, 2e-5, 2e-5), 300, 300)
+    degrees = model_grid(nordic, 0.5)
+    assert -degrees.transform.e == pytest.approx(0.5 / 111_320) and degrees.pixel_metres() == pytest.approx(0.5)
+    assert degrees.transform.a == pytest.approx(2 * -degrees.transform.e, rel=1e-3)
     with pytest.raises(OptionError, match=r"^--resolution model: this model records no ground sampling distance "
                                           r"\(gsd, .*\); give --resolution in the CRS's units instead$"):
         model_grid(utm, None)

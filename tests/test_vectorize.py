@@ -263,3 +263,86 @@ def test_holes_are_told_small_as_their_geodesic_areas_tell_whatever_the_crs(crs,
         assert measured[0] == 9 and 0 < measured[1] <= near.sum() < len(rings) / 5
     else:
         assert measured == [9, len(rings)]
+
+
+def test_a_polygon_s_area_is_its_pixels_whatever_the_simplification():
+    """A diagonal staircase of 84 pixels (a thin channel, 0.5 m pixels): simplifying its outline by 0.5 m adds a
+    fifth to the outline's area; area_m2 and --min-area keep to the changed pixels'."""
+    mask = np.zeros((50, 50), bool)
+    for i in range(42):
+        mask[i + 2, i + 2:i + 4] = True  # each row's two pixels share an edge with the next row's
+    prob = np.where(mask, 0.8, 0.1).astype(np.float32)
+    transform = from_origin(630000, 3340000, 0.5, 0.5)
+    [plain] = change_polygons(mask, prob, transform, "EPSG:32614")
+    [simple] = change_polygons(mask, prob, transform, "EPSG:32614", simplify=0.5)
+    assert plain.area_m2 == pytest.approx(84 * 0.25, rel=2e-3) and simple.area_m2 == pytest.approx(plain.area_m2)
+    assert simple.geometry.area > 1.1 * plain.geometry.area  # the outline did move
+    assert change_polygons(mask, prob, transform, "EPSG:32614", simplify=0.5, min_area_m2=22) == []
+
+
+def test_geojson_is_refused_a_crs_it_cannot_name(tmp_path):
+    """GeoJSON names a CRS by its EPSG code only; without one, readers take the coordinates for degrees."""
+    from geochange.engine.errors import OutputError
+
+    mask, prob = hand_mask()
+    laea = "+proj=laea +lat_0=45 +lon_0=15 +datum=WGS84 +units=m"
+    polygons = change_polygons(mask, prob, from_origin(0, 1000, 0.5, 0.5), laea)
+    with pytest.raises(OutputError, match="GeoJSON names a CRS by its code only, and this one .* has none"):
+        write_polygons(polygons, tmp_path / "laea.geojson", laea)
+    assert list(tmp_path.iterdir()) == []
+    write_polygons(polygons, tmp_path / "laea.gpkg", laea)  # a GeoPackage keeps it whole
+    utm = "+proj=utm +zone=14 +datum=WGS84 +units=m"  # EPSG:32614 in other words: named by its code
+    source = ogr.Open(str(write_polygons(polygons, tmp_path / "utm.geojson", utm)))
+    assert source.GetLayer().GetSpatialRef().GetAuthorityCode(None) == "32614"
+
+
+def test_a_probability_raster_is_vectorised_band_by_band_as_whole(tmp_path, monkeypatch):
+    """Vectorise reads a probability raster in bands of whole blocks of rows (its memory then follows the width):
+    the polygons are those of the whole mask at once, nodata and NaN never changed."""
+    import rasterio
+
+    from geochange.engine import vectorize
+
+    rng = np.random.default_rng(8)
+    prob = np.where(noise(), rng.uniform(0.5, 1, (90, 70)), 0.1).astype(np.float32)
+    prob[5:9, 3:40] = -1  # detect's nodata
+    prob[60:62, :] = np.nan
+    transform, crs = from_origin(630000, 3340000, 0.5, 0.5), "EPSG:32614"
+    path = tmp_path / "p.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=70, height=90, count=1, dtype="float32", crs=crs,
+                       transform=transform, nodata=-1, blockysize=16) as dst:
+        dst.write(prob, 1)
+    valid = (prob != -1) & np.isfinite(prob)
+    whole = change_polygons(valid & (prob > 0.5), np.where(valid, prob, 0), transform, crs, valid=valid)
+    monkeypatch.setattr(vectorize, "VECTORIZE_ROWS", 20)  # bands of 16 rows: six of them
+    result = vectorize.vectorize_probability(str(path), str(tmp_path / "c.gpkg"))
+    assert result["polygon_count"] == len(whole)
+    assert result["changed_area_m2"] == pytest.approx(sum(p.area_m2 for p in whole))
+    source = ogr.Open(str(tmp_path / "c.gpkg"))
+    written = shapely.union_all([shapely.from_wkt(f.GetGeometryRef().ExportToWkt()) for f in source.GetLayer()])
+    assert written.symmetric_difference(shapely.union_all([p.geometry for p in whole])).area < 1e-6
+
+
+def test_detect_s_outputs_on_a_pixel_grid_are_vectorised_in_pixels(tmp_path):
+    """Plain images' outputs have no CRS: polygons in pixels, as detect made them; a raster that is placed by a
+    geotransform but has no CRS is refused, its areas having no unit."""
+    import warnings
+
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning
+
+    from geochange.engine.errors import RasterError
+    from geochange.engine.grid import PIXEL_TRANSFORM
+    from geochange.engine.vectorize import vectorize_probability
+
+    mask, prob = hand_mask()
+    for name, transform in (("pixels", PIXEL_TRANSFORM), ("placed", from_origin(1000, 2000, 2, 2))):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)  # GDAL may store no transform: as plain
+            with rasterio.open(tmp_path / f"{name}.tif", "w", driver="GTiff", width=80, height=60, count=1,
+                               dtype="float32", transform=transform) as dst:
+                dst.write(prob, 1)
+    result = vectorize_probability(str(tmp_path / "pixels.tif"), str(tmp_path / "c.gpkg"), min_area=60)
+    assert (result["polygon_count"], result["changed_area_m2"], result["area_unit"]) == (1, 500.0, "px")
+    with pytest.raises(RasterError, match="placed.tif: the raster has a geotransform but no CRS"):
+        vectorize_probability(str(tmp_path / "placed.tif"), str(tmp_path / "d.gpkg"))
