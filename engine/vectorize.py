@@ -20,7 +20,7 @@ from geochange.engine.measures import map_units, polygon_areas, rings_below, rin
 from geochange.engine.rasters import open_raster
 
 # Output driver by file extension.
-# Rows of a probability raster that ``vectorize_probability`` reads at a time (at least one block's).
+# Rows of a probability raster that ``vectorize_probability`` reads at a time (in whole blocks, one at least).
 VECTORIZE_ROWS = 512
 DRIVERS = {".gpkg": "GPKG", ".geojson": "GeoJSON", ".json": "GeoJSON", ".shp": "ESRI Shapefile"}
 
