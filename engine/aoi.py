@@ -117,13 +117,25 @@ def area_of_interest(source: str, grid: Grid, role: str = "the area of interest"
 
 
 def _on_grid_past_antimeridian(geometry, crs, grid: Grid):
-    """Polygons on a geographic grid that reaches past ±180° (``grid.common_grid``): in the grid's CRS with its
-    longitudes wrapped around the grid's middle, so that an outline across the antimeridian stays whole; then a
-    turn east and west too, for polygons taken to be in the grid's CRS whose longitudes lie the other side; cut to
-    the grid, whose pixels they are for."""
+    """Polygons on a geographic grid that reaches past ±180° (``grid.common_grid``), cut to the grid. Projected ones
+    are cut to the grid's surroundings in their own CRS, then taken into the grid's CRS with longitudes wrapped
+    around the grid's middle, so that an outline across the antimeridian stays whole (farther parts would fold
+    where the wrapped longitudes turn). In degrees, each vertex keeps its side of 180°, and the polygons are taken
+    a turn east and west too: the other side's lie there on the grid."""
     left, bottom, right, top = grid.bounds
-    if crs is not None:
+    grid_crs = CRS.from_user_input(grid.crs)
+    if crs is not None and not crs.is_geographic:
+        try:
+            near = Transformer.from_crs(grid_crs, crs, always_xy=True).transform_bounds(*grid.bounds, densify_pts=21)
+        except ProjError:  # the grid reaches where the polygons' CRS is undefined: kept whole
+            near = None
+        if near is not None and all(map(math.isfinite, near)):
+            margin = 0.05 * max(near[2] - near[0], near[3] - near[1])
+            geometry = shapely.intersection(geometry, shapely.box(near[0] - margin, near[1] - margin,
+                                                                  near[2] + margin, near[3] + margin))
         geometry = _transformed(geometry, crs, CRS.from_user_input(lon_wrap_proj4(grid.crs, (left + right) / 2)))
+    elif crs is not None and crs != grid_crs:
+        geometry = _transformed(geometry, crs, grid_crs)
     geometry = shapely.union_all([shapely.affinity.translate(geometry, turn) for turn in (-360, 0, 360)])
     return shapely.intersection(geometry, shapely.box(left, bottom, right, top))
 

@@ -178,8 +178,8 @@ def prepare(pre_path, post_path, model, options: DetectOptions = DetectOptions()
         read_on = model_grid(common, first.manifest.get("gsd")) if at_model else common
         if at_model:
             progress.log(f"both dates read at the model's {first.manifest['gsd']:g} m pixels "
-                         + (f"({read_on.pixel_side:.6g} CRS units a side), its probability resampled onto the "
-                            f"{common.width}x{common.height} px output grid" if read_on != common
+                         + (f"({read_on.transform.a:.6g} x {-read_on.transform.e:.6g} CRS units), its probability "
+                            f"resampled onto the {common.width}x{common.height} px output grid" if read_on != common
                             else "(the grid's own)"))
         else:
             warn_scale(common, first.manifest, progress.log)

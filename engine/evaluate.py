@@ -37,6 +37,13 @@ def dataset_pairs(root: str | os.PathLike) -> list[tuple[Path, Path, Path]]:
     return [tuple(f / n for f in folders) for n in names]
 
 
+def zeroed_where_invalid(pre: np.ndarray, post: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``pre`` and ``post`` with the pixels that are not ``valid`` (nodata, NaN) zeroed: no NaN reaches the model."""
+    if valid.all():
+        return pre, post
+    return tuple(np.where(valid, image, 0).astype(image.dtype) for image in (pre, post))
+
+
 def change_label(raw: np.ndarray, where, ignore_value: float | None = None,
                  ignore_option: str = "--ignore-value") -> tuple[np.ndarray, np.ndarray]:
     """``(change, labelled)`` boolean masks of a label band: 0 = no change, 1 (a 0/1 label) or 255 (a
@@ -100,9 +107,11 @@ def evaluate_folder(package: ModelPackage, root: str | os.PathLike, *, ignore_va
                 raise RasterError(f"{path} is {shape[1]}x{shape[0]} px but {path_a} is "
                                   f"{pre.shape[2]}x{pre.shape[1]} px; a pair and its label must have one size")
         change, labelled = change_label(label, path_label, ignore_value)
+        valid = np.isfinite(pre).all(0) & np.isfinite(post).all(0)  # NaN, a float tile's nodata: in no metric
+        pre, post = zeroed_where_invalid(pre, post, valid)
         check_band_counts(pre, post, package.manifest["inputs"], f"{path_a.parent.parent}/{{A,B}}/{path_a.name}",
                           "the dataset does not suit this model")
         prob = predict_image(predictor, pre, post, options)
-        meter.add(prob > threshold, change, labelled)
+        meter.add(prob > threshold, change, labelled & valid)
         progress.update(i + 1, len(pairs))
     return {**meter.summary(), "tile": options.tile, "tta": predictor.tta, "files": [a.name for a, _, _ in pairs]}

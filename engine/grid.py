@@ -62,9 +62,13 @@ class Grid:
         if self.crs is None:
             return None
         if self.crs.is_geographic:
-            middle = math.radians(self.transform.f + self.height * self.transform.e / 2)
-            return self.pixel_side * METRES_PER_DEGREE * math.sqrt(max(math.cos(middle), 1e-6))
+            return self.pixel_side * math.sqrt(METRES_PER_DEGREE * self.metres_per_degree_east())
         return self.pixel_side * metres_per_unit(self.crs)
+
+    def metres_per_degree_east(self) -> float:
+        """Metres in a degree of longitude at the grid's middle latitude (a geographic grid)."""
+        middle = math.radians(self.transform.f + self.height * self.transform.e / 2)
+        return METRES_PER_DEGREE * max(math.cos(middle), 1e-6)
 
     def side_of(self, metres: float) -> float:
         """The pixel side, in the CRS's units, that measures ``metres`` as ``pixel_metres`` measures this grid's

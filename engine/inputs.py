@@ -21,6 +21,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_SCALES = {"uint8": 255.0, "uint16": 10000.0, "int16": 10000.0, "float32": 1.0, "float64": 1.0}
 # Assumed dB window of SAR backscatter (VV) for models trained on 8-bit SAR images.
 DEFAULT_DB_RANGE = (-25.0, 0.0)
+# Past this share of negative values, float SAR read as linear power is taken for dB (``check_backscatter``).
+DB_SHARE = 0.5
 
 
 def optical_input(bands: int = 3, scale: float = 255.0, dtype: str = "uint8") -> dict:
@@ -51,12 +53,22 @@ def input_scale(dtype: str, spec: dict, override: float | None = None) -> float:
     return DEFAULT_SCALES.get(dtype, 1.0)
 
 
+def check_backscatter(raw: np.ndarray, spec: dict, sar_db: bool, what: str) -> None:
+    """Refuse a float SAR date read as linear power that holds dB: read so, all of it would map to 0, a blank date.
+    Power is never negative, though thermal-noise removal leaves some values below 0 (read as the window's floor):
+    most of its non-zero values (invalid pixels are zeroed before) negative say dB."""
+    if sar_db or spec["modality"] != "sar" or raw.dtype.kind != "f":
+        return
+    values = raw[np.isfinite(raw) & (raw != 0)]
+    negative = np.count_nonzero(values < 0)
+    if negative > DB_SHARE * values.size:
+        raise RasterError(f"{what} holds backscatter in dB, not linear power: {negative / values.size:.0%} of its "
+                          "values are negative; say so (--sar-db for detect and evaluate, data.sar_db for the "
+                          "trainer), or declare the raster's nodata value if those are nodata")
+
+
 def backscatter_unit_interval(x: torch.Tensor, spec: dict, sar_db: bool) -> torch.Tensor:
-    """SAR backscatter, dB (``sar_db``) or linear power, mapped from the spec's ``db_range`` onto [0, 1]. Power is
-    never negative: a negative value (invalid pixels are zeroed before) says dB, which as power would map to 0."""
-    if not sar_db and bool((x < 0).any()):
-        raise RasterError(f"the float SAR date holds negative values (down to {float(x.min()):.4g}): backscatter in "
-                          "dB, not linear power; say so (detect's --sar-db, the trainer's data.sar_db)")
+    """SAR backscatter, dB (``sar_db``) or linear power, mapped from the spec's ``db_range`` onto [0, 1]."""
     db = x if sar_db else 10.0 * torch.log10(x.clamp_min(1e-6))
     low, high = spec.get("db_range", DEFAULT_DB_RANGE)
     return ((db - low) / (high - low)).clamp(0.0, 1.0)

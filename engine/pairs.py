@@ -139,10 +139,10 @@ def checked(pairs: list[Pair], where: str) -> list[Pair]:
     for pair in pairs:
         name = pair.name
         if (not name or name.startswith(".") or any(c in name for c in "/\\\0")
-                or any(name.startswith(summary) for summary in SUMMARY_FILES)):
+                or any(name.lower().startswith(summary) for summary in SUMMARY_FILES)):
             raise OptionError(f"{where}: {name!r} cannot name a pair's output folder (a plain name, not starting "
                               f"with a dot, nor with {' or '.join(SUMMARY_FILES)})")
-        folder = unicodedata.normalize("NFC", name).casefold()
+        folder = unicodedata.normalize("NFC", name).lower()
         if folder in seen:
             first, post = seen[folder]
             alike = "named" if first == name else f"named {first!r} and"

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from geochange.engine.backends import model_forward, resolve_backend
 from geochange.engine.errors import GeoChangeError, OptionError, PackageError
 from geochange.engine.hardware import cpu_bf16
-from geochange.engine.inputs import normalise
+from geochange.engine.inputs import check_backscatter, normalise
 from geochange.engine.manifest import is_number
 from geochange.engine.package import ModelPackage
 
@@ -145,6 +145,7 @@ class Predictor:
         self.max_batch: int | None = None  # lowered after a CUDA out-of-memory, kept for later batches
 
     def _to_device(self, raw: np.ndarray, date: str) -> torch.Tensor:
+        check_backscatter(raw, self.inputs[date], self.sar_db, f"the {date} image")
         x = torch.from_numpy(np.ascontiguousarray(raw))
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)

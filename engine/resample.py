@@ -40,8 +40,7 @@ def model_grid(grid: Grid, gsd: float | None) -> Grid:
                           "in metres")
     t = grid.transform
     if grid.crs.is_geographic:  # square on the ground at the grid's middle latitude: a degree east is shorter there
-        middle = math.radians(t.f + grid.height * t.e / 2)
-        x_side, y_side = (gsd / (METRES_PER_DEGREE * max(math.cos(middle), 1e-6)), gsd / METRES_PER_DEGREE)
+        x_side, y_side = gsd / grid.metres_per_degree_east(), gsd / METRES_PER_DEGREE
     else:
         x_side = y_side = grid.side_of(gsd)
     if math.isclose(x_side, t.a, rel_tol=1e-9) and math.isclose(y_side, -t.e, rel_tol=1e-9):

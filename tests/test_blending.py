@@ -64,5 +64,5 @@ def test_weights_form_a_partition_of_unity_on_regular_overlaps():
 def test_plan_rejects_bad_sizes():
     with pytest.raises(ValueError, match="overlap"):
         WindowPlan(10, 10, 64, 64)
-    with pytest.raises(ValueError, match="tile size"):
+    with pytest.raises(ValueError, match="--tile must be at least"):
         WindowPlan(10, 10, 0, 0)

@@ -12,7 +12,7 @@ from geochange.engine.contracts import MASK_NODATA
 from geochange.engine.detect import detect, prepare
 from geochange.engine.errors import GeoChangeError, RasterError
 from geochange.engine.grid import common_grid
-from geochange.engine.inputs import optical_input, sar_input
+from geochange.engine.inputs import check_backscatter, optical_input, sar_input
 from geochange.engine.manifest import make_manifest
 from geochange.engine.metrics import confusion, scores
 from geochange.engine.models import create
@@ -119,8 +119,12 @@ def test_sar_db_and_linear_inputs_give_the_same_model_input():
     db = torch.tensor([[[[-20.0, -10.0], [0.0, -30.0]]]])
     from geochange.engine.inputs import normalise
     assert torch.allclose(normalise(db, spec, sar_db=True), normalise(10 ** (db / 10), spec), atol=1e-5)
-    with pytest.raises(RasterError, match=r"negative values \(down to -30\): backscatter in dB, not linear power"):
-        normalise(db, spec)  # dB read as power: every pixel would map to 0
+    with pytest.raises(RasterError, match=r"^the post image holds backscatter in dB, not linear power: 100% of its "
+                                          r"values are negative; say so \(--sar-db"):
+        check_backscatter(db.numpy(), spec, False, "the post image")  # read as power: every pixel would map to 0
+    check_backscatter(db.numpy(), spec, True, "the post image")
+    noisy = np.array([[[[0.05, -0.001, 0.2, 0.0]]]], np.float32)  # power after thermal-noise removal: a negative
+    check_backscatter(noisy, spec, False, "the post image")  # ... read as the dB window's floor, as before
     grey = torch.tensor([[[[0, 255]]]], dtype=torch.uint8)
     x = normalise(grey, spec)
     assert x.shape == (1, 3, 1, 2)  # replicated to three channels

@@ -206,6 +206,28 @@ def test_an_area_of_interest_lies_on_a_grid_past_the_antimeridian(tmp_path, poly
     assert abs(cropped.width - (columns[1] - columns[0])) <= 2
 
 
+def test_large_areas_of_interest_on_a_grid_past_the_antimeridian(tmp_path):
+    """A land layer's outlines reach far from the grid: a ring round the Earth in degrees (as Antarctica's), the
+    same in a polar projection, a box from 10° W to 180° (its part west of 180° only), a box far away (refused)."""
+    from pyproj import Transformer
+
+    from geochange.engine.aoi import area_of_interest
+
+    crs, transform, width, height = FIJI_EAST
+    grid = Grid(CRS.from_string(crs), transform, width, height)
+    band = box(-180, -40, 180, 10)  # round the Earth from 40° S to 10° N: covers the grid
+    polar = Transformer.from_crs("EPSG:4326", "EPSG:3832", always_xy=True)  # Pacific Mercator, across 180°
+    pacific = Polygon([polar.transform(x, y) for x, y in shapely.segmentize(box(150, -30, 210, 0).exterior, 1).coords])
+    for name, geometry, epsg, columns in (("band", band, 4326, (0, 400)), ("pacific", pacific, 3832, (0, 400)),
+                                          ("west", box(-10, -30, 180, 0), 4326, (0, 200))):
+        path = write_polygons(tmp_path / f"{name}.gpkg", [mapping(geometry)], epsg)
+        inside = area_of_interest(str(path), grid).mask(Window(0, 0, width, height), grid)
+        assert inside[:, columns[0]:columns[1]].all() and not inside[:, columns[1]:].any(), name
+    far = write_polygons(tmp_path / "far.gpkg", [mapping(box(-5, 42, 8, 51))], 4326)
+    with pytest.raises(RasterError, match="far.gpkg: the area of interest does not overlap the rasters"):
+        area_of_interest(str(far), grid)
+
+
 def test_a_detection_across_the_antimeridian_writes_its_outputs_there(tmp_path, random_package):
     pre, post = write_constant(tmp_path / "pre.tif", FIJI_EAST, 100), write_constant(tmp_path / "post.tif",
                                                                                      FIJI_UTM, 200)

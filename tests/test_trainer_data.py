@@ -11,7 +11,7 @@ import torch
 from geochange.trainer.augment import Augment
 from geochange.trainer.config import SCHEMA, validate
 from geochange.trainer.data import (IGNORE, DataError, RasterSource, StreamSampler, TrainStream, build_splits,
-                                    train_loader, worker_error)
+                                    dataset_spec_errors, train_loader, worker_error)
 from geochange.engine.errors import RasterError
 from geochange.engine.inputs import normalise, optical_input, sar_input
 from geochange.engine.routing import change_area_ratio
@@ -302,8 +302,13 @@ def test_nodata_and_nan_in_a_raster_pair_are_pixels_no_loss_sees(tmp_path):
     assert np.isfinite(post_chip).all() and (post_chip[:, ~ignored] == 0.5).all() and post_chip.dtype == np.float32
 
 
-def test_nan_in_a_folder_dataset_s_float_tile_is_a_pixel_no_loss_sees(tmp_path):
-    """Float SAR tiles (Sen1Floods11's dB) mark nodata with NaN: ignored by the loss and the metrics, and zeroed."""
+@pytest.mark.parametrize("cached", [True, False])
+def test_nan_in_a_folder_dataset_s_float_tile_is_a_pixel_no_loss_sees(tmp_path, monkeypatch, cached):
+    """Float SAR tiles (Sen1Floods11's dB) mark nodata with NaN: ignored by the loss and the metrics, and zeroed,
+    whether the decoded tiles are kept in memory or, past its budget, decoded at each read."""
+    from geochange.trainer import data
+
+    monkeypatch.setattr(data, "DECODED_BYTES", data.DECODED_BYTES if cached else 0)
     sar = np.full((1, 64, 64), -12.0, np.float32)
     sar[0, :8] = np.nan
     for folder, image in (("A", np.full((3, 64, 64), 100, np.uint8)), ("B", sar),
@@ -311,9 +316,12 @@ def test_nan_in_a_folder_dataset_s_float_tile_is_a_pixel_no_loss_sees(tmp_path):
         (tmp_path / folder).mkdir()
         _write_raster(tmp_path / folder / "tile.tif", image)
     [item] = build_splits([{"root": str(tmp_path), "split": {"val": 0.0}}])["train"]
-    pre, post, label = item.load()
-    assert (label[:8] == IGNORE).all() and (label[8:] == 1).all()
-    assert np.isfinite(post).all() and (post[0, :8] == 0).all() and (post[0, 8:] == -12).all()
+    for _ in range(2):  # decoded, then (where kept) from memory
+        pre, post, label = item.load()
+        assert (label[:8] == IGNORE).all() and (label[8:] == 1).all()
+        assert np.isfinite(post).all() and (post[0, :8] == 0).all() and (post[0, 8:] == -12).all()
+    chip = {"pre": "a.tif", "post": "b.tif", "label": "c.tif", "chip": 16, "split": {"val": 0.1}}
+    assert "chip: must be at least 32 px, the smallest tile the models take" in dataset_spec_errors(chip)
 
 
 def test_training_data_of_another_type_than_its_spec_is_refused_in_one_line(tmp_path):
@@ -347,7 +355,7 @@ def test_float_sar_trains_as_the_engine_reads_it(tmp_path, sar_db, value):
     assert torch.allclose(chip[:, 32, 32], engine[:, 32, 32], atol=1e-5)
     other = TrainStream(build_splits([spec])["train"], augment, inputs, seed=0, sar_db=not sar_db)
     if sar_db:  # dB read as power: refused, not trained on a blank date
-        with pytest.raises(RasterError, match="negative values .*backscatter in dB, not linear power"):
+        with pytest.raises(RasterError, match="the post image holds backscatter in dB, not linear power"):
             other[0]
     else:
         assert not torch.allclose(other[0]["post"][:, 32, 32], engine[:, 32, 32], atol=1e-5)

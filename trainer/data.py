@@ -36,8 +36,9 @@ from rasterio.windows import Window
 
 from geochange.engine.bands import check_band_counts
 from geochange.engine.errors import GeoChangeError
-from geochange.engine.evaluate import change_label, dataset_pairs
-from geochange.engine.inputs import backscatter_unit_interval, normalise
+from geochange.engine.evaluate import change_label, dataset_pairs, zeroed_where_invalid
+from geochange.engine.inputs import backscatter_unit_interval, check_backscatter, normalise
+from geochange.engine.options import MIN_TILE
 from geochange.engine.rasters import has_mask, open_raster, read_image, valid_mask
 from geochange.engine.windows import WindowPlan
 
@@ -82,6 +83,8 @@ def dataset_spec_errors(spec) -> list[str]:
         for key in ("chip", "stride", "samples"):
             if key in spec and not (isinstance(spec[key], int) and spec[key] > 0):
                 errors.append(f"{key}: must be a positive integer")
+        if isinstance(spec.get("chip"), int) and 0 < spec["chip"] < MIN_TILE:
+            errors.append(f"chip: must be at least {MIN_TILE} px, the smallest tile the models take")
         if spec.get("sampler", "grid") not in ("grid", "random"):
             errors.append("sampler: must be grid or random")
         if "split" not in spec:
@@ -124,14 +127,17 @@ class FolderSource:
     def load(self, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Raw ``(bands, H, W)`` pre and post images and the 0/1/IGNORE label ``(H, W)``, decoded once
         and kept while they fit in ``DECODED_BYTES`` (each read gets its own copy to change)."""
-        if key not in self._decoded:
+        pair = self._decoded.get(key)
+        if pair is None:
             a, b, label = self.paths[key]
             pair = (read_image(a), read_image(b), binary_label(read_image(label)[0], label, self.ignore_value))
             size = sum(array.nbytes for array in pair)
-            if self._decoded_bytes + size > DECODED_BYTES:
-                return pair
-            self._decoded[key], self._decoded_bytes = pair, self._decoded_bytes + size
-        pre, post, label = (array.copy() for array in self._decoded[key])
+            if self._decoded_bytes + size <= DECODED_BYTES:
+                self._decoded[key], self._decoded_bytes = pair, self._decoded_bytes + size
+                pair = tuple(array.copy() for array in pair)
+        else:
+            pair = tuple(array.copy() for array in pair)
+        pre, post, label = pair
         return without_invalid(pre, post, label, np.isfinite(pre).all(0) & np.isfinite(post).all(0))
 
 
@@ -191,10 +197,8 @@ class RasterSource:
 def without_invalid(pre: np.ndarray, post: np.ndarray, label: np.ndarray, valid: np.ndarray) -> tuple:
     """A chip whose pixels invalid in a date (nodata, NaN: not ``valid``) are ignored by the loss and the metrics,
     and zeroed so that no NaN reaches the model."""
-    if not valid.all():
-        label[~valid] = IGNORE
-        pre, post = (np.where(valid, image, 0).astype(image.dtype) for image in (pre, post))
-    return pre, post, label
+    label[~valid] = IGNORE
+    return (*zeroed_where_invalid(pre, post, valid), label)
 
 
 def _check_same_grid(a, b) -> None:
@@ -409,6 +413,7 @@ class TrainStream(torch.utils.data.Dataset):
         check_band_counts(pre, post, self.inputs, item.id, "set data.inputs or bands", DataError)
         for date, image in (("pre", pre), ("post", post)):
             _check_units(image, self.inputs[date], date, item.id)
+            check_backscatter(image, self.inputs[date], self.sar_db, f"{item.id}: the {date} image")
         pre, post = (in_spec_units(image, self.inputs[date], self.sar_db) for date, image in (("pre", pre),
                                                                                              ("post", post)))
         rng = np.random.default_rng([self.seed, k, 0])
