@@ -261,6 +261,18 @@ def test_a_cancel_while_a_pair_runs_stops_the_run(tmp_path):
     assert row["status"] == PAIR_FAILED and row["error"] == "the task failed on the cluster: OSError: the worker died"
 
 
+def test_a_pair_s_outline_in_degrees_none_in_a_local_crs():
+    """The summary's footprints are in EPSG:4326; a pair in a site's own frame is on no place on Earth: no
+    footprint, not a failure of a pair whose outputs were written."""
+    from rasterio.crs import CRS
+
+    from geochange.engine.pair_task import _lonlat_outline
+
+    site = CRS.from_wkt('LOCAL_CS["site grid",UNIT["metre",1],AXIS["Easting",EAST],AXIS["Northing",NORTH]]')
+    assert _lonlat_outline((0, 0, 100, 100), site) is None and _lonlat_outline((0, 0, 100, 100), None) is None
+    assert _lonlat_outline((500000, 0, 500100, 100), CRS.from_epsg(32633)).startswith("POLYGON ((15")
+
+
 def test_two_globs_pair_files_by_what_the_wildcards_match(tmp_path, monkeypatch):
     for path in ("before/t1.tif", "before/t2.tif", "after/t1.tif", "after/t2.tif", "tiles/a/pre.tif",
                  "tiles/a/post.tif", "tiles/b/pre.tif", "tiles/b/post.tif", "x[1]/pre/a.tif", "x[1]/post/a.tif"):
