@@ -98,52 +98,67 @@ def area_of_interest(source: str, grid: Grid, role: str = "the area of interest"
         return AreaOfInterest(geometry, str(source))
     grid_crs = CRS.from_user_input(grid.crs)
     if crs is not None and grid_crs != crs:
-        # Cut to the grid's surroundings first: a continent's outline reaches where the grid's projection is
-        # undefined (a UTM zone's far side), whose points it maps to infinity.
-        try:
-            bounds = Transformer.from_crs(grid_crs, crs, always_xy=True).transform_bounds(*grid.bounds,
-                                                                                          densify_pts=21)
-        except ProjError:  # the grid reaches where the polygons' CRS is undefined: kept whole
-            bounds = None
-        if bounds is not None and bounds[0] < bounds[2]:  # else across the antimeridian in degrees: kept whole
-            left, bottom, right, top = bounds
-            margin = max(right - left, top - bottom)
-            geometry = shapely.intersection(geometry, shapely.box(left - margin, bottom - margin, right + margin,
-                                                                  top + margin))
-            if geometry.is_empty:
-                raise RasterError(f"{source}: {role} does not overlap the rasters")
+        geometry = _near_grid(geometry, crs, grid)
+        if geometry.is_empty:
+            raise RasterError(f"{source}: {role} does not overlap the rasters")
         geometry = _transformed(geometry, crs, grid_crs)
     return AreaOfInterest(geometry, str(source))
 
 
+def _near_grid(geometry, crs, grid: Grid):
+    """``geometry`` (in ``crs``) cut to the grid's surroundings, its bounds in ``crs`` and a twentieth more: a
+    continent's outline reaches where the grid's projection is undefined (a UTM zone's far side), whose points it
+    maps to infinity. Kept whole where those bounds cannot be had (the grid reaches where ``crs`` is undefined, or
+    they cross the antimeridian in degrees)."""
+    try:
+        bounds = Transformer.from_crs(CRS.from_user_input(grid.crs), crs, always_xy=True).transform_bounds(
+            *grid.bounds, densify_pts=21)
+    except ProjError:
+        return geometry
+    left, bottom, right, top = bounds
+    if not (all(map(math.isfinite, bounds)) and left < right):
+        return geometry
+    margin = 0.05 * max(right - left, top - bottom)
+    return shapely.intersection(geometry, shapely.box(left - margin, bottom - margin, right + margin, top + margin))
+
+
 def _on_grid_past_antimeridian(geometry, crs, grid: Grid):
-    """Polygons on a geographic grid that reaches past ±180° (``grid.common_grid``), cut to the grid. Projected ones
-    are cut to the grid's surroundings in their own CRS, then taken into the grid's CRS with longitudes wrapped
-    around the grid's middle, so that an outline across the antimeridian stays whole (farther parts would fold
-    where the wrapped longitudes turn). In degrees, each vertex keeps its side of 180°, and the polygons are taken
-    a turn east and west too: the other side's lie there on the grid."""
+    """Polygons on a geographic grid that reaches past ±180° (``grid.common_grid``), cut to the grid.
+
+    Projected ones, cut to the grid's surroundings first, come into the grid's CRS part by part, with longitudes
+    kept in -180°..180° or wrapped around the grid's middle: whichever spans fewer degrees is whole (an outline
+    across 180° folds in the first, one across the grid's far side in the second). In degrees, each vertex keeps its
+    side of 180° (``_transformed``). Then the polygons a turn east and west too: the other side's lie there."""
     left, bottom, right, top = grid.bounds
     grid_crs = CRS.from_user_input(grid.crs)
     if crs is not None and not crs.is_geographic:
-        try:
-            near = Transformer.from_crs(grid_crs, crs, always_xy=True).transform_bounds(*grid.bounds, densify_pts=21)
-        except ProjError:  # the grid reaches where the polygons' CRS is undefined: kept whole
-            near = None
-        if near is not None and all(map(math.isfinite, near)):
-            margin = 0.05 * max(near[2] - near[0], near[3] - near[1])
-            geometry = shapely.intersection(geometry, shapely.box(near[0] - margin, near[1] - margin,
-                                                                  near[2] + margin, near[3] + margin))
-        geometry = _transformed(geometry, crs, CRS.from_user_input(lon_wrap_proj4(grid.crs, (left + right) / 2)))
+        geometry = _near_grid(geometry, crs, grid)
+        wrapped = CRS.from_user_input(lon_wrap_proj4(grid.crs, (left + right) / 2))
+        parts = []
+        for part in shapely.get_parts(geometry):
+            plain, around = (_transformed(part, crs, to) for to in (grid_crs, wrapped))
+            parts.append(plain if plain.bounds[2] - plain.bounds[0] <= around.bounds[2] - around.bounds[0] else around)
+        geometry = shapely.union_all(shapely.make_valid(np.array(parts, dtype=object)))
     elif crs is not None and crs != grid_crs:
         geometry = _transformed(geometry, crs, grid_crs)
-    geometry = shapely.union_all([shapely.affinity.translate(geometry, turn) for turn in (-360, 0, 360)])
-    return shapely.intersection(geometry, shapely.box(left, bottom, right, top))
+    on_grid = shapely.box(left, bottom, right, top)
+    return shapely.union_all([shapely.intersection(shapely.affinity.translate(geometry, turn), on_grid)
+                              for turn in (-360, 0, 360)])
 
 
 def _transformed(geometry, crs, to: CRS):
-    """``geometry`` from ``crs`` into ``to``, its edges first cut into steps that follow the curve."""
+    """``geometry`` from ``crs`` into ``to``, its edges first cut into steps that follow the curve. From degrees to
+    degrees each vertex stays on its side of 180°: a datum's shift would move one just past it, and PROJ would take it
+    to the far side (Fiji 1986's 180° comes out as -179.9998°)."""
+    if geometry.is_empty:  # nothing to cut into steps
+        return geometry
     transformer = Transformer.from_crs(crs, to, always_xy=True)
-    return shapely.transform(shapely.segmentize(geometry, _step(geometry)), transformer.transform, interleaved=False)
+    transform = transformer.transform
+    if crs.is_geographic and to.is_geographic:
+        def transform(x, y):
+            east, north = transformer.transform(x, y)
+            return east + 360 * np.round((x - east) / 360), north
+    return shapely.transform(shapely.segmentize(geometry, _step(geometry)), transform, interleaved=False)
 
 
 def _step(geometry) -> float:

@@ -15,7 +15,7 @@ from geochange.engine.options import EVALUATE, DetectOptions
 from geochange.engine.package import ModelPackage
 from geochange.engine.predictor import Predictor, model_tta
 from geochange.engine.progress import Progress
-from geochange.engine.rasters import read_image
+from geochange.engine.rasters import read_image, zeroed_where_invalid
 from geochange.engine.stream import predict_plan
 from geochange.engine.windows import WindowPlan, check_tiling
 
@@ -37,11 +37,12 @@ def dataset_pairs(root: str | os.PathLike) -> list[tuple[Path, Path, Path]]:
     return [tuple(f / n for f in folders) for n in names]
 
 
-def zeroed_where_invalid(pre: np.ndarray, post: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``pre`` and ``post`` with the pixels that are not ``valid`` (nodata, NaN) zeroed: no NaN reaches the model."""
-    if valid.all():
-        return pre, post
-    return tuple(np.where(valid, image, 0).astype(image.dtype) for image in (pre, post))
+def check_one_size(pre: np.ndarray, post: np.ndarray, label: np.ndarray, paths) -> None:
+    """A dataset pair's images and label, read from ``paths`` (A, B, label), must have one size."""
+    for path, shape in ((paths[1], post.shape[1:]), (paths[2], label.shape)):
+        if shape != pre.shape[1:]:
+            raise RasterError(f"{path} is {shape[1]}x{shape[0]} px but {paths[0]} is "
+                              f"{pre.shape[2]}x{pre.shape[1]} px; a pair and its label must have one size")
 
 
 def change_label(raw: np.ndarray, where, ignore_value: float | None = None,
@@ -102,10 +103,7 @@ def evaluate_folder(package: ModelPackage, root: str | os.PathLike, *, ignore_va
     for i, (path_a, path_b, path_label) in enumerate(pairs):
         progress.check()
         pre, post, label = read_image(path_a), read_image(path_b), read_image(path_label)[0]
-        for path, shape in ((path_b, post.shape[1:]), (path_label, label.shape)):
-            if shape != pre.shape[1:]:
-                raise RasterError(f"{path} is {shape[1]}x{shape[0]} px but {path_a} is "
-                                  f"{pre.shape[2]}x{pre.shape[1]} px; a pair and its label must have one size")
+        check_one_size(pre, post, label, (path_a, path_b, path_label))
         change, labelled = change_label(label, path_label, ignore_value)
         valid = np.isfinite(pre).all(0) & np.isfinite(post).all(0)  # NaN, a float tile's nodata: in no metric
         pre, post = zeroed_where_invalid(pre, post, valid)

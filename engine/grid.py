@@ -28,7 +28,7 @@ from rasterio.windows import Window
 
 from geochange.engine.errors import OptionError, RasterError
 from geochange.engine.measures import METRES_PER_DEGREE, metres_per_unit
-from geochange.engine.rasters import corrupt_pixels, has_mask, open_raster, valid_mask
+from geochange.engine.rasters import corrupt_pixels, has_mask, open_raster, valid_mask, zeroed_where_invalid
 
 # Below this share of either image inside the common extent, a warning is given.
 SMALL_OVERLAP = 0.5
@@ -118,7 +118,7 @@ def _crs_name(crs: CRS) -> str:
     return f"EPSG:{code}" if code else f'"{pyproj.CRS.from_wkt(crs.to_wkt()).name}"'
 
 
-def _is_local(crs: CRS) -> bool:
+def is_local(crs) -> bool:
     """An engineering CRS (a site's own frame, a drone survey's), which GDAL cannot place on Earth."""
     return pyproj.CRS.from_wkt(crs.to_wkt()).is_engineering
 
@@ -192,7 +192,7 @@ def common_grid(pre, post, *, on: str = "pre", crs: str | None = None,
     except (CPLE_BaseError, RasterioError) as error:  # e.g. a local (engineering) CRS, tied to no place on Earth
         moved = [src for src in (pre, post) if src.crs != target]
         names = " and ".join(f"{Path(src.name).name} (CRS {_crs_name(src.crs)})" for src in moved or (pre, post))
-        local = any(_is_local(crs) for crs in (pre.crs, post.crs, target))
+        local = any(is_local(crs) for crs in (pre.crs, post.crs, target))
         why = "a local CRS is tied to no place on Earth" if local else str(error).splitlines()[0]
         raise RasterError(f"{names}: GDAL cannot transform to {_crs_name(target)}, the grid's CRS ({why}); reproject "
                           "the rasters to one CRS, or give both the same CRS if they share one frame") from None
@@ -321,10 +321,9 @@ class PairReader:
             data = reader.read(bands, window)
             ok &= valid_mask(reader, window, data, bands, reader.masked)
             out.append(data)
-        if not ok.all():  # invalid pixels zeroed, so that NaN cannot leak into the model through convolutions
-            out = [np.where(ok, data, 0) for data in out]
+        pre, post = zeroed_where_invalid(*out, ok)  # no NaN leaks into the model through convolutions
         # Outside the area of interest the pixels are real: the model sees them, the outputs do not.
-        return out[0], out[1], ok if self.aoi is None else ok & self.aoi.mask(window, self.grid)
+        return pre, post, ok if self.aoi is None else ok & self.aoi.mask(window, self.grid)
 
     def close(self) -> None:
         for item in self._opened:

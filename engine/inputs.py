@@ -21,7 +21,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_SCALES = {"uint8": 255.0, "uint16": 10000.0, "int16": 10000.0, "float32": 1.0, "float64": 1.0}
 # Assumed dB window of SAR backscatter (VV) for models trained on 8-bit SAR images.
 DEFAULT_DB_RANGE = (-25.0, 0.0)
-# Past this share of negative values, float SAR read as linear power is taken for dB (``check_backscatter``).
+# Past this share of values below -1, float SAR read as linear power is taken for dB (``check_backscatter``).
 DB_SHARE = 0.5
 
 
@@ -55,15 +55,16 @@ def input_scale(dtype: str, spec: dict, override: float | None = None) -> float:
 
 def check_backscatter(raw: np.ndarray, spec: dict, sar_db: bool, what: str) -> None:
     """Refuse a float SAR date read as linear power that holds dB: read so, all of it would map to 0, a blank date.
-    Power is never negative, though thermal-noise removal leaves some values below 0 (read as the window's floor):
-    most of its non-zero values (invalid pixels are zeroed before) negative say dB."""
+    Power is never below 0 but for thermal-noise removal's small residues (about -0.001, read as the window's
+    floor); dB backscatter is below -1 nearly everywhere. Most non-zero values (invalid pixels are zeroed before)
+    below -1 say dB."""
     if sar_db or spec["modality"] != "sar" or raw.dtype.kind != "f":
         return
     values = raw[np.isfinite(raw) & (raw != 0)]
-    negative = np.count_nonzero(values < 0)
-    if negative > DB_SHARE * values.size:
-        raise RasterError(f"{what} holds backscatter in dB, not linear power: {negative / values.size:.0%} of its "
-                          "values are negative; say so (--sar-db for detect and evaluate, data.sar_db for the "
+    below = np.count_nonzero(values < -1)
+    if below > DB_SHARE * values.size:
+        raise RasterError(f"{what} holds backscatter in dB, not linear power: {below / values.size:.0%} of its "
+                          "values are below -1; say so (--sar-db for detect and evaluate, data.sar_db for the "
                           "trainer), or declare the raster's nodata value if those are nodata")
 
 

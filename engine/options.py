@@ -81,7 +81,8 @@ class DetectOptions:
              "model package (usually 0.5).")
     min_area: float = option(
         20.0, kind="float", parameter="MIN_AREA", label="Minimum polygon area (m²)", minimum=0.0, unit=" m²",
-        help="Change polygons smaller than this many square metres (geodesic, whatever the CRS) are dropped, and "
+        help="Change polygons smaller than this many square metres (geodesic, whatever the CRS; planar in a local "
+             "CRS) are dropped, and "
              "holes smaller than it filled: the default drops specks of a few pixels at 0.5 m and nothing at "
              "10 m. Pixels for two rasters without a CRS.")
     simplify: float = option(

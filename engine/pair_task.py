@@ -92,11 +92,12 @@ def pair_row(job: dict, status: str, **values) -> dict:
 def _lonlat_outline(bounds, crs) -> str | None:
     """The rectangle ``bounds`` of ``crs`` as a polygon in EPSG:4326 (WKT); None without a CRS (a pixel grid) or in a
     local CRS, tied to no place on Earth."""
-    import pyproj
     import shapely
     from rasterio.warp import transform_geom
 
-    if crs is None or pyproj.CRS.from_wkt(crs.to_wkt()).is_engineering:
+    from geochange.engine.grid import is_local
+
+    if crs is None or is_local(crs):
         return None
 
     left, bottom, right, top = bounds

@@ -145,7 +145,8 @@ class Predictor:
         self.max_batch: int | None = None  # lowered after a CUDA out-of-memory, kept for later batches
 
     def _to_device(self, raw: np.ndarray, date: str) -> torch.Tensor:
-        check_backscatter(raw, self.inputs[date], self.sar_db, f"the {date} image")
+        if self.scales.get(date) is None:  # a given scale reads the date as it is
+            check_backscatter(raw, self.inputs[date], self.sar_db, f"the {date} image")
         x = torch.from_numpy(np.ascontiguousarray(raw))
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)

@@ -72,3 +72,10 @@ def valid_mask(reader, window, data: np.ndarray, bands: list[int], masked: bool)
     if np.issubdtype(data.dtype, np.floating):
         valid &= np.isfinite(data).all(axis=0)
     return valid
+
+
+def zeroed_where_invalid(pre: np.ndarray, post: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``pre`` and ``post`` with the pixels that are not ``valid`` (nodata, NaN) zeroed: no NaN reaches the model."""
+    if valid.all():
+        return pre, post
+    return tuple(np.where(valid, image, 0).astype(image.dtype) for image in (pre, post))

@@ -19,9 +19,9 @@ from geochange.engine.grid import PIXEL_TRANSFORM
 from geochange.engine.measures import map_units, polygon_areas, rings_below, rings_of
 from geochange.engine.rasters import open_raster
 
-# Output driver by file extension.
 # Rows of a probability raster that ``vectorize_probability`` reads at a time (in whole blocks, one at least).
 VECTORIZE_ROWS = 512
+# Output driver by file extension.
 DRIVERS = {".gpkg": "GPKG", ".geojson": "GeoJSON", ".json": "GeoJSON", ".shp": "ESRI Shapefile"}
 
 

@@ -120,7 +120,7 @@ def test_sar_db_and_linear_inputs_give_the_same_model_input():
     from geochange.engine.inputs import normalise
     assert torch.allclose(normalise(db, spec, sar_db=True), normalise(10 ** (db / 10), spec), atol=1e-5)
     with pytest.raises(RasterError, match=r"^the post image holds backscatter in dB, not linear power: 100% of its "
-                                          r"values are negative; say so \(--sar-db"):
+                                          r"values are below -1; say so \(--sar-db"):
         check_backscatter(db.numpy(), spec, False, "the post image")  # read as power: every pixel would map to 0
     check_backscatter(db.numpy(), spec, True, "the post image")
     noisy = np.array([[[[0.05, -0.001, 0.2, 0.0]]]], np.float32)  # power after thermal-noise removal: a negative

@@ -17,7 +17,7 @@ from rasterio.crs import CRS
 from rasterio.enums import Resampling
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
-from shapely.geometry import Polygon, box, mapping
+from shapely.geometry import MultiPolygon, Polygon, box, mapping
 
 from conftest import FIJI_EAST, FIJI_UTM, FIJI_WEST, write_constant, write_masked_raster, write_polygons
 from geochange.engine.assess import raster_on
@@ -207,25 +207,41 @@ def test_an_area_of_interest_lies_on_a_grid_past_the_antimeridian(tmp_path, poly
 
 
 def test_large_areas_of_interest_on_a_grid_past_the_antimeridian(tmp_path):
-    """A land layer's outlines reach far from the grid: a ring round the Earth in degrees (as Antarctica's), the
-    same in a polar projection, a box from 10° W to 180° (its part west of 180° only), a box far away (refused)."""
+    """A land layer's outlines reach far from the grid: a ring round the Earth in degrees (as Antarctica's); a box
+    across 180° in Pacific Mercator; a box from 10° W to 180° (its part west of 180° only); Fiji 1986's degrees, cut
+    at 180° (its datum shift moves 180° a hair east); in Web Mercator, England beside an Aleutian box (England, across
+    Greenwich, must not fold onto the grid); and far boxes, in degrees and in UTM (refused)."""
     from pyproj import Transformer
 
     from geochange.engine.aoi import area_of_interest
 
+    def projected(geometry, epsg):
+        to = Transformer.from_crs("EPSG:4326", f"EPSG:{epsg}", always_xy=True)
+        return Polygon([to.transform(x, y) for x, y in shapely.segmentize(geometry.exterior, 0.5).coords])
+
     crs, transform, width, height = FIJI_EAST
-    grid = Grid(CRS.from_string(crs), transform, width, height)
-    band = box(-180, -40, 180, 10)  # round the Earth from 40° S to 10° N: covers the grid
-    polar = Transformer.from_crs("EPSG:4326", "EPSG:3832", always_xy=True)  # Pacific Mercator, across 180°
-    pacific = Polygon([polar.transform(x, y) for x, y in shapely.segmentize(box(150, -30, 210, 0).exterior, 1).coords])
-    for name, geometry, epsg, columns in (("band", band, 4326, (0, 400)), ("pacific", pacific, 3832, (0, 400)),
-                                          ("west", box(-10, -30, 180, 0), 4326, (0, 200))):
+    fiji = Grid(CRS.from_string(crs), transform, width, height)
+    aleutians = Grid(CRS.from_epsg(4326), Affine(0.01, 0, 175, 0, -0.01, 53), 1000, 300)  # 175°..185° E
+    metres = 20037508.34  # Web Mercator's x at 180°
+    england_and_aleutians = MultiPolygon([projected(box(-5, 50, 2, 53), 3857),
+                                          Polygon(projected(box(178, 51, 180, 52), 3857)),
+                                          Polygon([(x - 2 * metres if x > 0 else x, y) for x, y in
+                                                   projected(box(180, 51, 182, 52), 3857).exterior.coords])])
+    cases = (("band", box(-180, -40, 180, 10), 4326, fiji, (0, 400), (0, 200)),
+             ("pacific", projected(box(150, -30, 210, 0), 3832), 3832, fiji, (0, 400), (0, 200)),
+             ("west", box(-10, -30, 180, 0), 4326, fiji, (0, 200), (0, 200)),
+             ("fiji1986", box(179.5, -17.5, 180, -16.5), 4720, fiji, (0, 200), (0, 200)),
+             ("mercator", england_and_aleutians, 3857, aleutians, (300, 700), (100, 200)))
+    for name, geometry, epsg, grid, columns, rows in cases:
         path = write_polygons(tmp_path / f"{name}.gpkg", [mapping(geometry)], epsg)
-        inside = area_of_interest(str(path), grid).mask(Window(0, 0, width, height), grid)
-        assert inside[:, columns[0]:columns[1]].all() and not inside[:, columns[1]:].any(), name
-    far = write_polygons(tmp_path / "far.gpkg", [mapping(box(-5, 42, 8, 51))], 4326)
-    with pytest.raises(RasterError, match="far.gpkg: the area of interest does not overlap the rasters"):
-        area_of_interest(str(far), grid)
+        inside = area_of_interest(str(path), grid).mask(Window(0, 0, grid.width, grid.height), grid)
+        core = inside[rows[0] + 2:rows[1] - 2, columns[0] + 2:columns[1] - 2]
+        assert core.all() and inside.sum() <= (columns[1] - columns[0] + 4) * (rows[1] - rows[0] + 4), name
+    for name, geometry, epsg in (("far", box(-5, 42, 8, 51), 4326), ("far_utm", projected(box(-171, -17, -170, -16),
+                                                                                          32701), 32701)):
+        path = write_polygons(tmp_path / f"{name}.gpkg", [mapping(geometry)], epsg)
+        with pytest.raises(RasterError, match=f"{name}.gpkg: the area of interest does not overlap the rasters"):
+            area_of_interest(str(path), fiji)
 
 
 def test_a_detection_across_the_antimeridian_writes_its_outputs_there(tmp_path, random_package):

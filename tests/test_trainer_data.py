@@ -320,6 +320,13 @@ def test_nan_in_a_folder_dataset_s_float_tile_is_a_pixel_no_loss_sees(tmp_path, 
         pre, post, label = item.load()
         assert (label[:8] == IGNORE).all() and (label[8:] == 1).all()
         assert np.isfinite(post).all() and (post[0, :8] == 0).all() and (post[0, 8:] == -12).all()
+    _write_raster(tmp_path / "B" / "tile.tif", sar[:, :32])  # a tile of another size: named, not a numpy error
+    [item] = build_splits([{"root": str(tmp_path), "split": {"val": 0.0}}])["train"]
+    with pytest.raises(RasterError, match=r"B/tile.tif is 64x32 px but .*A/tile.tif is 64x64 px; a pair and its"):
+        item.load()
+
+
+def test_chips_below_the_models_smallest_tile_are_refused_by_the_config_check():
     chip = {"pre": "a.tif", "post": "b.tif", "label": "c.tif", "chip": 16, "split": {"val": 0.1}}
     assert "chip: must be at least 32 px, the smallest tile the models take" in dataset_spec_errors(chip)
 

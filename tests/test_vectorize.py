@@ -315,7 +315,12 @@ def test_a_probability_raster_is_vectorised_band_by_band_as_whole(tmp_path, monk
     valid = (prob != -1) & np.isfinite(prob)
     whole = change_polygons(valid & (prob > 0.5), np.where(valid, prob, 0), transform, crs, valid=valid)
     monkeypatch.setattr(vectorize, "VECTORIZE_ROWS", 20)  # bands of 16 rows: six of them
+    bands = []
+    add_band = vectorize.PolygonAssembler.add_band
+    monkeypatch.setattr(vectorize.PolygonAssembler, "add_band",
+                        lambda self, start, *arrays: bands.append(start) or add_band(self, start, *arrays))
     result = vectorize.vectorize_probability(str(path), str(tmp_path / "c.gpkg"))
+    assert bands == [0, 16, 32, 48, 64, 80]
     assert result["polygon_count"] == len(whole)
     assert result["changed_area_m2"] == pytest.approx(sum(p.area_m2 for p in whole))
     source = ogr.Open(str(tmp_path / "c.gpkg"))
@@ -329,6 +334,8 @@ def test_detect_s_outputs_on_a_pixel_grid_are_vectorised_in_pixels(tmp_path):
     import warnings
 
     import rasterio
+    from rasterio.control import GroundControlPoint
+    from rasterio.crs import CRS
     from rasterio.errors import NotGeoreferencedWarning
 
     from geochange.engine.errors import RasterError
@@ -346,3 +353,8 @@ def test_detect_s_outputs_on_a_pixel_grid_are_vectorised_in_pixels(tmp_path):
     assert (result["polygon_count"], result["changed_area_m2"], result["area_unit"]) == (1, 500.0, "px")
     with pytest.raises(RasterError, match="placed.tif: the raster has a geotransform but no CRS"):
         vectorize_probability(str(tmp_path / "placed.tif"), str(tmp_path / "d.gpkg"))
+    with rasterio.open(tmp_path / "pixels.tif", "r+") as dst:  # placed by ground control points only
+        dst.gcps = ([GroundControlPoint(0, 0, 15.0, 45.0), GroundControlPoint(60, 80, 15.1, 44.9),
+                     GroundControlPoint(0, 80, 15.1, 45.0)], CRS.from_epsg(4326))
+    with pytest.raises(RasterError, match="pixels.tif: georeferenced by 3 ground control points only"):
+        vectorize_probability(str(tmp_path / "pixels.tif"), str(tmp_path / "e.gpkg"))

@@ -36,10 +36,10 @@ from rasterio.windows import Window
 
 from geochange.engine.bands import check_band_counts
 from geochange.engine.errors import GeoChangeError
-from geochange.engine.evaluate import change_label, dataset_pairs, zeroed_where_invalid
+from geochange.engine.evaluate import change_label, check_one_size, dataset_pairs
 from geochange.engine.inputs import backscatter_unit_interval, check_backscatter, normalise
 from geochange.engine.options import MIN_TILE
-from geochange.engine.rasters import has_mask, open_raster, read_image, valid_mask
+from geochange.engine.rasters import has_mask, open_raster, read_image, valid_mask, zeroed_where_invalid
 from geochange.engine.windows import WindowPlan
 
 IGNORE = 255  # label value of pixels that no loss or metric sees (unlabelled, rotation padding)
@@ -125,12 +125,15 @@ class FolderSource:
         self._decoded_bytes = 0
 
     def load(self, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Raw ``(bands, H, W)`` pre and post images and the 0/1/IGNORE label ``(H, W)``, decoded once
+        """The ``(bands, H, W)`` pre and post images and the 0/1/IGNORE label ``(H, W)``, NaN pixels zeroed and
+        ignored (``without_invalid``), decoded once
         and kept while they fit in ``DECODED_BYTES`` (each read gets its own copy to change)."""
         pair = self._decoded.get(key)
         if pair is None:
             a, b, label = self.paths[key]
-            pair = (read_image(a), read_image(b), binary_label(read_image(label)[0], label, self.ignore_value))
+            pair = (read_image(a), read_image(b), read_image(label)[0])
+            check_one_size(*pair, self.paths[key])
+            pair = (*pair[:2], binary_label(pair[2], label, self.ignore_value))
             size = sum(array.nbytes for array in pair)
             if self._decoded_bytes + size <= DECODED_BYTES:
                 self._decoded[key], self._decoded_bytes = pair, self._decoded_bytes + size
