@@ -177,10 +177,11 @@ def prepare(pre_path, post_path, model, options: DetectOptions = DetectOptions()
             progress.log(f"area of interest {o.aoi}: the grid cut to its bounds")
         read_on = model_grid(common, first.manifest.get("gsd")) if at_model else common
         if at_model:
+            x, y = f"{read_on.transform.a:.6g}", f"{-read_on.transform.e:.6g}"  # in degrees, square on the ground
+            size = f"{x} CRS units a side" if x == y else f"{x} x {y} CRS units"
             progress.log(f"both dates read at the model's {first.manifest['gsd']:g} m pixels "
-                         + (f"({read_on.transform.a:.6g} x {-read_on.transform.e:.6g} CRS units), its probability "
-                            f"resampled onto the {common.width}x{common.height} px output grid" if read_on != common
-                            else "(the grid's own)"))
+                         + (f"({size}), its probability resampled onto the {common.width}x{common.height} px output "
+                            "grid" if read_on != common else "(the grid's own)"))
         else:
             warn_scale(common, first.manifest, progress.log)
         bands = (select_bands(pre.count, inputs["pre"], "pre", o.pre_bands and list(o.pre_bands), Path(pre.name).name),
