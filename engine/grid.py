@@ -145,7 +145,7 @@ def lon_wrap_proj4(crs, middle: float) -> str:
     return f"{srs.ExportToProj4()} +lon_wrap={middle}"
 
 
-def wrapped_longitudes(src, grid: Grid) -> CRS | None:
+def _wrapped_longitudes(src, grid: Grid) -> CRS | None:
     """For a warped read of a geographic ``src`` where it or the grid reaches past ±180°: its CRS with longitudes
     wrapped around its middle, so that the grid's pixels find its own; GDAL's warper puts every longitude in
     -180°..180° and missed half of a raster across the antimeridian. None where the plain CRS does."""
@@ -159,7 +159,7 @@ def wrapped_longitudes(src, grid: Grid) -> CRS | None:
 
 def warped_on(src, grid: Grid, resampling: Resampling) -> WarpedVRT:
     """``src`` warped onto ``grid``, with an alpha band where it needs one (``warp_needs_alpha``)."""
-    return WarpedVRT(src, src_crs=wrapped_longitudes(src, grid) or src.crs, crs=grid.crs, transform=grid.transform,
+    return WarpedVRT(src, src_crs=_wrapped_longitudes(src, grid) or src.crs, crs=grid.crs, transform=grid.transform,
                      width=grid.width, height=grid.height, resampling=resampling, add_alpha=warp_needs_alpha(src))
 
 

@@ -413,4 +413,4 @@ def vectorize_probability(probability: str, polygons: str, *, threshold: float =
     if progress is not None:
         progress.log(f"{changed_pixels} of {valid_pixels} valid pixels above {threshold:g}")
     return {"polygons": str(polygons), "polygon_count": writer.count, "changed_area_m2": writer.area_m2,
-            "area_unit": "m2" if writer.area_field == "area_m2" else "px"}
+            "area_unit": "m²" if writer.area_field == "area_m2" else "px"}  # as detect's worker result says it

@@ -63,7 +63,7 @@ class VectorizeChangesAlgorithm(EngineAlgorithm):
                 **{name: option_value(self, parameters, context, name) for name in ("min_area", "simplify")}}
         result = self.run_engine("vectorize", args, feedback, [polygons])
         feedback.pushInfo(tr("{} change polygons, {:.1f} {} changed").format(
-            result["polygon_count"], result["changed_area_m2"], "m²" if result["area_unit"] == "m2" else "px"))
+            result["polygon_count"], result["changed_area_m2"], result["area_unit"]))
         name = tr("{}: change polygons (p > {:g})").format(self.layer_name(parameters, "INPUT", context), threshold)
         styles.load_styled(context, [(polygons_uri, name, styles.style_polygons)])
         return {"OUTPUT": polygons_uri, "POLYGON_COUNT": result["polygon_count"],

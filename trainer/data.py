@@ -126,21 +126,18 @@ class FolderSource:
 
     def load(self, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The ``(bands, H, W)`` pre and post images and the 0/1/IGNORE label ``(H, W)``, NaN pixels zeroed and
-        ignored (``without_invalid``), decoded once
-        and kept while they fit in ``DECODED_BYTES`` (each read gets its own copy to change)."""
+        ignored (``without_invalid``); decoded once and kept while they fit in ``DECODED_BYTES`` (each read gets its
+        own copy to change)."""
         pair = self._decoded.get(key)
         if pair is None:
             a, b, label = self.paths[key]
-            pair = (read_image(a), read_image(b), read_image(label)[0])
-            check_one_size(*pair, self.paths[key])
-            pair = (*pair[:2], binary_label(pair[2], label, self.ignore_value))
+            images = (read_image(a), read_image(b), read_image(label)[0])
+            check_one_size(*images, self.paths[key])
+            pair = (*images[:2], binary_label(images[2], label, self.ignore_value))
             size = sum(array.nbytes for array in pair)
             if self._decoded_bytes + size <= DECODED_BYTES:
                 self._decoded[key], self._decoded_bytes = pair, self._decoded_bytes + size
-                pair = tuple(array.copy() for array in pair)
-        else:
-            pair = tuple(array.copy() for array in pair)
-        pre, post, label = pair
+        pre, post, label = (array.copy() for array in pair) if key in self._decoded else pair
         return without_invalid(pre, post, label, np.isfinite(pre).all(0) & np.isfinite(post).all(0))
 
 
