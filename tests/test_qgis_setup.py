@@ -72,30 +72,28 @@ class CancelAtVenv(CancelAtPip):
             self.cancel()
 
 
+def cancelled_set_up(folder, feedback: CancelAtPip) -> CancelAtPip:
+    """The set-up of ``folder``, cancelled by ``feedback``, which it returns (the commands it saw)."""
+    with pytest.raises(QgsProcessingException, match="set-up cancelled by the user; the environment may be incomplete, "
+                                                     "and if the engine already ran from it, it may not run until the "
+                                                     "set-up is run again"):
+        run_algorithm("geochange:setupengine", {"FOLDER": str(folder)}, feedback)
+    return feedback
+
+
 def test_a_set_up_stopped_while_it_makes_the_environment_is_its_own_to_make_again(geochange_provider, tmp_path):
     """The folder is marked as this algorithm's before venv runs (venv writes pyvenv.cfg before it installs pip:
     one that fails there, or a cancel, left a folder the next set-up refused as another's)."""
     from geochange.qgis_plugin.setup_algorithm import MADE_HERE
 
-    with pytest.raises(QgsProcessingException, match="set-up cancelled by the user; the environment may be incomplete, "
-                                                     "and if the engine already ran from it, it may not run until the "
-                                                     "set-up is run again"):
-        run_algorithm("geochange:setupengine", {"FOLDER": str(tmp_path / "env")}, CancelAtVenv())
+    cancelled_set_up(tmp_path / "env", CancelAtVenv())
     assert (tmp_path / "env" / MADE_HERE).is_file()
-    feedback = CancelAtPip()
-    with pytest.raises(QgsProcessingException, match="set-up cancelled by the user; the environment may be incomplete, "
-                                                     "and if the engine already ran from it, it may not run until the "
-                                                     "set-up is run again"):
-        run_algorithm("geochange:setupengine", {"FOLDER": str(tmp_path / "env")}, feedback)
+    feedback = cancelled_set_up(tmp_path / "env", CancelAtPip())
     assert " -m venv --system-site-packages " in feedback.commands[0] and (tmp_path / "env" / "pyvenv.cfg").is_file()
     # Made again (its Python gone): venv --clear empties the folder, and the mark is written again after it.
     for python in (tmp_path / "env" / "bin").glob("python*"):
         python.unlink()
-    feedback = CancelAtPip()
-    with pytest.raises(QgsProcessingException, match="set-up cancelled by the user; the environment may be incomplete, "
-                                                     "and if the engine already ran from it, it may not run until the "
-                                                     "set-up is run again"):
-        run_algorithm("geochange:setupengine", {"FOLDER": str(tmp_path / "env")}, feedback)
+    feedback = cancelled_set_up(tmp_path / "env", CancelAtPip())
     assert " -m venv --system-site-packages --clear " in feedback.commands[0]
     assert (tmp_path / "env" / MADE_HERE).is_file()
 
@@ -110,11 +108,7 @@ def test_the_set_up_refuses_a_folder_of_other_files_and_can_be_cancelled(geochan
     assert (tmp_path / "documents" / "thesis.odt").read_text() == "mine"
 
     before = QgsSettings().value(PYTHON_SETTING_KEY, "")
-    feedback = CancelAtPip()
-    with pytest.raises(QgsProcessingException, match="set-up cancelled by the user; the environment may be incomplete, "
-                                                     "and if the engine already ran from it, it may not run until the "
-                                                     "set-up is run again"):
-        run_algorithm("geochange:setupengine", {"FOLDER": str(tmp_path / "env")}, feedback)
+    feedback = cancelled_set_up(tmp_path / "env", CancelAtPip())
     assert " -m venv --system-site-packages " in feedback.commands[0]
     assert (tmp_path / "env" / "pyvenv.cfg").is_file()  # made, then pip was stopped
     assert QgsSettings().value(PYTHON_SETTING_KEY, "") == before  # the engine's interpreter is unchanged
