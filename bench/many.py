@@ -28,7 +28,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-from geochange.engine.many import available_cores
+from dask.system import CPU_COUNT
 from run import HERE, SHARED, authors_package, machine  # bench/run.py: the model package and the machine's name
 
 
@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=HERE / "results.md")
     args = parser.parse_args()
     (HERE / "data").mkdir(exist_ok=True)
-    cores, model = available_cores(), authors_package("tinycd")  # as the local cluster counts them
+    cores, model = CPU_COUNT, authors_package("tinycd")  # as the local cluster counts them
     with tempfile.TemporaryDirectory(dir=HERE / "data") as work:
         work = Path(work)
         pre, post = crop(args.size, work)

@@ -22,7 +22,7 @@ from geochange.engine.contracts import (ASSESS_FN, ASSESS_FP, ASSESS_NOT_ASSESSE
                                         OBJECT_IOU)
 from geochange.engine.errors import OptionError, RasterError
 from geochange.engine.evaluate import change_label
-from geochange.engine.grid import Grid, warped_on
+from geochange.engine.grid import Grid, placement, warped_on
 from geochange.engine.metrics import confusion, kappa, scores
 from geochange.engine.rasters import open_raster
 
@@ -57,7 +57,7 @@ def raster_on(path: str, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
 
 def grid_of(path: str) -> Grid:
     with open_raster(path) as src:
-        return Grid(src.crs, src.transform, src.width, src.height)
+        return Grid(src.crs, placement(src), src.width, src.height)
 
 
 def polygons_on(source: str, grid: Grid, role: str) -> np.ndarray:

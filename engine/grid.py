@@ -83,7 +83,13 @@ class Grid:
 
     def matches(self, src) -> bool:
         return (src.crs == self.crs and src.width == self.width and src.height == self.height
-                and src.transform.almost_equals(self.transform))
+                and placement(src).almost_equals(self.transform))
+
+
+def placement(src) -> Affine:
+    """Where a dataset's pixels lie: its geotransform; for one with neither a CRS nor a geotransform (rasterio's
+    identity), a pixel grid's (``PIXEL_TRANSFORM``), as QGIS draws it and ``detect`` writes its outputs."""
+    return PIXEL_TRANSFORM if src.crs is None and src.transform.is_identity else src.transform
 
 
 def too_large(width: float, height: float) -> bool:
@@ -159,8 +165,9 @@ def _wrapped_longitudes(src, grid: Grid) -> CRS | None:
 
 def warped_on(src, grid: Grid, resampling: Resampling) -> WarpedVRT:
     """``src`` warped onto ``grid``, with an alpha band where it needs one (``warp_needs_alpha``)."""
-    return WarpedVRT(src, src_crs=_wrapped_longitudes(src, grid) or src.crs, crs=grid.crs, transform=grid.transform,
-                     width=grid.width, height=grid.height, resampling=resampling, add_alpha=warp_needs_alpha(src))
+    return WarpedVRT(src, src_crs=_wrapped_longitudes(src, grid) or src.crs, src_transform=placement(src),
+                     crs=grid.crs, transform=grid.transform, width=grid.width, height=grid.height,
+                     resampling=resampling, add_alpha=warp_needs_alpha(src))
 
 
 def common_grid(pre, post, *, on: str = "pre", crs: str | None = None,
@@ -230,10 +237,10 @@ def common_grid(pre, post, *, on: str = "pre", crs: str | None = None,
 
 def pixel_grid(pre, post, *, crs=None, resolution=None, warn=lambda message: None) -> Grid:
     """Two rasters without a CRS (plain images such as a dataset's PNG tiles) paired pixel for pixel:
-    they must be of one size and place. The grid has no CRS; x is the column and y minus the row, as
-    QGIS draws a raster without a geotransform, so outputs and inputs overlay there."""
+    they must be of one size and place. The grid has no CRS and their geotransform, so that outputs and inputs
+    overlay in QGIS; without one, x is the column and y minus the row, as QGIS draws such a raster."""
     names = [Path(src.name).name for src in (pre, post)]
-    if not pre.transform.almost_equals(post.transform):  # e.g. world files placing them apart
+    if not placement(pre).almost_equals(placement(post)):  # e.g. world files placing them apart
         raise RasterError(f"neither {names[0]} nor {names[1]} has a CRS, and their geotransforms differ: give "
                           "them a CRS (gdal_edit.py -a_srs) so that they can be aligned")
     if (pre.width, pre.height) != (post.width, post.height):
@@ -245,7 +252,7 @@ def pixel_grid(pre, post, *, crs=None, resolution=None, warn=lambda message: Non
                           f"{names[1]} has a CRS")
     warn(f"neither raster has a CRS: they are paired pixel for pixel ({pre.width}x{pre.height} px); the outputs "
          "have no CRS and areas are in pixels")
-    return Grid(None, PIXEL_TRANSFORM, pre.width, pre.height)
+    return Grid(None, placement(pre), pre.width, pre.height)
 
 
 class GridReader:

@@ -4,7 +4,7 @@ Each pair is one task (``engine.pair_task``) that runs ``detect`` into ``OUT/<na
 re-run skips the pairs that are complete. A pair's own error (a bad file, no overlap) is recorded in its
 row and the others go on; a worker that dies has its pairs run again elsewhere (Dask), and its temporaries
 are removed by the run that takes its pair over. The summary of every pair (``summary.gpkg``,
-``summary.csv``) is rewritten, atomically, each time a pair finishes.
+``summary.csv``) is rewritten, atomically, as pairs finish (``Summary``) and when the run ends.
 
 Without a scheduler address the pairs run on this machine (``local_layout``, ``_local_client``); with one,
 on that scheduler's cluster, whose workers must import this engine (``geochange`` installed) and see the
@@ -12,6 +12,7 @@ same paths: the inputs, the model and the output folder.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import csv
 import json
@@ -19,6 +20,8 @@ import logging
 import os
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +95,46 @@ def write_summary(rows: list[dict], out: Path) -> None:
             raise output_error(out / SUMMARY_CSV, error.strerror or str(error)) from None
 
 
+class Summary:
+    """A run's summary files, rewritten as its pairs end, but not before ``SPACING`` times the last write's
+    duration has passed since it: rewritten after every pair, a run of 5,000 pairs spent about 12 minutes on
+    its summary (58 us a row). A write put off is made when that time comes (a timer thread), so no row stays
+    behind while the next pair runs. ``write(rows)`` writes at once (the run's start and end)."""
+
+    SPACING = 10
+
+    def __init__(self, out: Path):
+        self.out, self.writes = out, 0
+        self._next, self._rows, self._timer = 0.0, None, None
+        self._lock = threading.Lock()
+
+    def write(self, rows: list[dict], *, now: bool = True) -> None:
+        with self._lock:
+            self._rows = rows
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            wait = self._next - time.monotonic()
+            if now or wait <= 0:
+                self._write()
+            else:
+                self._timer = threading.Timer(wait, self._due, args=(rows,))
+                self._timer.daemon = True
+                self._timer.start()
+
+    def _due(self, rows: list[dict]) -> None:
+        with self._lock:
+            if self._rows is rows:  # not written since, nor put off again
+                with contextlib.suppress(GeoChangeError):  # the next write, or the last, raises it
+                    self._write()
+
+    def _write(self) -> None:
+        started = time.monotonic()
+        write_summary(self._rows, self.out)
+        ended = time.monotonic()
+        self.writes, self._next, self._rows = self.writes + 1, ended + self.SPACING * (ended - started), None
+
+
 # --- The local cluster -----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -105,12 +148,13 @@ class Layout:
 
 
 def local_layout(cores: int, gpus: list[int], *, workers: int | None = None, threads: int | None = None,
-                 peak: int | None = None, memory: int | None = None, pairs: int | None = None) -> Layout:
+                 peak: int | None = None, memory: int | None = None, pairs: int | None = None,
+                 warn=lambda message: None) -> Layout:
     """The local cluster for ``cores`` cores and ``gpus``: one worker per GPU, else one per core, and no more
     than the ``pairs`` to run; threads sharing the cores, never more threads in all than cores. Where a
     worker's ``peak`` memory is measured, no more workers than ``memory`` holds at that peak plus ``HEADROOM``
-    (unless ``workers`` is given). ``workers``/``threads`` as asked (refused where they would oversubscribe
-    the machine)."""
+    (unless ``workers`` is given: then ``warn`` says where they may not fit). ``workers``/``threads`` as asked
+    (refused where they would oversubscribe the machine)."""
     if workers is not None and workers < 1:
         raise OptionError(f"--workers must be at least 1, not {workers}")
     if gpus:
@@ -119,19 +163,19 @@ def local_layout(cores: int, gpus: list[int], *, workers: int | None = None, thr
             raise OptionError(f"--workers {count}: one GPU a worker, and this machine has {len(gpus)}")
     else:
         count = workers or max(1, cores // (threads or 1))
-    if peak and memory and workers is None:
-        count = max(1, min(count, int(memory // (peak * HEADROOM))))
+    fit = max(1, int(memory // (peak * HEADROOM))) if peak and memory else count
+    if workers is None:
+        count = min(count, fit)
     count = min(count, pairs or count)
+    if count > fit:
+        warn(f"--workers {workers}: a worker's measured peak memory ({peak / 2**30:.2f} GiB) with a quarter to "
+             f"spare fits {fit} time(s) in the {memory / 2**30:.1f} GiB available; a worker out of its share is "
+             "restarted and its pair run again, then failed")
     threads = threads or max(1, cores // count)
     if count * threads > cores:
         raise OptionError(f"{count} worker(s) x --threads {threads} would take more than this machine's {cores} "
                           "cores: lower --workers or --threads")
     return Layout(count, threads, tuple(gpus[:count]))
-
-
-def available_cores() -> int:
-    """The cores this process may run on (its CPU affinity where the system has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _gpus(device: str) -> list[int]:
@@ -254,11 +298,12 @@ def _on_this_machine(jobs: list[dict], record, options: DetectOptions, workers: 
     then the cluster of that many runs the rest."""
     import dask
     import psutil
+    from dask.system import CPU_COUNT  # the CPU affinity's cores, within a container's quota
 
     _check_workers_import_this_engine()
     from distributed.system import MEMORY_LIMIT  # the machine's, or its container's (cgroup) where lower
 
-    cores, gpus = available_cores(), _gpus(options.device)
+    cores, gpus = CPU_COUNT, _gpus(options.device)
     memory = min(psutil.virtual_memory().available, MEMORY_LIMIT)
     widest = local_layout(cores, gpus, workers=workers, threads=options.threads, pairs=len(jobs))
     device = "cuda" if gpus else options.device  # a worker sees its GPU only, as cuda
@@ -278,7 +323,7 @@ def _on_this_machine(jobs: list[dict], record, options: DetectOptions, workers: 
         if not jobs:
             return
         layout = local_layout(cores, gpus, workers=workers, threads=options.threads, peak=peak, memory=memory,
-                              pairs=len(jobs))
+                              pairs=len(jobs), warn=lambda message: progress.log(f"warning: {message}"))
         limit = memory // layout.workers
         progress.log(f"local Dask cluster: {layout.workers} worker(s) x {layout.threads} thread(s)"
                      + (f" on GPU(s) {', '.join(map(str, layout.gpus))}" if layout.gpus else "")
@@ -286,6 +331,25 @@ def _on_this_machine(jobs: list[dict], record, options: DetectOptions, workers: 
                      + (f" (a worker's measured peak: {peak / 2**30:.2f} GiB)" if peak else ""))
         with _local_client(layout, limit) as client:
             _run_all(client, jobs, record, layout.threads)
+
+
+def _cpu_count() -> int:
+    from dask.system import CPU_COUNT
+
+    return CPU_COUNT
+
+
+def threads_by_worker(client) -> dict[str, int]:
+    """PyTorch's threads for each worker's pairs where ``--threads`` is not given: its machine's cores (as Dask
+    counts them) shared among the task threads of every worker there. A nanny starts its worker with
+    ``OMP_NUM_THREADS=1``, which would leave PyTorch one thread; ``dask worker --nworkers 4`` starts four."""
+    workers = client.scheduler_info()["workers"]
+    cores = client.run(_cpu_count, on_error="ignore")
+    on_machine = collections.Counter()
+    for info in workers.values():
+        on_machine[info["host"]] += info["nthreads"]
+    return {address: max(1, cores[address] // on_machine[info["host"]]) for address, info in workers.items()
+            if address in cores}
 
 
 def _on_scheduler(address: str, jobs: list[dict], record, progress) -> None:
@@ -296,8 +360,9 @@ def _on_scheduler(address: str, jobs: list[dict], record, progress) -> None:
     except (OSError, TimeoutError, ValueError) as error:  # ValueError: no address Dask can read
         raise OptionError(f"--scheduler {address}: no Dask scheduler answers there ({error})") from None
     with client:
-        progress.log(f"Dask cluster at {address}: {len(client.scheduler_info()['workers'])} worker(s)")
-        _run_all(client, jobs, record)
+        shares = threads_by_worker(client)
+        progress.log(f"Dask cluster at {address}: {len(shares)} worker(s)")
+        _run_all(client, [{**job, "worker_threads": shares} for job in jobs], record)
 
 
 def _line(row: dict) -> str:
@@ -336,9 +401,13 @@ def detect_many(pairs: list[Pair], model, out, *, scheduler: str | None = None, 
         rows = {}
         for job in jobs:
             kept = None if force else complete(job)
-            rows[job["name"]] = {**kept, "status": PAIR_SKIPPED} if kept else pair_row(job, PAIR_PENDING)
+            rows[job["name"]] = {**kept[0], "status": PAIR_SKIPPED} if kept else pair_row(job, PAIR_PENDING)
+            if kept and kept[1]:
+                progress.log(f"{job['name']}: {', '.join(kept[1])} changed after the pair's run (edited?); kept as "
+                             "they are (--force runs the pair again)")
         todo = [job for job in jobs if rows[job["name"]]["status"] == PAIR_PENDING]
-        write_summary(list(rows.values()), out)
+        summary = Summary(out)
+        summary.write(list(rows.values()))
         progress.log(f"{len(jobs)} pairs, {len(jobs) - len(todo)} complete already; model {model.name} "
                      f"(sha256 {digest[:12]}...)")
         progress.update(len(jobs) - len(todo), len(jobs))
@@ -347,7 +416,7 @@ def detect_many(pairs: list[Pair], model, out, *, scheduler: str | None = None, 
 
         def record(row: dict) -> None:
             rows[row["name"]] = {k: v for k, v in row.items() if k not in ("peak_bytes", "log")}
-            write_summary(list(rows.values()), out)
+            summary.write(list(rows.values()), now=False)
             for line in row.get("log", ()):
                 if line not in shown:
                     shown.add(line)
@@ -356,8 +425,14 @@ def detect_many(pairs: list[Pair], model, out, *, scheduler: str | None = None, 
             progress.update(sum(r["status"] != PAIR_PENDING for r in rows.values()), len(jobs))
 
         if todo:
-            if scheduler:
-                _on_scheduler(scheduler, todo, record, progress)
-            else:
-                _on_this_machine(todo, record, o, workers, progress)
+            try:
+                if scheduler:
+                    _on_scheduler(scheduler, todo, record, progress)
+                else:
+                    _on_this_machine(todo, record, o, workers, progress)
+            except BaseException:  # a cancel, an error: the pairs that ended go in the summary; that error is told
+                with contextlib.suppress(GeoChangeError):
+                    summary.write(list(rows.values()))
+                raise
+            summary.write(list(rows.values()))
     return list(rows.values())

@@ -1,8 +1,9 @@
 """One pair of ``geochange detect-many``, as a Dask task on a worker (``run_pair``), and its record.
 
 The task runs ``detect`` into the pair's folder (the same atomic outputs), then writes the pair's record
-(``done.json``) last: a re-run skips a pair whose record matches the model, its inputs as they are now, the
-options and the outputs on disk (``complete``). A worker process keeps the model it loaded for its next
+(``done.json``) last: a re-run skips a pair whose record matches the model, its inputs as they are now and the
+options, and whose outputs are on disk (``complete``; those changed since, such as polygons edited in QGIS, are
+kept). A worker process keeps the model it loaded for its next
 pairs (and OpenVINO's last compiled model, ``exported.compiled_model``). The pair's own error (a bad file, no
 overlap) is its summary row's, not the task's.
 """
@@ -61,17 +62,22 @@ def identity(job: dict) -> dict:
         "vector_format": job["vector_format"]}))
 
 
-def complete(job: dict) -> dict | None:
-    """The row a pair's record holds where the pair is complete: the record matches ``identity`` and the
-    outputs on disk are those the record names; else None."""
+def complete(job: dict) -> tuple[dict, list[str]] | None:
+    """Where the pair is complete (its record matches ``identity`` and every output it names is on disk): the
+    record's row and the outputs changed since the record was written; else None. A changed output is kept, not
+    made again: toggling editing in QGIS rewrites a GeoPackage, and an analyst's edits are not to be lost."""
     try:
         record = json.loads((Path(job["folder"]) / RECORD).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    outputs = {kind: _stamp(path) for kind, path in _outputs(job).items()}
-    if None in outputs.values() or record.get("outputs") != outputs or record.get("identity") != identity(job):
+    if not isinstance(record, dict) or not isinstance(record.get("row"), dict):  # not a record this engine wrote
         return None
-    return record.get("row")
+    outputs = {kind: _stamp(path) for kind, path in _outputs(job).items()}
+    written = record.get("outputs")
+    if None in outputs.values() or not isinstance(written, dict) or written.keys() != outputs.keys() \
+            or record.get("identity") != identity(job):
+        return None
+    return record.get("row"), [Path(outputs[kind][0]).name for kind in outputs if written[kind] != outputs[kind]]
 
 
 def write_record(job: dict, before: dict, row: dict) -> None:
@@ -161,6 +167,22 @@ def _peak_rss() -> int | None:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
+def pair_threads(asked: int | None, shares: dict[str, int]) -> int | None:
+    """PyTorch's threads for a pair: as ``asked`` (``--threads``); else, on a Dask worker, its share of its
+    machine's cores (``shares``: by worker address, ``many.threads_by_worker``; for a worker that joined the
+    cluster since, the cores shared among its own task threads); else PyTorch's own choice (None)."""
+    if asked:
+        return asked
+    from dask.system import CPU_COUNT
+    from distributed import get_worker
+
+    try:
+        worker = get_worker()
+    except ValueError:  # not in a Dask task
+        return None
+    return shares.get(worker.address) or max(1, CPU_COUNT // worker.state.nthreads)
+
+
 class _Log(Progress):
     """A pair's log lines (the grid, the precision, warnings), kept for the client, which shows them."""
 
@@ -184,7 +206,7 @@ def run_pair(job: dict) -> dict:
         before = identity(job)  # an input changed during the run makes the next run redo the pair
         (folder / RECORD).unlink(missing_ok=True)  # the outputs may change from here on
         package = _model(job["model"], job["sha256"])
-        configure_process(threads=options.pop("threads"))
+        configure_process(threads=pair_threads(options.pop("threads"), job.get("worker_threads", {})))
         with _on_gpu(options["device"]):
             result = detect(job["pre"], job["post"], package, size_gdal_cache=True, progress=progress,
                             **_outputs(job), **options)

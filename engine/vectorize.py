@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from scipy import ndimage
 from geochange.engine.atomic import AtomicOutputs
 from geochange.engine.contracts import POLYGON_LAYER
 from geochange.engine.errors import OutputError, RasterError, closed_on_failure, gdal_write_errors, output_error
-from geochange.engine.grid import PIXEL_TRANSFORM
+from geochange.engine.grid import placement
 from geochange.engine.measures import map_units, polygon_areas, rings_below, rings_of
 from geochange.engine.rasters import open_raster
 
@@ -113,12 +114,17 @@ class PolygonAssembler:
     (geodesic) are filled unless they hold an invalid pixel: a region's own holes in each band as it
     is vectorised, holes enclosed across seams when its parts are merged. Finished regions are mapped
     to the raster's CRS, dropped when smaller than ``min_area_m2``, and simplified (``simplify`` in metres
-    whatever the CRS, see ``map_units``; in pixels on a pixel grid; topology preserved).
+    whatever the CRS, see ``map_units``; topology preserved). Without a CRS (a pixel grid) areas, ``min_area_m2``
+    and ``simplify`` are in pixels, whatever the geotransform that places the polygons.
     """
 
     def __init__(self, transform, crs, *, min_area_m2: float = 0.0, simplify: float = 0.0):
         self.transform, self.crs = transform, crs if crs is None or isinstance(crs, str) else crs.to_wkt()
-        self.min_area_m2, self.simplify = min_area_m2, map_units(simplify, self.crs)
+        self.min_area_m2 = min_area_m2
+        # Where areas are measured: the raster's CRS, or on a pixel grid the pixels themselves.
+        self._to_measured = self._to_map if crs is not None else lambda xy: xy
+        pixel_side = math.sqrt(abs(transform.determinant))
+        self.simplify = map_units(simplify, self.crs) if crs is not None else simplify * pixel_side
         self._parent: dict[int, int] = {}
         self._pending: dict[int, tuple] = {}  # id -> (pixel polygon, pixels, sum of prob, max prob)
         self._last_row = None  # global ids along the previous band's last row
@@ -188,7 +194,7 @@ class PolygonAssembler:
 
     def _small(self, holes: np.ndarray) -> np.ndarray:
         """Whether each hole ring (pixel coordinates) encloses less than the minimum area."""
-        return rings_below(holes, self.min_area_m2, self._to_map, self.crs)
+        return rings_below(holes, self.min_area_m2, self._to_measured, self.crs)
 
     def _fill_own_holes(self, polygons: np.ndarray, row_start: int, mask: np.ndarray,
                         valid: np.ndarray | None) -> np.ndarray:
@@ -258,8 +264,10 @@ class PolygonAssembler:
         # Ids of complete groups no longer appear in the open last row: parents of the rest stay.
         if not merged:
             return []
-        polygons = shapely.transform(np.array(merged, dtype=object), self._to_map)
-        areas = polygon_areas(polygons, self.crs)  # the changed pixels' area: the simplified outline's differs
+        merged = np.array(merged, dtype=object)
+        # The changed pixels' area: the simplified outline's differs.
+        areas = polygon_areas(shapely.transform(merged, self._to_measured), self.crs)
+        polygons = shapely.transform(merged, self._to_map)
         if self.simplify > 0:  # topology preserved: a polygon never collapses
             # From each ring's canonical first vertex: the result must not depend on where band seams
             # made the ring start (detect's bands against vectorize's whole raster).
@@ -383,12 +391,9 @@ def vectorize_probability(probability: str, polygons: str, *, threshold: float =
         if not 1 <= band <= src.count:
             raise RasterError(f"{Path(probability).name}: band {band} does not exist "
                               f"(the raster has {src.count})")
-        transform = src.transform
-        if src.crs is None:  # detect's outputs on a pixel grid: areas, --min-area and --simplify in pixels
-            if not (transform.is_identity or transform.almost_equals(PIXEL_TRANSFORM)):
-                raise RasterError(f"{Path(probability).name}: the raster has a geotransform but no CRS; polygon "
-                                  "areas cannot be computed: give it its CRS (gdal_edit.py -a_srs)")
-            transform = PIXEL_TRANSFORM
+        transform = placement(src)  # without a CRS (a pixel grid): areas, --min-area and --simplify in pixels
+        if src.crs is None and progress is not None:
+            progress.log(f"{Path(probability).name} has no CRS: areas, --min-area and --simplify are in pixels")
         assembler = PolygonAssembler(transform, src.crs, min_area_m2=min_area, simplify=simplify)
         block = src.block_shapes[band - 1][0]
         rows = max(1, VECTORIZE_ROWS // block) * block  # whole blocks of rows: each block decoded once

@@ -144,3 +144,22 @@ def test_metrics_undefined_on_the_data_are_null_in_the_json(levir_maps, tmp_path
 
     written = json.loads(out.read_text(), parse_constant=refuse)
     assert written["global"]["f1"] is None and written["global"]["precision"] is None and written["global"]["oa"] == 1
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+def test_maps_without_a_crs_are_placed_as_qgis_draws_them(tmp_path):
+    """A pixel-grid mask (detect's outputs for plain images: no CRS, x the column, y minus the row) and a PNG label
+    without a geotransform lie on one grid, whichever is the prediction and whatever their sizes."""
+    from geochange.engine.grid import PIXEL_TRANSFORM
+
+    label = np.zeros((64, 64), np.uint8)
+    label[4:10, 4:10] = 1
+    with rasterio.open(tmp_path / "label.png", "w", driver="PNG", width=64, height=64, count=1, dtype="uint8") as dst:
+        dst.write(label, 1)
+    mask = np.where(label[:32, :32] == 1, MASK_CHANGE, 0).astype(np.uint8)
+    with rasterio.open(tmp_path / "mask.tif", "w", driver="GTiff", width=32, height=32, count=1, dtype="uint8",
+                       transform=PIXEL_TRANSFORM) as dst:
+        dst.write(mask, 1)
+    for prediction, reference in (("mask.tif", "label.png"), ("label.png", "mask.tif")):
+        figures = assess(str(tmp_path / prediction), str(tmp_path / reference))
+        assert figures["pixels_assessed"] == 32 * 32 and figures["confusion"]["tp"] == 36, prediction

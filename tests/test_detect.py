@@ -361,7 +361,9 @@ def test_pixel_grid_mode_for_two_plain_images(shared_data, tinycd_package, levir
     import rasterio
     from osgeo import ogr
 
+    from geochange.engine.assess import assess
     from geochange.engine.cli import main as geochange
+    from geochange.engine.grid import PIXEL_TRANSFORM
 
     name = sorted((shared_data / "levir_cd" / "A").iterdir())[0].name
     pre, post = shared_data / "levir_cd" / "A" / name, shared_data / "levir_cd" / "B" / name
@@ -394,6 +396,29 @@ def test_pixel_grid_mode_for_two_plain_images(shared_data, tinycd_package, levir
     assert geochange(["detect", *map(str, placed), "--model", str(tinycd_package), "--out", str(tmp_path / "apart"),
                       "--device", "cpu"]) == 2
     assert "their geotransforms differ" in capsys.readouterr().err
+
+    # The mask assessed against the tile's label (a PNG without a geotransform): pixel for pixel.
+    figures = assess(str(tmp_path / "px" / "change_mask.tif"), str(shared_data / "levir_cd" / "label" / name))
+    assert figures["pixels_assessed"] == 256 * 256
+    # The same tiles placed by one geotransform but without a CRS: the outputs keep it, so that they overlay the
+    # inputs in QGIS, with the same pixels; areas stay in pixels.
+    together = rasterio.transform.from_origin(500000, 4000000, 0.5, 0.5)
+    for date, path, transform in (("pre", pre, together), ("post", post, together), ("pixels", post, PIXEL_TRANSFORM)):
+        with rasterio.open(path) as src, rasterio.open(tmp_path / f"{date}.tif", "w", driver="GTiff", width=256,
+                                                        height=256, count=3, dtype="uint8", transform=transform) as dst:
+            dst.write(src.read())
+    # A PNG without a geotransform beside a GeoTIFF placed as QGIS draws it: one grid.
+    assert geochange(["detect", str(pre), str(tmp_path / "pixels.tif"), "--model", str(tinycd_package),
+                      "--out", str(tmp_path / "drawn"), "--device", "cpu"]) == 0
+    assert geochange(["detect", str(tmp_path / "pre.tif"), str(tmp_path / "post.tif"), "--model", str(tinycd_package),
+                      "--out", str(tmp_path / "placed"), "--device", "cpu"]) == 0
+    with rasterio.open(tmp_path / "placed" / "change_mask.tif") as src:
+        assert src.crs is None and src.transform == together and int((src.read(1) == 255).sum()) == changed
+    source = ogr.Open(str(tmp_path / "placed" / "change_polygons.gpkg"))
+    layer = source.GetLayer(0)
+    assert sum(feature.GetField("area_px") for feature in layer) == pytest.approx(changed)
+    left, right, bottom, top = layer.GetExtent()
+    assert 500000 <= left < right <= 500128 and 3999872 <= bottom < top <= 4000000
 
 
 def test_the_default_tile_is_the_one_the_package_records(tinycd_package, shared_data, tmp_path):

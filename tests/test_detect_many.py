@@ -23,7 +23,7 @@ from conftest import run_algorithm
 from geochange.engine.contracts import PAIR_DONE, PAIR_FAILED, PAIR_PENDING, PAIR_SKIPPED, SUMMARY_LAYER
 from geochange.engine.errors import OptionError, PackageError
 from geochange.engine.many import Layout, detect_many, local_layout, make_job
-from geochange.engine.pair_task import RECORD, complete, identity, write_record
+from geochange.engine.pair_task import RECORD, complete, identity, pair_row, write_record
 from geochange.engine.options import DetectOptions
 from geochange.engine.pairs import Pair, glob_pairs, pairs_from, read_pairs
 
@@ -191,6 +191,28 @@ def test_a_scheduler_and_two_workers_one_killed_mid_run(dask_cluster, pairs_csv,
     assert {p: p.stat().st_mtime_ns for p in kept} == kept
 
 
+def test_pairs_on_a_scheduler_s_workers_share_their_machine_s_cores(dask_cluster, levir_crop, tinycd_package,
+                                                                     tmp_path):
+    """Workers on one machine, started with ``OMP_NUM_THREADS=1`` as a nanny starts them: a pair not given
+    ``--threads`` runs PyTorch on its worker's share of the machine's cores, neither one thread nor every core."""
+    from dask.system import CPU_COUNT
+
+    from geochange.engine.many import threads_by_worker
+    from geochange.engine.pair_task import run_pair
+    from geochange.engine.zoo import sha256
+
+    _, client = dask_cluster
+    workers = client.scheduler_info()["workers"]  # one task thread each
+    assert threads_by_worker(client) == dict.fromkeys(workers, max(1, CPU_COUNT // len(workers)))
+    # The pair takes its worker's share (2 here, told apart from the workers' OMP_NUM_THREADS=1).
+    job = make_job(Pair("p", str(levir_crop["pre"]), str(levir_crop["post"])), tinycd_package.resolve(),
+                   sha256(tinycd_package), tmp_path / "out", DetectOptions(pre_bands=(1, 2, 3), post_bands=(1, 2, 3),
+                                                                          device="cpu"), "gpkg")
+    row = client.submit(run_pair, {**job, "worker_threads": dict.fromkeys(workers, 2)}, pure=False).result(TIMEOUT)
+    assert row["status"] == PAIR_DONE, row["error"]
+    assert any(line.endswith("on cpu, 2 threads") for line in row["log"]), row["log"]
+
+
 # --- The default cluster of this machine ----------------------------------------------------------------
 
 def test_the_local_cluster_by_default(pairs_csv, singles, tinycd_package, tmp_path):
@@ -320,7 +342,13 @@ def test_the_local_cluster_s_layout():
     assert local_layout(16, [0, 1]) == Layout(2, 8, (0, 1))  # a worker a GPU, the cores shared
     # A worker's measured peak of 4 GiB (plus HEADROOM) where 10 GiB are free: two workers, the cores shared.
     assert local_layout(8, [], peak=4 * 2**30, memory=10 * 2**30) == Layout(2, 4)
-    assert local_layout(8, [], workers=4, peak=4 * 2**30, memory=10 * 2**30) == Layout(4, 2)  # as asked
+    warnings = []
+    assert local_layout(8, [], workers=4, peak=4 * 2**30, memory=10 * 2**30, warn=warnings.append) == Layout(4, 2)
+    assert warnings == ["--workers 4: a worker's measured peak memory (4.00 GiB) with a quarter to spare fits 2 "
+                        "time(s) in the 10.0 GiB available; a worker out of its share is restarted and its pair run "
+                        "again, then failed"]  # as asked, with the warning
+    assert local_layout(8, [], workers=2, peak=4 * 2**30, memory=10 * 2**30, warn=warnings.append) == Layout(2, 4)
+    assert len(warnings) == 1  # two fit
     assert local_layout(8, [], pairs=3) == Layout(3, 2)  # no worker without a pair
     for asked, problem in (({"workers": 2, "threads": 2}, "more than this machine's 2 cores"),
                            ({"threads": 3}, "more than this machine's 2 cores"), ({"workers": 0}, "at least 1")):
@@ -332,7 +360,8 @@ def test_the_local_cluster_s_layout():
 
 def test_a_pair_is_complete_while_its_record_matches(tmp_path):
     """The record names the model, the inputs as they were, the options and the outputs written: a change to
-    any of them makes the pair one to run again; where it runs (threads, device) does not."""
+    the model, the inputs or the options, or a missing output, makes the pair one to run again; where it runs
+    (threads, device) does not, and an output changed since (an analyst's edit) is named and kept."""
     for name in ("pre.tif", "post.tif"):
         (tmp_path / name).write_bytes(b"raster")
     pair = Pair("p", str(tmp_path / "pre.tif"), str(tmp_path / "post.tif"))
@@ -347,7 +376,7 @@ def test_a_pair_is_complete_while_its_record_matches(tmp_path):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"output")
     write_record(first, identity(first), {"name": "p", "status": PAIR_DONE})
-    assert complete(first) == {"name": "p", "status": PAIR_DONE}
+    assert complete(first) == ({"name": "p", "status": PAIR_DONE}, [])
     assert complete(job(threads=4, device="cuda")) is not None
     assert complete(job(min_area=5.0)) is None
     assert complete({**first, "sha256": "cd" * 32}) is None
@@ -356,8 +385,70 @@ def test_a_pair_is_complete_while_its_record_matches(tmp_path):
     write_record(first, identity(first), {"name": "p", "status": PAIR_DONE})
     assert complete(first) is not None
     (Path(first["folder"]) / "change_mask.tif").write_bytes(b"another")
+    assert complete(first) == ({"name": "p", "status": PAIR_DONE}, ["change_mask.tif"])
+    (Path(first["folder"]) / "change_mask.tif").unlink()
     assert complete(first) is None
-    json.loads((Path(first["folder"]) / RECORD).read_text())  # JSON, readable
+    record = json.loads((Path(first["folder"]) / RECORD).read_text())  # JSON, readable
+    (Path(first["folder"]) / "change_mask.tif").write_bytes(b"another")
+    assert complete(first) is not None
+    for other in ("null", "[]", json.dumps({**record, "row": None})):  # no record this engine wrote: run again
+        (Path(first["folder"]) / RECORD).write_text(other)
+        assert complete(first) is None
+
+
+def test_the_summary_is_not_rewritten_after_every_pair(tmp_path):
+    """2,000 pairs ending at once: the summary is written when the first ends, then not again until ten times
+    its write's time has passed, when it is written with every row, though no pair ended since."""
+    from osgeo import ogr
+
+    from geochange.engine.many import Summary
+
+    job = {"name": "p", "pre": "pre.tif", "post": "post.tif", "sha256": "ab" * 32}
+    rows = [{**pair_row({**job, "name": f"p{i}"}, PAIR_DONE), "polygons": i} for i in range(2000)]
+    summary = Summary(tmp_path)
+    for i in range(len(rows)):
+        summary.write(rows[:i + 1], now=False)
+    written, deadline = summary.writes, time.monotonic() + 60
+    assert 1 <= written < 50
+    while summary.writes == written and time.monotonic() < deadline:
+        time.sleep(0.05)
+    source = ogr.Open(str(tmp_path / "summary.gpkg"))
+    assert source.GetLayer(0).GetFeatureCount() == 2000
+    with open(tmp_path / "summary.csv", encoding="utf-8") as f:
+        assert len(list(csv.reader(f))) == 2001
+
+
+def test_a_re_run_keeps_a_pair_whose_outputs_were_edited(tinycd_package, tmp_path):
+    """A complete pair whose polygons changed after its run is kept, with a line naming the file; no cluster
+    starts, as every pair is complete."""
+    from geochange.engine.progress import Progress
+    from geochange.engine.zoo import sha256
+
+    class Lines(Progress):
+        def __init__(self):
+            self.lines = []
+
+        def log(self, message):
+            self.lines.append(message)
+
+    for name in ("pre.tif", "post.tif"):
+        (tmp_path / name).write_bytes(b"raster")
+    pair = Pair("p", str(tmp_path / "pre.tif"), str(tmp_path / "post.tif"))
+    job = make_job(pair, tinycd_package.resolve(), sha256(tinycd_package), tmp_path / "out", DetectOptions(), "gpkg")
+    folder = Path(job["folder"])
+    folder.mkdir(parents=True)
+    for name in ("change_probability.tif", "change_mask.tif", "change_polygons.gpkg"):
+        (folder / name).write_bytes(b"output")
+    row = {**dict.fromkeys(("error", "polygons", "changed_area", "area_unit", "seconds", "footprint")),
+           "name": "p", "status": PAIR_DONE, "pre": job["pre"], "post": job["post"], "model_sha256": job["sha256"]}
+    write_record(job, identity(job), row)
+    (folder / "change_polygons.gpkg").write_bytes(b"edited in QGIS")
+    lines = Lines()
+    rows = detect_many([pair], tinycd_package, tmp_path / "out", progress=lines)
+    assert [r["status"] for r in rows] == [PAIR_SKIPPED]
+    assert "p: change_polygons.gpkg changed after the pair's run (edited?); kept as they are (--force runs the pair " \
+           "again)" in lines.lines
+    assert (folder / "change_polygons.gpkg").read_bytes() == b"edited in QGIS"
 
 
 # --- QGIS ----------------------------------------------------------------------------------------------
@@ -366,7 +457,7 @@ def test_qgis_detect_changes_in_many_pairs(geochange_provider, dask_cluster, lev
                                            tmp_path, monkeypatch):
     """Two folders on this machine's cluster, then a CSV on the cluster the provider's setting names; the
     summary layer is loaded."""
-    from qgis.core import QgsProject, QgsSettings
+    from qgis.core import QgsProject, QgsSettings, QgsVectorLayer, edit
 
     from geochange.qgis_plugin.many_algorithm import SCHEDULER_SETTING_KEY
 
@@ -401,3 +492,16 @@ def test_qgis_detect_changes_in_many_pairs(geochange_provider, dask_cluster, lev
     assert (on_cluster["DONE"], on_cluster["FAILED"]) == (1, 0)
     for name in ("change_probability.tif", "change_mask.tif", "change_polygons.gpkg"):
         assert filecmp.cmp(tmp_path / "out" / "levir" / name, tmp_path / "cluster" / "levir" / name, shallow=False)
+
+    # An analyst deletes a false alarm in QGIS: the re-run keeps the pair, edit and all.
+    polygons = QgsVectorLayer(str(tmp_path / "out" / "levir" / "change_polygons.gpkg"), "levir", "ogr")
+    count = polygons.featureCount()
+    with edit(polygons):
+        polygons.deleteFeature(next(polygons.getFeatures()).id())
+    del polygons
+    again = run_algorithm("geochange:detectmanypairs", {
+        **parameters, "PRE_FOLDER": str(tmp_path / "pre"), "POST_FOLDER": str(tmp_path / "post"),
+        "OUTPUT": str(tmp_path / "out")})
+    assert (again["DONE"], again["SKIPPED"], again["FAILED"]) == (0, 2, 0)
+    polygons = QgsVectorLayer(str(tmp_path / "out" / "levir" / "change_polygons.gpkg"), "levir", "ogr")
+    assert polygons.featureCount() == count - 1

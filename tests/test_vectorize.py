@@ -329,8 +329,8 @@ def test_a_probability_raster_is_vectorised_band_by_band_as_whole(tmp_path, monk
 
 
 def test_detect_s_outputs_on_a_pixel_grid_are_vectorised_in_pixels(tmp_path):
-    """Plain images' outputs have no CRS: polygons in pixels, as detect made them; a raster that is placed by a
-    geotransform but has no CRS is refused, its areas having no unit."""
+    """Plain images' outputs have no CRS: areas, --min-area and --simplify in pixels, as detect made them; a
+    raster placed by a geotransform but without a CRS gives the same polygons where it places them."""
     import warnings
 
     import rasterio
@@ -349,10 +349,16 @@ def test_detect_s_outputs_on_a_pixel_grid_are_vectorised_in_pixels(tmp_path):
             with rasterio.open(tmp_path / f"{name}.tif", "w", driver="GTiff", width=80, height=60, count=1,
                                dtype="float32", transform=transform) as dst:
                 dst.write(prob, 1)
-    result = vectorize_probability(str(tmp_path / "pixels.tif"), str(tmp_path / "c.gpkg"), min_area=60)
-    assert (result["polygon_count"], result["changed_area_m2"], result["area_unit"]) == (1, 500.0, "px")
-    with pytest.raises(RasterError, match="placed.tif: the raster has a geotransform but no CRS"):
-        vectorize_probability(str(tmp_path / "placed.tif"), str(tmp_path / "d.gpkg"))
+    outlines = {}
+    for name in ("pixels", "placed"):
+        result = vectorize_probability(str(tmp_path / f"{name}.tif"), str(tmp_path / f"{name}.gpkg"), min_area=60,
+                                       simplify=1.5)
+        assert (result["polygon_count"], result["changed_area_m2"], result["area_unit"]) == (1, 500.0, "px")
+        source = ogr.Open(str(tmp_path / f"{name}.gpkg"))
+        outlines[name] = [shapely.from_wkt(f.GetGeometryRef().ExportToWkt()) for f in source.GetLayer()]
+    to_placed = (2, 0, 0, 2, 1000, 2000)  # a pixel grid's x, -y to the geotransform's: 2 units a pixel
+    assert shapely.equals_exact(shapely.affinity.affine_transform(outlines["pixels"][0], to_placed),
+                                outlines["placed"][0], 1e-9)
     with rasterio.open(tmp_path / "pixels.tif", "r+") as dst:  # placed by ground control points only
         dst.gcps = ([GroundControlPoint(0, 0, 15.0, 45.0), GroundControlPoint(60, 80, 15.1, 44.9),
                      GroundControlPoint(0, 80, 15.1, 45.0)], CRS.from_epsg(4326))

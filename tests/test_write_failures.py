@@ -226,6 +226,23 @@ def test_a_summary_on_a_full_disk_fails_and_leaves_no_file_open(free, disk, gdal
     assert printed_later(capfd, dropped_errors) == ("", [])
 
 
+def test_detect_many_cancelled_on_a_full_disk_says_it_was_cancelled(disk, tinycd_package, tmp_path, monkeypatch):
+    """A cancel arrives while the disk is full: the summary's last write fails, and the run reports the cancel,
+    not the disk; the summary written at the start stays, with no temporary beside it."""
+    from geochange.engine import many
+    from geochange.engine.pairs import Pair
+
+    def cancelled_on_a_full_disk(*args):
+        fill(disk)
+        raise Cancelled("cancelled: the engine process was asked to stop")
+
+    monkeypatch.setattr(many, "_on_this_machine", cancelled_on_a_full_disk)
+    with pytest.raises(Cancelled):
+        many.detect_many([Pair("p", str(tmp_path / "pre.tif"), str(tmp_path / "post.tif"))], tinycd_package,
+                         disk / "out")
+    assert sorted(path.name for path in (disk / "out").iterdir()) == ["summary.csv", "summary.gpkg"]
+
+
 @pytest.mark.parametrize("name", ["c.gpkg", "c.geojson", "c.shp"])
 def test_polygons_on_a_full_disk_fail_in_every_format(disk, name):
     """GeoJSON's writer says nothing when its writes fail: the file is read back."""
