@@ -24,6 +24,7 @@ from geochange.engine.errors import OptionError
 from geochange.engine.inputs import model_channels
 from geochange.engine.models.moe import MixtureOfExperts
 from geochange.engine.options import spec
+from geochange.engine.progress import raise_if_stopped
 
 BACKENDS = spec("backend").metadata["choices"]
 
@@ -125,5 +126,6 @@ def model_forward(package, backend: str, dtype: torch.dtype, log):
 
         return OpenVINOForward(package, dtype, log)
     except Exception as error:  # the converter's errors have no common type; any of them leaves eager
+        raise_if_stopped()
         log(f"{name} runs eagerly: OpenVINO could not run it ({str(error).strip().splitlines()[0]})")
         return package.model

@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 
 from geochange.engine.errors import CheckpointError
+from geochange.engine.progress import raise_if_stopped
 
 # (regex over a whole key, target): a template for ``re.Match.expand``, or a function of the match and
 # the tensor that returns the (key, tensor) pairs it becomes (a stacked tensor split, a kernel reshaped).
@@ -36,6 +37,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is not a checkpoint of tensors: not a torch.save file, or one holding "
                               "Python objects besides tensors, which are never unpickled") from None
     except Exception as e:  # torch raises several types for truncated or non-tensor files
+        raise_if_stopped()
         first_line = (str(e).strip().splitlines() or [""])[0]
         raise CheckpointError(f"{path} is not a checkpoint of tensors ({type(e).__name__}: {first_line})") from None
     for wrapper in ("state_dict", "model"):

@@ -12,7 +12,7 @@ from pathlib import Path
 from geochange.engine.contracts import OBJECT_IOU, output_names
 from geochange.engine.errors import GeoChangeError
 from geochange.engine.options import DETECT, EVALUATE, DetectOptions, flag, names, number_or_word, specs
-from geochange.engine.progress import cancel_on_sigterm
+from geochange.engine.progress import cancel_on_sigterm, raise_if_stopped
 
 
 def _cmd_detect(args) -> int:
@@ -275,7 +275,11 @@ def main(argv: list[str] | None = None) -> int:
 def run_command(args) -> int:
     """Run a parsed command; user errors print as one line (exit 2), never as a traceback."""
     try:
-        return args.run(args)
+        try:
+            return args.run(args)
+        except Exception:
+            raise_if_stopped()  # a cancel that a library turned into its own error
+            raise
     except GeoChangeError as e:
         print(f"geochange: error: {e}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ import time
 import torch
 
 from geochange.engine.backends import user_cache_dir
+from geochange.engine.progress import raise_if_stopped
 
 
 def _cache_in_user_folder(log) -> None:
@@ -52,6 +53,7 @@ class CompiledForward:
         try:
             out = self.compiled(pre, post)
         except Exception as error:  # inductor's and the C++ compiler's errors have no common type
+            raise_if_stopped()
             self.log(f"{self.name} runs eagerly: torch.compile failed ({str(error).strip().splitlines()[0]})")
             self.compiled = None
             return self.model(pre, post)

@@ -2,8 +2,20 @@
 from __future__ import annotations
 
 import signal
+import threading
 
 from geochange.engine.errors import Cancelled
+
+STOPPED = "cancelled: the engine process was asked to stop"
+_stop = threading.Event()  # set by SIGTERM (``cancel_on_sigterm``)
+
+
+def raise_if_stopped() -> None:
+    """``Cancelled`` where this process was asked to stop, though a library caught the ``Cancelled`` the signal
+    raised in it: PyTorch's tracing and compiling turn it into errors of their own, which the engine would take
+    for a model that cannot be exported or compiled, or the program for a crash."""
+    if _stop.is_set():
+        raise Cancelled(STOPPED)
 
 
 class Progress:
@@ -25,6 +37,7 @@ class Progress:
         return False
 
     def check(self) -> None:
+        raise_if_stopped()
         if self.cancelled():
             raise Cancelled()
 
@@ -111,6 +124,7 @@ def cancel_on_sigterm() -> None:
     def raise_cancelled(signum, frame):
         # Python runs handlers in the main thread: the exception unwinds the engine from where it is.
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
-        raise Cancelled("cancelled: the engine process was asked to stop")
+        _stop.set()
+        raise Cancelled(STOPPED)
 
     signal.signal(signal.SIGTERM, raise_cancelled)

@@ -29,7 +29,7 @@ from geochange.engine.contracts import (
     result_line,
 )
 from geochange.engine.errors import Cancelled, GeoChangeError
-from geochange.engine.progress import Progress, cancel_on_sigterm
+from geochange.engine.progress import Progress, cancel_on_sigterm, raise_if_stopped
 
 # Modules each task imports (directly or through the engine), and the pip name of those named otherwise.
 ENGINE = ("numpy", "torch", "timm", "safetensors", "rasterio", "shapely", "scipy", "pyproj", "osgeo")
@@ -195,7 +195,11 @@ def main(tasks: dict = TASKS, needs: dict = NEEDS) -> int:
                              venv=sys.prefix != sys.base_prefix).line())
             return 2
         emit(log_line(f"GeoChange engine {_engine_origin()} on Python {sys.version.split()[0]} ({sys.executable})"))
-        emit(result_line(tasks[task](args, emit)))
+        try:
+            emit(result_line(tasks[task](args, emit)))
+        except Exception:
+            raise_if_stopped()  # a cancel that a library turned into its own error
+            raise
         return 0
     except Exception as e:
         if isinstance(e, GeoChangeError):

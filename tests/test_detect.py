@@ -1,5 +1,6 @@
 """Engine v1 end to end: the CLI on the real LEVIR tile, and clear errors on bad pairs."""
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -328,6 +329,27 @@ def test_cli_stopped_by_sigterm_cancels_and_leaves_nothing(tmp_path, shared_data
     _, stderr = run.communicate(timeout=120)
     assert run.returncode == 2 and "geochange: error: cancelled" in stderr
     assert not out.exists()  # the folder the run made went with it
+
+
+def test_a_cancel_during_the_openvino_export_stops_the_run(tmp_path, levir_crop, random_package):
+    """SIGTERM while the model is exported (seconds, on a first run): PyTorch's tracer turns the Cancelled into
+    an error of its own, which was taken for a model OpenVINO cannot run; the run went on eagerly to the end."""
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    run = subprocess.Popen([*GEOCHANGE, "detect", str(levir_crop["pre"]), str(levir_crop["post"]), "--model",
+                            str(random_package), "--out", str(out), "--pre-bands", "1,2,3", "--post-bands", "1,2,3",
+                            "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           env={**os.environ, "GEOCHANGE_CACHE_DIR": str(cache)})
+    lines = []
+    for line in run.stdout:  # the export (about 3 s here) starts right after this line
+        lines.append(line)
+        if line.startswith("backend openvino"):
+            time.sleep(0.5)
+            run.send_signal(signal.SIGTERM)
+            break
+    lines += run.stdout.readlines()
+    text = "".join(lines)
+    assert run.wait(120) == 2 and "geochange: error: cancelled" in text and "runs eagerly" not in text, text
+    assert not out.exists() and [p for p in cache.rglob("*") if p.is_file()] == []
 
 
 def test_cli_reports_errors_plainly(tmp_path, shared_data):
