@@ -116,10 +116,11 @@ class TqdmProgress(Progress):
             self._bar.close()
 
 
-def cancel_on_sigterm() -> None:
+def cancel_on_sigterm():
     """Make SIGTERM (a job scheduler's or torchrun's stop, QGIS's cancel of a worker) a cancel: it
     raises ``Cancelled`` in the main thread, so the engine's ``finally`` blocks run and no temporary
-    output is left behind."""
+    output is left behind. Returns the function that restores the handler before and forgets the stop
+    (a process that keeps running after a cancel: a test)."""
 
     def raise_cancelled(signum, frame):
         # Python runs handlers in the main thread: the exception unwinds the engine from where it is.
@@ -127,4 +128,10 @@ def cancel_on_sigterm() -> None:
         _stop.set()
         raise Cancelled(STOPPED)
 
-    signal.signal(signal.SIGTERM, raise_cancelled)
+    previous = signal.signal(signal.SIGTERM, raise_cancelled)
+
+    def restore() -> None:
+        signal.signal(signal.SIGTERM, previous)
+        _stop.clear()
+
+    return restore

@@ -191,13 +191,12 @@ def test_a_signal_during_the_renames_cancels_the_whole_run(tmp_path, monkeypatch
     old = _old_outputs(out)
     writer = _write_all_rows(out)
     _replace_failing_at(monkeypatch, "c.dbf", lambda: signal.raise_signal(signal.SIGTERM))
-    previous = signal.getsignal(signal.SIGTERM)
+    restore = cancel_on_sigterm()
     try:
-        cancel_on_sigterm()
         with pytest.raises(Cancelled):
             writer.close()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        restore()
     # The renames already done were undone, the earlier side files (moved aside after every rename) put back.
     assert {p.name: p.read_bytes() for p in out.iterdir()} == old
 
