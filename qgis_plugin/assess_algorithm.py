@@ -92,7 +92,7 @@ class AssessAccuracyAlgorithm(EngineAlgorithm):
         if layer.type() == QgsMapLayerType.VectorLayer:
             # A feedback object is needed: QGIS 3.22 crashes exporting a layer without one.
             return vector_source(*QgsProcessingUtils.convertToCompatibleFormatAndLayerName(
-                layer, False, name, ["gpkg", "shp", "geojson"], "gpkg", context, QgsProcessingFeedback()))
+                layer, False, name, ["gpkg", "shp", "geojson"], "gpkg", context, QgsProcessingFeedback()), layer)
         return raster_file(layer, name)
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 (QGIS's name)

@@ -4,6 +4,7 @@ engine's keyword arguments."""
 from __future__ import annotations
 
 import html
+import os
 
 from qgis.core import (
     QgsCoordinateReferenceSystem,
@@ -19,6 +20,7 @@ from qgis.core import (
     QgsProcessingParameterFile,
     QgsProcessingParameterNumber,
     QgsProcessingParameterString,
+    QgsProviderRegistry,
 )
 
 from geochange.engine.options import number_or_word, spec
@@ -136,12 +138,25 @@ def option_value(algorithm, parameters, context, name: str):
             return None
         # A feedback object is needed: QGIS 3.22 crashes exporting a layer without one.
         return vector_source(*algorithm.parameterAsCompatibleSourceLayerPathAndLayerName(
-            parameters, parameter, context, ["gpkg", "shp", "geojson"], "gpkg", QgsProcessingFeedback()))
+            parameters, parameter, context, ["gpkg", "shp", "geojson"], "gpkg", QgsProcessingFeedback()),
+            algorithm.parameterAsVectorLayer(parameters, parameter, context))
     return algorithm.parameterAsString(parameters, parameter, context).strip() or option.default
 
 
-def vector_source(path: str, layer: str) -> str:
-    """A vector file's layer as the engine takes it: ``FILE|layername=NAME``, or ``FILE`` for its only layer."""
+def vector_source(path: str, layer: str, shown=None) -> str:
+    """A vector file's layer as the engine takes it: ``FILE|layername=NAME``, or ``FILE`` for its only layer.
+    ``shown``: the QGIS layer behind it, whose layer of the file QGIS 3.22 leaves unnamed where the layer names
+    it by its index (``FILE|layerid=N``): GDAL would read the file's first layer instead."""
+    if not layer and shown is not None:
+        parts = QgsProviderRegistry.instance().decodeUri(shown.providerType(), shown.source())
+        index = parts.get("layerId")
+        if index not in (None, "") and os.path.normcase(os.path.abspath(parts.get("path", ""))) == \
+                os.path.normcase(os.path.abspath(path)):
+            from osgeo import ogr
+
+            source = ogr.Open(path)
+            found = source.GetLayer(int(index)) if source is not None else None
+            layer = found.GetName() if found is not None else ""
     return f"{path}|layername={layer}" if layer else path
 
 

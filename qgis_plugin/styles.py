@@ -167,6 +167,10 @@ class _Styler(QgsProcessingLayerPostProcessorInterface):
         self._style, self._position, self._loaded = style, position, loaded
 
     def postProcessLayer(self, layer, context, feedback):  # noqa: N802 (QGIS's name)
+        # A run into the outputs of one already loaded gives that layer again (QGIS 3.22), whose provider still
+        # reads the file the engine's atomic rename replaced: it would show the earlier run.
+        layer.dataProvider().reloadData()
+        layer.triggerRepaint()
         project = layer.project()
         self._style(layer, project.layerTreeRoot().findLayer(layer.id()))
         self._loaded[self._position] = layer.id()

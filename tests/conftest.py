@@ -249,16 +249,16 @@ def write_masked_raster(path):
     return path
 
 
-def write_polygons(path, geometries: list[dict], epsg: int):
-    """A GeoPackage layer of GeoJSON-like polygons in EPSG:``epsg``."""
+def write_polygons(path, geometries: list[dict], epsg: int, layer_name: str = "reference"):
+    """A GeoPackage layer of GeoJSON-like polygons in EPSG:``epsg`` (added to the file where it exists)."""
     from osgeo import ogr, osr
 
     ogr.UseExceptions()
     srs = osr.SpatialReference()
     srs.ImportFromEPSG(epsg)
     srs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
-    source = ogr.GetDriverByName("GPKG").CreateDataSource(str(path))
-    layer = source.CreateLayer("reference", srs, ogr.wkbPolygon)
+    source = ogr.Open(str(path), 1) if Path(path).exists() else ogr.GetDriverByName("GPKG").CreateDataSource(str(path))
+    layer = source.CreateLayer(layer_name, srs, ogr.wkbPolygon)
     for geometry in geometries:
         feature = ogr.Feature(layer.GetLayerDefn())
         feature.SetGeometry(ogr.CreateGeometryFromJson(json.dumps(geometry)))

@@ -102,6 +102,26 @@ def test_a_results_group_and_a_geopackage_layer(crop_detection, levir_crop, tiny
     assert [source.GetLayer(i).GetName() for i in range(source.GetLayerCount())] == ["output_polygons"]
 
 
+def test_a_run_again_into_loaded_outputs_shows_the_new_ones(crop_detection, tmp_path):
+    """The same outputs, loaded, then written again with a higher threshold: QGIS gives the layers already in the
+    project, which showed the earlier run's polygons and mask (their files replaced by a rename)."""
+    import numpy as np
+    import rasterio
+
+    parameters = {**crop_detection["parameters"], "OUTPUT_PROBABILITY": str(tmp_path / "probability.tif"),
+                  "OUTPUT_MASK": str(tmp_path / "mask.tif"), "OUTPUT_POLYGONS": str(tmp_path / "changes.gpkg")}
+    for threshold in (0.3, 0.95):
+        results = run_algorithm("geochange:detectchanges", {**parameters, "THRESHOLD": threshold}, load=True)
+        layers = {layer.source().split("|")[0]: layer for layer in QgsProject.instance().mapLayers().values()}
+        polygons, mask = layers[parameters["OUTPUT_POLYGONS"]], layers[parameters["OUTPUT_MASK"]]
+        assert polygons.featureCount() == results["POLYGON_COUNT"]
+        block = mask.dataProvider().block(1, mask.extent(), mask.width(), mask.height())
+        shown = np.frombuffer(bytes(block.data()), np.uint8)
+        with rasterio.open(parameters["OUTPUT_MASK"]) as src:
+            assert np.count_nonzero(shown == 255) == np.count_nonzero(src.read(1) == 255), threshold
+    assert len([layer for layer in layers.values() if layer.source().startswith(str(tmp_path))]) == 3
+
+
 def test_vectorize_into_a_geopackage_layer_keeps_the_file_s_other_layers(crop_detection, tmp_path):
     """The engine writes a whole GeoPackage: a layer name is honoured, and a file holding other layers is
     refused before the run rather than emptied of them."""

@@ -33,7 +33,7 @@ from qgis.core import (  # noqa: E402
     QgsVectorLayer,
 )
 
-from conftest import FIJI_EAST, FIJI_WEST, run_algorithm, write_constant  # noqa: E402
+from conftest import FIJI_EAST, FIJI_WEST, run_algorithm, write_constant, write_polygons  # noqa: E402
 
 gdal.UseExceptions()
 ogr.UseExceptions()
@@ -402,6 +402,31 @@ def test_an_area_of_interest_from_a_memory_layer(geochange_provider, levir_crop,
                                         **outputs_in(tmp_path)})
     with rasterio.open(results["OUTPUT_MASK"]) as mask:
         assert (mask.width, mask.height) == pytest.approx((size[0] / 2, size[1] / 2), abs=1)
+
+
+def test_an_area_of_interest_named_by_its_layer_s_index(geochange_provider, levir_crop, tinycd_package, tmp_path):
+    """``FILE|layerid=1``, as QGIS names some layers of a GeoPackage: that layer, not the file's first (far away,
+    which made the run fail as not overlapping), in Detect changes and in Assess change accuracy."""
+    from shapely.geometry import box, mapping
+
+    with rasterio.open(levir_crop["pre"]) as src:
+        left, bottom, right, top = src.bounds
+        size = (src.width, src.height)
+    aois = tmp_path / "aois.gpkg"
+    write_polygons(aois, [mapping(box(left + 1, bottom + 1, right + 1, top + 1))], 4326, "far")
+    write_polygons(aois, [mapping(box(left, bottom, (left + right) / 2, (bottom + top) / 2))], 4326, "quarter")
+    aoi = QgsVectorLayer(f"{aois}|layerid=1", "quarter", "ogr")
+    assert aoi.isValid() and next(aoi.getFeatures()).geometry().boundingBox().xMaximum() < right
+    results = run_algorithm(ALGORITHM, {"PRE": str(levir_crop["pre"]), "POST": str(levir_crop["post"]),
+                                        "MODEL": str(tinycd_package), "DEVICE": "cpu", "AOI": aoi,
+                                        **outputs_in(tmp_path)})
+    with rasterio.open(results["OUTPUT_MASK"]) as mask:
+        assert (mask.width, mask.height) == pytest.approx((size[0] / 2, size[1] / 2), abs=1)
+    # The quarter as the reference: every pixel of the mask is a change there (the far one would give none).
+    assessed = run_algorithm("geochange:assessaccuracy", {"PREDICTION": results["OUTPUT_MASK"], "REFERENCE": aoi,
+                                                          "OUTPUT": str(tmp_path / "figures.csv"),
+                                                          "OUTPUT_RASTER": str(tmp_path / "agreement.tif")})
+    assert assessed["PRECISION"] == 1.0
 
 
 def test_band_mapping_reaches_the_engine(geochange_provider, levir_crop, tinycd_package, tmp_path):
