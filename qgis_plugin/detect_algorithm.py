@@ -23,7 +23,7 @@ from geochange.engine.header import read_metadata
 from geochange.engine.options import DETECT, DetectOptions, names
 from geochange.engine.zoo import resolve_model
 from geochange.qgis_plugin import styles
-from geochange.qgis_plugin.engine_algorithm import EngineAlgorithm, layer_file, overlap, same_raster, tr
+from geochange.qgis_plugin.engine_algorithm import EngineAlgorithm, layer_file, overlap, raster_file, same_raster, tr
 from geochange.qgis_plugin.parameters import (ENGINE_NOTES, MODEL_HELP, POLYGON_OUTPUTS_HELP, add_options, chosen_model,
                                               model_parameters, option_help, option_value, option_values)
 from geochange.qgis_plugin.worker_client import parameter_names
@@ -115,6 +115,17 @@ class DetectChangesAlgorithm(EngineAlgorithm):
         pre, post = (self.parameterAsRasterLayer(parameters, name, context) for name in ("PRE", "POST"))
         if not ok or pre is None or post is None:
             return ok, message
+        for name, layer in (("PRE", pre), ("POST", post)):
+            try:  # a web, database or virtual layer: the reason here, not a band count it happens to have
+                raster_file(layer, name)
+            except QgsProcessingException as error:
+                return False, str(error)
+            own = layer.dataProvider().crs()
+            if own.isValid() and layer.crs() != own:  # set in QGIS: the engine would use the file's
+                return False, tr("{}: the layer's CRS ({}) was set in QGIS over its file's ({}), which GeoChange "
+                                 "reads: give the file that CRS (Raster > Projections > Assign Projection), or set "
+                                 "the layer's back").format(name, layer.crs().authid() or layer.crs().description(),
+                                                            own.authid() or own.description())
         try:  # a text field (a number or "model"): the engine's check, before the run
             DetectOptions(resolution=option_value(self, parameters, context, "resolution"))
         except OptionError as error:

@@ -128,6 +128,10 @@ def option_value(algorithm, parameters, context, name: str):
     if kind == "crs":
         crs = algorithm.parameterAsCrs(parameters, parameter, context)
         if not crs.isValid():
+            given = parameters.get(parameter)
+            if isinstance(given, str) and given.strip():  # a script's or qgis_process's text: not dropped unsaid
+                raise QgsProcessingException(tr("{}: {} is no coordinate reference system QGIS knows").format(
+                    parameter, given))
             return None
         # A user-defined CRS's id (USER:100000) is QGIS's own: GDAL is given its definition.
         authid = crs.authid()

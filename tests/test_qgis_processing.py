@@ -21,6 +21,7 @@ pytest.importorskip("qgis.core", reason="QGIS Python bindings are not installed"
 from osgeo import gdal, ogr  # noqa: E402  (GDAL's bindings come with QGIS)
 from qgis.core import (  # noqa: E402
     QgsApplication,
+    QgsCoordinateReferenceSystem,
     QgsFeature,
     QgsGeometry,
     QgsPalettedRasterRenderer,
@@ -206,8 +207,9 @@ def test_engine_error_becomes_processing_exception(geochange_provider, shared_da
 
 def test_inputs_the_model_cannot_take_are_refused_before_the_run(geochange_provider, levir_crop, shared_data,
                                                                   tinycd_package, tmp_path):
-    """A pickle as the model, band counts the model does not take, dates that do not overlap: QGIS's check
-    says so before any engine starts (no engine log line), in the engine's words with QGIS's names."""
+    """A pickle as the model, band counts the model does not take, dates that do not overlap, a web map, a CRS
+    set in QGIS only, an unknown output CRS (QGIS takes any text): refused before any engine starts (no engine
+    log line; the dialog's check, but for the CRS), in the engine's words with QGIS's names."""
     far = tmp_path / "far.tif"
     with rasterio.open(levir_crop["post"]) as src:
         profile, data = src.profile, src.read()
@@ -220,7 +222,17 @@ def test_inputs_the_model_cannot_take_are_refused_before_the_run(geochange_provi
                 ({**pair, "POST_BANDS": [3, 1]}, r"post.tif: 2 post band\(s\) chosen \(\[3, 1\]\)"),
                 ({**pair, "PRE": str(sar)}, r"S1_vv_vh_db.tif: the pre image has 2 band\(s\), the model expects 3 "
                                             r"\(optical\); choose them with PRE_BANDS"),
-                ({**pair, "POST": str(far)}, "PRE and POST do not overlap")]
+                ({**pair, "POST": str(far)}, "PRE and POST do not overlap"),
+                ({**pair, "CRS": "EPSG:99999"}, "CRS: EPSG:99999 is no coordinate reference system QGIS knows")]
+    # A web map (it has a band count, which the check used to compare with the model's) and a CRS set in QGIS
+    # over the file's, which the engine would not see.
+    web = QgsRasterLayer("type=xyz&url=https://tile.openstreetmap.org/{z}/{x}/{y}.png&zmax=19&zmin=0", "osm", "wms")
+    moved = QgsRasterLayer(str(levir_crop["post"]), "post")
+    moved.setCrs(QgsCoordinateReferenceSystem("EPSG:3857"))
+    assert web.isValid() and moved.isValid()
+    refusals += [({**pair, "PRE": web}, "PRE: 'osm' is a wms layer; GeoChange reads raster files only"),
+                 ({**pair, "POST": moved}, r"POST: the layer's CRS \(EPSG:3857\) was set in QGIS over its file's "
+                                           r"\(EPSG:4326\), which GeoChange reads")]
     for changed, message in refusals:
         log = Log()
         parameters = {"MODEL": str(tinycd_package), "DEVICE": "cpu", **changed, **outputs_in(tmp_path / "out")}
