@@ -39,6 +39,7 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
     GROUP = ""
     SUMMARY = ""  # HTML: what the algorithm does
     PARAMETER_HELP: dict = {}  # parameter or output name -> HTML explanation
+    OUTPUT_HELP: dict = {}  # the same for outputs named as a parameter is (evaluate's PRECISION: a score, an option)
     NOTES = ""  # HTML after the lists
     # The engine's run options (``engine.options``) the algorithm offers as parameters
     # (``parameters.add_options``, read back by ``parameters.option_values``). An engine message naming an
@@ -210,13 +211,13 @@ def _default_text(parameter) -> str:
 
 def help_text(algorithm: EngineAlgorithm) -> str:
     """The algorithm's summary, then each input parameter and each output with its explanation."""
-    explain = algorithm.PARAMETER_HELP
-
-    def entry(name, description, extra=""):
+    def entry(name, description, extra="", output=False):
+        explain = {**algorithm.PARAMETER_HELP, **algorithm.OUTPUT_HELP} if output else algorithm.PARAMETER_HELP
         if name not in explain:
             raise KeyError(f"{algorithm.NAME}: no help for {name}")
+        default = "" if output else _default_text_for(algorithm, name)
         return (f"<dt><b>{html.escape(description, quote=False)}</b> <code>{name}</code>{extra}</dt>"
-                f"<dd>{tr(explain[name])} {_default_text_for(algorithm, name)}</dd>")
+                f"<dd>{tr(explain[name])} {default}</dd>")
 
     inputs = [p for p in algorithm.parameterDefinitions() if not p.isDestination()]
     parts = [tr(algorithm.SUMMARY), "<h3>" + tr("Parameters") + "</h3>", "<dl>"]
@@ -224,7 +225,7 @@ def help_text(algorithm: EngineAlgorithm) -> str:
         optional = bool(p.flags() & QgsProcessingParameterDefinition.FlagOptional)
         parts.append(entry(p.name(), p.description(), tr(" (optional)") if optional else ""))
     parts += ["</dl>", "<h3>" + tr("Outputs") + "</h3>", "<dl>"]
-    parts += [entry(o.name(), o.description()) for o in algorithm.outputDefinitions()]
+    parts += [entry(o.name(), o.description(), output=True) for o in algorithm.outputDefinitions()]
     parts.append("</dl>")
     if algorithm.notes():
         parts.append(tr(algorithm.notes()))

@@ -53,8 +53,8 @@ class EvaluateModelAlgorithm(EngineAlgorithm):
                   "summed confusion counts: HTML (shown in the results viewer) or CSV, chosen by the file "
                   "extension.",
         "IMAGES": "How many image pairs were evaluated.",
-        **{name: f"Global {METRICS[key]}." for name, key in NUMERIC_OUTPUTS.items()},
     }
+    OUTPUT_HELP = {name: f"Global {METRICS[key]}." for name, key in NUMERIC_OUTPUTS.items()}
     NOTES = ENGINE_NOTES
     OPTIONS = names(EVALUATE)
     FLAGS = {"--ignore-value": "IGNORE_VALUE"}

@@ -63,6 +63,11 @@ def test_every_algorithm_is_registered_with_a_complete_help(geochange_provider):
         for definition in [*algorithm.parameterDefinitions(), *algorithm.outputDefinitions()]:
             assert f"<code>{definition.name()}</code>" in text, (algorithm.id(), definition.name())
         assert algorithm.group() and not algorithm.icon().isNull()
+    # Evaluate's option PRECISION (the arithmetic) and its output PRECISION (a score) each keep their own help.
+    text = geochange_provider.algorithm("evaluatemodel").shortHelpString()
+    option, output = (text.split("<code>PRECISION</code>")[i].split("</dd>")[0] for i in (1, 2))
+    assert "bf16" in option and "Default: <i>auto</i>" in option
+    assert "Global change-class precision" in output and "bf16" not in output and "Default" not in output
 
 
 # --- Vectorise change probability ------------------------------------------------------------------
