@@ -24,6 +24,7 @@ from geochange.engine.errors import OptionError, RasterError
 from geochange.engine.evaluate import change_label
 from geochange.engine.grid import Grid, placement, warped_on
 from geochange.engine.metrics import confusion, kappa, scores
+from geochange.engine.progress import Progress
 from geochange.engine.rasters import open_raster
 
 
@@ -109,10 +110,15 @@ def write_agreement(path, grid: Grid, truth: np.ndarray, predicted: np.ndarray, 
         dst.write(agreement, 1)
 
 
+STEPS = 4  # of progress: the prediction read, the reference read, the figures, the raster written
+
+
 def assess(prediction: str, reference: str, *, aoi: str | None = None, ignore_value: float | None = None,
-           object_iou: float = OBJECT_IOU, out_raster: str | None = None) -> dict:
+           object_iou: float = OBJECT_IOU, out_raster: str | None = None, progress: Progress | None = None) -> dict:
     """Pixel figures (confusion, change-class scores, kappa) and object counts of ``prediction`` against
-    ``reference``; the TP/FP/FN raster written to ``out_raster`` if given."""
+    ``reference``; the TP/FP/FN raster written to ``out_raster`` if given. ``progress``: its steps (reading each
+    map, the objects, the raster)."""
+    progress = progress or Progress()
     if not 0 < object_iou <= 1:
         raise OptionError(f"--object-iou must be in (0, 1], not {object_iou:g}")
     check_outputs((out_raster,), (prediction, reference, aoi))
@@ -127,7 +133,9 @@ def assess(prediction: str, reference: str, *, aoi: str | None = None, ignore_va
     else:
         raise RasterError(f"{prediction} and {reference}: both are polygons; give the prediction or the reference "
                           "as a raster (e.g. the change mask of geochange detect), whose grid the comparison uses")
+    progress.update(1, STEPS)
     truth, labelled = change_on(reference, grid, "the reference", ignore_value)
+    progress.update(2, STEPS)
     assessed = valid & labelled
     if aoi:
         assessed &= polygons_on(aoi, grid, "the area of interest")
@@ -136,13 +144,15 @@ def assess(prediction: str, reference: str, *, aoi: str | None = None, ignore_va
                           "of interest do not overlap)")
     cm = confusion(predicted, truth, assessed)
     (tn, fp), (fn, tp) = cm.tolist()
+    objects = object_counts(truth & assessed, predicted & assessed, object_iou)
+    progress.update(3, STEPS)
     if out_raster:
         write_agreement(out_raster, grid, truth, predicted, assessed)
+    progress.update(STEPS, STEPS)
     return {"confusion": {"tn": tn, "fp": fp, "fn": fn, "tp": tp},
             "global": {**{k: float(v) for k, v in scores(cm).items()}, "kappa": kappa(cm)},
-            "objects": object_counts(truth & assessed, predicted & assessed, object_iou),
-            "pixels_assessed": int(assessed.sum()), "grid": {"crs": str(grid.crs), "width": grid.width,
-                                                            "height": grid.height},
+            "objects": objects, "pixels_assessed": int(assessed.sum()),
+            "grid": {"crs": str(grid.crs), "width": grid.width, "height": grid.height},
             "out_raster": str(out_raster) if out_raster else None}
 
 

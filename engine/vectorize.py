@@ -410,6 +410,7 @@ def vectorize_probability(probability: str, polygons: str, *, threshold: float =
                     valid_pixels += np.count_nonzero(valid)
                     writer.write(assembler.add_band(row_start, changed, np.where(valid, prob, 0), valid))
                     if progress is not None:
+                        progress.update(row_start + window.height, src.height)
                         progress.check()
                 writer.write(assembler.finish())
                 writer.finish()

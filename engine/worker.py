@@ -132,7 +132,7 @@ def run_assess(args: dict, emit) -> dict:
     from geochange.engine.assess import assess
 
     args = dict(args)
-    return assess(args.pop("prediction"), args.pop("reference"), **args)
+    return assess(args.pop("prediction"), args.pop("reference"), progress=json_progress(emit), **args)
 
 
 def run_info(args: dict, emit) -> dict:

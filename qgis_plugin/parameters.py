@@ -76,10 +76,12 @@ def chosen_model(algorithm, parameters, context, required: bool = True) -> str |
 
 
 def option_parameter(name: str, **overrides) -> QgsProcessingParameterDefinition:
-    """The parameter of the engine option ``name``; ``overrides`` (``default``) where an algorithm differs."""
+    """The parameter of the engine option ``name``; ``overrides`` (``default``, ``label``) where an algorithm
+    differs."""
     option = spec(name)
     meta, default = option.metadata, overrides.get("default", option.default)
-    parameter, label, kind, optional = meta["parameter"], tr(meta["label"]), meta["kind"], default is None
+    label = tr(overrides.get("label", meta["label"]))
+    parameter, kind, optional = meta["parameter"], meta["kind"], default is None
     if meta["words"]:  # a number or a word (the resolution's "model"): QGIS 3.22's number fields take no word
         made = QgsProcessingParameterString(parameter, label, defaultValue=default, optional=optional)
     elif kind in ("int", "float"):

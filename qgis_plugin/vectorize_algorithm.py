@@ -46,7 +46,7 @@ class VectorizeChangesAlgorithm(EngineAlgorithm):
         # Optional: QGIS 3.22 refuses a missing non-optional band parameter even when it has a default.
         self.addParameter(QgsProcessingParameterBand("BAND", tr("Probability band"), defaultValue=1,
                                                      parentLayerParameterName="INPUT", optional=True))
-        self.addParameter(option_parameter("threshold", default=0.5))
+        self.addParameter(option_parameter("threshold", default=0.5, label="Change threshold"))  # no model here
         for name in ("min_area", "simplify"):
             self.addParameter(option_parameter(name))
         self.addParameter(QgsProcessingParameterVectorDestination("OUTPUT", tr("Change polygons"),

@@ -11,10 +11,24 @@ from pathlib import Path
 import pytest
 from affine import Affine
 
+from geochange.engine.progress import Progress
 from geochange.engine.shared_data import shared_data_dir
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = shared_data_dir()
+
+
+class Recorded(Progress):
+    """A progress that keeps what it is told: ``done``, the (done, total) of each update, and ``lines``."""
+
+    def __init__(self):
+        self.done, self.lines = [], []
+
+    def update(self, done, total):
+        self.done.append((done, total))
+
+    def log(self, message):
+        self.lines.append(message)
 
 
 @pytest.fixture(scope="session")

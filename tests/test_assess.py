@@ -9,7 +9,7 @@ import pytest
 import rasterio
 from rasterio.crs import CRS
 
-from conftest import write_masked_raster, write_polygons
+from conftest import Recorded, write_masked_raster, write_polygons
 from geochange.engine.assess import assess, object_counts, raster_on
 from geochange.engine.cli import main
 from geochange.engine.contracts import (ASSESS_FN, ASSESS_FP, ASSESS_NOT_ASSESSED, ASSESS_TP, MASK_CHANGE,
@@ -163,3 +163,10 @@ def test_maps_without_a_crs_are_placed_as_qgis_draws_them(tmp_path):
     for prediction, reference in (("mask.tif", "label.png"), ("label.png", "mask.tif")):
         figures = assess(str(tmp_path / prediction), str(tmp_path / reference))
         assert figures["pixels_assessed"] == 32 * 32 and figures["confusion"]["tp"] == 36, prediction
+
+
+def test_assess_reports_its_steps(levir_maps):
+    """Reading each map, the figures, the raster: QGIS's bar moves (it stood at 0 % until the end)."""
+    steps = Recorded()
+    assess(str(levir_maps["mask"]), str(levir_maps["label"]), progress=steps)
+    assert steps.done == [(1, 4), (2, 4), (3, 4), (4, 4)]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_algorithm
+from conftest import Recorded, run_algorithm
 from geochange.engine.contracts import PAIR_DONE, PAIR_FAILED, PAIR_PENDING, PAIR_SKIPPED, SUMMARY_LAYER
 from geochange.engine.errors import OptionError, PackageError
 from geochange.engine.many import Layout, detect_many, local_layout, make_job
@@ -421,15 +421,7 @@ def test_the_summary_is_not_rewritten_after_every_pair(tmp_path):
 def test_a_re_run_keeps_a_pair_whose_outputs_were_edited(tinycd_package, tmp_path):
     """A complete pair whose polygons changed after its run is kept, with a line naming the file; no cluster
     starts, as every pair is complete."""
-    from geochange.engine.progress import Progress
     from geochange.engine.zoo import sha256
-
-    class Lines(Progress):
-        def __init__(self):
-            self.lines = []
-
-        def log(self, message):
-            self.lines.append(message)
 
     for name in ("pre.tif", "post.tif"):
         (tmp_path / name).write_bytes(b"raster")
@@ -443,7 +435,7 @@ def test_a_re_run_keeps_a_pair_whose_outputs_were_edited(tinycd_package, tmp_pat
            "name": "p", "status": PAIR_DONE, "pre": job["pre"], "post": job["post"], "model_sha256": job["sha256"]}
     write_record(job, identity(job), row)
     (folder / "change_polygons.gpkg").write_bytes(b"edited in QGIS")
-    lines = Lines()
+    lines = Recorded()
     rows = detect_many([pair], tinycd_package, tmp_path / "out", progress=lines)
     assert [r["status"] for r in rows] == [PAIR_SKIPPED]
     assert "p: change_polygons.gpkg changed after the pair's run (edited?); kept as they are (--force runs the pair " \

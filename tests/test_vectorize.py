@@ -364,3 +364,19 @@ def test_detect_s_outputs_on_a_pixel_grid_are_vectorised_in_pixels(tmp_path):
                      GroundControlPoint(0, 80, 15.1, 45.0)], CRS.from_epsg(4326))
     with pytest.raises(RasterError, match="pixels.tif: georeferenced by 3 ground control points only"):
         vectorize_probability(str(tmp_path / "pixels.tif"), str(tmp_path / "e.gpkg"))
+
+
+def test_vectorise_reports_its_progress_band_by_band(tmp_path):
+    """Each band of rows read moves the progress (QGIS's bar stood at 0 % until the end)."""
+    import rasterio
+
+    from conftest import Recorded
+    from geochange.engine.vectorize import vectorize_probability
+
+    with rasterio.open(tmp_path / "p.tif", "w", driver="GTiff", width=64, height=1100, count=1, dtype="float32",
+                       tiled=True, blockxsize=256, blockysize=256, crs="EPSG:32614",
+                       transform=from_origin(630000, 3340000, 1, 1)) as dst:
+        dst.write(np.linspace(0, 1, 64 * 1100, dtype=np.float32).reshape(1, 1100, 64))
+    rows = Recorded()
+    vectorize_probability(str(tmp_path / "p.tif"), str(tmp_path / "c.gpkg"), progress=rows)
+    assert rows.done == [(512, 1100), (1024, 1100), (1100, 1100)]
