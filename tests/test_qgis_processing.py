@@ -208,8 +208,9 @@ def test_engine_error_becomes_processing_exception(geochange_provider, shared_da
 def test_inputs_the_model_cannot_take_are_refused_before_the_run(geochange_provider, levir_crop, shared_data,
                                                                   tinycd_package, tmp_path):
     """A pickle as the model, band counts the model does not take, dates that do not overlap, a web map, a CRS
-    set in QGIS only, an unknown output CRS (QGIS takes any text): refused before any engine starts (no engine
-    log line; the dialog's check, but for the CRS), in the engine's words with QGIS's names."""
+    set in QGIS only, an unknown output CRS (QGIS takes any text), a scale of 0, an overlap not under the tile:
+    QGIS's check says so before any engine starts (no engine log line), in the engine's words with QGIS's
+    names."""
     far = tmp_path / "far.tif"
     with rasterio.open(levir_crop["post"]) as src:
         profile, data = src.profile, src.read()
@@ -223,7 +224,9 @@ def test_inputs_the_model_cannot_take_are_refused_before_the_run(geochange_provi
                 ({**pair, "PRE": str(sar)}, r"S1_vv_vh_db.tif: the pre image has 2 band\(s\), the model expects 3 "
                                             r"\(optical\); choose them with PRE_BANDS"),
                 ({**pair, "POST": str(far)}, "PRE and POST do not overlap"),
-                ({**pair, "CRS": "EPSG:99999"}, "CRS: EPSG:99999 is no coordinate reference system QGIS knows")]
+                ({**pair, "CRS": "EPSG:99999"}, "CRS: EPSG:99999 is no coordinate reference system QGIS knows"),
+                ({**pair, "PRE_SCALE": 0}, "PRE_SCALE must be"),
+                ({**pair, "TILE_SIZE": 128, "OVERLAP": 128}, r"OVERLAP must be in \[0, tile\) = \[0, 128\), not 128")]
     # A web map (it has a band count, which the check used to compare with the model's) and a CRS set in QGIS
     # over the file's, which the engine would not see.
     web = QgsRasterLayer("type=xyz&url=https://tile.openstreetmap.org/{z}/{x}/{y}.png&zmax=19&zmin=0", "osm", "wms")
