@@ -18,14 +18,14 @@ from qgis.PyQt.QtCore import QCoreApplication, QThread
 
 from geochange.engine.bands import select_bands
 from geochange.engine.contracts import MASK_CHANGE, MASK_NO_CHANGE, MASK_NODATA, PROBABILITY_NODATA
-from geochange.engine.errors import GeoChangeError, OptionError
+from geochange.engine.errors import GeoChangeError
 from geochange.engine.header import read_metadata
-from geochange.engine.options import DETECT, DetectOptions, names, spec
+from geochange.engine.options import DETECT, names
 from geochange.engine.zoo import resolve_model
 from geochange.qgis_plugin import styles
 from geochange.qgis_plugin.engine_algorithm import EngineAlgorithm, layer_file, overlap, raster_file, same_raster, tr
 from geochange.qgis_plugin.parameters import (ENGINE_NOTES, MODEL_HELP, POLYGON_OUTPUTS_HELP, add_options, chosen_model,
-                                              model_parameters, option_help, option_value, option_values)
+                                              model_parameters, option_help, option_values, options_problem)
 from geochange.qgis_plugin.worker_client import parameter_names
 
 
@@ -126,12 +126,9 @@ class DetectChangesAlgorithm(EngineAlgorithm):
                                  "reads: give the file that CRS (Raster > Projections > Assign Projection), or set "
                                  "the layer's back").format(name, layer.crs().authid() or layer.crs().description(),
                                                             own.authid() or own.description())
-        try:  # the engine's checks of the options (a scale of 0, an overlap not under the tile), before the run;
-            # not the area of interest, which a memory layer's would write out to a file
-            DetectOptions(**{name: option_value(self, parameters, context, name) for name in self.OPTIONS
-                             if spec(name).metadata["kind"] != "vector"})
-        except (OptionError, QgsProcessingException) as error:
-            return False, parameter_names(str(error), self.parameter_flags())
+        problem = options_problem(self, parameters, context)
+        if problem:
+            return False, problem
         if same_raster(pre, post):
             return False, tr("PRE and POST are the same raster ({}): choose the image from before the event and "
                              "the one from after it").format(pre.source())

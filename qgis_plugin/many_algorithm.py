@@ -25,7 +25,7 @@ from geochange.engine.options import DETECT, flag, names, spec
 from geochange.qgis_plugin import styles
 from geochange.qgis_plugin.engine_algorithm import EngineAlgorithm, tr
 from geochange.qgis_plugin.parameters import (ENGINE_NOTES, MODEL_HELP, add_options, chosen_model, model_parameters,
-                                              option_help, option_values)
+                                              option_help, option_values, options_problem)
 from geochange.qgis_plugin.worker_client import parameter_names
 
 # The provider's setting (Options > Processing > Providers > GeoChange): a Dask scheduler's address.
@@ -114,6 +114,12 @@ class DetectManyPairsAlgorithm(EngineAlgorithm):
         for name, label in (("DONE", "Pairs detected"), ("SKIPPED", "Pairs complete already"),
                             ("FAILED", "Pairs failed")):
             self.addOutput(QgsProcessingOutputNumber(name, tr(label)))
+
+    def checkParameterValues(self, parameters, context):  # noqa: N802 (QGIS's name)
+        """The options the engine would refuse, refused in the dialog before any engine or cluster starts."""
+        ok, message = super().checkParameterValues(parameters, context)
+        problem = options_problem(self, parameters, context) if ok else None
+        return (False, problem) if problem else (ok, message)
 
     def _pairs(self, parameters, context) -> dict:
         """The engine's arguments for the pairs: the CSV file, or the two folders as glob patterns."""

@@ -23,9 +23,11 @@ from qgis.core import (
     QgsProviderRegistry,
 )
 
-from geochange.engine.options import number_or_word, spec
+from geochange.engine.errors import OptionError
+from geochange.engine.options import DetectOptions, number_or_word, spec
 from geochange.engine.zoo import zoo_index
 from geochange.qgis_plugin.engine_algorithm import tr
+from geochange.qgis_plugin.worker_client import parameter_names
 
 MODEL_FILTER = "GeoChange model package (*.safetensors);;All files (*)"
 NO_ZOO_MODEL = "none: the model file below"
@@ -147,6 +149,18 @@ def option_value(algorithm, parameters, context, name: str):
             parameters, parameter, context, ["gpkg", "shp", "geojson"], "gpkg", QgsProcessingFeedback()),
             algorithm.parameterAsVectorLayer(parameters, parameter, context))
     return algorithm.parameterAsString(parameters, parameter, context).strip() or option.default
+
+
+def options_problem(algorithm, parameters, context) -> str | None:
+    """The engine's refusal of the algorithm's options (a scale of 0, an overlap not under the tile, an unknown
+    CRS) in QGIS's names, or None: for the dialog's check, before any engine starts. Not the area of interest,
+    which a memory layer's would write out to a file."""
+    try:
+        DetectOptions(**{name: option_value(algorithm, parameters, context, name) for name in algorithm.OPTIONS
+                         if spec(name).metadata["kind"] != "vector"})
+    except (OptionError, QgsProcessingException) as error:
+        return parameter_names(str(error), algorithm.parameter_flags())
+    return None
 
 
 def vector_source(path: str, layer: str, shown=None) -> str:

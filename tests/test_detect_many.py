@@ -497,3 +497,18 @@ def test_qgis_detect_changes_in_many_pairs(geochange_provider, dask_cluster, lev
     assert (again["DONE"], again["SKIPPED"], again["FAILED"]) == (0, 2, 0)
     polygons = QgsVectorLayer(str(tmp_path / "out" / "levir" / "change_polygons.gpkg"), "levir", "ogr")
     assert polygons.featureCount() == count - 1
+
+
+def test_qgis_detect_many_refuses_options_before_any_cluster(geochange_provider, tinycd_package, tmp_path):
+    """Options the engine would refuse, refused by the dialog's check: no engine, no cluster, no folder."""
+    from qgis.core import QgsProcessingException
+
+    for name in ("pre", "post"):
+        (tmp_path / name).mkdir()
+    parameters = {"MODEL": str(tinycd_package), "PRE_FOLDER": str(tmp_path / "pre"),
+                  "POST_FOLDER": str(tmp_path / "post"), "OUTPUT": str(tmp_path / "out"), "DEVICE": "cpu"}
+    for changed, message in (({"PRE_SCALE": 0}, "PRE_SCALE must be"),
+                             ({"TILE_SIZE": 128, "OVERLAP": 128}, r"OVERLAP must be in \[0, tile\)")):
+        with pytest.raises(QgsProcessingException, match=message):
+            run_algorithm("geochange:detectmanypairs", {**parameters, **changed})
+    assert not (tmp_path / "out").exists()
