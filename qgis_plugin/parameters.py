@@ -133,7 +133,9 @@ def option_value(algorithm, parameters, context, name: str):
         crs = algorithm.parameterAsCrs(parameters, parameter, context)
         if not crs.isValid():
             given = parameters.get(parameter)
-            if isinstance(given, str) and given.strip():  # a script's or qgis_process's text: not dropped unsaid
+            # A script's or qgis_process's text is not dropped unsaid; the modeler's "project CRS" of a project
+            # without one is no CRS given.
+            if isinstance(given, str) and given.strip() and given.strip().lower() != "projectcrs":
                 raise QgsProcessingException(tr("{}: {} is no coordinate reference system QGIS knows").format(
                     parameter, given))
             return None

@@ -15,12 +15,14 @@ from collections import deque
 from qgis.core import (
     QgsCategorizedSymbolRenderer,
     QgsColorRampShader,
+    QgsDataProvider,
     QgsEditorWidgetSetup,
     QgsFillSymbol,
     QgsGradientColorRamp,
     QgsGradientStop,
     QgsLayerTree,
     QgsMapLayerLegendUtils,
+    QgsMapLayerType,
     QgsPalettedRasterRenderer,
     QgsPalLayerSettings,
     QgsProcessingLayerPostProcessorInterface,
@@ -168,8 +170,13 @@ class _Styler(QgsProcessingLayerPostProcessorInterface):
 
     def postProcessLayer(self, layer, context, feedback):  # noqa: N802 (QGIS's name)
         # A run into the outputs of one already loaded gives that layer again (QGIS 3.22), whose provider still
-        # reads the file the engine's atomic rename replaced: it would show the earlier run.
-        layer.dataProvider().reloadData()
+        # reads the file the engine's atomic rename replaced: it would show the earlier run. A raster layer keeps
+        # the extent its first provider gave it: a new provider (the style is applied again below).
+        if layer.type() == QgsMapLayerType.RasterLayer:
+            layer.setDataSource(layer.source(), layer.name(), layer.providerType(),
+                                QgsDataProvider.ProviderOptions())
+        else:
+            layer.dataProvider().reloadData()
         layer.triggerRepaint()
         project = layer.project()
         self._style(layer, project.layerTreeRoot().findLayer(layer.id()))

@@ -102,23 +102,34 @@ def test_a_results_group_and_a_geopackage_layer(crop_detection, levir_crop, tiny
     assert [source.GetLayer(i).GetName() for i in range(source.GetLayerCount())] == ["output_polygons"]
 
 
-def test_a_run_again_into_loaded_outputs_shows_the_new_ones(crop_detection, tmp_path):
-    """The same outputs, loaded, then written again with a higher threshold: QGIS gives the layers already in the
-    project, which showed the earlier run's polygons and mask (their files replaced by a rename)."""
+def test_a_run_again_into_loaded_outputs_shows_the_new_ones(crop_detection, levir_crop, tmp_path):
+    """The same outputs, loaded, then written again with a higher threshold over a quarter of the crop: QGIS
+    gives the layers already in the project, which showed the earlier run's polygons and mask (their files replaced
+    by a rename), and the rasters its extent."""
     import numpy as np
     import rasterio
+    from qgis.core import QgsFeature, QgsGeometry, QgsRasterLayer, QgsRectangle, QgsVectorLayer
 
+    with rasterio.open(levir_crop["pre"]) as src:
+        left, bottom, right, top = src.bounds
+    quarter = QgsVectorLayer("Polygon?crs=EPSG:4326", "quarter", "memory")
+    feature = QgsFeature()
+    feature.setGeometry(QgsGeometry.fromRect(QgsRectangle(left, bottom, (left + right) / 2, (bottom + top) / 2)))
+    quarter.dataProvider().addFeatures([feature])
     parameters = {**crop_detection["parameters"], "OUTPUT_PROBABILITY": str(tmp_path / "probability.tif"),
                   "OUTPUT_MASK": str(tmp_path / "mask.tif"), "OUTPUT_POLYGONS": str(tmp_path / "changes.gpkg")}
-    for threshold in (0.3, 0.95):
-        results = run_algorithm("geochange:detectchanges", {**parameters, "THRESHOLD": threshold}, load=True)
+    for changed in ({"THRESHOLD": 0.3}, {"THRESHOLD": 0.95, "AOI": quarter}):
+        results = run_algorithm("geochange:detectchanges", {**parameters, **changed}, load=True)
         layers = {layer.source().split("|")[0]: layer for layer in QgsProject.instance().mapLayers().values()}
         polygons, mask = layers[parameters["OUTPUT_POLYGONS"]], layers[parameters["OUTPUT_MASK"]]
         assert polygons.featureCount() == results["POLYGON_COUNT"]
+        for name in ("OUTPUT_MASK", "OUTPUT_PROBABILITY"):
+            assert layers[parameters[name]].extent() == QgsRasterLayer(parameters[name]).extent(), (name, changed)
         block = mask.dataProvider().block(1, mask.extent(), mask.width(), mask.height())
         shown = np.frombuffer(bytes(block.data()), np.uint8)
         with rasterio.open(parameters["OUTPUT_MASK"]) as src:
-            assert np.count_nonzero(shown == 255) == np.count_nonzero(src.read(1) == 255), threshold
+            assert np.count_nonzero(shown == 255) == np.count_nonzero(src.read(1) == 255), changed
+    assert mask.renderer().type() == "paletted"  # styled again
     assert len([layer for layer in layers.values() if layer.source().startswith(str(tmp_path))]) == 3
 
 

@@ -243,6 +243,10 @@ def test_inputs_the_model_cannot_take_are_refused_before_the_run(geochange_provi
             run_algorithm(ALGORITHM, parameters, log)
         assert not any(line.startswith("GeoChange engine") for line in log.lines), log.lines
     assert not (tmp_path / "out").exists()
+    # The modeler's "project CRS" where there is no project: no CRS given, as an empty field.
+    algorithm = QgsApplication.processingRegistry().algorithmById(ALGORITHM)
+    assert algorithm.checkParameterValues({**pair, "MODEL": str(tinycd_package), "CRS": "ProjectCrs",
+                                           **outputs_in(tmp_path / "out")}, QgsProcessingContext()) == (True, "")
 
 
 def test_dates_in_degrees_a_turn_apart_are_left_to_the_engine(geochange_provider, tmp_path):
