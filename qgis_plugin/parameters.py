@@ -174,11 +174,8 @@ def vector_source(path: str, layer: str, shown=None) -> str:
         index = parts.get("layerId")
         if index not in (None, "") and os.path.normcase(os.path.abspath(parts.get("path", ""))) == \
                 os.path.normcase(os.path.abspath(path)):
-            from osgeo import ogr
-
-            source = ogr.Open(path)
-            found = source.GetLayer(int(index)) if source is not None else None
-            layer = found.GetName() if found is not None else ""
+            layer = next((found.name() for found in QgsProviderRegistry.instance().querySublayers(path)
+                          if found.providerKey() == shown.providerType() and found.layerNumber() == int(index)), "")
     return f"{path}|layername={layer}" if layer else path
 
 
