@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 from pathlib import Path
 
 from qgis.core import (
@@ -20,7 +21,7 @@ from qgis.core import (
 from geochange.engine.architectures import architecture_names
 from geochange.engine.errors import GeoChangeError
 from geochange.engine.header import read_metadata
-from geochange.engine.options import MIN_TILE
+from geochange.engine.options import spec as detect_option
 from geochange.engine.zoo import resolve_model
 from geochange.qgis_plugin.engine_algorithm import EngineAlgorithm, tr
 from geochange.qgis_plugin.parameters import ENGINE_NOTES, MODEL_FILTER, chosen_model, model_parameters
@@ -33,6 +34,12 @@ NUMBER_KEYS = {"ITERATIONS": "schedule.iterations", "CROP_SIZE": "augment.crop.s
 # Without a configuration the trainer's defaults apply, whose warm-up (1000 iterations, for runs of 100k and
 # more) would refuse the short runs a dialog starts: it is a tenth of the run instead.
 WARMUP_SHARE = 0.1
+# And its validations and checkpoints (every 1000 iterations) would leave a cancelled run nothing to resume
+# from: they come every tenth of the run instead.
+CHECKPOINT_SHARE = 0.1
+# The trainer's smallest crop (trainer.config.MIN_CROP): the crop becomes the package's tile, which detect's
+# default overlap must stay under.
+MIN_CROP = detect_option("overlap").default + 1
 # Global validation/test metrics given as numeric outputs.
 METRIC_OUTPUTS = {"VAL_F1": ("val", "f1"), "VAL_MIOU": ("val", "mIoU"), "TEST_F1": ("test", "f1"),
                   "TEST_MIOU": ("test", "mIoU")}
@@ -112,6 +119,7 @@ class TrainModelAlgorithm(EngineAlgorithm):
                    "configuration's test-time augmentation.",
         "TEST_MIOU": "Global mIoU on the test split.",
     }
+    FLAGS = {"--resume": "RESUME"}
 
     NOTES = ENGINE_NOTES
 
@@ -133,7 +141,7 @@ class TrainModelAlgorithm(EngineAlgorithm):
         for parameter, label in zip(model_parameters(), (tr("Start from a zoo model"), tr("Start from a model file"))):
             parameter.setDescription(label)
             self.addParameter(parameter)
-        numbers = {"ITERATIONS": (tr("Iterations"), 1), "CROP_SIZE": (tr("Crop size (px)"), MIN_TILE),
+        numbers = {"ITERATIONS": (tr("Iterations"), 1), "CROP_SIZE": (tr("Crop size (px)"), MIN_CROP),
                    "BATCH_SIZE": (tr("Batch size"), 1)}
         for name, (label, minimum) in numbers.items():
             self.addParameter(QgsProcessingParameterNumber(name, label, QgsProcessingParameterNumber.Integer,
@@ -179,8 +187,10 @@ class TrainModelAlgorithm(EngineAlgorithm):
                                                 "from (ZOO_MODEL or MODEL)"))
             output = self.parameterAsFileOutput(parameters, "OUTPUT", context)
             settings.update({"name": Path(output).stem or "geochange",
-                             "schedule.warmup": int(values["ITERATIONS"] * WARMUP_SHARE)})
+                             "schedule.warmup": int(values["ITERATIONS"] * WARMUP_SHARE),
+                             "train.val_interval": max(1, int(values["ITERATIONS"] * CHECKPOINT_SHARE))})
         if dataset:
+            dataset = os.path.abspath(dataset)  # the trainer reads relative paths from another working folder
             share = self.parameterAsDouble(parameters, "VAL_SHARE", context)
             split = {"split": {"val": share, "seed": 0}} if share > 0 and not (Path(dataset) / "val").is_dir() else {}
             settings["data.datasets"] = [{"root": dataset, **split}]

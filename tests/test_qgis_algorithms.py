@@ -319,22 +319,48 @@ def test_train_from_the_dialog_without_a_configuration(geochange_provider, small
     from geochange.engine.package import load_package
 
     dialog = {"DATASET": str(small_dataset), "VAL_SHARE": 0.5, "ARCHITECTURE": "tinycd", "ITERATIONS": 2,
-              "CROP_SIZE": 64, "BATCH_SIZE": 2, "OVERRIDES": "data.workers=0",
+              "CROP_SIZE": 72, "BATCH_SIZE": 2, "OVERRIDES": "data.workers=0",
               "OUTPUT": str(tmp_path / "mine.safetensors")}
     for left_out in ("DATASET", "ITERATIONS", "ARCHITECTURE"):  # refused at once, naming what is missing
         with pytest.raises(QgsProcessingException, match=r"Without a training configuration \(CONFIG\), give a "
                                                          r"dataset \(DATASET\), the ITERATIONS, and an ARCHITECTURE"):
             run_algorithm("geochange:trainmodel", {k: v for k, v in dialog.items() if k != left_out})
     results = run_algorithm("geochange:trainmodel", dialog)
-    assert results["BEST_ITERATION"] == 2 and Path(results["WORK_FOLDER"]) == tmp_path / "runs" / "mine"
+    assert results["BEST_ITERATION"] in (1, 2) and Path(results["WORK_FOLDER"]) == tmp_path / "runs" / "mine"
     package = load_package(tmp_path / "mine.safetensors")
     manifest = package.manifest
-    assert manifest["architecture"] == "tinycd" and manifest["tile"] == 64
+    assert manifest["architecture"] == "tinycd" and manifest["tile"] == 72
     config = manifest["training"]["config"]
     assert (config["name"], config["schedule"]["iterations"], config["schedule"]["warmup"], config["data"]["batch"],
-            config["augment"]["crop"]["size"]) == ("mine", 2, 0, 2, 64)
+            config["augment"]["crop"]["size"]) == ("mine", 2, 0, 2, 72)
+    # Validated, and checkpointed, every tenth of the run (at least every iteration): a cancel keeps one.
+    assert (config["train"]["val_interval"], config["train"]["checkpoint_interval"]) == (1, 1)
     assert config["data"]["datasets"] == [{"root": str(small_dataset), "split": {"val": 0.5, "seed": 0}}]
     assert (manifest["training"]["data"]["train"], manifest["training"]["data"]["val"]) == (1, 1)
+
+
+def test_the_dialog_s_relative_paths_intervals_and_flags(geochange_provider, small_dataset, tmp_path, monkeypatch):
+    """Relative paths are the working folder's, though the trainer runs in another (the package's); a package
+    into a folder not made yet; a run validated and checkpointed often enough that a cancel keeps a checkpoint;
+    the trainer's --resume named as the dialog's RESUME."""
+    from qgis.core import QgsProcessingContext
+
+    from geochange.trainer.worker import run_train
+
+    monkeypatch.chdir(small_dataset.parent)
+    algorithm = geochange_provider.algorithm("trainmodel")
+    overrides = algorithm.dialog_overrides({"DATASET": small_dataset.name, "VAL_SHARE": 0.5, "ARCHITECTURE": "tinycd",
+                                            "ITERATIONS": 50, "OUTPUT": "mine.safetensors"}, QgsProcessingContext())
+    assert "train.val_interval=5" in overrides and "schedule.warmup=5" in overrides
+    assert f'data.datasets=[{{"root": "{small_dataset}", "split": {{"val": 0.5, "seed": 0}}}}]' in overrides
+    assert algorithm.parameter_flags()["--resume"] == "RESUME"
+    overrides = [o for o in overrides if not o.startswith("schedule.")]
+    monkeypatch.chdir(tmp_path)
+    result = run_train({"overrides": [*overrides, "schedule.iterations=1", "schedule.warmup=0", "data.workers=0",
+                                      "augment.crop.size=72", "data.batch=2"],
+                        "package": "new/mine.safetensors", "work_dir": "work"}, lambda line: None)
+    assert result["package"] == str(tmp_path / "new" / "mine.safetensors") and Path(result["package"]).is_file()
+    assert result["work_dir"] == str(tmp_path / "work") and (tmp_path / "work" / "last.pt").is_file()
 
 
 def test_fine_tune_a_zoo_model_from_the_dialog(geochange_provider, shared_data, tmp_path):
@@ -351,7 +377,7 @@ def test_fine_tune_a_zoo_model_from_the_dialog(geochange_provider, shared_data, 
         for name in sorted(p.name for p in (tiles / "A").iterdir())[:3]:
             (root / folder / name).symlink_to(tiles / folder / name)
     results = run_algorithm("geochange:trainmodel", {
-        "DATASET": str(root), "VAL_SHARE": 0.34, "ZOO_MODEL": "tinycd_flood", "ITERATIONS": 1, "CROP_SIZE": 64,
+        "DATASET": str(root), "VAL_SHARE": 0.34, "ZOO_MODEL": "tinycd_flood", "ITERATIONS": 1, "CROP_SIZE": 72,
         "BATCH_SIZE": 2, "OVERRIDES": "data.workers=0", "OUTPUT": str(tmp_path / "floods.safetensors")})
     assert results["BEST_ITERATION"] == 1
     manifest = load_package(tmp_path / "floods.safetensors").manifest

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from geochange.trainer.config import ConfigError, derive, load, validate
 from geochange.trainer.mtkd import DEFAULT_LAMBDA
-from geochange.trainer.optim import lr_factor, param_groups
+from geochange.trainer.optim import lr_factor, param_groups, unmatched_multipliers
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "trainer" / "configs"
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
@@ -169,3 +169,38 @@ def test_learning_rate_schedule():
     cosine = {**poly, "warmup": 0, "decay": "cosine", "iterations": 100}
     assert lr_factor(0, cosine) == 1.0 and lr_factor(50, cosine) == pytest.approx(0.5)
     assert lr_factor(100, cosine) == pytest.approx(0.0)
+
+
+def test_values_that_would_fail_in_training_or_detection_are_named_before():
+    """Each was accepted and then trained backwards (clip_grad), crashed at the first step or in the model's
+    constructor, or made a package that detect refuses with its default overlap (a 64 px tile)."""
+    with pytest.raises(ConfigError) as e:
+        validate({**MINIMAL, "data": {"datasets": [{"root": "d"}]}, "seed": -1, "augment": {"crop": {"size": 64}},
+                  "optim": {"clip_grad": -1.0, "betas": [0.9, 1.5]}})
+    text = str(e.value)
+    assert "seed: must be >= 0 (got -1)" in text
+    assert "optim.clip_grad: must be positive (got -1.0)" in text
+    assert "optim.betas: must be [beta1, beta2], each in [0, 1) (got [0.9, 1.5])" in text
+    assert "augment.crop.size: must be at least 65: it becomes the package's tile, which detect's default " \
+           "overlap (64 px) must stay under (got 64)" in text
+    assert validate({**MINIMAL, "data": {"datasets": [{"root": "d"}]}, "optim": {"clip_grad": None}})
+    pair = {"pre": "a.tif", "post": "b.tif", "label": "c.tif", "split": {"val": 0.1}}
+    with pytest.raises(ConfigError) as e:
+        validate({**MINIMAL, "data": {"datasets": [{**pair, "bands": {"pre": [1], "after": [1]}},
+                                                   {**pair, "bands": {"pre": [0, 1, 2]}}]}})
+    text = str(e.value)
+    assert "data.datasets.0.bands: must map pre and/or post to lists of band numbers" in text
+    assert "data.datasets.1.bands.pre: must be a non-empty list of band numbers from 1, got [0, 1, 2]" in text
+    with pytest.raises(ConfigError) as e:
+        validate({**MINIMAL, "data": {"datasets": [{"root": "d"}]}, "augment": {"crop": {"size": 100}},
+                  "model": {"architecture": "tinycd", "kwargs": {"depth": 3}}})
+    text = str(e.value)
+    assert "model.kwargs: tinycd: got an unexpected keyword argument 'depth' (its arguments: in_chans)" in text
+    assert "augment.crop.size: tinycd trains on sides divisible by 8 (got 100)" in text
+    assert validate({**MINIMAL, "data": {"datasets": [{"root": "d"}]}, "model": {"architecture": "changer_mit_b0"},
+                     "augment": {"crop": {"size": 100}}})
+
+
+def test_multipliers_that_match_no_parameter_are_said():
+    assert unmatched_multipliers(_Toy(), {"lr_mult": {"head": 10.0, "haed": 10.0}, "decay_mult": {"norm": 0.0}}) \
+        == ["optim.lr_mult.haed: in no parameter name of the model, so it changes nothing"]

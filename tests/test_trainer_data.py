@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from geochange.trainer.augment import Augment
-from geochange.trainer.config import SCHEMA, validate
+from geochange.trainer.config import SCHEMA, deep_merge, validate
 from geochange.trainer.data import (IGNORE, DataError, RasterSource, StreamSampler, TrainStream, build_splits,
                                     dataset_spec_errors, train_loader, worker_error)
 from geochange.engine.errors import RasterError
@@ -20,9 +20,10 @@ OPTICAL = {"pre": optical_input(3), "post": optical_input(3)}
 
 
 def augment_config(**sections) -> dict:
-    raw = {"name": "a", "model": {"architecture": "tinycd"}, "data": {"datasets": [{"root": "x"}]},
-           "augment": sections}
-    return validate(raw)["augment"]
+    """The default augment section with ``sections`` merged over it, crops of any size among them (a config
+    refuses crops too small to be a package's tile; the augmentations take any)."""
+    raw = {"name": "a", "model": {"architecture": "tinycd"}, "data": {"datasets": [{"root": "x"}]}}
+    return deep_merge(validate(raw)["augment"], sections)
 
 
 def ids(items):
@@ -417,3 +418,43 @@ def test_grid_chips_of_one_split_share_no_pixel_with_another_s(shared_data):
     with pytest.raises(DataError, match="train chips shares pixels with a chip held out for val or test \\(chip 256, "
                                         "stride 16\\)"):
         build_splits([{**spec, "stride": 16, "split": {"val": 0.3, "test": 0.3, "seed": 0}}])
+
+
+def test_band_numbers_past_a_raster_s_bands_and_lists_beside_split_folders_are_refused(tmp_path):
+    pair = {date: _write_raster(tmp_path / f"{date}.tif", np.ones((3, 64, 64), np.uint8)) for date in ("pre", "post")}
+    label = _write_raster(tmp_path / "label.tif", np.ones((1, 64, 64), np.uint8))
+    with pytest.raises(DataError, match=r"^pre: bands.post names band 4, but .*post.tif has 3$"):
+        build_splits([{**pair, "label": label, "chip": 64, "split": {"val": 0.0}, "bands": {"post": [1, 4]}}])
+    # The split folders are the splits; lists naming others were ignored without a word.
+    (tmp_path / "train").mkdir()
+    with pytest.raises(DataError, match="has train/ val/ test/ subfolders, which are its splits; lists are for"):
+        build_splits([{"root": str(tmp_path), "lists": {"train": "train.txt"}}])
+
+
+class _DecodedBytes(torch.utils.data.Dataset):
+    """The bytes a process keeps decoded once it has read item ``i``."""
+
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        self.items[i].load()
+        return self.items[i].source._decoded_bytes
+
+
+def test_loader_workers_share_the_decoded_tiles_budget(tmp_path, monkeypatch):
+    """Each worker keeps its own copy of a source's decoded tiles: two workers get half the budget each."""
+    from geochange.trainer import data
+
+    for folder, bands in (("A", 3), ("B", 3), ("label", 1)):
+        (tmp_path / folder).mkdir()
+        for name in ("t1.tif", "t2.tif"):
+            _write_raster(tmp_path / folder / name, np.ones((bands, 64, 64), np.uint8))
+    pair = 7 * 64 * 64
+    monkeypatch.setattr(data, "DECODED_BYTES", pair * 3 // 2)
+    for workers, kept in ((0, [pair, pair]), (2, [0, 0])):
+        items = build_splits([{"root": str(tmp_path), "split": {"val": 0.0}}])["train"]
+        assert list(torch.utils.data.DataLoader(_DecodedBytes(items), batch_size=None, num_workers=workers)) == kept

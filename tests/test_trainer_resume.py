@@ -3,12 +3,16 @@ unbroken run (CPU, determinism on): model, optimiser, RNG states, schedule and d
 from __future__ import annotations
 
 import csv
+import pickle
+import re
 
 import pytest
 import torch
 import yaml
 
+from geochange.engine.package import load_package, save_package
 from geochange.trainer.cli import main as trainer_cli
+from geochange.trainer.config import ConfigError
 from geochange.trainer.loop import Trainer
 from trainer_setup import small_config
 
@@ -51,3 +55,60 @@ def test_resume_is_bitwise(shared_data, tmp_path, deterministic):
     assert resumed["best"] == reference["best"]
     leftovers = [p.name for p in (tmp_path / "broken").iterdir() if ".partial" in p.name]
     assert not leftovers
+
+
+def test_a_checkpoint_the_run_cannot_continue_from_is_one_line(shared_data, tmp_path):
+    """Another architecture, optimiser or parameter grouping, a file that is no trainer checkpoint: each was a
+    torch error (hundreds of keys, an unpickler's advice, KeyError 'model' or 'momentum') or a silent mix."""
+    levir = shared_data / "levir_cd"
+    cfg = small_config(tmp_path / "run", levir, schedule={"iterations": 3, "warmup": 1}, train={"val_interval": 3})
+    first = Trainer(cfg)
+    assert first.fit(until=2) is None
+    checkpoint = first.checkpoint_path
+    old = tmp_path / "old.pt"  # written before checkpoints recorded what they fit
+    torch.save({k: v for k, v in torch.load(checkpoint, weights_only=True).items() if k != "fit"}, old)
+    pickled = tmp_path / "pickled.pt"
+    pickled.write_bytes(pickle.dumps(tmp_path, protocol=2))
+    package = save_package(first.module, first.manifest({}), tmp_path / "model.safetensors")
+
+    def refused(path, architecture="tinycd", **sections):
+        with pytest.raises(ConfigError) as e:
+            Trainer(small_config(tmp_path / "other", levir, architecture, **sections)).fit(resume=path)
+        assert not (tmp_path / "other").exists()
+        return str(e.value)
+
+    prefix = f"--resume: {checkpoint} does not fit this config: "
+    assert refused(checkpoint, "changer_mit_b0") == prefix + "it is of tinycd {}, this config's model.architecture " \
+                                                            "and model.kwargs are changer_mit_b0 {}"
+    assert refused(checkpoint, optim={"name": "sgd"}) == prefix + "its optimiser is adamw, optim.name is sgd"
+    assert refused(checkpoint, optim={"lr_mult": {"classifier": 10}}).startswith(
+        prefix + "its optimiser's parameter groups hold [")
+    assert refused(checkpoint, schedule={"iterations": 1, "warmup": 0}) == \
+        prefix + "it is at iteration 2, past schedule.iterations (1)"
+    assert re.fullmatch(rf"--resume: {old} does not fit this config: its tensors differ from this config's "
+                        r"changer_mit_b0: \d+ tensors missing \(e\.g\. .+\); \d+ tensors not in the model \(.+\)",
+                        refused(old, "changer_mit_b0"))
+    for path in (pickled, package):
+        assert refused(path).startswith(f"--resume: {path} is not a trainer checkpoint (")
+    # A checkpoint from before fits were recorded resumes where it fits.
+    resumed = Trainer(cfg)
+    resumed.load_checkpoint(old)
+    assert resumed.iteration == 2
+
+
+def test_extending_a_run_without_validation_packages_its_last_weights(shared_data, tmp_path):
+    """No validation picks the best: the package is the model as the run ends, the extended run's too."""
+    unvalidated = {"data": {"datasets": [{"root": str(shared_data / "levir_cd"), "split": {"val": 0.0}}]}}
+    Trainer(small_config(tmp_path, shared_data / "levir_cd", **unvalidated)).fit()
+    assert load_package(tmp_path / "best.safetensors").manifest["training"]["iteration"] == 2
+    Trainer(small_config(tmp_path, shared_data / "levir_cd", schedule={"iterations": 3}, **unvalidated)).fit(
+        resume=True)
+    assert load_package(tmp_path / "best.safetensors").manifest["training"]["iteration"] == 3
+
+
+@pytest.mark.parametrize("until", [0, -1])
+def test_until_below_the_first_iteration_is_refused(until, shared_data, tmp_path):
+    """--until 0 trained to the end; -1 trained nothing and said to continue with --resume."""
+    with pytest.raises(ConfigError, match=f"^--until: the iteration to stop after must be at least 1, not {until}$"):
+        Trainer(small_config(tmp_path, shared_data / "levir_cd")).fit(until=until)
+    assert not list(tmp_path.iterdir())

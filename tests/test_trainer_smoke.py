@@ -5,16 +5,20 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from geochange.engine.cli import main as geochange
+from geochange.engine.errors import GeoChangeError
 from geochange.engine.hardware import cpu_bf16, cpu_name
 from geochange.engine.package import load_package
 from geochange.engine.predictor import Predictor
 from geochange.trainer.loop import Trainer
+from test_write_failures import _tmpfs, fill, one_line_error
 from trainer_setup import small_config
 
 FAMILIES = {  # architecture: (dataset, expected loss terms, extra config)
@@ -68,7 +72,7 @@ def test_geochange_train_command(shared_data, tmp_path, capsys):
         "name": "tiny", "model": {"architecture": "tinycd"},
         "data": {"datasets": [{"root": str(shared_data / "dsifn"), "split": {"val": 0.1, "test": 0.1}}],
                  "batch": 2, "workers": 1},
-        "augment": {"crop": {"size": 64}}, "schedule": {"iterations": 50, "warmup": 1},
+        "augment": {"crop": {"size": 72}}, "schedule": {"iterations": 50, "warmup": 1},
         "train": {"val_interval": 100}, "test": {"tta": True, "scales": [0.5, 1.0]}}))
     assert geochange(["train", str(config), "--set", "schedule.iterations=2", "--set",
                       f"work_dir={tmp_path / 'out'}"]) == 0
@@ -77,7 +81,7 @@ def test_geochange_train_command(shared_data, tmp_path, capsys):
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["test"]["tta"] == {"scales": [0.5, 1.0], "flip": True}
     assert len(results["test"]["files"]) == 1 and results["test"]["files"][0].startswith("dsifn/")  # by name
-    assert load_package(tmp_path / "out" / "best.safetensors").tile == 64  # the crop it was trained on
+    assert load_package(tmp_path / "out" / "best.safetensors").tile == 72  # the crop it was trained on
     saved = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
     assert saved["schedule"]["iterations"] == 2 and saved["data"]["workers"] == 1
     assert geochange(["train", str(config), "--set", "optim.nope=1"]) == 2
@@ -100,3 +104,34 @@ def test_bad_backbone_weights_are_one_line(content, shared_data, tmp_path, capsy
     assert err.startswith("geochange: error: model.backbone_weights: ") and err.count("\n") == 1
     assert ("no such file" if content is None else "is not a checkpoint of tensors") in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_diverging_run_stops_before_its_weights_are_nan(shared_data, tmp_path):
+    """Its steps went on with NaN weights, which the checkpoints kept and, without validation, the package."""
+    cfg = small_config(tmp_path, shared_data / "levir_cd", optim={"name": "sgd", "lr": 1e6},
+                       schedule={"iterations": 6}, train={"val_interval": 5, "checkpoint_interval": 1})
+    with pytest.raises(GeoChangeError, match=r"^iteration \d: the loss or its gradients are not finite \(seg .+, "
+                                             r"gradient norm .+\): training diverged; lower optim.lr or set "
+                                             r"optim.clip_grad$"):
+        Trainer(cfg).fit()
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert all(torch.isfinite(value).all() for value in state["model"].values())
+    assert not (tmp_path / "best.safetensors").exists()
+
+
+@pytest.mark.parametrize("place", ["full", "read-only"])
+def test_a_full_or_read_only_work_folder_is_one_line(place, shared_data, tmp_path, capsys):
+    """The checkpoint on a full disk (torch's writer raises RuntimeError, not OSError), and a work folder on a
+    read-only disk, were tracebacks."""
+    with _tmpfs(tmp_path / "disk", "size=8m" if place == "full" else "size=1m,ro") as disk:
+        if place == "full":  # room for the config and the log, not for the checkpoint (3 MB)
+            filler = fill(disk)
+            os.truncate(filler, filler.stat().st_size - 2**20)
+        config = tmp_path / "run.yaml"
+        config.write_text(yaml.safe_dump(small_config(disk / "run", shared_data / "levir_cd")))
+        line = one_line_error(capsys, "train", config, "--until", "1")
+        if place == "full":
+            assert line == f"geochange: error: {disk / 'run' / 'last.pt'}: no space left on the device"
+            assert sorted(p.name for p in (disk / "run").iterdir()) == ["config.yaml", "train_log.csv"]
+        else:
+            assert line == f"geochange: error: {disk / 'run'}: cannot be written: Read-only file system"

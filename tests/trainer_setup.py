@@ -5,13 +5,14 @@ from geochange.trainer.config import deep_merge, validate
 
 
 def small_config(work_dir, data_root, architecture: str = "tinycd", **sections) -> dict:
-    """2 iterations, batch 2, 64 px crops, no TTA; ``sections`` are merged over it."""
+    """2 iterations, batch 2, 72 px crops (the smallest a package's tile may be that TinyCD trains on), no TTA;
+    ``sections`` are merged over it."""
     raw = {
         "name": "test", "work_dir": str(work_dir),
         "model": {"architecture": architecture},
         "data": {"datasets": [{"root": str(data_root), "split": {"val": 0.1, "test": 0.1, "seed": 0}}],
                  "batch": 2, "workers": 0},
-        "augment": {"crop": {"size": 64}},
+        "augment": {"crop": {"size": 72}},
         "schedule": {"iterations": 2, "warmup": 1},
         "train": {"val_interval": 2, "log_interval": 1, "tensorboard": False},
         "test": {"tta": False},

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import copy
 import difflib
+import inspect
 import os
 from pathlib import Path
 
 import yaml
 
 from geochange.engine.errors import GeoChangeError
-from geochange.engine.options import MIN_TILE
+from geochange.engine.options import spec as detect_option
 
 
 class ConfigError(GeoChangeError, ValueError):
@@ -40,12 +41,26 @@ def _non_negative(v):
     return None if v >= 0 else "must be >= 0"
 
 
-def _tile(v):
-    return None if v >= MIN_TILE else f"must be at least {MIN_TILE} (the window a model sees, recorded in its package)"
+# The crop is recorded as the package's tile, which detect's default overlap must stay under.
+MIN_CROP = detect_option("overlap").default + 1
+# Architectures whose training forward needs sides divisible by more than 1 (detect pads its windows itself):
+# TinyCD adds its 1/8 features to upsampled 1/16 ones.
+CROP_MULTIPLE = {"tinycd": 8}
+
+
+def _crop(v):
+    return None if v >= MIN_CROP else (f"must be at least {MIN_CROP}: it becomes the package's tile, which detect's "
+                                       f"default overlap ({MIN_CROP - 1} px) must stay under")
 
 
 def _probability(v):
     return None if 0 <= v <= 1 else "must be between 0 and 1"
+
+
+def _betas(v):
+    ok = isinstance(v, list) and len(v) == 2 and all(isinstance(x, NUM) and not isinstance(x, bool) and 0 <= x < 1
+                                                     for x in v)
+    return None if ok else "must be [beta1, beta2], each in [0, 1)"
 
 
 def _one_of(*choices):
@@ -90,7 +105,7 @@ def _ohem(v):
 NUM = (int, float)
 SCHEMA: dict = {
     "name": (str, REQUIRED),
-    "seed": (int, 0),
+    "seed": (int, 0, _non_negative),
     "work_dir": ((str, type(None)), None),  # default: runs/<name>
     "device": (str, "auto"),
     "deterministic": (bool, False),
@@ -127,7 +142,7 @@ SCHEMA: dict = {
         # any: albumentations' Flip (TinyCD): with this probability a vertical, horizontal or double flip.
         "flip": {"horizontal": (NUM, 0.5, _probability), "vertical": (NUM, 0.5, _probability),
                  "any": (NUM, 0.0, _probability)},
-        "crop": {"size": (int, 256, _tile), "cat_max_ratio": (NUM, 0.75, _probability)},
+        "crop": {"size": (int, 256, _crop), "cat_max_ratio": (NUM, 0.75, _probability)},
         "exchange": (NUM, 0.0, _probability),
         "photometric": {
             "prob": (NUM, 0.5, _probability),
@@ -151,12 +166,12 @@ SCHEMA: dict = {
         "name": (str, "adamw", _one_of("adamw", "sgd")),
         "lr": (NUM, 1e-4, _positive),
         "weight_decay": (NUM, 0.01, _non_negative),
-        "betas": (list, [0.9, 0.999]),
+        "betas": (list, [0.9, 0.999], _betas),
         "momentum": (NUM, 0.9, _non_negative),
         # Open-CD paramwise_cfg: the longest key contained in a parameter's name decides its multipliers.
         "lr_mult": (dict, {}),
         "decay_mult": (dict, {}),
-        "clip_grad": ((int, float, type(None)), None),
+        "clip_grad": ((int, float, type(None)), None, _positive),  # null: no clipping
     },
     "schedule": {
         "iterations": (int, 200000, _positive),
@@ -249,7 +264,6 @@ def _apply_schema(schema: dict, given: dict, path: str, errors: list) -> dict:
 
 def validate(raw: dict) -> dict:
     """The full config (defaults filled in) of ``raw``; raises :class:`ConfigError` listing every problem."""
-    from geochange.engine import models
     from geochange.trainer.data import dataset_spec_errors
 
     errors: list[str] = []
@@ -259,11 +273,7 @@ def validate(raw: dict) -> dict:
     if mtkd is not None:
         cfg["mtkd"] = _apply_schema(MTKD_SCHEMA, mtkd, "mtkd.", errors)
     if not errors:
-        arch = cfg["model"]["architecture"]
-        try:
-            models.spec(arch)
-        except KeyError as e:
-            errors.append(f"model.architecture: {e.args[0]}")
+        errors += _model_errors(cfg["model"], cfg["augment"]["crop"]["size"])
         for i, spec in enumerate(cfg["data"]["datasets"]):
             errors += [f"data.datasets.{i}.{problem}" for problem in dataset_spec_errors(spec)]
         if not cfg["data"]["datasets"]:
@@ -272,11 +282,9 @@ def validate(raw: dict) -> dict:
             errors.append("augment.exchange: dates cannot be exchanged in an optical-SAR pair")
         if cfg["schedule"]["warmup"] >= cfg["schedule"]["iterations"]:
             errors.append("schedule.warmup: must be shorter than schedule.iterations")
-        if len(cfg["optim"]["betas"]) != 2:
-            errors.append("optim.betas: must be [beta1, beta2]")
         for key in ("lr_mult", "decay_mult"):
-            if not all(isinstance(v, (int, float)) for v in cfg["optim"][key].values()):
-                errors.append(f"optim.{key}: values must be numbers")
+            if not all(isinstance(k, str) and isinstance(v, (int, float)) for k, v in cfg["optim"][key].items()):
+                errors.append(f"optim.{key}: must map parts of parameter names to numbers")
     if not errors and mtkd is not None:
         for step in ("teachers", "distill"):  # each MTKD step's config must be valid too
             try:
@@ -290,6 +298,27 @@ def validate(raw: dict) -> dict:
     if cfg["train"]["checkpoint_interval"] is None:
         cfg["train"]["checkpoint_interval"] = cfg["train"]["val_interval"]
     return cfg
+
+
+def _model_errors(model: dict, crop: int) -> list[str]:
+    """The architecture is registered, takes ``model.kwargs`` and can train on ``crop``."""
+    from geochange.engine import models
+
+    arch = model["architecture"]
+    try:
+        factory = models.spec(arch).factory
+    except KeyError as e:
+        return [f"model.architecture: {e.args[0]}"]
+    errors = []
+    try:
+        inspect.signature(factory).bind(**model["kwargs"])
+    except TypeError as e:
+        takes = ", ".join(inspect.signature(factory).parameters) or "none"
+        errors.append(f"model.kwargs: {arch}: {e} (its arguments: {takes})")
+    multiple = CROP_MULTIPLE.get(arch, 1)
+    if crop % multiple:
+        errors.append(f"augment.crop.size: {arch} trains on sides divisible by {multiple} (got {crop})")
+    return errors
 
 
 def parse_override(text: str) -> tuple[list[str], object]:

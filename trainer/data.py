@@ -68,6 +68,16 @@ def _split_spec_errors(split) -> list[str]:
     return [f"split: either ratios {{val, test, seed}} or names {{train, val, test}}, got keys {sorted(split)}"]
 
 
+def _bands_spec_errors(bands) -> list[str]:
+    """``bands: {pre: [...], post: [...]}``: 1-based band numbers (their count is checked against the rasters')."""
+    if not isinstance(bands, dict) or not set(bands) <= {"pre", "post"}:
+        return ["bands: must map pre and/or post to lists of band numbers"]
+    return [f"bands.{date}: must be a non-empty list of band numbers from 1, got {numbers!r}"
+            for date, numbers in bands.items()
+            if not (isinstance(numbers, list) and numbers
+                    and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in numbers))]
+
+
 def dataset_spec_errors(spec) -> list[str]:
     """Problems of one ``data.datasets`` entry (structure only; files are checked when it is built)."""
     if not isinstance(spec, dict):
@@ -89,6 +99,8 @@ def dataset_spec_errors(spec) -> list[str]:
             errors.append("sampler: must be grid or random")
         if "split" not in spec:
             errors.append("split: a raster dataset needs a split (ratios or chip names)")
+        if "bands" in spec:
+            errors += _bands_spec_errors(spec["bands"])
     else:
         return ["a dataset needs root (folder dataset) or pre, post and label (raster pair)"]
     if "split" in spec:
@@ -110,8 +122,15 @@ def binary_label(raw: np.ndarray, where, ignore_value=None) -> np.ndarray:
 # --- Sources -------------------------------------------------------------------------------------
 
 # Decoded pairs a folder source keeps in memory: a run reads each tile once an epoch, and decoding PNGs
-# again would take the CPU from the model. Past this, pairs are decoded on each read.
+# again would take the CPU from the model. Past this, pairs are decoded on each read. Each loader worker keeps
+# its own copy of the source: they share this budget.
 DECODED_BYTES = 2 * 2**30
+
+
+def _decoded_budget() -> int:
+    """This process's share of ``DECODED_BYTES``: all of it outside a loader's workers."""
+    worker = torch.utils.data.get_worker_info()
+    return DECODED_BYTES // worker.num_workers if worker else DECODED_BYTES
 
 
 class FolderSource:
@@ -126,8 +145,8 @@ class FolderSource:
 
     def load(self, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The ``(bands, H, W)`` pre and post images and the 0/1/IGNORE label ``(H, W)``, NaN pixels zeroed and
-        ignored (``without_invalid``); decoded once and kept while they fit in ``DECODED_BYTES`` (each read gets its
-        own copy to change)."""
+        ignored (``without_invalid``); decoded once and kept while they fit in this process's share of
+        ``DECODED_BYTES`` (each read gets its own copy to change)."""
         pair = self._decoded.get(key)
         if pair is None:
             a, b, label = self.paths[key]
@@ -135,7 +154,7 @@ class FolderSource:
             check_one_size(*images, self.paths[key])
             pair = (*images[:2], binary_label(images[2], label, self.ignore_value))
             size = sum(array.nbytes for array in pair)
-            if self._decoded_bytes + size <= DECODED_BYTES:
+            if self._decoded_bytes + size <= _decoded_budget():
                 self._decoded[key], self._decoded_bytes = pair, self._decoded_bytes + size
         pre, post, label = (array.copy() for array in pair) if key in self._decoded else pair
         return without_invalid(pre, post, label, np.isfinite(pre).all(0) & np.isfinite(post).all(0))
@@ -157,6 +176,10 @@ class RasterSource:
             self.transform, self.crs = a.transform, a.crs
             self.bands = {"pre": bands.get("pre") or list(range(1, a.count + 1)),
                           "post": bands.get("post") or list(range(1, b.count + 1))}
+            for date, raster in (("pre", a), ("post", b)):
+                if max(self.bands[date]) > raster.count:
+                    raise DataError(f"{name}: bands.{date} names band {max(self.bands[date])}, but {raster.name} has "
+                                    f"{raster.count}")
             self.masked = {"pre": has_mask(a), "post": has_mask(b)}  # else no chip reads its masks
         self.polygons = None if _is_raster(label) else _read_polygons(label, self.crs)
         if self.polygons is None:
@@ -286,6 +309,9 @@ def _folder_splits(spec: dict) -> dict[str, list[Item]]:
     name = spec.get("name", root.name)
     ignore = spec.get("ignore_value")
     if (root / "train").is_dir():
+        if "lists" in spec:  # the split folders are the splits: lists would be ignored
+            raise DataError(f"{root}: has train/ val/ test/ subfolders, which are its splits; lists are for a "
+                            "dataset of one A/ B/ label/ folder")
         out = {}
         for s in SPLITS:
             if (root / s).is_dir():

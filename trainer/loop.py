@@ -3,9 +3,10 @@
 A run writes into ``work_dir``: ``config.yaml`` (the resolved config), ``train_log.csv`` (loss terms and
 learning rate every ``log_interval`` iterations), ``val_log.csv`` (validation metrics), ``last.pt`` (the
 checkpoint ``--resume`` continues from: model, optimiser, AMP scaler, every process's RNG states,
-iteration and best score; written atomically), ``best.safetensors`` (the best-mIoU weights as a model
-package whose manifest records the config, the data, the method and the metrics) and, when the run is
-complete, ``results.json`` (best validation and test metrics; test with TTA as configured).
+iteration, best score, and the architecture and optimiser it fits; written atomically), ``best.safetensors``
+(the best-mIoU weights as a model package whose manifest records the config, the data, the method and the
+metrics) and, when the run is complete, ``results.json`` (best validation and test metrics; test with TTA as
+configured).
 
 Launched by ``torchrun`` (``WORLD_SIZE`` > 1) the run is data-parallel (DDP; NCCL on CUDA, gloo on CPU):
 each process takes its slice of every global batch of the stream (see :mod:`geochange.trainer.data`), so
@@ -20,6 +21,7 @@ import csv
 import datetime
 import math
 import os
+import pickle
 import shlex
 import subprocess
 import sys
@@ -35,18 +37,19 @@ from tqdm import tqdm
 
 from geochange.engine import models
 from geochange.engine.atomic import atomic_path
-from geochange.engine.errors import CheckpointError, GeoChangeError
+from geochange.engine.errors import CheckpointError, GeoChangeError, output_error
 from geochange.engine.hardware import cpu_bf16, cpu_name
 from geochange.engine.manifest import make_manifest
 from geochange.engine.metrics import metrics_json
 from geochange.engine.package import load_package, save_package
 from geochange.engine.predictor import resolve_device
+from geochange.engine.progress import raise_if_stopped
 from geochange.trainer.augment import Augment
 from geochange.trainer.config import ConfigError
 from geochange.trainer.data import SPLITS, TrainStream, build_splits, train_loader, worker_error
 from geochange.trainer.evaluation import evaluate_items, predictor_for, test_predictions, test_predictor, whole_image
 from geochange.trainer.losses import distillation_logits, distillation_loss, simulate_sar_speckle, training_losses
-from geochange.trainer.optim import build_optimizer, set_learning_rate
+from geochange.trainer.optim import build_optimizer, set_learning_rate, unmatched_multipliers
 
 
 # --- Processes -----------------------------------------------------------------------------------
@@ -188,6 +191,36 @@ class MetricLog:
             self.writer.close()
 
 
+# --- Checkpoints ---------------------------------------------------------------------------------
+
+CHECKPOINT_KEYS = {"iteration", "model", "optimizer", "scaler", "rng", "cuda_rng", "best"}
+
+
+def checkpoint_mismatch(state: dict, fit: dict, model_state: dict, optimizer: torch.optim.Optimizer) -> str | None:
+    """How the checkpoint ``state`` differs from the run it would continue (``fit``: its ``checkpoint_fit``), or
+    None. Checkpoints written before ``fit`` was recorded are checked by their tensors and parameter groups."""
+    saved = state.get("fit")
+    if saved and (saved["architecture"], saved["kwargs"]) != (fit["architecture"], fit["kwargs"]):
+        return (f"it is of {saved['architecture']} {saved['kwargs']}, this config's model.architecture and "
+                f"model.kwargs are {fit['architecture']} {fit['kwargs']}")
+    if saved and saved["optimizer"] != fit["optimizer"]:
+        return f"its optimiser is {saved['optimizer']}, optim.name is {fit['optimizer']}"
+    theirs = state["model"]
+    differ = {"missing": [k for k in model_state if k not in theirs],
+              "not in the model": [k for k in theirs if k not in model_state],
+              "of another shape": [k for k in model_state if k in theirs
+                                   and getattr(theirs[k], "shape", None) != model_state[k].shape]}
+    if any(differ.values()):
+        return f"its tensors differ from this config's {fit['architecture']}: " + "; ".join(
+            f"{len(keys)} tensors {how} (e.g. {keys[0]})" for how, keys in differ.items() if keys)
+    groups = [len(group["params"]) for group in state["optimizer"]["param_groups"]]
+    own = [len(group["params"]) for group in optimizer.param_groups]
+    if groups != own:
+        return (f"its optimiser's parameter groups hold {groups} parameters, those of this config's optim.lr_mult "
+                f"and optim.decay_mult {own}")
+    return None
+
+
 # --- Trainer -------------------------------------------------------------------------------------
 
 class Trainer:
@@ -219,6 +252,9 @@ class Trainer:
                 self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=True)
         self.optimizer = build_optimizer(self.module, cfg["optim"])
+        if self.main:
+            for note in unmatched_multipliers(self.module, cfg["optim"]):
+                print(f"{cfg['name']}: {note}", file=sys.stderr)
         self.amp_dtype = self._amp_dtype(cfg["train"]["amp"])
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.teacher, self.distill_weight = teacher, distill_weight
@@ -310,9 +346,26 @@ class Trainer:
         if self.cfg["optim"]["clip_grad"]:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg["optim"]["clip_grad"])
+        self.check_finite(loss, terms)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}}
+
+    def check_finite(self, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
+        """Stop before the step where the loss or its gradients are not finite: the weights would be NaN from then
+        on, and the checkpoints and the package would keep them. A finite loss can have gradients that are not
+        (overflowing activations); under fp16 the scaler skips such steps itself, as it should. The gradients
+        are those of every process (DDP has summed them): all processes stop together."""
+        values = {name: value.detach() for name, value in terms.items()}
+        finite = torch.isfinite(loss.detach())
+        if not self.scaler.is_enabled():
+            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+            values["gradient norm"] = torch.nn.utils.get_total_norm(grads)
+            finite &= torch.isfinite(values["gradient norm"])
+        if not finite:
+            said = ", ".join(f"{name} {value.item():.4g}" for name, value in values.items())
+            raise GeoChangeError(f"iteration {self.iteration + 1}: the loss or its gradients are not finite "
+                                 f"({said}): training diverged; lower optim.lr or set optim.clip_grad")
 
     # -- validation, checkpoints --
 
@@ -342,19 +395,51 @@ class Trainer:
             state = {"iteration": self.iteration, "model": self.module.state_dict(),
                      "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                      "rng": [s[0] for s in states], "cuda_rng": [s[1] for s in states],
-                     "best": {k: self.best[k] for k in ("mIoU", "iteration")}}
+                     "best": {k: self.best[k] for k in ("mIoU", "iteration")}, "fit": self.checkpoint_fit}
             with atomic_path(self.checkpoint_path) as tmp:
-                torch.save(state, tmp)
+                try:
+                    torch.save(state, tmp)
+                except RuntimeError as error:  # torch's writer reports a failed write (a full disk) so, not as OSError
+                    raise output_error(self.checkpoint_path, str(error).strip().splitlines()[-1]) from None
         if self.world > 1:
             dist.barrier()
 
-    def load_checkpoint(self, path: Path) -> None:
+    @property
+    def checkpoint_fit(self) -> dict:
+        """What a checkpoint records of the run that wrote it, for a resume to check that it fits."""
+        return {"architecture": self.cfg["model"]["architecture"], "kwargs": self.cfg["model"]["kwargs"],
+                "optimizer": self.cfg["optim"]["name"]}
+
+    def read_checkpoint(self, path: Path) -> dict:
+        """``path``'s state, or one line naming ``--resume``, the file and why this run cannot continue from it."""
         if not path.is_file():
             raise ConfigError(f"--resume: no checkpoint at {path}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises several types for files it cannot read or will not unpickle
+            raise_if_stopped()
+            # An unpickler's message advises weights_only=False, which could run the file.
+            why = ("not a torch.save file, or one holding Python objects besides tensors, which are never unpickled"
+                   if isinstance(error, pickle.UnpicklingError) else
+                   f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}")
+            raise ConfigError(f"--resume: {path} is not a trainer checkpoint ({why})") from None
+        missing = CHECKPOINT_KEYS - set(state) if isinstance(state, dict) else CHECKPOINT_KEYS
+        if missing:
+            raise ConfigError(f"--resume: {path} is not a trainer checkpoint (it has no {', '.join(sorted(missing))})")
+        problem = checkpoint_mismatch(state, self.checkpoint_fit, self.module.state_dict(), self.optimizer)
+        total = self.cfg["schedule"]["iterations"]
+        if problem is None and state["iteration"] > total:
+            problem = f"it is at iteration {state['iteration']}, past schedule.iterations ({total})"
+        if problem:
+            raise ConfigError(f"--resume: {path} does not fit this config: {problem}")
+        return state
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = self.read_checkpoint(path)
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty where the checkpoint's run did not scale (no fp16): this one starts afresh
+            self.scaler.load_state_dict(state["scaler"])
         self.iteration = state["iteration"]
         self.best.update(state["best"])
         if len(state["rng"]) == self.world:
@@ -368,21 +453,26 @@ class Trainer:
         """Train until ``schedule.iterations`` (or stop after iteration ``until``, with a checkpoint).
         Returns the results of a complete run, None when stopped early."""
         cfg, total = self.cfg, self.cfg["schedule"]["iterations"]
+        if until is not None and until < 1:
+            raise ConfigError(f"--until: the iteration to stop after must be at least 1, not {until}")
         if resume:
             self.load_checkpoint(self.checkpoint_path if resume is True else Path(resume))
         if self.main:
             p = self.precision
             print(f"{cfg['name']}: {p['autocast']} on {p['device']}" + (f" ({p['why']})" if "why" in p else ""),
                   file=sys.stderr)
-            self.work_dir.mkdir(parents=True, exist_ok=True)
-            if not resume:  # a fresh run leaves nothing of an earlier one behind
-                for stale in (self.checkpoint_path, self.package_path, self.work_dir / "results.json"):
-                    stale.unlink(missing_ok=True)
+            try:
+                self.work_dir.mkdir(parents=True, exist_ok=True)
+                if not resume:  # a fresh run leaves nothing of an earlier one behind
+                    for stale in (self.checkpoint_path, self.package_path, self.work_dir / "results.json"):
+                        stale.unlink(missing_ok=True)
+            except OSError as error:
+                raise output_error(self.work_dir, error.strerror or str(error)) from None
             with atomic_path(self.work_dir / "config.yaml") as tmp:
                 tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
         log = MetricLog(self.work_dir, self.main, self.iteration if resume else None,
                         cfg["train"]["tensorboard"])
-        stop = min(until or total, total)
+        stop = total if until is None else min(until, total)
         batches = iter(train_loader(self.stream, self.iteration, cfg["data"]["batch"], cfg["data"]["workers"],
                                     self.rank, self.world))
         bar = tqdm(total=total, initial=self.iteration, desc=cfg["name"], disable=None if self.main else True)
@@ -414,10 +504,11 @@ class Trainer:
         return self.finish() if self.iteration == total else None
 
     def finish(self) -> dict:
-        """Export (when nothing was validated), test the best weights, write ``results.json``."""
+        """Export (the model as it ends where no validation picks the best), test the best weights, write
+        ``results.json``."""
         results = None
         if self.main:
-            if self.best["val"] is None and not self.package_path.exists():
+            if not self.splits["val"] or not self.package_path.exists():
                 save_package(self.module, self.manifest({}), self.package_path)
             package = load_package(self.package_path, self.device)
             results = {"best_iteration": self.best["iteration"],

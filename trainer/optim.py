@@ -30,6 +30,14 @@ def param_groups(model: torch.nn.Module, lr: float, weight_decay: float, lr_mult
             for (lm, dm), params in groups.items()]
 
 
+def unmatched_multipliers(model: torch.nn.Module, cfg: dict) -> list[str]:
+    """What ``optim.lr_mult`` and ``decay_mult`` set that no parameter's name holds (a misspelt key leaves every
+    parameter at 1). Not an error: the authors' MiT configs, which ours follow, name ``pos_block``, not in MiT."""
+    names = [name for name, _ in model.named_parameters()]
+    return [f"optim.{setting}.{key}: in no parameter name of the model, so it changes nothing"
+            for setting in ("lr_mult", "decay_mult") for key in cfg[setting] if not any(key in n for n in names)]
+
+
 def build_optimizer(model: torch.nn.Module, cfg: dict) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg["lr"], cfg["weight_decay"], cfg["lr_mult"], cfg["decay_mult"])
     if cfg["name"] == "adamw":

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import sys
 import threading
@@ -69,25 +70,32 @@ class TrainingFollower:
 def run_train(args: dict, emit) -> dict:
     """Train a config (with ``--set`` style overrides; without one, the overrides over the defaults) and copy
     the best package to ``package``."""
+    from geochange.engine.errors import output_error
     from geochange.engine.process import configure_process
     from geochange.trainer.config import load
     from geochange.trainer.loop import Trainer
 
+    # The paths given here are the caller's, relative to its working folder: made whole before it changes.
+    package = Path(os.path.abspath(args["package"]))
     overrides = list(args.get("overrides", []))
     if args.get("work_dir"):
-        overrides.append(f"work_dir={json.dumps(str(args['work_dir']))}")
+        overrides.append(f"work_dir={json.dumps(os.path.abspath(args['work_dir']))}")
     config = Path(args["config"]).resolve() if args.get("config") else None
-    # Relative paths (datasets, weights, work_dir) are taken from the config's folder, else the package's.
-    configure_process(folder=(config or Path(args["package"]).resolve()).parent)
+    try:
+        package.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise output_error(package.parent, error.strerror or str(error)) from None
+    # Relative paths in the config (datasets, weights, work_dir) are taken from its folder, else the package's.
+    configure_process(folder=(config or package).parent)
     cfg = load(config, overrides)
     trainer = Trainer(cfg)
     emit(log_line(f"training {cfg['name']} ({cfg['model']['architecture']}) for {cfg['schedule']['iterations']} "
                   f"iterations on {trainer.device}; work folder {trainer.work_dir.resolve()}"))
     with TrainingFollower(trainer, emit):
         results = trainer.fit(resume=bool(args.get("resume")))
-    with atomic_path(args["package"]) as tmp:
+    with atomic_path(package) as tmp:
         shutil.copyfile(trainer.package_path, tmp)
-    return {"package": str(args["package"]), "work_dir": str(trainer.work_dir.resolve()),
+    return {"package": str(package), "work_dir": str(trainer.work_dir.resolve()),
             "best_iteration": results["best_iteration"],
             "val": results["val"] and results["val"]["global"], "test": results["test"] and results["test"]["global"]}
 
