@@ -345,6 +345,7 @@ def test_the_dialog_s_relative_paths_intervals_and_flags(geochange_provider, sma
     the trainer's --resume named as the dialog's RESUME."""
     from qgis.core import QgsProcessingContext
 
+    from geochange.trainer.config import ConfigError
     from geochange.trainer.worker import run_train
 
     monkeypatch.chdir(small_dataset.parent)
@@ -361,6 +362,10 @@ def test_the_dialog_s_relative_paths_intervals_and_flags(geochange_provider, sma
                         "package": "new/mine.safetensors", "work_dir": "work"}, lambda line: None)
     assert result["package"] == str(tmp_path / "new" / "mine.safetensors") and Path(result["package"]).is_file()
     assert result["work_dir"] == str(tmp_path / "work") and (tmp_path / "work" / "last.pt").is_file()
+    with pytest.raises(ConfigError, match="augment.crop.size"):  # refused before the package's folder is made
+        run_train({"overrides": [*overrides, "augment.crop.size=64"], "package": "refused/mine.safetensors"},
+                  lambda line: None)
+    assert not (tmp_path / "refused").exists()
 
 
 def test_fine_tune_a_zoo_model_from_the_dialog(geochange_provider, shared_data, tmp_path):

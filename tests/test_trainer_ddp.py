@@ -41,3 +41,41 @@ def test_two_processes_match_one(shared_data, tmp_path):
     assert two == pytest.approx(one, abs=1e-4)
     assert one[0] != one[-1]  # the weights did move
     assert (tmp_path / "two" / "best.safetensors").is_file()
+
+
+def _check_one_batch(rank: int, fp16: bool, port: int, out) -> None:
+    """One DDP step's check on two gloo processes, rank 1's batch overflowing; what each decided, in ``out``."""
+    import datetime
+    import types
+
+    import torch
+    import torch.distributed as dist
+
+    from geochange.trainer.loop import Trainer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=30))
+    net = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 1))
+    batch = torch.ones(2, 4)
+    if rank == 1:
+        batch[0, 0] = float("inf")
+    loss = net(batch).sum()
+    scaler = torch.amp.GradScaler("cpu", enabled=fp16)  # fp16: only the loss is checked, each process's own
+    scaler.scale(loss).backward()
+    trainer = types.SimpleNamespace(scaler=scaler, module=net.module, iteration=0, world=2)
+    try:
+        Trainer.check_finite(trainer, loss, {"seg": loss})
+        decided = "went on"
+    except Exception as error:  # noqa: BLE001 (what it raised is the finding)
+        decided = type(error).__name__
+    (out / f"{rank}").write_text(decided)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_a_batch_not_finite_on_one_process_stops_every_process(fp16, tmp_path):
+    """Under fp16 each process checked its own loss: one stopped while the other waited in the next collective."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_check_one_batch, args=(fp16, 29600 + fp16, tmp_path), nprocs=2, join=True)
+    assert [(tmp_path / f"{rank}").read_text() for rank in (0, 1)] == ["GeoChangeError", "GeoChangeError"]

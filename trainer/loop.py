@@ -194,6 +194,8 @@ class MetricLog:
 # --- Checkpoints ---------------------------------------------------------------------------------
 
 CHECKPOINT_KEYS = {"iteration", "model", "optimizer", "scaler", "rng", "cuda_rng", "best"}
+# The optimiser's settings its saved state holds, per parameter group, and puts back when loaded.
+OPTIMISER_STATE = ("lr", "weight_decay", "betas", "momentum", "lr_mult", "decay_mult")
 
 
 def checkpoint_mismatch(state: dict, fit: dict, model_state: dict, optimizer: torch.optim.Optimizer) -> str | None:
@@ -205,6 +207,11 @@ def checkpoint_mismatch(state: dict, fit: dict, model_state: dict, optimizer: to
                 f"model.kwargs are {fit['architecture']} {fit['kwargs']}")
     if saved and saved["optimizer"] != fit["optimizer"]:
         return f"its optimiser is {saved['optimizer']}, optim.name is {fit['optimizer']}"
+    changed = [key for key in OPTIMISER_STATE if saved and key in saved.get("optim", {})
+               and saved["optim"][key] != fit["optim"][key]]
+    if changed:
+        return ", ".join(f"its optim.{key} is {saved['optim'][key]}, this config's {fit['optim'][key]}"
+                         for key in changed)
     theirs = state["model"]
     differ = {"missing": [k for k in model_state if k not in theirs],
               "not in the model": [k for k in theirs if k not in model_state],
@@ -354,14 +361,18 @@ class Trainer:
     def check_finite(self, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
         """Stop before the step where the loss or its gradients are not finite: the weights would be NaN from then
         on, and the checkpoints and the package would keep them. A finite loss can have gradients that are not
-        (overflowing activations); under fp16 the scaler skips such steps itself, as it should. The gradients
-        are those of every process (DDP has summed them): all processes stop together."""
+        (overflowing activations); under fp16 the scaler skips such steps itself, as it should. Under DDP the
+        processes decide together (each loss is its own process's), so that none waits for one that stopped."""
         values = {name: value.detach() for name, value in terms.items()}
         finite = torch.isfinite(loss.detach())
         if not self.scaler.is_enabled():
             grads = [p.grad for p in self.module.parameters() if p.grad is not None]
             values["gradient norm"] = torch.nn.utils.get_total_norm(grads)
             finite &= torch.isfinite(values["gradient norm"])
+        if self.world > 1:
+            every = finite.to(torch.int32)
+            dist.all_reduce(every, op=dist.ReduceOp.MIN)
+            finite = every.bool()
         if not finite:
             said = ", ".join(f"{name} {value.item():.4g}" for name, value in values.items())
             raise GeoChangeError(f"iteration {self.iteration + 1}: the loss or its gradients are not finite "
@@ -406,9 +417,11 @@ class Trainer:
 
     @property
     def checkpoint_fit(self) -> dict:
-        """What a checkpoint records of the run that wrote it, for a resume to check that it fits."""
+        """What a checkpoint records of the run that wrote it, for a resume to check that it fits: the model, and
+        the optimiser with the settings its state holds (loading the state would put its own back silently)."""
+        optim = self.cfg["optim"]
         return {"architecture": self.cfg["model"]["architecture"], "kwargs": self.cfg["model"]["kwargs"],
-                "optimizer": self.cfg["optim"]["name"]}
+                "optimizer": optim["name"], "optim": {key: optim[key] for key in OPTIMISER_STATE}}
 
     def read_checkpoint(self, path: Path) -> dict:
         """``path``'s state, or one line naming ``--resume``, the file and why this run cannot continue from it."""

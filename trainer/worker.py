@@ -81,13 +81,13 @@ def run_train(args: dict, emit) -> dict:
     if args.get("work_dir"):
         overrides.append(f"work_dir={json.dumps(os.path.abspath(args['work_dir']))}")
     config = Path(args["config"]).resolve() if args.get("config") else None
+    cfg = load(config, overrides)  # a config refused leaves no folder made for the package
     try:
         package.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise output_error(package.parent, error.strerror or str(error)) from None
     # Relative paths in the config (datasets, weights, work_dir) are taken from its folder, else the package's.
     configure_process(folder=(config or package).parent)
-    cfg = load(config, overrides)
     trainer = Trainer(cfg)
     emit(log_line(f"training {cfg['name']} ({cfg['model']['architecture']}) for {cfg['schedule']['iterations']} "
                   f"iterations on {trainer.device}; work folder {trainer.work_dir.resolve()}"))
