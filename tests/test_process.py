@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import yaml
 from osgeo import gdal
 
 from geochange.engine import process
@@ -18,6 +19,7 @@ from geochange.engine.worker import run_detect, run_evaluate
 from geochange.trainer import cli as trainer_cli
 from geochange.trainer.worker import run_train
 from test_detect import outputs, write_raster
+from trainer_setup import small_config
 
 
 @pytest.fixture
@@ -57,9 +59,12 @@ def test_the_command_line_and_the_workers_tune_their_process(tmp_path, pair, ran
                     "overlap": 16, "device": "cpu", "threads": 1, **outputs(tmp_path / "worker")}, lambda line: None)
         run_evaluate({"model": str(random_package), "data": str(data), "device": "cpu"}, lambda line: None)
         assert trainer_cli.main(["train", str(tmp_path / "none.yaml")]) == 2  # tuned, then the config refused
-        with pytest.raises(Exception, match="none.yaml: no such config file"):
-            run_train({"config": str(tmp_path / "none.yaml"), "package": str(tmp_path / "p.safetensors")},
-                      lambda line: None)
+        # The worker tunes once the config is read (a refused one leaves no package folder made), here one whose
+        # dataset is missing, found when the trainer is built.
+        config = tmp_path / "nowhere.yaml"
+        config.write_text(yaml.safe_dump(small_config(tmp_path / "run", tmp_path / "nowhere")))
+        with pytest.raises(Exception, match="nowhere"):
+            run_train({"config": str(config), "package": str(tmp_path / "p.safetensors")}, lambda line: None)
     finally:
         gdal.SetCacheMax(cache)
     assert calls == [{"threads": 1}, {}, {"threads": 1}, {}, {}, {"folder": tmp_path.resolve()}]

@@ -191,10 +191,11 @@ def test_modules_in_qgis_s_working_folder_never_run_in_the_engine(geochange_prov
 
 
 def test_engine_errors_name_the_algorithm_s_parameters(geochange_provider, levir_crop, tinycd_package, tmp_path):
-    """The engine refuses a scale of 0 (QGIS's parameter allows it) as --pre-scale; QGIS shows PRE_SCALE."""
+    """The engine refuses an overlap not under the model's tile (256 px, which QGIS's check cannot know) as
+    --overlap; QGIS shows OVERLAP."""
     with pytest.raises(QgsProcessingException) as raised:
         run_algorithm("geochange:detectchanges", {
             "PRE": str(levir_crop["pre"]), "POST": str(levir_crop["post"]), "MODEL": str(tinycd_package),
-            "DEVICE": "cpu", "PRE_SCALE": 0.0, "OUTPUT_PROBABILITY": str(tmp_path / "p.tif"),
+            "DEVICE": "cpu", "OVERLAP": 300, "OUTPUT_PROBABILITY": str(tmp_path / "p.tif"),
             "OUTPUT_MASK": str(tmp_path / "m.tif"), "OUTPUT_POLYGONS": str(tmp_path / "c.gpkg")})
-    assert str(raised.value) == "PRE_SCALE must be a number above 0, not 0.0"
+    assert str(raised.value) == "OVERLAP must be in [0, tile) = [0, 256), not 300"
