@@ -334,6 +334,7 @@ def _on_this_machine(jobs: list[dict], record, options: DetectOptions, workers: 
 
 
 def _cpu_count() -> int:
+    """A worker's machine's cores as Dask counts them (affinity, a container's quota): run there by the client."""
     from dask.system import CPU_COUNT
 
     return CPU_COUNT

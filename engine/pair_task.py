@@ -3,9 +3,8 @@
 The task runs ``detect`` into the pair's folder (the same atomic outputs), then writes the pair's record
 (``done.json``) last: a re-run skips a pair whose record matches the model, its inputs as they are now and the
 options, and whose outputs are on disk (``complete``; those changed since, such as polygons edited in QGIS, are
-kept). A worker process keeps the model it loaded for its next
-pairs (and OpenVINO's last compiled model, ``exported.compiled_model``). The pair's own error (a bad file, no
-overlap) is its summary row's, not the task's.
+kept). A worker process keeps the model it loaded for its next pairs (and OpenVINO's last compiled model,
+``exported.compiled_model``). The pair's own error (a bad file, no overlap) is its summary row's, not the task's.
 """
 from __future__ import annotations
 
