@@ -26,20 +26,28 @@ from geochange.engine.progress import raise_if_stopped
 Rule = tuple[str, str | Callable[[re.Match, torch.Tensor], list[tuple[str, torch.Tensor]]]]
 
 
+def load_tensors(path: Path):
+    """``torch.load`` of a file of tensors, never unpickling Python objects; else ``CheckpointError`` saying why
+    (the caller names the file and what it expected)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's message suggests weights_only=False, which could run the file
+        raise CheckpointError("not a torch.save file, or one holding Python objects besides tensors, which are "
+                              "never unpickled") from None
+    except Exception as e:  # torch raises several types for truncated or non-tensor files
+        raise_if_stopped()
+        raise CheckpointError(f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}") from None
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A foreign ``state_dict``, bare or under ``state_dict`` / ``model`` (mmengine, training scripts)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # torch's message suggests weights_only=False, which could run the file
-        raise CheckpointError(f"{path} is not a checkpoint of tensors: not a torch.save file, or one holding "
-                              "Python objects besides tensors, which are never unpickled") from None
-    except Exception as e:  # torch raises several types for truncated or non-tensor files
-        raise_if_stopped()
-        first_line = (str(e).strip().splitlines() or [""])[0]
-        raise CheckpointError(f"{path} is not a checkpoint of tensors ({type(e).__name__}: {first_line})") from None
+        obj = load_tensors(path)
+    except CheckpointError as why:
+        raise CheckpointError(f"{path} is not a checkpoint of tensors ({why})") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]

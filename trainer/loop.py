@@ -21,7 +21,6 @@ import csv
 import datetime
 import math
 import os
-import pickle
 import shlex
 import subprocess
 import sys
@@ -37,13 +36,13 @@ from tqdm import tqdm
 
 from geochange.engine import models
 from geochange.engine.atomic import atomic_path
+from geochange.engine.checkpoints import load_tensors
 from geochange.engine.errors import CheckpointError, GeoChangeError, output_error
 from geochange.engine.hardware import cpu_bf16, cpu_name
 from geochange.engine.manifest import make_manifest
 from geochange.engine.metrics import metrics_json
 from geochange.engine.package import load_package, save_package
 from geochange.engine.predictor import resolve_device
-from geochange.engine.progress import raise_if_stopped
 from geochange.trainer.augment import Augment
 from geochange.trainer.config import ConfigError
 from geochange.trainer.data import SPLITS, TrainStream, build_splits, train_loader, worker_error
@@ -428,13 +427,8 @@ class Trainer:
         if not path.is_file():
             raise ConfigError(f"--resume: no checkpoint at {path}")
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # torch raises several types for files it cannot read or will not unpickle
-            raise_if_stopped()
-            # An unpickler's message advises weights_only=False, which could run the file.
-            why = ("not a torch.save file, or one holding Python objects besides tensors, which are never unpickled"
-                   if isinstance(error, pickle.UnpicklingError) else
-                   f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}")
+            state = load_tensors(path)
+        except CheckpointError as why:
             raise ConfigError(f"--resume: {path} is not a trainer checkpoint ({why})") from None
         missing = CHECKPOINT_KEYS - set(state) if isinstance(state, dict) else CHECKPOINT_KEYS
         if missing:
