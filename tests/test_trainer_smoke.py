@@ -13,11 +13,11 @@ import torch
 import yaml
 
 from geochange.engine.cli import main as geochange
-from geochange.engine.errors import GeoChangeError
+from geochange.engine.errors import GeoChangeError, OutputError
 from geochange.engine.hardware import cpu_bf16, cpu_name
 from geochange.engine.package import load_package
 from geochange.engine.predictor import Predictor
-from geochange.trainer.loop import Trainer
+from geochange.trainer.loop import MetricLog, Trainer
 from test_write_failures import _tmpfs, fill, one_line_error
 from trainer_setup import small_config
 
@@ -117,6 +117,37 @@ def test_a_diverging_run_stops_before_its_weights_are_nan(shared_data, tmp_path)
     state = torch.load(tmp_path / "last.pt", weights_only=True)
     assert all(torch.isfinite(value).all() for value in state["model"].values())
     assert not (tmp_path / "best.safetensors").exists()
+
+
+def test_a_log_on_a_full_disk_is_one_error_and_a_resume_on_it_keeps_the_log(tmp_path):
+    """Appending a row was a raw OSError; a resume's cut of the rows past its checkpoint rewrote the log in place,
+    so a full disk emptied it."""
+    with _tmpfs(tmp_path / "disk", "size=1m") as disk:
+        log = disk / "train_log.csv"
+        fill(disk)
+        with pytest.raises(OutputError, match=f"^{log}: no space left on the device$"):
+            MetricLog(disk, True, None, False).train(1, {"loss": 0.5, "lr": 0.1})
+        (disk / "filler").unlink()
+        rows = MetricLog(disk, True, None, False)
+        for iteration in range(1, 5):
+            rows.train(iteration, {"loss": 0.5, "lr": 0.1})
+        before = log.read_text()
+        fill(disk)
+        with pytest.raises(OutputError, match=f"^{log}: no space left on the device$"):
+            MetricLog(disk, True, 2, False)
+        assert log.read_text() == before and before.count("\n") == 5
+
+
+def test_a_resume_drops_a_log_row_cut_short(tmp_path):
+    """A run killed (or a disk filled) mid-row left a row the resume's cut could not read."""
+    log = MetricLog(tmp_path, True, None, False)
+    for iteration in (1, 2, 3):
+        log.train(iteration, {"loss": 0.5, "lr": 0.1})
+    with open(tmp_path / "train_log.csv", "a") as f:
+        f.write("4,0.5\n\n")
+    MetricLog(tmp_path, True, 3, False)
+    assert (tmp_path / "train_log.csv").read_text().splitlines() == [
+        "iteration,loss,lr", "1,0.5,0.1", "2,0.5,0.1", "3,0.5,0.1"]
 
 
 @pytest.mark.parametrize("place", ["full", "read-only"])

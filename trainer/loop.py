@@ -148,8 +148,9 @@ class MetricLog:
             elif path.exists():  # rows past the checkpoint are redone by the resumed run
                 with open(path, newline="") as f:
                     rows = list(csv.reader(f))
-                keep = rows[:1] + [r for r in rows[1:] if int(r[0]) <= resume_iteration]
-                with open(path, "w", newline="") as f:
+                # a row cut short (a killed run, a full disk) is dropped; the resumed run writes it again
+                keep = rows[:1] + [r for r in rows[1:] if len(r) == len(rows[0]) and int(r[0]) <= resume_iteration]
+                with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:  # a full disk keeps the old log
                     csv.writer(f).writerows(keep)
         if tensorboard:
             try:
@@ -162,11 +163,14 @@ class MetricLog:
     def _append(self, which: str, row: dict) -> None:
         path = self.paths[which]
         new = not path.exists() or path.stat().st_size == 0
-        with open(path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(row))
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+        try:
+            with open(path, "a", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(row))
+                if new:
+                    writer.writeheader()
+                writer.writerow(row)
+        except OSError as error:
+            raise output_error(path, error.strerror or str(error)) from None
 
     def train(self, iteration: int, values: dict) -> None:
         if self.enabled:
