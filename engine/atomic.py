@@ -69,7 +69,7 @@ class AtomicOutputs:
         return temporary
 
     def _make_folder(self, folder: Path) -> None:
-        missing = [p for p in (folder, *folder.parents) if not os.path.lexists(p)]
+        missing = missing_folders([folder])
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError):
@@ -91,9 +91,7 @@ class AtomicOutputs:
             self.discard()
             self._locks.close()
             if not committed:
-                for folder in sorted(self._made, key=lambda folder: len(folder.parts), reverse=True):
-                    with contextlib.suppress(OSError):  # not empty: something else is in it
-                        folder.rmdir()
+                remove_empty_folders(self._made)
 
     def commit(self) -> None:
         """Rename every temporary (and its side files) to its final name, removing the side files of an earlier
@@ -202,6 +200,18 @@ def temporaries(final: Path) -> list[Path]:
     """The temporaries of ``final`` in its folder (``.NAME.xxxxxxxx.partial.EXT``) and their side files
     (``.partial.stage.tif``, ``.partial.gpkg-journal`` ...)."""
     return list(final.parent.glob(_temporary_name(glob.escape(final.stem), "?" * _TOKEN_DIGITS, "*")))
+
+
+def missing_folders(folders) -> list[Path]:
+    """Those of ``folders`` and their parents that are not there: what writing in them would make."""
+    return sorted({p for folder in map(Path, folders) for p in (folder, *folder.parents) if not os.path.lexists(p)})
+
+
+def remove_empty_folders(folders) -> None:
+    """Remove those of ``folders`` (made for a run's outputs) that are empty, the deepest first."""
+    for folder in sorted(folders, key=lambda folder: len(folder.parts), reverse=True):
+        with contextlib.suppress(OSError):  # not empty: something else is in it
+            folder.rmdir()
 
 
 def remove_left_temporaries(outputs) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 from qgis.core import QgsProcessingException, QgsSettings
 
 from geochange.engine import contracts
-from geochange.engine.atomic import remove_left_temporaries
+from geochange.engine.atomic import missing_folders, remove_empty_folders, remove_left_temporaries
 
 PLUGIN_ROOT = Path(__file__).resolve().parent.parent
 # QgsSettings key of the interpreter setting (Settings > Options > Processing > Providers > GeoChange).
@@ -239,11 +239,13 @@ def run_task(task: str, args: dict, feedback, outputs=(), options=None,
     """Run ``task`` with ``args`` in the engine process; its result dict, or QgsProcessingException.
 
     ``outputs`` are the files the task writes: if the process dies without cleaning up, their
-    temporaries are removed here. ``options`` maps the command-line options that engine messages
-    name to the algorithm's parameters (see ``parameter_names``). ``interpreter``: ``(python, where it comes
-    from)`` instead of ``worker_python``'s choice.
+    temporaries, and the folders made for them and left empty, are removed here. ``options`` maps the
+    command-line options that engine messages name to the algorithm's parameters (see ``parameter_names``).
+    ``interpreter``: ``(python, where it comes from)`` instead of ``worker_python``'s choice.
     """
     python, origin = interpreter or worker_python()
+    outputs = [Path(output) for output in outputs]
+    made = missing_folders(output.parent for output in outputs)  # before the engine makes them
     if not python.exists():
         raise QgsProcessingException(f"The Python interpreter for the GeoChange engine, {python} (chosen by "
                                      f"{origin}), does not exist.")
@@ -255,10 +257,10 @@ def run_task(task: str, args: dict, feedback, outputs=(), options=None,
     except OSError as e:
         raise QgsProcessingException(f"Cannot start the GeoChange engine with {python} ({origin}): {e}") from e
     with process:  # closes the pipes however this ends
-        return _follow(process, task, args, feedback, outputs, python, origin, options or {})
+        return _follow(process, task, args, feedback, outputs, made, python, origin, options or {})
 
 
-def _follow(process, task, args, feedback, outputs, python, origin, options) -> dict:
+def _follow(process, task, args, feedback, outputs, made, python, origin, options) -> dict:
     feedback.pushDebugInfo(f"GeoChange engine process {process.pid}: {python} ({origin}), task {task}")
     lines: queue.Queue = queue.Queue()
     for stream, tag in ((process.stdout, "out"), (process.stderr, "err")):
@@ -306,6 +308,7 @@ def _follow(process, task, args, feedback, outputs, python, origin, options) -> 
         return result
     if returncode < 0 or error is None:
         remove_left_temporaries(outputs)
+        remove_empty_folders(made)
     if cancelled_at is not None:
         how = "stopped cleanly" if error is not None and error.cancelled else "was ended"
         written = ("the pairs finished before the cancel are complete in their folders, and a re-run does the "

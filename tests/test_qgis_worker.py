@@ -72,8 +72,8 @@ def test_a_crash_of_the_worker_is_reported_and_qgis_survives(geochange_provider,
                                                              crop_detection, tmp_path):
     parameters = {"PRE": str(levir_crop["pre"]), "POST": str(levir_crop["post"]), "MODEL": str(tinycd_package),
                   "DEVICE": "cpu", "TILE_SIZE": 64, "OVERLAP": 16, "BATCH_SIZE": 1,
-                  "OUTPUT_PROBABILITY": str(tmp_path / "p.tif"), "OUTPUT_MASK": str(tmp_path / "m.tif"),
-                  "OUTPUT_POLYGONS": str(tmp_path / "c.gpkg")}
+                  "OUTPUT_PROBABILITY": str(tmp_path / "p.tif"), "OUTPUT_MASK": str(tmp_path / "new" / "m.tif"),
+                  "OUTPUT_POLYGONS": str(tmp_path / "new" / "folder" / "c.gpkg")}
     feedback = KillWorkerAtFirstProgress(signal.SIGSEGV)
     with pytest.raises(QgsProcessingException) as raised:
         run_algorithm("geochange:detectchanges", parameters, feedback)
@@ -81,7 +81,7 @@ def test_a_crash_of_the_worker_is_reported_and_qgis_survives(geochange_provider,
     assert feedback.pid == 0  # the signal was sent
     assert "killed by SIGSEGV (segmentation fault)" in message and "QGIS is unaffected" in message, message
     assert "Segmentation fault" in message  # the engine's own last words (faulthandler) are quoted
-    assert list(tmp_path.iterdir()) == []  # its temporaries were removed for it
+    assert list(tmp_path.iterdir()) == []  # its temporaries, and the folders made for them, were removed for it
     assert "nothing was written under the output names" in message
     # This process (QGIS) goes on: the next run works.
     again = run_algorithm("geochange:vectorizechanges", {
