@@ -21,7 +21,7 @@ from rasterio.features import geometry_mask
 from rasterio.windows import Window
 
 from geochange.engine.errors import RasterError
-from geochange.engine.grid import Grid, lon_wrap_proj4
+from geochange.engine.grid import Grid, crs_name, is_local, lon_wrap_proj4
 
 
 def split_layer(source: str) -> tuple[str, str | None]:
@@ -91,17 +91,21 @@ def area_of_interest(source: str, grid: Grid, role: str = "the area of interest"
     if grid.crs is None:
         raise RasterError(f"{source}: {role} needs georeferenced rasters; these have no CRS")
     geometry, crs = read_polygons(source, role)
-    if grid.past_antimeridian:
-        geometry = _on_grid_past_antimeridian(geometry, crs, grid)
-        if geometry.is_empty:
-            raise RasterError(f"{source}: {role} does not overlap the rasters")
-        return AreaOfInterest(geometry, str(source))
     grid_crs = CRS.from_user_input(grid.crs)
-    if crs is not None and grid_crs != crs:
-        geometry = _near_grid(geometry, crs, grid)
-        if geometry.is_empty:
-            raise RasterError(f"{source}: {role} does not overlap the rasters")
-        geometry = _transformed(geometry, crs, grid_crs)
+    try:
+        if grid.past_antimeridian:
+            geometry = _on_grid_past_antimeridian(geometry, crs, grid)
+        elif crs is not None and grid_crs != crs:
+            geometry = _near_grid(geometry, crs, grid)
+            if not geometry.is_empty:
+                geometry = _transformed(geometry, crs, grid_crs)
+    except ProjError:
+        why = ("a local CRS is tied to no place on Earth" if is_local(crs) or is_local(grid_crs) else
+               "PROJ knows no way between them")
+        raise RasterError(f"{source}: {role} is in {crs_name(crs)}, which cannot be transformed to the rasters' CRS, "
+                          f"{crs_name(grid_crs)} ({why}); give it in the rasters' CRS") from None
+    if geometry.is_empty:
+        raise RasterError(f"{source}: {role} does not overlap the rasters")
     return AreaOfInterest(geometry, str(source))
 
 

@@ -118,7 +118,7 @@ def _extent(src) -> tuple[float, float, float, float]:
     return min(xs), min(ys), max(xs), max(ys)
 
 
-def _crs_name(crs: CRS) -> str:
+def crs_name(crs: CRS) -> str:
     """A CRS as a user knows it: its EPSG code, or its name (not a page of WKT)."""
     code = crs.to_epsg()
     return f"EPSG:{code}" if code else f'"{pyproj.CRS.from_wkt(crs.to_wkt()).name}"'
@@ -198,10 +198,10 @@ def common_grid(pre, post, *, on: str = "pre", crs: str | None = None,
                           transform_bounds(src.crs, target, *_extent(src), densify_pts=21) for src in (pre, post)]
     except (CPLE_BaseError, RasterioError) as error:  # e.g. a local (engineering) CRS, tied to no place on Earth
         moved = [src for src in (pre, post) if src.crs != target]
-        names = " and ".join(f"{Path(src.name).name} (CRS {_crs_name(src.crs)})" for src in moved or (pre, post))
+        names = " and ".join(f"{Path(src.name).name} (CRS {crs_name(src.crs)})" for src in moved or (pre, post))
         local = any(is_local(crs) for crs in (pre.crs, post.crs, target))
         why = "a local CRS is tied to no place on Earth" if local else str(error).splitlines()[0]
-        raise RasterError(f"{names}: GDAL cannot transform to {_crs_name(target)}, the grid's CRS ({why}); reproject "
+        raise RasterError(f"{names}: GDAL cannot transform to {crs_name(target)}, the grid's CRS ({why}); reproject "
                           "the rasters to one CRS, or give both the same CRS if they share one frame") from None
     if target.is_geographic:
         footprints = _one_longitude_range(footprints, 0 if on == "pre" else 1)
@@ -210,11 +210,15 @@ def common_grid(pre, post, *, on: str = "pre", crs: str | None = None,
     if resolution and right - left > 0 and top - bottom > 0 and (right - left < res_x or top - bottom < res_y):
         raise OptionError(f"resolution {resolution:g} is coarser than the overlap of the two rasters "
                           f"({right - left:.6g} x {top - bottom:.6g} in {target})")
-    if right - left < res_x or top - bottom < res_y:
-        raise RasterError(
-            "the two rasters do not overlap.\n"
+
+    def no_overlap(how: str = "") -> RasterError:
+        return RasterError(
+            f"the two rasters do not overlap{how}.\n"
             f"  pre  {Path(pre.name).name}: {tuple(round(v, 6) for v in _extent(pre))} in {pre.crs}\n"
             f"  post {Path(post.name).name}: {tuple(round(v, 6) for v in _extent(post))} in {post.crs}")
+
+    if right - left < res_x or top - bottom < res_y:
+        raise no_overlap()
     for name, footprint in zip(("pre", "post"), footprints):
         share = _area((left, bottom, right, top)) / _area(footprint)
         if share < SMALL_OVERLAP:
@@ -226,6 +230,8 @@ def common_grid(pre, post, *, on: str = "pre", crs: str | None = None,
         col1 = math.floor((right - t.c) / t.a + 1e-6)
         row0 = math.ceil((top - t.f) / t.e - 1e-6)
         row1 = math.floor((bottom - t.f) / t.e + 1e-6)
+        if col1 <= col0 or row1 <= row0:  # a pixel's width of overlap, but across two of the reference's pixels
+            raise no_overlap(f" by one whole pixel of {Path(reference.name).name}")
         return Grid(target, t * Affine.translation(col0, row0), col1 - col0, row1 - row0)
     width, height = (right - left) // res_x, (top - bottom) // res_y
     if too_large(width, height):

@@ -20,6 +20,7 @@ from rasterio.windows import Window
 from shapely.geometry import MultiPolygon, Polygon, box, mapping
 
 from conftest import FIJI_EAST, FIJI_UTM, FIJI_WEST, write_constant, write_masked_raster, write_polygons
+from geochange.engine.aoi import area_of_interest
 from geochange.engine.assess import raster_on
 from geochange.engine.detect import detect, prepare
 from geochange.engine.errors import OptionError, OutputError, RasterError
@@ -103,6 +104,16 @@ def test_a_resolution_coarser_than_the_overlap_is_named_as_such(tmp_path):
     with rasterio.open(pre) as a, pytest.raises(OptionError, match="resolution 1000 is coarser than the "
                                                                    "overlap of the two rasters \\(128 x 128 in"):
         common_grid(a, a, resolution=1000.0)
+
+
+def test_an_overlap_a_pixel_wide_across_two_of_the_reference_s_pixels_is_no_overlap(tmp_path):
+    """The overlap (0.6 m, the post's one pixel) passed the check, then snapped to the pre's 0.5 m lattice it held
+    no whole pixel: a grid 0 px wide, and a ZeroDivisionError."""
+    pre = write_raster(tmp_path / "pre.tif", NORTH_UP)
+    post = write_raster(tmp_path / "post.tif", Affine(0.6, 0, 630000 + 127.3, 0, -1, 3340000), width=1)
+    with rasterio.open(pre) as a, rasterio.open(post) as b, pytest.raises(
+            RasterError, match="^the two rasters do not overlap by one whole pixel of pre.tif.\n  pre  pre.tif"):
+        common_grid(a, b)
 
 
 def test_a_raster_with_a_mask_band_read_off_its_lattice_is_masked_outside_it_too(tmp_path):
@@ -278,6 +289,18 @@ def test_two_dates_in_one_local_crs_are_paired_and_measured_in_its_unit(tmp_path
     result = detect(*dates, random_package, probability=out / "p.tif", mask=out / "m.tif", polygons=out / "c.gpkg",
                     threshold=0.0)  # every pixel changed: the whole 128 m square
     assert result.polygon_count == 1 and result.changed_area_m2 == pytest.approx(128 * 128)
+
+
+def test_an_area_of_interest_in_a_crs_with_no_way_to_the_grid_s_is_named_in_one_line(tmp_path):
+    """Polygons in degrees over a grid in a site's own frame were a raw PROJ traceback."""
+    site = CRS.from_wkt('LOCAL_CS["site grid",UNIT["metre",1],AXIS["Easting",EAST],AXIS["Northing",NORTH]]')
+    aoi = tmp_path / "aoi.gpkg"
+    write_polygons(aoi, [mapping(box(10, 50, 10.001, 50.001))], 4326, "aoi")
+    grid = Grid(site, NORTH_UP, 256, 256)
+    with pytest.raises(RasterError, match=re.escape(
+            f"{aoi}: the area of interest is in EPSG:4326, which cannot be transformed to the rasters' CRS, "
+            '"site grid" (a local CRS is tied to no place on Earth); give it in the rasters\' CRS')):
+        area_of_interest(str(aoi), grid)
 
 
 def test_thresholds_outside_0_1_are_refused_by_the_engine(tmp_path, random_package):
