@@ -27,6 +27,33 @@ def check_band_counts(pre, post, inputs: dict, where, hint: str, error=RasterErr
         check_band_count(len(image), inputs[date], date, where, hint, error)
 
 
+def check_dates_order(counts: tuple[int, int], inputs: dict, chosen: tuple, names: tuple[str, str]) -> None:
+    """Two dates that would fit the model the other way round (optical before and SAR after, given in reverse) are
+    named as swapped: choosing bands to fit each count, as the band-count error suggests, would run and miss every
+    change. ``chosen``: the bands given for each date (None: all)."""
+    pre, post = inputs["pre"], inputs["post"]
+    if (chosen == (None, None) and pre["modality"] != post["modality"] and counts != (pre["bands"], post["bands"])
+            and counts == (post["bands"], pre["bands"])):
+        raise RasterError(f"{names[0]} has {counts[0]} band(s) and {names[1]} {counts[1]}: the model takes "
+                          f"{pre['bands']} ({pre['modality']}) before and {post['bands']} ({post['modality']}) after; "
+                          "are the dates swapped? Give the pre-event image first")
+
+
+RGB = ("red", "green", "blue")  # what a three-band optical model takes: every optical dataset of the papers
+
+
+def band_order_warning(colours: list[str], spec: dict, date: str, bands: list[int], where) -> str | None:
+    """What to say where the bands read for a three-band optical date are labelled red, green and blue in the file
+    (GDAL's colour interpretation, ``colours`` by band), in another order: a model given blue for red finds changes
+    where there are none. Only said: a label can be wrong, and the bands are read as chosen."""
+    labels = tuple(colours[b - 1].lower() for b in bands)
+    if spec["modality"] != "optical" or len(bands) != 3 or labels == RGB or sorted(labels) != sorted(RGB):
+        return None
+    order = ",".join(str(bands[labels.index(colour)]) for colour in RGB)
+    return (f"{where}: the {date} bands read ({','.join(map(str, bands))}) are labelled {', '.join(labels)} in the "
+            f"file; the model takes red, green, blue: --{date}-bands {order} reads them in that order")
+
+
 def select_bands(count: int, spec: dict, date: str, bands: list[int] | None, where) -> list[int]:
     """The 1-based band indexes to read for a date of ``count`` bands: ``bands`` as given, else all.
 

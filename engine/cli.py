@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -49,7 +50,8 @@ def _cmd_detect_many(args) -> int:
     with contextlib.closing(TqdmProgress("pairs", unit="pair")) as progress:
         rows = detect_many(pairs_from(args.pairs, args.pre_glob, args.post_glob), args.model, args.out,
                            scheduler=args.scheduler, workers=args.workers, force=args.force,
-                           vector_format=args.vector_format, progress=progress, **parsed_options(args, DETECT))
+                           vector_format=args.vector_format, listed_in=args.pairs, progress=progress,
+                           **parsed_options(args, DETECT))
     counts = Counter(row["status"] for row in rows)
     print(f"{len(rows)} pairs: {counts[PAIR_DONE]} done, {counts[PAIR_SKIPPED]} complete already, "
           f"{counts[PAIR_FAILED]} failed")
@@ -60,14 +62,16 @@ def _cmd_detect_many(args) -> int:
 
 def _cmd_evaluate(args) -> int:
     from geochange.engine.atomic import atomic_path, check_outputs
-    from geochange.engine.evaluate import evaluate_folder
+    from geochange.engine.evaluate import dataset_pairs, evaluate_folder
     from geochange.engine.metrics import format_summary, metrics_json
     from geochange.engine.package import load_package
     from geochange.engine.process import configure_process
     from geochange.engine.progress import TqdmProgress
+    from geochange.engine.zoo import resolve_model
 
     configure_process()
-    check_outputs((args.json,), (args.model,))
+    # the model's file, not its zoo name, and the dataset's images and labels: a JSON in their place replaced them
+    check_outputs((args.json,), (resolve_model(args.model), *itertools.chain(*dataset_pairs(args.data))))
     with contextlib.closing(TqdmProgress("evaluate")) as progress:
         summary = evaluate_folder(load_package(args.model), args.data, ignore_value=args.ignore_value,
                                   progress=progress, **parsed_options(args, EVALUATE))

@@ -16,7 +16,7 @@ import torch
 
 from geochange.engine.aoi import AreaOfInterest, area_of_interest
 from geochange.engine.atomic import check_outputs, scratch_path
-from geochange.engine.bands import select_bands
+from geochange.engine.bands import band_order_warning, check_dates_order, select_bands
 from geochange.engine.contracts import POLYGON_LAYER
 from geochange.engine.errors import OptionError, RasterError
 from geochange.engine.grid import Grid, PairReader, common_grid
@@ -184,9 +184,15 @@ def prepare(pre_path, post_path, model, options: DetectOptions = DetectOptions()
                             "grid" if read_on != common else "(the grid's own)"))
         else:
             warn_scale(common, first.manifest, progress.log)
+        check_dates_order((pre.count, post.count), inputs, (o.pre_bands, o.post_bands),
+                          (Path(pre.name).name, Path(post.name).name))
         bands = (select_bands(pre.count, inputs["pre"], "pre", o.pre_bands and list(o.pre_bands), Path(pre.name).name),
                  select_bands(post.count, inputs["post"], "post", o.post_bands and list(o.post_bands),
                               Path(post.name).name))
+        for src, date, chosen in ((pre, "pre", bands[0]), (post, "post", bands[1])):
+            colours = [colour.name for colour in src.colorinterp]
+            if said := band_order_warning(colours, inputs[date], date, chosen, Path(src.name).name):
+                progress.log(said)
         readers = default_readers(predictor) if readers is None else readers
         if size_gdal_cache:
             bound_gdal_cache(blocks_in_use(max(common.width, read_on.width), tile, [(pre, bands[0]), (post, bands[1])],

@@ -12,7 +12,8 @@ from pathlib import Path
 from geochange.engine import models
 from geochange.engine.atomic import same_file
 from geochange.engine.checkpoints import map_state_dict, read_checkpoint
-from geochange.engine.errors import OptionError
+from geochange.engine.errors import OptionError, PackageError
+from geochange.engine.header import read_metadata
 from geochange.engine.manifest import make_manifest
 from geochange.engine.models.tinycd import AUTHORS_RULES as TINYCD_RULES
 from geochange.engine.package import save_package
@@ -38,6 +39,12 @@ def import_weights(fmt: str, source: str | os.PathLike, destination: str | os.Pa
         raise OptionError(f"--format: unknown format {fmt!r}; known: {', '.join(sorted(FORMATS))}")
     if same_file(source, destination):  # the checkpoint would be replaced by its package
         raise OptionError(f"{destination}: the package would replace the checkpoint it is made from; name another file")
+    try:
+        read_metadata(source)
+    except PackageError:
+        pass  # not a package: a foreign checkpoint, as it should be
+    else:
+        raise OptionError(f"{source}: already a GeoChange package; detect, evaluate and the trainer take it as it is")
     info = FORMATS[fmt]
     model = models.create(info["architecture"])
     mapped = map_state_dict(read_checkpoint(source), model.state_dict(), info["rules"], origin=str(source),

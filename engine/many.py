@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from geochange.engine.aoi import absolute_layer
-from geochange.engine.atomic import AtomicOutputs, folder_lock
+from geochange.engine.atomic import AtomicOutputs, check_outputs, folder_lock
 from geochange.engine.contracts import PAIR_DONE, PAIR_FAILED, PAIR_PENDING, PAIR_SKIPPED, SUMMARY_FILES, SUMMARY_LAYER
 from geochange.engine.errors import Cancelled, GeoChangeError, OptionError, gdal_write_errors, output_error
 from geochange.engine.options import DETECT, DetectOptions, names
@@ -375,14 +375,15 @@ def _line(row: dict) -> str:
 
 
 def detect_many(pairs: list[Pair], model, out, *, scheduler: str | None = None, workers: int | None = None,
-                force: bool = False, vector_format: str = "gpkg", progress: Progress | None = None,
-                **options) -> list[dict]:
+                force: bool = False, vector_format: str = "gpkg", listed_in: str | None = None,
+                progress: Progress | None = None, **options) -> list[dict]:
     """Detect changes in every pair into ``out/<name>/`` and summarise them in ``out/summary.gpkg`` and
     ``summary.csv``; returns the summary's rows, in the pairs' order.
 
     ``scheduler``: a Dask scheduler's address; without it, a cluster on this machine of ``workers`` workers
     (default: as the cores, GPUs and memory allow, see ``local_layout``). ``force``: run complete pairs
     again. ``options``: ``DetectOptions``' fields, for every pair (a pair's ``aoi`` wins over the run's).
+    ``listed_in``: the CSV file of the pairs, which the summary must not replace, as it must not replace any input.
     """
     from geochange.engine.package import read_package
     from geochange.engine.zoo import sha256
@@ -394,6 +395,8 @@ def detect_many(pairs: list[Pair], model, out, *, scheduler: str | None = None, 
     digest, out = sha256(model), Path(os.path.abspath(out))
 
     jobs = [make_job(pair, model, digest, out, o, vector_format) for pair in checked(list(pairs), "the pairs")]
+    read = [listed_in, model, *(path for job in jobs for path in (job["pre"], job["post"], job["options"]["aoi"]))]
+    check_outputs([out / name for name in SUMMARY_FILES], read)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:

@@ -17,6 +17,9 @@ def open_raster(path: str | os.PathLike, *, georeferenced: bool = True):
     does, if ``georeferenced``, one located by ground control points only, which the engine cannot place."""
     path = Path(path)
     if not path.exists():
+        if ":" in path.name or path.as_posix().startswith("/vsi"):  # GPKG:file:table, /vsizip/...: GDAL's names
+            raise RasterError(f"{path}: no such file; GeoChange reads whole raster files: save this one as a "
+                              f"GeoTIFF first, e.g. `gdal_translate '{path}' raster.tif`")
         raise RasterError(f"{path}: no such file")
     try:
         with warnings.catch_warnings():  # a raster without a CRS is paired pixel for pixel, and says so
@@ -24,6 +27,16 @@ def open_raster(path: str | os.PathLike, *, georeferenced: bool = True):
             src = rasterio.open(path)
     except RasterioIOError as e:
         raise RasterError(f"{path}: not a readable raster ({e})") from None
+    subdatasets = src.subdatasets if src.count == 0 else []
+    if subdatasets:
+        src.close()
+        raise RasterError(f"{path}: holds {len(subdatasets)} rasters, not one; save the one to use as a GeoTIFF "
+                          f"first, e.g. `gdal_translate '{subdatasets[0]}' raster.tif`")
+    complex_types = sorted({dtype for dtype in src.dtypes if dtype.startswith("complex")})
+    if complex_types:  # torch would keep the real part, silently
+        src.close()
+        raise RasterError(f"{path}: complex pixels ({', '.join(complex_types)}), as in single-look complex SAR; give "
+                          f"their amplitude or intensity instead")
     gcps, gcp_crs = src.gcps
     if georeferenced and src.crs is None and gcps:
         src.close()

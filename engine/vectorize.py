@@ -317,7 +317,9 @@ class PolygonWriter:
             self._ds = ogr.GetDriverByName(driver_name).CreateDataSource(str(self._temporary))
             if self._ds is None:
                 raise output_error(self.path, f"cannot create a {driver_name} file: {gdal.GetLastErrorMsg()}")
-            self._layer = self._ds.CreateLayer(layer, srs, ogr.wkbMultiPolygon)
+            # A shapefile's fields (a date's file name) in UTF-8, named in its .cpg: Latin-1, its default, loses others
+            options = ["ENCODING=UTF-8"] if driver_name == "ESRI Shapefile" else []
+            self._layer = self._ds.CreateLayer(layer, srs, ogr.wkbMultiPolygon, options=options)
             if self._layer is None:
                 raise output_error(self.path, f"cannot create a {driver_name} layer: {gdal.GetLastErrorMsg()}")
             fields = {"id": ogr.OFTInteger64, self.area_field: ogr.OFTReal, "mean_prob": ogr.OFTReal,
@@ -398,7 +400,7 @@ def vectorize_probability(probability: str, polygons: str, *, threshold: float =
         block = src.block_shapes[band - 1][0]
         rows = max(1, VECTORIZE_ROWS // block) * block  # whole blocks of rows: each block decoded once
         changed_pixels = valid_pixels = 0
-        with AtomicOutputs() as outputs:
+        with AtomicOutputs(inputs=(probability,)) as outputs:  # a GeoPackage's raster: its polygons would replace it
             writer = PolygonWriter(polygons, src.crs, outputs, layer=polygon_layer)
             try:
                 for row_start in range(0, src.height, rows):

@@ -159,9 +159,10 @@ def run_detect_many(args: dict, emit) -> dict:
     from geochange.engine.pairs import pairs_from
 
     args = dict(args)
-    pairs = pairs_from(args.pop("table", None), args.pop("pre_glob", None), args.pop("post_glob", None))
+    table = args.pop("table", None)
+    pairs = pairs_from(table, args.pop("pre_glob", None), args.pop("post_glob", None))
     out = Path(args.pop("out"))
-    rows = detect_many(pairs, args.pop("model"), out, progress=json_progress(emit), **args)
+    rows = detect_many(pairs, args.pop("model"), out, listed_in=table, progress=json_progress(emit), **args)
     return {"summary": str(out / SUMMARY_FILES[0]), "table": str(out / SUMMARY_FILES[1]),
             "counts": dict(Counter(row["status"] for row in rows)),
             "failed": {row["name"]: row["error"] for row in rows if row["status"] == PAIR_FAILED}}

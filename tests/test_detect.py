@@ -79,7 +79,7 @@ def test_polygons_read_back_and_summary_agrees(levir_run):
     assert f"{count} change polygons, {total:,.0f} m2 changed" in stdout
 
 
-@pytest.mark.parametrize("name, files", [("c.shp", {"c.shp", "c.shx", "c.dbf", "c.prj"}),
+@pytest.mark.parametrize("name, files", [("c.shp", {"c.shp", "c.shx", "c.dbf", "c.prj", "c.cpg"}),
                                          ("c.geojson", {"c.geojson"})])
 def test_polygons_as_shapefile_and_geojson(tmp_path, random_package, name, files):
     data = np.random.default_rng(0).integers(0, 255, (3, 96, 96), dtype=np.uint8)

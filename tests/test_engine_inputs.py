@@ -4,6 +4,7 @@ import pytest
 import rasterio
 import torch
 from osgeo import ogr
+from rasterio.enums import ColorInterp
 from rasterio.features import rasterize
 from rasterio.windows import Window, from_bounds
 from shapely import wkb
@@ -271,3 +272,79 @@ def test_optical_pre_and_sar_post_datasets_run_and_a_band_mismatch_is_named(shar
     with pytest.raises(GeoChangeError, match=r"\{A,B\}/test_\d+\.png: the post image has 1 band\(s\), the model "
                                              r"expects 3 \(optical\)"):
         evaluate_folder(load_package(tinycd_package), shared_data / "ombria", device="cpu")
+
+
+def write_rgb(path, data=None, dtype="uint8", colours=None):
+    """A 64 px three-band raster in UTM (random pixels unless ``data``), its bands labelled ``colours``."""
+    data = np.random.default_rng(0).integers(1, 255, (3, 64, 64)).astype(dtype) if data is None else data
+    with rasterio.open(path, "w", driver="GTiff", width=64, height=64, count=3, dtype=data.dtype, crs="EPSG:32614",
+                       transform=rasterio.Affine(0.5, 0, 630000, 0, -0.5, 3340000)) as dst:
+        dst.write(data)
+        if colours:
+            dst.colorinterp = colours
+    return path
+
+
+def test_rasters_that_are_not_one_raster_of_real_pixels_are_named(tmp_path, random_package):
+    """Complex pixels (SAR SLC) ran on their real part, silently; a GeoPackage of two raster tables was taken for a
+    raster without a CRS or bands; a raster named as GDAL names it was 'no such file', without the way out."""
+    from osgeo import gdal
+
+    post = write_rgb(tmp_path / "post.tif")
+    complex_pre = write_rgb(tmp_path / "slc.tif", np.ones((3, 64, 64), np.complex64))
+    with pytest.raises(RasterError, match=r"slc.tif: complex pixels \(complex64\), as in single-look complex SAR"):
+        prepare(complex_pre, post, random_package, DetectOptions.of({}))
+    tables = tmp_path / "tables.gpkg"
+    for table in ("one", "two"):
+        gdal.Translate(str(tables), str(post), format="GPKG",
+                       creationOptions=[f"RASTER_TABLE={table}", "APPEND_SUBDATASET=YES"])
+    with pytest.raises(RasterError, match=rf"^{tables}: holds 2 rasters, not one; save the one to use as a GeoTIFF "
+                                          rf"first, e.g. `gdal_translate 'GPKG:{tables}:one' raster.tif`$"):
+        prepare(tables, post, random_package, DetectOptions.of({}))
+    with pytest.raises(RasterError, match=rf"^GPKG:{tables}:one: no such file; GeoChange reads whole raster files"):
+        prepare(f"GPKG:{tables}:one", post, random_package, DetectOptions.of({}))
+
+
+def test_swapped_dates_and_bands_labelled_out_of_order_are_pointed_out(shared_data, tmp_path, random_package):
+    """The flood model's SAR tile given before its optical one got 'choose them with --pre-bands', which then ran and
+    found nothing; a pre raster labelled blue, green, red ran as red, green, blue, silently."""
+    from conftest import Recorded
+    from geochange.engine.zoo import zoo_path
+
+    optical, sar = shared_data / "ombria" / "A" / "test_0013.png", shared_data / "ombria" / "B" / "test_0013.png"
+    with pytest.raises(RasterError, match=r"^test_0013.png has 1 band\(s\) and test_0013.png 3: the model takes 3 "
+                                          r"\(optical\) before and 1 \(sar\) after; are the dates swapped\?"):
+        prepare(sar, optical, zoo_path("m2cd_mit_b0_flood"), DetectOptions.of({}))
+
+    rgb = write_rgb(tmp_path / "rgb.tif", colours=[ColorInterp.red, ColorInterp.green, ColorInterp.blue])
+    bgr = write_rgb(tmp_path / "bgr.tif", colours=[ColorInterp.blue, ColorInterp.green, ColorInterp.red])
+    said = Recorded()
+    prepare(bgr, rgb, random_package, DetectOptions.of({}), progress=said)
+    assert [line for line in said.lines if "labelled" in line] == [
+        "bgr.tif: the pre bands read (1,2,3) are labelled blue, green, red in the file; the model takes red, green, "
+        "blue: --pre-bands 3,2,1 reads them in that order"]
+    said = Recorded()
+    prepare(bgr, rgb, random_package, DetectOptions.of({"pre_bands": (3, 2, 1)}), progress=said)
+    assert not [line for line in said.lines if "labelled" in line]
+
+
+def test_a_shapefile_keeps_file_names_beyond_latin_1(tmp_path, random_package):
+    """Its fields were written in Latin-1, the dates' names as question marks, with no .cpg to say so."""
+    pre = write_rgb(tmp_path / "до_北京.tif")
+    post = write_rgb(tmp_path / "post.tif", np.random.default_rng(1).integers(1, 255, (3, 64, 64)).astype("uint8"))
+    result = detect(pre, post, random_package, **outputs(tmp_path, "shp"), threshold=0.0)
+    assert result.polygon_count >= 1
+    source = ogr.Open(str(tmp_path / "c.shp"))  # kept: its layer dies with it
+    assert {feature.GetField("pre") for feature in source.GetLayer()} == {"до_北京.tif"}
+    assert (tmp_path / "c.cpg").read_text().strip() == "UTF-8"
+
+
+def test_import_weights_says_a_package_is_one_already(random_package, tmp_path):
+    """It tried to map the package's keys as the authors' and printed two lists of hundreds of keys."""
+    from geochange.engine.errors import OptionError
+    from geochange.engine.importers import import_weights
+
+    with pytest.raises(OptionError, match=f"^{random_package}: already a GeoChange package; detect, evaluate and the "
+                                          "trainer take it as it is$"):
+        import_weights("tinycd", random_package, tmp_path / "again.safetensors")
+    assert not list(tmp_path.iterdir())

@@ -399,6 +399,49 @@ def test_an_output_that_names_an_input_or_another_output_is_refused(tmp_path, ra
     assert earlier.read_bytes() == before[pre] and sorted(p.name for p in out.iterdir()) == ["change_probability.tif"]
 
 
+def test_outputs_of_the_other_commands_that_name_their_inputs_are_refused(tmp_path, shared_data, random_package,
+                                                                        capsys):
+    """evaluate's JSON over a label of its dataset or over a zoo model named by its name, detect-many's summary over
+    its list of pairs, and Vectorise's polygons over the GeoPackage of its raster each replaced what they read."""
+    from geochange.engine.cli import main
+    from geochange.engine.zoo import zoo_path
+    from geochange.engine.vectorize import vectorize_probability
+
+    data = tmp_path / "data"
+    for folder in ("A", "B", "label"):
+        (data / folder).mkdir(parents=True)
+        shutil.copy(shared_data / "ombria" / folder / "test_0013.png", data / folder)
+    label = data / "label" / "test_0013.png"
+    zoo_model = zoo_path("tinycd_flood")
+    before = {path: path.read_bytes() for path in (label, zoo_model)}
+    try:
+        for model, taken in ((random_package, label), ("tinycd_flood", zoo_model)):
+            assert main(["evaluate", "--model", str(model), "--data", str(data), "--json", str(taken)]) == 2
+            assert capsys.readouterr().err.startswith(f"geochange: error: {taken}: this output is also an input")
+    finally:
+        changed = [path for path, content in before.items() if path.read_bytes() != content]
+        for path in changed:
+            path.write_bytes(before[path])
+    assert not changed
+
+    pre, post = write_raster(tmp_path / "pre.tif", NORTH_UP), write_raster(tmp_path / "post.tif", NORTH_UP, seed=1)
+    out = tmp_path / "many"
+    out.mkdir()
+    pairs = out / "summary.csv"
+    pairs.write_text(f"pre,post,name\n{pre},{post},one\n")
+    listed = pairs.read_text()
+    assert main(["detect-many", str(pairs), "--out", str(out), "--model", str(random_package)]) == 2
+    assert capsys.readouterr().err.startswith(f"geochange: error: {pairs}: this output is also an input")
+    assert pairs.read_text() == listed and sorted(p.name for p in out.iterdir()) == ["summary.csv"]
+
+    stack = tmp_path / "stack.gpkg"
+    gdal.Translate(str(stack), str(pre), format="GPKG", bandList=[1], outputType=gdal.GDT_Float32)
+    held = stack.read_bytes()
+    with pytest.raises(OutputError, match=f"^{re.escape(str(stack))}: this output is also an input"):
+        vectorize_probability(str(stack), str(stack))
+    assert stack.read_bytes() == held
+
+
 def test_pixels_far_from_the_model_s_are_pointed_out(levir_crop, tinycd_package):
     """The TinyCD authors' model saw 0.5 m LEVIR-CD pixels: at 10 m the run says so, and how to read both
     dates at 0.5 m; at the crop's own ~0.55 m it says nothing."""

@@ -146,14 +146,15 @@ def _write_all_rows(out, polygons="c.shp") -> ChangeWriter:
     return writer
 
 
-# An earlier run's outputs, with side files a new run does not write (the shapefile's encoding, GDAL's statistics)
+# An earlier run's outputs, with a side file a new run does not write (GDAL's statistics)
 # and a user's style for the polygons.
-STALE, USERS = ("c.cpg", "p.tif.aux.xml"), ("c.qml",)
+STALE, USERS = ("p.tif.aux.xml",), ("c.qml",)
 
 
 def _old_outputs(out) -> dict:
     out.mkdir()
-    old = {name: f"old {name}".encode() for name in ("p.tif", "m.tif", "c.shp", "c.dbf", "c.shx", *STALE, *USERS)}
+    names = ("p.tif", "m.tif", "c.shp", "c.dbf", "c.shx", "c.cpg", *STALE, *USERS)
+    old = {name: f"old {name}".encode() for name in names}
     for name, content in old.items():
         (out / name).write_bytes(content)
     return old
@@ -206,8 +207,9 @@ def test_outputs_replace_earlier_ones_together(tmp_path):
     old = _old_outputs(out)
     writer = _write_all_rows(out)
     writer.close()
-    # The earlier side files gone with their outputs (a LATIN1 .cpg would misread the new .dbf); the style kept.
-    assert sorted(p.name for p in out.iterdir()) == ["c.dbf", "c.prj", "c.qml", "c.shp", "c.shx", "m.tif", "p.tif"]
+    # The earlier side files gone with their outputs (an .aux.xml's statistics were the old raster's); the style kept.
+    assert sorted(p.name for p in out.iterdir()) == ["c.cpg", "c.dbf", "c.prj", "c.qml", "c.shp", "c.shx", "m.tif",
+                                                     "p.tif"]
     assert all((out / name).read_bytes() != content for name, content in old.items() if name not in STALE + USERS)
     assert (out / "c.qml").read_bytes() == old["c.qml"]
     with rasterio.open(out / "p.tif") as src:
