@@ -7,6 +7,7 @@ import contextlib
 import functools
 import itertools
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -133,15 +134,18 @@ def _cmd_models(args) -> int:
     from geochange.engine.models import create, list_models, spec
     from geochange.engine.models.stats import count_gflops, count_params
 
+    def cell(value, width: int) -> str:  # a figure not counted (no --flops) or not published: "-"
+        return f"{'-':>{width}}" if value is None else f"{value:>{width}.3f}"
+
     print(f"{'name':<18}{'params M':>10}{'paper':>9}{'GFLOPs@256':>12}{'paper':>9}  description")
     for name in list_models():
         s = spec(name)
         model = create(name).eval()
         paper = s.paper
-        gflops = count_gflops(model, size=256) if args.flops else float("nan")
-        paper_gflops = paper.get("gflops", float("nan")) if paper.get("gflops_input", 256) == 256 else float("nan")
-        print(f"{name:<18}{count_params(model, s.training_only) / 1e6:>10.3f}"
-              f"{paper.get('params_m', float('nan')):>9.3f}{gflops:>12.3f}{paper_gflops:>9.3f}  {s.description}")
+        gflops = count_gflops(model, size=256) if args.flops else None
+        paper_gflops = paper.get("gflops") if paper.get("gflops_input", 256) == 256 else None
+        print(f"{name:<18}{count_params(model, s.training_only) / 1e6:>10.3f}{cell(paper.get('params_m'), 9)}"
+              f"{cell(gflops, 12)}{cell(paper_gflops, 9)}  {s.description}")
     print("params: the inference model (training-only heads left out); GFLOPs: multiply-adds as the model "
           "runs, torch.utils.flop_counter / 2 (the M2CD and Changer heads fuse each level before resizing it, "
           "the same function with fewer than the papers count: README, Models)")
@@ -182,6 +186,10 @@ def parsed_options(args: argparse.Namespace, command: str) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    def add_vector_format(p) -> None:
+        p.add_argument("--vector-format", choices=["gpkg", "geojson", "shp"], default="gpkg",
+                       help="the polygons' file: GeoPackage (default), GeoJSON or shapefile")
+
     parser = argparse.ArgumentParser(prog="geochange", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -191,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model package (.safetensors) or a zoo model's name")
     p.add_argument("--out", required=True, help="output folder")
     add_options(p, DETECT)
-    p.add_argument("--vector-format", choices=["gpkg", "geojson", "shp"], default="gpkg")
+    add_vector_format(p)
     p.set_defaults(run=_cmd_detect)
 
     p = sub.add_parser("detect-many", help="detection over many raster pairs on a Dask cluster, with a summary")
@@ -209,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                "one a core, as many as the memory holds at a worker's measured peak)")
     p.add_argument("--force", action="store_true", help="run the pairs whose outputs are complete again")
     add_options(p, DETECT)
-    p.add_argument("--vector-format", choices=["gpkg", "geojson", "shp"], default="gpkg")
+    add_vector_format(p)
     p.set_defaults(run=_cmd_detect_many)
 
     p = sub.add_parser("evaluate", help="metrics of a model on a folder dataset A/ B/ label/")
@@ -267,20 +275,27 @@ def layer_commands() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None:  # run as a program: SIGTERM cancels (exit 2, "cancelled"), leaving no temporary file
-        cancel_on_sigterm()
-    argv = sys.argv[1:] if argv is None else list(argv)
-    commands = layer_commands() if argv and not argv[0].startswith("-") else {}
-    if argv and argv[0] in commands:
-        return commands[argv[0]].load()(argv)
-    return run_command(build_parser().parse_args(argv))
+    # Run as a program, SIGTERM cancels (exit 2, "cancelled"), leaving no temporary file; once the command is over
+    # it ends the process as it would by default (it raised in Python's exit, with a traceback and status 0).
+    restore = cancel_on_sigterm() if argv is None else None
+    try:
+        argv = sys.argv[1:] if argv is None else list(argv)
+        commands = layer_commands() if argv and not argv[0].startswith("-") else {}
+        if argv and argv[0] in commands:
+            return commands[argv[0]].load()(argv)
+        return run_command(build_parser().parse_args(argv))
+    finally:
+        if restore:
+            restore()
 
 
 def run_command(args) -> int:
     """Run a parsed command; user errors print as one line (exit 2), never as a traceback."""
     try:
         try:
-            return args.run(args)
+            status = args.run(args)
+            sys.stdout.flush()  # here, where a reader gone is caught below, not at exit
+            return status
         except Exception:
             raise_if_stopped()  # a cancel that a library turned into its own error
             raise
@@ -290,6 +305,9 @@ def run_command(args) -> int:
     except KeyboardInterrupt:
         print("geochange: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went (`geochange models | head`): what is left has nowhere to go
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor has Python's flush at exit
+        return 1
 
 
 if __name__ == "__main__":

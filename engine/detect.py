@@ -32,7 +32,7 @@ from geochange.engine.rasters import check_two_dates, open_raster
 from geochange.engine.resample import model_grid, on_output_grid
 from geochange.engine.routing import RouterPredictor
 from geochange.engine.stream import default_readers, on_cpu, stream_rows
-from geochange.engine.windows import WindowPlan
+from geochange.engine.windows import WindowPlan, check_tiling
 
 
 @dataclass
@@ -145,6 +145,7 @@ def prepare(pre_path, post_path, model, options: DetectOptions = DetectOptions()
         tile = first.tile
         progress.log(f"windows of {tile} px: the model's tile" + ("" if "tile" in first.manifest else
                                                                    " (none recorded: the default)"))
+    check_tiling(tile, o.overlap)
     tta = model_tta(first.manifest) if o.tta else None
     if tta:
         progress.log(f"test-time augmentation: scales {tta['scales']}" + " x left-right flip" * tta["flip"])
@@ -159,13 +160,7 @@ def prepare(pre_path, post_path, model, options: DetectOptions = DetectOptions()
         return Predictor(member, device, precision=precision, backend=backend, tta=tta, sar_db=o.sar_db,
                          scales={"pre": o.pre_scale, "post": o.post_scale}, log=progress.log)
 
-    if isinstance(package, RouterPackage):
-        predictor = RouterPredictor(package, predictor_of)
-        inputs = package.original.manifest["inputs"]
-        progress.log(f"O-P routing: original model and {len(package.teachers)} teachers, CAR thresholds "
-                     f"{package.thresholds}")
-    else:
-        predictor, inputs = predictor_of(package), package.manifest["inputs"]
+    inputs = first.manifest["inputs"]
     with open_raster(pre_path) as pre, open_raster(post_path) as post:
         check_two_dates(pre_path, post_path)
         at_model = o.resolution == MODEL_RESOLUTION  # the outputs on the grid raster's pixels, the model on its own
@@ -193,6 +188,13 @@ def prepare(pre_path, post_path, model, options: DetectOptions = DetectOptions()
             colours = [colour.name for colour in src.colorinterp]
             if said := band_order_warning(colours, inputs[date], date, chosen, Path(src.name).name):
                 progress.log(said)
+        # Made once the inputs passed: an export or a compile takes up to minutes at an analyst's first run.
+        if isinstance(package, RouterPackage):
+            predictor = RouterPredictor(package, predictor_of)
+            progress.log(f"O-P routing: original model and {len(package.teachers)} teachers, CAR thresholds "
+                         f"{package.thresholds}")
+        else:
+            predictor = predictor_of(package)
         readers = default_readers(predictor) if readers is None else readers
         if size_gdal_cache:
             bound_gdal_cache(blocks_in_use(max(common.width, read_on.width), tile, [(pre, bands[0]), (post, bands[1])],
@@ -201,7 +203,8 @@ def prepare(pre_path, post_path, model, options: DetectOptions = DetectOptions()
     batch = fit_batch(plan, o.batch, model_channels(inputs["pre"]) + model_channels(inputs["post"]), progress.log)
     threads = torch.get_num_threads()
     on = f"cpu, {threads} thread{'s' * (threads != 1)}" if on_cpu(predictor) else predictor.device
-    progress.log(f"{read_on.width}x{read_on.height} px in {read_on.crs}: {len(plan)} windows of "
+    place = f"in {read_on.crs}" if read_on.crs is not None else "without a CRS"
+    progress.log(f"{read_on.width}x{read_on.height} px {place}: {len(plan)} windows of "
                  f"{min(tile, read_on.height)}x{min(tile, read_on.width)} px on {on}")
     return DetectSetup(predictor, common, bands, plan, package.threshold if o.threshold is None else o.threshold,
                        (Path(pre_path), Path(post_path)), readers, batch, o, aoi,

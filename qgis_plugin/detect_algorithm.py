@@ -16,16 +16,15 @@ from qgis.core import (
 )
 from qgis.PyQt.QtCore import QCoreApplication, QThread
 
-from geochange.engine.bands import select_bands
+from geochange.engine.bands import check_dates_order, select_bands
 from geochange.engine.contracts import MASK_CHANGE, MASK_NO_CHANGE, MASK_NODATA, PROBABILITY_NODATA
 from geochange.engine.errors import GeoChangeError
-from geochange.engine.header import read_metadata
 from geochange.engine.options import DETECT, names
-from geochange.engine.zoo import resolve_model
 from geochange.qgis_plugin import styles
 from geochange.qgis_plugin.engine_algorithm import EngineAlgorithm, layer_file, overlap, raster_file, same_raster, tr
-from geochange.qgis_plugin.parameters import (ENGINE_NOTES, MODEL_HELP, POLYGON_OUTPUTS_HELP, add_options, chosen_model,
-                                              model_parameters, option_help, option_values, options_problem)
+from geochange.qgis_plugin.parameters import (ENGINE_NOTES, MODEL_HELP, POLYGON_OUTPUTS_HELP, add_options, band_numbers,
+                                              chosen_model, model_manifest, model_parameters, option_help,
+                                              option_values, options_problem)
 from geochange.qgis_plugin.worker_client import parameter_names
 
 
@@ -144,13 +143,16 @@ class DetectChangesAlgorithm(EngineAlgorithm):
     def _check_bands(self, parameters, context, pre, post) -> None:
         """The bands each date gives the model (chosen, else all) against the model's manifest; a file that
         is no package, a pickle above all, is refused as the engine refuses it."""
-        manifest = read_metadata(resolve_model(chosen_model(self, parameters, context)))
-        inputs = (manifest.get("original") or {}).get("manifest", manifest).get("inputs") or {}
-        for date, layer in (("pre", pre), ("post", post)):
-            if isinstance(inputs.get(date), dict) and "bands" in inputs[date]:  # else the engine names the fault
-                chosen = self.parameterAsInts(parameters, f"{date.upper()}_BANDS", context) or None
-                name = Path(layer_file(layer) or layer.name()).name  # the file, as the engine names it
-                select_bands(layer.bandCount(), inputs[date], date, chosen, name)
+        inputs = model_manifest(self, parameters, context).get("inputs") or {}
+        if not all(isinstance(inputs.get(date), dict) and {"bands", "modality"} <= set(inputs[date])
+                   for date in ("pre", "post")):
+            return  # the engine names the fault
+        layers = {"pre": pre, "post": post}
+        chosen = {date: band_numbers(self, parameters, f"{date.upper()}_BANDS", context) for date in layers}
+        names = {date: Path(layer_file(layer) or layer.name()).name for date, layer in layers.items()}  # as the engine
+        check_dates_order((pre.bandCount(), post.bandCount()), inputs, tuple(chosen.values()), tuple(names.values()))
+        for date, layer in layers.items():
+            select_bands(layer.bandCount(), inputs[date], date, chosen[date], names[date])
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 (QGIS's name)
         polygons, polygon_layer, polygons_uri = self.polygon_output(parameters, "OUTPUT_POLYGONS", context)

@@ -18,14 +18,12 @@ from qgis.core import (
     QgsSettings,
 )
 
-from geochange.engine.bands import band_list
 from geochange.engine.contracts import PAIR_DONE, PAIR_FAILED, PAIR_SKIPPED, SUMMARY_LAYER
-from geochange.engine.errors import GeoChangeError
 from geochange.engine.options import DETECT, flag, names, spec
 from geochange.qgis_plugin import styles
 from geochange.qgis_plugin.engine_algorithm import EngineAlgorithm, tr
-from geochange.qgis_plugin.parameters import (ENGINE_NOTES, MODEL_HELP, add_options, chosen_model, model_parameters,
-                                              option_help, option_values, options_problem)
+from geochange.qgis_plugin.parameters import (ENGINE_NOTES, MODEL_HELP, add_options, band_numbers, chosen_model,
+                                              model_parameters, option_help, option_values, options_problem)
 from geochange.qgis_plugin.worker_client import parameter_names
 
 # The provider's setting (Options > Processing > Providers > GeoChange): a Dask scheduler's address.
@@ -134,15 +132,8 @@ class DetectManyPairsAlgorithm(EngineAlgorithm):
         return {"pre_glob": f"{glob.escape(pre)}/{pattern}", "post_glob": f"{glob.escape(post)}/{pattern}"}
 
     def _bands(self, parameters, context) -> dict:
-        values = {}
-        for name in BAND_OPTIONS:
-            parameter = spec(name).metadata["parameter"]
-            text = self.parameterAsString(parameters, parameter, context).strip()
-            try:
-                values[name] = band_list(text) if text else None
-            except GeoChangeError as error:
-                raise QgsProcessingException(f"{parameter}: {error}") from None
-        return values
+        return {name: band_numbers(self, parameters, spec(name).metadata["parameter"], context)
+                for name in BAND_OPTIONS}
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 (QGIS's name)
         scheduler = scheduler_address()

@@ -23,9 +23,11 @@ from qgis.core import (
     QgsProviderRegistry,
 )
 
-from geochange.engine.errors import OptionError
+from geochange.engine.bands import band_list
+from geochange.engine.errors import GeoChangeError, OptionError
+from geochange.engine.header import read_metadata
 from geochange.engine.options import DetectOptions, number_or_word, spec
-from geochange.engine.zoo import zoo_index
+from geochange.engine.zoo import resolve_model, zoo_index
 from geochange.qgis_plugin.engine_algorithm import tr
 from geochange.qgis_plugin.worker_client import parameter_names
 
@@ -75,6 +77,27 @@ def chosen_model(algorithm, parameters, context, required: bool = True) -> str |
     if not model and required:
         raise QgsProcessingException(tr("Choose a model from the zoo (ZOO_MODEL) or give a model file (MODEL)"))
     return model or None
+
+
+def model_manifest(algorithm, parameters, context) -> dict:
+    """The chosen model's manifest (a router package's original model's), read without torch; a file that is no
+    package raises the engine's ``PackageError``, no model at all ``chosen_model``'s refusal."""
+    manifest = read_metadata(resolve_model(chosen_model(algorithm, parameters, context)))
+    return (manifest.get("original") or {}).get("manifest", manifest)
+
+
+def band_numbers(algorithm, parameters, name: str, context) -> list[int] | None:
+    """The 1-based bands of the band-list parameter ``name``, in their order; None where it is empty. Text is read
+    as the engine's ``3,2,1`` (or QGIS's own ``3;2;1``): QGIS's parameterAsInts splits text at ';' only and reads
+    "3,2,1" as [0]."""
+    given = parameters.get(name)
+    if not isinstance(given, str):  # the dialog's list, a repeated qgis_process argument, an expression
+        return algorithm.parameterAsInts(parameters, name, context) or None
+    text = given.strip()
+    try:
+        return band_list(text.replace(";", ",")) if text else None
+    except OptionError as error:
+        raise QgsProcessingException(f"{name}: {error}") from None
 
 
 def option_parameter(name: str, **overrides) -> QgsProcessingParameterDefinition:
@@ -128,7 +151,7 @@ def option_value(algorithm, parameters, context, name: str):
     if kind == "choice":
         return option.metadata["choices"][algorithm.parameterAsEnum(parameters, parameter, context)]
     if kind == "bands":
-        return algorithm.parameterAsInts(parameters, parameter, context) or None
+        return band_numbers(algorithm, parameters, parameter, context)
     if kind == "crs":
         crs = algorithm.parameterAsCrs(parameters, parameter, context)
         if not crs.isValid():
@@ -154,14 +177,22 @@ def option_value(algorithm, parameters, context, name: str):
 
 
 def options_problem(algorithm, parameters, context) -> str | None:
-    """The engine's refusal of the algorithm's options (a scale of 0, an overlap not under the tile, an unknown
-    CRS) in QGIS's names, or None: for the dialog's check, before any engine starts. Not the area of interest,
-    which a memory layer's would write out to a file."""
+    """The engine's refusal of the algorithm's options (a scale of 0, an overlap not under the tile, the model's
+    tile where none is given, an unknown CRS) in QGIS's names, or None: for the dialog's check, before any engine
+    starts. Not the area of interest, which a memory layer's would write out to a file."""
     try:
-        DetectOptions(**{name: option_value(algorithm, parameters, context, name) for name in algorithm.OPTIONS
-                         if spec(name).metadata["kind"] != "vector"})
+        options = DetectOptions(**{name: option_value(algorithm, parameters, context, name)
+                                   for name in algorithm.OPTIONS if spec(name).metadata["kind"] != "vector"})
     except (OptionError, QgsProcessingException) as error:
         return parameter_names(str(error), algorithm.parameter_flags())
+    if "overlap" in algorithm.OPTIONS and options.tile is None:
+        try:  # the package's tile, which the engine takes (a package recording none: the engine checks its default)
+            tile = model_manifest(algorithm, parameters, context).get("tile")
+        except (GeoChangeError, QgsProcessingException):  # no model, or none readable: the engine's to say
+            return None
+        if isinstance(tile, int) and options.overlap >= tile:
+            return tr("{} must be under the model's tile of {} px ({} is empty), not {}").format(
+                spec("overlap").metadata["parameter"], tile, spec("tile").metadata["parameter"], options.overlap)
     return None
 
 

@@ -240,7 +240,8 @@ def run_task(task: str, args: dict, feedback, outputs=(), options=None,
 
     ``outputs`` are the files the task writes: if the process dies without cleaning up, their
     temporaries, and the folders made for them and left empty, are removed here. ``options`` maps the
-    command-line options that engine messages name to the algorithm's parameters (see ``parameter_names``).
+    command-line options that engine messages and log lines name to the algorithm's parameters (see
+    ``parameter_names``).
     ``interpreter``: ``(python, where it comes from)`` instead of ``worker_python``'s choice.
     """
     python, origin = interpreter or worker_python()
@@ -297,7 +298,7 @@ def _follow(process, task, args, feedback, outputs, made, python, origin, option
             if kind == contracts.PROGRESS:
                 feedback.setProgress(value)
             elif kind == contracts.LOG:
-                feedback.pushInfo(value)
+                feedback.pushInfo(parameter_names(value, options))
             elif kind == contracts.RESULT:
                 result = value
             else:

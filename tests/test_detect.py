@@ -313,6 +313,17 @@ def test_cancel_leaves_no_output(tmp_path, random_package, readers):
     assert 0 < progress.percent < 100 * 3 / 16
 
 
+def test_the_cli_gives_sigterm_back_once_its_command_is_over(monkeypatch, capsys):
+    """Its handler stayed: a SIGTERM during Python's exit, the outputs complete, raised there, printed a traceback
+    and left the status 0."""
+    from geochange.engine.cli import main
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(sys, "argv", ["geochange", "zoo"])
+    assert main() == 0
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_cli_stopped_by_sigterm_cancels_and_leaves_nothing(tmp_path, shared_data, random_package):
     tile, out = shared_data / "levir_tile_georef", tmp_path / "out"
     run = subprocess.Popen([*GEOCHANGE, "detect", str(tile / "pre.tif"), str(tile / "post.tif"), "--model",
@@ -391,7 +402,8 @@ def test_pixel_grid_mode_for_two_plain_images(shared_data, tinycd_package, levir
     pre, post = shared_data / "levir_cd" / "A" / name, shared_data / "levir_cd" / "B" / name
     assert geochange(["detect", str(pre), str(post), "--model", str(tinycd_package), "--out", str(tmp_path / "px"),
                       "--device", "cpu"]) == 0
-    assert "px (no CRS: a pixel grid) changed" in capsys.readouterr().out
+    said = capsys.readouterr()
+    assert "px (no CRS: a pixel grid) changed" in said.out and "256x256 px without a CRS: 1 windows" in said.out
     with rasterio.open(tmp_path / "px" / "change_mask.tif") as src:
         assert src.crs is None and src.shape == (256, 256)
         changed = int((src.read(1) == 255).sum())

@@ -1,4 +1,5 @@
 """Every registered variant: a package round trip, the CLI and the Processing algorithm on real pixels."""
+import os
 import subprocess
 import sys
 
@@ -72,6 +73,14 @@ def test_models_command_lists_every_variant_with_its_size():
     assert set(rows) == set(VARIANTS)
     assert float(rows["tinycd"][1]) == pytest.approx(0.285, abs=0.0005)
     assert float(rows["sscfnet_r50"][1]) == pytest.approx(28.690, abs=0.001)  # auxiliary heads left out
+    assert rows["tinycd"][3] == "-" and "nan" not in run.stdout  # GFLOPs counted with --flops only
+
+    # Read in part (`| head`): the rest goes nowhere, without a traceback. Unbuffered, each line meets the closed pipe.
+    reader = subprocess.Popen([sys.executable, "-m", "geochange.engine", "models"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    reader.stdout.readline()
+    reader.stdout.close()
+    assert reader.wait(timeout=600) == 1 and reader.stderr.read() == ""
 
 
 @pytest.mark.parametrize("name", VARIANTS)

@@ -35,6 +35,7 @@ from qgis.core import (  # noqa: E402
 )
 
 from conftest import FIJI_EAST, FIJI_WEST, run_algorithm, write_constant, write_polygons  # noqa: E402
+from geochange.engine.zoo import zoo_index  # noqa: E402
 
 gdal.UseExceptions()
 ogr.UseExceptions()
@@ -216,17 +217,28 @@ def test_inputs_the_model_cannot_take_are_refused_before_the_run(geochange_provi
         profile, data = src.profile, src.read()
     with rasterio.open(far, "w", **dict(profile, transform=src.transform * Affine.translation(0, 10**6))) as dst:
         dst.write(data)
+    grey = tmp_path / "grey.tif"  # one band, as a SAR date
+    with rasterio.open(grey, "w", **dict(profile, count=1)) as dst:
+        dst.write(data[:1])
     sar = shared_data / "sen1floods11" / "S1_vv_vh_db.tif"
     pickle = shared_data / "weights" / "tinycd_levir_official.pth"
     pair = {"PRE": str(levir_crop["pre"]), "POST": str(levir_crop["post"])}
     refusals = [({**pair, "MODEL": str(pickle)}, f"{pickle}: this is a PyTorch pickle checkpoint"),
                 ({**pair, "POST_BANDS": [3, 1]}, r"post.tif: 2 post band\(s\) chosen \(\[3, 1\]\)"),
+                ({**pair, "POST_BANDS": "3,1"}, r"post.tif: 2 post band\(s\) chosen \(\[3, 1\]\)"),
+                ({**pair, "PRE_BANDS": "3,x"}, "PRE_BANDS: bands must be comma-separated numbers like 3,2,1, not "
+                                              "'3,x'"),
                 ({**pair, "PRE": str(sar)}, r"S1_vv_vh_db.tif: the pre image has 2 band\(s\), the model expects 3 "
                                             r"\(optical\); choose them with PRE_BANDS"),
                 ({**pair, "POST": str(far)}, "PRE and POST do not overlap"),
                 ({**pair, "CRS": "EPSG:99999"}, "CRS: EPSG:99999 is no coordinate reference system QGIS knows"),
                 ({**pair, "PRE_SCALE": 0}, "PRE_SCALE must be"),
                 ({**pair, "TILE_SIZE": 128, "OVERLAP": 128}, r"OVERLAP must be in \[0, tile\) = \[0, 128\), not 128")]
+    if "m2cd_mit_b0_flood" in zoo_index():  # optical before and SAR after, given the other way round
+        swapped = {"PRE": str(grey), "POST": str(levir_crop["post"]), "MODEL": "", "ZOO_MODEL": "m2cd_mit_b0_flood"}
+        refusals.append((swapped,
+                         r"grey.tif has 1 band\(s\) and post.tif 3: the model takes 3 \(optical\) before and 1 "
+                         r"\(sar\) after; are the dates swapped\?"))
     # A web map (it has a band count, which the check used to compare with the model's) and a CRS set in QGIS
     # over the file's, which the engine would not see.
     web = QgsRasterLayer("type=xyz&url=https://tile.openstreetmap.org/{z}/{x}/{y}.png&zmax=19&zmin=0", "osm", "wms")
@@ -247,6 +259,29 @@ def test_inputs_the_model_cannot_take_are_refused_before_the_run(geochange_provi
     algorithm = QgsApplication.processingRegistry().algorithmById(ALGORITHM)
     assert algorithm.checkParameterValues({**pair, "MODEL": str(tinycd_package), "CRS": "ProjectCrs",
                                            **outputs_in(tmp_path / "out")}, QgsProcessingContext()) == (True, "")
+
+
+def test_an_overlap_not_under_the_model_s_tile_is_refused_before_the_run(geochange_provider, levir_crop,
+                                                                        shared_data, tinycd_package, tmp_path):
+    """TILE_SIZE left empty takes the package's tile (256 px here): an OVERLAP of it or more is refused by QGIS's
+    check, naming the tile, before any engine starts; in Detect changes and in Detect changes in many pairs, for a
+    model file and a zoo model. A model that cannot be read leaves it to the engine."""
+    refused = r"OVERLAP must be under the model's tile of 256 px \(TILE_SIZE is empty\), not 256"
+    pair = {"PRE": str(levir_crop["pre"]), "POST": str(levir_crop["post"]), "DEVICE": "cpu", "OVERLAP": 256,
+            **outputs_in(tmp_path / "out")}
+    folders = {"PRE_FOLDER": str(levir_crop["pre"].parent), "POST_FOLDER": str(levir_crop["post"].parent),
+               "PATTERN": "none.tif", "DEVICE": "cpu", "OVERLAP": 256, "OUTPUT": str(tmp_path / "many")}
+    models = [{"MODEL": str(tinycd_package)}] + [{"ZOO_MODEL": "tinycd_flood"}] * ("tinycd_flood" in zoo_index())
+    for algorithm, parameters in (("geochange:detectchanges", pair), ("geochange:detectmanypairs", folders)):
+        for model in models:
+            log = Log()
+            with pytest.raises(QgsProcessingException, match=refused):
+                run_algorithm(algorithm, {**parameters, **model}, log)
+            assert log.lines == []  # no engine ran to say anything
+    assert not (tmp_path / "out").exists() and not (tmp_path / "many").exists()
+    many = QgsApplication.processingRegistry().algorithmById("geochange:detectmanypairs")
+    pickle = shared_data / "weights" / "tinycd_levir_official.pth"
+    assert many.checkParameterValues({**folders, "MODEL": str(pickle)}, QgsProcessingContext()) == (True, "")
 
 
 def test_dates_in_degrees_a_turn_apart_are_left_to_the_engine(geochange_provider, tmp_path):
@@ -457,6 +492,28 @@ def test_band_mapping_reaches_the_engine(geochange_provider, levir_crop, tinycd_
     assert list(tmp_path.iterdir()) == []
 
 
+def test_band_lists_as_text_keep_their_order(crop_detection, levir_crop, qgis_process, tmp_path):
+    """Bands given as the text 3,2,1 (which QGIS itself reads as [0]), in a script and in qgis_process: the crop
+    with its bands reversed, read in the order 3,2,1, gives the crop's own probabilities."""
+    reversed_bands = {}
+    for date in ("pre", "post"):
+        with rasterio.open(levir_crop[date]) as src:
+            profile, data = src.profile, src.read()
+        reversed_bands[date] = tmp_path / f"{date}_bgr.tif"
+        with rasterio.open(reversed_bands[date], "w", **profile) as dst:
+            dst.write(data[::-1])
+    expected = read_band(crop_detection["results"]["OUTPUT_PROBABILITY"])
+    parameters = {**crop_detection["parameters"], "PRE": str(reversed_bands["pre"]),
+                  "POST": str(reversed_bands["post"]), "PRE_BANDS": "3,2,1", "POST_BANDS": "3,2,1"}
+    results = run_algorithm(ALGORITHM, {**parameters, **outputs_in(tmp_path / "script")})
+    np.testing.assert_array_equal(read_band(results["OUTPUT_PROBABILITY"]), expected)
+
+    outputs = {**parameters, **outputs_in(tmp_path / "qgis_process")}
+    done = qgis_process("--json", "run", ALGORITHM, "--", *(f"{k}={v}" for k, v in outputs.items()))
+    assert done.returncode == 0, done.stdout + done.stderr
+    np.testing.assert_allclose(read_band(outputs["OUTPUT_PROBABILITY"]), expected, atol=1e-3)
+
+
 def test_alignment_and_engine_options_reach_the_engine(geochange_provider, levir_crop, shared_data, tinycd_package,
                                                        tmp_path):
     """The crop's pre date against the post image reprojected to UTM 14N at 0.6 m and shifted: on the
@@ -486,6 +543,24 @@ class Log(QgsProcessingFeedback):
 
     def pushInfo(self, text):  # noqa: N802 (QGIS's name)
         self.lines.append(text)
+
+
+def test_engine_log_lines_name_the_parameters(geochange_provider, levir_crop, tinycd_package, tmp_path):
+    """The engine's log names its options as the command line does: QGIS's log names the parameters instead
+    (here the advice on pixels ten times coarser than the model's 0.5 m)."""
+    coarse = {}
+    for date in ("pre", "post"):
+        with rasterio.open(levir_crop[date]) as src:
+            profile, data = src.profile, src.read()
+        coarse[date] = tmp_path / f"{date}_coarse.tif"
+        with rasterio.open(coarse[date], "w", **dict(profile, transform=src.transform * Affine.scale(10))) as dst:
+            dst.write(data)
+    log = Log()
+    run_algorithm(ALGORITHM, {"PRE": str(coarse["pre"]), "POST": str(coarse["post"]), "MODEL": str(tinycd_package),
+                              "DEVICE": "cpu", **outputs_in(tmp_path / "out")}, log)
+    advice = [line for line in log.lines if line.startswith("the model was trained on 0.5 m pixels")]
+    assert advice and "; RESOLUTION model reads both dates at the model's pixel size" in advice[0], log.lines
+    assert not any("--resolution" in line for line in log.lines), log.lines
 
 
 def test_a_router_package_runs_o_p_routing(crop_detection, tinycd_package, tmp_path):

@@ -190,12 +190,12 @@ def test_modules_in_qgis_s_working_folder_never_run_in_the_engine(geochange_prov
     assert results["ARCHITECTURE"] == "tinycd"
 
 
-def test_engine_errors_name_the_algorithm_s_parameters(geochange_provider, levir_crop, tinycd_package, tmp_path):
-    """The engine refuses an overlap not under the model's tile (256 px, which QGIS's check cannot know) as
-    --overlap; QGIS shows OVERLAP."""
+def test_engine_errors_name_the_algorithm_s_parameters(geochange_provider, levir_crop, random_package, tmp_path):
+    """The engine refuses an overlap not under the engine's default tile of 512 px (a package recording no tile of
+    its own, which QGIS's check does not know) as --overlap; QGIS shows OVERLAP."""
     with pytest.raises(QgsProcessingException) as raised:
         run_algorithm("geochange:detectchanges", {
-            "PRE": str(levir_crop["pre"]), "POST": str(levir_crop["post"]), "MODEL": str(tinycd_package),
-            "DEVICE": "cpu", "OVERLAP": 300, "OUTPUT_PROBABILITY": str(tmp_path / "p.tif"),
+            "PRE": str(levir_crop["pre"]), "POST": str(levir_crop["post"]), "MODEL": str(random_package),
+            "DEVICE": "cpu", "OVERLAP": 600, "OUTPUT_PROBABILITY": str(tmp_path / "p.tif"),
             "OUTPUT_MASK": str(tmp_path / "m.tif"), "OUTPUT_POLYGONS": str(tmp_path / "c.gpkg")})
-    assert str(raised.value) == "OVERLAP must be in [0, tile) = [0, 256), not 300"
+    assert str(raised.value) == "OVERLAP must be in [0, tile) = [0, 512), not 600"

@@ -204,3 +204,20 @@ def test_values_that_would_fail_in_training_or_detection_are_named_before():
 def test_multipliers_that_match_no_parameter_are_said():
     assert unmatched_multipliers(_Toy(), {"lr_mult": {"head": 10.0, "haed": 10.0}, "decay_mult": {"norm": 0.0}}) \
         == ["optim.lr_mult.haed: in no parameter name of the model, so it changes nothing"]
+
+
+def test_the_loader_workers_fit_the_machine(monkeypatch, tmp_path):
+    """Four data-loader workers ran on a two-core machine, beside the training (torch warns that the loader may run
+    slow or freeze there): the default is now the cores this process may use besides its own, at most four."""
+    import os
+
+    from geochange.trainer.config import default_loader_workers
+
+    for cores, expected in ((1, 0), (2, 1), (4, 3), (16, 4)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, cores=cores: set(range(cores)))
+        assert default_loader_workers() == expected
+    monkeypatch.undo()
+    config = tmp_path / "mine.yaml"  # as QGIS's dialog writes one: no loader workers given
+    config.write_text(f"name: mine\nmodel: {{architecture: tinycd}}\ndata:\n  datasets: [{{root: {tmp_path}}}]\n")
+    assert load(config)["data"]["workers"] == default_loader_workers()
+    assert load(config, ["data.workers=3"])["data"]["workers"] == 3

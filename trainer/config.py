@@ -41,6 +41,14 @@ def _non_negative(v):
     return None if v >= 0 else "must be >= 0"
 
 
+def default_loader_workers() -> int:
+    """Data-loader workers where the config gives none: 4, or the cores this process may use besides its own where
+    fewer (more would take the training's cores; torch warns that the loader may then run slow or freeze). The
+    samples do not depend on it: each is augmented with a generator of its own (``trainer.data``)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(4, cores - 1))
+
+
 # The crop is recorded as the package's tile, which detect's default overlap must stay under.
 MIN_CROP = detect_option("overlap").default + 1
 # Architectures whose training forward needs sides divisible by more than 1 (detect pads its windows itself):
@@ -125,7 +133,7 @@ SCHEMA: dict = {
         # Input spec per date ({"pre": {...}, "post": {...}}, see engine.inputs); default: the architecture's.
         "inputs": ((dict, type(None)), None),
         "batch": (int, 8, _positive),  # global batch, split over the processes
-        "workers": (int, 4, _non_negative),
+        "workers": (int, default_loader_workers(), _non_negative),
         "optical_sar": (bool, False),  # forbids the exchange of dates
         # Float SAR dates hold dB (else linear power), as detect's --sar-db says of the rasters it is given.
         "sar_db": (bool, False),
