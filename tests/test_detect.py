@@ -313,6 +313,25 @@ def test_cancel_leaves_no_output(tmp_path, random_package, readers):
     assert 0 < progress.percent < 100 * 3 / 16
 
 
+def test_options_and_rasters_are_checked_before_the_model_is_made_ready(tmp_path, random_package, monkeypatch):
+    """An overlap not under the model's tile, dates apart, a band count the model does not take: each was refused
+    only once the predictor was made, after an OpenVINO export or a compile (minutes at an analyst's first run)."""
+    from geochange.engine.errors import OptionError
+
+    def made(*args, **kwargs):
+        raise AssertionError("the predictor was made before the inputs were checked")
+
+    monkeypatch.setattr("geochange.engine.detect.Predictor", made)
+    data = np.random.default_rng(0).integers(0, 255, (3, 96, 96), dtype=np.uint8)
+    pre, post = write_raster(tmp_path / "a.tif", data), write_raster(tmp_path / "b.tif", data)
+    apart = write_raster(tmp_path / "apart.tif", data, transform=from_origin(640000, 3340000, 0.5, 0.5))
+    grey = write_raster(tmp_path / "grey.tif", data[:1])
+    for options, paths, refusal in (({"overlap": 600}, (pre, post), OptionError),
+                                    ({}, (pre, apart), RasterError), ({}, (grey, post), RasterError)):
+        with pytest.raises(refusal):
+            prepare(*paths, random_package, DetectOptions.of(options))
+
+
 def test_the_cli_gives_sigterm_back_once_its_command_is_over(monkeypatch, capsys):
     """Its handler stayed: a SIGTERM during Python's exit, the outputs complete, raised there, printed a traceback
     and left the status 0."""
