@@ -23,6 +23,7 @@ from geochange.engine.contracts import (ASSESS_FN, ASSESS_FP, ASSESS_NOT_ASSESSE
 from geochange.engine.errors import OptionError, RasterError
 from geochange.engine.evaluate import change_label
 from geochange.engine.grid import Grid, placement, warped_on
+from geochange.engine.hardware import physical_memory
 from geochange.engine.metrics import confusion, kappa, scores
 from geochange.engine.progress import Progress
 from geochange.engine.rasters import open_raster
@@ -54,6 +55,22 @@ def raster_on(path: str, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
         # The mask marks the grid's pixels that the raster's footprint (and its data) covers.
         with warped_on(src, grid, Resampling.nearest) as vrt:
             return vrt.read(1), vrt.read_masks(1) > 0
+
+
+# What assess holds a pixel at most, in bytes: each map's values (up to 8) and masks, the pixels assessed, the
+# objects' labels (two int32), the TP/FP/FN raster.
+BYTES_PER_PIXEL = 32
+
+
+def check_memory(grid: Grid, source: str) -> None:
+    """Assess holds both maps on the grid whole (the objects are counted over all of it): one beyond the machine's
+    memory is refused before it is read, not a MemoryError."""
+    memory, gib = physical_memory(), 2**30
+    need = grid.width * grid.height * BYTES_PER_PIXEL
+    if memory is not None and need > memory:
+        raise RasterError(f"{source}: {grid.width}x{grid.height} px, which assess holds whole: about {need / gib:.0f} "
+                          f"GiB, more than this machine's {memory / gib:.0f} GiB; assess a part of both maps (cut "
+                          "them first, e.g. gdal_translate -projwin)")
 
 
 def grid_of(path: str) -> Grid:
@@ -122,17 +139,18 @@ def assess(prediction: str, reference: str, *, aoi: str | None = None, ignore_va
     if not 0 < object_iou <= 1:
         raise OptionError(f"--object-iou must be in (0, 1], not {object_iou:g}")
     check_outputs((out_raster,), (prediction, reference, aoi))
-    if is_raster(prediction):
-        grid = grid_of(prediction)
-        # The mask's nodata is 127 (contracts.MASK_NODATA), read as a label's unlabelled value.
-        predicted, valid = change_on(prediction, grid, "the prediction", MASK_NODATA)
-    elif is_raster(reference):
-        grid = grid_of(reference)
-        predicted = polygons_on(prediction, grid, "the prediction")
-        valid = np.ones_like(predicted)
-    else:
+    on = next((source for source in (prediction, reference) if is_raster(source)), None)
+    if on is None:
         raise RasterError(f"{prediction} and {reference}: both are polygons; give the prediction or the reference "
                           "as a raster (e.g. the change mask of geochange detect), whose grid the comparison uses")
+    grid = grid_of(on)
+    check_memory(grid, on)
+    if on == prediction:
+        # The mask's nodata is 127 (contracts.MASK_NODATA), read as a label's unlabelled value.
+        predicted, valid = change_on(prediction, grid, "the prediction", MASK_NODATA)
+    else:
+        predicted = polygons_on(prediction, grid, "the prediction")
+        valid = np.ones_like(predicted)
     progress.update(1, STEPS)
     truth, labelled = change_on(reference, grid, "the reference", ignore_value)
     progress.update(2, STEPS)

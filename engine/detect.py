@@ -20,6 +20,7 @@ from geochange.engine.bands import band_order_warning, check_dates_order, select
 from geochange.engine.contracts import POLYGON_LAYER
 from geochange.engine.errors import OptionError, RasterError
 from geochange.engine.grid import Grid, PairReader, common_grid
+from geochange.engine.hardware import physical_memory
 from geochange.engine.inputs import model_channels
 from geochange.engine.options import MODEL_RESOLUTION, DetectOptions
 from geochange.engine.outputs import BLOCK, ChangeWriter
@@ -98,14 +99,6 @@ def warn_scale(grid: Grid, manifest: dict, log) -> None:
         f"{way}): expect it to miss changes; --resolution {MODEL_RESOLUTION} reads both dates at the model's "
         f"pixel size and brings the results back onto this grid (--resolution {grid.side_of(gsd):.6g} makes "
         "the outputs' pixels the model's)")
-
-
-def physical_memory() -> int | None:
-    """The machine's memory in bytes; None where the system does not say (no ``sysconf`` on Windows)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return None
 
 
 def fit_batch(plan: WindowPlan, batch: int, channels: int, log=lambda message: None) -> int:
@@ -259,8 +252,9 @@ def write_outputs(setup: DetectSetup, bands: Iterator[tuple[int, np.ndarray, np.
                 if in_flight is not None:
                     written(*in_flight)
         if not any_valid:
-            raise RasterError(f"no pixel is valid in both {setup.paths[0].name} and {setup.paths[1].name} "
-                              "(nodata everywhere)")
+            where = f" inside the area of interest {setup.aoi.source}" if setup.aoi is not None else ""
+            raise RasterError(f"no pixel is valid in both {setup.paths[0].name} and {setup.paths[1].name}{where} "
+                              "(nodata everywhere" + (", or the area holds no pixel's centre)" if where else ")"))
         finish.check()
         writer.close(finish)
     except BaseException:

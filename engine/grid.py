@@ -191,6 +191,9 @@ def common_grid(pre, post, *, on: str = "pre", crs: str | None = None,
     except CRSError:  # whose message, "The WKT could not be parsed", misleads for an EPSG code
         raise OptionError(f"crs {crs!r} is not a coordinate reference system GDAL knows "
                           "(an EPSG code, WKT or PROJ string)") from None
+    if crs and pyproj.CRS.from_wkt(target.to_wkt()).is_geocentric:  # its x and y would cut through the Earth
+        raise OptionError(f"crs {crs!r} is geocentric (x, y, z from the Earth's centre), no map: choose a projected "
+                          "or geographic CRS")
     try:
         with Env():  # GDAL's complaint goes to rasterio's log: the error below says it
             res_x, res_y = (resolution, resolution) if resolution else _resolution(reference, target)

@@ -1,4 +1,4 @@
-"""What this machine's CPU offers the models: its name, and whether bf16 arithmetic is native to it.
+"""What this machine offers the models: its CPU's name, whether bf16 arithmetic is native to it, its memory.
 
 bf16 autocast pays on a CPU only where matrix units or vector instructions take bf16 directly (Intel AMX,
 AVX512-BF16 on Intel and AMD): elsewhere PyTorch converts each operand to fp32 and back, slower than fp32.
@@ -6,6 +6,7 @@ AVX512-BF16 on Intel and AMD): elsewhere PyTorch converts each operand to fp32 a
 from __future__ import annotations
 
 import functools
+import os
 import platform
 
 import torch
@@ -44,3 +45,11 @@ def cpu_flags(caps: dict | None = None) -> list[str]:
     """The ``SPEED_FEATURES`` of the CPU of ``caps``, default this one."""
     caps = cpu_capabilities() if caps is None else caps
     return [flag for flag in SPEED_FEATURES if caps.get(flag)]
+
+
+def physical_memory() -> int | None:
+    """The machine's memory in bytes; None where the system does not say (no ``sysconf`` on Windows)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None

@@ -88,6 +88,18 @@ def test_two_polygon_maps_are_refused_with_a_reason(levir_maps):
         assess(str(levir_maps["polygons"]), str(levir_maps["polygons"]))
 
 
+def test_maps_beyond_the_machine_s_memory_are_refused_before_they_are_read(levir_maps, tmp_path):
+    """A million pixels a side (a sparse GeoTIFF, a few kB) was a numpy MemoryError for 931 GiB, as a traceback."""
+    from osgeo import gdal
+
+    huge = tmp_path / "huge.tif"
+    gdal.GetDriverByName("GTiff").Create(str(huge), 10**6, 10**6, 1, gdal.GDT_Byte,
+                                         ["TILED=YES", "SPARSE_OK=TRUE", "COMPRESS=ZSTD"]).FlushCache()
+    with pytest.raises(RasterError, match=rf"^{huge}: 1000000x1000000 px, which assess holds whole: about 29802 GiB, "
+                                          r"more than this machine's \d+ GiB; assess a part of both maps"):
+        assess(str(huge), str(levir_maps["polygons"]))
+
+
 def test_the_command_line_writes_json_and_the_raster_and_refuses_in_one_line(levir_maps, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["assess", "--prediction", str(levir_maps["mask"]), "--reference", str(levir_maps["polygons"]),

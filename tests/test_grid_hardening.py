@@ -303,6 +303,21 @@ def test_an_area_of_interest_in_a_crs_with_no_way_to_the_grid_s_is_named_in_one_
         area_of_interest(str(aoi), grid)
 
 
+def test_a_geocentric_crs_and_an_area_of_interest_holding_no_pixel_are_named(tmp_path, random_package):
+    """Both ran to 'no pixel is valid in both ... (nodata everywhere)', which blamed the rasters."""
+    pre, post = write_raster(tmp_path / "pre.tif", NORTH_UP), write_raster(tmp_path / "post.tif", NORTH_UP, seed=1)
+    with rasterio.open(pre) as a, rasterio.open(post) as b, pytest.raises(
+            OptionError, match="crs 'EPSG:4978' is geocentric"):
+        common_grid(a, b, crs="EPSG:4978")
+    sliver = write_polygons(tmp_path / "sliver.gpkg", [mapping(box(630010.3, 3339900, 630010.4, 3339990))], 32614)
+    out = tmp_path / "out"
+    with pytest.raises(RasterError, match=re.escape(f"inside the area of interest {sliver} (nodata everywhere, or "
+                                                    "the area holds no pixel's centre)")):
+        detect(pre, post, random_package, probability=out / "p.tif", mask=out / "m.tif", polygons=out / "c.gpkg",
+               aoi=str(sliver))
+    assert not out.exists()
+
+
 def test_thresholds_outside_0_1_are_refused_by_the_engine(tmp_path, random_package):
     pre, post = write_raster(tmp_path / "pre.tif", NORTH_UP), write_raster(tmp_path / "post.tif", NORTH_UP, seed=1)
     for threshold in (-0.1, 1.5, float("nan")):
