@@ -48,6 +48,9 @@ def read_polygons(source: str, role: str = "the area of interest") -> tuple[obje
         raise RasterError(f"{path}: no such file ({role})")
     dataset = ogr.Open(path)
     layer = None if dataset is None else (dataset.GetLayerByName(name) if name else dataset.GetLayer(0))
+    if layer is None and dataset is not None and dataset.GetLayerCount():
+        held = ", ".join(dataset.GetLayer(i).GetName() for i in range(dataset.GetLayerCount()))
+        raise RasterError(f"{path}: no layer {name!r} ({role}); its layers: {held}")
     if layer is None:
         raise RasterError(f"{source}: not a vector layer GDAL can read ({role})")
     geometries = []

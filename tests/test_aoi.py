@@ -79,7 +79,9 @@ def test_an_area_of_interest_must_hold_polygons_that_meet_the_rasters(levir_crop
     for aoi, message in ((far, "the area of interest does not overlap the rasters"),
                          (points, r"no polygon in the area of interest \(1 other features\)"),
                          (tmp_path / "none.gpkg", "no such file"),
-                         (f"{far}|layername=other", "not a vector layer GDAL can read")):
+                         (f"{far}|layername=other", f"{far}: no layer 'other' \\(the area of interest\\); its layers: "
+                                                    "area"),
+                         (levir_crop["pre"], "not a vector layer GDAL can read")):
         with pytest.raises(RasterError, match=message):
             detect(levir_crop["pre"], levir_crop["post"], random_package, device="cpu", aoi=str(aoi), **names)
     assert not (tmp_path / "p.tif").exists()
