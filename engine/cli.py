@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from geochange.engine.contracts import OBJECT_IOU, output_names
+from geochange.engine.contracts import OBJECT_IOU, VECTOR_FORMATS, output_names
 from geochange.engine.errors import GeoChangeError
 from geochange.engine.options import DETECT, EVALUATE, DetectOptions, flag, names, number_or_word, specs
 from geochange.engine.progress import cancel_on_sigterm, raise_if_stopped
@@ -187,7 +187,7 @@ def parsed_options(args: argparse.Namespace, command: str) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     def add_vector_format(p) -> None:
-        p.add_argument("--vector-format", choices=["gpkg", "geojson", "shp"], default="gpkg",
+        p.add_argument("--vector-format", choices=VECTOR_FORMATS, default="gpkg",
                        help="the polygons' file: GeoPackage (default), GeoJSON or shapefile")
 
     parser = argparse.ArgumentParser(prog="geochange", description=__doc__)

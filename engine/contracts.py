@@ -15,6 +15,8 @@ MASK_NO_CHANGE = 0  # uint8
 MASK_CHANGE = 255
 MASK_NODATA = 127
 POLYGON_LAYER = "changes"  # the polygons' layer in their file, unless the caller names another
+# The polygons' file formats, by their suffix: --vector-format, the files QGIS offers and hands the engine.
+VECTOR_FORMATS = ("gpkg", "shp", "geojson")
 # A detection's outputs in a folder: the command line's --out, each pair's folder of detect-many.
 OUTPUT_NAMES = {"probability": "change_probability.tif", "mask": "change_mask.tif",
                 "polygons": "change_polygons.gpkg"}

@@ -14,7 +14,7 @@ from qgis.core import (
     QgsProcessingUtils,
 )
 
-from geochange.engine.contracts import OBJECT_IOU
+from geochange.engine.contracts import OBJECT_IOU, VECTOR_FORMATS
 from geochange.qgis_plugin import styles
 from geochange.qgis_plugin.engine_algorithm import EngineAlgorithm, raster_file, tr
 from geochange.qgis_plugin.evaluate_algorithm import COUNTS, METRICS
@@ -92,7 +92,7 @@ class AssessAccuracyAlgorithm(EngineAlgorithm):
         if layer.type() == QgsMapLayerType.VectorLayer:
             # A feedback object is needed: QGIS 3.22 crashes exporting a layer without one.
             return vector_source(*QgsProcessingUtils.convertToCompatibleFormatAndLayerName(
-                layer, False, name, ["gpkg", "shp", "geojson"], "gpkg", context, QgsProcessingFeedback()), layer)
+                layer, False, name, list(VECTOR_FORMATS), "gpkg", context, QgsProcessingFeedback()), layer)
         return raster_file(layer, name)
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 (QGIS's name)

@@ -76,7 +76,7 @@ class DetectChangesAlgorithm(EngineAlgorithm):
                               "pseudo-colour ramp.",
         "OUTPUT_MASK": f"Cloud-Optimised GeoTIFF, {MASK_CHANGE} = changed, {MASK_NO_CHANGE} = unchanged, "
                        f"{MASK_NODATA} = nodata. Loaded with changes in red and the rest transparent.",
-        "OUTPUT_POLYGONS": "GeoPackage of the changed areas with their area in square metres "
+        "OUTPUT_POLYGONS": "GeoPackage (or shapefile, GeoJSON) of the changed areas with their area in square metres "
                            "(<code>area_m2</code>) and the mean and maximum change probability inside them "
                            "(<code>mean_prob</code>, <code>max_prob</code>), and the names of the two rasters. "
                            "Loaded as outlines labelled with their area.",

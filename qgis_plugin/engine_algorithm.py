@@ -21,7 +21,7 @@ from qgis.core import (
 )
 from qgis.PyQt.QtCore import QCoreApplication
 
-from geochange.engine.contracts import POLYGON_LAYER
+from geochange.engine.contracts import POLYGON_LAYER, VECTOR_FORMATS
 from geochange.engine.options import flag, spec
 from geochange.qgis_plugin import worker_client
 
@@ -99,9 +99,10 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
         return require_suffix(name, path, suffixes)
 
     def polygon_output(self, parameters, name, context) -> tuple[str, str, str]:
-        """The GeoPackage of a polygon output, its layer and the layer's URI (the file itself where no layer
-        is named). Accepted: a file (layer ``changes``), ``out.gpkg|layername=NAME``, or what the output
-        widget's *Save to GeoPackage…* gives, ``ogr:dbname='out.gpkg' table="NAME"``."""
+        """The file of a polygon output, its layer and the layer's URI (the file itself where no layer is named).
+        Accepted: a GeoPackage (layer ``changes``), ``out.gpkg|layername=NAME``, what the output widget's *Save to
+        GeoPackage…* gives, ``ogr:dbname='out.gpkg' table="NAME"``, a shapefile or a GeoJSON file (one layer, the
+        file's own)."""
         destination = self.parameterAsOutputLayer(parameters, name, context)
         if destination.startswith("ogr:"):
             uri = QgsDataSourceUri(destination[len("ogr:"):])
@@ -109,7 +110,9 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
         else:
             parts = QgsProviderRegistry.instance().decodeUri("ogr", destination)
             path, layer = parts["path"], parts["layerName"]
-        path = require_suffix(name, path, (".gpkg",))
+        path = require_suffix(name, path, tuple(f".{suffix}" for suffix in VECTOR_FORMATS))
+        if Path(path).suffix.lower() != ".gpkg":
+            layer = ""  # the file's one layer
         uri = QgsProviderRegistry.instance().encodeUri("ogr", {"path": path, "layerName": layer}) if layer else path
         # QGIS would add a named layer to the file; the engine writes the whole file, which would delete the rest.
         if layer and os.path.exists(path):

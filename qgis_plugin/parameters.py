@@ -24,6 +24,7 @@ from qgis.core import (
 )
 
 from geochange.engine.bands import band_list
+from geochange.engine.contracts import VECTOR_FORMATS
 from geochange.engine.errors import GeoChangeError, OptionError
 from geochange.engine.header import read_metadata
 from geochange.engine.options import DetectOptions, number_or_word, spec
@@ -171,7 +172,7 @@ def option_value(algorithm, parameters, context, name: str):
             return None
         # A feedback object is needed: QGIS 3.22 crashes exporting a layer without one.
         return vector_source(*algorithm.parameterAsCompatibleSourceLayerPathAndLayerName(
-            parameters, parameter, context, ["gpkg", "shp", "geojson"], "gpkg", QgsProcessingFeedback()),
+            parameters, parameter, context, list(VECTOR_FORMATS), "gpkg", QgsProcessingFeedback()),
             algorithm.parameterAsVectorLayer(parameters, parameter, context))
     return algorithm.parameterAsString(parameters, parameter, context).strip() or option.default
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from qgis.core import QgsProcessingProvider
 from qgis.PyQt.QtGui import QIcon
 
+from geochange.engine.contracts import VECTOR_FORMATS
 from geochange.qgis_plugin.assess_algorithm import AssessAccuracyAlgorithm
 from geochange.qgis_plugin.detect_algorithm import DetectChangesAlgorithm
 from geochange.qgis_plugin.evaluate_algorithm import EvaluateModelAlgorithm
@@ -68,8 +69,8 @@ class GeoChangeProvider(QgsProcessingProvider):
         for algorithm in ALGORITHMS:
             self.addAlgorithm(algorithm())
 
-    # The engine writes GeoTIFF rasters and GeoPackage vectors only; offering other formats in
-    # the output widgets would produce files with the wrong content for their extension.
+    # The engine writes GeoTIFF rasters and GeoPackage, shapefile or GeoJSON vectors only; offering other formats
+    # in the output widgets would produce files with the wrong content for their extension.
     def supportedOutputRasterLayerExtensions(self):  # noqa: N802 (QGIS's name)
         return ["tif"]
 
@@ -77,7 +78,7 @@ class GeoChangeProvider(QgsProcessingProvider):
         return "tif"
 
     def supportedOutputVectorLayerExtensions(self):  # noqa: N802 (QGIS's name)
-        return ["gpkg"]
+        return list(VECTOR_FORMATS)
 
     def defaultVectorFileExtension(self, hasGeometry=True):  # noqa: N802,N803 (QGIS's names)
         return "gpkg"

@@ -32,9 +32,9 @@ class VectorizeChangesAlgorithm(EngineAlgorithm):
                  "outputs of a pair of plain images), in pixels, as are the minimum area and the tolerance.",
         "BAND": "The band holding the probabilities (empty: band 1).",
         "THRESHOLD": "Probability above which a pixel counts as changed.",
-        "OUTPUT": "GeoPackage of the changed areas with <code>area_m2</code> (<code>area_px</code> for a raster "
-                  "without a CRS), <code>mean_prob</code> and <code>max_prob</code>. Loaded as outlines labelled with "
-                  "their area.",
+        "OUTPUT": "GeoPackage (or shapefile, GeoJSON) of the changed areas with <code>area_m2</code> "
+                  "(<code>area_px</code> for a raster without a CRS), <code>mean_prob</code> and "
+                  "<code>max_prob</code>. Loaded as outlines labelled with their area.",
     }
     NOTES = ENGINE_NOTES
 

@@ -492,6 +492,22 @@ def test_band_mapping_reaches_the_engine(geochange_provider, levir_crop, tinycd_
     assert list(tmp_path.iterdir()) == []
 
 
+def test_polygons_as_a_shapefile_or_geojson(crop_detection, tmp_path):
+    """The command line's --vector-format: QGIS refused any polygon file but a GeoPackage."""
+    count = crop_detection["results"]["POLYGON_COUNT"]
+    for suffix in ("shp", "geojson"):
+        polygons = tmp_path / suffix / f"c.{suffix}"
+        results = run_algorithm(ALGORITHM, {**crop_detection["parameters"], **outputs_in(tmp_path / suffix),
+                                            "OUTPUT_POLYGONS": str(polygons)})
+        again = run_algorithm("geochange:vectorizechanges", {
+            "INPUT": crop_detection["results"]["OUTPUT_PROBABILITY"], "OUTPUT": str(tmp_path / f"v.{suffix}")})
+        for result, key in ((results, "OUTPUT_POLYGONS"), (again, "OUTPUT")):
+            layer = QgsVectorLayer(result[key], "changes", "ogr")
+            assert result["POLYGON_COUNT"] == count and layer.isValid() and layer.featureCount() == count
+            assert "area_m2" in layer.fields().names()
+        assert results["OUTPUT_POLYGONS"] == str(polygons)
+
+
 def test_band_lists_as_text_keep_their_order(crop_detection, levir_crop, qgis_process, tmp_path):
     """Bands given as the text 3,2,1 (which QGIS itself reads as [0]), in a script and in qgis_process: the crop
     with its bands reversed, read in the order 3,2,1, gives the crop's own probabilities."""
