@@ -8,13 +8,14 @@ import functools
 import itertools
 import json
 import os
+import select
 import sys
 from pathlib import Path
 
 from geochange.engine.contracts import OBJECT_IOU, VECTOR_FORMATS, output_names
 from geochange.engine.errors import GeoChangeError
 from geochange.engine.options import DETECT, EVALUATE, DetectOptions, flag, names, number_or_word, specs
-from geochange.engine.progress import cancel_on_sigterm, raise_if_stopped
+from geochange.engine.progress import raise_if_stopped, sigterm_cancels
 
 
 def _cmd_detect(args) -> int:
@@ -275,18 +276,13 @@ def layer_commands() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Run as a program, SIGTERM cancels (exit 2, "cancelled"), leaving no temporary file; once the command is over
-    # it ends the process as it would by default (it raised in Python's exit, with a traceback and status 0).
-    restore = cancel_on_sigterm() if argv is None else None
-    try:
+    # Run as a program, SIGTERM cancels (exit 2, "cancelled"), leaving no temporary file.
+    with sigterm_cancels(program=argv is None):
         argv = sys.argv[1:] if argv is None else list(argv)
         commands = layer_commands() if argv and not argv[0].startswith("-") else {}
         if argv and argv[0] in commands:
             return commands[argv[0]].load()(argv)
         return run_command(build_parser().parse_args(argv))
-    finally:
-        if restore:
-            restore()
 
 
 def run_command(args) -> int:
@@ -305,9 +301,23 @@ def run_command(args) -> int:
     except KeyboardInterrupt:
         print("geochange: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # the reader went (`geochange models | head`): what is left has nowhere to go
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor has Python's flush at exit
+    except BrokenPipeError:
+        if not stdout_gone():
+            raise
+        # The reader went (`geochange models | head`): what is left has nowhere to go, nor has Python's flush at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+
+
+def stdout_gone() -> bool:
+    """Whether standard output is a pipe whose reader has gone; not where that cannot be told (no ``poll`` on
+    Windows, an output without a file descriptor)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both of the last two
+        return False
+    return any(event & select.POLLERR for _, event in poller.poll(0))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """One progress/cancel interface for every front end (tqdm in the CLI, feedback in QGIS)."""
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 
@@ -135,3 +136,16 @@ def cancel_on_sigterm():
         _stop.clear()
 
     return restore
+
+
+@contextlib.contextmanager
+def sigterm_cancels(program: bool):
+    """A program's command (``program``: run as one, not called by a library): SIGTERM cancels it
+    (``cancel_on_sigterm``), and once it is over ends the process as by default. The handler left in place raised
+    in Python's exit, with a traceback and status 0."""
+    restore = cancel_on_sigterm() if program else None
+    try:
+        yield
+    finally:
+        if restore:
+            restore()

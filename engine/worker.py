@@ -29,7 +29,7 @@ from geochange.engine.contracts import (
     result_line,
 )
 from geochange.engine.errors import Cancelled, GeoChangeError
-from geochange.engine.progress import Progress, cancel_on_sigterm, raise_if_stopped
+from geochange.engine.progress import Progress, raise_if_stopped, sigterm_cancels
 
 # Modules each task imports (directly or through the engine), and the pip name of those named otherwise.
 ENGINE = ("numpy", "torch", "timm", "safetensors", "rasterio", "shapely", "scipy", "pyproj", "osgeo")
@@ -182,32 +182,32 @@ def main(tasks: dict = TASKS, needs: dict = NEEDS) -> int:
     """Serve one job; layers above the engine (the trainer) call this with their own tasks added."""
     emit = _Emitter()
     faulthandler.enable()  # a segfault prints the Python stack on stderr before the process dies
-    cancel_on_sigterm()
-    try:
-        task, args = read_job(sys.stdin.read())
-        if task not in tasks:
-            emit(EngineError(f"unknown task {task!r}; known: {', '.join(tasks)}", "ValueError").line())
-            return 2
-        missing = missing_modules(task, needs)
-        if missing:
-            emit(EngineError(f"missing Python packages: {', '.join(missing)}", MISSING_DEPENDENCY,
-                             missing={m: {"pip": PIP_NAMES.get(m, m), "reason": why} for m, why in missing.items()},
-                             python=sys.executable, version=sys.version.split()[0],
-                             venv=sys.prefix != sys.base_prefix).line())
-            return 2
-        emit(log_line(f"GeoChange engine {_engine_origin()} on Python {sys.version.split()[0]} ({sys.executable})"))
+    with sigterm_cancels(program=True):  # the job over, a SIGTERM ends the process as by default
         try:
-            emit(result_line(tasks[task](args, emit)))
-        except Exception:
-            raise_if_stopped()  # a cancel that a library turned into its own error
-            raise
-        return 0
-    except Exception as e:
-        if isinstance(e, GeoChangeError):
-            emit(EngineError(str(e), type(e).__name__, cancelled=isinstance(e, Cancelled)).line())
-            return 2
-        emit(EngineError(f"{type(e).__name__}: {e}", type(e).__name__, traceback=traceback.format_exc()).line())
-        return 1
+            task, args = read_job(sys.stdin.read())
+            if task not in tasks:
+                emit(EngineError(f"unknown task {task!r}; known: {', '.join(tasks)}", "ValueError").line())
+                return 2
+            missing = missing_modules(task, needs)
+            if missing:
+                emit(EngineError(f"missing Python packages: {', '.join(missing)}", MISSING_DEPENDENCY,
+                                 missing={m: {"pip": PIP_NAMES.get(m, m), "reason": why} for m, why in missing.items()},
+                                 python=sys.executable, version=sys.version.split()[0],
+                                 venv=sys.prefix != sys.base_prefix).line())
+                return 2
+            emit(log_line(f"GeoChange engine {_engine_origin()} on Python {sys.version.split()[0]} ({sys.executable})"))
+            try:
+                emit(result_line(tasks[task](args, emit)))
+            except Exception:
+                raise_if_stopped()  # a cancel that a library turned into its own error
+                raise
+            return 0
+        except Exception as e:
+            if isinstance(e, GeoChangeError):
+                emit(EngineError(str(e), type(e).__name__, cancelled=isinstance(e, Cancelled)).line())
+                return 2
+            emit(EngineError(f"{type(e).__name__}: {e}", type(e).__name__, traceback=traceback.format_exc()).line())
+            return 1
 
 
 if __name__ == "__main__":

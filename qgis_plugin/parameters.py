@@ -91,10 +91,9 @@ def band_numbers(algorithm, parameters, name: str, context) -> list[int] | None:
     """The 1-based bands of the band-list parameter ``name``, in their order; None where it is empty. Text is read
     as the engine's ``3,2,1`` (or QGIS's own ``3;2;1``): QGIS's parameterAsInts splits text at ';' only and reads
     "3,2,1" as [0]."""
-    given = parameters.get(name)
-    if not isinstance(given, str):  # the dialog's list, a repeated qgis_process argument, an expression
-        return algorithm.parameterAsInts(parameters, name, context) or None
-    text = given.strip()
+    if algorithm.parameterDefinition(name).type() == "band" and not isinstance(parameters.get(name), str):
+        return algorithm.parameterAsInts(parameters, name, context) or None  # a list: the dialog's, qgis_process's
+    text = algorithm.parameterAsString(parameters, name, context).strip()  # text, or what an expression gives
     try:
         return band_list(text.replace(";", ",")) if text else None
     except OptionError as error:

@@ -333,14 +333,33 @@ def test_options_and_rasters_are_checked_before_the_model_is_made_ready(tmp_path
 
 
 def test_the_cli_gives_sigterm_back_once_its_command_is_over(monkeypatch, capsys):
-    """Its handler stayed: a SIGTERM during Python's exit, the outputs complete, raised there, printed a traceback
-    and left the status 0."""
+    """Its handler stayed (the engine's command line, the trainer's): a SIGTERM during Python's exit, the outputs
+    complete, raised there, printed a traceback and left the status 0."""
     from geochange.engine.cli import main
+
+    from geochange.trainer.cli import main as trainer_main
 
     before = signal.getsignal(signal.SIGTERM)
     monkeypatch.setattr(sys, "argv", ["geochange", "zoo"])
     assert main() == 0
     assert signal.getsignal(signal.SIGTERM) is before
+    monkeypatch.setattr(sys, "argv", ["geochange-trainer", "train", "no-such-config.yaml"])
+    assert trainer_main() == 2 and "no-such-config.yaml" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_broken_pipe_not_of_the_output_is_no_reader_gone():
+    """Only a standard output whose reader went (`| head`) ends a command quietly: a pipe of the command's own that
+    broke was silenced as one, without a word."""
+    from argparse import Namespace
+
+    from geochange.engine.cli import run_command
+
+    def breaks(args):
+        raise BrokenPipeError("a socket of the command's own")
+
+    with pytest.raises(BrokenPipeError, match="a socket of the command's own"):
+        run_command(Namespace(run=breaks))
 
 
 def test_cli_stopped_by_sigterm_cancels_and_leaves_nothing(tmp_path, shared_data, random_package):

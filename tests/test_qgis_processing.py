@@ -492,6 +492,26 @@ def test_band_mapping_reaches_the_engine(geochange_provider, levir_crop, tinycd_
     assert list(tmp_path.iterdir()) == []
 
 
+def test_band_lists_as_text_lists_and_expressions(geochange_provider):
+    """Every way a band list reaches either algorithm gives its bands in order. Detect changes' band parameter read
+    the text 3,2,1 as [0]; Detect changes in many pairs' text parameter read an expression's 3,2,1 as [0]."""
+    from qgis.core import QgsProperty
+
+    from geochange.qgis_plugin.parameters import band_numbers
+
+    registry = QgsApplication.processingRegistry()
+    context = QgsProcessingContext()
+    for algorithm in ("geochange:detectchanges", "geochange:detectmanypairs"):
+        for given in ("3,2,1", "3;2;1", QgsProperty.fromExpression("'3,2,1'"), QgsProperty.fromValue("3,2,1")):
+            if algorithm == "geochange:detectchanges" and isinstance(given, QgsProperty):
+                continue  # a band parameter's expression gives a list: QGIS's own reading
+            assert band_numbers(registry.algorithmById(algorithm), {"PRE_BANDS": given}, "PRE_BANDS", context) == [
+                3, 2, 1], (algorithm, given)
+    detect = registry.algorithmById("geochange:detectchanges")
+    assert band_numbers(detect, {"PRE_BANDS": [3, 2, 1]}, "PRE_BANDS", context) == [3, 2, 1]
+    assert band_numbers(detect, {}, "PRE_BANDS", context) is None
+
+
 def test_polygons_as_a_shapefile_or_geojson(crop_detection, tmp_path):
     """The command line's --vector-format: QGIS refused any polygon file but a GeoPackage."""
     count = crop_detection["results"]["POLYGON_COUNT"]

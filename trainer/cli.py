@@ -14,7 +14,7 @@ from pathlib import Path
 
 from geochange.engine.cli import run_command
 from geochange.engine.process import configure_process
-from geochange.engine.progress import cancel_on_sigterm
+from geochange.engine.progress import sigterm_cancels
 
 
 def _cmd_train(args) -> int:
@@ -113,14 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None:  # run as a program (python -m geochange.trainer): SIGTERM cancels
-        cancel_on_sigterm()
-    args = build_parser().parse_args(argv)
-    configure_process()  # every command trains or tests models
-    try:
-        return run_command(args)
-    finally:
-        import torch.distributed as dist
+    with sigterm_cancels(program=argv is None):  # python -m geochange.trainer, torchrun: SIGTERM cancels
+        args = build_parser().parse_args(argv)
+        configure_process()  # every command trains or tests models
+        try:
+            return run_command(args)
+        finally:
+            import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
