@@ -45,13 +45,15 @@ RGB = ("red", "green", "blue")  # what a three-band optical model takes: every o
 def band_order_warning(colours: list[str], spec: dict, date: str, bands: list[int], where) -> str | None:
     """What to say where the bands read for a three-band optical date are labelled red, green and blue in the file
     (GDAL's colour interpretation, ``colours`` by band), in another order: a model given blue for red finds changes
-    where there are none. Only said: a label can be wrong, and the bands are read as chosen."""
+    where there are none. Only said: a label can be wrong, a package does not record its bands' order (one trained
+    on such files may take them so), and the bands are read as chosen."""
     labels = tuple(colours[b - 1].lower() for b in bands)
     if spec["modality"] != "optical" or len(bands) != 3 or labels == RGB or sorted(labels) != sorted(RGB):
         return None
     order = ",".join(str(bands[labels.index(colour)]) for colour in RGB)
     return (f"{where}: the {date} bands read ({','.join(map(str, bands))}) are labelled {', '.join(labels)} in the "
-            f"file; the model takes red, green, blue: --{date}-bands {order} reads them in that order")
+            f"file; a model of red, green, blue (the zoo's, the papers') takes them in that order with --{date}-bands "
+            f"{order}")
 
 
 def select_bands(count: int, spec: dict, date: str, bands: list[int] | None, where) -> list[int]:

@@ -321,8 +321,8 @@ def test_swapped_dates_and_bands_labelled_out_of_order_are_pointed_out(shared_da
     said = Recorded()
     prepare(bgr, rgb, random_package, DetectOptions.of({}), progress=said)
     assert [line for line in said.lines if "labelled" in line] == [
-        "bgr.tif: the pre bands read (1,2,3) are labelled blue, green, red in the file; the model takes red, green, "
-        "blue: --pre-bands 3,2,1 reads them in that order"]
+        "bgr.tif: the pre bands read (1,2,3) are labelled blue, green, red in the file; a model of red, green, blue "
+        "(the zoo's, the papers') takes them in that order with --pre-bands 3,2,1"]
     said = Recorded()
     prepare(bgr, rgb, random_package, DetectOptions.of({"pre_bands": (3, 2, 1)}), progress=said)
     assert not [line for line in said.lines if "labelled" in line]
