@@ -209,12 +209,12 @@ def test_multipliers_that_match_no_parameter_are_said():
 def test_the_loader_workers_fit_the_machine(monkeypatch, tmp_path):
     """Four data-loader workers ran on a two-core machine, beside the training (torch warns that the loader may run
     slow or freeze there): the default is now the cores this process may use besides its own, at most four."""
-    import os
+    from dask import system
 
     from geochange.trainer.config import default_loader_workers
 
     for cores, expected in ((1, 0), (2, 1), (4, 3), (16, 4)):
-        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, cores=cores: set(range(cores)))
+        monkeypatch.setattr(system, "CPU_COUNT", cores)
         assert default_loader_workers() == expected
     monkeypatch.undo()
     config = tmp_path / "mine.yaml"  # as QGIS's dialog writes one: no loader workers given

@@ -44,9 +44,11 @@ def _non_negative(v):
 def default_loader_workers() -> int:
     """Data-loader workers where the config gives none: 4, or the cores this process may use besides its own where
     fewer (more would take the training's cores; torch warns that the loader may then run slow or freeze). The
-    samples do not depend on it: each is augmented with a generator of its own (``trainer.data``)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(0, min(4, cores - 1))
+    cores as Dask counts them (the CPU affinity, a container's quota), as detect-many does. The samples do not
+    depend on it: each is augmented with a generator of its own (``trainer.data``)."""
+    from dask import system
+
+    return max(0, min(4, system.CPU_COUNT - 1))
 
 
 # The crop is recorded as the package's tile, which detect's default overlap must stay under.
