@@ -147,6 +147,11 @@ def test_run_skips_finished_steps(pipeline, monkeypatch):
     summary = pipeline.run()
     assert set(summary) == {"original", "student", "o-p"}
     assert all(s["global"]["mIoU"] >= 0 for s in summary.values())
+    # A run killed after the router's package, before its test results: the router step is not finished, and runs
+    # again (the rerun failed for want of the results, for good).
+    (pipeline.root / "router_results.json").unlink()
+    assert not pipeline.done("router")
+    assert pipeline.run()["o-p"] == summary["o-p"]
 
 
 def test_new_thresholds_redo_what_was_made_from_the_old_ones(pipeline, monkeypatch):
