@@ -20,6 +20,10 @@ from geochange.engine.stream import predict_plan
 from geochange.engine.windows import WindowPlan, check_tiling
 
 
+# Files beside an image that describe it: GDAL's statistics, overviews and mask, world files, a QGIS style.
+SIDE_FILES = (".aux.xml", ".ovr", ".msk", ".wld", ".tfw", ".pgw", ".jgw", ".tifw", ".pngw", ".qml")
+
+
 def dataset_pairs(root: str | os.PathLike) -> list[tuple[Path, Path, Path]]:
     """(A, B, label) paths of a folder dataset, sorted by name; missing counterparts are an error."""
     root = Path(root)
@@ -27,8 +31,9 @@ def dataset_pairs(root: str | os.PathLike) -> list[tuple[Path, Path, Path]]:
     for folder in folders:
         if not folder.is_dir():
             raise GeoChangeError(f"{root}: a folder dataset needs A/, B/ and label/; {folder.name}/ is missing")
-    # Hidden files (.DS_Store, editors' temporaries) are not images.
-    names = sorted(p.name for p in folders[0].iterdir() if p.is_file() and not p.name.startswith("."))
+    # Hidden files (.DS_Store, editors' temporaries) are not images, nor the files that describe one.
+    names = sorted(p.name for p in folders[0].iterdir()
+                   if p.is_file() and not p.name.startswith(".") and not p.name.lower().endswith(SIDE_FILES))
     if not names:
         raise GeoChangeError(f"{folders[0]}: no images")
     lacking = [f"{f.name}/{n}" for n in names for f in folders[1:] if not (f / n).is_file()]
@@ -54,7 +59,10 @@ def change_label(raw: np.ndarray, where, ignore_value: float | None = None,
     silently turn the unlabelled pixels of a sparse label (255 beside 0/1) or other classes into change.
     ``ignore_option`` is how the caller's user gives ``ignore_value``, for the hint.
     """
-    labelled = np.ones(raw.shape, bool) if ignore_value is None else raw != ignore_value
+    if ignore_value is None:
+        labelled = np.ones(raw.shape, bool)
+    else:  # NaN equals nothing, itself included
+        labelled = ~np.isnan(raw) if np.isnan(ignore_value) else raw != ignore_value
     values = set(np.unique(raw[labelled]).tolist())
     if values <= {0, 1} or values <= {0, 255}:
         return labelled & (raw != 0), labelled

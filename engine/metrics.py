@@ -109,16 +109,18 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def metrics_json(data) -> str:
-    """``data`` as JSON text, a metric undefined on the data (NaN) as ``null``: JSON has no NaN, and strict
-    readers (jq, a browser's ``JSON.parse``) refuse Python's."""
-    def finite(value):
-        if isinstance(value, float):
-            return value if math.isfinite(value) else None
-        if isinstance(value, dict):
-            return {key: finite(item) for key, item in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [finite(item) for item in value]
-        return value
+def json_ready(value):
+    """``value`` with a float that is not finite (a metric undefined on the data: NaN) as ``None``, JSON's ``null``:
+    JSON has no NaN, and strict readers (jq, a browser's ``JSON.parse``) refuse Python's."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(item) for item in value]
+    return value
 
-    return json.dumps(finite(data), indent=2, allow_nan=False)
+
+def metrics_json(data) -> str:
+    """``data`` as JSON text, NaN as ``null`` (``json_ready``)."""
+    return json.dumps(json_ready(data), indent=2, allow_nan=False)

@@ -30,6 +30,7 @@ from geochange.engine.errors import OutputError, PackageError
 from geochange.engine.header import METADATA_KEY, read_metadata
 from geochange.engine.manifest import (ROUTER_FORMAT, ROUTER_FORMAT_VERSION, format_manifest, format_router,
                                        is_router, model_tile, printable, validate_manifest, validate_router)
+from geochange.engine.metrics import json_ready
 from geochange.engine.zoo import resolve_model
 
 # A build may register tensors it then drops (TinyCD builds an EfficientNet and keeps part of it: 805
@@ -100,7 +101,8 @@ def write_package(tensors: dict, manifest: dict, path: str | os.PathLike) -> Pat
         with atomic_path(path) as tmp:
             tmp.touch()  # created with the user's umask: safetensors alone would make the file 0600
             mode = tmp.stat().st_mode
-            save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(manifest, sort_keys=True)})
+            text = json.dumps(json_ready(manifest), sort_keys=True, allow_nan=False)  # a NaN metric: null
+            save_file(tensors, str(tmp), metadata={METADATA_KEY: text})
             tmp.chmod(mode)
     except OutputError:
         raise

@@ -85,6 +85,27 @@ def test_other_label_values_are_refused_naming_the_file(levir_pair, tinycd, tmp_
         evaluate_folder(tinycd, dataset(tmp_path / "classes", levir_pair, {"x": classes}), device="cpu")
 
 
+def test_a_float_label_with_nan_for_unlabelled_pixels_takes_ignore_value_nan():
+    """The hint said to give ignore_value nan, which then refused the label: NaN equals nothing."""
+    from geochange.engine.evaluate import change_label
+
+    raw = np.array([[0, 1, np.nan]], np.float32)
+    with pytest.raises(RasterError, match="if nan marks unlabelled pixels, give --ignore-value nan"):
+        change_label(raw, "x")
+    change, labelled = change_label(raw, "x", float("nan"))
+    assert labelled.tolist() == [[True, True, False]] and change.tolist() == [[False, True, False]]
+
+
+def test_files_that_describe_an_image_are_no_images(levir_pair, tmp_path):
+    """GDAL's statistics beside a tile (gdalinfo -stats, QGIS) were taken for an image: 'not a readable raster'."""
+    from geochange.engine.evaluate import dataset_pairs
+
+    root = dataset(tmp_path / "described", levir_pair, {"x": levir_pair[2]})
+    for side in ("x.png.aux.xml", "x.pgw", "x.png.ovr"):
+        (root / "A" / side).write_text("<PAMDataset/>")
+    assert [a.name for a, _, _ in dataset_pairs(root)] == ["x.png"]
+
+
 def test_a_label_of_another_size_is_refused_naming_both_files(levir_pair, tinycd, tmp_path):
     root = dataset(tmp_path / "small", levir_pair, {"x": levir_pair[2][:100]})
     with pytest.raises(RasterError, match=rf"{root}/label/x\.png is 128x100 px but {root}/A/x\.png is 128x128 px"):

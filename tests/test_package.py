@@ -100,3 +100,15 @@ def test_save_is_atomic_when_the_manifest_is_invalid(tmp_path):
     with pytest.raises(PackageError):
         save_package(create("tinycd"), {"format": "other"}, tmp_path / "m.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_metric_undefined_on_the_data_is_null_in_the_manifest(tmp_path):
+    """A trainer's package stored NaN metrics as bare NaN, which strict JSON readers (jq, JSON.parse) refuse."""
+    from geochange.engine.header import read_metadata
+
+    manifest = make_manifest("tinycd", training={"metrics": {"val": {"f1": float("nan"), "oa": 0.9}}})
+    path = save_package(create("tinycd"), manifest, tmp_path / "m.safetensors")
+    (length,) = struct.unpack("<Q", path.read_bytes()[:8])
+    header = json.loads(path.read_bytes()[8:8 + length])["__metadata__"]["geochange"]
+    assert "NaN" not in header and json.loads(header)["training"]["metrics"]["val"] == {"f1": None, "oa": 0.9}
+    assert read_metadata(path)["training"]["metrics"]["val"]["f1"] is None
