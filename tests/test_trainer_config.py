@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch.nn as nn
 
+from geochange.engine.inputs import optical_input
 from geochange.trainer.config import ConfigError, derive, load, validate
 from geochange.trainer.mtkd import DEFAULT_LAMBDA
 from geochange.trainer.optim import lr_factor, param_groups, unmatched_multipliers
@@ -99,6 +100,22 @@ def test_errors_name_every_bad_key():
     with pytest.raises(ConfigError, match="mtkd.distill makes schedule.iterations: must be positive"):
         validate({**MINIMAL, "data": {"datasets": [{"root": "d"}]},
                   "mtkd": {"distill": {"schedule": {"iterations": 0}}}})
+
+
+def test_dates_of_different_kinds_are_not_exchanged_whatever_optical_sar_says():
+    """M2CD's post date is SAR: exchanged with the optical pre date, each would be read with the other's spec."""
+    with pytest.raises(ConfigError, match=r"augment.exchange: the pre date is 3-band optical uint8 \(scale 255.0\) "
+                                          r"and the post date 1-band sar uint8 \(scale 255.0\), as m2cd_mit_b0's "
+                                          r"input spec says: dates of different kinds cannot be exchanged"):
+        validate({**MINIMAL, "model": {"architecture": "m2cd_mit_b0"}, "data": {"datasets": [{"root": "d"}]},
+                  "augment": {"exchange": 0.5}})
+    inputs = {"pre": optical_input(4, 10000.0, "uint16"), "post": optical_input(3, 10000.0, "uint16")}
+    with pytest.raises(ConfigError, match=r"the pre date is 4-band optical uint16 \(scale 10000.0\) and the post "
+                                          r"date 3-band optical uint16 \(scale 10000.0\), as data.inputs says"):
+        validate({**MINIMAL, "data": {"datasets": [{"root": "d"}], "inputs": inputs}, "augment": {"exchange": 0.5}})
+    assert validate({**MINIMAL, "model": {"architecture": "m2cd_mit_b0"}, "data": {"datasets": [{"root": "d"}]}})
+    assert validate({**MINIMAL, "data": {"datasets": [{"root": "d"}], "inputs": {**inputs, "pre": inputs["post"]}},
+                     "augment": {"exchange": 0.5}})
 
 
 def test_overrides_and_yaml_numbers(tmp_path):

@@ -458,3 +458,57 @@ def test_loader_workers_share_the_decoded_tiles_budget(tmp_path, monkeypatch):
     for workers, kept in ((0, [pair, pair]), (2, [0, 0])):
         items = build_splits([{"root": str(tmp_path), "split": {"val": 0.0}}])["train"]
         assert list(torch.utils.data.DataLoader(_DecodedBytes(items), batch_size=None, num_workers=workers)) == kept
+
+
+def test_datasets_of_one_name_are_refused_as_their_items_would_share_ids(tmp_path):
+    """Items are known by <dataset name>/<key> (MTKD's teachers pick their chips so): two pairs whose pre rasters are
+    both A.tif would have mixed their chips up."""
+    specs = []
+    for site in ("north", "south"):
+        (tmp_path / site).mkdir()
+        pair = {date: _write_raster(tmp_path / site / f"{name}.tif", np.ones((bands, 64, 64), np.uint8))
+                for date, name, bands in (("pre", "A", 3), ("post", "B", 3), ("label", "label", 1))}
+        specs.append({**pair, "chip": 64, "split": {"val": 0.0}})
+    message = (f"data.datasets.0 ({tmp_path}/north/A.tif) and data.datasets.1 ({tmp_path}/south/A.tif) are both "
+               "named 'A', so their items would share ids; give each a name:")
+    with pytest.raises(DataError, match=f"^{re.escape(message)}$"):
+        build_splits(specs)
+    named = build_splits([{**spec, "name": site} for spec, site in zip(specs, ("north", "south"))])
+    assert ids(named["train"]) == ["north/r0_c0_h64_w64", "south/r0_c0_h64_w64"]
+
+
+def test_a_folder_dataset_s_pair_in_two_splits_or_listed_twice_is_refused(tmp_path):
+    for folder, bands in (("A", 3), ("B", 3), ("label", 1)):
+        (tmp_path / folder).mkdir()
+        for name in ("t0.tif", "t1.tif"):
+            _write_raster(tmp_path / folder / name, np.ones((bands, 64, 64), np.uint8))
+    with pytest.raises(DataError, match=f"^{re.escape(str(tmp_path))}: t1.tif is listed in both split.train and "
+                                        "split.val; each pair belongs to one split, once$"):
+        build_splits([{"root": str(tmp_path), "split": {"train": ["t0.tif", "t1.tif"], "val": ["t1.tif"],
+                                                         "test": ["t1.tif"]}}])
+    (tmp_path / "train.txt").write_text("t0.tif\nA/t0.tif\n")
+    (tmp_path / "val.txt").write_text("t1.tif\n")
+    with pytest.raises(DataError, match="t0.tif is listed twice in lists.train; each pair belongs to one split, once"):
+        build_splits([{"root": str(tmp_path), "lists": {"train": "train.txt", "val": "val.txt"}}])
+    (tmp_path / "train.txt").write_text("t0.tif\nt1.tif\n")
+    with pytest.raises(DataError, match="t1.tif is listed in both lists.train and lists.val"):
+        build_splits([{"root": str(tmp_path), "lists": {"train": "train.txt", "val": "val.txt"}}])
+
+
+@pytest.mark.parametrize("dtype, scale, values", [("uint16", 10000.0, [500, 9000, 15000, 30000]),
+                                                  ("float32", 1.0, [-0.2, 0.05, 0.9, 1.5])])
+def test_photometric_distortion_clips_to_the_data_s_type_not_to_its_scale(dtype, scale, values):
+    """Reflectance past 1.0 (uint16 past its scale of 10000, float past 1) and float below 0 is data: a photometric
+    step that changes nothing leaves it; uint8 is clipped to 0-255 as mmseg does."""
+    image = np.broadcast_to(np.array(values, dtype).reshape(1, 2, 2), (3, 2, 2)).copy()
+    identity = augment_config(rotate={"prob": 0.0}, flip={"horizontal": 0.0, "vertical": 0.0}, crop={"size": 2},
+                              photometric={"prob": 1.0, "brightness": 0, "contrast": [1.0, 1.0],
+                                           "saturation": [1.0, 1.0], "hue": 0})
+    spec = {date: optical_input(3, scale, dtype) for date in ("pre", "post")}
+    a, b, _ = Augment(identity)(image, image, np.zeros((2, 2), np.uint8), spec, np.random.default_rng(0))
+    np.testing.assert_allclose(a, image, rtol=1e-5, atol=1e-6)
+    brighter = augment_config(**{**identity, "photometric": {**identity["photometric"], "brightness": 40}})
+    eight_bit = np.full((3, 2, 2), 250, np.uint8)
+    brightest = [Augment(brighter)(eight_bit, eight_bit, np.zeros((2, 2), np.uint8), OPTICAL,
+                                   np.random.default_rng(seed))[0].max() for seed in range(8)]
+    assert max(brightest) == 255

@@ -11,11 +11,13 @@ the seed and its stream position only):
    labelled pixels); smaller images are padded (image 0, label ignored);
 3. horizontal and vertical flips, each with its own probability; then, with probability ``flip.any``, a
    vertical, horizontal or double flip, equally likely (albumentations' Flip);
-4. exchange of the dates (never for optical-SAR pairs);
+4. exchange of the dates (the config refuses it for dates of different kinds: optical and SAR, other bands,
+   type or scale);
 5. photometric distortion of each date on its own (mmseg's PhotoMetricDistortion: brightness, contrast
    before or after, saturation, hue, each with probability ``prob``), in 0-255 units of the date's
-   scaling. Saturation and hue need three bands and leave other dates alone (for a grey SAR band
-   replicated to RGB, as the authors feed it, they change nothing either);
+   scaling, clipped to the range of the date's type (0-255 for uint8 as mmseg, 0-65535 for uint16; float
+   dates not at all, whatever the scale). Saturation and hue need three bands and leave other dates alone
+   (for a grey SAR band replicated to RGB, as the authors feed it, they change nothing either);
 6. TinyCD's changes of each date, as albumentations does them on its float images: with probability
    ``brightness_contrast.prob``, x * (1 + c) + b * (the raw value of 1.0), c and b uniform in
    +-``contrast`` and +-``brightness``, not clipped; then with probability ``blur.prob``, a Gaussian blur
@@ -66,8 +68,8 @@ class Augment:
             pre, post, label = (np.flip(x, axis=axes) for x in (pre, post, label))
         if rng.random() < cfg["exchange"]:
             pre, post = post, pre
-        pre = _photometric(pre, cfg["photometric"], float(inputs["pre"]["scale"]) / 255.0, rng)
-        post = _photometric(post, cfg["photometric"], float(inputs["post"]["scale"]) / 255.0, rng)
+        pre = _photometric(pre, cfg["photometric"], inputs["pre"], rng)
+        post = _photometric(post, cfg["photometric"], inputs["post"], rng)
         pre = _tinycd_changes(pre, cfg, float(inputs["pre"]["scale"]), rng)
         post = _tinycd_changes(post, cfg, float(inputs["post"]["scale"]), rng)
         return (np.ascontiguousarray(pre, dtype=np.float32), np.ascontiguousarray(post, dtype=np.float32),
@@ -105,16 +107,29 @@ def _random_crop(pre, post, label, size: int, cat_max_ratio: float, rng):
     return pre, post, label
 
 
-def _photometric(image: np.ndarray, cfg: dict, unit: float, rng) -> np.ndarray:
-    """mmseg's PhotoMetricDistortion on one date, in 0-255 units (``unit`` = raw value of 1/255)."""
+def _limits(spec: dict) -> tuple[float, float]:
+    """The raw values a date of ``spec``'s type can hold: an integer type's range (0-255 for uint8, as mmseg clips),
+    unbounded for float (reflectance past 1.0, or below 0, is data). Float SAR is in its spec's units by then
+    (``data.in_spec_units``), so the spec's type is the one that counts."""
+    dtype = np.dtype(spec.get("dtype", "uint8"))
+    if dtype.kind in "iu":
+        return float(np.iinfo(dtype).min), float(np.iinfo(dtype).max)
+    return -np.inf, np.inf
+
+
+def _photometric(image: np.ndarray, cfg: dict, spec: dict, rng) -> np.ndarray:
+    """mmseg's PhotoMetricDistortion on one date of input spec ``spec``, in 0-255 units of its scale, clipped to the
+    range of its type (``_limits``)."""
+    unit = float(spec["scale"]) / 255.0  # the raw value of 1/255
     x = image / unit
     p = cfg["prob"]
+    low, high = (limit / unit for limit in _limits(spec))
 
     def contrast(x):
-        return np.clip(x * rng.uniform(*cfg["contrast"]), 0, 255) if rng.random() < p else x
+        return np.clip(x * rng.uniform(*cfg["contrast"]), low, high) if rng.random() < p else x
 
     if rng.random() < p:
-        x = np.clip(x + rng.uniform(-cfg["brightness"], cfg["brightness"]), 0, 255)
+        x = np.clip(x + rng.uniform(-cfg["brightness"], cfg["brightness"]), low, high)
     contrast_first = rng.random() < 0.5
     if contrast_first:
         x = contrast(x)

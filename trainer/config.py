@@ -288,8 +288,8 @@ def validate(raw: dict) -> dict:
             errors += [f"data.datasets.{i}.{problem}" for problem in dataset_spec_errors(spec)]
         if not cfg["data"]["datasets"]:
             errors.append("data.datasets: at least one dataset is needed")
-        if cfg["data"]["optical_sar"] and cfg["augment"]["exchange"] > 0:
-            errors.append("augment.exchange: dates cannot be exchanged in an optical-SAR pair")
+        if cfg["augment"]["exchange"] > 0:
+            errors += _exchange_errors(cfg)
         if cfg["schedule"]["warmup"] >= cfg["schedule"]["iterations"]:
             errors.append("schedule.warmup: must be shorter than schedule.iterations")
         for key in ("lr_mult", "decay_mult"):
@@ -329,6 +329,34 @@ def _model_errors(model: dict, crop: int) -> list[str]:
     if crop % multiple:
         errors.append(f"augment.crop.size: {arch} trains on sides divisible by {multiple} (got {crop})")
     return errors
+
+
+def _exchange_errors(cfg: dict) -> list[str]:
+    """Exchanged dates are read with each other's input spec: both must be of one kind (not optical and SAR, the
+    same bands, type and scale), whether or not ``data.optical_sar`` says so."""
+    from geochange.engine import models
+
+    if cfg["data"]["optical_sar"]:
+        return ["augment.exchange: dates cannot be exchanged in an optical-SAR pair"]
+    inputs, source = cfg["data"]["inputs"], "data.inputs"
+    if not inputs:
+        arch = cfg["model"]["architecture"]
+        try:
+            inputs, source = dict(zip(("pre", "post"), models.spec(arch).inputs)), f"{arch}'s input spec"
+        except KeyError:  # reported by _model_errors
+            return []
+    pre, post = inputs.get("pre"), inputs.get("post")
+    if not (isinstance(pre, dict) and isinstance(post, dict)):
+        return []
+
+    def kind(spec):
+        return spec.get("bands"), spec.get("modality"), spec.get("dtype", "uint8"), spec.get("scale")
+
+    if kind(pre) == kind(post):
+        return []
+    pre, post = ("{}-band {} {} (scale {})".format(*kind(spec)) for spec in (pre, post))
+    return [f"augment.exchange: the pre date is {pre} and the post date {post}, as {source} says: dates of "
+            "different kinds cannot be exchanged; set augment.exchange: 0"]
 
 
 def parse_override(text: str) -> tuple[list[str], object]:

@@ -16,6 +16,8 @@ A config's ``data.datasets`` lists one or more sources; their splits are concate
 Optical-SAR pairs are either kind with a one-band post date; the architecture's input spec (or
 ``data.inputs``) replicates the grey band to the model's channels, as the authors do.
 ``ignore_value`` marks unlabelled pixels (e.g. 255 in a sparse label) that no loss or metric sees.
+An item's id is ``<name>/<key>`` (``name``: by default the folder's name or the pre raster's file stem), so
+datasets with the same name are refused: give each its own ``name``.
 
 Training reads an endless **stream**: position ``k`` is item ``perm_e[k mod n]`` of epoch
 ``e = k div n`` (a seeded permutation per epoch), augmented with a generator seeded by ``(seed, k)``.
@@ -293,12 +295,21 @@ def _split_names(names: list[str], split: dict, where: str) -> dict[str, list[st
     return _named_splits(names, split, where)
 
 
-def _named_splits(names: list[str], split: dict, where: str) -> dict[str, list[str]]:
-    """The splits ``split`` names (each a list of ``names``; a split not given is empty)."""
+def _named_splits(names: list[str], split: dict, where: str, field: str = "split") -> dict[str, list[str]]:
+    """The splits ``split`` names (each a list of ``names``, each name once; a split not given is empty).
+    ``field``: the config key that gave them, for errors."""
     known = set(names)
     unknown = [n for part in split.values() for n in part if n not in known]
     if unknown:
         raise DataError(f"{where}: split names not in the dataset: {', '.join(unknown[:10])}")
+    # A pair in two splits would be validated or tested on after training on it; one listed twice, oversampled.
+    listed = {}
+    for s, part in split.items():
+        for n in part:
+            if n in listed:
+                place = f"twice in {field}.{s}" if listed[n] == s else f"in both {field}.{listed[n]} and {field}.{s}"
+                raise DataError(f"{where}: {n} is listed {place}; each pair belongs to one split, once")
+            listed[n] = s
     return {s: list(split.get(s, [])) for s in SPLITS}
 
 
@@ -306,7 +317,7 @@ def _folder_splits(spec: dict) -> dict[str, list[Item]]:
     root = Path(spec["root"])
     if not root.is_dir():
         raise DataError(f"{root}: no such dataset folder")
-    name = spec.get("name", root.name)
+    name = _dataset_name(spec)
     ignore = spec.get("ignore_value")
     if (root / "train").is_dir():
         if "lists" in spec:  # the split folders are the splits: lists would be ignored
@@ -335,7 +346,7 @@ def _folder_splits(spec: dict) -> dict[str, list[Item]]:
             if not path.is_file():
                 raise DataError(f"{path}: no such list file")
             names[s] = [Path(line.strip()).name for line in path.read_text().splitlines() if line.strip()]
-        parts = _named_splits(list(source.paths), names, str(root))  # {val, test} too: names, not ratios
+        parts = _named_splits(list(source.paths), names, str(root), "lists")  # {val, test} too: names, not ratios
     elif "split" in spec:
         parts = _split_names(list(source.paths), spec["split"], str(root))
     else:
@@ -373,7 +384,7 @@ def _random_windows(source: RasterSource, chip: int, count: int, exclude: list[W
 
 def _raster_splits(spec: dict) -> dict[str, list[Item]]:
     pre, post, label = (Path(spec[k]) for k in ("pre", "post", "label"))
-    source = RasterSource(spec.get("name", pre.stem), pre, post, label, spec.get("bands"),
+    source = RasterSource(_dataset_name(spec), pre, post, label, spec.get("bands"),
                           spec.get("ignore_value"))
     chip = spec.get("chip", 256)
     stride = spec.get("stride", chip)
@@ -402,8 +413,24 @@ def _raster_splits(spec: dict) -> dict[str, list[Item]]:
     return {s: [Item(source, k) for k in parts.get(s, [])] for s in SPLITS}
 
 
+def _dataset_name(spec: dict) -> str:
+    """A dataset's ``name``, by default its folder's name or its pre raster's stem: the first part of its items'
+    ids."""
+    return spec.get("name", Path(spec["root"]).name if "root" in spec else Path(spec["pre"]).stem)
+
+
 def build_splits(datasets: list[dict]) -> dict[str, list[Item]]:
     """The train / val / test items of all configured datasets, concatenated in config order."""
+    # Items are known by their id, <dataset name>/<key> (MTKD's teachers pick their chips by it): names must differ.
+    first = {}
+    for i, spec in enumerate(datasets):
+        name = _dataset_name(spec)
+        if name in first:
+            j = first[name]
+            paths = [d.get("root") or d["pre"] for d in (datasets[j], spec)]
+            raise DataError(f"data.datasets.{j} ({paths[0]}) and data.datasets.{i} ({paths[1]}) are both named "
+                            f"{name!r}, so their items would share ids; give each a name:")
+        first[name] = i
     out = {s: [] for s in SPLITS}
     for spec in datasets:
         parts = _folder_splits(spec) if "root" in spec else _raster_splits(spec)
