@@ -42,6 +42,17 @@ def dataset_pairs(root: str | os.PathLike) -> list[tuple[Path, Path, Path]]:
     return [tuple(f / n for f in folders) for n in names]
 
 
+def read_label(path: Path) -> np.ndarray:
+    """A dataset's label image, one band ``(H, W)``. A label saved in colour is read by its first band where its
+    colour bands agree (grey, an alpha band aside); where they differ (change drawn in green), that band alone would
+    miss it: refused."""
+    image = read_image(path)
+    if not all(np.array_equal(band, image[0], equal_nan=True) for band in image[1:3]):
+        raise RasterError(f"{path}: a label of {len(image)} bands whose colours differ; a label is one band, 0 (no "
+                          "change) and 1 or 255 (change): save it as such")
+    return image[0]
+
+
 def check_one_size(pre: np.ndarray, post: np.ndarray, label: np.ndarray, paths) -> None:
     """A dataset pair's images and label, read from ``paths`` (A, B, label), must have one size."""
     for path, shape in ((paths[1], post.shape[1:]), (paths[2], label.shape)):
@@ -110,7 +121,7 @@ def evaluate_folder(package: ModelPackage, root: str | os.PathLike, *, ignore_va
     pairs = dataset_pairs(root)
     for i, (path_a, path_b, path_label) in enumerate(pairs):
         progress.check()
-        pre, post, label = read_image(path_a), read_image(path_b), read_image(path_label)[0]
+        pre, post, label = read_image(path_a), read_image(path_b), read_label(path_label)
         check_one_size(pre, post, label, (path_a, path_b, path_label))
         change, labelled = change_label(label, path_label, ignore_value)
         valid = np.isfinite(pre).all(0) & np.isfinite(post).all(0)  # NaN, a float tile's nodata: in no metric

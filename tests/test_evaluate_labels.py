@@ -96,6 +96,19 @@ def test_a_float_label_with_nan_for_unlabelled_pixels_takes_ignore_value_nan():
     assert labelled.tolist() == [[True, True, False]] and change.tolist() == [[False, True, False]]
 
 
+def test_a_label_in_colour_is_read_where_its_colours_agree_and_refused_where_not(levir_pair, tinycd, tmp_path):
+    """Only its first band was read: change drawn in green (0, 255, 0) became no change, without a word."""
+    grey = np.where(levir_pair[2] > 0, 255, 0).astype(np.uint8)
+    for name, colours in (("rgb", [grey] * 3), ("green", [np.zeros_like(grey), grey, np.zeros_like(grey)])):
+        root = dataset(tmp_path / name, levir_pair, {"x": grey})
+        write_png(root / "label" / "x.png", np.stack(colours))
+        if name == "rgb":
+            assert evaluate_folder(tinycd, root, device="cpu")["confusion"]["tp"] > 0
+        else:
+            with pytest.raises(RasterError, match=r"label/x\.png: a label of 3 bands whose colours differ"):
+                evaluate_folder(tinycd, root, device="cpu")
+
+
 def test_files_that_describe_an_image_are_no_images(levir_pair, tmp_path):
     """GDAL's statistics beside a tile (gdalinfo -stats, QGIS) were taken for an image: 'not a readable raster'."""
     from geochange.engine.evaluate import dataset_pairs

@@ -39,6 +39,9 @@ def test_ratio_split_is_seeded_disjoint_and_complete(shared_data):
     assert len(set(every)) == 11
     other = build_splits([{**spec, "split": {"val": 0.2, "test": 0.2, "seed": 4}}])
     assert ids(other["val"]) != ids(first["val"]) or ids(other["test"]) != ids(first["test"])
+    # A share asked for that rounds to no pair: the run would have gone on without validation, silently.
+    with pytest.raises(DataError, match=r"levir_cd: split.val 0.01 of 11 pairs is none; give a larger share"):
+        build_splits([{**spec, "split": {"val": 0.01}}])
 
 
 def test_named_split_list_files_and_split_folders(shared_data, tmp_path):

@@ -38,7 +38,7 @@ from rasterio.windows import Window
 
 from geochange.engine.bands import check_band_counts
 from geochange.engine.errors import GeoChangeError
-from geochange.engine.evaluate import change_label, check_one_size, dataset_pairs
+from geochange.engine.evaluate import change_label, check_one_size, dataset_pairs, read_label
 from geochange.engine.inputs import backscatter_unit_interval, check_backscatter, normalise
 from geochange.engine.options import MIN_TILE
 from geochange.engine.rasters import has_mask, open_raster, read_image, valid_mask, zeroed_where_invalid
@@ -152,7 +152,7 @@ class FolderSource:
         pair = self._decoded.get(key)
         if pair is None:
             a, b, label = self.paths[key]
-            images = (read_image(a), read_image(b), read_image(label)[0])
+            images = (read_image(a), read_image(b), read_label(label))
             check_one_size(*images, self.paths[key])
             pair = (*images[:2], binary_label(images[2], label, self.ignore_value))
             size = sum(array.nbytes for array in pair)
@@ -290,6 +290,10 @@ def _split_names(names: list[str], split: dict, where: str) -> dict[str, list[st
         shuffled = [names[i] for i in order]
         n_val = round(split.get("val", 0) * len(names))
         n_test = round(split.get("test", 0) * len(names))
+        for part, share, count in (("val", split.get("val", 0), n_val), ("test", split.get("test", 0), n_test)):
+            if share > 0 and count == 0:  # asked for, and silently none: a run without validation or test
+                raise DataError(f"{where}: split.{part} {share:g} of {len(names)} pairs is none; give a larger "
+                                "share, or name the pairs")
         return {"val": sorted(shuffled[:n_val]), "test": sorted(shuffled[n_val:n_val + n_test]),
                 "train": sorted(shuffled[n_val + n_test:])}
     return _named_splits(names, split, where)
