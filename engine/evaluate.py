@@ -47,7 +47,8 @@ def read_label(path: Path) -> np.ndarray:
     colour bands agree (grey, an alpha band aside); where they differ (change drawn in green), that band alone would
     miss it: refused."""
     image = read_image(path)
-    if not all(np.array_equal(band, image[0], equal_nan=True) for band in image[1:3]):
+    colours = image[1:3] if len(image) >= 3 else ()  # two bands: grey and alpha
+    if not all(np.array_equal(band, image[0], equal_nan=True) for band in colours):
         raise RasterError(f"{path}: a label of {len(image)} bands whose colours differ; a label is one band, 0 (no "
                           "change) and 1 or 255 (change): save it as such")
     return image[0]

@@ -99,10 +99,12 @@ def test_a_float_label_with_nan_for_unlabelled_pixels_takes_ignore_value_nan():
 def test_a_label_in_colour_is_read_where_its_colours_agree_and_refused_where_not(levir_pair, tinycd, tmp_path):
     """Only its first band was read: change drawn in green (0, 255, 0) became no change, without a word."""
     grey = np.where(levir_pair[2] > 0, 255, 0).astype(np.uint8)
-    for name, colours in (("rgb", [grey] * 3), ("green", [np.zeros_like(grey), grey, np.zeros_like(grey)])):
+    opaque = np.full_like(grey, 255)
+    for name, colours in (("rgb", [grey] * 3), ("grey_alpha", [grey, opaque]), ("rgba", [grey] * 3 + [opaque]),
+                          ("green", [np.zeros_like(grey), grey, np.zeros_like(grey)])):
         root = dataset(tmp_path / name, levir_pair, {"x": grey})
         write_png(root / "label" / "x.png", np.stack(colours))
-        if name == "rgb":
+        if name != "green":
             assert evaluate_folder(tinycd, root, device="cpu")["confusion"]["tp"] > 0
         else:
             with pytest.raises(RasterError, match=r"label/x\.png: a label of 3 bands whose colours differ"):
