@@ -70,7 +70,9 @@ def _check_one_batch(rank: int, fp16: bool, port: int, out) -> None:
     except Exception as error:  # noqa: BLE001 (what it raised is the finding)
         decided = type(error).__name__
     (out / f"{rank}").write_text(decided)
-    dist.destroy_process_group()
+    # Out at once, gloo's threads and all: its teardown after a run of the whole suite aborted a process now and then
+    # ("terminate called without an active exception"), which is not what this test is about.
+    os._exit(0)
 
 
 @pytest.mark.parametrize("fp16", [False, True])
