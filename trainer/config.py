@@ -331,20 +331,26 @@ def _model_errors(model: dict, crop: int) -> list[str]:
     return errors
 
 
+def model_inputs(cfg: dict) -> dict:
+    """What each date feeds the model: ``data.inputs``, else the architecture's input spec."""
+    from geochange.engine import models
+
+    if cfg["data"]["inputs"]:
+        return cfg["data"]["inputs"]
+    pre, post = models.spec(cfg["model"]["architecture"]).inputs
+    return {"pre": pre, "post": post}
+
+
 def _exchange_errors(cfg: dict) -> list[str]:
     """Exchanged dates are read with each other's input spec: both must be of one kind (not optical and SAR, the
     same bands, type and scale), whether or not ``data.optical_sar`` says so."""
-    from geochange.engine import models
-
     if cfg["data"]["optical_sar"]:
         return ["augment.exchange: dates cannot be exchanged in an optical-SAR pair"]
-    inputs, source = cfg["data"]["inputs"], "data.inputs"
-    if not inputs:
-        arch = cfg["model"]["architecture"]
-        try:
-            inputs, source = dict(zip(("pre", "post"), models.spec(arch).inputs)), f"{arch}'s input spec"
-        except KeyError:  # reported by _model_errors
-            return []
+    source = "data.inputs" if cfg["data"]["inputs"] else f"{cfg['model']['architecture']}'s input spec"
+    try:
+        inputs = model_inputs(cfg)
+    except KeyError:  # an unknown architecture: reported by _model_errors
+        return []
     pre, post = inputs.get("pre"), inputs.get("post")
     if not (isinstance(pre, dict) and isinstance(post, dict)):
         return []

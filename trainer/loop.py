@@ -44,7 +44,7 @@ from geochange.engine.metrics import metrics_json
 from geochange.engine.package import load_package, save_package
 from geochange.engine.predictor import resolve_device
 from geochange.trainer.augment import Augment
-from geochange.trainer.config import ConfigError
+from geochange.trainer.config import ConfigError, model_inputs
 from geochange.trainer.data import SPLITS, TrainStream, build_splits, train_loader, worker_error
 from geochange.trainer.evaluation import evaluate_items, predictor_for, test_predictions, test_predictor, whole_image
 from geochange.trainer.losses import distillation_logits, distillation_loss, simulate_sar_speckle, training_losses
@@ -119,13 +119,6 @@ def recipe() -> dict:
     except (OSError, subprocess.TimeoutExpired):
         commit = None
     return {"command": shlex.join(sys.argv), "commit": commit}
-
-
-def model_inputs(cfg: dict) -> dict:
-    if cfg["data"]["inputs"]:
-        return cfg["data"]["inputs"]
-    pre, post = models.spec(cfg["model"]["architecture"]).inputs
-    return {"pre": pre, "post": post}
 
 
 # --- Logs ----------------------------------------------------------------------------------------
