@@ -76,3 +76,46 @@ def test_forward_shape_and_eval_determinism():
         assert out.shape == (2, 1, 96, 128)
         assert torch.equal(out, model(pre, post))
     assert np.isfinite(out.numpy()).all()
+
+
+@pytest.mark.parametrize("source", ["torchvision", "timm"])
+def test_imagenet_backbone_weights_load_into_the_layers_tinycd_keeps(source, tmp_path):
+    """The authors start from torchvision's ImageNet EfficientNet-B4 (``pretrained=True``): such a file, or timm's,
+    gives TinyCD's stem and stages exactly the file's layers; everything after them in the file is dropped."""
+    import timm
+    import torchvision
+
+    torch.manual_seed(0)
+    if source == "torchvision":
+        net = torchvision.models.efficientnet_b4().eval()
+        reference = net.features[:4]
+    else:
+        net = timm.create_model("efficientnet_b4").eval()
+        reference = torch.nn.Sequential(net.conv_stem, net.bn1, *net.blocks[:3])
+    for module in net.modules():  # statistics unlike a fresh model's, so that they must be carried over
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2.0)
+    torch.save(net.state_dict(), tmp_path / "efficientnet_b4.pth")
+    model = create("tinycd").eval()
+    decoder_before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith(("stem.", "stages."))}
+    report = model.load_backbone_weights(tmp_path / "efficientnet_b4.pth")
+    assert report["format"] == source and report["kept_initial"] == [] and report["adapted"] == []
+    assert any(".blocks.6." in k or k.startswith(("features.7.", "blocks.6.")) for k in report["dropped"])
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ours = model.stem(x)
+        for stage in model.stages:
+            ours = stage(ours)
+        assert torch.equal(ours, reference(x))
+    for key, value in model.state_dict().items():
+        if key in decoder_before:
+            assert torch.equal(value, decoder_before[key]), key
+
+    # Another EfficientNet is refused, naming the file, and nothing is loaded.
+    small = torchvision.models.efficientnet_b0() if source == "torchvision" else timm.create_model("efficientnet_b0")
+    torch.save(small.state_dict(), tmp_path / "b0.pth")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match="b0.pth .*does not fit TinyCDBackbone.*shape mismatches"):
+        model.load_backbone_weights(tmp_path / "b0.pth")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -53,6 +53,9 @@ def test_papers_settings():
     for arch, weights in (("r50", "resnet50"), ("rx50", "resnext50_32x4d"), ("r101", "resnet101")):
         cfg = load(CONFIG_DIR / f"sscfnet_{arch}_levir.yaml")
         assert cfg["model"]["backbone_weights"] == f"weights/{weights}.pth" and cfg["test"]["tta"] is False
+    # TinyCD's authors start from torchvision's ImageNet EfficientNet-B4 (their Open-CD port too).
+    for name in ("tinycd_levir", "mtkd_tinycd_jl1"):
+        assert load(CONFIG_DIR / f"{name}.yaml")["model"]["backbone_weights"] == "weights/efficientnet_b4.pth"
     # The authors' ConvNeXt M2CD starts from random weights (pretrained=None, no init_cfg).
     convnext = load(CONFIG_DIR / "m2cd_convnext_t_cau.yaml")
     assert convnext["model"]["backbone_weights"] is None and convnext["model"]["init"] is None

@@ -515,3 +515,21 @@ def test_photometric_distortion_clips_to_the_data_s_type_not_to_its_scale(dtype,
     brightest = [Augment(brighter)(eight_bit, eight_bit, np.zeros((2, 2), np.uint8), OPTICAL,
                                    np.random.default_rng(seed))[0].max() for seed in range(8)]
     assert max(brightest) == 255
+
+
+def test_hue_shift_draws_as_mmseg_does():
+    """mmseg's hue shift is ``randint(-hue, hue)``: ``hue`` itself is never drawn (with hue 1: -1 or 0 steps of
+    OpenCV's 180 a turn)."""
+    from skimage.color import rgb2hsv
+
+    red = np.zeros((3, 2, 2), np.uint8)
+    red[0] = 200
+    cfg = augment_config(rotate={"prob": 0.0}, flip={"horizontal": 0.0, "vertical": 0.0}, crop={"size": 2},
+                         photometric={"prob": 1.0, "brightness": 0, "contrast": [1.0, 1.0],
+                                      "saturation": [1.0, 1.0], "hue": 1})
+    steps = set()
+    for seed in range(40):
+        a, _, _ = Augment(cfg)(red, red, np.zeros((2, 2), np.uint8), OPTICAL, np.random.default_rng(seed))
+        hue = rgb2hsv(np.moveaxis(a / 255.0, 0, -1))[0, 0, 0]
+        steps.add(round(((hue + 0.5) % 1 - 0.5) * 180))
+    assert steps == {-1, 0}

@@ -139,8 +139,9 @@ def _photometric(image: np.ndarray, cfg: dict, spec: dict, rng) -> np.ndarray:
             hsv = rgb2hsv(np.moveaxis(x / 255.0, 0, -1))
             if saturate:
                 hsv[..., 1] = np.clip(hsv[..., 1] * rng.uniform(*cfg["saturation"]), 0, 1)
-            if shift:  # OpenCV's hue has 180 steps per turn
-                hsv[..., 0] = (hsv[..., 0] + rng.integers(-int(cfg["hue"]), int(cfg["hue"]), endpoint=True) / 180.0) % 1
+            if shift:  # OpenCV's hue has 180 steps per turn; mmseg's randint(-hue, hue) leaves out +hue
+                steps = int(cfg["hue"])
+                hsv[..., 0] = (hsv[..., 0] + (rng.integers(-steps, steps) if steps else 0) / 180.0) % 1
             x = np.moveaxis(hsv2rgb(hsv), -1, 0) * 255.0
     if not contrast_first:
         x = contrast(x)

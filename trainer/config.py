@@ -54,7 +54,7 @@ def default_loader_workers() -> int:
 # The crop is recorded as the package's tile, which detect's default overlap must stay under.
 MIN_CROP = detect_option("overlap").default + 1
 # Architectures whose training forward needs sides divisible by more than 1 (detect pads its windows itself):
-# TinyCD adds its 1/8 features to upsampled 1/16 ones.
+# TinyCD multiplies its 1/4 masks by its upsampled 1/8 features.
 CROP_MULTIPLE = {"tinycd": 8}
 
 

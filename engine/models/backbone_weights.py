@@ -8,7 +8,9 @@ Accepted files (tensors only, no pickled code), bare or under a ``state_dict`` /
   ``block1.0.attn.q`` / ``attn.kv`` / ``attn.sr`` / ``attn.norm``, ``block1.0.mlp.dwconv.dwconv``,
   ``norm1`` ...) and mmsegmentation's conversion of it, which Open-CD loads (``mit_b0_20220624-7e0fe6dd.pth``:
   ``layers.0.0.projection``, ``layers.0.1.0.attn.attn.in_proj_weight`` holding q, k and v,
-  ``layers.0.1.0.ffn.layers.0/1/4`` as 1x1 / depthwise / 1x1 convs, ``layers.0.2`` ...).
+  ``layers.0.1.0.ffn.layers.0/1/4`` as 1x1 / depthwise / 1x1 convs, ``layers.0.2`` ...);
+* for EfficientNet (TinyCD's first layers), torchvision's state dict (``features.0.0``, ``features.1.0.block.0.0``
+  ...), from which TinyCD's authors start.
 
 A classifier (``head.*``) is dropped. Keys the map does not know, keys the backbone needs but the file
 lacks, and shapes that differ are all listed in one error and nothing is loaded. A stem built for another
@@ -27,7 +29,7 @@ from timm.models import adapt_input_conv
 from geochange.engine.checkpoints import Rule, map_state_dict, read_checkpoint
 
 # First convolution of the supported backbones (timm names): the one that sees the input bands.
-_STEM_WEIGHTS = ("patch_embed.proj.weight", "stem.0.weight")
+_STEM_WEIGHTS = ("patch_embed.proj.weight", "stem.0.weight", "conv_stem.weight")
 
 
 def _to(template: str, stage_shift: int, pointwise: bool = False):
@@ -76,10 +78,40 @@ _MMSEG_RULES: list[Rule] = [
 ]
 
 
+# torchvision's EfficientNet names -> timm's: the parts of a block, for stage 0's depthwise-separable blocks
+# (no expansion) and the later stages' inverted residual blocks (expand, depthwise, SE, project).
+_SEPARABLE_PARTS = {"0.0": "conv_dw", "0.1": "bn1", "1.fc1": "se.conv_reduce", "1.fc2": "se.conv_expand",
+                    "2.0": "conv_pw", "2.1": "bn2"}
+_INVERTED_PARTS = {"0.0": "conv_pw", "0.1": "bn1", "1.0": "conv_dw", "1.1": "bn2", "2.fc1": "se.conv_reduce",
+                   "2.fc2": "se.conv_expand", "3.0": "conv_pwl", "3.1": "bn3"}
+
+
+def efficientnet_rules(prefix: str, stem: tuple[str, str], blocks: str) -> list[Rule]:
+    """torchvision's EfficientNet stem and stages (``<prefix>.0`` to ``<prefix>.7``) -> timm's layout, the stem's
+    conv and norm named ``stem``, the stages' list ``blocks``."""
+    p = re.escape(prefix)
+    return [(rf"{p}\.0\.0\.(.+)", rf"{stem[0]}.\1"),
+            (rf"{p}\.0\.1\.(.+)", rf"{stem[1]}.\1"),
+            *[(rf"{p}\.1\.(\d+)\.block\.{re.escape(part)}\.(.+)", rf"{blocks}.0.\1.{ours}.\2")
+              for part, ours in _SEPARABLE_PARTS.items()],
+            *[(rf"{p}\.([2-7])\.(\d+)\.block\.{re.escape(part)}\.(.+)", _to(f"{blocks}.{{0}}.{{1}}.{ours}.{{2}}", -1))
+              for part, ours in _INVERTED_PARTS.items()]]
+
+
+_TORCHVISION_EFFICIENTNET_RULES: list[Rule] = [
+    *efficientnet_rules("features", ("conv_stem", "bn1"), "blocks"),
+    (r"features\.8\.0\.(.+)", r"conv_head.\1"),
+    (r"features\.8\.1\.(.+)", r"bn2.\1"),
+    (r"classifier\.1\.(.+)", r"classifier.\1"),
+]
+
+
 def _layout(keys: Iterable[str]) -> str:
     keys = list(keys)
     if any(k.startswith("layers.") for k in keys):
         return "mmseg"
+    if any(k.startswith("features.") for k in keys):
+        return "torchvision"
     if any(re.match(r"(patch_embed|block)1\.", k) for k in keys):
         return "segformer"
     return "timm"
@@ -106,7 +138,8 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path, *, unused_prefi
     fmt = _layout(raw)
     classifier = sorted(k for k in raw if k.startswith("head."))
     # mmseg's names go to SegFormer's first, then SegFormer's to timm's.
-    passes = {"mmseg": (_MMSEG_RULES, _SEGFORMER_RULES), "segformer": (_SEGFORMER_RULES,), "timm": ()}[fmt]
+    passes = {"mmseg": (_MMSEG_RULES, _SEGFORMER_RULES), "segformer": (_SEGFORMER_RULES,),
+              "torchvision": (_TORCHVISION_EFFICIENTNET_RULES,), "timm": ()}[fmt]
     own = backbone.state_dict()
     new_prefixes = tuple(new_prefixes)
     kept = [k for k in own if k.startswith(new_prefixes)]

@@ -1,8 +1,8 @@
 """TinyCD (Codegoni et al., 2023): a 0.28 M-parameter siamese change detector.
 
-The backbone is the first four stages of EfficientNet-B4 (stem + blocks 0..2, strides 2/4/8/16 ...
-widths 48/24/32/56). timm's ``efficientnet_b4`` has exactly the layers of the torchvision slice the
-authors use, so their weights map onto it one to one (``AUTHORS_RULES``, used by ``import-weights``).
+The backbone is the first layers of EfficientNet-B4 (stem + blocks 0..2, at 1/2, 1/2, 1/4 and 1/8 of the input,
+widths 48/24/32/56). timm's ``efficientnet_b4`` has exactly the layers of the torchvision slice the authors use,
+so their weights map onto it one to one (``AUTHORS_RULES``, used by ``import-weights``).
 
 Deviation: the authors end the classifier with a Sigmoid; this module returns the logit and the
 engine applies the sigmoid (manifest activation ``sigmoid``), so that training can use a
@@ -10,7 +10,6 @@ numerically safer BCE-with-logits. Predictions are the same.
 """
 from __future__ import annotations
 
-import re
 
 import timm
 import torch
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from geochange.engine.checkpoints import Rule
 from geochange.engine.inputs import optical_input
 from geochange.engine.models import register
+from geochange.engine.models.backbone_weights import efficientnet_rules, load_backbone_weights
 
 
 class PixelwiseMLP(nn.Sequential):
@@ -93,7 +93,7 @@ class TinyCD(nn.Module):
         self.classifier = PixelwiseMLP([32, 16, 8], [16, 8, 1], last_activation=False)
 
     def forward(self, pre: torch.Tensor, post: torch.Tensor) -> torch.Tensor:
-        # Masks at 1/1, 1/4, 1/8 and the mixed deepest features at 1/16.
+        # Masks at 1/1, 1/2, 1/4 and the mixed deepest features at 1/8.
         skips = [self.first_mix(pre, post)]
         a, b = self.stem(pre), self.stem(post)
         for i, stage in enumerate(self.stages):
@@ -104,6 +104,25 @@ class TinyCD(nn.Module):
         for up, skip in zip(self.ups, reversed(skips)):
             x = up(x, skip)
         return self.classifier(x)
+
+    def load_backbone_weights(self, path) -> dict:
+        """ImageNet weights for the EfficientNet-B4 layers TinyCD keeps, as its authors start (torchvision's
+        weights): a timm ``efficientnet_b4`` state dict or torchvision's, from a local file. The file's later stages,
+        head and classifier are dropped; the mixing and decoding layers keep their initialisation."""
+        return load_backbone_weights(TinyCDBackbone(self), path, unused_prefixes=_PAST_TINYCD)
+
+
+class TinyCDBackbone(nn.Module):
+    """TinyCD's EfficientNet-B4 layers (the same modules) under timm's names, to load ImageNet weights into."""
+
+    def __init__(self, tinycd: TinyCD):
+        super().__init__()
+        self.conv_stem, self.bn1 = tinycd.stem
+        self.blocks = tinycd.stages
+
+
+# timm's EfficientNet-B4 past the layers TinyCD keeps.
+_PAST_TINYCD = (*(f"blocks.{i}." for i in range(3, 7)), "conv_head.", "bn2.", "classifier.")
 
 
 @register("tinycd", activation="sigmoid", inputs=(optical_input(3), optical_input(3)),
@@ -116,19 +135,6 @@ def tinycd(in_chans: int = 3) -> TinyCD:
 
 # --- The authors' checkpoints ----------------------------------------------------------------------
 
-# The parts of a block: torchvision's (``block.<part>``) -> timm's, for stage 0's depthwise-separable
-# blocks (no expansion) and stages 1-2's inverted residual blocks (expand, depthwise, SE, project).
-_SEPARABLE_PARTS = {"0.0": "conv_dw", "0.1": "bn1", "1.fc1": "se.conv_reduce", "1.fc2": "se.conv_expand",
-                    "2.0": "conv_pw", "2.1": "bn2"}
-_INVERTED_PARTS = {"0.0": "conv_pw", "0.1": "bn1", "1.0": "conv_dw", "1.1": "bn2", "2.fc1": "se.conv_reduce",
-                   "2.fc2": "se.conv_expand", "3.0": "conv_pwl", "3.1": "bn3"}
-
-
-def _stage(part: str):
-    """torchvision's features 2-3 (groups: feature, block, rest) are timm's stages 1-2."""
-    return lambda m, value: [(f"stages.{int(m[1]) - 1}.{m[2]}.{part}.{m[3]}", value)]
-
-
 def _mlp(source: str, target: str) -> list[Rule]:
     """The authors' PixelwiseLinear (``_linears.i.{0,1}``) onto a flat Sequential (``2i``, ``2i+1``)."""
     return [(rf"{source}\._linears\.(\d)\.([01])\.(.+)",
@@ -137,11 +143,7 @@ def _mlp(source: str, target: str) -> list[Rule]:
 
 # The authors' names (Tiny_model_4_CD, torchvision's EfficientNet) -> this module's (timm's EfficientNet).
 AUTHORS_RULES: list[Rule] = [
-    (r"_backbone\.0\.([01])\.(.+)", r"stem.\1.\2"),
-    *[(rf"_backbone\.1\.(\d)\.block\.{re.escape(part)}\.(.+)", rf"stages.0.\1.{ours}.\2")
-      for part, ours in _SEPARABLE_PARTS.items()],
-    *[(rf"_backbone\.([23])\.(\d)\.block\.{re.escape(part)}\.(.+)", _stage(ours))
-      for part, ours in _INVERTED_PARTS.items()],
+    *efficientnet_rules("_backbone", ("stem.0", "stem.1"), "stages"),
     # Mixing blocks.
     (r"_first_mix\._mixing\._convmix\.0\.(.+)", r"first_mix.mix.conv.\1"),
     (r"_first_mix\._mixing\._convmix\.1\.(.+)", r"first_mix.mix.act.\1"),
