@@ -38,9 +38,11 @@ def absolute_layer(source: str, folder: str | os.PathLike) -> str:
     return os.path.abspath(os.path.join(folder, file)) + source[len(file):]
 
 
-def read_polygons(source: str, role: str = "the area of interest") -> tuple[object, CRS | None]:
+def read_polygons(source: str, role: str = "the area of interest", *,
+                  allow_empty: bool = False) -> tuple[object, CRS | None]:
     """The union of the polygons of a vector layer, in its CRS (None where the layer has none); ``role``: what
-    the layer is, for the messages."""
+    the layer is, for the messages. ``allow_empty``: a layer without features is an empty geometry (a map of
+    change where nothing changed), not an error."""
     from osgeo import ogr
 
     path, name = split_layer(source)
@@ -59,7 +61,7 @@ def read_polygons(source: str, role: str = "the area of interest") -> tuple[obje
         if geometry is not None:
             geometries.append(shapely.from_wkb(bytes(geometry.ExportToWkb())))
     polygons = [g for g in geometries if g.geom_type in ("Polygon", "MultiPolygon") and not g.is_empty]
-    if not polygons:
+    if not polygons and (geometries or not allow_empty):
         raise RasterError(f"{source}: no polygon in {role} ({len(geometries)} other features)")
     srs = layer.GetSpatialRef()
     return shapely.union_all(shapely.make_valid(polygons)), CRS.from_wkt(srs.ExportToWkt()) if srs else None
@@ -73,6 +75,8 @@ class AreaOfInterest:
     source: str
 
     def mask(self, window: Window, grid: Grid) -> np.ndarray:
+        if self.geometry.is_empty:  # rasterio refuses to burn no geometry
+            return np.zeros((int(window.height), int(window.width)), bool)
         transform = grid.transform * Affine.translation(window.col_off, window.row_off)
         return geometry_mask([self.geometry], (int(window.height), int(window.width)), transform, invert=True)
 
@@ -88,12 +92,16 @@ class AreaOfInterest:
         return Grid(grid.crs, grid.transform * Affine.translation(col0, row0), col1 - col0, row1 - row0)
 
 
-def area_of_interest(source: str, grid: Grid, role: str = "the area of interest") -> AreaOfInterest:
+def area_of_interest(source: str, grid: Grid, role: str = "the area of interest", *,
+                     allow_empty: bool = False) -> AreaOfInterest:
     """The polygons of ``source`` in the grid's CRS (taken to be in it where the file names no CRS); ``role``:
-    what they are, for the messages (other polygons, e.g. a reference map, are placed on a grid the same way)."""
+    what they are, for the messages (other polygons, e.g. a reference map, are placed on a grid the same way).
+    ``allow_empty``: a layer without features covers no pixel."""
     if grid.crs is None:
         raise RasterError(f"{source}: {role} needs georeferenced rasters; these have no CRS")
-    geometry, crs = read_polygons(source, role)
+    geometry, crs = read_polygons(source, role, allow_empty=allow_empty)
+    if geometry.is_empty:
+        return AreaOfInterest(geometry, str(source))
     grid_crs = CRS.from_user_input(grid.crs)
     try:
         if grid.past_antimeridian:

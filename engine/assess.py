@@ -21,7 +21,7 @@ from geochange.engine.atomic import atomic_path, check_outputs
 from geochange.engine.contracts import (ASSESS_FN, ASSESS_FP, ASSESS_NOT_ASSESSED, ASSESS_TN, ASSESS_TP, MASK_NODATA,
                                         OBJECT_IOU)
 from geochange.engine.errors import OptionError, RasterError
-from geochange.engine.evaluate import change_label
+from geochange.engine.evaluate import change_label, label_band
 from geochange.engine.grid import Grid, placement, warped_on
 from geochange.engine.hardware import physical_memory
 from geochange.engine.metrics import confusion, kappa, scores
@@ -48,13 +48,18 @@ def is_raster(source: str) -> bool:
 
 
 def raster_on(path: str, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
-    """Band 1 of ``path`` on ``grid`` (warped, nearest, where it is on another) and where it has data."""
+    """The label band of ``path`` (``evaluate.label_band``) on ``grid`` (warped, nearest, where it is on another)
+    and where it has data."""
     with open_raster(path) as src:
+        if src.nodata == 0:
+            raise RasterError(f"{path}: its nodata value is 0, which a change map uses for no change: every "
+                              "no-change pixel would count in no figure. Clear it (gdal_edit.py -unsetnodata) or "
+                              "set another (gdal_edit.py -a_nodata 127) first")
         if grid.matches(src):
-            return src.read(1), src.read_masks(1) > 0
+            return label_band(src.read(), path), src.read_masks(1) > 0
         # The mask marks the grid's pixels that the raster's footprint (and its data) covers.
         with warped_on(src, grid, Resampling.nearest) as vrt:
-            return vrt.read(1), vrt.read_masks(1) > 0
+            return label_band(vrt.read(), path), vrt.read_masks(1) > 0
 
 
 # What assess holds a pixel at most, in bytes: each map's values (up to 8) and masks, the pixels assessed, the
@@ -78,15 +83,17 @@ def grid_of(path: str) -> Grid:
         return Grid(src.crs, placement(src), src.width, src.height)
 
 
-def polygons_on(source: str, grid: Grid, role: str) -> np.ndarray:
-    """The grid's pixels whose centres lie inside the polygons of ``source``."""
-    return area_of_interest(source, grid, role).mask(Window(0, 0, grid.width, grid.height), grid)
+def polygons_on(source: str, grid: Grid, role: str, allow_empty: bool = False) -> np.ndarray:
+    """The grid's pixels whose centres lie inside the polygons of ``source``; ``allow_empty``: a layer without
+    features covers none (detect's polygons where it found no change, a reference where nothing changed)."""
+    polygons = area_of_interest(source, grid, role, allow_empty=allow_empty)
+    return polygons.mask(Window(0, 0, grid.width, grid.height), grid)
 
 
 def change_on(source: str, grid: Grid, role: str, ignore_value: float | None) -> tuple[np.ndarray, np.ndarray]:
     """``(change, assessable)`` of a raster or polygon map on the grid."""
     if not is_raster(source):
-        change = polygons_on(source, grid, role)
+        change = polygons_on(source, grid, role, allow_empty=True)
         return change, np.ones_like(change)
     raw, covered = raster_on(source, grid)
     raw[~covered] = 0  # a nodata value outside the data is no label value
@@ -149,8 +156,7 @@ def assess(prediction: str, reference: str, *, aoi: str | None = None, ignore_va
         # The mask's nodata is 127 (contracts.MASK_NODATA), read as a label's unlabelled value.
         predicted, valid = change_on(prediction, grid, "the prediction", MASK_NODATA)
     else:
-        predicted = polygons_on(prediction, grid, "the prediction")
-        valid = np.ones_like(predicted)
+        predicted, valid = change_on(prediction, grid, "the prediction", None)
     progress.update(1, STEPS)
     truth, labelled = change_on(reference, grid, "the reference", ignore_value)
     progress.update(2, STEPS)

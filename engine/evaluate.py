@@ -42,16 +42,20 @@ def dataset_pairs(root: str | os.PathLike) -> list[tuple[Path, Path, Path]]:
     return [tuple(f / n for f in folders) for n in names]
 
 
-def read_label(path: Path) -> np.ndarray:
-    """A dataset's label image, one band ``(H, W)``. A label saved in colour is read by its first band where its
-    colour bands agree (grey, an alpha band aside); where they differ (change drawn in green), that band alone would
-    miss it: refused."""
-    image = read_image(path)
+def label_band(image: np.ndarray, where) -> np.ndarray:
+    """The band ``(H, W)`` of a ``(bands, H, W)`` label image. A label saved in colour is read by its first band
+    where its colour bands agree (grey, an alpha band aside); where they differ (change drawn in green), that band
+    alone would miss it: refused."""
     colours = image[1:3] if len(image) >= 3 else ()  # two bands: grey and alpha
     if not all(np.array_equal(band, image[0], equal_nan=True) for band in colours):
-        raise RasterError(f"{path}: a label of {len(image)} bands whose colours differ; a label is one band, 0 (no "
+        raise RasterError(f"{where}: a label of {len(image)} bands whose colours differ; a label is one band, 0 (no "
                           "change) and 1 or 255 (change): save it as such")
     return image[0]
+
+
+def read_label(path: Path) -> np.ndarray:
+    """A dataset's label image, one band ``(H, W)`` (``label_band``)."""
+    return label_band(read_image(path), path)
 
 
 def check_one_size(pre: np.ndarray, post: np.ndarray, label: np.ndarray, paths) -> None:
@@ -87,6 +91,24 @@ def change_label(raw: np.ndarray, where, ignore_value: float | None = None,
                       f"(change){hint}")
 
 
+def check_change_value(labels: list[Path], ignore_value: float | None = None,
+                       ignore_option: str = "--ignore-value") -> None:
+    """A dataset's labels must mark change with one value. Read one by one, a sparse 0/1 label whose 255 marks
+    unlabelled pixels passes as 0/255 in every image without a 1, its unlabelled pixels counted as change: 1 in one
+    label and 255 in another is refused, before anything is predicted (as are values no label may hold)."""
+    first = {}
+    for path in labels:
+        raw = read_label(path)
+        change, _ = change_label(raw, path, ignore_value, ignore_option)
+        for value in (1, 255):
+            if value not in first and (raw[change] == value).any():
+                first[value] = path
+    if len(first) == 2:
+        hint = f"; if 255 marks unlabelled pixels, give {ignore_option} 255" if ignore_value is None else ""
+        raise RasterError(f"{first[1]} marks change with 1 and {first[255]} with 255: a dataset's labels mark it "
+                          f"with one value{hint}")
+
+
 def predict_image(predictor, pre: np.ndarray, post: np.ndarray, tiling: DetectOptions | None = None) -> np.ndarray:
     """``(H, W)`` change probability of one ``(bands, H, W)`` pair: whole when it fits in ``tiling``'s tile
     (always without ``tiling``), as the papers test and the trainer tests; else window by window (the
@@ -120,6 +142,7 @@ def evaluate_folder(package: ModelPackage, root: str | os.PathLike, *, ignore_va
                           log=progress.log)
     meter = ConfusionMeter()
     pairs = dataset_pairs(root)
+    check_change_value([label for _, _, label in pairs], ignore_value)
     for i, (path_a, path_b, path_label) in enumerate(pairs):
         progress.check()
         pre, post, label = read_image(path_a), read_image(path_b), read_label(path_label)

@@ -60,7 +60,8 @@ def scores(cm: np.ndarray) -> dict:
 def kappa(cm: np.ndarray) -> float:
     """Cohen's kappa of a confusion matrix: the agreement beyond what chance gives with the same class shares,
     ``(po - pe) / (1 - pe)``; it discounts the high OA of maps where almost nothing changed."""
-    n = float(cm.sum())
+    cm = np.asarray(cm, dtype=np.float64)  # the products of class totals overflow int64 past 3e9 pixels
+    n = cm.sum()
     if not n:
         return float("nan")
     agreed = np.trace(cm) / n

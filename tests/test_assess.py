@@ -182,3 +182,40 @@ def test_assess_reports_its_steps(levir_maps):
     steps = Recorded()
     assess(str(levir_maps["mask"]), str(levir_maps["label"]), progress=steps)
     assert steps.done == [(1, 4), (2, 4), (3, 4), (4, 4)]
+
+
+def test_a_polygon_map_without_features_is_a_map_of_no_change(levir_maps, tmp_path):
+    """detect's polygons where it found no change (an empty layer), as the prediction or the reference: every
+    pixel counts as no change (before: "no polygon in the prediction (0 other features)")."""
+    empty = write_polygons(tmp_path / "empty.gpkg", [], 3857)
+    label = levir_maps["label_array"] > 0
+    as_prediction = assess(str(empty), str(levir_maps["label"]))
+    assert as_prediction["confusion"] == {"tn": int((~label).sum()), "fp": 0, "fn": int(label.sum()), "tp": 0}
+    as_reference = assess(str(levir_maps["mask"]), str(empty))
+    assert as_reference["confusion"]["tp"] == as_reference["confusion"]["fn"] == 0
+    assert as_reference["confusion"]["fp"] > 0 and as_reference["objects"]["reference"] == 0
+    # An area of interest still needs a polygon.
+    with pytest.raises(RasterError, match="no polygon in the area of interest"):
+        assess(str(levir_maps["mask"]), str(levir_maps["label"]), aoi=str(empty))
+
+
+def test_a_colour_reference_or_one_whose_nodata_is_no_change_is_refused(levir_maps, tmp_path):
+    """A reference with change drawn in green was scored by its red band (no change at all); one whose nodata
+    value is 0 had every no-change pixel left out (precision and F1 of 1.0 whatever the prediction)."""
+    with rasterio.open(levir_maps["label"]) as src:
+        profile, label = src.profile, src.read(1)
+    green = tmp_path / "green.tif"
+    with rasterio.open(green, "w", **dict(profile, count=3)) as dst:
+        dst.write(np.stack([np.zeros_like(label), label, np.zeros_like(label)]))
+    with pytest.raises(RasterError, match="green.tif: a label of 3 bands whose colours differ"):
+        assess(str(levir_maps["mask"]), str(green))
+    grey = tmp_path / "grey.tif"
+    with rasterio.open(grey, "w", **dict(profile, count=3)) as dst:
+        dst.write(np.stack([label] * 3))
+    assert assess(str(levir_maps["mask"]), str(grey))["confusion"] == \
+        assess(str(levir_maps["mask"]), str(levir_maps["label"]))["confusion"]
+    zero_nodata = tmp_path / "zero_nodata.tif"
+    with rasterio.open(zero_nodata, "w", **dict(profile, nodata=0)) as dst:
+        dst.write(label, 1)
+    with pytest.raises(RasterError, match="zero_nodata.tif: its nodata value is 0.*gdal_edit.py -unsetnodata"):
+        assess(str(levir_maps["mask"]), str(zero_nodata))

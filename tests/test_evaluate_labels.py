@@ -203,3 +203,21 @@ def test_float_db_sar_is_evaluated_as_its_8_bit_image_with_sar_db(shared_data, t
             dst.write(sar)
         holed = evaluate_folder(model, tmp_path / "db", device="cpu", precision="fp32", backend="eager", sar_db=True)
     assert sum(holed["confusion"].values()) == sum(db["confusion"].values()) - 64 * 256
+
+
+def test_labels_that_mark_change_with_1_in_one_image_and_255_in_another_are_refused(levir_pair, tinycd, tmp_path):
+    """A sparse 0/1 label's image without a 1 passed as a 0/255 label, its unlabelled pixels (255) counted as
+    change; refused before any prediction, in evaluate and in the trainer's folder datasets."""
+    from geochange.trainer.data import FolderSource
+
+    ones = (levir_pair[2] > 0).astype(np.uint8)
+    unlabelled_half = np.zeros_like(ones)
+    unlabelled_half[:, 64:] = 255
+    root = dataset(tmp_path / "sparse", levir_pair, {"a": ones, "b": unlabelled_half})
+    with pytest.raises(RasterError, match=r"label/a\.png marks change with 1 and .*label/b\.png with 255: .* give "
+                                          r"--ignore-value 255"):
+        evaluate_folder(tinycd, root, device="cpu")
+    with pytest.raises(RasterError, match=r"label/a\.png marks change with 1 .* give ignore_value: 255"):
+        FolderSource("sparse", root)
+    sparse = evaluate_folder(tinycd, root, device="cpu", ignore_value=255)
+    assert sum(sparse["confusion"].values()) == 128 * 128 + 128 * 64

@@ -47,3 +47,10 @@ def test_kappa_by_hand():
     # po = 85/100; chance: truth shares 60/40, predicted 55/45 -> pe = (60*55 + 40*45) / 100**2 = 0.51
     assert kappa(cm) == pytest.approx((0.85 - 0.51) / (1 - 0.51))
     assert kappa(np.array([[3, 0], [0, 0]])) != kappa(np.array([[3, 0], [0, 0]]))  # one class only: undefined
+
+
+def test_kappa_of_maps_past_three_billion_pixels_does_not_overflow():
+    """The product of two class totals passes int64 where the maps hold more than about 3e9 pixels."""
+    cm = np.array([[3_200_000_000, 10_000_000], [20_000_000, 50_000_000]], dtype=np.int64)
+    assert kappa(cm) == pytest.approx(kappa(cm.astype(float) / 1e6), rel=1e-12)
+    assert 0.76 < kappa(cm) < 0.77

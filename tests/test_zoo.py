@@ -78,6 +78,16 @@ def test_an_unknown_model_name_lists_the_zoo(capsys):
     assert "no such model file, nor a zoo model's name" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(not zoo_index(), reason="zoo/ is empty")
+def test_a_folder_named_as_a_zoo_model_does_not_hide_it(tmp_path, monkeypatch, capsys):
+    """An output folder named after the model (``--out tinycd_flood``) is not a model file."""
+    name = sorted(zoo_index())[0]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / name).mkdir()
+    assert geochange(["info", name]) == 0
+    assert "architecture" in capsys.readouterr().out
+
+
 SHIPPED = zoo_index()
 
 

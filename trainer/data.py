@@ -38,7 +38,7 @@ from rasterio.windows import Window
 
 from geochange.engine.bands import check_band_counts
 from geochange.engine.errors import GeoChangeError
-from geochange.engine.evaluate import change_label, check_one_size, dataset_pairs, read_label
+from geochange.engine.evaluate import change_label, check_change_value, check_one_size, dataset_pairs, read_label
 from geochange.engine.inputs import backscatter_unit_interval, check_backscatter, normalise
 from geochange.engine.options import MIN_TILE
 from geochange.engine.rasters import has_mask, open_raster, read_image, valid_mask, zeroed_where_invalid
@@ -142,6 +142,7 @@ class FolderSource:
         self.name = name
         self.ignore_value = ignore_value
         self.paths = {a.name: (a, b, label) for a, b, label in dataset_pairs(root)}
+        check_change_value([label for _, _, label in self.paths.values()], ignore_value, "ignore_value:")
         self._decoded: dict[str, tuple] = {}
         self._decoded_bytes = 0
 
