@@ -51,6 +51,9 @@ def raster_on(path: str, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
     """The label band of ``path`` (``evaluate.label_band``) on ``grid`` (warped, nearest, where it is on another)
     and where it has data."""
     with open_raster(path) as src:
+        if (src.crs is None) != (grid.crs is None):  # else "no pixel to assess", as if they lay apart
+            raise RasterError(f"{path}: the map has {'no CRS' if src.crs is None else 'a CRS'} while the map it is "
+                              f"compared with has {'one' if src.crs is None else 'none'}; it cannot be placed on it")
         if src.nodata == 0:
             raise RasterError(f"{path}: its nodata value is 0, which a change map uses for no change: every "
                               "no-change pixel would count in no figure. Clear it (gdal_edit.py -unsetnodata) or "

@@ -162,6 +162,8 @@ def test_metrics_undefined_on_the_data_are_null_in_the_json(levir_maps, tmp_path
 def test_maps_without_a_crs_are_placed_as_qgis_draws_them(tmp_path):
     """A pixel-grid mask (detect's outputs for plain images: no CRS, x the column, y minus the row) and a PNG label
     without a geotransform lie on one grid, whichever is the prediction and whatever their sizes."""
+    from affine import Affine
+
     from geochange.engine.grid import PIXEL_TRANSFORM
 
     label = np.zeros((64, 64), np.uint8)
@@ -175,6 +177,14 @@ def test_maps_without_a_crs_are_placed_as_qgis_draws_them(tmp_path):
     for prediction, reference in (("mask.tif", "label.png"), ("label.png", "mask.tif")):
         figures = assess(str(tmp_path / prediction), str(tmp_path / reference))
         assert figures["pixels_assessed"] == 32 * 32 and figures["confusion"]["tp"] == 36, prediction
+    # One map without a CRS and one with: named, not "no pixel to assess" as if they lay apart.
+    with rasterio.open(tmp_path / "placed.tif", "w", driver="GTiff", width=32, height=32, count=1, dtype="uint8",
+                       crs="EPSG:32633", transform=Affine(1, 0, 500000, 0, -1, 5000000)) as dst:
+        dst.write(mask, 1)
+    with pytest.raises(RasterError, match="placed.tif: the map has a CRS while the map it is compared with has none"):
+        assess(str(tmp_path / "label.png"), str(tmp_path / "placed.tif"))
+    with pytest.raises(RasterError, match="label.png: the map has no CRS while the map it is compared with has one"):
+        assess(str(tmp_path / "placed.tif"), str(tmp_path / "label.png"))
 
 
 def test_assess_reports_its_steps(levir_maps):
