@@ -74,7 +74,7 @@ def _cmd_evaluate(args) -> int:
     configure_process()
     # the model's file, not its zoo name, and the dataset's images and labels: a JSON in their place replaced them
     check_outputs((args.json,), (resolve_model(args.model), *itertools.chain(*dataset_pairs(args.data))))
-    with contextlib.closing(TqdmProgress("evaluate")) as progress:
+    with contextlib.closing(TqdmProgress("evaluate", unit="image")) as progress:
         summary = evaluate_folder(load_package(args.model), args.data, ignore_value=args.ignore_value,
                                   progress=progress, **parsed_options(args, EVALUATE))
     print(format_summary(summary))
