@@ -229,6 +229,9 @@ def printable(value) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(value))
 
 
+LONGEST = 120  # characters of a value ``format_manifest`` shows
+
+
 def format_manifest(manifest: dict) -> str:
     """A validated manifest as readable text (``geochange info``)."""
     rows = [("architecture", f"{manifest['architecture']} {json.dumps(manifest.get('arch_kwargs', {}))}")]
@@ -245,7 +248,9 @@ def format_manifest(manifest: dict) -> str:
     if "gsd" in manifest:
         rows.append(("pixel size", f"{manifest['gsd']:g} m (of the training imagery)"))
     for key, value in manifest.get("training", {}).items():
-        rows.append((f"training.{key}", value if isinstance(value, str) else json.dumps(value)))
+        text = value if isinstance(value, str) else json.dumps(value)
+        # A training run's config and figures run to kilobytes: one line of a screen's width, the rest in --json.
+        rows.append((f"training.{key}", text if len(text) <= LONGEST else f"{text[:LONGEST]}... (--json: all)"))
     rows += [(key, manifest[key]) for key in ("task", "source", "licence") if manifest.get(key)]
     rows = [(printable(label), printable(value)) for label, value in rows]
     width = max(len(label) for label, _ in rows) + 2
