@@ -22,6 +22,7 @@ from rasterio.windows import Window
 
 from geochange.engine.errors import RasterError
 from geochange.engine.grid import Grid, crs_name, is_local, lon_wrap_proj4
+from geochange.engine.remote import refuse_remote
 
 
 def split_layer(source: str) -> tuple[str, str | None]:
@@ -48,6 +49,7 @@ def read_polygons(source: str, role: str = "the area of interest", *,
     path, name = split_layer(source)
     if not Path(path).is_file():
         raise RasterError(f"{path}: no such file ({role})")
+    refuse_remote(path)
     dataset = ogr.Open(path)
     layer = None if dataset is None else (dataset.GetLayerByName(name) if name else dataset.GetLayer(0))
     if layer is None and dataset is not None and dataset.GetLayerCount():

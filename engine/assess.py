@@ -27,6 +27,7 @@ from geochange.engine.hardware import physical_memory
 from geochange.engine.metrics import confusion, kappa, scores
 from geochange.engine.progress import Progress
 from geochange.engine.rasters import open_raster
+from geochange.engine.remote import refuse_remote
 
 
 def is_raster(source: str) -> bool:
@@ -38,6 +39,7 @@ def is_raster(source: str) -> bool:
         return False
     if not Path(path).is_file():
         raise RasterError(f"{path}: no such file")
+    refuse_remote(path)
     gdal.PushErrorHandler("CPLQuietErrorHandler")  # "not recognised as a raster" is the answer, not an error
     try:
         return gdal.OpenEx(path, gdal.OF_RASTER) is not None

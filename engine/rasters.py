@@ -10,6 +10,7 @@ import rasterio
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 
 from geochange.engine.errors import RasterError
+from geochange.engine.remote import refuse_remote
 
 
 def open_raster(path: str | os.PathLike, *, georeferenced: bool = True):
@@ -21,6 +22,7 @@ def open_raster(path: str | os.PathLike, *, georeferenced: bool = True):
             raise RasterError(f"{path}: no such file; GeoChange reads whole raster files: save this one as a "
                               f"GeoTIFF first, e.g. `gdal_translate '{path}' raster.tif`")
         raise RasterError(f"{path}: no such file")
+    refuse_remote(path)
     try:
         with warnings.catch_warnings():  # a raster without a CRS is paired pixel for pixel, and says so
             warnings.simplefilter("ignore", NotGeoreferencedWarning)

@@ -42,6 +42,7 @@ from geochange.engine.evaluate import change_label, check_change_value, check_on
 from geochange.engine.inputs import backscatter_unit_interval, check_backscatter, normalise
 from geochange.engine.options import MIN_TILE
 from geochange.engine.rasters import has_mask, open_raster, read_image, valid_mask, zeroed_where_invalid
+from geochange.engine.remote import refuse_remote
 from geochange.engine.windows import WindowPlan
 
 IGNORE = 255  # label value of pixels that no loss or metric sees (unlabelled, rotation padding)
@@ -243,6 +244,7 @@ def _read_polygons(path: Path, crs) -> list:
     import shapely
     from osgeo import ogr, osr
 
+    refuse_remote(path)
     ds = ogr.Open(str(path))
     if ds is None:
         raise DataError(f"{path}: not a readable raster or vector file")
