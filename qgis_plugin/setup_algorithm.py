@@ -81,10 +81,11 @@ def requirement_name(requirement: str) -> str:
 
 
 def installed_version(python: Path, package: str) -> str | None:
-    """``package``'s version in the environment of ``python``; None where it is not installed."""
+    """``package``'s version in the environment of ``python``; None where it is not installed. Run in the environment's
+    folder: ``-c`` imports first from the current folder, QGIS's, which may hold anyone's ``csv.py``."""
     done = subprocess.run([str(python), "-c", f"import importlib.metadata as m; print(m.version({package!r}))"],
                           capture_output=True, text=True, env=engine_environment(python), timeout=PROBE_TIMEOUT_S,
-                          creationflags=NO_WINDOW)
+                          creationflags=NO_WINDOW, cwd=python.parent.parent)
     return done.stdout.strip() if done.returncode == 0 else None
 
 
@@ -97,12 +98,14 @@ def other_build(installed: str | None, index: str | None) -> bool:
     return not installed.endswith("+" + index.split("/")[-1]) if index else "+" in installed
 
 
-def run_command(command: list[str], feedback, env: dict, failure: str) -> None:
-    """Run ``command`` with its output in the log; QgsProcessingException, with ``failure`` and the output's
-    last lines, if it fails; Cancel stops it (SIGTERM, then a kill after ``CANCEL_GRACE_S``)."""
+def run_command(command: list[str], feedback, env: dict, failure: str, folder: Path) -> None:
+    """Run ``command`` in ``folder`` (the environment's: ``-m`` imports first from the current folder, QGIS's, which
+    may hold anyone's ``venv.py``) with its output in the log; QgsProcessingException, with ``failure`` and the
+    output's last lines, if it fails; Cancel stops it (SIGTERM, then a kill after ``CANCEL_GRACE_S``)."""
     feedback.pushCommandInfo(shlex.join(command))
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, encoding="utf-8", errors="replace", env=env, creationflags=NO_WINDOW)
+                               text=True, encoding="utf-8", errors="replace", env=env, creationflags=NO_WINDOW,
+                               cwd=folder)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=read_lines, args=(process.stdout, "out", lines), daemon=True).start()
     tail: deque = deque(maxlen=QUOTED_LINES)
@@ -195,11 +198,11 @@ class SetupEngineAlgorithm(EngineAlgorithm):
         torch = [line for line in requirements() if requirement_name(line) in TORCH_PACKAGES]
         run_command([str(python), *PIP_INSTALL, *torch, *(["--index-url", index] if index else []),
                      *(["--force-reinstall", "--no-deps"] if replace else [])], feedback, engine_environment(python),
-                    tr("pip could not install PyTorch ({})").format(build))
+                    tr("pip could not install PyTorch ({})").format(build), folder)
         feedback.pushInfo(tr("Installing the engine's other packages ({})").format(REQUIREMENTS))
         feedback.setProgress(60)
         run_command([str(python), *PIP_INSTALL, "-r", str(REQUIREMENTS)], feedback, engine_environment(python),
-                    tr("pip could not install the engine's packages"))
+                    tr("pip could not install the engine's packages"), folder)
         feedback.setProgress(90)
         report = run_task("check", {}, feedback, interpreter=(python, tr("the environment just made")))
         record_worker_python(python)
@@ -212,7 +215,8 @@ class SetupEngineAlgorithm(EngineAlgorithm):
 
     def folder(self, parameters, context) -> Path:
         # Optional with a default: qgis_process asks for every mandatory file parameter, default or not.
-        return Path(self.parameterAsFile(parameters, "FOLDER", context) or default_folder())
+        # Absolute: the set-up's commands run in it (run_command), where a relative name would point elsewhere.
+        return Path(self.parameterAsFile(parameters, "FOLDER", context) or default_folder()).absolute()
 
     def _make_environment(self, folder: Path, python: Path, feedback) -> None:
         """The virtual environment in ``folder``, kept if it is one of QGIS's Python, else made (again)."""
@@ -239,6 +243,6 @@ class SetupEngineAlgorithm(EngineAlgorithm):
         try:
             run_command([str(base), "-m", "venv", "--system-site-packages", *clear, str(folder)], feedback,
                         engine_environment(base), tr("QGIS's Python could not make a virtual environment in {}")
-                        .format(folder))
+                        .format(folder), folder)
         finally:
             (folder / MADE_HERE).write_text(mark, encoding="utf-8")

@@ -123,6 +123,23 @@ def test_the_set_up_refuses_a_folder_of_other_files_and_can_be_cancelled(geochan
     assert (tmp_path / "theirs" / "notes.txt").read_text() == "mine"
 
 
+def test_the_set_up_s_commands_import_nothing_from_qgis_s_current_folder(geochange_provider, tmp_path, monkeypatch):
+    """``python -c`` and ``python -m`` import first from the current folder, QGIS's: a ``venv.py`` or ``csv.py``
+    there (a downloaded dataset's folder, a project's) ran as the set-up made the environment."""
+    from geochange.qgis_plugin.setup_algorithm import installed_version
+
+    planted = tmp_path / "downloads"
+    planted.mkdir()
+    for module in ("venv", "csv"):
+        (planted / f"{module}.py").write_text(f"open({str(tmp_path / module)!r} + '.ran', 'w').close()\n"
+                                              f"raise SystemExit('planted {module}.py ran')\n")
+    monkeypatch.chdir(planted)
+    feedback = cancelled_set_up(tmp_path / "env", CancelAtPip())  # venv makes the environment, pip is cancelled
+    assert " -m venv --system-site-packages " in feedback.commands[0]
+    assert installed_version(Path(sys.executable), "numpy") is not None  # importlib.metadata imports csv
+    assert not list(tmp_path.glob("*.ran"))
+
+
 @pytest.mark.parametrize("installed, build, again", [
     (None, "CPU", False),
     ("2.14.1+cpu", "CPU", False),
