@@ -81,6 +81,17 @@ def pipeline(shared_data, tmp_path_factory):
     return pipe
 
 
+def test_a_step_s_folder_not_made_by_the_pipeline_is_never_removed(pipeline, tmp_path):
+    """A config's work_dir over someone's folder: its ``original/`` was removed as a stale step's output."""
+    from geochange.trainer.config import ConfigError
+
+    (tmp_path / "original").mkdir()
+    (tmp_path / "original" / "thesis.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="original is in the way and was not made by this pipeline"):
+        Pipeline({**pipeline.cfg, "work_dir": str(tmp_path)}).original()
+    assert (tmp_path / "original" / "thesis.txt").read_text() == "mine"
+
+
 def test_partitions_by_ground_truth_car(pipeline):
     parts = json.loads((pipeline.root / "partitions.json").read_text())
     assert parts["thresholds"] == [0.05, 0.2]

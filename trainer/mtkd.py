@@ -178,6 +178,9 @@ class Pipeline:
             return False
         out = self.outputs(key)
         if out.exists():
+            if key not in record:  # not made by this pipeline (a work_dir over someone's folder): never removed
+                raise ConfigError(f"mtkd: {out} is in the way and was not made by this pipeline (made_from.json has "
+                                  "no record of it); move it, or choose another work_dir")
             print(f"mtkd: {out} was made from other inputs; doing it again", file=sys.stderr)
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         self.root.mkdir(parents=True, exist_ok=True)
