@@ -26,12 +26,12 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from geochange.engine.aoi import absolute_layer
-from geochange.engine.atomic import AtomicOutputs, check_outputs, folder_lock
+from geochange.engine.aoi import absolute_layer, split_layer
+from geochange.engine.atomic import AtomicOutputs, check_outputs, folder_lock, remove_left_temporaries
 from geochange.engine.contracts import PAIR_DONE, PAIR_FAILED, PAIR_PENDING, PAIR_SKIPPED, SUMMARY_FILES, SUMMARY_LAYER
 from geochange.engine.errors import Cancelled, GeoChangeError, OptionError, gdal_write_errors, output_error
 from geochange.engine.options import DETECT, DetectOptions, names
-from geochange.engine.pair_task import NUMBERS, SUMMARY_FIELDS, complete, pair_row, run_pair
+from geochange.engine.pair_task import NUMBERS, SUMMARY_FIELDS, complete, pair_outputs, pair_row, run_pair
 from geochange.engine.pairs import Pair, checked
 from geochange.engine.progress import Progress
 
@@ -366,6 +366,24 @@ def _on_scheduler(address: str, jobs: list[dict], record, progress) -> None:
         _run_all(client, [{**job, "worker_threads": shares} for job in jobs], record)
 
 
+def _file(source) -> tuple[int, int] | None:
+    """The device and inode of the file of ``source`` (a path, or a vector layer as ``FILE|layername=NAME``); None
+    for no such file."""
+    try:
+        status = os.stat(split_layer(source)[0])
+    except (OSError, ValueError):
+        return None
+    return status.st_dev, status.st_ino
+
+
+def _check_outputs(written: list[Path], read: list) -> None:
+    """``check_outputs`` over every file the run writes and every one it reads (``read``; None for one not given),
+    compared only with the inputs that are one of the outputs' files: each with each, thousands of pairs' outputs
+    and inputs would take minutes."""
+    files = {_file(path) for path in written} - {None}
+    check_outputs(written, [source for source in read if source is not None and _file(source) in files])
+
+
 def _line(row: dict) -> str:
     if row["status"] == PAIR_FAILED:
         return f"{row['name']}: failed: {row['error']}"
@@ -383,7 +401,7 @@ def detect_many(pairs: list[Pair], model, out, *, scheduler: str | None = None, 
     ``scheduler``: a Dask scheduler's address; without it, a cluster on this machine of ``workers`` workers
     (default: as the cores, GPUs and memory allow, see ``local_layout``). ``force``: run complete pairs
     again. ``options``: ``DetectOptions``' fields, for every pair (a pair's ``aoi`` wins over the run's).
-    ``listed_in``: the CSV file of the pairs, which the summary must not replace, as it must not replace any input.
+    ``listed_in``: the CSV file of the pairs, which no output may replace, as none may replace any pair's input.
     """
     from geochange.engine.package import read_package
     from geochange.engine.zoo import sha256
@@ -396,7 +414,8 @@ def detect_many(pairs: list[Pair], model, out, *, scheduler: str | None = None, 
 
     jobs = [make_job(pair, model, digest, out, o, vector_format) for pair in checked(list(pairs), "the pairs")]
     read = [listed_in, model, *(path for job in jobs for path in (job["pre"], job["post"], job["options"]["aoi"]))]
-    check_outputs([out / name for name in SUMMARY_FILES], read)
+    _check_outputs([*(out / name for name in SUMMARY_FILES),
+                    *(Path(path) for job in jobs for path in pair_outputs(job).values())], read)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -437,6 +456,11 @@ def detect_many(pairs: list[Pair], model, out, *, scheduler: str | None = None, 
             except BaseException:  # a cancel, an error: the pairs that ended go in the summary; that error is told
                 with contextlib.suppress(GeoChangeError):
                     summary.write(list(rows.values()))
+                # The local cluster is closed, its workers ended: the temporaries of the pairs they ran go, which a
+                # re-run would remove only from the pairs it runs (a pair still running, on a scheduler's cluster,
+                # holds its folder and keeps them).
+                remove_left_temporaries(path for job in todo if rows[job["name"]]["status"] == PAIR_PENDING
+                                        for path in pair_outputs(job).values())
                 raise
             summary.write(list(rows.values()))
     return list(rows.values())

@@ -45,7 +45,7 @@ def _stamp(path: str | None) -> list | None:
     return [str(path), status.st_size, status.st_mtime_ns]
 
 
-def _outputs(job: dict) -> dict[str, str]:
+def pair_outputs(job: dict) -> dict[str, str]:
     """``{kind: path}`` of a pair's outputs (``detect``'s keyword arguments)."""
     return {kind: str(Path(job["folder"]) / name) for kind, name in output_names(job["vector_format"]).items()}
 
@@ -71,7 +71,7 @@ def complete(job: dict) -> tuple[dict, list[str]] | None:
         return None
     if not isinstance(record, dict) or not isinstance(record.get("row"), dict):  # not a record this engine wrote
         return None
-    outputs = {kind: _stamp(path) for kind, path in _outputs(job).items()}
+    outputs = {kind: _stamp(path) for kind, path in pair_outputs(job).items()}
     written = record.get("outputs")
     if None in outputs.values() or not isinstance(written, dict) or written.keys() != outputs.keys() \
             or record.get("identity") != identity(job):
@@ -82,7 +82,7 @@ def complete(job: dict) -> tuple[dict, list[str]] | None:
 def write_record(job: dict, before: dict, row: dict) -> None:
     """The pair's record, the last of its files: its ``identity`` taken ``before`` its run, its outputs' stamps
     and its row."""
-    outputs = {kind: _stamp(path) for kind, path in _outputs(job).items()}
+    outputs = {kind: _stamp(path) for kind, path in pair_outputs(job).items()}
     with atomic_path(Path(job["folder"]) / RECORD) as temporary:
         temporary.write_text(json.dumps({"identity": before, "outputs": outputs, "row": row}, indent=1),
                              encoding="utf-8")
@@ -94,9 +94,10 @@ def pair_row(job: dict, status: str, **values) -> dict:
             "pre": job["pre"], "post": job["post"], "model_sha256": job["sha256"], **values}
 
 
-def _lonlat_outline(bounds, crs) -> str | None:
+def _lonlat_outline(bounds, crs, progress: Progress) -> str | None:
     """The rectangle ``bounds`` of ``crs`` as a polygon in EPSG:4326 (WKT); None without a CRS (a pixel grid) or in a
-    local CRS, tied to no place on Earth."""
+    local CRS, tied to no place on Earth, or where it has no such outline (a geostationary view whose corners are off
+    the Earth), which ``progress`` is told: a footprint is the summary's, never a reason to fail a pair."""
     import shapely
     from rasterio.warp import transform_geom
 
@@ -108,13 +109,17 @@ def _lonlat_outline(bounds, crs) -> str | None:
     left, bottom, right, top = bounds
     outline = shapely.segmentize(shapely.box(left, bottom, right, top),
                                  max(right - left, top - bottom) / OUTLINE_POINTS)
-    return shapely.geometry.shape(transform_geom(crs, "EPSG:4326", shapely.geometry.mapping(outline))).wkt
+    try:
+        return shapely.geometry.shape(transform_geom(crs, "EPSG:4326", shapely.geometry.mapping(outline))).wkt
+    except Exception as error:  # rasterio's CPLE errors, and the SystemError of a GDAL error it leaves unnamed
+        progress.log(f"no footprint in the summary: the raster's outline does not project to longitude and latitude "
+                     f"({type(error).__name__}: {error})")
+        return None
 
 
-def _input_outlines(job: dict) -> str | None:
+def _input_outlines(job: dict, progress: Progress) -> str | None:
     """A failed pair's footprint: the outlines of those of its rasters that open (None: neither does)."""
     import shapely
-    from rasterio.errors import RasterioError
 
     from geochange.engine.rasters import open_raster
 
@@ -122,8 +127,8 @@ def _input_outlines(job: dict) -> str | None:
     for path in (job["pre"], job["post"]):
         try:
             with open_raster(path) as src:
-                outlines.append(_lonlat_outline(src.bounds, src.crs))
-        except (GeoChangeError, RasterioError, ValueError):
+                outlines.append(_lonlat_outline(src.bounds, src.crs, progress))
+        except Exception:  # a raster that does not open: the pair's error says why, which this must not replace
             continue
     outlines = [shapely.from_wkt(wkt) for wkt in outlines if wkt]
     return shapely.union_all(outlines).wkt if outlines else None
@@ -208,14 +213,14 @@ def run_pair(job: dict) -> dict:
         configure_process(threads=pair_threads(options.pop("threads"), job.get("worker_threads", {})))
         with _on_gpu(options["device"]):
             result = detect(job["pre"], job["post"], package, size_gdal_cache=True, progress=progress,
-                            **_outputs(job), **options)
+                            **pair_outputs(job), **options)
         row = pair_row(job, PAIR_DONE, polygons=result.polygon_count, changed_area=result.changed_area_m2,
                    area_unit="m2" if result.grid.crs is not None else "px",
-                   footprint=_lonlat_outline(result.grid.bounds, result.grid.crs),
+                   footprint=_lonlat_outline(result.grid.bounds, result.grid.crs, progress),
                    seconds=round(time.perf_counter() - started, 3))
         write_record(job, before, row)
     except Exception as error:  # the pair's failure, recorded; a bug's too, with its kind
         row = pair_row(job, PAIR_FAILED, error=str(error) if isinstance(error, GeoChangeError) else
-                   f"{type(error).__name__}: {error}", footprint=_input_outlines(job),
+                   f"{type(error).__name__}: {error}", footprint=_input_outlines(job, progress),
                    seconds=round(time.perf_counter() - started, 3))
     return {**row, "peak_bytes": _peak_rss(), "log": progress.lines}

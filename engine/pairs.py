@@ -38,20 +38,32 @@ def read_pairs(path: str | os.PathLike) -> list[Pair]:
         with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
             reader = csv.DictReader(f)
             rows = [(reader.line_num, row) for row in reader]
-        columns = [column.strip() for column in reader.fieldnames or []]
+            # In the block: an empty file's header is read here, when asked for.
+            columns = [column.strip() for column in reader.fieldnames or []]
     except FileNotFoundError:
         raise OptionError(f"{path}: no such pairs file") from None
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
+    except UnicodeDecodeError:  # Excel's "CSV" is its Windows code page, its "Unicode Text" UTF-16
+        raise OptionError(f'{path}: not UTF-8 text; save it as "CSV UTF-8"') from None
+    except (OSError, csv.Error) as error:
         raise OptionError(f"{path}: not a readable CSV file of pairs ({error})") from None
+    if not columns and not rows:
+        raise OptionError(f"{path}: no pairs (the file is empty)")
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     unknown = [c for c in columns if c not in COLUMNS]
     if missing or unknown:
         raise OptionError(f"{path}: the columns must be {', '.join(REQUIRED_COLUMNS)} and optionally name, aoi; "
                           f"found {', '.join(columns) or 'none'}")
+    twice = sorted({c for c in columns if columns.count(c) > 1})
+    if twice:  # DictReader would keep the last one's values, silently
+        raise OptionError(f"{path}: the header names {', '.join(twice)} twice; one column each")
     folder = Path(os.path.abspath(path)).parent
     pairs = []
     for line, row in rows:
-        row = {key.strip(): (value or "").strip() for key, value in row.items() if key is not None}
+        # None: DictReader's key for the values past the header's columns (empty ones, trailing commas, read as none)
+        if any(value.strip() for value in row.pop(None, ())):
+            raise OptionError(f"{path}, line {line}: more values than the header's columns (quote paths that "
+                              "contain commas)")
+        row = {key.strip(): (value or "").strip() for key, value in row.items()}
         if not row["pre"] or not row["post"]:
             raise OptionError(f"{path}, line {line}: a pair needs both a pre and a post file")
         pre, post = (str(folder / row[date]) for date in REQUIRED_COLUMNS)

@@ -21,7 +21,7 @@ import pytest
 
 from conftest import Recorded, run_algorithm
 from geochange.engine.contracts import PAIR_DONE, PAIR_FAILED, PAIR_PENDING, PAIR_SKIPPED, SUMMARY_LAYER
-from geochange.engine.errors import OptionError, PackageError
+from geochange.engine.errors import Cancelled, OptionError, OutputError, PackageError
 from geochange.engine.many import Layout, detect_many, local_layout, make_job
 from geochange.engine.pair_task import RECORD, complete, identity, pair_row, write_record
 from geochange.engine.options import DetectOptions
@@ -261,10 +261,27 @@ def test_a_csv_of_pairs(tmp_path):
         read_pairs(tmp_path / "none.csv")
 
 
+def test_a_csv_of_pairs_that_would_be_misread_is_refused(tmp_path):
+    """An empty file, values past the header's columns (a path's comma unquoted), a column named twice, and a
+    spreadsheet's other encodings: refused in one line each, not with a traceback, nor read as pairs of other files.
+    Empty values past the columns (trailing commas) are none."""
+    table = tmp_path / "pairs.csv"
+    for data, problem in ((b"", ": no pairs (the file is empty)"),
+                          (b"pre,post\ndata/my,pre.tif,data/post.tif\n",
+                           ", line 2: more values than the header's columns (quote paths that contain commas)"),
+                          (b"pre,post,pre\na,b,c\n", ": the header names pre twice"),
+                          ("name,pre,post\nZürich,a,b\n".encode("cp1252"), ': not UTF-8 text; save it as "CSV UTF-8"'),
+                          ("pre,post\na,b\n".encode("utf-16"), ': not UTF-8 text; save it as "CSV UTF-8"')):
+        table.write_bytes(data)
+        with pytest.raises(OptionError, match=re.escape(f"{table}{problem}")):
+            read_pairs(table)
+    table.write_bytes(b"pre,post\na,b,,\n")
+    assert read_pairs(table) == [Pair("b", str(tmp_path / "a"), str(tmp_path / "b"))]
+
+
 def test_a_cancel_while_a_pair_runs_stops_the_run(tmp_path):
     """The signal's Cancelled, raised in this process while it waits for a task, is no failure of the pair: the run
     stops (before, the pair was recorded as failed and the next one started)."""
-    from geochange.engine.errors import Cancelled
     from geochange.engine.many import _outcome
 
     class Waiting:
@@ -291,8 +308,39 @@ def test_a_pair_s_outline_in_degrees_none_in_a_local_crs():
     from geochange.engine.pair_task import _lonlat_outline
 
     site = CRS.from_wkt('LOCAL_CS["site grid",UNIT["metre",1],AXIS["Easting",EAST],AXIS["Northing",NORTH]]')
-    assert _lonlat_outline((0, 0, 100, 100), site) is None and _lonlat_outline((0, 0, 100, 100), None) is None
-    assert _lonlat_outline((500000, 0, 500100, 100), CRS.from_epsg(32633)).startswith("POLYGON ((15")
+    lines = Recorded()
+    assert _lonlat_outline((0, 0, 100, 100), site, lines) is None
+    assert _lonlat_outline((0, 0, 100, 100), None, lines) is None
+    assert _lonlat_outline((500000, 0, 500100, 100), CRS.from_epsg(32633), lines).startswith("POLYGON ((15")
+    assert lines.lines == []
+
+
+def test_a_pair_whose_outline_has_no_longitudes_and_latitudes_is_done(random_package, tmp_path):
+    """A geostationary view whose corners are off the Earth: its pair is done, recorded (a re-run skips it) and
+    logged without a footprint; a failed one keeps its own error, which the outline's does not replace."""
+    import numpy as np
+    import rasterio
+    from rasterio.transform import from_origin
+
+    from geochange.engine.pair_task import run_pair
+    from geochange.engine.zoo import sha256
+
+    disk = "+proj=geos +h=35785831 +lon_0=0 +sweep=y +datum=WGS84 +units=m +no_defs"
+    corners = from_origin(-5.5e6, 5.5e6, 1.1e7 / 64, 1.1e7 / 64)  # 64 px over the disk's square: its corners off it
+    for seed, date in enumerate(("pre", "post")):
+        with rasterio.open(tmp_path / f"{date}.tif", "w", driver="GTiff", width=64, height=64, count=3,
+                           dtype="uint8", crs=disk, transform=corners) as dst:
+            dst.write(np.random.default_rng(seed).integers(0, 255, (3, 64, 64), dtype=np.uint8))
+    pair = Pair("disk", str(tmp_path / "pre.tif"), str(tmp_path / "post.tif"))
+    for bands, status in (((1, 2, 3), PAIR_DONE), ((1, 2, 7), PAIR_FAILED)):
+        job = make_job(pair, random_package.resolve(), sha256(random_package), tmp_path / str(status),
+                       DetectOptions(pre_bands=bands, device="cpu", threads=1, backend="eager"), "gpkg")
+        row = run_pair(job)
+        assert (row["status"], row["footprint"]) == (status, None), row["error"]
+        assert any(line.startswith("no footprint in the summary: the raster's outline does not project to "
+                                   "longitude and latitude") for line in row["log"]), row["log"]
+        assert (complete(job) is not None) == (status == PAIR_DONE)
+    assert row["error"].endswith("pre.tif: band(s) [7] do not exist; the pre image has 3 band(s)")
 
 
 def test_two_globs_pair_files_by_what_the_wildcards_match(tmp_path, monkeypatch):
@@ -334,6 +382,50 @@ def test_a_wrong_model_is_refused_before_any_cluster_starts(tmp_path):
         with pytest.raises(PackageError, match=re.escape(f"{model}: {problem}")):
             detect_many(pairs, model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_outputs_that_replace_a_pair_s_input_are_refused_before_any_cluster_starts(random_package, tmp_path,
+                                                                                   monkeypatch):
+    """A pair that reads another's output, or an area of interest that is a pair's polygons: refused before the
+    summary is written or the cluster starts, as the CSV of the pairs is."""
+    import geochange.engine.many as many
+
+    monkeypatch.setattr(many, "_on_this_machine", lambda *args: pytest.fail("the cluster started"))
+    out = tmp_path / "out"
+    for path in ("pre.tif", "post.tif", "out/a/change_probability.tif", "out/b/change_polygons.gpkg"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_bytes(b"raster")
+    a = Pair("a", str(tmp_path / "pre.tif"), str(tmp_path / "post.tif"))
+    for pairs, aoi, output in (([a, Pair("b", str(out / "a/change_probability.tif"), a.post)], None,
+                                out / "a/change_probability.tif"),
+                               ([a, Pair("b", a.pre, a.post)], str(out / "b/change_polygons.gpkg"),
+                                out / "b/change_polygons.gpkg")):
+        with pytest.raises(OutputError, match=re.escape(f"{output}: this output is also an input of the run")):
+            detect_many(pairs, random_package, out, aoi=aoi)
+    assert not (out / "summary.gpkg").exists()
+
+
+def test_a_cancel_removes_the_temporaries_of_the_pairs_it_stopped(random_package, tmp_path, monkeypatch):
+    """The workers ended mid-pair leave their temporaries, which a re-run would remove only from the pairs it runs
+    again: the cancelled run removes them, and leaves the other files of the pair's folder."""
+    import geochange.engine.many as many
+
+    folder = tmp_path / "out" / "b"
+    left = [folder / ".change_mask.0123abcd.partial.tif", folder / ".change_mask.0123abcd.partial.tif.aux.xml",
+            folder / ".change_polygons.4567cdef.partial.scratch.gpkg"]
+
+    def cancelled_mid_pair(*args):
+        folder.mkdir()
+        for path in (*left, folder / "notes.txt"):
+            path.write_bytes(b"")
+        raise Cancelled("cancelled: the engine process was asked to stop")
+
+    monkeypatch.setattr(many, "_on_this_machine", cancelled_mid_pair)
+    with pytest.raises(Cancelled):
+        detect_many([Pair("b", str(tmp_path / "pre.tif"), str(tmp_path / "post.tif"))], random_package,
+                    tmp_path / "out")
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"]
+    assert summary(tmp_path / "out")["b"]["status"] == PAIR_PENDING
 
 
 def test_the_local_cluster_s_layout():
