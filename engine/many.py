@@ -15,7 +15,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import csv
-import json
 import logging
 import os
 import subprocess
@@ -199,9 +198,9 @@ def _check_workers_import_this_engine() -> None:
     if ENGINE_ROOT.name == "geochange" and str(ENGINE_ROOT.parent) not in sys.path:
         sys.path.append(str(ENGINE_ROOT.parent))
     try:
-        found = subprocess.run([sys.executable, "-c", "import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
-                                "import geochange; print(geochange.__file__)", json.dumps(sys.path)],
-                               capture_output=True, text=True, timeout=120)
+        # sys.path from the arguments, before any import: -c puts the current folder first, whose json.py would run.
+        found = subprocess.run([sys.executable, "-c", "import sys; sys.path[:] = sys.argv[1:]; import geochange; "
+                                "print(geochange.__file__)", *sys.path], capture_output=True, text=True, timeout=120)
     except subprocess.TimeoutExpired:
         raise GeoChangeError(f"detect-many: {sys.executable} did not import the engine within 120 s") from None
     where = Path(found.stdout.strip()).resolve().parent if found.returncode == 0 else None

@@ -141,6 +141,12 @@ def pairs_from(table: str | None = None, pre_glob: str | None = None, post_glob:
     raise OptionError("give the pairs as a CSV file, or as both --pre-glob and --post-glob")
 
 
+# What a folder's name cannot hold where the outputs may be read (Windows: a drive's colon, wildcards; and the
+# names its devices keep, whatever their extension).
+NOT_IN_NAMES = '/\\:*?"<>|'
+DEVICE_NAMES = {"CON", "PRN", "AUX", "NUL", *(f"{port}{i}" for port in ("COM", "LPT") for i in range(1, 10))}
+
+
 def checked(pairs: list[Pair], where: str) -> list[Pair]:
     """``pairs``, refused where empty, or where a name is no plain folder name (nor a summary file's, or one of its
     side files': those are replaced with the summary) or is given twice: names that differ only in case or in
@@ -150,10 +156,12 @@ def checked(pairs: list[Pair], where: str) -> list[Pair]:
     seen = {}
     for pair in pairs:
         name = pair.name
-        if (not name or name.startswith(".") or any(c in name for c in "/\\\0")
+        if (not name or name.startswith(".") or name.endswith((".", " ")) or any(c in name for c in NOT_IN_NAMES)
+                or any(ord(c) < 32 for c in name) or name.split(".")[0].upper() in DEVICE_NAMES
                 or any(name.lower().startswith(summary) for summary in SUMMARY_FILES)):
-            raise OptionError(f"{where}: {name!r} cannot name a pair's output folder (a plain name, not starting "
-                              f"with a dot, nor with {' or '.join(SUMMARY_FILES)})")
+            raise OptionError(f"{where}: {name!r} cannot name a pair's output folder (a plain name: no dot first, no "
+                              f"dot or space last, none of {NOT_IN_NAMES} nor control characters, no device name of "
+                              f"Windows such as CON or NUL, not starting with {' or '.join(SUMMARY_FILES)})")
         folder = unicodedata.normalize("NFC", name).lower()
         if folder in seen:
             first, post = seen[folder]

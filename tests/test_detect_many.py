@@ -253,6 +253,11 @@ def test_a_csv_of_pairs(tmp_path):
                           ("pre,post,name\na,b,Tile1\nc,d,tile1\n", "two pairs are named 'Tile1' and 'tile1'"),
                           ("pre,post,name\na,b,caf\u00e9\nc,d,cafe\u0301\n", "one output folder (where case"),
                           ("pre,post,name\na,b,../up\n", "cannot name a pair's output folder"),
+                          # On Windows: another drive's folder, a device, one folder for "x." and "x".
+                          ("pre,post,name\na,b,C:escaped\n", "cannot name a pair's output folder"),
+                          ("pre,post,name\na,b,nul.tile\n", "cannot name a pair's output folder"),
+                          ("pre,post,name\na,b,x.\n", "cannot name a pair's output folder"),
+                          ('pre,post,name\na,b,"two\nlines"\n', "cannot name a pair's output folder"),
                           ("pre,post\na,\n", "line 2: a pair needs both"), ("pre,post\n", "no pairs")):
         table.write_text(text)
         with pytest.raises(OptionError, match=re.escape(problem)):
@@ -604,3 +609,14 @@ def test_qgis_detect_many_refuses_options_before_any_cluster(geochange_provider,
         with pytest.raises(QgsProcessingException, match=message):
             run_algorithm("geochange:detectmanypairs", {**parameters, **changed})
     assert not (tmp_path / "out").exists()
+
+
+def test_the_workers_import_check_imports_nothing_from_the_current_folder(tmp_path, monkeypatch):
+    """Its ``python -c`` imported json first from the current folder (a downloaded dataset's, where an analyst runs
+    detect-many), running a planted json.py."""
+    from geochange.engine.many import _check_workers_import_this_engine
+
+    (tmp_path / "json.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').close()\n")
+    monkeypatch.chdir(tmp_path)
+    _check_workers_import_this_engine()
+    assert not (tmp_path / "ran").exists()
