@@ -12,8 +12,10 @@ from pathlib import Path
 from geochange.engine.errors import PackageError
 
 METADATA_KEY = "geochange"
-# safetensors' own bound on a header; a larger one is a broken or hostile file, never read into memory.
-MAX_HEADER_BYTES = 100 * 2**20
+# A package's header (its tensors' names and places, the manifest) is 35-45 kB for the zoo's models, about 110 kB for
+# M2CD-ConvNeXt-B, and a router holds four such; past this bound it is a broken or hostile file, never parsed: Python's
+# JSON takes some 25 times the text's size in memory, inside QGIS too (safetensors' own bound, 100 MB: 2.6 GB).
+MAX_HEADER_BYTES = 8 * 2**20
 
 # Bytes of a file parsed to tell a protocol 0/1 pickle: its opening opcodes are enough, and the bound
 # keeps a declared length (2**63 bytes) from being read or allocated.
@@ -67,16 +69,18 @@ def read_metadata(path: str | os.PathLike):
     with open(path, "rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
         if length > MAX_HEADER_BYTES:
-            raise PackageError(f"{path}: not a valid safetensors file; its header claims {length} bytes")
+            raise PackageError(f"{path}: not a model package; its header claims {length} bytes, past the "
+                               f"{MAX_HEADER_BYTES // 2**20} MiB any package's takes")
         text = f.read(length)
     try:
         meta = json.loads(text).get("__metadata__") or {}
-    except (ValueError, AttributeError) as e:
+    except (ValueError, AttributeError, RecursionError) as e:  # RecursionError: JSON nested past Python's stack
         raise PackageError(f"{path}: not a valid safetensors file; it is corrupt or truncated ({e})") from None
     if METADATA_KEY not in meta:
         raise PackageError(f"{path}: a safetensors file without a GeoChange manifest "
                            f"(header metadata key {METADATA_KEY!r} is missing)")
     try:
-        return json.loads(meta[METADATA_KEY])
-    except (json.JSONDecodeError, TypeError) as e:
+        manifest = json.loads(meta[METADATA_KEY])
+    except (json.JSONDecodeError, TypeError, RecursionError) as e:
         raise PackageError(f"{path}: the manifest is not valid JSON ({e})") from None
+    return manifest

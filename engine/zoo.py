@@ -44,15 +44,14 @@ def zoo_path(name: str, zoo: Path = ZOO) -> Path:
 
 
 def resolve_model(model: str | os.PathLike) -> Path:
-    """A model given as a file, or as the name of a zoo model (a file of that name wins; a folder, such as an output
-    folder named after the model, does not)."""
-    path = Path(model)
-    if path.is_file():
-        return path
+    """A model given as a file, or as the name of a zoo model. A zoo model's name means that model, checked against its
+    record, even where the current folder holds a file or folder so named (a folder named after the model's outputs, a
+    file planted there): ``./NAME`` names such a file."""
     index = zoo_index()
     if str(model) in index:
         return zoo_path(str(model))
-    if path.exists():  # a folder: the package loader names it
+    path = Path(model)
+    if path.exists():  # a folder too: the package loader names it
         return path
     raise PackageError(f"{model}: no such model file, nor a zoo model's name (`geochange zoo` lists "
                        f"{', '.join(index) if index else 'none yet'})")

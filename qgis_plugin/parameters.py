@@ -25,7 +25,7 @@ from qgis.core import (
 
 from geochange.engine.bands import band_list
 from geochange.engine.contracts import VECTOR_FORMATS
-from geochange.engine.errors import GeoChangeError, OptionError
+from geochange.engine.errors import GeoChangeError, OptionError, PackageError
 from geochange.engine.header import read_metadata
 from geochange.engine.options import DetectOptions, number_or_word, spec
 from geochange.engine.zoo import resolve_model, zoo_index
@@ -83,8 +83,13 @@ def chosen_model(algorithm, parameters, context, required: bool = True) -> str |
 def model_manifest(algorithm, parameters, context) -> dict:
     """The chosen model's manifest (a router package's original model's), read without torch; a file that is no
     package raises the engine's ``PackageError``, no model at all ``chosen_model``'s refusal."""
-    manifest = read_metadata(resolve_model(chosen_model(algorithm, parameters, context)))
-    return (manifest.get("original") or {}).get("manifest", manifest)
+    path = resolve_model(chosen_model(algorithm, parameters, context))
+    manifest = read_metadata(path)
+    original = manifest.get("original") if isinstance(manifest, dict) else None
+    chosen = original.get("manifest", manifest) if isinstance(original, dict) else manifest
+    if not isinstance(chosen, dict):  # the dialog's checks look its fields up; the engine would say the same
+        raise PackageError(f"{path}: the manifest must be a JSON object, not {type(chosen).__name__}")
+    return chosen
 
 
 def band_numbers(algorithm, parameters, name: str, context) -> list[int] | None:

@@ -264,3 +264,25 @@ def test_a_model_built_for_other_channels_than_its_inputs_is_refused(tmp_path):
     path = tmp_path / "m.safetensors"
     with pytest.raises(PackageError, match=r"inputs.pre must be 4 channel\(s\), as arch_kwargs.in_chans"):
         save_package(model, manifest, path)
+
+
+def test_a_header_nested_past_python_s_stack_or_past_the_bound_is_refused_before_parsing(tmp_path):
+    """JSON nested 100,000 deep raised RecursionError, not a package error; a header of up to 100 MB was parsed,
+    some 25 times its size in memory (in QGIS's process too, for the dialog's checks)."""
+    import struct
+
+    from geochange.engine.header import MAX_HEADER_BYTES, read_metadata
+
+    def package(name, header: bytes):
+        path = tmp_path / name
+        path.write_bytes(struct.pack("<Q", len(header)) + header)
+        return path
+
+    deep = package("deep.safetensors", b"[" * 100_000 + b"]" * 100_000)
+    with pytest.raises(PackageError, match="deep.safetensors: not a valid safetensors file"):
+        read_metadata(deep)
+    big = package("big.safetensors", b'{"__metadata__": {}, "x": "' + b"y" * MAX_HEADER_BYTES + b'"}')
+    with memory_limit(2 * MAX_HEADER_BYTES):  # read, never parsed
+        with pytest.raises(PackageError, match=r"big.safetensors: not a model package; its header claims \d+ bytes, "
+                                               r"past the 8 MiB any package's takes"):
+            read_metadata(big)

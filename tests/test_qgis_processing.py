@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+import safetensors.numpy
 from affine import Affine
 
 pytest.importorskip("qgis.core", reason="QGIS Python bindings are not installed")
@@ -222,8 +223,11 @@ def test_inputs_the_model_cannot_take_are_refused_before_the_run(geochange_provi
         dst.write(data[:1])
     sar = shared_data / "sen1floods11" / "S1_vv_vh_db.tif"
     pickle = shared_data / "weights" / "tinycd_levir_official.pth"
+    listed = tmp_path / "listed.safetensors"  # a manifest that is a JSON list (AttributeError)
+    safetensors.numpy.save_file({"w": np.zeros(1, np.float32)}, str(listed), metadata={"geochange": "[1, 2]"})
     pair = {"PRE": str(levir_crop["pre"]), "POST": str(levir_crop["post"])}
     refusals = [({**pair, "MODEL": str(pickle)}, f"{pickle}: this is a PyTorch pickle checkpoint"),
+                ({**pair, "MODEL": str(listed)}, "listed.safetensors: the manifest must be a JSON object, not list"),
                 ({**pair, "POST_BANDS": [3, 1]}, r"post.tif: 2 post band\(s\) chosen \(\[3, 1\]\)"),
                 ({**pair, "POST_BANDS": "3,1"}, r"post.tif: 2 post band\(s\) chosen \(\[3, 1\]\)"),
                 ({**pair, "PRE_BANDS": "3,x"}, "PRE_BANDS: bands must be comma-separated numbers like 3,2,1, not "

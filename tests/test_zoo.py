@@ -89,6 +89,12 @@ def test_a_folder_named_as_a_zoo_model_does_not_hide_it(tmp_path, monkeypatch, c
     assert "architecture" in shown
     # The training run's config and figures (kilobytes of JSON) are cut to a line; --json has them whole.
     assert max(len(line) for line in shown.splitlines()) < 200 and "... (--json: all)" in shown
+    # Nor does a file so named (planted in a downloaded folder): the name is the zoo's checked file; ./NAME the file.
+    from geochange.engine.zoo import resolve_model
+
+    (tmp_path / name).rmdir()
+    (tmp_path / name).write_bytes(b"not the zoo's")
+    assert resolve_model(name) == zoo_path(name) and resolve_model(f"./{name}").resolve() == tmp_path / name
 
 
 SHIPPED = zoo_index()
