@@ -1,5 +1,5 @@
-"""The ``geochange`` command line: detect, evaluate, assess, import-weights, info, models; train and mtkd
-come from the trainer through the ``geochange.commands`` entry points."""
+"""The ``geochange`` command line: detect, detect-many, evaluate, assess, import-weights, info, zoo, models; train,
+mtkd and export come from the trainer through the ``geochange.commands`` entry points."""
 from __future__ import annotations
 
 import argparse

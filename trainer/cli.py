@@ -1,8 +1,8 @@
 """The trainer's command line: ``python -m geochange.trainer`` (also ``geochange train`` / ``geochange mtkd``).
 
-    train CONFIG.yaml [--set key=value ...] [--resume [CHECKPOINT]] [--until N]
+    train CONFIG.yaml [--set key=value ...] [--resume [CHECKPOINT]] [--until N] [--backbone-weights PATH]
     mtkd {partition,original,teachers,distill,router,run} CONFIG.yaml [--set key=value ...] [--restart]
-    export RUN_DIR NAME --task TEXT --data-licence TEXT [--zoo DIR]
+    export RUN_DIR NAME --task TEXT --data-licence TEXT [--zoo DIR] [--gsd M]
 
 Under ``torchrun --nproc-per-node N -m geochange.trainer ...`` the same commands run data-parallel.
 """
