@@ -46,11 +46,14 @@ bench: setup
 VERSION := $(shell sed -n 's/^version=//p' metadata.txt)
 DIST := dist
 PLUGIN_BUILD := build/plugin
-PLUGIN_FILES := __init__.py metadata.txt icon.png requirements.txt engine trainer qgis_plugin $(wildcard zoo)
+PLUGIN_FILES := __init__.py LICENSE metadata.txt icon.png requirements.txt engine trainer qgis_plugin $(wildcard zoo)
 
+# In a git checkout, the files git tracks (no editor's backups, caches or untracked experiments in a release).
 plugin:
 	@rm -rf $(PLUGIN_BUILD) && mkdir -p $(PLUGIN_BUILD)/geochange $(DIST)
-	@cp -r $(PLUGIN_FILES) $(PLUGIN_BUILD)/geochange/
+	@if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then \
+		git ls-files -z -- $(PLUGIN_FILES) | tar --null -T - -cf - | tar -xf - -C $(PLUGIN_BUILD)/geochange; \
+	else cp -r $(PLUGIN_FILES) $(PLUGIN_BUILD)/geochange/; fi
 	@find $(PLUGIN_BUILD) \( -name __pycache__ -o -name '*.pyc' \) -prune -exec rm -rf {} +
 	@rm -f $(DIST)/geochange-$(VERSION).zip
 	@cd $(PLUGIN_BUILD) && python3 -m zipfile -c $(abspath $(DIST))/geochange-$(VERSION).zip geochange

@@ -62,7 +62,9 @@ def select_bands(count: int, spec: dict, date: str, bands: list[int] | None, whe
     Their count must be what the model expects for that date (``spec``, the manifest's input).
     """
     if bands is None:
-        check_band_count(count, spec, date, where, f"choose them with --{date}-bands")
+        hint = (f"if it is SAR, choose its band(s) with --{date}-bands (an optical image there finds no change)"
+                if spec["modality"] == "sar" else f"choose them with --{date}-bands")
+        check_band_count(count, spec, date, where, hint)
         return list(range(1, count + 1))
     outside = [b for b in bands if not 1 <= b <= count]
     if outside:

@@ -99,7 +99,7 @@ class AssessAccuracyAlgorithm(EngineAlgorithm):
         prediction = self.layer_source(parameters, "PREDICTION", context)
         reference = self.layer_source(parameters, "REFERENCE", context)
         table = self.output_path(parameters, "OUTPUT", context, TABLE_SUFFIXES)
-        raster = self.output_path(parameters, "OUTPUT_RASTER", context, (".tif",))
+        raster = self.output_path(parameters, "OUTPUT_RASTER", context, (".tif", ".tiff"))
         args = {"prediction": prediction, "reference": reference,
                 "aoi": option_value(self, parameters, context, "aoi"),
                 "ignore_value": self.optional_double(parameters, "IGNORE_VALUE", context),

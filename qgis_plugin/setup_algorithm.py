@@ -57,6 +57,7 @@ TORCH_BUILDS = {"CPU": "https://download.pytorch.org/whl/cpu",
                 "CUDA 13.0": "https://download.pytorch.org/whl/cu130",
                 PIP_INDEX: None}
 PIP_INSTALL = ("-m", "pip", "install", "--progress-bar", "off", "--disable-pip-version-check", "--no-input")
+MIN_PYTHON = (3, 10)  # the engine's (pyproject.toml's requires-python)
 QUOTED_LINES = 25  # of a failed command's output, in its error
 # Written into an environment this algorithm made: only such a one is ever made again (cleared).
 MADE_HERE = "made-by-geochange-setup.txt"
@@ -177,11 +178,21 @@ class SetupEngineAlgorithm(EngineAlgorithm):
     def checkParameterValues(self, parameters, context):  # noqa: N802 (QGIS's name)
         """A folder holding anything else is refused: remaking an environment clears its folder."""
         ok, message = super().checkParameterValues(parameters, context)
+        if not ok:
+            return ok, message
+        if sys.version_info[:2] < MIN_PYTHON:  # pip would fail to find PyTorch for it, after making the environment
+            return False, tr("QGIS's Python is {}.{}; the engine needs Python {}.{} or later (PyTorch's wheels): use a "
+                             "QGIS built with a newer Python").format(*sys.version_info[:2], *MIN_PYTHON)
         folder = self.folder(parameters, context)
-        if (ok and folder.is_dir() and not (folder / "pyvenv.cfg").is_file() and not (folder / MADE_HERE).is_file()
-                and any(folder.iterdir())):
-            return False, tr("FOLDER: {} holds files and is no Python environment: choose a new or empty "
-                             "folder").format(folder)
+        try:
+            if folder.exists() and not folder.is_dir():
+                return False, tr("FOLDER: {} is a file: choose a new or empty folder").format(folder)
+            if (folder.is_dir() and not (folder / "pyvenv.cfg").is_file() and not (folder / MADE_HERE).is_file()
+                    and any(folder.iterdir())):
+                return False, tr("FOLDER: {} holds files and is no Python environment: choose a new or empty "
+                                 "folder").format(folder)
+        except OSError as error:  # a folder this user may not read
+            return False, tr("FOLDER: {} cannot be used ({})").format(folder, error.strerror)
         return ok, message
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 (QGIS's name)

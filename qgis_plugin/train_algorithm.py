@@ -209,7 +209,8 @@ class TrainModelAlgorithm(EngineAlgorithm):
             manifest = read_metadata(path)
         except GeoChangeError as error:
             raise QgsProcessingException(f"MODEL: {error}") from None
-        if "architecture" not in manifest:
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("architecture"), str) \
+                or not isinstance(manifest.get("inputs"), dict):  # the engine names such a file's faults at its run
             raise QgsProcessingException(tr("MODEL: {} is no model package (a router package cannot start a run)")
                                          .format(model))
         settings = {"model.init": str(path.resolve())}

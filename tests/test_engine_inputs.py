@@ -274,6 +274,17 @@ def test_optical_pre_and_sar_post_datasets_run_and_a_band_mismatch_is_named(shar
         evaluate_folder(load_package(tinycd_package), shared_data / "ombria", device="cpu")
 
 
+def test_an_optical_image_where_the_model_takes_sar_is_not_told_to_pick_a_band_of_it():
+    """An RGB after-image for the zoo's flood models (optical before, SAR after) was told 'choose them with
+    --post-bands', which invites one optical band read as SAR: a run that finds nothing."""
+    from geochange.engine.bands import select_bands
+
+    with pytest.raises(RasterError, match=r"post.tif: the post image has 3 band\(s\), the model expects 1 \(sar\); if "
+                                          r"it is SAR, choose its band\(s\) with --post-bands \(an optical image there "
+                                          r"finds no change\)"):
+        select_bands(3, {"bands": 1, "modality": "sar"}, "post", None, "post.tif")
+
+
 def write_rgb(path, data=None, dtype="uint8", colours=None):
     """A 64 px three-band raster in UTM (random pixels unless ``data``), its bands labelled ``colours``."""
     data = np.random.default_rng(0).integers(1, 255, (3, 64, 64)).astype(dtype) if data is None else data

@@ -325,6 +325,17 @@ def test_train_from_the_dialog_without_a_configuration(geochange_provider, small
         with pytest.raises(QgsProcessingException, match=r"Without a training configuration \(CONFIG\), give a "
                                                          r"dataset \(DATASET\), the ITERATIONS, and an ARCHITECTURE"):
             run_algorithm("geochange:trainmodel", {k: v for k, v in dialog.items() if k != left_out})
+    # A file whose manifest is no model's (a JSON string; no inputs): named, not a TypeError or KeyError.
+    import numpy as np
+    import safetensors.numpy
+
+    from geochange.qgis_plugin.train_algorithm import FROM_START
+
+    for name, manifest in (("text", '"architecture"'), ("bare", '{"architecture": "tinycd"}')):
+        model = tmp_path / f"{name}.safetensors"
+        safetensors.numpy.save_file({"w": np.zeros(1, np.float32)}, str(model), metadata={"geochange": manifest})
+        with pytest.raises(QgsProcessingException, match=f"MODEL: .*{name}.safetensors is no model package"):
+            run_algorithm("geochange:trainmodel", {**dialog, "ARCHITECTURE": FROM_START, "MODEL": str(model)})
     results = run_algorithm("geochange:trainmodel", dialog)
     assert results["BEST_ITERATION"] in (1, 2) and Path(results["WORK_FOLDER"]) == tmp_path / "runs" / "mine"
     package = load_package(tmp_path / "mine.safetensors")

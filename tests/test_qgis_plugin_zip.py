@@ -27,7 +27,7 @@ def test_the_zip_holds_one_plugin_folder_of_runtime_files(plugin_zip):
         metadata.read_string(zf.read("geochange/metadata.txt").decode("utf-8"))
         icon = zf.read("geochange/" + metadata["general"]["icon"])
     assert {n.split("/")[0] for n in names} == {"geochange"}
-    for needed in ("__init__.py", "metadata.txt", "requirements.txt", "qgis_plugin/provider.py",
+    for needed in ("__init__.py", "LICENSE", "metadata.txt", "requirements.txt", "qgis_plugin/provider.py",
                    "qgis_plugin/worker_client.py", "engine/worker.py", "engine/detect.py", "engine/models/tinycd.py",
                    "trainer/__init__.py"):
         assert f"geochange/{needed}" in names

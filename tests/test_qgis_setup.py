@@ -123,6 +123,20 @@ def test_the_set_up_refuses_a_folder_of_other_files_and_can_be_cancelled(geochan
     assert (tmp_path / "theirs" / "notes.txt").read_text() == "mine"
 
 
+def test_the_set_up_refuses_a_file_an_unreadable_folder_or_an_old_python(geochange_provider, tmp_path, monkeypatch):
+    """A FOLDER that is a file failed in mkdir with a traceback; one not to be looked at raised in the check;
+    a QGIS on Python 3.9 made the environment, then pip found no PyTorch for it."""
+    (tmp_path / "a_file").write_text("mine")
+    with pytest.raises(QgsProcessingException, match="FOLDER: .*a_file is a file: choose a new or empty folder"):
+        run_algorithm("geochange:setupengine", {"FOLDER": str(tmp_path / "a_file")})
+    with pytest.raises(QgsProcessingException, match="FOLDER: .* cannot be used \\(File name too long\\)"):
+        run_algorithm("geochange:setupengine", {"FOLDER": str(tmp_path / ("x" * 300))})  # stat fails, as unreadable
+    monkeypatch.setattr(sys, "version_info", (3, 9, 18, "final", 0))
+    with pytest.raises(QgsProcessingException, match=r"QGIS's Python is 3\.9; the engine needs Python 3\.10 or later"):
+        run_algorithm("geochange:setupengine", {"FOLDER": str(tmp_path / "env")})
+    assert not (tmp_path / "env").exists()
+
+
 def test_the_set_up_s_commands_import_nothing_from_qgis_s_current_folder(geochange_provider, tmp_path, monkeypatch):
     """``python -c`` and ``python -m`` import first from the current folder, QGIS's: a ``venv.py`` or ``csv.py``
     there (a downloaded dataset's folder, a project's) ran as the set-up made the environment."""
