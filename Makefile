@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := qgis python3-qgis qgis-providers python3-rasterio gdal-bin
+APT_PACKAGES := qgis python3-qgis qgis-providers python3-rasterio gdal-bin python3-venv
 # The engine's and trainer's packages are listed once, in requirements.txt (pyproject.toml and QGIS's set-up
 # algorithm read it too); these are the development tools.
 DEV_DEPS := pytest ruff
@@ -21,10 +21,12 @@ system-packages:
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
 	fi
 
-# The venv sees Debian's site-packages (qgis, osgeo, rasterio); re-run only when the dependencies change.
-$(VENV)/.deps-installed: pyproject.toml requirements.txt Makefile
-	@[ -x $(PY) ] || /usr/bin/python3 -m venv --system-site-packages $(VENV)
-	$(PY) -m pip install -q -r requirements.txt $(DEV_DEPS)
+# The venv sees Debian's site-packages (qgis, osgeo, rasterio), so it is made after them (else pip would bring
+# rasterio and pyproj with GDAL and PROJ of their own); made again where a stopped set-up left it without pip;
+# re-run only when the dependencies change.
+$(VENV)/.deps-installed: pyproject.toml requirements.txt constraints.txt Makefile | system-packages
+	@$(PY) -m pip --version >/dev/null 2>&1 || /usr/bin/python3 -m venv --clear --system-site-packages $(VENV)
+	$(PY) -m pip install -q -r requirements.txt -c constraints.txt $(DEV_DEPS)
 	$(PY) -m pip install -q --no-deps -e .
 	@touch $@
 
@@ -51,7 +53,7 @@ PLUGIN_FILES := __init__.py LICENSE metadata.txt icon.png requirements.txt engin
 # In a git checkout, the files git tracks (no editor's backups, caches or untracked experiments in a release).
 plugin:
 	@rm -rf $(PLUGIN_BUILD) && mkdir -p $(PLUGIN_BUILD)/geochange $(DIST)
-	@if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then \
+	@set -o pipefail; if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then \
 		git ls-files -z -- $(PLUGIN_FILES) | tar --null -T - -cf - | tar -xf - -C $(PLUGIN_BUILD)/geochange; \
 	else cp -r $(PLUGIN_FILES) $(PLUGIN_BUILD)/geochange/; fi
 	@find $(PLUGIN_BUILD) \( -name __pycache__ -o -name '*.pyc' \) -prune -exec rm -rf {} +

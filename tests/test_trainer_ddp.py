@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import csv
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import yaml
 
+from conftest import free_port
 from trainer_setup import small_config
 
 
@@ -80,8 +80,5 @@ def test_a_batch_not_finite_on_one_process_stops_every_process(fp16, tmp_path):
     """Under fp16 each process checked its own loss: one stopped while the other waited in the next collective."""
     import torch.multiprocessing as mp
 
-    with socket.socket() as free:  # a port no other process holds (a fixed one may still be in use)
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
-    mp.spawn(_check_one_batch, args=(fp16, port, tmp_path), nprocs=2, join=True)
+    mp.spawn(_check_one_batch, args=(fp16, free_port(), tmp_path), nprocs=2, join=True)
     assert [(tmp_path / f"{rank}").read_text() for rank in (0, 1)] == ["GeoChangeError", "GeoChangeError"]
