@@ -28,7 +28,8 @@ from rasterio.windows import Window
 
 from geochange.engine.errors import OptionError, RasterError
 from geochange.engine.measures import METRES_PER_DEGREE, metres_per_unit
-from geochange.engine.rasters import corrupt_pixels, has_mask, open_raster, valid_mask, zeroed_where_invalid
+from geochange.engine.rasters import (corrupt_pixels, has_mask, open_raster, read_masks, valid_mask,
+                                      zeroed_where_invalid)
 
 # Below this share of either image inside the common extent, a warning is given.
 SMALL_OVERLAP = 0.5
@@ -293,7 +294,7 @@ class GridReader:
         return self._read(self.dataset.read, bands, window)
 
     def read_masks(self, bands, window: Window):
-        return self._read(self.dataset.read_masks, bands, window)
+        return self._read(lambda b, window: read_masks(self.dataset, b, window), bands, window)
 
     def _read(self, method, bands, window: Window):
         try:

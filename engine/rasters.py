@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
+from rasterio.enums import ColorInterp
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 
 from geochange.engine.errors import RasterError
@@ -75,6 +76,17 @@ def has_mask(src) -> bool:
     from rasterio.enums import MaskFlags
 
     return any(MaskFlags.all_valid not in flags for flags in src.mask_flag_enums)
+
+
+def read_masks(dataset, bands, window=None) -> np.ndarray:
+    """GDAL's masks of ``bands`` (0: masked), or, where ``dataset`` has an alpha band of another type than byte or
+    uint16, that band: GDAL derives masks from those two types only and takes every pixel as valid for the others,
+    and a ``WarpedVRT`` of a float or int16 raster gives its added alpha band the raster's type (outside the raster
+    and under its mask band, pixels were read as valid zeros)."""
+    alpha = [i for i, colour in enumerate(dataset.colorinterp, 1) if colour == ColorInterp.alpha]
+    if alpha and dataset.dtypes[alpha[0] - 1] not in ("uint8", "uint16"):
+        return (dataset.read(alpha[0], window=window) > 0)[None]
+    return dataset.read_masks(bands, window=window)
 
 
 def valid_mask(reader, window, data: np.ndarray, bands: list[int], masked: bool) -> np.ndarray:

@@ -275,17 +275,17 @@ def crop_detection(geochange_provider, levir_crop, tinycd_package, tmp_path_fact
 
 # --- Accuracy assessment ---------------------------------------------------------------------------
 
-def write_masked_raster(path):
-    """A 64 px one-band uint8 GeoTIFF (1 m pixels at 500000, 5000000 in EPSG:32633) whose internal mask band
+def write_masked_raster(path, dtype="uint8"):
+    """A 64 px one-band GeoTIFF of ``dtype`` (1 m pixels at 500000, 5000000 in EPSG:32633) whose internal mask band
     masks its columns from 50 on: no nodata value, no alpha band."""
     import numpy as np
     import rasterio
     from affine import Affine
 
     with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(
-            path, "w", driver="GTiff", width=64, height=64, count=1, dtype="uint8", crs="EPSG:32633",
+            path, "w", driver="GTiff", width=64, height=64, count=1, dtype=dtype, crs="EPSG:32633",
             transform=Affine(1, 0, 500000, 0, -1, 5000000)) as dst:
-        dst.write(np.full((1, 64, 64), 200, np.uint8))
+        dst.write(np.full((1, 64, 64), 200, dtype))
         dst.write_mask(np.where(np.arange(64) < 50, 255, 0).astype(np.uint8)[None].repeat(64, axis=0))
     return path
 

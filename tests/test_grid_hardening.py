@@ -116,10 +116,12 @@ def test_an_overlap_a_pixel_wide_across_two_of_the_reference_s_pixels_is_no_over
         common_grid(a, b)
 
 
-def test_a_raster_with_a_mask_band_read_off_its_lattice_is_masked_outside_it_too(tmp_path):
+@pytest.mark.parametrize("dtype", ["uint8", "int16", "float32"])
+def test_a_raster_with_a_mask_band_read_off_its_lattice_is_masked_outside_it_too(tmp_path, dtype):
     """Its mask band masks what it masks, and the warped read marks what lies outside the raster: a warped VRT
-    of such a raster without an alpha band of its own is valid everywhere."""
-    path = write_masked_raster(tmp_path / "masked.tif")
+    of such a raster without an alpha band of its own is valid everywhere. Of int16 or float, the VRT's alpha band
+    takes that type, from which GDAL derives no mask: outside and masked pixels were read as valid zeros."""
+    path = write_masked_raster(tmp_path / "masked.tif", dtype)
     finer = Grid(CRS.from_epsg(32633), Affine(0.5, 0, 500040, 0, -0.5, 4999990), 128, 128)  # half-metre pixels
     with rasterio.open(path) as src:
         reader = GridReader(src, finer)
