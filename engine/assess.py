@@ -64,7 +64,7 @@ def raster_on(path: str, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
             return label_band(src.read(), path), src.read_masks(1) > 0
         # The mask marks the grid's pixels that the raster's footprint (and its data) covers.
         with warped_on(src, grid, Resampling.nearest) as vrt:
-            return label_band(vrt.read(list(range(1, src.count + 1))), path), read_masks(vrt, 1)[0] > 0
+            return label_band(vrt.read(list(range(1, src.count + 1))), path), read_masks(vrt, 1) > 0
 
 
 # What assess holds a pixel at most, in bytes: each map's values (up to 8) and masks, the pixels assessed, the

@@ -85,7 +85,8 @@ def read_masks(dataset, bands, window=None) -> np.ndarray:
     and under its mask band, pixels were read as valid zeros)."""
     alpha = [i for i, colour in enumerate(dataset.colorinterp, 1) if colour == ColorInterp.alpha]
     if alpha and dataset.dtypes[alpha[0] - 1] not in ("uint8", "uint16"):
-        return (dataset.read(alpha[0], window=window) > 0)[None]
+        valid = dataset.read(alpha[0], window=window) > 0
+        return valid if isinstance(bands, int) else valid[None]  # as GDAL's: one band's, or a stack
     return dataset.read_masks(bands, window=window)
 
 
