@@ -136,7 +136,7 @@ def test_a_raster_with_its_own_alpha_band_is_read_on_another_grid(tmp_path):
     values, valid = raster_on(str(path), Grid(CRS.from_epsg(32633), Affine(1, 0, 500040, 0, -1, 4999990), 64, 64))
     assert valid.sum() == 24 * 54 and valid[:54, :24].all() and (values[valid] == 255).all()
     # A mask band instead (no alpha, no nodata): it, and what lies outside the raster, are masked too.
-    for dtype in ("uint8", "float32"):  # a float raster's warped VRT has a float alpha band, which GDAL makes no mask of
+    for dtype in ("uint8", "float32"):  # a float raster: its warped VRT's alpha band is float
         values, valid = raster_on(str(write_masked_raster(tmp_path / f"masked_{dtype}.tif", dtype)),
                                   Grid(CRS.from_epsg(32633), Affine(1, 0, 500040, 0, -1, 4999990), 64, 64))
         assert valid.sum() == 10 * 54 and valid[:54, :10].all(), dtype
