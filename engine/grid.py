@@ -237,7 +237,8 @@ def common_grid(pre, post, *, on: str = "pre", crs: str | None = None,
         if col1 <= col0 or row1 <= row0:  # a pixel's width of overlap, but across two of the reference's pixels
             raise no_overlap(f" by one whole pixel of {Path(reference.name).name}")
         return Grid(target, t * Affine.translation(col0, row0), col1 - col0, row1 - row0)
-    width, height = (right - left) // res_x, (top - bottom) // res_y
+    # Whole pixels, to a millionth of one: 7.0 / 0.1 is 69.99999999999999 in floating point.
+    width, height = math.floor((right - left) / res_x + 1e-6), math.floor((top - bottom) / res_y + 1e-6)
     if too_large(width, height):
         raise OptionError(f"the common grid would be {width:.4g} x {height:.4g} px at a resolution of "
                           f"{res_x:.4g} x {res_y:.4g} in {target} (at most {MAX_PIXELS:.0e} px and "

@@ -272,6 +272,9 @@ class PolygonAssembler:
             # From each ring's canonical first vertex: the result must not depend on where band seams
             # made the ring start (detect's bands against vectorize's whole raster).
             polygons = simplified(shapely.normalize(polygons), self.simplify)
+        # One winding in every polygon, exteriors counter-clockwise (GeoJSON's right-hand rule): GDAL's polygonizer,
+        # the unions across band seams and GEOS's normal form each leave their own, which geodesic measures misread.
+        polygons = shapely.orient_polygons(polygons)
         return [ChangePolygon(polygon, float(area), mean, top)
                 for polygon, area, (mean, top) in zip(polygons, areas, probabilities) if area >= self.min_area_m2]
 

@@ -106,6 +106,15 @@ def test_a_resolution_coarser_than_the_overlap_is_named_as_such(tmp_path):
         common_grid(a, a, resolution=1000.0)
 
 
+def test_a_resolution_equal_to_the_pixel_size_keeps_every_pixel(tmp_path):
+    """100 x 70 pixels of 0.1 m, at --resolution 0.1: 7.0 // 0.1 is 69.0 in floating point, and the last row went."""
+    place = ("EPSG:32633", Affine(0.1, 0, 500000, 0, -0.1, 5000000), 100, 70)
+    path = write_constant(tmp_path / "a.tif", place, 1)
+    with rasterio.open(path) as a:
+        grid = common_grid(a, a, resolution=0.1)
+    assert (grid.width, grid.height) == (100, 70)
+
+
 def test_an_overlap_a_pixel_wide_across_two_of_the_reference_s_pixels_is_no_overlap(tmp_path):
     """The overlap (0.6 m, the post's one pixel) passed the check, then snapped to the pre's 0.5 m lattice it held
     no whole pixel: a grid 0 px wide, and a ZeroDivisionError."""

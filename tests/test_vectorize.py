@@ -152,6 +152,11 @@ def test_regions_crossing_band_seams_come_out_whole(make_mask):
             b = same[0]
             assert a.area_m2 == pytest.approx(b.area_m2) and a.mean_prob == pytest.approx(b.mean_prob)
             assert a.max_prob == b.max_prob
+        # One winding a polygon, GeoJSON's: exteriors counter-clockwise, holes clockwise (the seams' unions and
+        # GDAL's polygonizer left them mixed, and geodesic measures of the written rings read them wrong).
+        for polygon in (p.geometry for p in banded + whole):
+            assert shapely.is_ccw(polygon.exterior) and not any(shapely.is_ccw(ring) for ring in polygon.interiors)
+    assert any(p.geometry.interiors for p in whole)
 
 
 @pytest.mark.parametrize("band", [12, 7, 2])
