@@ -37,6 +37,7 @@ SMALL_OVERLAP = 0.5
 # resolution or CRS rather than a run to start; GDAL's rasters have at most 2**31 - 1 pixels a side.
 MAX_PIXELS = 10**12
 MAX_SIDE = 2**31 - 1
+SCALE_TOLERANCE = 0.01  # how far from true a projection's scale may be for its units to count as ground metres
 # A pixel grid's transform: column x, row -y (QGIS's placement of a raster without a geotransform).
 PIXEL_TRANSFORM = Affine(1, 0, 0, 0, -1, 0)
 
@@ -64,7 +65,23 @@ class Grid:
             return None
         if self.crs.is_geographic:
             return self.pixel_side * math.sqrt(METRES_PER_DEGREE * self.metres_per_degree_east())
-        return self.pixel_side * metres_per_unit(self.crs)
+        scale = self.projection_scale()
+        # Within 1 % of true scale the CRS's units are taken as the ground's (UTM's 0.9996-1.001), as a raster's
+        # producer states its resolution: a model's 2 m then reads a 2 m UTM grid, not one to resample.
+        return self.pixel_side * metres_per_unit(self.crs) / (scale if abs(scale - 1) > SCALE_TOLERANCE else 1.0)
+
+    def projection_scale(self) -> float:
+        """The projection's linear scale at the grid's middle, map length over ground length (Web Mercator's is 2
+        at 60°: its 1 m pixels are 0.5 m on the ground), the square root of its areal scale; 1 where PROJ cannot
+        tell (a local CRS)."""
+        try:
+            crs = pyproj.CRS.from_wkt(self.crs.to_wkt())
+            x, y = self.transform * (self.width / 2, self.height / 2)
+            lon, lat = pyproj.Transformer.from_crs(crs, crs.geodetic_crs, always_xy=True).transform(x, y)
+            scale = math.sqrt(pyproj.Proj(crs).get_factors(lon, lat).areal_scale)
+        except (pyproj.exceptions.ProjError, pyproj.exceptions.CRSError, AttributeError, TypeError, ValueError):
+            return 1.0
+        return scale if math.isfinite(scale) and scale > 0 else 1.0
 
     def metres_per_degree_east(self) -> float:
         """Metres in a degree of longitude at the grid's middle latitude (a geographic grid)."""

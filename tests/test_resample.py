@@ -62,6 +62,11 @@ def test_the_model_s_grid_covers_the_output_grid_from_its_corner():
     degrees = model_grid(nordic, 0.5)
     assert -degrees.transform.e == pytest.approx(0.5 / 111_320) and degrees.pixel_metres() == pytest.approx(0.5)
     assert degrees.transform.a == pytest.approx(2 * -degrees.transform.e, rel=1e-3)
+    # Web Mercator at 60°: a unit is half a metre on the ground there (its scale is 2), so 1-unit pixels are the
+    # model's 0.5 m already (taken for 1 m, they became a grid of 4 times the pixels, each 0.25 m on the ground).
+    mercator = Grid(CRS.from_epsg(3857), from_origin(1113195.0, 8399737.9, 1.0, 1.0), 128, 128)
+    assert mercator.pixel_metres() == pytest.approx(0.5, rel=1e-3)
+    assert model_grid(mercator, 0.5).transform.a == pytest.approx(1.0, rel=1e-3)
     with pytest.raises(OptionError, match=r"^--resolution model: this model records no ground sampling distance "
                                           r"\(gsd, .*\); give --resolution in the CRS's units instead$"):
         model_grid(utm, None)
