@@ -64,7 +64,13 @@ class DetectSetup:
 
     def reader(self, grid: Grid | None = None) -> PairReader:
         """Both dates' windows on ``grid``, by default the one the model reads on."""
-        return PairReader(*self.paths, grid or self.model_grid or self.grid, *self.bands, aoi=self.aoi)
+        grid = grid or self.model_grid or self.grid
+        aoi = self.aoi
+        if aoi is not None and grid is self.model_grid:
+            # Resampled back, an output pixel takes the model pixels around it, which may lie just outside the area
+            # of interest: those within two model pixels of it are read too (the output's reader cuts the area).
+            aoi = AreaOfInterest(aoi.geometry.buffer(2 * max(grid.transform.a, -grid.transform.e)), aoi.source)
+        return PairReader(*self.paths, grid, *self.bands, aoi=aoi)
 
 
 # Pixels up to this many times finer or coarser than the model's are taken without a warning.

@@ -139,6 +139,26 @@ def test_nodata_and_the_area_of_interest_stay_at_the_output_s_pixels(tmp_path, h
     assert (mask[:, :10] == MASK_NODATA).all() and (mask[:, 10:] != MASK_NODATA).all()
 
 
+def test_an_area_of_interest_s_pixels_all_come_back_from_coarser_model_pixels(tmp_path):
+    """The model's grid was read with the area of interest, so its pixels just outside the area were nodata: the
+    output pixels inside it, near its edge, had no model pixels to resample and came back nodata (91 of 7,530)."""
+    from rasterio.features import geometry_mask
+    from shapely.geometry import Polygon, mapping
+
+    from conftest import write_polygons
+
+    package = save_package(create("tinycd").eval(), make_manifest("tinycd", gsd=3.0), tmp_path / "gsd3.safetensors")
+    a, b = write_pair(tmp_path, 96, 1.0)
+    triangle = Polygon([(630010.3, 3339990.2), (630085.7, 3339970.1), (630050.2, 3339910.9)])
+    aoi = write_polygons(tmp_path / "aoi.gpkg", [mapping(triangle)], 32614)
+    result = detect(a, b, package, **outputs(tmp_path / "out"), resolution="model", tile=64, overlap=16,
+                    threshold=0.0, aoi=str(aoi))
+    with rasterio.open(result.mask) as m:
+        mask = m.read(1)
+    inside = geometry_mask([triangle], mask.shape, result.grid.transform, invert=True)
+    assert inside.sum() > 2000 and (mask[inside] != MASK_NODATA).all() and (mask[~inside] == MASK_NODATA).all()
+
+
 @pytest.mark.parametrize("when", ["windows", "rows"])
 def test_a_cancel_while_the_model_s_rows_are_staged_leaves_nothing(tmp_path, half_metre_package, when):
     """Cancelled while the windows run into the scratch raster, or once it is read back onto the output grid."""
