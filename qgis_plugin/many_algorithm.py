@@ -116,6 +116,12 @@ class DetectManyPairsAlgorithm(EngineAlgorithm):
     def checkParameterValues(self, parameters, context):  # noqa: N802 (QGIS's name)
         """The options the engine would refuse, refused in the dialog before any engine or cluster starts."""
         ok, message = super().checkParameterValues(parameters, context)
+        if ok:
+            try:  # the pairs given one way, and band lists the engine reads
+                self._pairs(parameters, context)
+                self._bands(parameters, context)
+            except QgsProcessingException as error:
+                return False, str(error)
         problem = options_problem(self, parameters, context) if ok else None
         return (False, problem) if problem else (ok, message)
 

@@ -286,6 +286,12 @@ def test_an_overlap_not_under_the_model_s_tile_is_refused_before_the_run(geochan
     many = QgsApplication.processingRegistry().algorithmById("geochange:detectmanypairs")
     pickle = shared_data / "weights" / "tinycd_levir_official.pth"
     assert many.checkParameterValues({**folders, "MODEL": str(pickle)}, QgsProcessingContext()) == (True, "")
+    # No pairs given, or band text the engine cannot read: refused there too, not once the engine runs.
+    model = {"MODEL": str(tinycd_package), "OVERLAP": 32}
+    assert many.checkParameterValues({"OUTPUT": str(tmp_path / "many"), **model}, QgsProcessingContext()) == \
+        (False, "Give the pairs as a CSV file (PAIRS) or as two folders (PRE_FOLDER and POST_FOLDER)")
+    ok, message = many.checkParameterValues({**folders, **model, "PRE_BANDS": "3,x"}, QgsProcessingContext())
+    assert not ok and message.startswith("PRE_BANDS: bands must be comma-separated numbers")
 
 
 def test_dates_in_degrees_a_turn_apart_are_left_to_the_engine(geochange_provider, tmp_path):
