@@ -61,7 +61,7 @@ def raster_on(path: str, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
                               "no-change pixel would count in no figure. Clear it (gdal_edit.py -unsetnodata) or "
                               "set another (gdal_edit.py -a_nodata 127) first")
         if grid.matches(src):
-            return label_band(src.read(), path), src.read_masks(1) > 0
+            return label_band(src.read(), path), read_masks(src, 1) > 0
         # The mask marks the grid's pixels that the raster's footprint (and its data) covers.
         with warped_on(src, grid, Resampling.nearest) as vrt:
             return label_band(vrt.read(list(range(1, src.count + 1))), path), read_masks(vrt, 1) > 0

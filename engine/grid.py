@@ -28,8 +28,7 @@ from rasterio.windows import Window
 
 from geochange.engine.errors import OptionError, RasterError
 from geochange.engine.measures import METRES_PER_DEGREE, metres_per_unit
-from geochange.engine.rasters import (corrupt_pixels, has_mask, open_raster, read_masks, valid_mask,
-                                      zeroed_where_invalid)
+from geochange.engine.rasters import corrupt_pixels, has_mask, open_raster, valid_mask, zeroed_where_invalid
 
 # Below this share of either image inside the common extent, a warning is given.
 SMALL_OVERLAP = 0.5
@@ -37,7 +36,7 @@ SMALL_OVERLAP = 0.5
 # resolution or CRS rather than a run to start; GDAL's rasters have at most 2**31 - 1 pixels a side.
 MAX_PIXELS = 10**12
 MAX_SIDE = 2**31 - 1
-SCALE_TOLERANCE = 0.01  # how far from true a projection's scale may be for its units to count as ground metres
+TRUE_SCALE_TOLERANCE = 0.01  # how far from true a projection's scale may be for its units to count as ground metres
 # A pixel grid's transform: column x, row -y (QGIS's placement of a raster without a geotransform).
 PIXEL_TRANSFORM = Affine(1, 0, 0, 0, -1, 0)
 
@@ -68,7 +67,7 @@ class Grid:
         scale = self.projection_scale()
         # Within 1 % of true scale the CRS's units are taken as the ground's (UTM's 0.9996-1.001), as a raster's
         # producer states its resolution: a model's 2 m then reads a 2 m UTM grid, not one to resample.
-        return self.pixel_side * metres_per_unit(self.crs) / (scale if abs(scale - 1) > SCALE_TOLERANCE else 1.0)
+        return self.pixel_side * metres_per_unit(self.crs) / (scale if abs(scale - 1) > TRUE_SCALE_TOLERANCE else 1.0)
 
     def projection_scale(self) -> float:
         """The projection's linear scale at the grid's middle, map length over ground length (Web Mercator's is 2
@@ -312,7 +311,16 @@ class GridReader:
         return self._read(self.dataset.read, bands, window)
 
     def read_masks(self, bands, window: Window):
-        return self._read(lambda b, window: read_masks(self.dataset, b, window), bands, window)
+        """GDAL's masks; ``rasters.read_masks`` (through ``colorinterp`` and ``dtypes``) those of any alpha band."""
+        return self._read(self.dataset.read_masks, bands, window)
+
+    @property
+    def colorinterp(self):
+        return self.dataset.colorinterp
+
+    @property
+    def dtypes(self):
+        return self.dataset.dtypes
 
     def _read(self, method, bands, window: Window):
         try:

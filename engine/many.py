@@ -456,10 +456,11 @@ def detect_many(pairs: list[Pair], model, out, *, scheduler: str | None = None, 
                 with contextlib.suppress(GeoChangeError):
                     summary.write(list(rows.values()))
                 # The local cluster is closed, its workers ended: the temporaries of the pairs they ran go, which a
-                # re-run would remove only from the pairs it runs (a pair still running, on a scheduler's cluster,
-                # holds its folder and keeps them).
-                remove_left_temporaries(path for job in todo if rows[job["name"]]["status"] == PAIR_PENDING
-                                        for path in pair_outputs(job).values())
+                # re-run would remove only from the pairs it runs. Not on a scheduler's cluster, whose running pairs
+                # go on (a cancel does not stop them) on storage where a folder's lock may not hold (NFS).
+                if not scheduler:
+                    remove_left_temporaries(path for job in todo if rows[job["name"]]["status"] == PAIR_PENDING
+                                            for path in pair_outputs(job).values())
                 raise
             summary.write(list(rows.values()))
     return list(rows.values())

@@ -109,7 +109,8 @@ def _by_key(pattern: str, option: str) -> dict[str, str]:
     for path in sorted(glob.glob(pattern)):
         match = expression.fullmatch(os.path.normpath(path))
         if match and os.path.isfile(path):
-            key = "_".join(match.groups())
+            # A name's trailing dots and spaces are Windows' to drop ('before/*tif' matches 'site1.'): left out here.
+            key = "_".join(match.groups()).rstrip(". ")
             if key in files:  # "a_b/c" and "a/b_c": one pair would take the other's place unseen
                 raise OptionError(f"{option} {pattern!r}: {files[key]} and {os.path.abspath(path)} both name pair "
                                   f"{key!r} (the texts the wildcards match, joined by _); rename one of them")

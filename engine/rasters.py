@@ -75,17 +75,23 @@ def has_mask(src) -> bool:
     """Whether GDAL masks any pixel of ``src`` (a nodata value, an alpha or a mask band)."""
     from rasterio.enums import MaskFlags
 
-    return any(MaskFlags.all_valid not in flags for flags in src.mask_flag_enums)
+    return any(MaskFlags.all_valid not in flags for flags in src.mask_flag_enums) or _typed_alpha(src) is not None
+
+
+def _typed_alpha(dataset) -> int | None:
+    """The alpha band of ``dataset`` where it is of another type than byte or uint16, of which GDAL makes no mask."""
+    alpha = [i for i, colour in enumerate(dataset.colorinterp, 1) if colour == ColorInterp.alpha]
+    return alpha[0] if alpha and dataset.dtypes[alpha[0] - 1] not in ("uint8", "uint16") else None
 
 
 def read_masks(dataset, bands, window=None) -> np.ndarray:
-    """GDAL's masks of ``bands`` (0: masked), or, where ``dataset`` has an alpha band of another type than byte or
-    uint16, that band: GDAL derives masks from those two types only and takes every pixel as valid for the others,
-    and a ``WarpedVRT`` of a float or int16 raster gives its added alpha band the raster's type (outside the raster
-    and under its mask band, pixels were read as valid zeros)."""
-    alpha = [i for i, colour in enumerate(dataset.colorinterp, 1) if colour == ColorInterp.alpha]
-    if alpha and dataset.dtypes[alpha[0] - 1] not in ("uint8", "uint16"):
-        valid = dataset.read(alpha[0], window=window) > 0
+    """GDAL's masks of ``bands`` of a dataset or a ``GridReader`` (0: masked), or, where it has an alpha band of
+    another type than byte or uint16, that band: GDAL derives masks from those two types only and takes every pixel
+    as valid for the others, and a ``WarpedVRT`` of a float or int16 raster gives its added alpha band the raster's
+    type (outside the raster and under its mask band, pixels were read as valid zeros)."""
+    alpha = _typed_alpha(dataset)
+    if alpha is not None:
+        valid = dataset.read(alpha, window=window) > 0
         return valid if isinstance(bands, int) else valid[None]  # as GDAL's: one band's, or a stack
     return dataset.read_masks(bands, window=window)
 
@@ -94,7 +100,7 @@ def valid_mask(reader, window, data: np.ndarray, bands: list[int], masked: bool)
     """Pixels valid in every used band: GDAL's mask (nodata value, alpha, mask band; read only where ``masked``,
     ``has_mask``) and not NaN. ``reader``: a ``GridReader`` or a dataset."""
     if masked:
-        valid = reader.read_masks(bands, window=window).all(axis=0)
+        valid = read_masks(reader, bands, window=window).all(axis=0)
     else:  # no nodata, alpha or mask band: GDAL's all-valid mask and its test cost a third of a read
         valid = np.ones(data.shape[1:], bool)
     if np.issubdtype(data.dtype, np.floating):

@@ -46,13 +46,17 @@ def zoo_path(name: str, zoo: Path = ZOO) -> Path:
 def resolve_model(model: str | os.PathLike) -> Path:
     """A model given as a file, or as the name of a zoo model. A zoo model's name means that model, checked against its
     record, even where the current folder holds a file or folder so named (a folder named after the model's outputs, a
-    file planted there): ``./NAME`` names such a file."""
-    index = zoo_index()
-    if str(model) in index:
-        return zoo_path(str(model))
-    path = Path(model)
+    file planted there): ``./NAME`` names such a file. A file comes back absolute, so that resolving it again (as
+    loaders do) gives it again, not the zoo model of its bare name."""
+    text, path = os.fspath(model), Path(model)
+    named = not any(separator in text for separator in ("/", os.sep)) and path.suffix != ".safetensors"
+    index = zoo_index() if named else {}
+    if text in index:
+        return zoo_path(text)
     if path.exists():  # a folder too: the package loader names it
-        return path
+        return path.absolute()
+    if not named:
+        raise PackageError(f"{model}: no such model file")
     raise PackageError(f"{model}: no such model file, nor a zoo model's name (`geochange zoo` lists "
                        f"{', '.join(index) if index else 'none yet'})")
 

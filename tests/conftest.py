@@ -32,7 +32,7 @@ class Recorded(Progress):
 
 
 def pytest_sessionstart(session):
-    """In CI (``CI`` set, as .ci/run's machine sets it) what the suite skips without (the real data, QGIS's bindings,
+    """In CI (``CI`` set, as .ci/run sets it) what the suite skips without (the real data, QGIS's bindings,
     OpenVINO) must be there: a skip would turn the tests that need it into a green run."""
     if not os.environ.get("CI"):
         return

@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from geochange.engine.errors import Cancelled, OptionError, OutputError, Package
 from geochange.engine.many import Layout, detect_many, local_layout, make_job
 from geochange.engine.pair_task import RECORD, complete, identity, pair_row, write_record
 from geochange.engine.options import DetectOptions
-from geochange.engine.pairs import Pair, glob_pairs, pairs_from, read_pairs
+from geochange.engine.pairs import Pair, checked, glob_pairs, pairs_from, read_pairs
 
 # The same threads in every run (a single detect, a worker's pair) give the same floats, hence the same bytes.
 OPTIONS = ["--pre-bands", "1,2,3", "--post-bands", "1,2,3", "--device", "cpu", "--threads", "1"]
@@ -358,6 +359,8 @@ def test_two_globs_pair_files_by_what_the_wildcards_match(tmp_path, monkeypatch)
         Pair("t1", str(tmp_path / "before/t1.tif"), str(tmp_path / "after/t1.tif")),
         Pair("t2", str(tmp_path / "before/t2.tif"), str(tmp_path / "after/t2.tif"))]
     assert [p.name for p in glob_pairs("tiles/*/pre.tif", "tiles/*/post.tif")] == ["a", "b"]
+    # Without the dot ('*tif'): the names' trailing dots, which Windows drops from a folder's, are left out.
+    assert [p.name for p in checked(glob_pairs("before/*tif", "after/*tif"), "the pairs")] == ["t1", "t2"]
     # A folder's name escaped (QGIS's two folders) is no wildcard.
     assert [p.name for p in glob_pairs(glob.escape("x[1]/pre") + "/*.tif", glob.escape("x[1]/post") + "/*.tif")] == \
         ["a"]
@@ -431,6 +434,13 @@ def test_a_cancel_removes_the_temporaries_of_the_pairs_it_stopped(random_package
                     tmp_path / "out")
     assert [p.name for p in folder.iterdir()] == ["notes.txt"]
     assert summary(tmp_path / "out")["b"]["status"] == PAIR_PENDING
+    # On a scheduler's cluster a cancel does not stop the pairs running there, whose files stay theirs.
+    shutil.rmtree(folder)
+    monkeypatch.setattr(many, "_on_scheduler", cancelled_mid_pair)
+    with pytest.raises(Cancelled):
+        detect_many([Pair("b", str(tmp_path / "pre.tif"), str(tmp_path / "post.tif"))], random_package,
+                    tmp_path / "out", scheduler="tcp://127.0.0.1:8786")
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in (*left, folder / "notes.txt"))
 
 
 def test_the_local_cluster_s_layout():

@@ -29,6 +29,7 @@ from geochange.engine.grid import Grid, GridReader, PairReader, common_grid
 from geochange.engine.options import DetectOptions
 from geochange.engine.package import load_package
 from geochange.engine.progress import Progress
+from geochange.engine.rasters import read_masks, valid_mask
 from geochange.engine.windows import WindowPlan
 
 GEOCHANGE = [sys.executable, "-m", "geochange.engine"]
@@ -134,9 +135,34 @@ def test_a_raster_with_a_mask_band_read_off_its_lattice_is_masked_outside_it_too
     finer = Grid(CRS.from_epsg(32633), Affine(0.5, 0, 500040, 0, -0.5, 4999990), 128, 128)  # half-metre pixels
     with rasterio.open(path) as src:
         reader = GridReader(src, finer)
-        valid = reader.read_masks([1], Window(0, 0, 128, 128))[0] > 0
+        valid = read_masks(reader, [1], Window(0, 0, 128, 128))[0] > 0
         reader.close()
     assert valid.sum() == 20 * 108 and valid[:108, :20].all()
+
+
+def test_an_int16_alpha_band_masks_on_the_raster_s_own_grid_as_on_another(tmp_path):
+    """GDAL makes no mask of an alpha band that is not byte or uint16: read on its own grid such a raster was valid
+    everywhere, warped (where the VRT's alpha band is read) half masked: two dates read two ways."""
+    from rasterio.enums import ColorInterp
+
+    path = tmp_path / "alpha16.tif"
+    data = np.full((4, 64, 64), 100, np.int16)
+    data[3] = 255  # opaque, as GDAL's warper reads an alpha band (255 its full value)
+    data[3, :, :32] = 0  # the left half transparent
+    with rasterio.open(path, "w", driver="GTiff", width=64, height=64, count=4, dtype="int16", crs="EPSG:32633",
+                       transform=Affine(1, 0, 500000, 0, -1, 5000000)) as dst:
+        dst.write(data)
+        dst.colorinterp = [ColorInterp.gray, ColorInterp.undefined, ColorInterp.undefined, ColorInterp.alpha]
+    own = Grid(CRS.from_epsg(32633), Affine(1, 0, 500000, 0, -1, 5000000), 64, 64)
+    finer = Grid(CRS.from_epsg(32633), Affine(0.5, 0, 500000, 0, -0.5, 5000000), 128, 128)
+    with rasterio.open(path) as src:
+        for grid in (own, finer):
+            reader = GridReader(src, grid)
+            window = Window(0, 0, grid.width, grid.height)
+            assert reader.masked
+            valid = valid_mask(reader, window, reader.read([1, 2, 3], window), [1, 2, 3], reader.masked)
+            reader.close()
+            assert valid.mean() == pytest.approx(0.5, abs=0.01), grid
 
 
 def test_a_crs_gdal_cannot_transform_is_named_in_one_line(tmp_path, capfd):

@@ -68,8 +68,23 @@ def test_rasters_and_polygons_naming_a_server_are_refused_before_anything_is_fet
                    '</SrcDataSource></OGRVRTLayer></OGRVRTDataSource>')
     with pytest.raises(RasterError, match="aoi.vrt: names a remote source"):
         read_polygons(str(aoi))
+    # gdalwarp's VRT (its source a SourceDataset), a source in CDATA, a nested VRT not named .vrt.
+    from osgeo import gdal
+
+    gdal.Warp(str(tmp_path / "warped.vrt"), str(tmp_path / "x.tif"), format="VRT", dstSRS="EPSG:4326")
+    warped = (tmp_path / "warped.vrt").read_text()
+    (tmp_path / "warped.vrt").write_text(warped.replace(str(tmp_path / "x.tif"), f"/vsicurl/{server['url']}/x.tif")
+                                         .replace(">x.tif<", f">/vsicurl/{server['url']}/x.tif<"))
+    cdata = raster_vrt(tmp_path / "cdata.vrt", f"<![CDATA[/vsicurl/{server['url']}/x.tif]]>")
+    raster_vrt(tmp_path / "inner.xml", f"/vsicurl/{server['url']}/x.tif")
+    for vrt, named in ((tmp_path / "warped.vrt", "warped.vrt"), (cdata, "cdata.vrt"),
+                       (raster_vrt(tmp_path / "outer.xml.vrt", "inner.xml", relative=True), "inner.xml")):
+        with pytest.raises(RasterError, match=f"{named}: names a remote source, /vsicurl/"):
+            read_image(vrt)
     assert server["hits"] == []
-    # A VRT of local files is read as before.
+    # VRTs of local files are read as before: by name, relative to the VRT, as GDAL's vrt:// and subdataset names.
     local = raster_vrt(tmp_path / "local.vrt", "x.tif", relative=True)
     assert np.array_equal(read_image(local), image)
     assert np.array_equal(read_image(raster_vrt(tmp_path / "outer_local.vrt", "local.vrt", relative=True)), image)
+    for source in (f"vrt://{tmp_path / 'x.tif'}", f"GTIFF_DIR:1:{tmp_path / 'x.tif'}"):
+        assert np.array_equal(read_image(raster_vrt(tmp_path / "named.vrt", source)), image)

@@ -95,6 +95,9 @@ def test_a_folder_named_as_a_zoo_model_does_not_hide_it(tmp_path, monkeypatch, c
     (tmp_path / name).rmdir()
     (tmp_path / name).write_bytes(b"not the zoo's")
     assert resolve_model(name) == zoo_path(name) and resolve_model(f"./{name}").resolve() == tmp_path / name
+    assert resolve_model(resolve_model(f"./{name}")).resolve() == tmp_path / name  # as loaders resolve it again
+    assert geochange(["info", f"./{name}"]) == 2  # the file, not the zoo's model
+    assert f"{tmp_path / name}: truncated or not a safetensors file" in capsys.readouterr().err
 
 
 SHIPPED = zoo_index()

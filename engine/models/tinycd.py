@@ -10,7 +10,6 @@ numerically safer BCE-with-logits. Predictions are the same.
 """
 from __future__ import annotations
 
-
 import timm
 import torch
 import torch.nn as nn
