@@ -137,12 +137,12 @@ def evaluate_folder(package: ModelPackage, root: str | os.PathLike, *, ignore_va
     threshold = package.threshold if options.threshold is None else options.threshold
     options = replace(options, tile=package.tile if options.tile is None else options.tile)
     check_tiling(options.tile, options.overlap)  # before any image: most fit in a tile and never make a plan
+    pairs = dataset_pairs(root)
+    check_change_value([label for _, _, label in pairs], ignore_value)  # before the model's export, if any
     predictor = Predictor(package, options.device, precision=options.precision, backend=options.backend,
                           tta=model_tta(package.manifest) if options.tta else None, sar_db=options.sar_db,
                           log=progress.log)
     meter = ConfusionMeter()
-    pairs = dataset_pairs(root)
-    check_change_value([label for _, _, label in pairs], ignore_value)
     for i, (path_a, path_b, path_label) in enumerate(pairs):
         progress.check()
         pre, post, label = read_image(path_a), read_image(path_b), read_label(path_label)
