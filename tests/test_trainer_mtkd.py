@@ -110,6 +110,7 @@ def test_partitions_by_ground_truth_car(pipeline):
 
 def test_student_starts_from_m_o_and_teachers_stay_frozen(pipeline):
     original = load_package(pipeline.step_dir("original") / "best.safetensors").model.state_dict()
+    pipeline._begin("distill")  # as distill() does: the student's folder is then the pipeline's, on record
     trainer = pipeline.distill_trainer()
     assert trainer.distill_weight == 5e-3  # the authors' TinyCD value
     assert all(torch.equal(v, original[k]) for k, v in trainer.module.state_dict().items())
