@@ -152,25 +152,37 @@ class AtomicOutputs:
 def check_outputs(outputs, inputs=()) -> None:
     """Refuse an output that names one of the files a run reads (``inputs``: paths, or vector layers as
     ``FILE|layername=NAME``; None for one not given), whose rename would replace it, or that another output names.
-    Called before a run, so that nothing runs for outputs it cannot write, and again as each output is made."""
-    files = [str(source).partition("|")[0] for source in inputs if source is not None]
+    Called before a run, so that nothing runs for outputs it cannot write, and again as each output is made.
+    Files are told by device and inode, as ``same_file``, each looked up once: a run of thousands of pairs
+    (``detect-many``) checks all their outputs against all their inputs."""
+    files = {}
+    for source in (str(source).partition("|")[0] for source in inputs if source is not None):
+        files.setdefault(_identity(source), source)
+    files.pop(None, None)
     seen = set()
     for final in (Path(output) for output in outputs if output is not None):
-        for source in files:
-            if same_file(final, source):
-                raise OutputError(f"{final}: this output is also an input of the run ({source}); "
-                                  "choose another name for it")
+        source = files.get(_identity(final))
+        if source is not None:
+            raise OutputError(f"{final}: this output is also an input of the run ({source}); "
+                              "choose another name for it")
         if os.path.realpath(final) in seen:
             raise OutputError(f"{final}: named for two outputs of the run; give each its own file")
         seen.add(os.path.realpath(final))
 
 
+def _identity(path: str | os.PathLike) -> tuple[int, int] | None:
+    """The device and inode of an existing file (what ``os.path.samefile`` compares); None for none."""
+    try:
+        status = os.stat(path)
+    except (OSError, ValueError):  # missing (an output not written yet), or not a path
+        return None
+    return status.st_dev, status.st_ino
+
+
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     """Whether two paths name one existing file (however spelt: links, ``..``)."""
-    try:
-        return os.path.samefile(a, b)
-    except (OSError, ValueError):  # either missing (an output not written yet), or not a path
-        return False
+    identity = _identity(a)
+    return identity is not None and identity == _identity(b)
 
 
 @contextlib.contextmanager

@@ -302,6 +302,8 @@ class GridReader:
         else:
             self.dataset = self._stack.enter_context(warped_on(src, grid, Resampling.bilinear))
             self.offset = (0, 0)
+        # What ``rasters.read_masks`` looks up to find an alpha band GDAL makes no mask of: asked once, not a window.
+        self.colorinterp, self.dtypes = self.dataset.colorinterp, self.dataset.dtypes
 
     def window(self, window: Window) -> Window:
         return Window(window.col_off + self.offset[1], window.row_off + self.offset[0], window.width,
@@ -313,14 +315,6 @@ class GridReader:
     def read_masks(self, bands, window: Window):
         """GDAL's masks; ``rasters.read_masks`` (through ``colorinterp`` and ``dtypes``) those of any alpha band."""
         return self._read(self.dataset.read_masks, bands, window)
-
-    @property
-    def colorinterp(self):
-        return self.dataset.colorinterp
-
-    @property
-    def dtypes(self):
-        return self.dataset.dtypes
 
     def _read(self, method, bands, window: Window):
         try:

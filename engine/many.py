@@ -25,7 +25,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from geochange.engine.aoi import absolute_layer, split_layer
+from geochange.engine.aoi import absolute_layer
 from geochange.engine.atomic import AtomicOutputs, check_outputs, folder_lock, remove_left_temporaries
 from geochange.engine.contracts import PAIR_DONE, PAIR_FAILED, PAIR_PENDING, PAIR_SKIPPED, SUMMARY_FILES, SUMMARY_LAYER
 from geochange.engine.errors import Cancelled, GeoChangeError, OptionError, gdal_write_errors, output_error
@@ -365,24 +365,6 @@ def _on_scheduler(address: str, jobs: list[dict], record, progress) -> None:
         _run_all(client, [{**job, "worker_threads": shares} for job in jobs], record)
 
 
-def _file(source) -> tuple[int, int] | None:
-    """The device and inode of the file of ``source`` (a path, or a vector layer as ``FILE|layername=NAME``); None
-    for no such file."""
-    try:
-        status = os.stat(split_layer(source)[0])
-    except (OSError, ValueError):
-        return None
-    return status.st_dev, status.st_ino
-
-
-def _check_outputs(written: list[Path], read: list) -> None:
-    """``check_outputs`` over every file the run writes and every one it reads (``read``; None for one not given),
-    compared only with the inputs that are one of the outputs' files: each with each, thousands of pairs' outputs
-    and inputs would take minutes."""
-    files = {_file(path) for path in written} - {None}
-    check_outputs(written, [source for source in read if source is not None and _file(source) in files])
-
-
 def _line(row: dict) -> str:
     if row["status"] == PAIR_FAILED:
         return f"{row['name']}: failed: {row['error']}"
@@ -413,8 +395,8 @@ def detect_many(pairs: list[Pair], model, out, *, scheduler: str | None = None, 
 
     jobs = [make_job(pair, model, digest, out, o, vector_format) for pair in checked(list(pairs), "the pairs")]
     read = [listed_in, model, *(path for job in jobs for path in (job["pre"], job["post"], job["options"]["aoi"]))]
-    _check_outputs([*(out / name for name in SUMMARY_FILES),
-                    *(Path(path) for job in jobs for path in pair_outputs(job).values())], read)
+    check_outputs([*(out / name for name in SUMMARY_FILES),
+                   *(Path(path) for job in jobs for path in pair_outputs(job).values())], read)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
