@@ -20,6 +20,7 @@ figures count, in every MoE block, the dense MLP that the authors' block still b
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import timm
@@ -104,6 +105,24 @@ class ConvNeXtMoEEncoder(nn.Module):
                                                        MixtureOfExperts(width, num_experts, top_k))
                     self.replaced.append(f"stages.{i}.blocks.{j}")
         self.out_norms = nn.ModuleList(LayerNorm2d(c, eps=1e-6) for c in self.widths)
+        self._init_as_authors()
+
+    def _init_as_authors(self) -> None:
+        """The authors' start from random weights (their ConvNeXt_MoE.init_weights, run where no pretrained weights
+        are given): every linear layer, the mixtures' experts and gate projections included, truncated normal with
+        std 0.02; every convolution normal with std sqrt(2 / fan-out), fan-out = kernel area x out channels /
+        groups (about 0.2 for the 7x7 depthwise ones, against timm's 0.02); biases 0. Norms and the gates' own
+        parameters keep theirs."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+            elif isinstance(module, nn.Conv2d):
+                fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels // module.groups
+                nn.init.normal_(module.weight, std=math.sqrt(2.0 / fan_out))
+            else:
+                continue
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
 
     def forward(self, x: torch.Tensor, branches: int = 1) -> tuple[list[torch.Tensor], torch.Tensor]:
         x = self.backbone.stem(x)
@@ -121,7 +140,8 @@ class ConvNeXtMoEEncoder(nn.Module):
 
     def load_backbone_weights(self, path: str | Path) -> dict:
         # The file's dense MLPs of the MoE blocks have no place here (the authors' blocks keep such an
-        # MLP but never call it); the mixtures keep their initialisation.
+        # MLP but never call it); the mixtures keep their initialisation (``_init_as_authors``'s; the authors'
+        # code, given a checkpoint, leaves them at torch's: their ConvNeXt configs give none).
         return load_backbone_weights(self.backbone, path,
                                      unused_prefixes=[f"{name}.mlp." for name in self.replaced],
                                      new_prefixes=[f"{name}.moe." for name in self.replaced])
