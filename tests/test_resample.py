@@ -49,13 +49,14 @@ def outputs(folder):
     return {"probability": folder / "p.tif", "mask": folder / "m.tif", "polygons": folder / "c.gpkg"}
 
 
-def test_the_model_s_grid_covers_the_output_grid_from_its_corner():
+def test_the_model_s_grid_covers_the_output_grid_centred_on_it():
     utm = Grid(CRS.from_epsg(32614), from_origin(630000, 3340000, 2.0, 2.0), 101, 50)
     fine = model_grid(utm, 0.5)
     assert fine.transform == Affine(0.5, 0, 630000, 0, -0.5, 3340000) and (fine.width, fine.height) == (404, 200)
     assert model_grid(utm, 2.0) is utm  # its pixels are the model's already
-    coarse = model_grid(utm, 3.0)  # 202 m by 100 m in pixels of 3 m: covered whole, a part of a pixel over
+    coarse = model_grid(utm, 3.0)  # 202 m by 100 m in pixels of 3 m: covered whole, 2 m over, 1 m each side
     assert (coarse.width, coarse.height) == (68, 34)
+    assert coarse.transform == Affine(3.0, 0, 629999, 0, -3.0, 3340001)
     # In degrees: pixels square on the ground at the middle latitude, whose size (as the scale warning measures it)
     # is the model's: at 60°, half as many degrees wide as high.
     nordic = Grid(CRS.from_epsg(4326), from_origin(10.0, 60.003, 2e-5, 2e-5), 300, 300)
@@ -123,6 +124,32 @@ def test_coarse_pixels_are_read_finer_and_the_outputs_keep_them(tmp_path, half_m
         probability = p.read(1)
     assert (probability != PROBABILITY_NODATA).all() and 0 <= probability.min() and probability.max() <= 1
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["c.gpkg", "m.tif", "p.tif"]
+
+
+def test_the_output_s_right_and_bottom_edges_come_back_from_coarser_model_pixels(tmp_path):
+    """1 m pixels, a 6 m model, 98 px a side: the model's grid, laid from the top-left corner, ended in a pixel of
+    96-102 m, whose centre lies off the data: GDAL's warper left it nodata, and with it the output's last 2 columns
+    and rows (388 px). Centred, each edge's model pixel is 2 m over and read from its part on the data."""
+    package = save_package(create("tinycd").eval(), make_manifest("tinycd", gsd=6.0), tmp_path / "gsd6.safetensors")
+    a, b = write_pair(tmp_path, 98, 1.0)
+    result = detect(a, b, package, **outputs(tmp_path / "whole"), resolution="model", tile=64, overlap=16)
+    with rasterio.open(result.probability) as p:
+        probability = p.read(1)
+    assert probability.shape == (98, 98) and (probability != PROBABILITY_NODATA).all()
+    setup = prepare(a, b, package, DetectOptions(resolution="model", tile=64, overlap=16))
+    assert setup.model_grid.transform == Affine(6.0, 0, 629998, 0, -6.0, 3340002) and setup.model_grid.width == 17
+    # Where the post date has no data (its right 10 columns), the outputs have none either; the bottom rows keep
+    # theirs up to a model pixel from that edge (one across it is valid where its centre is on data, as GDAL reads).
+    with rasterio.open(b, "r+") as dst:
+        data = dst.read()
+        data[:, :, 88:] = 0
+        dst.write(data)
+        dst.nodata = 0
+    result = detect(a, b, package, **outputs(tmp_path / "cut"), resolution="model", tile=64, overlap=16,
+                    threshold=0.0)
+    with rasterio.open(result.mask) as m:
+        mask = m.read(1)
+    assert (mask[:, 88:] == MASK_NODATA).all() and (mask[-2:, :82] != MASK_NODATA).all()
 
 
 def test_nodata_and_the_area_of_interest_stay_at_the_output_s_pixels(tmp_path, half_metre_package):
