@@ -21,7 +21,7 @@ from geochange.engine.atomic import atomic_path, check_outputs
 from geochange.engine.contracts import (ASSESS_FN, ASSESS_FP, ASSESS_NOT_ASSESSED, ASSESS_TN, ASSESS_TP, MASK_NODATA,
                                         OBJECT_IOU)
 from geochange.engine.errors import OptionError, RasterError
-from geochange.engine.evaluate import change_label, label_band
+from geochange.engine.evaluate import change_label, check_change_value, label_band
 from geochange.engine.grid import Grid, placement, warped_on
 from geochange.engine.hardware import physical_memory
 from geochange.engine.metrics import confusion, kappa, scores
@@ -49,9 +49,9 @@ def is_raster(source: str) -> bool:
         gdal.PopErrorHandler()
 
 
-def raster_on(path: str, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+def raster_on(path: str, grid: Grid, ignore_value: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The label band of ``path`` (``evaluate.label_band``) on ``grid`` (warped, nearest, where it is on another)
-    and where it has data."""
+    and where it has data (``ignore_value``: the map's value of unlabelled pixels, for the check of its nodata)."""
     with open_raster(path) as src:
         if (src.crs is None) != (grid.crs is None):  # else "no pixel to assess", as if they lay apart
             raise RasterError(f"{path}: the map has {'no CRS' if src.crs is None else 'a CRS'} while the map it is "
@@ -60,6 +60,8 @@ def raster_on(path: str, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
             raise RasterError(f"{path}: its nodata value is 0, which a change map uses for no change: every "
                               "no-change pixel would count in no figure. Clear it (gdal_edit.py -unsetnodata) or "
                               "set another (gdal_edit.py -a_nodata 127) first")
+        if src.nodata in (1, 255):  # a 0/255 map saved with nodata 255 would lose its change class unseen
+            check_change_value([path], ignore_value)
         if grid.matches(src):
             return label_band(src.read(), path), read_masks(src, 1) > 0
         # The mask marks the grid's pixels that the raster's footprint (and its data) covers.
@@ -100,7 +102,7 @@ def change_on(source: str, grid: Grid, role: str, ignore_value: float | None) ->
     if not is_raster(source):
         change = polygons_on(source, grid, role, allow_empty=True)
         return change, np.ones_like(change)
-    raw, covered = raster_on(source, grid)
+    raw, covered = raster_on(source, grid, ignore_value)
     raw[~covered] = 0  # a nodata value outside the data is no label value
     change, labelled = change_label(raw, f"{source} ({role})", ignore_value)
     return change, labelled & covered

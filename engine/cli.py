@@ -226,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="folder with A/, B/, label/")
     p.add_argument("--json", help="also write the metrics as JSON here")
     p.add_argument("--ignore-value", type=float,
-                   help="label value of unlabelled pixels, left out of every metric (e.g. 255 beside 0/1)")
+                   help="label value of unlabelled pixels, left out of every metric (e.g. 255 beside 0/1); a "
+                        "label file's own nodata value is left out too")
     add_options(p, EVALUATE)
     p.set_defaults(run=_cmd_evaluate)
 
@@ -235,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", required=True, help="reference raster (0 and 1 or 255 = change) or polygons "
                                                       "(inside = change), on any grid (reprojected)")
     p.add_argument("--aoi", help="polygons (FILE or FILE|layername=NAME) outside which nothing is assessed")
-    p.add_argument("--ignore-value", type=float, help="reference raster value of unlabelled pixels, left out")
+    p.add_argument("--ignore-value", type=float, help="reference raster value of unlabelled pixels, left out "
+                                                         "(as its own nodata value is)")
     p.add_argument("--object-iou", type=float, default=OBJECT_IOU,
                    help=f"IoU at which a predicted object matches a reference object (default {OBJECT_IOU})")
     p.add_argument("--out-raster", help="also write a GeoTIFF of TN 0, TP 1, FP 2, FN 3, not assessed 255")

@@ -1,5 +1,5 @@
 """Evaluate a package on a folder dataset ``A/ B/ label/`` (same file names; labels 0/1 or 0/255,
-optionally with a value that marks unlabelled pixels)."""
+optionally with a value that marks unlabelled pixels, and their own nodata value, which does too)."""
 from __future__ import annotations
 
 import os
@@ -15,7 +15,7 @@ from geochange.engine.options import EVALUATE, DetectOptions
 from geochange.engine.package import ModelPackage
 from geochange.engine.predictor import Predictor, model_tta
 from geochange.engine.progress import Progress
-from geochange.engine.rasters import read_image, zeroed_where_invalid
+from geochange.engine.rasters import open_raster, read_image, zeroed_where_invalid
 from geochange.engine.stream import predict_plan
 from geochange.engine.windows import WindowPlan, check_tiling
 
@@ -53,9 +53,12 @@ def label_band(image: np.ndarray, where) -> np.ndarray:
     return image[0]
 
 
-def read_label(path: Path) -> np.ndarray:
-    """A dataset's label image, one band ``(H, W)`` (``label_band``)."""
-    return label_band(read_image(path), path)
+def read_label(path: Path) -> tuple[np.ndarray, float | None]:
+    """A dataset's label image, one band ``(H, W)`` (``label_band``), and that band's nodata value (None where
+    the file declares none, as a PNG)."""
+    band = label_band(read_image(path), path)
+    with open_raster(path, georeferenced=False) as src:
+        return band, src.nodata
 
 
 def check_one_size(pre: np.ndarray, post: np.ndarray, label: np.ndarray, paths) -> None:
@@ -67,23 +70,32 @@ def check_one_size(pre: np.ndarray, post: np.ndarray, label: np.ndarray, paths) 
 
 
 def change_label(raw: np.ndarray, where, ignore_value: float | None = None,
-                 ignore_option: str = "--ignore-value") -> tuple[np.ndarray, np.ndarray]:
+                 ignore_option: str = "--ignore-value", nodata: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(change, labelled)`` boolean masks of a label band: 0 = no change, 1 (a 0/1 label) or 255 (a
-    0/255 label) = change, ``ignore_value`` = not labelled.
+    0/255 label) = change, ``ignore_value`` and the label file's own ``nodata`` = not labelled.
 
     Any other value, or 1 and 255 together, is refused: counting every non-zero value as change would
     silently turn the unlabelled pixels of a sparse label (255 beside 0/1) or other classes into change.
+    So is a nodata of 0, as ``assess`` refuses it: every no-change pixel would count in no metric (a nodata
+    that hides the change value is the dataset's question, ``check_change_value``).
     ``ignore_option`` is how the caller's user gives ``ignore_value``, for the hint.
     """
-    if ignore_value is None:
-        labelled = np.ones(raw.shape, bool)
-    else:  # NaN equals nothing, itself included
-        labelled = ~np.isnan(raw) if np.isnan(ignore_value) else raw != ignore_value
+    if nodata == 0:
+        raise RasterError(f"{where}: its nodata value is 0, which a label uses for no change: every no-change pixel "
+                          "would count in no metric. Clear it (gdal_edit.py -unsetnodata) or set another "
+                          "(gdal_edit.py -a_nodata 127) first")
+    labelled = np.ones(raw.shape, bool)
+    for unlabelled in (ignore_value, nodata):
+        if unlabelled is not None:  # NaN equals nothing, itself included
+            labelled &= ~np.isnan(raw) if np.isnan(unlabelled) else raw != unlabelled
     values = set(np.unique(raw[labelled]).tolist())
     if values <= {0, 1} or values <= {0, 255}:
         return labelled & (raw != 0), labelled
     found = ", ".join(f"{v:g}" for v in sorted(values))
-    ignoring = "" if ignore_value is None else f" (besides the ignored {ignore_value:g})"
+    left_out = [] if ignore_value is None else [f"the ignored {ignore_value:g}"]
+    if nodata is not None:
+        left_out.append(f"its nodata {nodata:g}")
+    ignoring = f" (besides {' and '.join(left_out)})" if left_out else ""
     extra = sorted(values - {0, 1})
     hint = (f"; if {extra[0]:g} marks unlabelled pixels, give {ignore_option} {extra[0]:g}" if len(extra) == 1
             else "")
@@ -95,18 +107,31 @@ def check_change_value(labels: list[Path], ignore_value: float | None = None,
                        ignore_option: str = "--ignore-value") -> None:
     """A dataset's labels must mark change with one value. Read one by one, a sparse 0/1 label whose 255 marks
     unlabelled pixels passes as 0/255 in every image without a 1, its unlabelled pixels counted as change: 1 in one
-    label and 255 in another is refused, before anything is predicted (as are values no label may hold)."""
-    first = {}
+    label and 255 in another is refused, before anything is predicted (as are values no label may hold).
+
+    A label's nodata of 1 or 255 marks unlabelled pixels where the dataset marks change with the other value. Where
+    it is the dataset's change value, or no other pixel marks change, it would hide the change class (a 0/255 label
+    saved with nodata 255): refused, unless ``ignore_value`` says that this value marks unlabelled pixels."""
+    first, hidden = {}, {}  # change value -> the first label marking change with it, or hiding it as nodata
     for path in labels:
-        raw = read_label(path)
-        change, _ = change_label(raw, path, ignore_value, ignore_option)
+        raw, nodata = read_label(path)
+        change, _ = change_label(raw, path, ignore_value, ignore_option, nodata)
         for value in (1, 255):
             if value not in first and (raw[change] == value).any():
                 first[value] = path
+            if value == nodata != ignore_value and value not in hidden and (raw == value).any():
+                hidden[value] = path
     if len(first) == 2:
         hint = f"; if 255 marks unlabelled pixels, give {ignore_option} 255" if ignore_value is None else ""
         raise RasterError(f"{first[1]} marks change with 1 and {first[255]} with 255: a dataset's labels mark it "
                           f"with one value{hint}")
+    for value, path in hidden.items():
+        if value in first or not first:
+            why = (f"the value {first[value]} marks change with" if first
+                   else "and no other pixel of the dataset's labels marks change")
+            raise RasterError(f"{path}: its nodata value is {value}, {why}: if {value} marks change, its change "
+                              "would count in no metric; then clear the nodata (gdal_edit.py -unsetnodata). If "
+                              f"{value} marks unlabelled pixels, give {ignore_option} {value}")
 
 
 def predict_image(predictor, pre: np.ndarray, post: np.ndarray, tiling: DetectOptions | None = None) -> np.ndarray:
@@ -130,7 +155,7 @@ def evaluate_folder(package: ModelPackage, root: str | os.PathLike, *, ignore_va
     threshold, tta, precision, sar_db). Images up to the tile (default: the package's) are predicted whole, as the
     papers and the trainer test; larger ones tile by tile. ``tta``: the test-time augmentation the package
     was tested with (else the default, see ``predictor.model_tta``). Label pixels equal to
-    ``ignore_value`` count in no metric.
+    ``ignore_value`` or to their file's nodata value count in no metric.
     """
     progress = progress or Progress()
     options = DetectOptions.of(options, EVALUATE)
@@ -145,9 +170,10 @@ def evaluate_folder(package: ModelPackage, root: str | os.PathLike, *, ignore_va
     meter = ConfusionMeter()
     for i, (path_a, path_b, path_label) in enumerate(pairs):
         progress.check()
-        pre, post, label = read_image(path_a), read_image(path_b), read_label(path_label)
+        pre, post = read_image(path_a), read_image(path_b)
+        label, nodata = read_label(path_label)
         check_one_size(pre, post, label, (path_a, path_b, path_label))
-        change, labelled = change_label(label, path_label, ignore_value)
+        change, labelled = change_label(label, path_label, ignore_value, nodata=nodata)
         valid = np.isfinite(pre).all(0) & np.isfinite(post).all(0)  # NaN, a float tile's nodata: in no metric
         pre, post = zeroed_where_invalid(pre, post, valid)
         check_band_counts(pre, post, package.manifest["inputs"], f"{path_a.parent.parent}/{{A,B}}/{path_a.name}",

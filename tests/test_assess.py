@@ -230,3 +230,22 @@ def test_a_colour_reference_or_one_whose_nodata_is_no_change_is_refused(levir_ma
         dst.write(label, 1)
     with pytest.raises(RasterError, match="zero_nodata.tif: its nodata value is 0.*gdal_edit.py -unsetnodata"):
         assess(str(levir_maps["mask"]), str(zero_nodata))
+
+
+def test_a_reference_whose_nodata_is_its_change_value_is_refused(levir_maps, tmp_path):
+    """A 0/255 reference saved with nodata 255 had its change pixels read as nodata: no change to find, no
+    error. A 0/1 one whose nodata 255 marks unlabelled pixels is read as with --ignore-value 255."""
+    with rasterio.open(levir_maps["label"]) as src:
+        profile, label = src.profile, src.read(1)
+    hidden = tmp_path / "hidden.tif"
+    with rasterio.open(hidden, "w", **dict(profile, nodata=255)) as dst:
+        dst.write(label, 1)
+    with pytest.raises(RasterError, match="hidden.tif: its nodata value is 255, and no other pixel .* marks change"):
+        assess(str(levir_maps["mask"]), str(hidden))
+    sparse = np.where(label > 0, 1, 0).astype(np.uint8)
+    sparse[:50] = 255
+    for name, nodata in (("sparse_nodata.tif", 255), ("sparse.tif", None)):
+        with rasterio.open(tmp_path / name, "w", **dict(profile, nodata=nodata)) as dst:
+            dst.write(sparse, 1)
+    assert assess(str(levir_maps["mask"]), str(tmp_path / "sparse_nodata.tif"))["confusion"] == \
+        assess(str(levir_maps["mask"]), str(tmp_path / "sparse.tif"), ignore_value=255)["confusion"]

@@ -1,5 +1,6 @@
-"""How ``evaluate`` reads labels: 0/1 and 0/255, an ignore value for unlabelled pixels, and a clear refusal
-of anything else (other values, sizes that differ from the images), on real LEVIR-CD pairs."""
+"""How ``evaluate`` reads labels: 0/1 and 0/255, an ignore value and a GeoTIFF label's own nodata for unlabelled
+pixels, and a clear refusal of anything else (other values, a nodata that is a class value, sizes that differ from
+the images), on real LEVIR-CD pairs."""
 from __future__ import annotations
 
 import json
@@ -21,12 +22,12 @@ from geochange.engine.rasters import read_image
 GEOCHANGE = [sys.executable, "-m", "geochange.engine"]
 
 
-def write_png(path: Path, image: np.ndarray) -> Path:
-    """``(bands, H, W)`` uint8 ``image`` as a PNG."""
+def write_image(path: Path, image: np.ndarray, nodata: float | None = None) -> Path:
+    """``(bands, H, W)`` ``image`` as a PNG or, named ``.tif``, a GeoTIFF declaring ``nodata``."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with rasterio.open(path, "w", driver="PNG", width=image.shape[2], height=image.shape[1],
-                           count=image.shape[0], dtype="uint8") as dst:
+        with rasterio.open(path, "w", driver="PNG" if path.suffix == ".png" else "GTiff", width=image.shape[2],
+                           height=image.shape[1], count=image.shape[0], dtype=image.dtype.name, nodata=nodata) as dst:
             dst.write(image)
     return path
 
@@ -36,7 +37,7 @@ def levir_pair(shared_data, tmp_path_factory) -> tuple[Path, Path, np.ndarray]:
     """A, B (128 px PNGs) and the 0/255 label band of a crop of a LEVIR-CD sample with change in it."""
     levir, folder = shared_data / "levir_cd", tmp_path_factory.mktemp("levir_crop")
     name = next(p.name for p in sorted((levir / "label").iterdir()) if read_image(p)[:, :128, :128].any())
-    a, b = (write_png(folder / f"{date}.png", read_image(levir / date / name)[:, :128, :128]) for date in "AB")
+    a, b = (write_image(folder / f"{date}.png", read_image(levir / date / name)[:, :128, :128]) for date in "AB")
     return a, b, read_image(levir / "label" / name)[0, :128, :128]
 
 
@@ -45,14 +46,20 @@ def tinycd(tinycd_package):
     return load_package(tinycd_package)
 
 
-def dataset(root: Path, pair, labels: dict[str, np.ndarray]) -> Path:
-    """A folder dataset of ``pair`` once per label: ``label/NAME.png`` holds ``labels[NAME]``."""
+def dataset(root: Path, pair, labels: dict[str, np.ndarray], nodata: float | None = None) -> Path:
+    """A folder dataset of ``pair`` once per label: ``label/NAME.png`` holds ``labels[NAME]``; with ``nodata``,
+    GeoTIFFs ``{A,B,label}/NAME.tif``, the labels declaring it."""
     for folder in ("A", "B", "label"):
         (root / folder).mkdir(parents=True)
     for name, label in labels.items():
-        (root / "A" / f"{name}.png").symlink_to(pair[0])
-        (root / "B" / f"{name}.png").symlink_to(pair[1])
-        write_png(root / "label" / f"{name}.png", label[None])
+        if nodata is None:
+            (root / "A" / f"{name}.png").symlink_to(pair[0])
+            (root / "B" / f"{name}.png").symlink_to(pair[1])
+            write_image(root / "label" / f"{name}.png", label[None])
+        else:
+            for folder, image in (("A", pair[0]), ("B", pair[1])):
+                write_image(root / folder / f"{name}.tif", read_image(image))
+            write_image(root / "label" / f"{name}.tif", label[None], nodata)
     return root
 
 
@@ -103,7 +110,7 @@ def test_a_label_in_colour_is_read_where_its_colours_agree_and_refused_where_not
     for name, colours in (("rgb", [grey] * 3), ("grey_alpha", [grey, opaque]), ("rgba", [grey] * 3 + [opaque]),
                           ("green", [np.zeros_like(grey), grey, np.zeros_like(grey)])):
         root = dataset(tmp_path / name, levir_pair, {"x": grey})
-        write_png(root / "label" / "x.png", np.stack(colours))
+        write_image(root / "label" / "x.png", np.stack(colours))
         if name != "green":
             assert evaluate_folder(tinycd, root, device="cpu")["confusion"]["tp"] > 0
         else:
@@ -150,21 +157,28 @@ def test_cli_evaluate_ignore_value(levir_pair, tinycd_package, tmp_path):
     assert sum(json.loads((tmp_path / "m.json").read_text())["confusion"].values()) == 128 * 78
 
 
-def test_the_trainer_reads_labels_the_same_way(shared_data):
+def test_the_trainer_reads_labels_the_same_way(shared_data, tmp_path):
     """A raster pair's label is checked whole when the dataset is built, not chip by chip during training
-    (a chip may hold the 255 of a sparse label without its 1)."""
+    (a chip may hold the 255 of a sparse label without its 1). Its own nodata (Taizhou's 255) is not labelled, as
+    the ignore value is; without it, 255 beside 0/1 is refused."""
     from geochange.trainer.data import IGNORE, build_splits
 
     taizhou = shared_data / "landsat_taizhou"
     spec = {"pre": str(taizhou / "pre_2000.tif"), "post": str(taizhou / "post_2003.tif"),
             "label": str(taizhou / "label_sparse.tif"), "chip": 200, "split": {"val": 0.25, "test": 0.25}}
-    with pytest.raises(RasterError, match=r"label_sparse\.tif: label values 0, 1, 255;.* give ignore_value: 255"):
-        build_splits([spec])
-    items = build_splits([{**spec, "ignore_value": 255}])
-    labels = np.concatenate([item.load()[2].ravel() for split in items.values() for item in split])
     raw = read_image(taizhou / "label_sparse.tif")[0]
-    assert sorted(np.unique(labels)) == [0, 1, IGNORE]
-    assert [np.count_nonzero(labels == v) for v in (0, 1, IGNORE)] == [np.count_nonzero(raw == v) for v in (0, 1, 255)]
+    for given in ({}, {"ignore_value": 255}):
+        items = build_splits([{**spec, **given}])
+        labels = np.concatenate([item.load()[2].ravel() for split in items.values() for item in split])
+        assert sorted(np.unique(labels)) == [0, 1, IGNORE]
+        assert [np.count_nonzero(labels == v) for v in (0, 1, IGNORE)] == [np.count_nonzero(raw == v)
+                                                                             for v in (0, 1, 255)]
+    with rasterio.open(taizhou / "label_sparse.tif") as src:
+        profile = {**src.profile, "nodata": None}
+    with rasterio.open(tmp_path / "label_sparse.tif", "w", **profile) as dst:
+        dst.write(raw, 1)
+    with pytest.raises(RasterError, match=r"label_sparse\.tif: label values 0, 1, 255;.* give ignore_value: 255"):
+        build_splits([{**spec, "label": str(tmp_path / "label_sparse.tif")}])
 
 
 def test_float_db_sar_is_evaluated_as_its_8_bit_image_with_sar_db(shared_data, tmp_path):
@@ -221,3 +235,79 @@ def test_labels_that_mark_change_with_1_in_one_image_and_255_in_another_are_refu
         FolderSource("sparse", root)
     sparse = evaluate_folder(tinycd, root, device="cpu", ignore_value=255)
     assert sum(sparse["confusion"].values()) == 128 * 128 + 128 * 64
+
+
+def test_a_label_s_own_nodata_counts_in_no_metric(levir_pair, tinycd, tmp_path):
+    """A GeoTIFF label's nodata was read as a label value: 255 beside 0/1, -1 or 9 refused without --ignore-value,
+    and 255 in an image without a 1 counted as change. Its pixels now count in no metric, as --ignore-value's do on
+    the PNG label; an explicit --ignore-value still leaves out its own pixels besides."""
+    ones = (levir_pair[2] > 0).astype(np.uint8)
+    sparse = ones.copy()
+    sparse[:, :64] = 255
+    png = evaluate_folder(tinycd, dataset(tmp_path / "png", levir_pair, {"x": sparse}), device="cpu", ignore_value=255)
+    assert png["confusion"]["tp"] > 0 and sum(png["confusion"].values()) == 128 * 64
+    for nodata, dtype in ((255, np.uint8), (-1, np.int16), (9, np.uint8)):
+        label = ones.astype(dtype)
+        label[:, :64] = nodata
+        root = dataset(tmp_path / f"nodata{nodata}", levir_pair, {"x": label}, nodata)
+        assert evaluate_folder(tinycd, root, device="cpu")["confusion"] == png["confusion"], nodata
+    # Given as the ignore value too, it is what it was.
+    given = evaluate_folder(tinycd, tmp_path / "nodata255", device="cpu", ignore_value=255)
+    assert given["confusion"] == png["confusion"]
+
+    # An ignore value beside the nodata: both left out; without it, its value is refused, the nodata named.
+    both = ones.astype(np.int16)
+    both[:, :32], both[:, 32:64] = -1, 255
+    root = dataset(tmp_path / "both", levir_pair, {"x": both}, -1)
+    assert evaluate_folder(tinycd, root, device="cpu", ignore_value=255)["confusion"] == png["confusion"]
+    with pytest.raises(RasterError, match=r"label/x\.tif: label values 0, 1, 255 \(besides its nodata -1\); .*if 255 "
+                                          r"marks unlabelled pixels, give --ignore-value 255$"):
+        evaluate_folder(tinycd, root, device="cpu")
+
+    # An image whose label holds no 1, beside one that does: its nodata 255 is no change, not counted at all.
+    unlabelled = np.zeros_like(ones)
+    unlabelled[:, :64] = 255
+    root = dataset(tmp_path / "two", levir_pair, {"x": sparse, "y": unlabelled}, 255)
+    two = evaluate_folder(tinycd, root, device="cpu")["confusion"]
+    assert sum(two.values()) == 2 * 128 * 64 and (two["tp"], two["fn"]) == (png["confusion"]["tp"],
+                                                                              png["confusion"]["fn"])
+
+
+def test_a_label_s_nodata_that_is_a_class_value_is_refused(levir_pair, tinycd, tmp_path):
+    """A 0/255 label saved with nodata 255 (or a 0/1 one with nodata 1) would lose its change, one with nodata 0
+    its no change, without a word: refused, naming the fixes, as assess refuses a reference whose nodata is 0."""
+    change = np.where(levir_pair[2] > 0, 255, 0).astype(np.uint8)
+    ones = (change > 0).astype(np.uint8)
+    root = dataset(tmp_path / "zero", levir_pair, {"x": ones}, 0)
+    with pytest.raises(RasterError, match=r"label/x\.tif: its nodata value is 0, which a label uses for no change: "
+                                          r"every no-change pixel would count in no metric\. Clear it \(gdal_edit"):
+        evaluate_folder(tinycd, root, device="cpu")
+    for label, value in ((change, 255), (ones, 1)):
+        root = dataset(tmp_path / f"change{value}", levir_pair, {"x": label}, value)
+        with pytest.raises(RasterError, match=rf"label/x\.tif: its nodata value is {value}, and no other pixel of the "
+                                              rf"dataset's labels marks change: if {value} marks change, its change "
+                                              r"would count in no metric; then clear the nodata \(gdal_edit\.py "
+                                              rf"-unsetnodata\)\. If {value} marks unlabelled pixels, give "
+                                              rf"--ignore-value {value}$"):
+            evaluate_folder(tinycd, root, device="cpu")
+    # Said to mark unlabelled pixels, it does: nothing here is labelled change.
+    said = evaluate_folder(tinycd, tmp_path / "change255", device="cpu", ignore_value=255)["confusion"]
+    assert said["tp"] == said["fn"] == 0 and sum(said.values()) == np.count_nonzero(change == 0)
+
+    # Beside a label that marks change with 255 (and declares no nodata), it is the dataset's change value.
+    root = dataset(tmp_path / "mixed", levir_pair, {"a": change, "b": change}, 255)
+    write_image(root / "label" / "a.tif", change[None])
+    with pytest.raises(RasterError, match=r"label/b\.tif: its nodata value is 255, the value .*label/a\.tif marks "
+                                          r"change with: "):
+        evaluate_folder(tinycd, root, device="cpu")
+
+
+def test_cli_evaluate_leaves_out_a_label_s_nodata(levir_pair, tinycd_package, tmp_path):
+    labels = (levir_pair[2] > 0).astype(np.uint8)
+    labels[:, :50] = 255
+    root = dataset(tmp_path / "sparse", levir_pair, {"x": labels}, 255)
+    done = subprocess.run([*GEOCHANGE, "evaluate", "--model", str(tinycd_package), "--data", str(root),
+                           "--device", "cpu", "--json", str(tmp_path / "m.json")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert sum(json.loads((tmp_path / "m.json").read_text())["confusion"].values()) == 128 * 78

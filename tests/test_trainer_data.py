@@ -330,6 +330,36 @@ def test_nan_in_a_folder_dataset_s_float_tile_is_a_pixel_no_loss_sees(tmp_path, 
         item.load()
 
 
+@pytest.mark.parametrize("nodata, dtype", [(255, np.uint8), (-1, np.int16)])
+def test_a_folder_label_s_nodata_is_a_pixel_no_loss_sees(tmp_path, nodata, dtype):
+    """A GeoTIFF label's own nodata was a label value: 255 beside 0/1 and -1 refused without ignore_value, 255 in a
+    tile without a 1 trained as change. Its pixels are IGNORE, as ignore_value's; a nodata that is a class value is
+    refused, naming the dataset's key."""
+    change = np.zeros((1, 64, 64), dtype)
+    change[0, 32:] = 1
+    labels = {"t0.tif": change.copy(), "t1.tif": np.zeros_like(change)}  # t1: a tile without a 1
+    for label in labels.values():
+        label[0, :, :8] = nodata
+    for folder in ("A", "B", "label"):
+        (tmp_path / folder).mkdir()
+    for name, label in labels.items():
+        for date in ("A", "B"):
+            _write_raster(tmp_path / date / name, np.full((3, 64, 64), 100, np.uint8))
+        _write_raster(tmp_path / "label" / name, label, nodata)
+    spec = {"root": str(tmp_path), "split": {"val": 0.0}}
+    items = build_splits([spec])["train"]
+    for item, expected in zip(items, (change[0], np.zeros((64, 64), dtype))):
+        label = item.load()[2]
+        assert (label[:, :8] == IGNORE).all() and np.array_equal(label[:, 8:], expected[:, 8:]), item.id
+
+    _write_raster(tmp_path / "label" / "t0.tif", change, 0)
+    with pytest.raises(RasterError, match=r"t0\.tif: its nodata value is 0, which a label uses for no change"):
+        build_splits([spec])
+    _write_raster(tmp_path / "label" / "t0.tif", change, 1)  # the change value of this 0/1 label
+    with pytest.raises(RasterError, match=r"t0\.tif: its nodata value is 1, and no other pixel .* ignore_value: 1$"):
+        build_splits([spec])
+
+
 def test_chips_below_the_models_smallest_tile_are_refused_by_the_config_check():
     chip = {"pre": "a.tif", "post": "b.tif", "label": "c.tif", "chip": 16, "split": {"val": 0.1}}
     assert "chip: must be at least 32 px, the smallest tile the models take" in dataset_spec_errors(chip)

@@ -15,7 +15,8 @@ A config's ``data.datasets`` lists one or more sources; their splits are concate
 
 Optical-SAR pairs are either kind with a one-band post date; the architecture's input spec (or
 ``data.inputs``) replicates the grey band to the model's channels, as the authors do.
-``ignore_value`` marks unlabelled pixels (e.g. 255 in a sparse label) that no loss or metric sees.
+``ignore_value`` marks unlabelled pixels (e.g. 255 in a sparse label) that no loss or metric sees; so does a label
+raster's own nodata value (``engine.evaluate.check_change_value`` says when it cannot).
 An item's id is ``<name>/<key>`` (``name``: by default the folder's name or the pre raster's file stem), so
 datasets with the same name are refused: give each its own ``name``.
 
@@ -113,10 +114,10 @@ def dataset_spec_errors(spec) -> list[str]:
     return errors
 
 
-def binary_label(raw: np.ndarray, where, ignore_value=None) -> np.ndarray:
-    """A label band (0/1 or 0/255, see ``engine.evaluate.change_label``) of ``where`` -> uint8 0/1 with
-    :data:`IGNORE` for unlabelled."""
-    change, labelled = change_label(raw, where, ignore_value, ignore_option="ignore_value:")
+def binary_label(raw: np.ndarray, where, ignore_value=None, nodata=None) -> np.ndarray:
+    """A label band (0/1 or 0/255, see ``engine.evaluate.change_label``) of ``where``, whose file's nodata value is
+    ``nodata`` -> uint8 0/1 with :data:`IGNORE` for unlabelled."""
+    change, labelled = change_label(raw, where, ignore_value, "ignore_value:", nodata)
     label = change.astype(np.uint8)
     label[~labelled] = IGNORE
     return label
@@ -154,9 +155,10 @@ class FolderSource:
         pair = self._decoded.get(key)
         if pair is None:
             a, b, label = self.paths[key]
-            images = (read_image(a), read_image(b), read_label(label))
+            raw, nodata = read_label(label)
+            images = (read_image(a), read_image(b), raw)
             check_one_size(*images, self.paths[key])
-            pair = (*images[:2], binary_label(images[2], label, self.ignore_value))
+            pair = (*images[:2], binary_label(raw, label, self.ignore_value, nodata))
             size = sum(array.nbytes for array in pair)
             if self._decoded_bytes + size <= _decoded_budget():
                 self._decoded[key], self._decoded_bytes = pair, self._decoded_bytes + size
@@ -189,8 +191,9 @@ class RasterSource:
         if self.polygons is None:
             with open_raster(label) as lab, open_raster(pre) as a:
                 _check_same_grid(a, lab)
-                # Checked whole: a chip may hold only some of the values (the 255 but not the 1 of a sparse label).
-                binary_label(lab.read(1), label, ignore_value)
+            # Checked whole: a chip may hold only some of the values (the 255 but not the 1 of a sparse label), and
+            # only the whole label tells whether its nodata is its change value.
+            check_change_value([label], ignore_value, "ignore_value:")
 
     @staticmethod
     def key(window: Window) -> str:
@@ -208,9 +211,10 @@ class RasterSource:
             post = b.read(self.bands["post"], window=window)
             valid = (valid_mask(a, window, pre, self.bands["pre"], self.masked["pre"])
                      & valid_mask(b, window, post, self.bands["post"], self.masked["post"]))
+        nodata = None  # of burnt polygons
         if self.polygons is None:
             with open_raster(self.label) as lab:
-                raw = lab.read(1, window=window)
+                raw, nodata = lab.read(1, window=window), lab.nodata
         else:
             from rasterio.features import rasterize
             from rasterio.windows import transform as window_transform
@@ -218,7 +222,8 @@ class RasterSource:
             raw = rasterize(self.polygons, out_shape=(int(window.height), int(window.width)),
                             transform=window_transform(window, self.transform), fill=0, default_value=1,
                             dtype="uint8")
-        return without_invalid(pre, post, binary_label(raw, f"{self.label} ({key})", self.ignore_value), valid)
+        return without_invalid(pre, post, binary_label(raw, f"{self.label} ({key})", self.ignore_value, nodata),
+                               valid)
 
 
 def without_invalid(pre: np.ndarray, post: np.ndarray, label: np.ndarray, valid: np.ndarray) -> tuple:
