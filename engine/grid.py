@@ -64,10 +64,17 @@ class Grid:
             return None
         if self.crs.is_geographic:
             return self.pixel_side * math.sqrt(METRES_PER_DEGREE * self.metres_per_degree_east())
+        return self.pixel_side * metres_per_unit(self.crs) / self.map_scale()
+
+    def map_scale(self) -> float:
+        """Map length over ground length at the grid's middle, as a projected grid's lengths in metres are measured:
+        ``projection_scale``, or 1 within 1 % of true scale, where the CRS's units are taken as the ground's (UTM's
+        0.9996-1.001), as a raster's producer states its resolution: a model's 2 m then reads a 2 m UTM grid, not one
+        to resample. 1 in a geographic CRS, whose lengths in metres ``map_units`` and ``pixel_metres`` measure."""
+        if self.crs.is_geographic:
+            return 1.0
         scale = self.projection_scale()
-        # Within 1 % of true scale the CRS's units are taken as the ground's (UTM's 0.9996-1.001), as a raster's
-        # producer states its resolution: a model's 2 m then reads a 2 m UTM grid, not one to resample.
-        return self.pixel_side * metres_per_unit(self.crs) / (scale if abs(scale - 1) > TRUE_SCALE_TOLERANCE else 1.0)
+        return scale if abs(scale - 1) > TRUE_SCALE_TOLERANCE else 1.0
 
     def projection_scale(self) -> float:
         """The projection's linear scale at the grid's middle, map length over ground length (Web Mercator's is 2

@@ -16,7 +16,7 @@ from scipy import ndimage
 from geochange.engine.atomic import AtomicOutputs
 from geochange.engine.contracts import POLYGON_LAYER
 from geochange.engine.errors import OutputError, RasterError, closed_on_failure, gdal_write_errors, output_error
-from geochange.engine.grid import placement
+from geochange.engine.grid import Grid, placement
 from geochange.engine.measures import map_units, polygon_areas, rings_below, rings_of
 from geochange.engine.rasters import open_raster
 
@@ -114,17 +114,18 @@ class PolygonAssembler:
     (geodesic) are filled unless they hold an invalid pixel: a region's own holes in each band as it
     is vectorised, holes enclosed across seams when its parts are merged. Finished regions are mapped
     to the raster's CRS, dropped when smaller than ``min_area_m2``, and simplified (``simplify`` in metres
-    whatever the CRS, see ``map_units``; topology preserved). Without a CRS (a pixel grid) areas, ``min_area_m2``
-    and ``simplify`` are in pixels, whatever the geotransform that places the polygons.
+    whatever the CRS, see ``map_units``, times ``scale``, the projection's map length over ground length there,
+    ``Grid.map_scale``; topology preserved). Without a CRS (a pixel grid) areas, ``min_area_m2`` and ``simplify``
+    are in pixels, whatever the geotransform that places the polygons.
     """
 
-    def __init__(self, transform, crs, *, min_area_m2: float = 0.0, simplify: float = 0.0):
+    def __init__(self, transform, crs, *, min_area_m2: float = 0.0, simplify: float = 0.0, scale: float = 1.0):
         self.transform, self.crs = transform, crs if crs is None or isinstance(crs, str) else crs.to_wkt()
         self.min_area_m2 = min_area_m2
         # Where areas are measured: the raster's CRS, or on a pixel grid the pixels themselves.
         self._to_measured = self._to_map if crs is not None else lambda xy: xy
         pixel_side = math.sqrt(abs(transform.determinant))
-        self.simplify = map_units(simplify, self.crs) if crs is not None else simplify * pixel_side
+        self.simplify = map_units(simplify, self.crs) * scale if crs is not None else simplify * pixel_side
         self._parent: dict[int, int] = {}
         self._pending: dict[int, tuple] = {}  # id -> (pixel polygon, pixels, sum of prob, max prob)
         self._last_row = None  # global ids along the previous band's last row
@@ -399,7 +400,8 @@ def vectorize_probability(probability: str, polygons: str, *, threshold: float =
         transform = placement(src)  # without a CRS (a pixel grid): areas, --min-area and --simplify in pixels
         if src.crs is None and progress is not None:
             progress.log(f"{Path(probability).name} has no CRS: areas, --min-area and --simplify are in pixels")
-        assembler = PolygonAssembler(transform, src.crs, min_area_m2=min_area, simplify=simplify)
+        scale = 1.0 if src.crs is None else Grid(src.crs, transform, src.width, src.height).map_scale()
+        assembler = PolygonAssembler(transform, src.crs, min_area_m2=min_area, simplify=simplify, scale=scale)
         block = src.block_shapes[band - 1][0]
         rows = max(1, VECTORIZE_ROWS // block) * block  # whole blocks of rows: each block decoded once
         changed_pixels = valid_pixels = 0

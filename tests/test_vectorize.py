@@ -385,3 +385,30 @@ def test_vectorise_reports_its_progress_band_by_band(tmp_path):
     rows = Recorded()
     vectorize_probability(str(tmp_path / "p.tif"), str(tmp_path / "c.gpkg"), progress=rows)
     assert rows.done == [(512, 1100), (1024, 1100), (1100, 1100)]
+
+
+def test_the_simplify_tolerance_is_in_metres_on_the_ground_where_the_projection_stretches_them(tmp_path):
+    """Web Mercator at 60° N draws a metre on the ground as 2 map units: --simplify 1 (m) is 2 units there. A
+    block with a bump 1.5 units (0.75 m on the ground) high loses the bump; it kept it while the tolerance was
+    taken as 1 unit."""
+    import rasterio
+
+    from geochange.engine.grid import Grid
+    from geochange.engine.vectorize import vectorize_probability
+
+    transform = from_origin(1113194.9, 8399737.9, 0.5, 0.5)  # 10° E, 60° N
+    assert Grid(CRS.from_epsg(3857), transform, 60, 40).map_scale() == pytest.approx(2.0, rel=1e-3)
+    assert Grid(CRS.from_epsg(32633), transform, 60, 40).map_scale() == 1.0  # UTM: its units are the ground's
+    assert Grid(CRS.from_epsg(4326), from_origin(10, 60, 1e-5, 1e-5), 60, 40).map_scale() == 1.0  # map_units'
+    mask = np.zeros((40, 60), bool)
+    mask[10:30, 10:50] = True
+    mask[7:10, 28:32] = True  # the bump: 3 pixels of 0.5 units
+    profile = {"driver": "GTiff", "width": 60, "height": 40, "count": 1, "dtype": "float32", "crs": "EPSG:3857",
+               "transform": transform}
+    with rasterio.open(tmp_path / "p.tif", "w", **profile) as dst:
+        dst.write(mask.astype(np.float32), 1)
+    vectorize_probability(str(tmp_path / "p.tif"), str(tmp_path / "c.gpkg"), simplify=1.0)
+    source = ogr.Open(str(tmp_path / "c.gpkg"))  # held: its layer dies with it
+    [feature] = source.GetLayer()
+    [outline] = shapely.get_parts(shapely.from_wkt(feature.GetGeometryRef().ExportToWkt()))
+    assert len(outline.exterior.coords) == 5  # the block's corners alone
