@@ -16,7 +16,7 @@ from qgis.core import (
 
 from geochange.engine.contracts import OBJECT_IOU, VECTOR_FORMATS
 from geochange.qgis_plugin import styles
-from geochange.qgis_plugin.engine_algorithm import EngineAlgorithm, raster_file, tr
+from geochange.qgis_plugin.engine_algorithm import GEOTIFF, EngineAlgorithm, raster_file, tr
 from geochange.qgis_plugin.evaluate_algorithm import COUNTS, METRICS
 from geochange.qgis_plugin.parameters import option_parameter, option_value, vector_source
 from geochange.qgis_plugin.tables import TABLE_FILTER, TABLE_SUFFIXES, write_table
@@ -26,7 +26,8 @@ FIGURES = {**{key: METRICS[key] for key in ("precision", "recall", "f1", "iou", 
 OBJECTS = {"reference": "reference objects", "found": "reference objects found", "missed": "reference objects missed",
            "predicted": "predicted objects", "true": "predicted objects matching a reference object",
            "false": "predicted objects matching none"}
-NUMERIC_OUTPUTS = {"F1": "f1", "IOU": "iou", "KAPPA": "kappa", "PRECISION": "precision", "RECALL": "recall",
+# As Evaluate a model names them (evaluate_algorithm.NUMERIC_OUTPUTS), with kappa.
+NUMERIC_OUTPUTS = {"F1": "f1", "IOU": "iou", "KAPPA": "kappa", "PRECISION_SCORE": "precision", "RECALL": "recall",
                    "OA": "oa"}
 LAYER_TYPES = [QgsProcessing.TypeRaster, QgsProcessing.TypeVectorPolygon]
 
@@ -51,7 +52,8 @@ class AssessAccuracyAlgorithm(EngineAlgorithm):
         "AOI": "Polygons (any polygon layer, in any CRS) outside which no pixel is assessed and no object "
                "counted. Empty: everywhere.",
         "IGNORE_VALUE": "Reference raster value of unlabelled pixels, which count in no figure (e.g. 255 beside "
-                        "0 = no change, 1 = change). Empty: every pixel is labelled.",
+                        "0 = no change, 1 = change). Empty: every pixel is labelled but those of the reference "
+                        "file's own nodata value.",
         "OBJECT_IOU": "Intersection over union at which a predicted object and a reference object match; 0.5, "
                       "as object detection counts, makes every match one-to-one.",
         "OUTPUT": "The table of figures (metric, meaning, value): HTML (shown in the results viewer) or CSV, "
@@ -99,7 +101,7 @@ class AssessAccuracyAlgorithm(EngineAlgorithm):
         prediction = self.layer_source(parameters, "PREDICTION", context)
         reference = self.layer_source(parameters, "REFERENCE", context)
         table = self.output_path(parameters, "OUTPUT", context, TABLE_SUFFIXES)
-        raster = self.output_path(parameters, "OUTPUT_RASTER", context, (".tif", ".tiff"))
+        raster = self.output_path(parameters, "OUTPUT_RASTER", context, GEOTIFF)
         args = {"prediction": prediction, "reference": reference,
                 "aoi": option_value(self, parameters, context, "aoi"),
                 "ignore_value": self.optional_double(parameters, "IGNORE_VALUE", context),
@@ -117,7 +119,7 @@ class AssessAccuracyAlgorithm(EngineAlgorithm):
         feedback.pushInfo(tr("F1 {:.4f}, IoU {:.4f}, kappa {:.4f}; {} of {} reference objects found").format(
             summary["global"]["f1"], summary["global"]["iou"], summary["global"]["kappa"], objects["found"],
             objects["reference"]))
-        styles.load_styled(context, [(raster, tr("{}: TP/FP/FN").format(
+        styles.style_outputs(context, feedback, [(raster, tr("{}: TP/FP/FN").format(
             self.parameterAsLayer(parameters, "PREDICTION", context).name()), styles.style_agreement)])
         return {"OUTPUT": table, "OUTPUT_RASTER": raster,
                 **{name: summary["global"][key] for name, key in NUMERIC_OUTPUTS.items()}}

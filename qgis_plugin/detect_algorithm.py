@@ -21,7 +21,8 @@ from geochange.engine.contracts import MASK_CHANGE, MASK_NO_CHANGE, MASK_NODATA,
 from geochange.engine.errors import GeoChangeError
 from geochange.engine.options import DETECT, names
 from geochange.qgis_plugin import styles
-from geochange.qgis_plugin.engine_algorithm import EngineAlgorithm, layer_file, overlap, raster_file, same_raster, tr
+from geochange.qgis_plugin.engine_algorithm import (GEOTIFF, EngineAlgorithm, layer_file, overlap, raster_file,
+                                                    same_raster, tr)
 from geochange.qgis_plugin.parameters import (ENGINE_NOTES, MODEL_HELP, POLYGON_OUTPUTS_HELP, add_options, band_numbers,
                                               chosen_model, model_manifest, model_parameters, option_help,
                                               option_values, options_problem)
@@ -157,8 +158,8 @@ class DetectChangesAlgorithm(EngineAlgorithm):
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 (QGIS's name)
         polygons, polygon_layer, polygons_uri = self.polygon_output(parameters, "OUTPUT_POLYGONS", context)
         outputs = {
-            "probability": self.output_path(parameters, "OUTPUT_PROBABILITY", context, (".tif", ".tiff")),
-            "mask": self.output_path(parameters, "OUTPUT_MASK", context, (".tif", ".tiff")),
+            "probability": self.output_path(parameters, "OUTPUT_PROBABILITY", context, GEOTIFF),
+            "mask": self.output_path(parameters, "OUTPUT_MASK", context, GEOTIFF),
             "polygons": polygons,
         }
         args = {"pre": self.raster_path(parameters, "PRE", context),
@@ -172,7 +173,7 @@ class DetectChangesAlgorithm(EngineAlgorithm):
             result["polygon_count"], result["changed_area_m2"], result["area_unit"]))
         pair = styles.pair_name(self.layer_name(parameters, "PRE", context),
                                 self.layer_name(parameters, "POST", context))
-        styles.load_styled(context, [  # in the layer tree from the top
+        styles.style_outputs(context, feedback, [  # in the layer tree from the top
             (polygons_uri, tr("{}: change polygons").format(pair), styles.style_polygons),
             (outputs["mask"], tr("{}: change mask").format(pair), styles.style_mask),
             (outputs["probability"], tr("{}: change probability").format(pair), styles.style_probability)])

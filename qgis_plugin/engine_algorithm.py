@@ -26,6 +26,10 @@ from geochange.engine.options import flag, spec
 from geochange.qgis_plugin import worker_client
 
 
+# The raster outputs' format, by its suffixes.
+GEOTIFF = (".tif", ".tiff")
+
+
 def tr(text: str) -> str:
     return QCoreApplication.translate("GeoChange", text)
 
@@ -39,7 +43,6 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
     GROUP = ""
     SUMMARY = ""  # HTML: what the algorithm does
     PARAMETER_HELP: dict = {}  # parameter or output name -> HTML explanation
-    OUTPUT_HELP: dict = {}  # the same for outputs named as a parameter is (evaluate's PRECISION: a score, an option)
     NOTES = ""  # HTML after the lists
     # The engine's run options (``engine.options``) the algorithm offers as parameters
     # (``parameters.add_options``, read back by ``parameters.option_values``). An engine message naming an
@@ -215,12 +218,11 @@ def _default_text(parameter) -> str:
 def help_text(algorithm: EngineAlgorithm) -> str:
     """The algorithm's summary, then each input parameter and each output with its explanation."""
     def entry(name, description, extra="", output=False):
-        explain = {**algorithm.PARAMETER_HELP, **algorithm.OUTPUT_HELP} if output else algorithm.PARAMETER_HELP
-        if name not in explain:
+        if name not in algorithm.PARAMETER_HELP:
             raise KeyError(f"{algorithm.NAME}: no help for {name}")
         default = "" if output else _default_text_for(algorithm, name)
         return (f"<dt><b>{html.escape(description, quote=False)}</b> <code>{name}</code>{extra}</dt>"
-                f"<dd>{tr(explain[name])} {default}</dd>")
+                f"<dd>{tr(algorithm.PARAMETER_HELP[name])} {default}</dd>")
 
     inputs = [p for p in algorithm.parameterDefinitions() if not p.isDestination()]
     parts = [tr(algorithm.SUMMARY), "<h3>" + tr("Parameters") + "</h3>", "<dl>"]

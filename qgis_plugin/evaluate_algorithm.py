@@ -26,8 +26,9 @@ METRICS = {
 # Pixel counts of the summed confusion matrix.
 COUNTS = {"tp": "changed pixels predicted changed", "fp": "unchanged pixels predicted changed",
           "fn": "changed pixels predicted unchanged", "tn": "unchanged pixels predicted unchanged"}
-# Global metrics also given as numeric outputs (usable by later steps of a model).
-NUMERIC_OUTPUTS = {"F1": "f1", "IOU": "iou", "PRECISION": "precision", "RECALL": "recall", "OA": "oa"}
+# Global metrics also given as numeric outputs (usable by later steps of a model); the precision's named apart from
+# the parameter PRECISION, the arithmetic's.
+NUMERIC_OUTPUTS = {"F1": "f1", "IOU": "iou", "PRECISION_SCORE": "precision", "RECALL": "recall", "OA": "oa"}
 
 
 class EvaluateModelAlgorithm(EngineAlgorithm):
@@ -48,13 +49,14 @@ class EvaluateModelAlgorithm(EngineAlgorithm):
         "DATA": "The dataset folder with <code>A/</code>, <code>B/</code> and <code>label/</code>.",
         "THRESHOLD": "Probability above which a pixel counts as changed. Empty: the package's.",
         "IGNORE_VALUE": "Label value of unlabelled pixels, which count in no metric (e.g. 255 in a sparse "
-                        "label of 0 = no change, 1 = change). Empty: every pixel is labelled.",
+                        "label of 0 = no change, 1 = change). Empty: every pixel is labelled but those of a label "
+                        "file's own nodata value.",
         "OUTPUT": "The metrics table (metric, meaning, global, per image), then the image count and the "
                   "summed confusion counts: HTML (shown in the results viewer) or CSV, chosen by the file "
                   "extension.",
         "IMAGES": "How many image pairs were evaluated.",
+        **{name: f"Global {METRICS[key]}." for name, key in NUMERIC_OUTPUTS.items()},
     }
-    OUTPUT_HELP = {name: f"Global {METRICS[key]}." for name, key in NUMERIC_OUTPUTS.items()}
     NOTES = ENGINE_NOTES
     OPTIONS = names(EVALUATE)
     FLAGS = {"--ignore-value": "IGNORE_VALUE"}

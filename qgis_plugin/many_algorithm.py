@@ -160,5 +160,6 @@ class DetectManyPairsAlgorithm(EngineAlgorithm):
         summary = f"{result['summary']}|layername={SUMMARY_LAYER}"
         context.addLayerToLoadOnCompletion(summary, QgsProcessingContext.LayerDetails(
             tr("change detection over many pairs"), context.project(), "SUMMARY"))
-        styles.load_styled(context, [(summary, tr("pairs: change detection summary"), styles.style_summary)])
+        styles.style_outputs(context, feedback,
+                             [(summary, tr("pairs: change detection summary"), styles.style_summary)])
         return {"OUTPUT": args["out"], "SUMMARY": summary, **counts}

@@ -1,4 +1,5 @@
-"""How GeoChange's outputs look once loaded into a project, and the hook that applies it.
+"""How GeoChange's outputs look in QGIS: saved beside each output as its file's default style, and given to the
+layers an algorithm loads into the project.
 
 Probability: a pseudo-colour ramp over 0-1 whose legend says "change probability"; mask: changed pixels in
 red, everything else transparent; an accuracy assessment's agreement: TP green, FP red, FN blue; polygons: a
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import re
 from collections import deque
+from pathlib import Path
 
 from qgis.core import (
     QgsCategorizedSymbolRenderer,
@@ -26,6 +28,8 @@ from qgis.core import (
     QgsPalettedRasterRenderer,
     QgsPalLayerSettings,
     QgsProcessingLayerPostProcessorInterface,
+    QgsProviderRegistry,
+    QgsRasterLayer,
     QgsRasterShader,
     QgsRasterTransparency,
     QgsRendererCategory,
@@ -33,13 +37,17 @@ from qgis.core import (
     QgsSingleSymbolRenderer,
     QgsTextBufferSettings,
     QgsTextFormat,
+    QgsVectorLayer,
     QgsVectorLayerSimpleLabeling,
 )
 from qgis.PyQt.QtGui import QColor
+from qgis.PyQt.QtXml import QDomDocument
 
+from geochange.engine.atomic import atomic_path, same_file
 from geochange.engine.contracts import (ASSESS_FN, ASSESS_FP, ASSESS_TP, MASK_CHANGE, MASK_NO_CHANGE, PAIR_DONE,
-                                        PAIR_FAILED, PAIR_PENDING, PAIR_SKIPPED)
-from geochange.qgis_plugin.engine_algorithm import tr
+                                        PAIR_FAILED, PAIR_PENDING, PAIR_SKIPPED, VECTOR_FORMATS)
+from geochange.engine.errors import GeoChangeError
+from geochange.qgis_plugin.engine_algorithm import GEOTIFF, tr
 
 CHANGE_COLOUR = QColor(227, 26, 28)
 
@@ -52,7 +60,7 @@ def probability_ramp() -> QgsGradientColorRamp:
     return ramp
 
 
-def style_probability(layer, node) -> None:
+def style_probability(layer, node=None) -> None:
     shader_function = QgsColorRampShader(0.0, 1.0, probability_ramp(), QgsColorRampShader.Interpolated)
     shader_function.classifyColorRamp(11, 1)
     shader = QgsRasterShader(0.0, 1.0)
@@ -61,12 +69,14 @@ def style_probability(layer, node) -> None:
     renderer.setClassificationMin(0.0)
     renderer.setClassificationMax(1.0)
     layer.setRenderer(renderer)
-    # The legend's title, the band's name ("Band 1 (Gray)") unless the layer's tree node relabels it.
-    QgsMapLayerLegendUtils.setLegendNodeUserLabel(node, 0, tr("change probability"))
+    # The legend's title, the band's name ("Band 1 (Gray)") unless the layer's tree node relabels it (a label of
+    # the project's, not of the style: a layer opened later shows the band's name).
+    if node is not None:
+        QgsMapLayerLegendUtils.setLegendNodeUserLabel(node, 0, tr("change probability"))
     layer.triggerRepaint()
 
 
-def style_mask(layer, node) -> None:
+def style_mask(layer, node=None) -> None:
     classes = [QgsPalettedRasterRenderer.Class(MASK_CHANGE, CHANGE_COLOUR, "change")]
     renderer = QgsPalettedRasterRenderer(layer.dataProvider(), 1, classes)
     # Paletted renderers leave values outside their classes undrawn; the transparency entry states it
@@ -86,7 +96,7 @@ AGREEMENT_CLASSES = ((ASSESS_TP, QColor(26, 152, 80), "true positive"), (ASSESS_
                      (ASSESS_FN, QColor(33, 102, 172), "false negative"))
 
 
-def style_agreement(layer, node) -> None:
+def style_agreement(layer, node=None) -> None:
     """TP, FP and FN in their colours; true negatives and pixels not assessed (no class) left undrawn."""
     classes = [QgsPalettedRasterRenderer.Class(value, colour, tr(label)) for value, colour, label in AGREEMENT_CLASSES]
     layer.setRenderer(QgsPalettedRasterRenderer(layer.dataProvider(), 1, classes))
@@ -102,7 +112,7 @@ AREA_LABELS = {"area_m2": "format_number(\"area_m2\", 0) || ' m²'", "area_px": 
 LABEL_MINIMUM_SCALE = 10_000
 
 
-def style_polygons(layer, node) -> None:
+def style_polygons(layer, node=None) -> None:
     symbol = QgsFillSymbol.createSimple({
         "color": f"{CHANGE_COLOUR.red()},{CHANGE_COLOUR.green()},{CHANGE_COLOUR.blue()},40",
         "outline_color": CHANGE_COLOUR.name(), "outline_width": "0.6", "outline_width_unit": "MM"})
@@ -135,7 +145,7 @@ SUMMARY_COLOURS = ((PAIR_DONE, QColor(26, 152, 80)), (PAIR_SKIPPED, QColor(33, 1
                    (PAIR_PENDING, QColor(150, 150, 150)))
 
 
-def style_summary(layer, node) -> None:
+def style_summary(layer, node=None) -> None:
     categories = [QgsRendererCategory(status, QgsFillSymbol.createSimple({
         "color": "0,0,0,0", "outline_color": colour.name(), "outline_width": "0.8", "outline_width_unit": "MM"}),
         tr(status)) for status, colour in SUMMARY_COLOURS]
@@ -202,6 +212,55 @@ def load_styled(context, outputs: list[tuple[str, str, object]]) -> None:
         styler = _Styler(style, position, loaded)
         _alive.append(styler)
         details.setPostProcessor(styler)
+
+
+# QGIS finds a file's default style by the file's base name alone: a file of the same base name in one of these
+# formats (another output of the run, an input) would open with the output's style too.
+LAYER_SUFFIXES = (*GEOTIFF, *(f".{suffix}" for suffix in VECTOR_FORMATS))
+
+
+def save_default_style(uri: str, style) -> None:
+    """Save ``style`` for the output ``uri`` (a file, or ``FILE|layername=NAME``) as the style QGIS opens the file
+    with wherever it is opened later (a run through qgis_process, a Processing model, outputs not loaded):
+    ``<file's base name>.qml`` beside it, where QGIS 3.22 looks for a layer's default style (``styleURI``) for a
+    GeoTIFF, a GeoPackage's layer, a shapefile and a GeoJSON file alike (a default style in a GeoPackage's own
+    layer_styles table would come first: GeoChange writes GeoPackages without one). Written whole under a
+    temporary name, then renamed."""
+    path = Path(QgsProviderRegistry.instance().decodeUri("ogr", uri)["path"])
+    # The style the file has from an earlier run is not loaded: it is about to be replaced.
+    if path.suffix.lower() in GEOTIFF:
+        layer = QgsRasterLayer(uri, path.stem, "gdal", QgsRasterLayer.LayerOptions(loadDefaultStyle=False))
+    else:
+        layer = QgsVectorLayer(uri, path.stem, "ogr", QgsVectorLayer.LayerOptions(loadDefaultStyle=False))
+    if not layer.isValid():
+        raise GeoChangeError(tr("QGIS cannot open it as a layer"))
+    target = Path(layer.styleURI())
+    shared = [other.name for other in map(target.with_suffix, LAYER_SUFFIXES)
+              if other.exists() and not same_file(other, path)]
+    if shared:
+        raise GeoChangeError(tr("its style file {} would style {} too; give the output a base name of its own")
+                             .format(target, ", ".join(shared)))
+    style(layer)
+    document = QDomDocument()
+    problem = layer.exportNamedStyle(document)
+    if problem:
+        raise GeoChangeError(problem)
+    with atomic_path(target) as temporary:
+        temporary.write_text(document.toString(2), encoding="utf-8")
+
+
+def style_outputs(context, feedback, outputs: list[tuple[str, str, object]]) -> None:
+    """Style each output ``(path, layer name, style)`` that the engine has just written wherever it is opened:
+    its style saved as its file's default style (``save_default_style``), and its layer named and styled when the
+    algorithm loads it into the project (``load_styled``). An output whose style cannot be saved is still the
+    run's result: the log says why it will open unstyled."""
+    for uri, _, style in outputs:
+        try:
+            save_default_style(uri, style)
+        except GeoChangeError as error:
+            feedback.pushWarning(tr("{}: no style saved beside it, so QGIS will open it unstyled: {}")
+                                 .format(uri, error))
+    load_styled(context, outputs)
 
 
 # Shared start and end of two input names, in characters, from which a layer's name shows the rest.

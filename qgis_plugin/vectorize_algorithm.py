@@ -65,6 +65,6 @@ class VectorizeChangesAlgorithm(EngineAlgorithm):
         feedback.pushInfo(tr("{} change polygons, {:.1f} {} changed").format(
             result["polygon_count"], result["changed_area_m2"], result["area_unit"]))
         name = tr("{}: change polygons (p > {:g})").format(self.layer_name(parameters, "INPUT", context), threshold)
-        styles.load_styled(context, [(polygons_uri, name, styles.style_polygons)])
+        styles.style_outputs(context, feedback, [(polygons_uri, name, styles.style_polygons)])
         return {"OUTPUT": polygons_uri, "POLYGON_COUNT": result["polygon_count"],
                 "CHANGED_AREA_M2": result["changed_area_m2"]}

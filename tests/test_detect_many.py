@@ -573,7 +573,8 @@ def test_qgis_detect_changes_in_many_pairs(geochange_provider, dask_cluster, lev
         **parameters, "PRE_FOLDER": str(tmp_path / "pre"), "POST_FOLDER": str(tmp_path / "post"),
         "OUTPUT": str(tmp_path / "out")}, load=True)
     assert (results["DONE"], results["SKIPPED"], results["FAILED"]) == (2, 0, 0)
-    assert {p.name for p in (tmp_path / "out").iterdir()} == {"levir", "landsat", "summary.gpkg", "summary.csv"}
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"levir", "landsat", "summary.gpkg", "summary.csv",
+                                                             "summary.qml"}
     added = [QgsProject.instance().mapLayer(i) for i in set(QgsProject.instance().mapLayers()) - before]
     assert [(layer.name(), layer.featureCount(), layer.renderer().type()) for layer in added] == [
         ("pairs: change detection summary", 2, "categorizedSymbol")]

@@ -11,6 +11,7 @@ import pytest
 pytest.importorskip("qgis.core", reason="QGIS Python bindings are not installed")
 from osgeo import ogr  # noqa: E402
 from qgis.core import (  # noqa: E402
+    QgsPalettedRasterRenderer,
     QgsProcessingException,
     QgsProcessingFeedback,
     QgsProcessingModelAlgorithm,
@@ -21,9 +22,12 @@ from qgis.core import (  # noqa: E402
     QgsProcessingParameterFile,
     QgsProcessingParameterNumber,
     QgsProcessingParameterRasterLayer,
+    QgsRasterLayer,
+    QgsVectorLayer,
 )
 
 from conftest import run_algorithm  # noqa: E402
+from geochange.engine.contracts import PAIR_DONE, PAIR_FAILED, PAIR_PENDING, PAIR_SKIPPED  # noqa: E402
 from geochange.engine.zoo import zoo_index  # noqa: E402
 
 ogr.UseExceptions()
@@ -63,9 +67,14 @@ def test_every_algorithm_is_registered_with_a_complete_help(geochange_provider):
         for definition in [*algorithm.parameterDefinitions(), *algorithm.outputDefinitions()]:
             assert f"<code>{definition.name()}</code>" in text, (algorithm.id(), definition.name())
         assert algorithm.group() and not algorithm.icon().isNull()
-    # Evaluate's option PRECISION (the arithmetic) and its output PRECISION (a score) each keep their own help.
+        # A Processing model or qgis_process names an output as a parameter: none may take another's name (outputs
+        # of destination parameters are theirs).
+        inputs = {p.name() for p in algorithm.parameterDefinitions() if not p.isDestination()}
+        assert not inputs & {o.name() for o in algorithm.outputDefinitions()}, algorithm.id()
+    # Evaluate's option PRECISION (the arithmetic) and its output PRECISION_SCORE each have their own help.
     text = geochange_provider.algorithm("evaluatemodel").shortHelpString()
-    option, output = (text.split("<code>PRECISION</code>")[i].split("</dd>")[0] for i in (1, 2))
+    option, output = (text.split(f"<code>{name}</code>")[1].split("</dd>")[0] for name in ("PRECISION",
+                                                                                             "PRECISION_SCORE"))
     assert "bf16" in option and "Default: <i>auto</i>" in option
     assert "Global change-class precision" in output and "bf16" not in output and "Default" not in output
 
@@ -96,6 +105,9 @@ def test_vectorize_through_qgis_process(qgis_process, crop_detection, tmp_path):
     results = json.loads(done.stdout)["results"]
     assert results["POLYGON_COUNT"] == in_qgis["POLYGON_COUNT"] > 0
     assert polygon_areas(tmp_path / "b.gpkg") == pytest.approx(polygon_areas(tmp_path / "a.gpkg"))
+    # Opened later, the polygons qgis_process wrote are styled as the toolbox loads them (the style beside them).
+    polygons = QgsVectorLayer(str(tmp_path / "b.gpkg"))
+    assert polygons.labelsEnabled() and "area_m2" in polygons.labeling().settings().fieldName
 
 
 # --- Model information -----------------------------------------------------------------------------
@@ -167,15 +179,33 @@ def test_evaluate_leaves_out_the_ignore_value_and_names_its_parameter(geochange_
     assert results["IMAGES"] == 1 and sum(int(table[k][1]) for k in ("tp", "fp", "fn", "tn")) == 256 * 156
 
 
+# --- Detect changes in many pairs ------------------------------------------------------------------
+
+def test_detect_many_s_summary_opens_styled_later(geochange_provider, levir_crop, tinycd_package, tmp_path):
+    """The summary of a run whose outputs are not loaded opens with each footprint outlined by its status."""
+    for date in ("pre", "post"):
+        (tmp_path / date).mkdir()
+        (tmp_path / date / "levir.tif").symlink_to(levir_crop[date])
+    results = run_algorithm("geochange:detectmanypairs", {
+        "MODEL": str(tinycd_package), "PRE_FOLDER": str(tmp_path / "pre"), "POST_FOLDER": str(tmp_path / "post"),
+        "DEVICE": "cpu", "WORKERS": 1, "THREADS": 1, "OUTPUT": str(tmp_path / "out")})
+    assert results["DONE"] == 1 and (tmp_path / "out" / "summary.qml").is_file()
+    summary = QgsVectorLayer(results["SUMMARY"])  # kept in a name: it owns its renderer
+    renderer = summary.renderer()
+    assert (renderer.type(), renderer.classAttribute()) == ("categorizedSymbol", "status")
+    assert [c.value() for c in renderer.categories()] == [PAIR_DONE, PAIR_SKIPPED, PAIR_FAILED, PAIR_PENDING]
+
+
 # --- Assess change accuracy ------------------------------------------------------------------------
 
 def test_assess_against_a_raster_and_a_polygon_layer_gives_the_engine_s_figures(geochange_provider, levir_maps,
                                                                               tmp_path):
-    from qgis.core import QgsPalettedRasterRenderer, QgsProject, QgsVectorLayer
+    from qgis.core import QgsProject
 
     from geochange.engine.assess import assess
 
-    names = {"F1": "f1", "IOU": "iou", "KAPPA": "kappa", "PRECISION": "precision", "RECALL": "recall", "OA": "oa"}
+    names = {"F1": "f1", "IOU": "iou", "KAPPA": "kappa", "PRECISION_SCORE": "precision", "RECALL": "recall",
+             "OA": "oa"}
     polygons = QgsVectorLayer(str(levir_maps["polygons"]), "reference", "ogr")
     for reference, engine_reference in ((str(levir_maps["label"]), str(levir_maps["label"])),
                                         (polygons, f"{levir_maps['polygons']}|layername=reference")):
@@ -198,7 +228,6 @@ def test_assess_reads_a_filtered_layer_as_it_shows(geochange_provider, levir_map
     """A reference filtered in QGIS's query builder is the features it shows, not every feature of its file. (A
     GeoPackage's raster table, refused: test_qgis_processing.)"""
     from osgeo import gdal
-    from qgis.core import QgsVectorLayer
 
     from geochange.engine.assess import assess
 
@@ -212,8 +241,13 @@ def test_assess_reads_a_filtered_layer_as_it_shows(geochange_provider, levir_map
     engine = assess(str(levir_maps["mask"]), str(tmp_path / "shown.gpkg"))
     everything = assess(str(levir_maps["mask"]), str(levir_maps["polygons"]))
     assert engine["confusion"]["tp"] < everything["confusion"]["tp"]
-    assert {name: results[name] for name in ("PRECISION", "RECALL", "F1")} == pytest.approx(
-        {name: engine["global"][name.lower()] for name in ("PRECISION", "RECALL", "F1")})
+    # Not loaded, the TP/FP/FN raster still opens in its colours (its style saved beside it).
+    agreement = QgsRasterLayer(str(tmp_path / "tpfpfn.tif"))
+    renderer = agreement.renderer()
+    assert isinstance(renderer, QgsPalettedRasterRenderer) and [c.value for c in renderer.classes()] == [1, 2, 3]
+    names = {"PRECISION_SCORE": "precision", "RECALL": "recall", "F1": "f1"}
+    assert {name: results[name] for name in names} == pytest.approx(
+        {name: engine["global"][key] for name, key in names.items()})
 
 
 def test_a_user_defined_crs_reaches_the_engine_as_its_definition(geochange_provider):

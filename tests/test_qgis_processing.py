@@ -158,22 +158,55 @@ def test_processing_run_writes_the_three_outputs(crop_detection, levir_crop):
     check_outputs(results, levir_crop["label"])
 
 
+def assert_styled(probability: QgsRasterLayer, mask: QgsRasterLayer, polygons: QgsVectorLayer) -> None:
+    """Layers of a detection's three outputs in GeoChange's styles (``qgis_plugin.styles``)."""
+    renderer = probability.renderer()
+    assert isinstance(renderer, QgsSingleBandPseudoColorRenderer)
+    assert (renderer.classificationMin(), renderer.classificationMax()) == (0.0, 1.0)
+    ramp = renderer.shader().rasterShaderFunction().colorRampItemList()  # from transparent to opaque red
+    assert [(ramp[i].value, ramp[i].color.alpha()) for i in (0, -1)] == [(0.0, 0), (1.0, 255)]
+    renderer = mask.renderer()
+    assert isinstance(renderer, QgsPalettedRasterRenderer)
+    assert [c.value for c in renderer.classes()] == [255]  # 0 (no change) and 127 (nodata) are not drawn
+    transparent = renderer.rasterTransparency().transparentSingleValuePixelList()
+    assert [(p.min, p.percentTransparent) for p in transparent] == [(0.0, 100.0)]
+    assert polygons.labelsEnabled() and "area_m2" in polygons.labeling().settings().fieldName
+    symbol = polygons.renderer().symbol()
+    assert symbol.symbolLayer(0).strokeWidth() > 0 and symbol.color().alpha() < 255
+    area = polygons.editorWidgetSetup(polygons.fields().indexOf("area_m2"))
+    assert (area.type(), area.config()) == ("Range", {"Precision": 0})
+
+
+def opened_anew(outputs: dict) -> tuple:
+    """Layers of a detection's output files as QGIS opens them anywhere later (their default styles loaded)."""
+    return (QgsRasterLayer(outputs["OUTPUT_PROBABILITY"]), QgsRasterLayer(outputs["OUTPUT_MASK"]),
+            QgsVectorLayer(outputs["OUTPUT_POLYGONS"]))
+
+
 def test_outputs_are_loaded_styled_and_named_after_the_inputs(crop_detection):
     layers = crop_detection["layers"]
     assert set(layers) == {"pre vs post: change probability", "pre vs post: change mask",
                            "pre vs post: change polygons"}
-    probability = layers["pre vs post: change probability"].renderer()
-    assert isinstance(probability, QgsSingleBandPseudoColorRenderer)
-    assert (probability.classificationMin(), probability.classificationMax()) == (0.0, 1.0)
-    mask = layers["pre vs post: change mask"].renderer()
-    assert isinstance(mask, QgsPalettedRasterRenderer)
-    assert [c.value for c in mask.classes()] == [255]  # 0 (no change) and 127 (nodata) are not drawn
-    transparent = mask.rasterTransparency().transparentSingleValuePixelList()
-    assert [(p.min, p.percentTransparent) for p in transparent] == [(0.0, 100.0)]
-    polygons = layers["pre vs post: change polygons"]
-    assert polygons.labelsEnabled() and "area_m2" in polygons.labeling().settings().fieldName
-    symbol = polygons.renderer().symbol()
-    assert symbol.symbolLayer(0).strokeWidth() > 0 and symbol.color().alpha() < 255
+    assert_styled(*(layers[f"pre vs post: change {name}"] for name in ("probability", "mask", "polygons")))
+
+
+def test_outputs_not_loaded_open_styled_later(crop_detection, tmp_path):
+    """Outputs a run leaves unloaded (a script, qgis_process, a Processing model, "Open output file" unticked) open
+    styled wherever they are opened later: each file's default style is saved beside it, whole."""
+    results = run_algorithm(ALGORITHM, {**crop_detection["parameters"], **outputs_in(tmp_path)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["changes.gpkg", "changes.qml", "mask.qml", "mask.tif",
+                                                          "probability.qml", "probability.tif"]
+    assert_styled(*opened_anew(results))
+
+    # Polygons named as the probability they come from: the style file would be both files'; the probability's stays.
+    log = Log()
+    run_algorithm("geochange:vectorizechanges", {"INPUT": results["OUTPUT_PROBABILITY"],
+                                                 "OUTPUT": str(tmp_path / "probability.gpkg")}, log)
+    assert log.warnings == [f"{tmp_path / 'probability.gpkg'}: no style saved beside it, so QGIS "
+                            f"will open it unstyled: its style file {tmp_path / 'probability.qml'} would style "
+                            "probability.tif too; give the output a base name of its own"]
+    probability = QgsRasterLayer(results["OUTPUT_PROBABILITY"])
+    assert isinstance(probability.renderer(), QgsSingleBandPseudoColorRenderer)
 
 
 def test_qgis_process_runs_the_algorithm(qgis_process, crop_detection, levir_crop, tinycd_package, tmp_path):
@@ -190,6 +223,7 @@ def test_qgis_process_runs_the_algorithm(qgis_process, crop_detection, levir_cro
     for key, path in outputs.items():
         assert Path(results[key]) == Path(path)
     check_outputs(outputs, levir_crop["label"])
+    assert_styled(*opened_anew(outputs))  # each file's style saved beside it, though nothing was loaded
     # Same model, same pixels: the same answer as the in-process run (batching must not matter).
     np.testing.assert_allclose(read_band(outputs["OUTPUT_PROBABILITY"]),
                                read_band(crop_detection["results"]["OUTPUT_PROBABILITY"]), atol=1e-3)
@@ -490,7 +524,7 @@ def test_an_area_of_interest_named_by_its_layer_s_index(geochange_provider, levi
     assessed = run_algorithm("geochange:assessaccuracy", {"PREDICTION": results["OUTPUT_MASK"], "REFERENCE": aoi,
                                                           "OUTPUT": str(tmp_path / "figures.csv"),
                                                           "OUTPUT_RASTER": str(tmp_path / "agreement.tif")})
-    assert assessed["PRECISION"] == 1.0
+    assert assessed["PRECISION_SCORE"] == 1.0
 
 
 def test_band_mapping_reaches_the_engine(geochange_provider, levir_crop, tinycd_package, tmp_path):
@@ -535,6 +569,7 @@ def test_polygons_as_a_shapefile_or_geojson(crop_detection, tmp_path):
             layer = QgsVectorLayer(result[key], "changes", "ogr")
             assert result["POLYGON_COUNT"] == count and layer.isValid() and layer.featureCount() == count
             assert "area_m2" in layer.fields().names()
+            assert layer.labelsEnabled()  # opened with the style saved beside it (c.qml)
         assert results["OUTPUT_POLYGONS"] == str(polygons)
 
 
@@ -586,9 +621,13 @@ class Log(QgsProcessingFeedback):
     def __init__(self):
         super().__init__()
         self.lines: list[str] = []
+        self.warnings: list[str] = []
 
     def pushInfo(self, text):  # noqa: N802 (QGIS's name)
         self.lines.append(text)
+
+    def pushWarning(self, text):  # noqa: N802 (QGIS's name)
+        self.warnings.append(text)
 
 
 def test_engine_log_lines_name_the_parameters(geochange_provider, levir_crop, tinycd_package, tmp_path):
