@@ -29,11 +29,12 @@ from geochange.engine.rasters import open_raster
 
 
 def model_grid(grid: Grid, gsd: float | None) -> Grid:
-    """``grid``'s extent in pixels that measure ``gsd`` metres a side (the model's), covering it whole, centred on
-    it: the part of a pixel over is split between both sides, so that every pixel's centre lies on the grid (GDAL's
-    warper leaves nodata a pixel whose centre lies off the data, and with it the output pixels under it); ``grid``
-    itself where its pixels measure that already. In a geographic CRS they are square on the ground at the grid's
-    middle latitude, not in degrees (at 60°, half as many degrees wide as high)."""
+    """``grid``'s extent in pixels that measure ``gsd`` metres a side (the model's), covering it whole from its
+    top-left corner (where a date at the model's pixel size often lies: it is then read as it is), or centred on it
+    along an axis where the last pixel would hang half or more off it: GDAL's warper leaves nodata a pixel whose
+    centre lies off the data, and with it the output pixels under it. ``grid`` itself where its pixels measure
+    that already. In a geographic CRS they are square on the ground at the grid's middle latitude, not in degrees
+    (at 60°, half as many degrees wide as high)."""
     if gsd is None:
         raise OptionError("--resolution model: this model records no ground sampling distance (gsd, the metres "
                           "per pixel of its training imagery); give --resolution in the CRS's units instead")
@@ -52,7 +53,9 @@ def model_grid(grid: Grid, gsd: float | None) -> Grid:
     if too_large(width, height):
         raise OptionError(f"--resolution model: at the model's {gsd:g} m pixels the grid would be {width} x {height} "
                           "px, too large; cut the area with --aoi, or give --resolution in the CRS's units")
-    left, top = t.c - (width * x_side - grid.width * t.a) / 2, t.f + (height * y_side + grid.height * t.e) / 2
+    over_x, over_y = width * x_side - grid.width * t.a, height * y_side + grid.height * t.e
+    left = t.c - (over_x / 2 if over_x >= x_side / 2 else 0.0)
+    top = t.f + (over_y / 2 if over_y >= y_side / 2 else 0.0)
     return Grid(grid.crs, Affine(x_side, 0, left, 0, -y_side, top), width, height)
 
 

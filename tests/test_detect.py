@@ -627,11 +627,10 @@ def test_resolution_model_finds_at_coarse_pixels_what_the_model_finds_at_its_own
     native, coarse = polygons(native_out), polygons(tmp_path / "m")
     found = shapely.STRtree(coarse).query(native, predicate="intersects")[0]
     true = shapely.STRtree(native).query(coarse, predicate="intersects")[0]
-    # Measured: 85 of the 129 native polygons found by 85 polygons, each of which touches a native one (87 of 129 by 87
-    # while the model's grid was laid from the output's corner, not centred on it; 95 of 130 while the model's pixels
-    # were square in degrees, as the tile's approximate georeference has them: 0.87 as wide on the ground as high at
-    # its 30° N; now they are square on the ground). The bound leaves room for another CPU's rounding.
-    assert len(set(found)) >= 0.6 * len(native) and len(set(true)) >= 0.95 * len(coarse)
+    # Measured: 87 of the 129 native polygons found by 87 polygons, each of which touches a native one (95 of 130 while
+    # the model's pixels were square in degrees, as the tile's approximate georeference has them: 0.87 as wide on the
+    # ground as high at its 30° N; now they are square on the ground).
+    assert len(set(found)) >= 0.65 * len(native) and len(set(true)) >= 0.95 * len(coarse)
 
 
 def test_a_cancel_during_the_cog_copies_stops_them_and_leaves_nothing(tmp_path):

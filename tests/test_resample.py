@@ -49,7 +49,7 @@ def outputs(folder):
     return {"probability": folder / "p.tif", "mask": folder / "m.tif", "polygons": folder / "c.gpkg"}
 
 
-def test_the_model_s_grid_covers_the_output_grid_centred_on_it():
+def test_the_model_s_grid_covers_the_output_grid_from_its_corner_or_centred_on_it():
     utm = Grid(CRS.from_epsg(32614), from_origin(630000, 3340000, 2.0, 2.0), 101, 50)
     fine = model_grid(utm, 0.5)
     assert fine.transform == Affine(0.5, 0, 630000, 0, -0.5, 3340000) and (fine.width, fine.height) == (404, 200)
@@ -57,6 +57,9 @@ def test_the_model_s_grid_covers_the_output_grid_centred_on_it():
     coarse = model_grid(utm, 3.0)  # 202 m by 100 m in pixels of 3 m: covered whole, 2 m over, 1 m each side
     assert (coarse.width, coarse.height) == (68, 34)
     assert coarse.transform == Affine(3.0, 0, 629999, 0, -3.0, 3340001)
+    # At 7 m: 1 m over across (the last pixel's centre on the grid: from the corner, where a date at 7 m lying there
+    # is read as it is), 5 m over down (centred).
+    assert model_grid(utm, 7.0).transform == Affine(7.0, 0, 630000, 0, -7.0, 3340002.5)
     # In degrees: pixels square on the ground at the middle latitude, whose size (as the scale warning measures it)
     # is the model's: at 60°, half as many degrees wide as high.
     nordic = Grid(CRS.from_epsg(4326), from_origin(10.0, 60.003, 2e-5, 2e-5), 300, 300)
