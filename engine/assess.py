@@ -21,7 +21,7 @@ from geochange.engine.atomic import atomic_path, check_outputs
 from geochange.engine.contracts import (ASSESS_FN, ASSESS_FP, ASSESS_NOT_ASSESSED, ASSESS_TN, ASSESS_TP, MASK_NODATA,
                                         OBJECT_IOU)
 from geochange.engine.errors import OptionError, RasterError
-from geochange.engine.evaluate import change_label, check_change_value, label_band
+from geochange.engine.evaluate import change_label, label_band
 from geochange.engine.grid import Grid, placement, warped_on
 from geochange.engine.hardware import physical_memory
 from geochange.engine.metrics import confusion, kappa, scores
@@ -49,9 +49,9 @@ def is_raster(source: str) -> bool:
         gdal.PopErrorHandler()
 
 
-def raster_on(path: str, grid: Grid, ignore_value: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+def raster_on(path: str, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
     """The label band of ``path`` (``evaluate.label_band``) on ``grid`` (warped, nearest, where it is on another)
-    and where it has data (``ignore_value``: the map's value of unlabelled pixels, for the check of its nodata)."""
+    and where it has data."""
     with open_raster(path) as src:
         if (src.crs is None) != (grid.crs is None):  # else "no pixel to assess", as if they lay apart
             raise RasterError(f"{path}: the map has {'no CRS' if src.crs is None else 'a CRS'} while the map it is "
@@ -60,8 +60,6 @@ def raster_on(path: str, grid: Grid, ignore_value: float | None = None) -> tuple
             raise RasterError(f"{path}: its nodata value is 0, which a change map uses for no change: every "
                               "no-change pixel would count in no figure. Clear it (gdal_edit.py -unsetnodata) or "
                               "set another (gdal_edit.py -a_nodata 127) first")
-        if src.nodata in (1, 255):  # a 0/255 map saved with nodata 255 would lose its change class unseen
-            check_change_value([path], ignore_value)
         if grid.matches(src):
             return label_band(src.read(), path), read_masks(src, 1) > 0
         # The mask marks the grid's pixels that the raster's footprint (and its data) covers.
@@ -97,15 +95,35 @@ def polygons_on(source: str, grid: Grid, role: str, allow_empty: bool = False) -
     return polygons.mask(Window(0, 0, grid.width, grid.height), grid)
 
 
-def change_on(source: str, grid: Grid, role: str, ignore_value: float | None) -> tuple[np.ndarray, np.ndarray]:
-    """``(change, assessable)`` of a raster or polygon map on the grid."""
+def change_on(source: str, grid: Grid, role: str, ignore_value: float | None,
+              reference: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``(change, assessable)`` of a raster or polygon map on the grid; a ``reference`` raster's nodata checked
+    (``check_reference_nodata``)."""
     if not is_raster(source):
         change = polygons_on(source, grid, role, allow_empty=True)
         return change, np.ones_like(change)
-    raw, covered = raster_on(source, grid, ignore_value)
+    raw, covered = raster_on(source, grid)
+    if reference:
+        check_reference_nodata(source, raw, covered, ignore_value)
     raw[~covered] = 0  # a nodata value outside the data is no label value
     change, labelled = change_label(raw, f"{source} ({role})", ignore_value)
     return change, labelled & covered
+
+
+def check_reference_nodata(source: str, raw: np.ndarray, covered: np.ndarray, ignore_value: float | None) -> None:
+    """Refuse a reference whose nodata value is 1 or 255 where none of its data on the grid marks change with the
+    other: a 0/255 reference saved with nodata 255 has its change read as nodata, in no figure, unseen (a 0/1 one
+    whose 255 marks unlabelled pixels shows its 1s; ``evaluate.check_change_value`` asks a dataset the same)."""
+    with open_raster(source) as src:
+        nodata = src.nodata  # as GDAL masks it: a PNG's transparency too
+    if nodata not in (1, 255) or nodata == ignore_value:
+        return
+    other = 1 if nodata == 255 else 255
+    if (raw[~covered] == nodata).any() and not (raw[covered] == other).any():
+        raise RasterError(f"{source}: its nodata value is {nodata:g}, and none of its data marks change with {other}: "
+                          f"if {nodata:g} marks change, its change reads as nodata and counts in no figure; then clear "
+                          f"the nodata (gdal_edit.py -unsetnodata; for a PNG, gdal_translate -a_nodata none to a "
+                          f"GeoTIFF). If {nodata:g} marks unlabelled pixels, give --ignore-value {nodata:g}")
 
 
 def object_counts(truth: np.ndarray, predicted: np.ndarray, iou: float) -> dict:
@@ -165,7 +183,7 @@ def assess(prediction: str, reference: str, *, aoi: str | None = None, ignore_va
     else:
         predicted, valid = change_on(prediction, grid, "the prediction", None)
     progress.update(1, STEPS)
-    truth, labelled = change_on(reference, grid, "the reference", ignore_value)
+    truth, labelled = change_on(reference, grid, "the reference", ignore_value, reference=True)
     progress.update(2, STEPS)
     assessed = valid & labelled
     if aoi:

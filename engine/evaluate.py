@@ -53,12 +53,19 @@ def label_band(image: np.ndarray, where) -> np.ndarray:
     return image[0]
 
 
+def label_nodata(src) -> float | None:
+    """The nodata value of an open label file as the value of its unlabelled pixels, None where it is none: a PNG's
+    is its transparency, a display setting (GDAL reads the tRNS chunk as nodata), and a nodata of 0 is no change
+    in every label (one written with its image's profile declares it), never an unlabelled pixel."""
+    return None if src.driver == "PNG" or src.nodata == 0 else src.nodata
+
+
 def read_label(path: Path) -> tuple[np.ndarray, float | None]:
-    """A dataset's label image, one band ``(H, W)`` (``label_band``), and that band's nodata value (None where
-    the file declares none, as a PNG)."""
+    """A dataset's label image, one band ``(H, W)`` (``label_band``), and the value of its unlabelled pixels
+    that the file declares (``label_nodata``)."""
     band = label_band(read_image(path), path)
     with open_raster(path, georeferenced=False) as src:
-        return band, src.nodata
+        return band, label_nodata(src)
 
 
 def check_one_size(pre: np.ndarray, post: np.ndarray, label: np.ndarray, paths) -> None:
@@ -72,18 +79,13 @@ def check_one_size(pre: np.ndarray, post: np.ndarray, label: np.ndarray, paths) 
 def change_label(raw: np.ndarray, where, ignore_value: float | None = None,
                  ignore_option: str = "--ignore-value", nodata: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(change, labelled)`` boolean masks of a label band: 0 = no change, 1 (a 0/1 label) or 255 (a
-    0/255 label) = change, ``ignore_value`` and the label file's own ``nodata`` = not labelled.
+    0/255 label) = change, ``ignore_value`` and the label file's own ``nodata`` (``label_nodata``) = not labelled.
 
     Any other value, or 1 and 255 together, is refused: counting every non-zero value as change would
     silently turn the unlabelled pixels of a sparse label (255 beside 0/1) or other classes into change.
-    So is a nodata of 0, as ``assess`` refuses it: every no-change pixel would count in no metric (a nodata
-    that hides the change value is the dataset's question, ``check_change_value``).
+    (A nodata that hides the change value is the dataset's question, ``check_change_value``.)
     ``ignore_option`` is how the caller's user gives ``ignore_value``, for the hint.
     """
-    if nodata == 0:
-        raise RasterError(f"{where}: its nodata value is 0, which a label uses for no change: every no-change pixel "
-                          "would count in no metric. Clear it (gdal_edit.py -unsetnodata) or set another "
-                          "(gdal_edit.py -a_nodata 127) first")
     labelled = np.ones(raw.shape, bool)
     for unlabelled in (ignore_value, nodata):
         if unlabelled is not None:  # NaN equals nothing, itself included

@@ -240,8 +240,14 @@ def test_a_reference_whose_nodata_is_its_change_value_is_refused(levir_maps, tmp
     hidden = tmp_path / "hidden.tif"
     with rasterio.open(hidden, "w", **dict(profile, nodata=255)) as dst:
         dst.write(label, 1)
-    with pytest.raises(RasterError, match="hidden.tif: its nodata value is 255, and no other pixel .* marks change"):
+    with pytest.raises(RasterError, match="hidden.tif: its nodata value is 255, and none of its data marks change "
+                                          "with 1: .* give --ignore-value 255$"):
         assess(str(levir_maps["mask"]), str(hidden))
+    # A prediction is not asked: a 0/1 one whose nodata 255 lies outside its data, change found or not, is read.
+    empty = tmp_path / "empty.tif"
+    with rasterio.open(empty, "w", **dict(profile, nodata=255)) as dst:
+        dst.write(np.broadcast_to(np.where(np.arange(label.shape[1]) < 100, 0, 255).astype(np.uint8), label.shape), 1)
+    assert assess(str(empty), str(levir_maps["label"]))["confusion"]["tp"] == 0
     sparse = np.where(label > 0, 1, 0).astype(np.uint8)
     sparse[:50] = 255
     for name, nodata in (("sparse_nodata.tif", 255), ("sparse.tif", None)):

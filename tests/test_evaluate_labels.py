@@ -274,14 +274,19 @@ def test_a_label_s_own_nodata_counts_in_no_metric(levir_pair, tinycd, tmp_path):
 
 
 def test_a_label_s_nodata_that_is_a_class_value_is_refused(levir_pair, tinycd, tmp_path):
-    """A 0/255 label saved with nodata 255 (or a 0/1 one with nodata 1) would lose its change, one with nodata 0
-    its no change, without a word: refused, naming the fixes, as assess refuses a reference whose nodata is 0."""
+    """A 0/255 label saved with nodata 255 (or a 0/1 one with nodata 1) would lose its change without a word:
+    refused, naming the fixes. A nodata of 0 (a label written with its image's profile) and a PNG's transparency
+    (GDAL's nodata of a tRNS chunk) mark no unlabelled pixel: read as if not declared."""
     change = np.where(levir_pair[2] > 0, 255, 0).astype(np.uint8)
     ones = (change > 0).astype(np.uint8)
-    root = dataset(tmp_path / "zero", levir_pair, {"x": ones}, 0)
-    with pytest.raises(RasterError, match=r"label/x\.tif: its nodata value is 0, which a label uses for no change: "
-                                          r"every no-change pixel would count in no metric\. Clear it \(gdal_edit"):
-        evaluate_folder(tinycd, root, device="cpu")
+    plain = evaluate_folder(tinycd, dataset(tmp_path / "plain", levir_pair, {"x": ones}), device="cpu")["confusion"]
+    zero = evaluate_folder(tinycd, dataset(tmp_path / "zero", levir_pair, {"x": ones}, 0), device="cpu")
+    assert zero["confusion"] == plain and plain["tp"] > 0
+    transparent = dataset(tmp_path / "transparent", levir_pair, {"x": change})
+    write_image(transparent / "label" / "x.png", change[None], nodata=255)
+    with rasterio.open(transparent / "label" / "x.png") as src:
+        assert src.nodata == 255  # as GDAL reads the transparency
+    assert evaluate_folder(tinycd, transparent, device="cpu")["confusion"] == plain
     for label, value in ((change, 255), (ones, 1)):
         root = dataset(tmp_path / f"change{value}", levir_pair, {"x": label}, value)
         with pytest.raises(RasterError, match=rf"label/x\.tif: its nodata value is {value}, and no other pixel of the "

@@ -352,9 +352,11 @@ def test_a_folder_label_s_nodata_is_a_pixel_no_loss_sees(tmp_path, nodata, dtype
         label = item.load()[2]
         assert (label[:, :8] == IGNORE).all() and np.array_equal(label[:, 8:], expected[:, 8:]), item.id
 
-    _write_raster(tmp_path / "label" / "t0.tif", change, 0)
-    with pytest.raises(RasterError, match=r"t0\.tif: its nodata value is 0, which a label uses for no change"):
-        build_splits([spec])
+    plain = {"t0.tif": change, "t1.tif": np.zeros_like(change)}
+    for name, label in plain.items():  # a nodata of 0 (the image's profile): no change, as if not declared
+        _write_raster(tmp_path / "label" / name, label, 0)
+    for item, label in zip(build_splits([spec])["train"], plain.values()):
+        assert np.array_equal(item.load()[2], label[0]), item.id
     _write_raster(tmp_path / "label" / "t0.tif", change, 1)  # the change value of this 0/1 label
     with pytest.raises(RasterError, match=r"t0\.tif: its nodata value is 1, and no other pixel .* ignore_value: 1$"):
         build_splits([spec])

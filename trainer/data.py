@@ -39,7 +39,8 @@ from rasterio.windows import Window
 
 from geochange.engine.bands import check_band_counts
 from geochange.engine.errors import GeoChangeError
-from geochange.engine.evaluate import change_label, check_change_value, check_one_size, dataset_pairs, read_label
+from geochange.engine.evaluate import (change_label, check_change_value, check_one_size, dataset_pairs, label_nodata,
+                                       read_label)
 from geochange.engine.inputs import backscatter_unit_interval, check_backscatter, normalise
 from geochange.engine.options import MIN_TILE
 from geochange.engine.rasters import has_mask, open_raster, read_image, valid_mask, zeroed_where_invalid
@@ -214,7 +215,7 @@ class RasterSource:
         nodata = None  # of burnt polygons
         if self.polygons is None:
             with open_raster(self.label) as lab:
-                raw, nodata = lab.read(1, window=window), lab.nodata
+                raw, nodata = lab.read(1, window=window), label_nodata(lab)
         else:
             from rasterio.features import rasterize
             from rasterio.windows import transform as window_transform
