@@ -152,8 +152,9 @@ def _registrations_at_most(limit: int):
 
 
 def build_checked_model(manifest: dict, shapes: dict[str, tuple], where) -> torch.nn.Module:
-    """The manifest's architecture with random weights, built once its tensors are known to have the
-    names and ``shapes`` of the file ``where``: the architecture is first built on the meta device,
+    """The manifest's architecture, its tensors allocated but not drawn (the file's fill them all: the caller
+    loads them strictly; drawing M2CD-ConvNeXt-T's random weights took a second), built once its tensors are known
+    to have the names and ``shapes`` of the file ``where``: the architecture is first built on the meta device,
     which allocates nothing, so that no ``arch_kwargs`` can make a small file take much memory."""
     architecture, kwargs = manifest["architecture"], manifest.get("arch_kwargs", {})
     described = f"{architecture} {json.dumps(kwargs)}" if kwargs else architecture
@@ -175,7 +176,9 @@ def build_checked_model(manifest: dict, shapes: dict[str, tuple], where) -> torc
         if shapes[name] != shape:
             raise PackageError(f"{where}: weights do not fit {described}: tensor {name} has shape "
                                f"{list(shapes[name])} in the file, the architecture's is {list(shape)}")
-    return factory(**kwargs)
+    with torch.device("meta"):
+        model = factory(**kwargs)
+    return model.to_empty(device="cpu")
 
 
 def _under(prefix: str, mapping: dict) -> dict:

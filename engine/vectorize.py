@@ -281,9 +281,9 @@ class PolygonAssembler:
 
 
 def change_polygons(mask: np.ndarray, probability: np.ndarray, transform, crs, *, min_area_m2: float = 0.0,
-                    simplify: float = 0.0, valid: np.ndarray | None = None) -> list[ChangePolygon]:
-    """All change polygons of a mask held in memory (one band)."""
-    assembler = PolygonAssembler(transform, crs, min_area_m2=min_area_m2, simplify=simplify)
+                    simplify: float = 0.0, scale: float = 1.0, valid: np.ndarray | None = None) -> list[ChangePolygon]:
+    """All change polygons of a mask held in memory (one band; ``scale`` as ``PolygonAssembler``'s)."""
+    assembler = PolygonAssembler(transform, crs, min_area_m2=min_area_m2, simplify=simplify, scale=scale)
     return assembler.add_band(0, mask, probability, valid) + assembler.finish()
 
 

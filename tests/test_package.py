@@ -31,6 +31,14 @@ def test_round_trip_gives_identical_outputs(package):
         assert torch.equal(model(pre, post), loaded.model(pre, post))
 
 
+def test_loading_draws_no_random_weights(package):
+    """The file fills every tensor: drawing the architecture's random weights first cost time (a second for
+    M2CD-ConvNeXt-T) and moved the caller's random stream."""
+    state = torch.get_rng_state()
+    load_package(package[1])
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_pytorch_pickle_is_refused_without_unpickling(tmp_path):
     sentinel = tmp_path / "was_unpickled"
 
