@@ -100,13 +100,22 @@ class ConfusionMeter:
         }
 
 
+def format_metric(value: float | None, width: int) -> str:
+    """``value`` to 4 decimals, right-aligned in ``width``; a metric undefined on the data (NaN, or ``None``
+    once it went through ``json_ready``, as in a package's manifest) as ``n/a``."""
+    if value is None or not math.isfinite(value):
+        return f"{'n/a':>{width}}"
+    return f"{value:>{width}.4f}"
+
+
 def format_summary(summary: dict) -> str:
-    """A plain-text table of a ``ConfusionMeter.summary()``."""
+    """A plain-text table of a ``ConfusionMeter.summary()``, fresh or read back from JSON."""
     c = summary["confusion"]
     lines = [f"images: {summary['images']}   TN {c['tn']}  FP {c['fp']}  FN {c['fn']}  TP {c['tp']}",
              f"{'metric':<12}{'global':>10}{'per_image':>12}"]
     for name in METRIC_NAMES:
-        lines.append(f"{name:<12}{summary['global'][name]:>10.4f}{summary['per_image'][name]:>12.4f}")
+        lines.append(f"{name:<12}{format_metric(summary['global'][name], 10)}"
+                     f"{format_metric(summary['per_image'][name], 12)}")
     return "\n".join(lines)
 
 

@@ -1,10 +1,11 @@
 """Metrics on hand-counted examples, global and per image."""
+import json
 import math
 
 import numpy as np
 import pytest
 
-from geochange.engine.metrics import ConfusionMeter, confusion, kappa, scores
+from geochange.engine.metrics import ConfusionMeter, confusion, format_summary, kappa, metrics_json, scores
 
 
 def test_confusion_and_scores_by_hand():
@@ -54,3 +55,15 @@ def test_kappa_of_maps_past_three_billion_pixels_does_not_overflow():
     cm = np.array([[3_200_000_000, 10_000_000], [20_000_000, 50_000_000]], dtype=np.int64)
     assert kappa(cm) == pytest.approx(kappa(cm.astype(float) / 1e6), rel=1e-12)
     assert 0.76 < kappa(cm) < 0.77
+
+
+def test_summary_of_a_set_with_no_change_prints_undefined_metrics_as_na():
+    """A split with no change pixel has no change-class precision/F1/IoU: NaN in the summary, null in a
+    package's manifest; printing the summary read back from JSON raised TypeError at the end of a training."""
+    meter = ConfusionMeter()
+    meter.add(np.zeros((2, 4)), np.zeros((2, 4)))
+    fresh = meter.summary()
+    for summary in (fresh, json.loads(metrics_json(fresh))):
+        rows = {line.split()[0]: line.split()[1:] for line in format_summary(summary).splitlines()[2:]}
+        assert rows["f1"] == ["n/a", "n/a"] and rows["precision"] == ["n/a", "n/a"]
+        assert rows["oa"] == ["1.0000", "1.0000"]

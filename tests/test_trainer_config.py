@@ -241,3 +241,19 @@ def test_the_loader_workers_fit_the_machine(monkeypatch, tmp_path):
     config.write_text(f"name: mine\nmodel: {{architecture: tinycd}}\ndata:\n  datasets: [{{root: {tmp_path}}}]\n")
     assert load(config)["data"]["workers"] == default_loader_workers()
     assert load(config, ["data.workers=3"])["data"]["workers"] == 3
+
+
+def test_a_config_not_in_utf8_and_infinite_rates_are_refused_by_name(tmp_path):
+    """A Latin-1 config raised UnicodeDecodeError; ``optim.lr: .inf`` (YAML's infinity) passed and trained on NaN."""
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("name: caf\xe9\nmodel: {architecture: tinycd}\ndata: {datasets: [{root: d}]}\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml: not a text file in UTF-8 .*; save the config as UTF-8"):
+        load(path)
+    path.write_text("name: x\nmodel: {architecture: tinycd}\ndata: {datasets: [{root: d}]}\n"
+                    "optim: {lr: .inf, weight_decay: .nan}\n")
+    with pytest.raises(ConfigError) as e:
+        load(path)
+    assert "optim.lr: must be a finite number (got inf)" in str(e.value)
+    assert "optim.weight_decay: must be a finite number (got nan)" in str(e.value)
+    with pytest.raises(ConfigError, match=r"optim.weight_decay: must be a finite number \(got inf\)"):
+        load(path, ["optim.lr=0.001", "optim.weight_decay=.inf"])

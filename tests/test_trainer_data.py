@@ -565,3 +565,45 @@ def test_hue_shift_draws_as_mmseg_does():
         hue = rgb2hsv(np.moveaxis(a / 255.0, 0, -1))[0, 0, 0]
         steps.add(round(((hue + 0.5) % 1 - 0.5) * 180))
     assert steps == {-1, 0}
+
+
+def test_a_raster_pair_cut_short_after_its_header_names_the_file_and_the_chip(tmp_path):
+    """A tiled, compressed GeoTIFF truncated past its header opens, and failed at the chip's read with rasterio's
+    raw error (three tracebacks with loader workers); a folder dataset's says the file is corrupt."""
+    import rasterio
+
+    pre = np.random.default_rng(0).integers(0, 255, (3, 128, 128), dtype=np.uint8)  # noise: tiles compress little
+    whole = _write_raster(tmp_path / "whole.tif", pre)
+    with rasterio.open(whole) as src:
+        profile = src.profile | {"tiled": True, "blockxsize": 64, "blockysize": 64, "compress": "deflate"}
+    with rasterio.open(tmp_path / "tiled.tif", "w", **profile) as dst:
+        dst.write(pre)
+    data = (tmp_path / "tiled.tif").read_bytes()
+    (tmp_path / "pre.tif").write_bytes(data[:len(data) // 2])
+    spec = {"pre": str(tmp_path / "pre.tif"), "post": whole,
+            "label": _write_raster(tmp_path / "label.tif", np.ones((1, 128, 128), np.uint8)),
+            "chip": 64, "split": {"val": 0.0}}
+    last = {item.key: item for item in build_splits([spec])["train"]}["r64_c64_h64_w64"]
+    with pytest.raises(RasterError, match=re.escape(f"{tmp_path / 'pre.tif'} (r64_c64_h64_w64): cannot read pixels, "
+                                                    "the file is corrupt (")):
+        last.load()
+
+
+@pytest.mark.parametrize("nodata", [None, 255])
+def test_training_chips_without_a_labelled_pixel_are_refused_when_the_splits_are_built(tmp_path, nodata):
+    """Every training chip's label pixel the ignore value (or the label's nodata): the run trained on nothing, a
+    loss of 0, and wrote a package."""
+    label = np.full((1, 128, 128), 255, np.uint8)
+    label[:, :64, :64] = 0  # labelled only in the chip held out for validation
+    label[:, 0, 0] = 1
+    spec = {"pre": _write_raster(tmp_path / "pre.tif", np.full((3, 128, 128), 100, np.uint8)),
+            "post": _write_raster(tmp_path / "post.tif", np.full((3, 128, 128), 100, np.uint8)),
+            "label": _write_raster(tmp_path / "label.tif", label, nodata=nodata), "chip": 64,
+            "split": {"train": ["r0_c64_h64_w64", "r64_c0_h64_w64", "r64_c64_h64_w64"], "val": ["r0_c0_h64_w64"]},
+            "ignore_value": None if nodata else 255}
+    with pytest.raises(DataError, match=r"pre: no pixel of its 3 training chips in .*label.tif is labelled \(all "
+                                        r"are 255\)"):
+        build_splits([spec])
+    label[:, 127, 127] = 1  # one labelled pixel in a training chip is enough
+    _write_raster(tmp_path / "label.tif", label, nodata=nodata)
+    assert len(build_splits([spec])["train"]) == 3

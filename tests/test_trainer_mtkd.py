@@ -1,9 +1,11 @@
 """MTKD: CAR routing at the boundaries as methods.md says, the distillation term's effect on the student's
 gradients, frozen teachers, the student's start from M_O, the router package, and the pipeline end to end
-on real pairs (TinyCD, LEVIR-CD + DSIFN, 2 iterations a step)."""
+on real pairs (TinyCD, LEVIR-CD + DSIFN, 2 iterations a step), its broken files and empty partitions refused
+before anything is removed or trained."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ import torch.nn as nn
 from geochange.engine.models import create
 from geochange.engine.package import load_package, load_router, read_manifest, save_package
 from geochange.engine.routing import change_area_ratio, route
+from geochange.trainer.config import ConfigError, derive
 from geochange.trainer.data import IGNORE
 from geochange.trainer.evaluation import predictor_for, whole_image
 from geochange.trainer.loop import Trainer
@@ -83,13 +86,65 @@ def pipeline(shared_data, tmp_path_factory):
 
 def test_a_step_s_folder_not_made_by_the_pipeline_is_never_removed(pipeline, tmp_path):
     """A config's work_dir over someone's folder: its ``original/`` was removed as a stale step's output."""
-    from geochange.trainer.config import ConfigError
-
     (tmp_path / "original").mkdir()
     (tmp_path / "original" / "thesis.txt").write_text("mine")
     with pytest.raises(ConfigError, match="original is in the way and was not made by this pipeline"):
         Pipeline({**pipeline.cfg, "work_dir": str(tmp_path)}).original()
     assert (tmp_path / "original" / "thesis.txt").read_text() == "mine"
+
+
+def _copy(pipeline, tmp_path) -> Pipeline:
+    """The module's pipeline in a folder of its own, for a test that breaks its files."""
+    shutil.copytree(pipeline.root, tmp_path / "run")
+    return Pipeline({**pipeline.cfg, "work_dir": str(tmp_path / "run")})
+
+
+def test_an_unreadable_teacher_stops_the_steps_reading_it_before_they_remove_anything(pipeline, tmp_path):
+    """A finished run whose teacher package was cut short: ``run`` removed the finished student (made from
+    the teacher's old bytes) and only then failed to load the teacher; ``--restart`` left the teacher as done."""
+    pipe = _copy(pipeline, tmp_path)
+    later = {"distill": pipe.step_dir("distill") / "results.json", "router": pipe.root / "router.safetensors"}
+    for key, out in later.items():
+        pipe._begin(key)  # the later steps' outputs, on record as the pipeline's
+        out.parent.mkdir(exist_ok=True)
+        out.write_text("finished")
+    teacher = pipe.step_dir("teacher", "small") / "best.safetensors"
+    teacher.write_bytes(teacher.read_bytes()[:teacher.stat().st_size // 2])
+    for step in (pipe.run, pipe.teachers, pipe.distill, pipe.router):
+        with pytest.raises(ConfigError, match=r"teacher_small/best\.safetensors: not a valid safetensors file; it is "
+                                              r"corrupt or truncated .*run `geochange mtkd teachers --restart`"):
+            step()
+    assert all(out.read_text() == "finished" for out in later.values())
+    # The remedy the message names: only the unreadable teacher is trained again.
+    large = (pipe.step_dir("teacher", "large") / "best.safetensors").read_bytes()
+    pipe.teachers(resume=False)
+    assert pipe.done("teachers") and read_manifest(teacher)["training"]["method"] == "mtkd-teacher-small"
+    assert (pipe.step_dir("teacher", "large") / "best.safetensors").read_bytes() == large
+
+
+def test_unreadable_records_are_named_with_what_to_do(pipeline, tmp_path):
+    """A made_from.json or partitions.json cut short failed with a JSONDecodeError traceback."""
+    pipe = _copy(pipeline, tmp_path)
+    for name, remedy in (("made_from.json", "move them away"), ("partitions.json", "run `geochange mtkd partition`")):
+        path = pipe.root / name
+        text = path.read_text()
+        path.write_text(text[:len(text) // 2])
+        with pytest.raises(ConfigError, match=rf"{name} is not readable JSON \(.*\); .*{remedy}"):
+            Pipeline(pipe.cfg).run()
+        if name == "made_from.json":
+            path.write_text(text)
+    pipe.partition()
+    assert (pipe.root / "partitions.json").read_text() == text and pipe.done("teachers")
+
+
+def test_an_empty_partition_is_refused_before_any_step_trains(pipeline, tmp_path, monkeypatch):
+    """No sample has a CAR of 0.99: ``run`` trained M_O before the teachers step refused the large partition."""
+    monkeypatch.setattr(Trainer, "fit", lambda *a, **k: pytest.fail("a step trained before the refusal"))
+    pipe = Pipeline(derive(pipeline.cfg, {"work_dir": str(tmp_path), "mtkd": {"thresholds": [0.05, 0.99]}}))
+    with pytest.raises(ConfigError, match=r"the large partition has no training sample \(.*partitions\.json\); "
+                                          "change mtkd.thresholds"):
+        pipe.run()
+    assert not pipe.step_dir("original").exists()
 
 
 def test_partitions_by_ground_truth_car(pipeline):
@@ -169,8 +224,6 @@ def test_run_skips_finished_steps(pipeline, monkeypatch):
 def test_new_thresholds_redo_what_was_made_from_the_old_ones(pipeline, monkeypatch):
     """Run last: it re-thresholds the module's pipeline. M_O is kept; the partitions, teachers and router
     are made again (before, the old partitions were reused or the run failed with KeyError 'medium')."""
-    from geochange.trainer.config import ConfigError, derive
-
     original_results = (pipeline.step_dir("original") / "results.json").stat().st_mtime_ns
     again = Pipeline(derive(pipeline.cfg, {"mtkd": {"thresholds": [0.1]}}))
     assert again.done("original") and not again.done("partition") and not again.done("teachers")

@@ -61,6 +61,29 @@ def test_a_finished_run_goes_into_the_zoo_in_fp16(finished_run, tmp_path):
         zoo_path("tiny_buildings", zoo)
 
 
+@pytest.mark.parametrize("name", ["bad/name", "", ".hidden", "../up", "m1.safetensors", "a b"])
+def test_an_export_name_that_is_no_zoo_name_is_refused_before_anything_is_written(name, tmp_path):
+    """``bad/name`` wrote zoo/bad/name.safetensors and an index entry that broke ``geochange zoo``; '' a hidden
+    file."""
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    with pytest.raises(ConfigError, match="a zoo name is letters, digits"):
+        export_run(tmp_path, name, task="t", data_licence="l", zoo=zoo)
+    assert not any(zoo.iterdir())
+
+
+def test_an_existing_zoo_name_is_replaced_only_when_asked_and_corrupt_results_are_refused(tmp_path):
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    (zoo / "index.json").write_text(json.dumps({"m1": {"file": "m1.safetensors", "bytes": 1, "sha256": "0"}}))
+    with pytest.raises(ConfigError, match="has a model of this name already; give --replace"):
+        export_run(tmp_path, "m1", task="t", data_licence="l", zoo=zoo)
+    (tmp_path / "results.json").write_text('{"test": {"global": ')  # cut short
+    for replace, name in ((True, "m1"), (False, "m2")):
+        with pytest.raises(ConfigError, match=r"results.json: not a run's results, the file is corrupt"):
+            export_run(tmp_path, name, task="t", data_licence="l", zoo=zoo, replace=replace)
+
+
 def test_fp16_moves_count_a_figure_undefined_on_one_side_only_as_a_move():
     """results.json writes an undefined figure as null (JSON has no NaN); the fp16 weights' own is NaN."""
     nan = float("nan")

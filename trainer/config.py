@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import difflib
 import inspect
+import math
 import os
 from pathlib import Path
 
@@ -33,12 +34,17 @@ class ConfigError(GeoChangeError, ValueError):
 REQUIRED = object()
 
 
+def _finite(v):
+    # YAML reads .inf and .nan as floats: an infinite learning rate or weight decay trains on NaN from the first step.
+    return None if math.isfinite(v) else "must be a finite number"
+
+
 def _positive(v):
-    return None if v > 0 else "must be positive"
+    return _finite(v) or (None if v > 0 else "must be positive")
 
 
 def _non_negative(v):
-    return None if v >= 0 else "must be >= 0"
+    return _finite(v) or (None if v >= 0 else "must be >= 0")
 
 
 def default_loader_workers() -> int:
@@ -413,7 +419,9 @@ def _read(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text file in UTF-8 ({e}); save the config as UTF-8") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(raw, dict):

@@ -28,6 +28,7 @@ unbroken single-process run.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rasterio.errors import RasterioIOError
 from rasterio.windows import Window
 
 from geochange.engine.bands import check_band_counts
@@ -43,7 +45,8 @@ from geochange.engine.evaluate import (change_label, check_change_value, check_o
                                        read_label)
 from geochange.engine.inputs import backscatter_unit_interval, check_backscatter, normalise
 from geochange.engine.options import MIN_TILE
-from geochange.engine.rasters import has_mask, open_raster, read_image, valid_mask, zeroed_where_invalid
+from geochange.engine.rasters import (corrupt_pixels, has_mask, open_raster, read_image, valid_mask,
+                                      zeroed_where_invalid)
 from geochange.engine.remote import refuse_remote
 from geochange.engine.windows import WindowPlan
 
@@ -196,6 +199,20 @@ class RasterSource:
             # only the whole label tells whether its nodata is its change value.
             check_change_value([label], ignore_value, "ignore_value:")
 
+    def check_labelled(self, keys: list[str]) -> None:
+        """Training chips ``keys`` where no label pixel is labelled (all the ignore value or the label's nodata) would
+        train on nothing, with a loss of 0, silently: refused. The label is one band, cheap beside the dates (read whole
+        by ``check_change_value`` too); the dates' nodata is only known chip by chip, as they are read."""
+        if self.polygons is not None:
+            return  # burnt polygons label every pixel
+        raw, nodata = read_label(self.label)
+        _, labelled = change_label(raw, self.label, self.ignore_value, "ignore_value:", nodata)
+        if not any(labelled[self.window(key).toslices()].any() for key in keys):
+            unlabelled = " or ".join(f"{value:g}" for value in (self.ignore_value, nodata) if value is not None)
+            raise DataError(f"{self.name}: no pixel of its {len(keys)} training chips in {self.label} is labelled "
+                            f"(all are {unlabelled}), so training would learn nothing from them; check "
+                            "ignore_value and the label's nodata, or label some of the training area")
+
     @staticmethod
     def key(window: Window) -> str:
         return f"r{int(window.row_off)}_c{int(window.col_off)}_h{int(window.height)}_w{int(window.width)}"
@@ -208,13 +225,15 @@ class RasterSource:
     def load(self, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         window = self.window(key)
         with open_raster(self.pre) as a, open_raster(self.post) as b:
-            pre = a.read(self.bands["pre"], window=window)
-            post = b.read(self.bands["post"], window=window)
-            valid = (valid_mask(a, window, pre, self.bands["pre"], self.masked["pre"])
-                     & valid_mask(b, window, post, self.bands["post"], self.masked["post"]))
+            with _pixels_of(self.pre, key):
+                pre = a.read(self.bands["pre"], window=window)
+                valid = valid_mask(a, window, pre, self.bands["pre"], self.masked["pre"])
+            with _pixels_of(self.post, key):
+                post = b.read(self.bands["post"], window=window)
+                valid &= valid_mask(b, window, post, self.bands["post"], self.masked["post"])
         nodata = None  # of burnt polygons
         if self.polygons is None:
-            with open_raster(self.label) as lab:
+            with open_raster(self.label) as lab, _pixels_of(self.label, key):
                 raw, nodata = lab.read(1, window=window), label_nodata(lab)
         else:
             from rasterio.features import rasterize
@@ -225,6 +244,16 @@ class RasterSource:
                             dtype="uint8")
         return without_invalid(pre, post, binary_label(raw, f"{self.label} ({key})", self.ignore_value, nodata),
                                valid)
+
+
+@contextlib.contextmanager
+def _pixels_of(path: Path, key: str):
+    """Reads of chip ``key`` of ``path``: a file damaged or cut short after its header opens and fails only at the
+    read, which then names the file and the chip (``engine.rasters.corrupt_pixels``, as a folder dataset's do)."""
+    try:
+        yield
+    except RasterioIOError as e:
+        raise corrupt_pixels(f"{path} ({key})", e) from None
 
 
 def without_invalid(pre: np.ndarray, post: np.ndarray, label: np.ndarray, valid: np.ndarray) -> tuple:
@@ -423,6 +452,8 @@ def _raster_splits(spec: dict) -> dict[str, list[Item]]:
             raise DataError(f"{source.name}: each of its {before[split]} {split} chips shares pixels with a chip held "
                             f"out for {'val' if split == 'test' else 'val or test'} (chip {chip}, stride {stride}); "
                             "use a stride nearer the chip, or fewer held-out chips")
+    if parts["train"]:
+        source.check_labelled(parts["train"])
     return {s: [Item(source, k) for k in parts.get(s, [])] for s in SPLITS}
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from geochange.engine.evaluate import predict_image
-from geochange.engine.metrics import ConfusionMeter
+from geochange.engine.metrics import ConfusionMeter, format_metric
 from geochange.engine.package import ModelPackage, RouterPackage
 from geochange.engine.predictor import Predictor
 from geochange.engine.routing import RouterPredictor, change_area_ratio, route
@@ -96,6 +96,6 @@ def format_car_table(summary: dict) -> str:
     lines = [f"{'CAR bin':<14}{'images':>7}{'mIoU':>8}{'F1':>8}{'mF1':>8}{'mIoU/img':>10}"]
     for name, s in summary["car_bins"].items():
         g = s["global"]
-        lines.append(f"{name:<14}{s['images']:>7}{g['mIoU']:>8.4f}{g['f1']:>8.4f}{g['mF1']:>8.4f}"
-                     f"{s['per_image']['mIoU']:>10.4f}")
+        lines.append(f"{name:<14}{s['images']:>7}" + "".join(format_metric(g[k], 8) for k in ("mIoU", "f1", "mF1"))
+                     + format_metric(s["per_image"]["mIoU"], 10))
     return "\n".join(lines)

@@ -3,11 +3,15 @@ loaded as fp32), what it is for, the licence of its data and its recipe, checked
 test figures before it is recorded in ``zoo/index.json``.
 
     geochange export RUN_DIR NAME --task "flood: optical before, SAR after" --data-licence "..." [--zoo DIR]
+
+NAME is the package's file name in the zoo and what ``engine.zoo.resolve_model`` takes as a model's name: letters,
+digits, ``_ . -``, not first a dot (a hidden file) nor ending in ``.safetensors`` (read as a file's path).
 """
 from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -23,6 +27,7 @@ from geochange.trainer.evaluation import test_predictions, test_predictor
 FP16_TOLERANCE = 0.002
 CHECKED = ("f1", "iou", "mIoU", "oa")
 CHECK_EVERY = 10
+NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 
 
 def fp16_moves(measured: dict, tested: dict) -> dict:
@@ -48,15 +53,40 @@ def check_figures(package, cfg: dict) -> dict:
     return {"tiles": [item.id for item in items], "f1": summary["global"]["f1"]}
 
 
-def export_run(run_dir: str | Path, name: str, *, task: str, data_licence: str, gsd: float | None = None,
-               zoo: Path = ZOO) -> dict:
-    """Write ``zoo/NAME.safetensors`` from ``run_dir``'s best package and record it in the index; returns
-    the record. The fp16 package is tested on the run's test split as the run was tested, and refused if
-    any of ``CHECKED`` moves by more than ``FP16_TOLERANCE``."""
-    run = Path(run_dir)
-    if not (run / "results.json").is_file():
+def check_name(name: str, zoo: Path, replace: bool) -> None:
+    """``name`` must be a zoo name (``NAME``; a path such as ``a/b`` would write outside the index's folder and
+    break ``geochange zoo`` for every model) and, unless ``replace``, not a model the zoo has already."""
+    if not NAME.fullmatch(name) or name.endswith(".safetensors"):
+        raise ConfigError(f"{name!r}: a zoo name is letters, digits, '_', '.' and '-', not first a '.' nor ending "
+                          "in '.safetensors', e.g. m2cd_mit_b0_flood")
+    if not replace and (name in zoo_index(zoo) or (zoo / f"{name}.safetensors").exists()):
+        raise ConfigError(f"{name}: the zoo {zoo} has a model of this name already; give --replace to replace it, "
+                          "or another name")
+
+
+def read_results(run: Path) -> dict:
+    """The test figures of the finished run ``run`` (its ``results.json``)."""
+    path = run / "results.json"
+    if not path.is_file():
         raise ConfigError(f"{run}: no results.json; only a finished run (tested) can go into the zoo")
-    tested = json.loads((run / "results.json").read_text())["test"]
+    try:
+        results = json.loads(path.read_text())
+    except ValueError as e:  # not JSON, or not UTF-8 text
+        raise ConfigError(f"{path}: not a run's results, the file is corrupt ({e}); export a run that "
+                          "finished") from None
+    if not isinstance(results, dict) or "test" not in results:
+        raise ConfigError(f"{path}: not a run's results (no test figures); export a run that finished")
+    return results["test"]
+
+
+def export_run(run_dir: str | Path, name: str, *, task: str, data_licence: str, gsd: float | None = None,
+               zoo: Path = ZOO, replace: bool = False) -> dict:
+    """Write ``zoo/NAME.safetensors`` from ``run_dir``'s best package and record it in the index (an existing
+    model of that name only with ``replace``); returns the record. The fp16 package is tested on the run's test
+    split as the run was tested, and refused if any of ``CHECKED`` moves by more than ``FP16_TOLERANCE``."""
+    run = Path(run_dir)
+    check_name(name, zoo, replace)
+    tested = read_results(run)
     if not tested:
         raise ConfigError(f"{run}: the run has no test figures (an empty test split)")
     package = load_package(run / "best.safetensors")

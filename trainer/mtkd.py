@@ -22,7 +22,9 @@ the config's ``work_dir``:
 ``made_from.json`` records what each step was made from (its config less the keys that only change how a
 run reports, its partition's items, the sha256 of the packages it reads). A step whose record differs from
 what it would be made from now (other thresholds, another config, a retrained teacher) is stale: its
-outputs are removed and it is done again, from the start.
+outputs are removed and it is done again, from the start. A training step whose package cannot be read (a
+corrupt copy) is not finished: a step reading it, or resuming it, stops before it removes anything, naming the
+package and the step to make again.
 
 The router package is the engine's (``engine.package``: M_O and the teachers in one ``.safetensors`` file,
 routed at inference by M_O's predicted CAR with <=, as the authors' test code does: ``engine.routing``);
@@ -39,9 +41,10 @@ from pathlib import Path
 import torch
 
 from geochange.engine.atomic import atomic_path
+from geochange.engine.errors import PackageError
 from geochange.engine.metrics import metrics_json
 from geochange.engine.zoo import sha256
-from geochange.engine.package import load_package, load_router, save_router
+from geochange.engine.package import load_package, load_router, read_manifest, read_shapes, save_router
 from geochange.engine.routing import change_area_ratio, route
 from geochange.trainer.config import ConfigError, derive
 from geochange.trainer.data import IGNORE, build_splits
@@ -55,6 +58,14 @@ RUN_ONLY = (("train", "log_interval"), ("train", "tensorboard"), ("train", "chec
             ("data", "workers"))
 # lambda of the distillation term in the authors' code (methods.md); Changer-MiT-b1 from JL1-CD Table II.
 DEFAULT_LAMBDA = {"changer_mit_b0": 1e-4, "changer_mit_b1": 1e-3, "tinycd": 5e-3}
+
+
+def _read_json(path: Path, remedy: str):
+    """``path``'s JSON; a file cut short (a full disk, a killed copy) is named, with ``remedy``."""
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise ConfigError(f"mtkd: {path} is not readable JSON ({e}); {remedy}") from None
 
 
 def partition_names(thresholds) -> list[str]:
@@ -129,13 +140,36 @@ class Pipeline:
         out = self.outputs(key)
         if key == "router":  # its package is written before its test: a run killed between has not finished it
             return out.is_file() and (self.root / "router_results.json").is_file()
-        return out.is_file() if key == "partition" else (out / "results.json").is_file()
+        return out.is_file() if key == "partition" else (out / "results.json").is_file() and not self._unreadable(key)
+
+    def _unreadable(self, key: str) -> str | None:
+        """Why training step ``key``'s package cannot be read, and how to make it again; None when it can
+        (its manifest and tensor table are read, no tensor)."""
+        path = self.outputs(key) / "best.safetensors"
+        try:
+            read_manifest(path)
+            read_shapes(path)
+            return None
+        except PackageError as e:
+            step = "teachers" if key.startswith("teacher_") else key
+            return f"mtkd: {e}; make the {step} step again: run `geochange mtkd {step} --restart`"
+
+    def _refuse_unreadable(self, key: str) -> None:
+        """Stop what goes on from step ``key``'s package (a later step, a resumed run) before it removes
+        anything, when that package is there, or should be, and cannot be read."""
+        out = self.outputs(key)
+        if (out / "results.json").is_file() or (out / "best.safetensors").exists():
+            problem = self._unreadable(key)
+            if problem:
+                raise ConfigError(problem)
 
     # -- what each step is made from --
 
     def _record(self) -> dict:
         path = self.root / "made_from.json"
-        return json.loads(path.read_text()) if path.is_file() else {}
+        return _read_json(path, f"it records what the steps' outputs in {self.root} were made from, which cannot be "
+                                "told without it: move them away (or choose another work_dir) and make them again"
+                          ) if path.is_file() else {}
 
     def made_from(self, key: str) -> dict:
         """What step ``key``'s outputs are made from, as JSON values (where a run writes and which device
@@ -205,14 +239,25 @@ class Pipeline:
         return out
 
     def _partitions(self) -> dict:
+        """The partitions, made if need be; one without a training sample is refused (no teacher can
+        learn it) before any step trains."""
         if not self.done("partition"):
             self.partition()
-        return json.loads((self.root / "partitions.json").read_text())
+        path = self.root / "partitions.json"
+        parts = _read_json(path, "run `geochange mtkd partition` to make it again")
+        for name in self.names:
+            if not parts["train"][name]:
+                raise ConfigError(f"mtkd: the {name} partition has no training sample ({path}); "
+                                  "change mtkd.thresholds")
+        return parts
 
     def _train(self, key: str, cfg: dict, resume: bool, **options) -> dict | None:
         same = self._begin(key)  # before the Trainer, which would read a stale checkpoint
         trainer = Trainer(cfg, **options)
-        return trainer.fit(resume=resume and same and trainer.checkpoint_path.is_file())
+        resume = resume and same and trainer.checkpoint_path.is_file()
+        if resume:  # a resumed run ends by loading its package
+            self._refuse_unreadable(key)
+        return trainer.fit(resume=resume)
 
     def original(self, resume: bool = True):
         cfg = derive(self.cfg, {"work_dir": str(self.step_dir("original"))})
@@ -227,8 +272,6 @@ class Pipeline:
             splits = {"train": [i for i in self.splits["train"] if i.id in chosen["train"]],
                       "val": [i for i in self.splits["val"] if i.id in chosen["val"]] or self.splits["val"],
                       "test": []}
-            if not splits["train"]:
-                raise ConfigError(f"mtkd: the {name} partition has no training sample; change mtkd.thresholds")
             cfg = derive(self.cfg, {**self.cfg["mtkd"]["teachers"],
                                     "work_dir": str(self.step_dir("teacher", name))})
             self._train(f"teacher_{name}", cfg, resume, splits=splits, method=f"mtkd-teacher-{name}")
@@ -243,7 +286,11 @@ class Pipeline:
         return float(weight)
 
     def _require(self, step: str) -> None:
+        """The original and teachers steps are done and their packages can be read: ``step`` reads them
+        only after its own earlier outputs are removed."""
         for needed in ("original", "teachers"):
+            for key in self._step_keys(needed):
+                self._refuse_unreadable(key)
             if not self.done(needed):
                 raise ConfigError(f"mtkd {step}: the {needed} step is missing or was made from other inputs "
                                   f"(thresholds, config); run `geochange mtkd {needed}` (or `run`) first")
@@ -285,6 +332,7 @@ class Pipeline:
 
     def run(self, resume: bool = True) -> dict:
         """Every step not finished yet; returns the test metrics of M_O, O-P and the student."""
+        self._partitions()  # an empty partition is refused before M_O trains
         for step in STEPS:
             if self.done(step):
                 continue
