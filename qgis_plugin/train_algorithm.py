@@ -110,6 +110,8 @@ class TrainModelAlgorithm(EngineAlgorithm):
                     "<code>work_dir</code>, else <code>runs/&lt;name&gt;</code> beside the configuration (without one, "
                     "beside the output package).",
         "RESUME": "Continue the run in the work folder from its last checkpoint instead of starting afresh.",
+        "RESTART": "Start afresh in a work folder that holds an earlier run, replacing it (without it, such a run "
+                   "is refused, so that a run that fails cannot destroy a finished one).",
         "OUTPUT": "The trained model package (<code>.safetensors</code>): a copy of the run's best package.",
         "WORK_FOLDER": "The run's work folder.",
         "BEST_ITERATION": "The iteration whose weights were kept (best validation mIoU).",
@@ -119,7 +121,7 @@ class TrainModelAlgorithm(EngineAlgorithm):
                    "configuration's test-time augmentation.",
         "TEST_MIOU": "Global mIoU on the test split.",
     }
-    FLAGS = {"--resume": "RESUME"}
+    FLAGS = {"--resume": "RESUME", "--restart": "RESTART"}
 
     NOTES = ENGINE_NOTES
 
@@ -153,6 +155,8 @@ class TrainModelAlgorithm(EngineAlgorithm):
         self.addParameter(QgsProcessingParameterFile("WORK_DIR", tr("Work folder"),
                                                      behavior=QgsProcessingParameterFile.Folder, optional=True))
         self.addParameter(QgsProcessingParameterBoolean("RESUME", tr("Resume from the last checkpoint"),
+                                                        defaultValue=False))
+        self.addParameter(QgsProcessingParameterBoolean("RESTART", tr("Replace an earlier run in the work folder"),
                                                         defaultValue=False))
         self.addParameter(QgsProcessingParameterFileDestination("OUTPUT", tr("Trained model package"),
                                                                 fileFilter=tr(MODEL_FILTER.split(";;")[0])))
@@ -225,7 +229,8 @@ class TrainModelAlgorithm(EngineAlgorithm):
                 "overrides": self.dialog_overrides(parameters, context)
                 + parse_overrides(self.parameterAsString(parameters, "OVERRIDES", context)),
                 "work_dir": self.parameterAsFile(parameters, "WORK_DIR", context) or None,
-                "resume": self.parameterAsBool(parameters, "RESUME", context), "package": package}
+                "resume": self.parameterAsBool(parameters, "RESUME", context),
+                "restart": self.parameterAsBool(parameters, "RESTART", context), "package": package}
         result = self.run_engine("train", args, feedback, [package])
         feedback.pushInfo(tr("best iteration {}; package {}").format(result["best_iteration"], package))
         metrics = {name: (result[split] or {}).get(key) for name, (split, key) in METRIC_OUTPUTS.items()}

@@ -336,6 +336,14 @@ def test_train_in_qgis_then_resume_through_qgis_process(geochange_provider, qgis
     with open(work / "train_log.csv", newline="") as f:
         assert [row["iteration"] for row in csv.DictReader(f)] == ["1", "2", "3"]  # resumed, not restarted
 
+    # Started afresh there, it is refused before anything of the finished run goes, unless told to replace it.
+    kept = (work / "best.safetensors").read_bytes()
+    with pytest.raises(QgsProcessingException, match="holds an earlier run .*continue it with RESUME, replace it "
+                                                     "with RESTART"):
+        run_algorithm("geochange:trainmodel", {"CONFIG": str(config), "OVERRIDES": "schedule.iterations=1",
+                                               "OUTPUT": str(tmp_path / "again.safetensors")})
+    assert (work / "best.safetensors").read_bytes() == kept and (work / "results.json").is_file()
+
 
 def test_the_train_dialog_offers_the_registry_s_architectures(geochange_provider):
     from geochange.engine.architectures import architecture_names

@@ -1,8 +1,8 @@
 """The trainer's command line: ``python -m geochange.trainer`` (also ``geochange train`` / ``geochange mtkd``).
 
-    train CONFIG.yaml [--set key=value ...] [--resume [CHECKPOINT]] [--until N] [--backbone-weights PATH]
+    train CONFIG.yaml [--set key=value ...] [--resume [CHECKPOINT] | --restart] [--until N] [--backbone-weights PATH]
     mtkd {partition,original,teachers,distill,router,run} CONFIG.yaml [--set key=value ...] [--restart]
-    export RUN_DIR NAME --task TEXT --data-licence TEXT [--zoo DIR] [--gsd M]
+    export RUN_DIR NAME --task TEXT --data-licence TEXT [--zoo DIR] [--gsd M] [--replace]
 
 Under ``torchrun --nproc-per-node N -m geochange.trainer ...`` the same commands run data-parallel.
 """
@@ -26,7 +26,7 @@ def _cmd_train(args) -> int:
         overrides.append(f"model.backbone_weights={json.dumps(args.backbone_weights)}")
     trainer = Trainer(load(args.config, overrides))
     resume = True if args.resume == "" else args.resume or False  # "" = the flag without a path
-    results = trainer.fit(resume=resume, until=args.until)
+    results = trainer.fit(resume=resume, until=args.until, replace=args.restart)
     if trainer.main:
         if results is None:
             print(f"stopped at iteration {trainer.iteration}; continue with --resume ({trainer.checkpoint_path})")
@@ -70,7 +70,7 @@ def _cmd_export(args) -> int:
     from geochange.trainer.export import export_run
 
     record = export_run(args.run_dir, args.name, task=args.task, data_licence=args.data_licence, gsd=args.gsd,
-                        **({"zoo": Path(args.zoo)} if args.zoo else {}))
+                        replace=args.replace, **({"zoo": Path(args.zoo)} if args.zoo else {}))
     print(f"{args.name}: {record['file']}, {record['bytes']:,} bytes, sha256 {record['sha256']}")
     return 0
 
@@ -87,8 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train one config into a model package")
     config_options(p)
-    p.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
-                   help="continue from work_dir/last.pt (or the given checkpoint)")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
+                       help="continue from work_dir/last.pt (or the given checkpoint)")
+    start.add_argument("--restart", action="store_true",
+                       help="replace the earlier run in work_dir (without it, a run into a work_dir that holds one "
+                            "is refused)")
     p.add_argument("--until", type=int, help="stop after this iteration (a checkpoint is written)")
     p.add_argument("--backbone-weights", metavar="PATH",
                    help="local ImageNet weights for the backbone (timm checkpoint; MiT also SegFormer/mmseg keys)")
@@ -108,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zoo", help="the zoo folder (default: zoo/ beside the engine)")
     p.add_argument("--gsd", type=float, help="metres per pixel of the training imagery (default: the run "
                                              "config's data.gsd; for runs made before it was recorded)")
+    p.add_argument("--replace", action="store_true", help="replace the zoo's model of this name")
     p.set_defaults(run=_cmd_export)
     return parser
 

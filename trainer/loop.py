@@ -3,10 +3,11 @@
 A run writes into ``work_dir``: ``config.yaml`` (the resolved config), ``train_log.csv`` (loss terms and
 learning rate every ``log_interval`` iterations), ``val_log.csv`` (validation metrics), ``last.pt`` (the
 checkpoint ``--resume`` continues from: model, optimiser, AMP scaler, every process's RNG states,
-iteration, best score, and the architecture and optimiser it fits; written atomically), ``best.safetensors``
-(the best-mIoU weights as a model package whose manifest records the config, the data, the method and the
-metrics) and, when the run is complete, ``results.json`` (best validation and test metrics; test with TTA as
-configured).
+iteration, best score, the best package as it was then, and the config it fits; written atomically),
+``best.safetensors`` (the best-mIoU weights as a model package whose manifest records the config, the data, the
+method and the metrics) and, when the run is complete, ``results.json`` (best validation and test metrics; test
+with TTA as configured). A run holds ``work_dir`` (process 0 locks it) from start to end: a second run into it
+is refused.
 
 Launched by ``torchrun`` (``WORLD_SIZE`` > 1) the run is data-parallel (DDP; NCCL on CUDA, gloo on CPU):
 each process takes its slice of every global batch of the stream (see :mod:`geochange.trainer.data`), so
@@ -17,6 +18,7 @@ and packages are written by process 0.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
 import math
@@ -35,7 +37,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm import tqdm
 
 from geochange.engine import models
-from geochange.engine.atomic import atomic_path
+from geochange.engine.atomic import atomic_path, folder_lock, remove_quietly, temporaries
 from geochange.engine.checkpoints import load_tensors
 from geochange.engine.errors import CheckpointError, GeoChangeError, output_error
 from geochange.engine.hardware import cpu_bf16, cpu_name
@@ -192,6 +194,30 @@ class MetricLog:
 CHECKPOINT_KEYS = {"iteration", "model", "optimizer", "scaler", "rng", "cuda_rng", "best"}
 # The optimiser's settings its saved state holds, per parameter group, and puts back when loaded.
 OPTIMISER_STATE = ("lr", "weight_decay", "betas", "momentum", "lr_mult", "decay_mult")
+# The config keys (dotted; a section stands for all its keys) a resume may change, as they do not change what the
+# run learns: its name and where and on which device it runs (as mtkd's records of its steps), how far it goes
+# (extending a run), how often it logs, validates and writes checkpoints, its loader's processes (each sample
+# draws from its own generator), the test of the finished run's best package (done anew at its end) and the MTKD
+# pipeline's settings (merged into each step's config where they matter to it; the pipeline checks its steps
+# itself). Any other difference (data, seed, batch, crop, augmentation, loss, optimiser, schedule, precision)
+# would make one run of two.
+RESUMABLE_CHANGES = ("name", "work_dir", "device", "schedule.iterations", "train.val_interval",
+                     "train.checkpoint_interval", "train.log_interval", "train.tensorboard", "data.workers", "test",
+                     "mtkd")
+
+
+def dotted(value, prefix: str = "") -> dict:
+    """A config's leaves by their dotted keys, list items by their index (as ``--set`` names them)."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    if not items:
+        return {prefix: value}
+    return {key: leaf for k, v in items for key, leaf in dotted(v, f"{prefix}.{k}" if prefix else str(k)).items()}
+
+
+def run_config(cfg: dict) -> dict:
+    """What a checkpoint records of its run's config: every key but those a resume may change."""
+    return {key: value for key, value in dotted(cfg).items()
+            if not any(key == kept or key.startswith(kept + ".") for kept in RESUMABLE_CHANGES)}
 
 
 def checkpoint_mismatch(state: dict, fit: dict, model_state: dict, optimizer: torch.optim.Optimizer) -> str | None:
@@ -222,6 +248,23 @@ def checkpoint_mismatch(state: dict, fit: dict, model_state: dict, optimizer: to
         return (f"its optimiser's parameter groups hold {groups} parameters, those of this config's optim.lr_mult "
                 f"and optim.decay_mult {own}")
     return None
+
+
+def config_changes(state: dict, fit: dict) -> str | None:
+    """The keys of ``fit``'s config (``run_config``) that differ from those the checkpoint ``state`` records, with
+    both values, or None. Checkpoints written before the config was recorded are not checked so."""
+    theirs, ours = state.get("fit", {}).get("config"), fit["config"]
+    if theirs is None:
+        return None
+    changed = [key for key in {**theirs, **ours} if theirs.get(key, ...) != ours.get(key, ...)]
+    if "schedule.warmup" in changed and state["iteration"] >= max(theirs["schedule.warmup"], ours["schedule.warmup"]):
+        # Past both warm-ups, it only rescales the decay of what is left, as extending schedule.iterations does
+        # (QGIS's dialog makes the warm-up a share of the iterations).
+        changed.remove("schedule.warmup")
+    if not changed:
+        return None
+    return ", ".join(f"its {key} is {theirs.get(key, 'unset')}, this config's {ours.get(key, 'unset')}"
+                     for key in changed) + " (a run resumes with the config it was started with)"
 
 
 # --- Trainer -------------------------------------------------------------------------------------
@@ -402,7 +445,8 @@ class Trainer:
             state = {"iteration": self.iteration, "model": self.module.state_dict(),
                      "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                      "rng": [s[0] for s in states], "cuda_rng": [s[1] for s in states],
-                     "best": {k: self.best[k] for k in ("mIoU", "iteration")}, "fit": self.checkpoint_fit}
+                     "best": {k: self.best[k] for k in ("mIoU", "iteration")}, "fit": self.checkpoint_fit,
+                     "best_package": self._package_bytes()}
             with atomic_path(self.checkpoint_path) as tmp:
                 try:
                     torch.save(state, tmp)
@@ -411,13 +455,25 @@ class Trainer:
         if self.world > 1:
             dist.barrier()
 
+    def _package_bytes(self) -> torch.Tensor | None:
+        """The best package as it is now, kept in the checkpoint: a run killed after a validation wrote a new best
+        and before the next checkpoint would otherwise resume with a best that its checkpoint knows nothing of."""
+        if not self.package_path.is_file():
+            return None
+        try:
+            return torch.frombuffer(bytearray(self.package_path.read_bytes()), dtype=torch.uint8)
+        except OSError as error:
+            raise output_error(self.package_path, error.strerror or str(error)) from None
+
     @property
     def checkpoint_fit(self) -> dict:
-        """What a checkpoint records of the run that wrote it, for a resume to check that it fits: the model, and
-        the optimiser with the settings its state holds (loading the state would put its own back silently)."""
+        """What a checkpoint records of the run that wrote it, for a resume to check that it fits: the model, the
+        optimiser with the settings its state holds (loading the state would put its own back silently), and the
+        rest of the config (``run_config``)."""
         optim = self.cfg["optim"]
         return {"architecture": self.cfg["model"]["architecture"], "kwargs": self.cfg["model"]["kwargs"],
-                "optimizer": optim["name"], "optim": {key: optim[key] for key in OPTIMISER_STATE}}
+                "optimizer": optim["name"], "optim": {key: optim[key] for key in OPTIMISER_STATE},
+                "config": run_config(self.cfg)}
 
     def read_checkpoint(self, path: Path) -> dict:
         """``path``'s state, or one line naming ``--resume``, the file and why this run cannot continue from it."""
@@ -434,12 +490,16 @@ class Trainer:
         total = self.cfg["schedule"]["iterations"]
         if problem is None and state["iteration"] > total:
             problem = f"it is at iteration {state['iteration']}, past schedule.iterations ({total})"
+        problem = problem or config_changes(state, self.checkpoint_fit)
         if problem:
             raise ConfigError(f"--resume: {path} does not fit this config: {problem}")
         return state
 
     def load_checkpoint(self, path: Path) -> None:
-        state = self.read_checkpoint(path)
+        self.restore(self.read_checkpoint(path))
+
+    def restore(self, state: dict) -> None:
+        """Continue from a checkpoint's ``state`` (``read_checkpoint``)."""
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if state["scaler"]:  # empty where the checkpoint's run did not scale (no fp16): this one starts afresh
@@ -453,28 +513,72 @@ class Trainer:
 
     # -- the run --
 
-    def fit(self, resume: bool | str | Path = False, until: int | None = None) -> dict | None:
+    def fit(self, resume: bool | str | Path = False, until: int | None = None, replace: bool = True) -> dict | None:
         """Train until ``schedule.iterations`` (or stop after iteration ``until``, with a checkpoint).
-        Returns the results of a complete run, None when stopped early."""
-        cfg, total = self.cfg, self.cfg["schedule"]["iterations"]
+        Returns the results of a complete run, None when stopped early. A fresh run into a ``work_dir`` that
+        holds an earlier run replaces it, or with ``replace`` False is refused before anything is removed."""
         if until is not None and until < 1:
             raise ConfigError(f"--until: the iteration to stop after must be at least 1, not {until}")
-        if resume:
-            self.load_checkpoint(self.checkpoint_path if resume is True else Path(resume))
+        state = self.read_checkpoint(self.checkpoint_path if resume is True else Path(resume)) if resume else None
+        resumed = state is not None
         if self.main:
             p = self.precision
-            print(f"{cfg['name']}: {p['autocast']} on {p['device']}" + (f" ({p['why']})" if "why" in p else ""),
+            print(f"{self.cfg['name']}: {p['autocast']} on {p['device']}" + (f" ({p['why']})" if "why" in p else ""),
                   file=sys.stderr)
+        with self.hold_work_dir(resumed, replace) if self.main else contextlib.nullcontext():
+            if resumed:
+                self.restore(state)
+                if self.main:
+                    self._put_back_best_package(state)
+            del state  # its tensors are not kept through the run
+            return self._train(resumed, until)
+
+    @contextlib.contextmanager
+    def hold_work_dir(self, resumed: bool, replace: bool):
+        """Lock ``work_dir`` for the run (a second run into it is refused) and make it ready: the temporaries of
+        a run killed while it wrote removed; a fresh run's earlier outputs removed (only where ``replace``, else
+        it is refused), a resumed run's results (written anew at its end)."""
+        try:
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise output_error(self.work_dir, error.strerror or str(error)) from None
+        outputs = [self.checkpoint_path, self.package_path, self.work_dir / "results.json"]
+        with folder_lock(self.work_dir):
+            earlier = [path.name for path in outputs if path.exists()]
+            if not resumed and earlier and not replace:
+                raise ConfigError(f"{self.work_dir}: holds an earlier run ({', '.join(earlier)}); continue it with "
+                                  "--resume, replace it with --restart, or choose another work_dir")
+            logs = [self.work_dir / name for name in ("config.yaml", "train_log.csv", "val_log.csv")]
+            for final in outputs + logs:  # under the lock, no other run is writing them: a dead run's
+                for left in temporaries(final):
+                    remove_quietly(left)
             try:
-                self.work_dir.mkdir(parents=True, exist_ok=True)
-                if not resume:  # a fresh run leaves nothing of an earlier one behind
-                    for stale in (self.checkpoint_path, self.package_path, self.work_dir / "results.json"):
-                        stale.unlink(missing_ok=True)
+                for stale in outputs[2:] if resumed else outputs:
+                    stale.unlink(missing_ok=True)
             except OSError as error:
                 raise output_error(self.work_dir, error.strerror or str(error)) from None
             with atomic_path(self.work_dir / "config.yaml") as tmp:
-                tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        log = MetricLog(self.work_dir, self.main, self.iteration if resume else None,
+                tmp.write_text(yaml.safe_dump(self.cfg, sort_keys=False))
+            yield
+
+    def _put_back_best_package(self, state: dict) -> None:
+        """Make the best package the checkpoint's: one written after it (by a validation of a run killed before
+        its next checkpoint, or a finished run's test) is not this run's best. Checkpoints from before the package
+        was kept in them leave it as it is."""
+        if "best_package" not in state:
+            return
+        kept = state["best_package"]
+        if kept is None:
+            self.package_path.unlink(missing_ok=True)
+            return
+        kept = kept.numpy().tobytes()
+        if not self.package_path.is_file() or self.package_path.read_bytes() != kept:
+            with atomic_path(self.package_path) as tmp:
+                tmp.write_bytes(kept)
+
+    def _train(self, resumed: bool, until: int | None) -> dict | None:
+        cfg, total = self.cfg, self.cfg["schedule"]["iterations"]
+        log = MetricLog(self.work_dir, self.main, self.iteration if resumed else None,
                         cfg["train"]["tensorboard"])
         stop = total if until is None else min(until, total)
         batches = iter(train_loader(self.stream, self.iteration, cfg["data"]["batch"], cfg["data"]["workers"],

@@ -92,7 +92,7 @@ def run_train(args: dict, emit) -> dict:
     emit(log_line(f"training {cfg['name']} ({cfg['model']['architecture']}) for {cfg['schedule']['iterations']} "
                   f"iterations on {trainer.device}; work folder {trainer.work_dir.resolve()}"))
     with TrainingFollower(trainer, emit):
-        results = trainer.fit(resume=bool(args.get("resume")))
+        results = trainer.fit(resume=bool(args.get("resume")), replace=bool(args.get("restart")))
     with atomic_path(package) as tmp:
         shutil.copyfile(trainer.package_path, tmp)
     return {"package": str(package), "work_dir": str(trainer.work_dir.resolve()),
