@@ -257,3 +257,8 @@ def test_a_config_not_in_utf8_and_infinite_rates_are_refused_by_name(tmp_path):
     assert "optim.weight_decay: must be a finite number (got nan)" in str(e.value)
     with pytest.raises(ConfigError, match=r"optim.weight_decay: must be a finite number \(got inf\)"):
         load(path, ["optim.lr=0.001", "optim.weight_decay=.inf"])
+    # An int past a float's range is finite (the check raised OverflowError); MTKD's weight must be >= 0 and finite.
+    assert load(path, ["optim.lr=0.001", "optim.weight_decay=0", "seed=1" + "0" * 400])["seed"] == 10 ** 400
+    for weight, why in (("-1", "must be >= 0"), (".inf", "must be a finite number")):
+        with pytest.raises(ConfigError, match=f"mtkd.lambda: {why}"):
+            load(CONFIG_DIR / "mtkd_tinycd_jl1.yaml", [f"mtkd.lambda={weight}"])

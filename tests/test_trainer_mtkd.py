@@ -110,14 +110,15 @@ def test_an_unreadable_teacher_stops_the_steps_reading_it_before_they_remove_any
         out.write_text("finished")
     teacher = pipe.step_dir("teacher", "small") / "best.safetensors"
     teacher.write_bytes(teacher.read_bytes()[:teacher.stat().st_size // 2])
-    for step in (pipe.run, pipe.teachers, pipe.distill, pipe.router):
+    for step in (pipe.distill, pipe.router):
         with pytest.raises(ConfigError, match=r"teacher_small/best\.safetensors: not a valid safetensors file; it is "
-                                              r"corrupt or truncated .*run `geochange mtkd teachers --restart`"):
+                                              r"corrupt or truncated .*run `geochange mtkd teachers` \(a resumed run "
+                                              r"puts back the package its checkpoint kept\)"):
             step()
     assert all(out.read_text() == "finished" for out in later.values())
-    # The remedy the message names: only the unreadable teacher is trained again.
+    # The remedy the message names: the teachers step, resumed, puts back only the unreadable teacher's package.
     large = (pipe.step_dir("teacher", "large") / "best.safetensors").read_bytes()
-    pipe.teachers(resume=False)
+    pipe.teachers()
     assert pipe.done("teachers") and read_manifest(teacher)["training"]["method"] == "mtkd-teacher-small"
     assert (pipe.step_dir("teacher", "large") / "best.safetensors").read_bytes() == large
 

@@ -15,7 +15,7 @@ from geochange.engine.errors import OutputError
 from geochange.engine.package import load_package, save_package
 from geochange.trainer.cli import main as trainer_cli
 from geochange.trainer.config import ConfigError
-from geochange.trainer.loop import Trainer
+from geochange.trainer.loop import Trainer, run_config
 from trainer_setup import small_config
 
 
@@ -114,7 +114,9 @@ def test_a_checkpoint_the_run_cannot_continue_from_is_one_line(shared_data, tmp_
     del state["fit"]["config"]
     torch.save(state, old)
     Trainer(small_config(tmp_path / "run", levir, data={"batch": 4})).load_checkpoint(old)
-    # What does not change what the run learns may change, and a warm-up both runs are past.
+    # What does not change what the run learns may change, and a warm-up both runs are past; the weights a run
+    # started from too (the checkpoint's replace them; a moved MTKD work_dir moves its distillation's model.init).
+    assert not {"model.init", "model.backbone_weights"} & set(run_config(cfg))
     Trainer(small_config(tmp_path / "moved", levir, schedule={"iterations": 5, "warmup": 2}, name="renamed",
                          data={"workers": 1}, train={"val_interval": 4, "log_interval": 2, "checkpoint_interval": 3},
                          test={"tta": True})).load_checkpoint(checkpoint)

@@ -36,7 +36,8 @@ REQUIRED = object()
 
 def _finite(v):
     # YAML reads .inf and .nan as floats: an infinite learning rate or weight decay trains on NaN from the first step.
-    return None if math.isfinite(v) else "must be a finite number"
+    # (An int of any size is finite; one past a float's range would not convert.)
+    return None if not isinstance(v, float) or math.isfinite(v) else "must be a finite number"
 
 
 def _positive(v):
@@ -217,7 +218,7 @@ MTKD_SCHEMA: dict = {
     "teachers": (dict, {}),
     "distill": (dict, {}),
     # Weight of the distillation MSE; default: the architecture's value from the authors' code.
-    "lambda": ((int, float, type(None)), None),
+    "lambda": ((int, float, type(None)), None, lambda v: None if v is None else _non_negative(v)),
 }
 
 

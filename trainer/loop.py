@@ -199,11 +199,12 @@ OPTIMISER_STATE = ("lr", "weight_decay", "betas", "momentum", "lr_mult", "decay_
 # (extending a run), how often it logs, validates and writes checkpoints, its loader's processes (each sample
 # draws from its own generator), the test of the finished run's best package (done anew at its end) and the MTKD
 # pipeline's settings (merged into each step's config where they matter to it; the pipeline checks its steps
-# itself). Any other difference (data, seed, batch, crop, augmentation, loss, optimiser, schedule, precision)
-# would make one run of two.
+# itself), and the weights the run started from (the checkpoint's replace them all; a moved MTKD work_dir moves
+# its distillation's model.init). Any other difference (data, seed, batch, crop, augmentation, loss, optimiser,
+# schedule, precision) would make one run of two.
 RESUMABLE_CHANGES = ("name", "work_dir", "device", "schedule.iterations", "train.val_interval",
                      "train.checkpoint_interval", "train.log_interval", "train.tensorboard", "data.workers", "test",
-                     "mtkd")
+                     "mtkd", "model.init", "model.backbone_weights")
 
 
 def dotted(value, prefix: str = "") -> dict:

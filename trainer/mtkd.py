@@ -23,8 +23,8 @@ the config's ``work_dir``:
 run reports, its partition's items, the sha256 of the packages it reads). A step whose record differs from
 what it would be made from now (other thresholds, another config, a retrained teacher) is stale: its
 outputs are removed and it is done again, from the start. A training step whose package cannot be read (a
-corrupt copy) is not finished: a step reading it, or resuming it, stops before it removes anything, naming the
-package and the step to make again.
+corrupt copy) is not finished: a step reading it stops before it removes anything, naming the package and the
+step to make again (resumed, which puts back the package its checkpoint kept).
 
 The router package is the engine's (``engine.package``: M_O and the teachers in one ``.safetensors`` file,
 routed at inference by M_O's predicted CAR with <=, as the authors' test code does: ``engine.routing``);
@@ -152,7 +152,8 @@ class Pipeline:
             return None
         except PackageError as e:
             step = "teachers" if key.startswith("teacher_") else key
-            return f"mtkd: {e}; make the {step} step again: run `geochange mtkd {step} --restart`"
+            return (f"mtkd: {e}; make the {step} step again: run `geochange mtkd {step}` (a resumed run puts back "
+                    f"the package its checkpoint kept), or `geochange mtkd {step} --restart` to train it anew")
 
     def _refuse_unreadable(self, key: str) -> None:
         """Stop what goes on from step ``key``'s package (a later step, a resumed run) before it removes
@@ -254,10 +255,8 @@ class Pipeline:
     def _train(self, key: str, cfg: dict, resume: bool, **options) -> dict | None:
         same = self._begin(key)  # before the Trainer, which would read a stale checkpoint
         trainer = Trainer(cfg, **options)
-        resume = resume and same and trainer.checkpoint_path.is_file()
-        if resume:  # a resumed run ends by loading its package
-            self._refuse_unreadable(key)
-        return trainer.fit(resume=resume)
+        # A resumed run puts back the package its checkpoint kept: an unreadable copy there is mended so.
+        return trainer.fit(resume=resume and same and trainer.checkpoint_path.is_file())
 
     def original(self, resume: bool = True):
         cfg = derive(self.cfg, {"work_dir": str(self.step_dir("original"))})
