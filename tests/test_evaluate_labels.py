@@ -284,8 +284,10 @@ def test_a_label_s_nodata_that_is_a_class_value_is_refused(levir_pair, tinycd, t
     assert zero["confusion"] == plain and plain["tp"] > 0
     transparent = dataset(tmp_path / "transparent", levir_pair, {"x": change})
     write_image(transparent / "label" / "x.png", change[None], nodata=255)
-    with rasterio.open(transparent / "label" / "x.png") as src:
-        assert src.nodata == 255  # as GDAL reads the transparency
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(transparent / "label" / "x.png") as src:
+            assert src.nodata == 255  # as GDAL reads the transparency
     assert evaluate_folder(tinycd, transparent, device="cpu")["confusion"] == plain
     for label, value in ((change, 255), (ones, 1)):
         root = dataset(tmp_path / f"change{value}", levir_pair, {"x": label}, value)
