@@ -129,6 +129,15 @@ def test_coarse_pixels_are_read_finer_and_the_outputs_keep_them(tmp_path, half_m
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["c.gpkg", "m.tif", "p.tif"]
 
 
+def nodata_columns(path, columns: slice) -> None:
+    """Make ``columns`` of the raster at ``path`` nodata (0, declared)."""
+    with rasterio.open(path, "r+") as dst:
+        data = dst.read()
+        data[:, :, columns] = 0
+        dst.write(data)
+        dst.nodata = 0
+
+
 def test_the_output_s_right_and_bottom_edges_come_back_from_coarser_model_pixels(tmp_path):
     """1 m pixels, a 6 m model, 98 px a side: the model's grid, laid from the top-left corner, ended in a pixel of
     96-102 m, whose centre lies off the data: GDAL's warper left it nodata, and with it the output's last 2 columns
@@ -143,11 +152,7 @@ def test_the_output_s_right_and_bottom_edges_come_back_from_coarser_model_pixels
     assert setup.model_grid.transform == Affine(6.0, 0, 629998, 0, -6.0, 3340002) and setup.model_grid.width == 17
     # Where the post date has no data (its right 10 columns), the outputs have none either; the bottom rows keep
     # theirs up to a model pixel from that edge (one across it is valid where its centre is on data, as GDAL reads).
-    with rasterio.open(b, "r+") as dst:
-        data = dst.read()
-        data[:, :, 88:] = 0
-        dst.write(data)
-        dst.nodata = 0
+    nodata_columns(b, slice(88, None))
     result = detect(a, b, package, **outputs(tmp_path / "cut"), resolution="model", tile=64, overlap=16,
                     threshold=0.0)
     with rasterio.open(result.mask) as m:
@@ -157,11 +162,7 @@ def test_the_output_s_right_and_bottom_edges_come_back_from_coarser_model_pixels
 
 def test_nodata_and_the_area_of_interest_stay_at_the_output_s_pixels(tmp_path, half_metre_package):
     a, b = write_pair(tmp_path, 64, 2.0)
-    with rasterio.open(b, "r+") as dst:  # the post date's left 10 columns are nodata
-        data = dst.read()
-        data[:, :, :10] = 0
-        dst.write(data)
-        dst.nodata = 0
+    nodata_columns(b, slice(0, 10))  # the post date's left 10 columns
     result = detect(a, b, half_metre_package, **outputs(tmp_path / "out"), resolution="model", tile=64, overlap=16,
                     threshold=0.0)
     with rasterio.open(result.mask) as m:
