@@ -70,8 +70,9 @@ class Grid:
         """Map length over ground length at the grid's middle, as a projected grid's lengths in metres are measured:
         ``projection_scale``, or 1 within 1 % of true scale, where the CRS's units are taken as the ground's (UTM's
         0.9996-1.001), as a raster's producer states its resolution: a model's 2 m then reads a 2 m UTM grid, not one
-        to resample. 1 in a geographic CRS, whose lengths in metres ``map_units`` and ``pixel_metres`` measure."""
-        if self.crs.is_geographic:
+        to resample. 1 in a geographic CRS, whose lengths in metres ``map_units`` and ``pixel_metres`` measure, and on
+        a pixel grid, whose lengths are pixels."""
+        if self.crs is None or self.crs.is_geographic:
             return 1.0
         scale = self.projection_scale()
         return scale if abs(scale - 1) > TRUE_SCALE_TOLERANCE else 1.0

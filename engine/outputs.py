@@ -156,7 +156,7 @@ class ChangeWriter:
             self._mask = self._stage(mask, "uint8", MASK_NODATA, compress="ZSTD", average=False,
                                      cog_options={"COMPRESS": "ZSTD", "LEVEL": 1})
             self._assembler = PolygonAssembler(grid.transform, grid.crs, min_area_m2=min_area, simplify=simplify,
-                                               scale=1.0 if grid.crs is None else grid.map_scale())
+                                               scale=grid.map_scale())
             self._polygons = PolygonWriter(polygons, grid.crs, self._outputs, layer=polygon_layer, extra=attributes)
             self._stack.callback(self._polygons.close)
         except BaseException:

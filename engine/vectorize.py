@@ -400,8 +400,8 @@ def vectorize_probability(probability: str, polygons: str, *, threshold: float =
         transform = placement(src)  # without a CRS (a pixel grid): areas, --min-area and --simplify in pixels
         if src.crs is None and progress is not None:
             progress.log(f"{Path(probability).name} has no CRS: areas, --min-area and --simplify are in pixels")
-        scale = 1.0 if src.crs is None else Grid(src.crs, transform, src.width, src.height).map_scale()
-        assembler = PolygonAssembler(transform, src.crs, min_area_m2=min_area, simplify=simplify, scale=scale)
+        assembler = PolygonAssembler(transform, src.crs, min_area_m2=min_area, simplify=simplify,
+                                     scale=Grid(src.crs, transform, src.width, src.height).map_scale())
         block = src.block_shapes[band - 1][0]
         rows = max(1, VECTORIZE_ROWS // block) * block  # whole blocks of rows: each block decoded once
         changed_pixels = valid_pixels = 0
